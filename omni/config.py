@@ -1,0 +1,287 @@
+"""Typed recipe configs: YAML files validated into dataclasses, with ``a.b=c`` overrides.
+
+Precedence: command-line overrides > recipe file > dataclass defaults. Unknown keys, wrong
+types and impossible combinations raise ``ValueError`` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class ModelConfig:
+    """The backbone: a named size (``omni.model.backbone.SIZES``) plus per-field overrides."""
+
+    size: str = "tiny"
+    dim: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    ffn_dim: int | None = None
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    attn_backend: str = "sdpa"
+    tie_embeddings: bool = True
+
+    def validate(self):
+        from omni.model.backbone import ATTN_BACKENDS, SIZES
+
+        _choice("model.size", self.size, SIZES)
+        _choice("model.attn_backend", self.attn_backend, ATTN_BACKENDS)
+        _positive("model.max_seq_len", self.max_seq_len)
+
+
+@dataclass
+class TokenizerConfig:
+    """Where the text tokenizer lives; ``omni train`` trains it from ``spec`` when ``path`` is missing."""
+
+    spec: str = "text_spm"
+    path: str = "runs/tokenizers/text_spm"
+
+
+@dataclass
+class DataConfig:
+    """A dataset directory holding ``train.jsonl`` and ``val.jsonl`` manifests."""
+
+    task: str = "text"
+    path: str = "data/text"
+    seq_len: int = 256
+    pack: bool = True
+    on_bad_sample: str = "skip"
+
+    def validate(self):
+        _choice("data.task", self.task, ("text",))
+        _choice("data.on_bad_sample", self.on_bad_sample, ("skip", "error"))
+        _positive("data.seq_len", self.seq_len)
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/text_tiny"
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    mixed_precision: str = "auto"
+    eval_every: int = 100
+    eval_batches: int = 20
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    resume: bool = True
+    progress: bool = True
+
+    def validate(self):
+        for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
+                    "keep_checkpoints", "log_every"):
+            _positive(f"train.{key}", getattr(self, key))
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+            raise ValueError(f"train.warmup_steps must be in [0, train.steps={self.steps}], got {self.warmup_steps}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        _choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+
+
+@dataclass
+class RecipeConfig:
+    name: str = ""
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self):
+        for part in (self.model, self.data, self.train):
+            part.validate()
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TextTokenizerSpec:
+    """How to train the SentencePiece text tokenizer (``tokenizers/text_spm.yaml``)."""
+
+    kind: str = "sentencepiece"
+    corpus: str = "data/text/train.jsonl"
+    out: str = "runs/tokenizers/text_spm"
+    vocab_size: int = 4096
+    model_type: str = "unigram"
+    character_coverage: float = 0.9995
+    max_sentences: int = 300000
+    seed: int = 0
+
+    def validate(self):
+        _choice("kind", self.kind, ("sentencepiece",))
+        _choice("model_type", self.model_type, ("unigram", "bpe"))
+        from omni.vocab import SPECIAL_TOKENS
+
+        minimum = 4 + len(SPECIAL_TOKENS) + 32
+        if self.vocab_size < minimum:
+            raise ValueError(f"vocab_size must be >= {minimum} (meta pieces + special tokens), got {self.vocab_size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """A recipe by path, or by name under ``recipes/`` (``text/tiny`` -> ``recipes/text/tiny.yaml``)."""
+    return _find(name_or_path, "recipes", "recipe")
+
+
+def find_tokenizer_spec(name_or_path: str) -> Path:
+    return _find(name_or_path, "tokenizers", "tokenizer spec")
+
+
+def _find(name_or_path: str, folder: str, what: str) -> Path:
+    p = Path(name_or_path)
+    candidates = [p, p.with_suffix(".yaml")]
+    for root in (Path.cwd(), REPO_ROOT):
+        candidates += [root / folder / name_or_path, root / folder / f"{name_or_path}.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    available = sorted(
+        str(f.relative_to(REPO_ROOT / folder).with_suffix("")) for f in (REPO_ROOT / folder).rglob("*.yaml")
+    )
+    raise ValueError(f"{what} {name_or_path!r} not found (looked for a file and under {folder}/); "
+                     f"available: {', '.join(available) or 'none'}")
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> RecipeConfig:
+    path = find_recipe(name_or_path)
+    raw = _read_yaml(path)
+    raw.setdefault("name", path.stem if path.parent.name == "recipes" else
+                   f"{path.parent.name}/{path.stem}")
+    cfg = from_dict(RecipeConfig, apply_overrides(raw, overrides or []))
+    cfg.validate()
+    return cfg
+
+
+def load_tokenizer_spec(name_or_path: str, overrides: list[str] | None = None) -> TextTokenizerSpec:
+    raw = _read_yaml(find_tokenizer_spec(name_or_path))
+    spec = from_dict(TextTokenizerSpec, apply_overrides(raw, overrides or []))
+    spec.validate()
+    return spec
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=c`` strings to a nested dict; values are parsed as YAML scalars/lists."""
+    raw = _deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. train.steps=100)")
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p!r} is not a section")
+        node[leaf] = yaml.safe_load(value) if value != "" else ""
+    return raw
+
+
+def _deepcopy(d):
+    return {k: _deepcopy(v) for k, v in d.items()} if isinstance(d, dict) else d
+
+
+def from_dict(cls, raw: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from ``raw``, checking keys and types recursively."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"unknown key {prefix}{unknown[0]}; allowed keys in "
+                         f"{prefix.rstrip('.') or 'the recipe'}: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp, value: Any, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ValueError(f"{key} must be a list, got {value!r}")
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{key} must be a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp} for {key}")  # internal: a dataclass we wrote
+
+
+def _choice(key: str, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def _positive(key: str, value: int):
+    if value <= 0:
+        raise ValueError(f"{key} must be > 0, got {value}")

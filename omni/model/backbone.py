@@ -1,0 +1,361 @@
+"""The decoder-only transformer that every modality shares.
+
+Pre-norm blocks of RMSNorm -> grouped-query attention with rotary positions -> RMSNorm -> SwiGLU,
+a preallocated KV cache for decoding, and pluggable attention (``sdpa`` default, ``xformers``
+on CUDA when installed). The backbone sees embeddings and positions only; it knows nothing
+about modalities.
+
+Shapes: ``x: (B, T, D)``; ``positions: (B, T)`` (1-D RoPE) or ``(3, B, T)`` (M-RoPE:
+time, height, width); ``q: (B, H, T, hd)``; ``k, v: (B, Hkv, S, hd)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ATTN_BACKENDS = ("sdpa", "xformers")
+
+
+@dataclass
+class BackboneConfig:
+    dim: int = 256
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    ffn_dim: int = 768
+    head_dim: int | None = None  # default dim // num_heads
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor": .., ...} as in transformers
+    mrope_section: list[int] | None = None  # split of head_dim/2 rotary pairs over (t, h, w); None = 1-D
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False  # Qwen2 family
+    attn_backend: str = "sdpa"
+    extra: dict = field(default_factory=dict)  # free-form provenance (e.g. imported from)
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.dim % self.num_heads:
+                raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
+            self.head_dim = self.dim // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.mrope_section is not None and sum(self.mrope_section) != self.head_dim // 2:
+            raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def num_params(self, vocab_size: int = 0, tied: bool = True) -> int:
+        hd, h, kv = self.head_dim, self.num_heads, self.num_kv_heads
+        attn = self.dim * (h + 2 * kv) * hd + h * hd * self.dim
+        ffn = 3 * self.dim * self.ffn_dim
+        return self.num_layers * (attn + ffn + 2 * self.dim) + self.dim + vocab_size * self.dim * (1 if tied else 2)
+
+
+# Named sizes (torchtune / gpt-fast style). A recipe picks one and overrides only what varies.
+SIZES: dict[str, dict] = {
+    "debug": dict(dim=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=192),
+    "tiny": dict(dim=256, num_layers=4, num_heads=8, num_kv_heads=4, ffn_dim=704),
+    "small": dict(dim=512, num_layers=8, num_heads=8, num_kv_heads=4, ffn_dim=1408),
+    "base": dict(dim=1024, num_layers=16, num_heads=16, num_kv_heads=8, ffn_dim=2816),
+}
+
+
+def backbone_config(size: str, **overrides) -> BackboneConfig:
+    """``backbone_config("tiny", max_seq_len=1024)``; ``None`` overrides are ignored."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
+    return BackboneConfig(**{**SIZES[size], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embeddings
+
+
+def _rope_inv_freq(cfg: BackboneConfig) -> torch.Tensor:
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "llama3":  # same formula as transformers' _compute_llama3_parameters
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, llama3")
+
+
+class Rotary(nn.Module):
+    """cos/sin tables computed from explicit positions, so packed rows, left padding and M-RoPE all work."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.config = cfg
+        self.mrope_section = cfg.mrope_section
+        self.register_buffer("inv_freq", _rope_inv_freq(cfg), persistent=False)
+
+    def reset_buffers(self) -> None:
+        with torch.no_grad():
+            self.inv_freq.copy_(_rope_inv_freq(self.config))
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) or (3, B, T) -> cos, sin of shape (B, 1, T, hd), float32."""
+        pos = positions.float()
+        if pos.dim() == 2:
+            freqs = pos[..., None] * self.inv_freq  # (B, T, hd/2)
+        else:
+            # M-RoPE (Qwen2-VL): rotary pair i takes its angle from the t, h or w axis by section.
+            per_axis = pos[..., None] * self.inv_freq  # (3, B, T, hd/2)
+            if self.mrope_section is None:
+                freqs = per_axis[0]
+            else:
+                chunks = per_axis.split(self.mrope_section, dim=-1)
+                freqs = torch.cat([c[i] for i, c in enumerate(chunks)], dim=-1)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return (x * cos + _rotate_half(x) * sin).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Preallocated keys/values for every layer plus which cached positions are real (not padding).
+
+    ``k, v: (L, B, Hkv, S_max, hd)``; ``valid: (B, S_max)``; ``length``: positions filled so far.
+    """
+
+    def __init__(self, cfg: BackboneConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
+        self.length = 0
+        self.has_padding = False
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def mark_padding(self, key_padding: torch.Tensor) -> None:
+        """Record which of the next ``key_padding.shape[1]`` positions are real (True) or padding."""
+        n = key_padding.shape[1]
+        self.valid[:, self.length:self.length + n] = key_padding
+        self.has_padding = self.has_padding or not bool(key_padding.all())
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention backends
+
+
+def _sdpa(q, k, v, mask, is_causal):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _xformers_available() -> bool:
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _xformers(q, k, v, mask, is_causal):
+    import xformers.ops as xops
+
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # xformers wants (B, T, H, hd)
+    if mask is not None:
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        # xformers needs the bias's last dim aligned to 8 elements: allocate padded, then slice.
+        S = bias.shape[-1]
+        padded = bias.new_zeros(*bias.shape[:-1], (S + 7) // 8 * 8)[..., :S]
+        padded.copy_(bias)
+        attn_bias = padded.expand(q.shape[0], q.shape[2], q.shape[1], S)
+    elif is_causal:
+        attn_bias = xops.LowerTriangularMask()
+    else:
+        attn_bias = None
+    return xops.memory_efficient_attention(q, k, v, attn_bias=attn_bias).transpose(1, 2)
+
+
+def resolve_backend(name: str, device: torch.device):
+    if name == "xformers":
+        if device.type == "cuda" and _xformers_available():
+            return _xformers
+        log.warning("attn_backend=xformers needs xformers and a CUDA device; falling back to sdpa")
+    return _sdpa
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32 like transformers' LlamaRMSNorm, then cast back.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: BackboneConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.attend = _sdpa
+
+    def forward(self, x, cos, sin, mask, is_causal, cache: KVCache | None):
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.wqkv(x).split([self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd], dim=-1)
+        q = apply_rotary(q.view(B, T, self.num_heads, hd).transpose(1, 2), cos, sin)
+        k = apply_rotary(k.view(B, T, self.num_kv_heads, hd).transpose(1, 2), cos, sin)
+        v = v.view(B, T, self.num_kv_heads, hd).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        out = self.attend(q, k, v, mask, is_causal)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)  # gate and up projections, fused
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: BackboneConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x, cos, sin, mask, is_causal, cache):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Backbone(nn.Module):
+    """Embeddings in, final-normed hidden states out."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.config = cfg
+        self.rotary = Rotary(cfg)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.gradient_checkpointing = False
+        self.set_attn_backend(cfg.attn_backend)
+
+    def set_attn_backend(self, name: str, device: torch.device | None = None) -> None:
+        device = device or (self.norm.weight.device)
+        fn = resolve_backend(name, device)
+        for layer in self.layers:
+            layer.attn.attend = fn
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """GPT-2 style init: N(0, std), residual output projections scaled by 1/sqrt(2L)."""
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, 0.0, out_std if name.endswith(("wo.weight", "w2.weight")) else std)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
+                key_padding: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Run the blocks.
+
+        doc_ids (B, T): packed rows; tokens attend only within their own document.
+        key_padding (B, T): False marks padding tokens (left padding in batched prompts).
+        cache: decode with a KV cache; the new tokens are appended after ``cache.length``.
+        """
+        B, T, _ = x.shape
+        cos, sin = self.rotary(positions)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        mask, is_causal = self._mask(B, T, x.device, doc_ids, key_padding, cache)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, is_causal, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, is_causal, cache)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+    @staticmethod
+    def _mask(B, T, device, doc_ids, key_padding, cache):
+        """Boolean attention mask (B, 1, T, S), True = attend; or None with is_causal for the fast path."""
+        past = cache.length if cache is not None else 0
+        if cache is not None:
+            if cache.length + T > cache.max_len:
+                raise ValueError(f"KV cache is full: {cache.length} + {T} tokens exceed its {cache.max_len} slots")
+            if key_padding is not None:
+                cache.mark_padding(key_padding)
+            padded = cache.has_padding
+        else:
+            padded = key_padding is not None and not bool(key_padding.all())
+        if doc_ids is None and not padded:
+            if past == 0:
+                return None, T > 1
+            if T == 1:
+                return None, False  # one new token attends to everything cached
+        S = past + T
+        q_pos = torch.arange(past, S, device=device)
+        mask = (q_pos[:, None] >= torch.arange(S, device=device)[None, :])[None].expand(B, T, S)
+        if doc_ids is not None:
+            mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
+        if padded:
+            valid = cache.valid[:, :S] if cache is not None else key_padding
+            mask = mask & valid[:, None, :]
+            # A padding query row would attend to nothing (NaN softmax): let it see itself.
+            mask = mask | (q_pos[:, None] == torch.arange(S, device=device)[None, :])[None]
+        return mask[:, None], False

@@ -1,0 +1,233 @@
+"""``OmniModel``: token embeddings + backbone + output head, with save/load.
+
+A checkpoint directory holds ``config.json`` (backbone + vocabulary layout),
+``model.safetensors`` and, when the model has one, ``tokenizer/`` (the SentencePiece model).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omni.io import atomic_write_json, load_tensors, replace_dir, save_tensors
+from omni.model.backbone import Backbone, BackboneConfig, KVCache
+from omni.sequence import IGNORE
+from omni.vocab import Vocab
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class OmniConfig:
+    backbone: BackboneConfig
+    vocab: Vocab
+    tie_embeddings: bool = True
+
+    def to_dict(self) -> dict:
+        return {"model_type": "omni", "format_version": FORMAT_VERSION, "backbone": self.backbone.to_dict(),
+                "vocab": self.vocab.to_dict(), "tie_embeddings": self.tie_embeddings}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> OmniConfig:
+        if not isinstance(d, dict) or d.get("model_type") != "omni":
+            found = d.get("model_type") if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"{source}: not an omni config (model_type={found!r})")
+        try:
+            return cls(BackboneConfig(**d["backbone"]), Vocab.from_dict(d["vocab"]), bool(d.get("tie_embeddings", True)))
+        except (KeyError, TypeError, ValueError) as e:  # ValueError: values the config classes reject
+            raise ValueError(f"{source}: malformed omni config ({e})") from None
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None = None
+    num_tokens: int = 0  # tokens that carried loss
+
+
+class OmniModel(nn.Module):
+    def __init__(self, config: OmniConfig, tokenizer=None):
+        super().__init__()
+        self.config = config
+        self.vocab = config.vocab
+        cfg = config.backbone
+        self.embed = nn.Embedding(config.vocab.size, cfg.dim)
+        self.backbone = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.dim, config.vocab.size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.tokenizer = tokenizer
+
+    # -- construction -----------------------------------------------------------------------
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        self.backbone.reset_parameters(std)
+        nn.init.normal_(self.embed.weight, 0.0, std)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, 0.0, std)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.backbone.max_seq_len
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                key_padding: torch.Tensor | None = None, cache: KVCache | None = None) -> ModelOutput:
+        """input_ids (B, T); targets (B, T) next-token ids or -100 (already shifted, see sequence.render).
+
+        positions default to 0..T-1 after ``cache.length``, counting only real tokens when
+        ``key_padding`` marks left padding.
+        """
+        if positions is None:
+            positions = default_positions(input_ids, key_padding, cache)
+        h = self.backbone(self.embed(input_ids), positions, doc_ids=doc_ids, key_padding=key_padding, cache=cache)
+        logits = self.lm_head(h)
+        if targets is None:
+            return ModelOutput(logits)
+        n = int((targets != IGNORE).sum())
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=IGNORE, reduction="sum") / max(n, 1)
+        return ModelOutput(logits, loss, n)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, V) logits for plain text ids."""
+        self._check_length(input_ids.shape[1])
+        return self(input_ids).logits
+
+    def _check_length(self, n: int, what: str = "input") -> None:
+        if n > self.max_seq_len:
+            raise ValueError(f"{what} is {n} tokens but the model's context is {self.max_seq_len} "
+                             "(config backbone.max_seq_len); shorten it")
+
+    def generate(self, prompts, **kwargs):
+        """ids in, new ids out (a LongTensor (B, T)), or prompts (str / list of str) in, text out.
+
+        See :func:`omni.generation.generate` for ids and :func:`omni.api.generate` for prompts.
+        """
+        if isinstance(prompts, torch.Tensor):
+            from omni.generation import generate
+
+            return generate(self, prompts, **kwargs)
+        from omni.api import generate_from_prompts
+
+        return generate_from_prompts(self, prompts, **kwargs)
+
+    # -- files ------------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write config.json + model.safetensors (+ tokenizer/) atomically: a temp dir renamed into place."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+        try:
+            atomic_write_json(tmp / CONFIG_FILE, self.config.to_dict())
+            save_tensors(tmp / WEIGHTS_FILE, self.export_state_dict(), metadata={"format": "pt"})
+            if self.tokenizer is not None:
+                self.tokenizer.save(tmp / TOKENIZER_DIR)
+            if path.exists():  # keep files we do not own (metrics, plots, checkpoints/) in place
+                for f in (CONFIG_FILE, WEIGHTS_FILE):
+                    (path / f).unlink(missing_ok=True)
+                shutil.rmtree(path / TOKENIZER_DIR, ignore_errors=True)
+                for f in tmp.iterdir():
+                    f.replace(path / f.name)
+                tmp.rmdir()
+            else:
+                replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        sd = {k: v for k, v in self.state_dict().items()}
+        if self.config.tie_embeddings:
+            sd.pop("lm_head.weight", None)  # safetensors stores no aliases; tied on load
+        return sd
+
+    def load_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Strict load that names the missing, unexpected or mis-shaped tensor."""
+        own = self.export_state_dict()
+        missing = sorted(set(own) - set(tensors))
+        unexpected = sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"{source}: weights do not match the config (missing: {missing[:5]}, "
+                             f"unexpected: {unexpected[:5]})")
+        for k, v in tensors.items():
+            if v.shape != own[k].shape:
+                raise ValueError(f"{source}: tensor {k} has shape {tuple(v.shape)}, the config needs "
+                                 f"{tuple(own[k].shape)}")
+        self.load_state_dict(tensors, strict=False)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> OmniModel:
+        path = Path(path)
+        if not path.is_dir():
+            raise ValueError(f"{path}: checkpoint directory not found")
+        cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+        for f in (cfg_file, weights):
+            if not f.is_file():
+                raise ValueError(f"{path}: incomplete checkpoint, {f.name} is missing")
+        try:
+            raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+        config = OmniConfig.from_dict(raw, source=str(cfg_file))
+        tokenizer = None
+        if (path / TOKENIZER_DIR).is_dir():
+            from omni.tokenizers.text import TextTokenizer
+
+            tokenizer = TextTokenizer.load(path / TOKENIZER_DIR)
+            if tokenizer.vocab.text_size != config.vocab.text_size:
+                raise ValueError(f"{path}: tokenizer has {tokenizer.vocab.text_size} pieces but config.json "
+                                 f"says {config.vocab.text_size}")
+        with torch.device("meta"):
+            model = cls(config, tokenizer)
+        model.to_empty(device=device)
+        model.backbone.rotary.reset_buffers()  # non-persistent: not in the file, garbage after to_empty
+        if config.tie_embeddings:
+            model.lm_head.weight = model.embed.weight
+        model.load_weights(load_tensors(weights), str(weights))
+        model.backbone.set_attn_backend(config.backbone.attn_backend, torch.device(device))
+        return model.eval()
+
+
+def default_positions(input_ids: torch.Tensor, key_padding: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+    """(B, T) positions: 0.. for each row, counting only real tokens when left-padded, offset by the cache."""
+    B, T = input_ids.shape
+    if key_padding is not None:
+        pos = (key_padding.long().cumsum(-1) - 1).clamp(min=0)
+    else:
+        pos = torch.arange(T, device=input_ids.device).expand(B, T)
+    if cache is not None and cache.length:
+        pos = pos + cache.valid[:, :cache.length].long().sum(-1, keepdim=True)
+    return pos
+
+
+def build_model(backbone: BackboneConfig, vocab: Vocab, tokenizer=None, tie_embeddings: bool = True,
+                seed: int | None = None) -> OmniModel:
+    """A freshly initialised model."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = OmniModel(OmniConfig(backbone, vocab, tie_embeddings), tokenizer)
+    model.reset_parameters()
+    return model

@@ -1,0 +1,115 @@
+"""SentencePiece text tokenizer that reserves the unified vocabulary's special tokens.
+
+A trained tokenizer is a directory with ``text.model`` (SentencePiece) and ``vocab.json``
+(the :class:`~omni.vocab.Vocab` layout). Special tokens are control symbols: user text can
+never encode to them, and ``decode`` drops them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from omni.io import atomic_write_bytes, read_jsonl
+from omni.vocab import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID, Vocab
+
+MODEL_FILE = "text.model"
+VOCAB_FILE = "vocab.json"
+
+
+class TextTokenizer:
+    """Encode/decode text with a SentencePiece model; ``vocab`` gives the special-token ids."""
+
+    def __init__(self, model_proto: bytes, source: str = "<memory>"):
+        import sentencepiece as spm
+
+        self.source = source
+        self._proto = model_proto
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(model_proto)
+        except Exception as e:  # sentencepiece raises OSError/RuntimeError with a C++ message
+            raise ValueError(f"{source}: not a valid SentencePiece model ({e})") from None
+        specials = {tok: self.sp.piece_to_id(tok) for tok in SPECIAL_TOKENS}
+        missing = [t for t, i in specials.items() if i == self.sp.unk_id()]
+        if missing or (self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id()) != (
+                PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+            raise ValueError(f"{source}: this SentencePiece model was not trained by omni (it lacks the "
+                             f"special tokens {missing or ''} or the pad/unk/bos/eos ids 0-3); "
+                             "train one with `omni tokenizer train text_spm`")
+        self.vocab = Vocab(self.sp.get_piece_size(), specials)
+
+    # -- files ------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path) -> TextTokenizer:
+        path = Path(path)
+        model = path / MODEL_FILE if path.is_dir() else path
+        if not model.is_file():
+            raise ValueError(f"{model}: tokenizer model not found; train one with `omni tokenizer train text_spm`")
+        return cls(model.read_bytes(), source=str(model))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path / MODEL_FILE, self._proto)
+        atomic_write_bytes(path / VOCAB_FILE, json.dumps(self.vocab.to_dict(), indent=2).encode())
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 4096, model_type: str = "unigram",
+              character_coverage: float = 0.9995, max_sentences: int = 300000, seed: int = 0) -> TextTokenizer:
+        """Train on an iterable of strings; byte fallback means any UTF-8 text encodes without <unk>."""
+        import sentencepiece as spm
+
+        texts = [t for t in texts if t.strip()]
+        if not texts:
+            raise ValueError("cannot train a tokenizer on an empty corpus")
+        spm.set_random_generator_seed(seed)
+        out = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(texts), model_writer=out, vocab_size=vocab_size,
+                model_type=model_type, character_coverage=character_coverage,
+                input_sentence_size=max_sentences, shuffle_input_sentence=True, seed_sentencepiece_size=200000,
+                pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+                control_symbols=list(SPECIAL_TOKENS), byte_fallback=True, split_digits=True,
+                normalization_rule_name="identity", remove_extra_whitespaces=False,
+                max_sentence_length=16384, num_threads=2, minloglevel=2,
+            )
+        except RuntimeError as e:
+            raise ValueError(f"SentencePiece training failed: {e}") from None
+        return cls(out.getvalue())
+
+    # -- text -------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise ValueError(f"expected text as str, got {type(text).__name__}")
+        return self.sp.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Decode text ids; ids outside the text range (audio codes) and specials are dropped."""
+        n = self.vocab.text_size
+        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < n])
+
+    def __len__(self) -> int:
+        return self.vocab.text_size
+
+
+def corpus_texts(path: str | Path, field: str = "text") -> Iterator[str]:
+    """Texts from a JSONL manifest (one object with ``field`` per line) or a plain UTF-8 text file."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        for row in read_jsonl(path):
+            if field not in row or not isinstance(row[field], str):
+                raise ValueError(f"{path}: a row has no string field {field!r}")
+            yield row[field]
+        return
+    if not path.is_file():
+        raise ValueError(f"{path}: corpus not found; build one with `omni data build text --out DIR`")
+    try:
+        yield from path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
