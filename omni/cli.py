@@ -121,7 +121,7 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omni", description="omni: one transformer for text, images, audio and video.",
                                 epilog=EPILOG)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
 
     t = sub.add_parser("train", help="train a recipe", epilog=EPILOG,
                        description="Train a recipe. Runs on one device as is; for several processes use "
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_generate)
 
     d = sub.add_parser("data", help="build corpora").add_subparsers(dest="data_command", required=True,
-                                                                     metavar="ACTION")
+                                                                     metavar="ACTION", help="data action")
     b = d.add_parser("build", help="build a corpus (media + JSONL manifests with train/val/test splits)",
                      epilog=EPILOG)
     b.add_argument("kind", choices=["text"], help="which corpus")
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_data_build)
 
     k = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(dest="tok_command", required=True,
-                                                                            metavar="ACTION")
+                                                                            metavar="ACTION", help="tokenizer action")
     kt = k.add_parser("train", help="train a tokenizer from a spec under tokenizers/", epilog=EPILOG)
     kt.add_argument("spec", help="a spec name under tokenizers/ (e.g. text_spm) or a path to a YAML file")
     kt.add_argument("overrides", nargs="*", metavar="key=value", help="override spec values, e.g. vocab_size=8000")

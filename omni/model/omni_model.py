@@ -143,12 +143,13 @@ class OmniModel(nn.Module):
             save_tensors(tmp / WEIGHTS_FILE, self.export_state_dict(), metadata={"format": "pt"})
             if self.tokenizer is not None:
                 self.tokenizer.save(tmp / TOKENIZER_DIR)
-            if path.exists():  # keep files we do not own (metrics, plots, checkpoints/) in place
-                for f in (CONFIG_FILE, WEIGHTS_FILE):
-                    (path / f).unlink(missing_ok=True)
-                shutil.rmtree(path / TOKENIZER_DIR, ignore_errors=True)
-                for f in tmp.iterdir():
-                    f.replace(path / f.name)
+            if path.exists():
+                # Keep files we do not own (metrics, plots, checkpoints/) and never delete before
+                # replacing: each of ours is swapped in by an atomic rename, config.json last.
+                if (tmp / TOKENIZER_DIR).exists():
+                    replace_dir(tmp / TOKENIZER_DIR, path / TOKENIZER_DIR)
+                (tmp / WEIGHTS_FILE).replace(path / WEIGHTS_FILE)
+                (tmp / CONFIG_FILE).replace(path / CONFIG_FILE)
                 tmp.rmdir()
             else:
                 replace_dir(tmp, path)

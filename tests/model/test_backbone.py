@@ -1,0 +1,225 @@
+import logging
+
+import pytest
+import torch
+
+from omni.model.backbone import (
+    SIZES,
+    Backbone,
+    BackboneConfig,
+    KVCache,
+    Rotary,
+    _sdpa,
+    backbone_config,
+    resolve_backend,
+)
+
+ATOL = 1e-5
+
+
+def _backbone(seed=0, **overrides) -> Backbone:
+    torch.manual_seed(seed)
+    bb = Backbone(backbone_config("debug", **overrides))
+    bb.reset_parameters(std=0.1)  # larger than training init so attention patterns actually differ
+    return bb.eval()
+
+
+def _x(B, T, D=64, seed=1):
+    return torch.randn(B, T, D, generator=torch.Generator().manual_seed(seed))
+
+
+def _pos(B, T):
+    return torch.arange(T).expand(B, T)
+
+
+@torch.no_grad()
+def test_output_shape():
+    bb = _backbone()
+    assert bb(_x(2, 10), _pos(2, 10)).shape == (2, 10, 64)
+
+
+@torch.no_grad()
+def test_causal():
+    bb = _backbone()
+    x = _x(2, 12)
+    y = bb(x, _pos(2, 12))
+    x2 = x.clone()
+    x2[:, 7] = _x(2, 1, seed=5)[:, 0]
+    y2 = bb(x2, _pos(2, 12))
+    torch.testing.assert_close(y2[:, :7], y[:, :7], atol=ATOL, rtol=0)
+    assert (y2[:, 7:] - y[:, 7:]).abs().amax() > 1e-2
+
+
+@torch.no_grad()
+def test_packed_documents_do_not_see_each_other():
+    bb = _backbone()
+    a, b = _x(1, 6, seed=2), _x(1, 9, seed=3)
+    pad = _x(1, 3, seed=4)
+    row = torch.cat([a, b, pad], dim=1)
+    positions = torch.cat([torch.arange(6), torch.arange(9), torch.zeros(3, dtype=torch.long)])[None]
+    doc_ids = torch.tensor([[0] * 6 + [1] * 9 + [-1] * 3])
+    y = bb(row, positions, doc_ids=doc_ids)
+    torch.testing.assert_close(y[:, :6], bb(a, _pos(1, 6)), atol=ATOL, rtol=0)
+    torch.testing.assert_close(y[:, 6:15], bb(b, _pos(1, 9)), atol=ATOL, rtol=0)
+    assert torch.isfinite(y).all()
+    # without the document mask the second document would see the first
+    assert (bb(row, positions)[:, 6:15] - y[:, 6:15]).abs().amax() > 1e-2
+
+
+@torch.no_grad()
+def test_left_padding_matches_unpadded_runs():
+    bb = _backbone()
+    long, short = _x(1, 10, seed=2), _x(1, 6, seed=3)
+    x = torch.cat([long, torch.cat([_x(1, 4, seed=9), short], dim=1)])
+    key_padding = torch.ones(2, 10, dtype=torch.bool)
+    key_padding[1, :4] = False
+    positions = torch.stack([torch.arange(10), torch.cat([torch.zeros(4, dtype=torch.long), torch.arange(6)])])
+    y = bb(x, positions, key_padding=key_padding)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y[0:1], bb(long, _pos(1, 10)), atol=ATOL, rtol=0)
+    torch.testing.assert_close(y[1:2, 4:], bb(short, _pos(1, 6)), atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("prefill", [1, 5])
+def test_kv_cache_matches_full_forward(prefill):
+    bb = _backbone()
+    x = _x(2, 11)
+    full = bb(x, _pos(2, 11))
+    cache = KVCache(bb.config, 2, 11)
+    outs = [bb(x[:, :prefill], _pos(2, prefill), cache=cache)]
+    t = prefill
+    steps = iter([1, 3] * 11)  # single tokens and chunks after the prefill
+    while t < 11:
+        step = min(next(steps), 11 - t)
+        outs.append(bb(x[:, t:t + step], _pos(2, step) + t, cache=cache))
+        t += step
+    assert t == 11 and cache.length == 11
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="KV cache is full"):
+        bb(x[:, :1], _pos(2, 1), cache=cache)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("num_kv_heads", [1, 2])
+def test_grouped_query_attention_equals_mha_with_repeated_kv(num_kv_heads):
+    gqa = _backbone(num_heads=4, num_kv_heads=num_kv_heads)
+    mha = _backbone(num_heads=4, num_kv_heads=4)
+    rep, hd, H = 4 // num_kv_heads, 16, 4
+    state = gqa.state_dict()
+    for i in range(gqa.config.num_layers):
+        w = state[f"layers.{i}.attn.wqkv.weight"]  # rows: q (H*hd), k (Hkv*hd), v (Hkv*hd)
+        q, k, v = w.split([H * hd, num_kv_heads * hd, num_kv_heads * hd])
+        # query head h reads kv head h // rep
+        k, v = (t.view(num_kv_heads, hd, -1).repeat_interleave(rep, dim=0).reshape(H * hd, -1) for t in (k, v))
+        state[f"layers.{i}.attn.wqkv.weight"] = torch.cat([q, k, v])
+    mha.load_state_dict(state)
+    x = _x(2, 9)
+    torch.testing.assert_close(gqa(x, _pos(2, 9)), mha(x, _pos(2, 9)), atol=ATOL, rtol=0)
+    # and with an explicit mask (the non-causal-fast path)
+    doc_ids = torch.tensor([[0] * 4 + [1] * 5] * 2)
+    torch.testing.assert_close(gqa(x, _pos(2, 9), doc_ids=doc_ids), mha(x, _pos(2, 9), doc_ids=doc_ids),
+                               atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_mrope_with_equal_axes_matches_1d_rope():
+    bb = _backbone(mrope_section=[2, 3, 3])  # head_dim 16: 8 rotary pairs over (t, h, w)
+    x = _x(2, 8)
+    pos = _pos(2, 8) + 3
+    y1 = bb(x, pos)
+    torch.testing.assert_close(bb(x, torch.stack([pos, pos, pos])), y1, atol=ATOL, rtol=0)
+    other = torch.stack([pos, pos.flip(-1), pos])
+    assert (bb(x, other) - y1).abs().amax() > 1e-3
+
+
+def test_mrope_sections_take_their_axis():
+    cfg = backbone_config("debug", mrope_section=[2, 3, 3])
+    rot = Rotary(cfg)
+    pos = torch.tensor([[[5, 6]], [[11, 12]], [[17, 18]]])  # (3, B=1, T=2)
+    cos, _ = rot(pos)
+    assert cos.shape == (1, 1, 2, 16)
+    axis_of_pair = [0, 0, 1, 1, 1, 2, 2, 2]
+    for i, axis in enumerate(axis_of_pair):
+        expect = torch.cos(pos[axis, 0].float() * rot.inv_freq[i])
+        torch.testing.assert_close(cos[0, 0, :, i], expect)
+        torch.testing.assert_close(cos[0, 0, :, i + 8], expect)  # second half mirrors the first
+
+
+def test_resolve_backend_falls_back_to_sdpa_on_cpu(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert resolve_backend("xformers", torch.device("cpu")) is _sdpa
+    assert "falling back to sdpa" in caplog.text
+    assert resolve_backend("sdpa", torch.device("cpu")) is _sdpa
+
+
+def _cuda_xformers() -> bool:
+    from omni.model.backbone import _xformers_available
+
+    return torch.cuda.is_available() and _xformers_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_xformers(), reason="needs CUDA and xformers")
+@torch.no_grad()
+def test_xformers_matches_sdpa():
+    dev = torch.device("cuda")
+    bb = _backbone(num_heads=4, num_kv_heads=2).to(dev)
+    x = _x(2, 13).to(dev)
+    pos = _pos(2, 13).to(dev)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 8, [0] * 13], device=dev)
+    key_padding = torch.ones(2, 13, dtype=torch.bool, device=dev)
+    key_padding[1, :3] = False
+    cases = [dict(), dict(doc_ids=doc_ids), dict(key_padding=key_padding)]
+    ref = []
+    for kw in cases:
+        ref.append(bb(x, pos, **kw))
+    bb.set_attn_backend("xformers", dev)
+    for kw, r in zip(cases, ref):
+        torch.testing.assert_close(bb(x, pos, **kw), r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_named_sizes_build_and_count_parameters(size):
+    cfg = backbone_config(size)
+    with torch.device("meta"):
+        bb = Backbone(cfg)
+    assert cfg.num_params() == sum(p.numel() for p in bb.parameters())
+    assert cfg.head_dim * cfg.num_heads == cfg.dim
+
+
+def test_sizes_grow_and_overrides_apply():
+    counts = [backbone_config(s).num_params() for s in ("debug", "tiny", "small", "base")]
+    assert counts == sorted(counts)
+    cfg = backbone_config("tiny", max_seq_len=1024, num_layers=None)
+    assert cfg.max_seq_len == 1024 and cfg.num_layers == SIZES["tiny"]["num_layers"]
+    with pytest.raises(ValueError, match="unknown model size 'huge'.*debug"):
+        backbone_config("huge")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dim=100, num_heads=8), "divisible by num_heads"),
+    (dict(num_heads=8, num_kv_heads=3), "multiple of num_kv_heads"),
+    (dict(dim=36, num_heads=4), "head_dim must be even"),
+    (dict(mrope_section=[2, 2, 2]), "mrope_section"),
+    (dict(attn_backend="flash"), "attn_backend"),
+])
+def test_bad_configs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BackboneConfig(**kwargs)
+
+
+def test_unsupported_rope_scaling():
+    with pytest.raises(ValueError, match="rope scaling type 'yarn'"):
+        Backbone(BackboneConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0}))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        bb = _backbone().train()
+        bb.gradient_checkpointing = ckpt
+        bb(_x(2, 8), _pos(2, 8)).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in bb.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+    assert grads[0].abs().sum() > 0

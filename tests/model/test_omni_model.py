@@ -1,0 +1,218 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omni.io import load_tensors, save_tensors
+from omni.model import omni_model
+from omni.model.backbone import KVCache, backbone_config
+from omni.model.omni_model import (
+    CONFIG_FILE,
+    TOKENIZER_DIR,
+    WEIGHTS_FILE,
+    OmniModel,
+    build_model,
+    default_positions,
+)
+from omni.sequence import IGNORE
+
+
+def _ids(vocab_size, B=2, T=12, seed=0):
+    return torch.randint(0, vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def saved(tmp_path, debug_model):
+    path = tmp_path / "ckpt"
+    debug_model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_save_load_round_trip_gives_identical_logits(tmp_path, text_tokenizer, tie):
+    model = build_model(backbone_config("debug"), text_tokenizer.vocab, text_tokenizer, tie_embeddings=tie,
+                        seed=3).eval()
+    path = model.save_pretrained(tmp_path / "ckpt")
+    assert {p.name for p in path.iterdir()} == {CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR}
+    assert ("lm_head.weight" in load_tensors(path / WEIGHTS_FILE)) is not tie  # no alias stored when tied
+    back = OmniModel.from_pretrained(path)
+    assert not back.training
+    assert back.config.to_dict() == model.config.to_dict()
+    assert (back.lm_head.weight is back.embed.weight) is tie
+    ids = _ids(model.vocab.size)
+    with torch.no_grad():
+        assert torch.equal(back.logits(ids), model.logits(ids))
+    assert back.tokenizer.encode("Hello there") == text_tokenizer.encode("Hello there")
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp dirs left behind
+
+
+def test_save_without_tokenizer(tmp_path, text_tokenizer):
+    model = build_model(backbone_config("debug"), text_tokenizer.vocab, seed=0)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt" / TOKENIZER_DIR).exists()
+    assert OmniModel.from_pretrained(tmp_path / "ckpt").tokenizer is None
+
+
+def test_saving_over_a_checkpoint_replaces_it_and_keeps_other_files(saved, text_tokenizer):
+    (saved / "metrics.jsonl").write_text("{}\n")
+    new = build_model(backbone_config("debug"), text_tokenizer.vocab, text_tokenizer, seed=7).eval()
+    new.save_pretrained(saved)
+    ids = _ids(new.vocab.size)
+    with torch.no_grad():
+        assert torch.equal(OmniModel.from_pretrained(saved).logits(ids), new.logits(ids))
+    assert (saved / "metrics.jsonl").read_text() == "{}\n"
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["ckpt"]
+
+
+def test_a_failing_save_leaves_the_old_checkpoint_intact(saved, debug_model, text_tokenizer, monkeypatch):
+    def crash_mid_save(path, tensors, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a safetensors file")
+        raise OSError("disk full")
+
+    new = build_model(backbone_config("debug"), text_tokenizer.vocab, text_tokenizer, seed=7)
+    monkeypatch.setattr(omni_model, "save_tensors", crash_mid_save)
+    with pytest.raises(OSError, match="disk full"):
+        new.save_pretrained(saved)
+    monkeypatch.undo()
+    ids = _ids(debug_model.vocab.size)
+    with torch.no_grad():
+        assert torch.equal(OmniModel.from_pretrained(saved).logits(ids), debug_model.logits(ids))
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["ckpt"]
+
+
+def test_a_failing_first_save_leaves_nothing(tmp_path, debug_model, monkeypatch):
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(omni_model, "save_tensors", crash)
+    with pytest.raises(OSError):
+        debug_model.save_pretrained(tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(ValueError, match="not found") as e:
+        OmniModel.from_pretrained(tmp_path / "nope")
+    assert "nope" in str(e.value)
+
+
+@pytest.mark.parametrize("missing", [WEIGHTS_FILE, CONFIG_FILE])
+def test_incomplete_checkpoint_names_the_missing_file(saved, missing):
+    (saved / missing).unlink()
+    with pytest.raises(ValueError, match=f"incomplete checkpoint, {missing} is missing"):
+        OmniModel.from_pretrained(saved)
+
+
+def test_truncated_weights_name_the_file(saved):
+    data = (saved / WEIGHTS_FILE).read_bytes()
+    (saved / WEIGHTS_FILE).write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ValueError, match="truncated") as e:
+        OmniModel.from_pretrained(saved)
+    assert str(saved / WEIGHTS_FILE) in str(e.value)
+
+
+@pytest.mark.parametrize("content,match", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "not an omni config"),
+    ('"omni"', "not an omni config"),
+    ('{"model_type": "llama"}', "not an omni config"),
+    ('{"model_type": "omni", "vocab": {"text_size": 512}}', "malformed"),
+    ('{"model_type": "omni", "backbone": {"dimm": 3}, "vocab": {"text_size": 512}}', "malformed"),
+])
+def test_corrupt_config_names_the_file(saved, content, match):
+    (saved / CONFIG_FILE).write_text(content)
+    with pytest.raises(ValueError, match=match) as e:
+        OmniModel.from_pretrained(saved)
+    assert str(saved / CONFIG_FILE) in str(e.value)
+
+
+def test_invalid_backbone_values_in_config_name_the_file(saved):
+    cfg = json.loads((saved / CONFIG_FILE).read_text())
+    cfg["backbone"]["num_kv_heads"] = 3
+    (saved / CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="num_kv_heads") as e:
+        OmniModel.from_pretrained(saved)
+    assert str(saved / CONFIG_FILE) in str(e.value)
+
+
+def test_mis_shaped_tensor_is_named(saved):
+    tensors = load_tensors(saved / WEIGHTS_FILE)
+    tensors["backbone.layers.1.ffn.w2.weight"] = torch.zeros(64, 100)
+    save_tensors(saved / WEIGHTS_FILE, tensors)
+    with pytest.raises(ValueError, match=r"backbone\.layers\.1\.ffn\.w2\.weight has shape \(64, 100\)") as e:
+        OmniModel.from_pretrained(saved)
+    assert str(saved / WEIGHTS_FILE) in str(e.value)
+
+
+def test_missing_and_unexpected_tensors_are_named(saved):
+    tensors = load_tensors(saved / WEIGHTS_FILE)
+    del tensors["backbone.norm.weight"]
+    tensors["extra.bias"] = torch.zeros(3)
+    save_tensors(saved / WEIGHTS_FILE, tensors)
+    with pytest.raises(ValueError, match=r"backbone\.norm\.weight.*extra\.bias"):
+        OmniModel.from_pretrained(saved)
+
+
+def test_tokenizer_that_does_not_match_the_config(saved):
+    cfg = json.loads((saved / CONFIG_FILE).read_text())
+    cfg["vocab"]["text_size"] = 600
+    (saved / CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="tokenizer has 512 pieces but config.json says 600"):
+        OmniModel.from_pretrained(saved)
+
+
+def test_loss_ignores_minus_100(debug_model):
+    V = debug_model.vocab.size
+    ids = _ids(V, T=10)
+    targets = _ids(V, T=10, seed=1)
+    targets[0, :4] = IGNORE
+    targets[1, 7:] = IGNORE
+    with torch.no_grad():
+        out = debug_model(ids, targets=targets)
+        keep = targets != IGNORE
+        expect = F.cross_entropy(out.logits[keep], targets[keep])
+        assert out.num_tokens == int(keep.sum()) == 13
+        torch.testing.assert_close(out.loss, expect)
+        # what sits at ignored positions does not matter
+        other = targets.clone()
+        other[~keep] = IGNORE
+        assert debug_model(ids, targets=other).loss == out.loss
+        none = debug_model(ids, targets=torch.full_like(targets, IGNORE))
+        assert none.num_tokens == 0 and none.loss == 0
+
+
+def test_logits_rejects_input_longer_than_the_context(debug_model):
+    n = debug_model.max_seq_len + 1
+    with pytest.raises(ValueError, match=f"{n} tokens but the model's context is {debug_model.max_seq_len}"):
+        debug_model.logits(torch.zeros(1, n, dtype=torch.long))
+
+
+def test_default_positions():
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    assert default_positions(ids).tolist() == [[0, 1, 2, 3, 4]] * 2
+    kp = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    assert default_positions(ids, kp).tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]]
+    cache = KVCache(backbone_config("debug"), 2, 8)
+    cache.mark_padding(kp)
+    cache.length = 5
+    assert default_positions(ids[:, :1], cache=cache).tolist() == [[5], [3]]
+
+
+@torch.no_grad()
+def test_left_padded_batch_matches_single_rows(sampling_model):
+    V = sampling_model.vocab.size
+    a, b = _ids(V, 1, 9, seed=1), _ids(V, 1, 5, seed=2)
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], dim=1)])
+    kp = torch.ones(2, 9, dtype=torch.bool)
+    kp[1, :4] = False
+    logits = sampling_model(ids, key_padding=kp).logits
+    torch.testing.assert_close(logits[0:1], sampling_model.logits(a), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[1:2, 4:], sampling_model.logits(b), atol=1e-5, rtol=0)
+
+
+def test_num_params_matches_config(text_tokenizer):
+    for tie in (True, False):
+        m = build_model(backbone_config("debug"), text_tokenizer.vocab, tie_embeddings=tie, seed=0)
+        assert m.num_params() == m.config.backbone.num_params(m.vocab.size, tied=tie)

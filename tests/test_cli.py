@@ -1,0 +1,121 @@
+"""The ``omni`` command end to end (in-process): help, data build, tokenizer train, generate, demo."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from omni.cli import build_parser, main
+from omni.data.text import wiki_documents
+from omni.io import write_jsonl
+from omni.model.backbone import backbone_config
+from omni.model.omni_model import build_model
+from omni.tokenizers.text import TextTokenizer
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A small saved checkpoint with a real tokenizer (untrained weights are enough for the CLI)."""
+    root = tmp_path_factory.mktemp("cli")
+    tok = TextTokenizer.train([d["text"] for d in wiki_documents()[:200]], vocab_size=800)
+    model = build_model(backbone_config("debug", max_seq_len=48), tok.vocab, tok, seed=0)
+    return model.save_pretrained(root / "ckpt")
+
+
+def _subparsers(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+                yield from _subparsers(sub)
+
+
+def test_every_option_has_help(capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    assert "train" in capsys.readouterr().out
+    names = []
+    for name, sub in _subparsers(parser):
+        names.append(name)
+        for action in sub._actions:
+            assert action.help, f"`omni ... {name}` option {action.dest} has no help"
+    assert {"train", "generate", "data", "build", "tokenizer", "demo"} <= set(names)
+
+
+def test_data_build_from_text_file(tmp_path, capsys):
+    src = tmp_path / "corpus.txt"
+    src.write_text("\n\n".join(f"Paragraph number {i} about things." for i in range(50)), encoding="utf-8")
+    assert main(["data", "build", "text", "--out", str(tmp_path / "d"), "--source", str(src)]) == 0
+    out = capsys.readouterr().out
+    n = sum(int(m) for m in re.findall(r"(\d+) docs", out))
+    assert n == 50
+    assert (tmp_path / "d" / "train.jsonl").is_file()
+
+
+@pytest.mark.parametrize("content, needle", [(b"\xff\xfe\x00bad", "not UTF-8"), (b"  \n\n ", "empty")])
+def test_data_build_bad_file_is_one_line_error(tmp_path, capsys, content, needle):
+    src = tmp_path / "bad.txt"
+    src.write_bytes(content)
+    assert main(["data", "build", "text", "--out", str(tmp_path / "d"), "--source", str(src)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(src) in err and needle in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_tokenizer_train_from_spec(tmp_path, capsys):
+    corpus = tmp_path / "c.jsonl"
+    write_jsonl(corpus, wiki_documents()[:150])
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "text_spm", f"corpus={corpus}", f"out={out}", "vocab_size=600"]) == 0
+    tok = TextTokenizer.load(out)
+    assert tok.vocab.text_size == 600
+    assert main(["tokenizer", "train", "text_spm", f"corpus={tmp_path / 'missing.jsonl'}", f"out={out}"]) == 1
+    assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_generate_prints_and_writes(ckpt, tmp_path, capsys):
+    out_file = tmp_path / "out.txt"
+    assert main(["generate", "--ckpt", str(ckpt), "--max-new-tokens", "6", "-o", str(out_file), "The", "history"]) == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+    assert out_file.read_text(encoding="utf-8").rstrip("\n") == printed
+    assert main(["generate", "--ckpt", str(ckpt), "--max-new-tokens", "6", "--stream", "The", "history"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == printed
+
+
+def test_generate_bad_input(ckpt, tmp_path, capsys):
+    assert main(["generate", "--ckpt", str(tmp_path / "nope"), "hi"]) == 1
+    assert "checkpoint directory not found" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((ckpt / "config.json").read_text())
+    assert main(["generate", "--ckpt", str(broken), "hi"]) == 1
+    assert "model.safetensors is missing" in capsys.readouterr().err
+    (broken / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes()[:1000])
+    assert main(["generate", "--ckpt", str(broken), "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "truncated" in err and "model.safetensors" in err
+    assert main(["generate", "--ckpt", str(ckpt), "word " * 200]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "context is 48" in err and len(err.splitlines()) == 1
+
+
+def test_unknown_recipe_lists_available(capsys):
+    assert main(["train", "no/such_recipe"]) == 1
+    err = capsys.readouterr().err
+    assert "no/such_recipe" in err and "text/tiny" in err
+
+
+def test_demo_end_to_end_small(tmp_path, capsys):
+    """The demo's real path (corpus build, tokenizer training, training, generation) with a tiny budget."""
+    rc = main(["demo", "--out", str(tmp_path / "demo"), "model.size=debug", "train.steps=4", "train.warmup_steps=1",
+               "train.batch_size=4", "train.eval_batches=1", "train.progress=false"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "model:" in out and "loss curve:" in out
+    assert (tmp_path / "demo" / "text_tiny" / "model.safetensors").is_file()
+    assert (tmp_path / "demo" / "tokenizer" / "text.model").is_file()

@@ -1,0 +1,172 @@
+import pytest
+import torch
+
+from omni.generation import generate, iter_generate, left_pad, sample_next
+from omni.model.backbone import KVCache
+
+
+def _prompt(tok, text):
+    return [tok.vocab.bos_id] + tok.encode(text)
+
+
+PROMPTS = ["Zero", "The number one is", "Mathematics is the study of numbers, shapes and patterns"]
+
+
+@pytest.fixture(scope="module")
+def model(sampling_model):
+    return sampling_model
+
+
+@torch.no_grad()
+def _greedy_by_recomputation(model, ids: list[int], n: int) -> list[int]:
+    seq = list(ids)
+    for _ in range(n):
+        seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+def test_cached_greedy_equals_full_recomputation(model, text_tokenizer):
+    ids = _prompt(text_tokenizer, PROMPTS[1])
+    out = generate(model, torch.tensor([ids]), max_new_tokens=12, stop_ids=[])
+    expect = _greedy_by_recomputation(model, ids, 12)
+    assert out.tolist() == [expect]
+    assert len(set(expect)) > 3  # the model does not just repeat itself, so the check has teeth
+
+
+@torch.no_grad()
+def test_cached_logits_equal_uncached_logits(model, text_tokenizer):
+    ids, mask = left_pad([_prompt(text_tokenizer, p) for p in PROMPTS], text_tokenizer.vocab.pad_id)
+    B, T = ids.shape
+    cache = KVCache(model.config.backbone, B, T + 6)
+    logits = model(ids, key_padding=mask.bool(), cache=cache).logits[:, -1]
+    seqs = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    for step in range(6):
+        for b, seq in enumerate(seqs):
+            full = model(torch.tensor([seq])).logits[0, -1]
+            torch.testing.assert_close(logits[b], full, atol=1e-4, rtol=0, msg=f"row {b} step {step}")
+        nxt = logits.argmax(-1)
+        for b in range(B):
+            seqs[b].append(int(nxt[b]))
+        logits = model(nxt[:, None], cache=cache).logits[:, -1]
+
+
+def test_left_padded_batch_equals_each_prompt_alone(model, text_tokenizer):
+    prompts = [_prompt(text_tokenizer, p) for p in PROMPTS]
+    assert len({len(p) for p in prompts}) == 3
+    ids, mask = left_pad(prompts, text_tokenizer.vocab.pad_id)
+    batch = generate(model, ids, attention_mask=mask, max_new_tokens=10, stop_ids=[])
+    for row, p in zip(batch.tolist(), prompts):
+        assert row == generate(model, torch.tensor([p]), max_new_tokens=10, stop_ids=[]).tolist()[0]
+    assert len({tuple(r) for r in batch.tolist()}) == 3
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(model, text_tokenizer):
+    ids, mask = left_pad([_prompt(text_tokenizer, p) for p in PROMPTS], text_tokenizer.vocab.pad_id)
+    kw = dict(attention_mask=mask, max_new_tokens=10, stop_ids=[])
+    greedy = generate(model, ids, **kw)
+    assert torch.equal(generate(model, ids, temperature=1.0, top_k=1, seed=0, **kw), greedy)
+    assert torch.equal(generate(model, ids, temperature=1.0, top_p=1e-6, seed=0, **kw), greedy)
+
+
+def test_seeded_sampling_is_reproducible(model, text_tokenizer):
+    ids = torch.tensor([_prompt(text_tokenizer, PROMPTS[0])] * 2)
+    kw = dict(max_new_tokens=16, stop_ids=[], temperature=1.0)
+    a = generate(model, ids, seed=123, **kw)
+    assert torch.equal(a, generate(model, ids, seed=123, **kw))
+    assert not torch.equal(a, generate(model, ids, seed=124, **kw))
+    assert not torch.equal(a[0], a[1])  # rows draw their own samples
+    assert not torch.equal(a, generate(model, ids, max_new_tokens=16, stop_ids=[]))
+
+
+def test_sample_next_top_k_and_top_p_restrict_the_support():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, 4)
+    g = torch.Generator().manual_seed(0)
+    top_k = sample_next(logits, temperature=1.0, top_k=2, generator=g)
+    assert set(top_k.tolist()) == {0, 1}
+    # top_p=0.7: token 2 is dropped because the mass before it (0.8) already reaches 0.7
+    top_p = sample_next(logits, temperature=1.0, top_p=0.7, generator=g)
+    assert set(top_p.tolist()) == {0, 1}
+    full = sample_next(logits, temperature=1.0, generator=g)
+    assert set(full.tolist()) == {0, 1, 2, 3}
+    assert torch.equal(sample_next(logits[:3], temperature=0.0), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.5])
+def test_allowed_range_constrains_every_output(model, text_tokenizer, temperature):
+    ids, mask = left_pad([_prompt(text_tokenizer, p) for p in PROMPTS], text_tokenizer.vocab.pad_id)
+    allowed = range(300, 340)
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=12, stop_ids=[], allowed=allowed,
+                   temperature=temperature, seed=0)
+    assert out.shape == (3, 12)
+    assert ((out >= allowed.start) & (out < allowed.stop)).all()
+
+
+def test_stop_ids_end_a_row_and_the_rest_is_pad(model, text_tokenizer):
+    pad = text_tokenizer.vocab.pad_id
+    ids, mask = left_pad([_prompt(text_tokenizer, p) for p in PROMPTS], pad)
+    ref = generate(model, ids, attention_mask=mask, max_new_tokens=12, stop_ids=[]).tolist()
+    stop = ref[0][3]
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=12, stop_ids=[stop]).tolist()
+    for row, r in zip(out, ref):
+        if stop in r:
+            k = r.index(stop)
+            assert row[:k + 1] == r[:k + 1] and set(row[k + 1:]) <= {pad}
+        else:
+            assert row == r
+    assert out[0][3] == stop and len(out[0]) > 4 and set(out[0][4:]) == {pad}
+
+
+@pytest.mark.parametrize("marker", ["eos", "<|eot|>"])
+def test_default_stops_are_eos_and_eot(model, text_tokenizer, marker):
+    v = text_tokenizer.vocab
+    stop = v.eos_id if marker == "eos" else v.id(marker)
+    ids = torch.tensor([_prompt(text_tokenizer, PROMPTS[0])] * 2)
+    out = generate(model, ids, max_new_tokens=8, allowed=range(stop, stop + 1))
+    assert out.tolist() == [[stop], [stop]]  # all rows stopped: decoding ends early
+
+
+def test_generation_stops_at_the_context_length(model):
+    T = model.max_seq_len - 3
+    out = generate(model, torch.full((1, T), 300), max_new_tokens=10, stop_ids=[])
+    assert out.shape == (1, 3)
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_prompt_as_long_as_the_context_is_an_error(model, extra):
+    n = model.max_seq_len + extra
+    with pytest.raises(ValueError, match=f"context.*{model.max_seq_len}|{model.max_seq_len}.*context"):
+        generate(model, torch.full((1, n), 300), max_new_tokens=1)
+
+
+def test_bad_inputs(model):
+    ok = torch.tensor([[2, 300]])
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="no prompts"):
+        left_pad([], 0)
+    with pytest.raises(ValueError, match="LongTensor"):
+        generate(model, ok.float())
+    with pytest.raises(ValueError, match=r"input ids must be in \[0, 512\)"):
+        generate(model, torch.tensor([[2, 512]]))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, ok, max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, ok, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, ok, temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        generate(model, ok, attention_mask=torch.ones(1, 3))
+
+
+def test_iter_generate_yields_one_step_at_a_time(model, text_tokenizer):
+    ids = torch.tensor([_prompt(text_tokenizer, PROMPTS[2])])
+    steps = list(iter_generate(model, ids, max_new_tokens=5, stop_ids=[]))
+    assert len(steps) == 5 and all(s.shape == (1,) for s in steps)
+    assert torch.stack(steps, 1).tolist() == generate(model, ids, max_new_tokens=5, stop_ids=[]).tolist()
+    assert model.generate(ids, max_new_tokens=5, stop_ids=[]).tolist() == torch.stack(steps, 1).tolist()
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]

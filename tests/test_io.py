@@ -1,0 +1,105 @@
+import os
+
+import pytest
+import torch
+
+from omni import io
+
+
+def test_atomic_write_bytes_writes_and_overwrites(tmp_path):
+    p = tmp_path / "sub" / "f.bin"
+    io.atomic_write_bytes(p, b"one")
+    io.atomic_write_bytes(p, b"two")
+    assert p.read_bytes() == b"two"
+    assert os.listdir(p.parent) == ["f.bin"]
+
+
+@pytest.mark.parametrize("fail_at", ["replace", "fsync"])
+def test_atomic_write_bytes_failure_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch, fail_at):
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"original")
+
+    def boom(*args, **kwargs):
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(io.os, fail_at, boom)
+    with pytest.raises(OSError, match="simulated crash"):
+        io.atomic_write_bytes(p, b"new content " * 1000)
+    monkeypatch.undo()
+    assert p.read_bytes() == b"original"
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_atomic_write_json_round_trip(tmp_path):
+    import json
+
+    io.atomic_write_json(tmp_path / "a.json", {"b": [1, 2], "a": "é"})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"b": [1, 2], "a": "é"}
+
+
+def test_tensors_round_trip(tmp_path):
+    t = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(2, 2).to(torch.bfloat16).t()}
+    io.save_tensors(tmp_path / "t.safetensors", t, metadata={"format": "pt"})
+    back = io.load_tensors(tmp_path / "t.safetensors")
+    assert set(back) == set(t)
+    for k in t:
+        assert back[k].dtype == t[k].dtype and torch.equal(back[k], t[k])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_load_tensors_on_damaged_file_names_it(tmp_path, damage):
+    p = tmp_path / "t.safetensors"
+    io.save_tensors(p, {"a": torch.randn(64, 64)})
+    data = p.read_bytes()
+    p.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00not a safetensors file",
+                   "empty": b""}[damage])
+    with pytest.raises(ValueError, match="corrupt or truncated") as e:
+        io.load_tensors(p)
+    assert str(p) in str(e.value)
+
+
+def test_load_tensors_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        io.load_tensors(tmp_path / "nope.safetensors")
+
+
+def test_jsonl_round_trip(tmp_path):
+    rows = [{"id": 1, "text": "héllo 日本"}, {"id": 2, "text": "a\nb"}]
+    assert io.write_jsonl(tmp_path / "m.jsonl", rows) == 2
+    assert list(io.read_jsonl(tmp_path / "m.jsonl")) == rows
+    assert io.write_jsonl(tmp_path / "e.jsonl", []) == 0
+    assert list(io.read_jsonl(tmp_path / "e.jsonl")) == []
+
+
+def test_read_jsonl_skips_blank_lines(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"a": 1}\n\n   \n{"a": 2}\n')
+    assert [r["a"] for r in io.read_jsonl(p)] == [1, 2]
+
+
+@pytest.mark.parametrize("bad_line,expect", [(b'{"a": 1,}', "not valid JSON"), (b'{"a": "\xff\xfe"}', "not UTF-8"),
+                                             (b"[1, 2]", "expected a JSON object")])
+def test_read_jsonl_errors_name_file_and_line(tmp_path, bad_line, expect):
+    p = tmp_path / "m.jsonl"
+    p.write_bytes(b'{"a": 1}\n\n' + bad_line + b"\n")
+    it = io.read_jsonl(p)
+    assert next(it) == {"a": 1}  # rows before the bad line still come through
+    with pytest.raises(ValueError, match=expect) as e:
+        next(it)
+    assert f"{p}:3:" in str(e.value)
+
+
+def test_read_jsonl_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="nope.jsonl"):
+        list(io.read_jsonl(tmp_path / "nope.jsonl"))
+
+
+def test_replace_dir(tmp_path):
+    final, tmp = tmp_path / "ckpt", tmp_path / "new"
+    final.mkdir()
+    (final / "x").write_text("old")
+    tmp.mkdir()
+    (tmp / "x").write_text("new")
+    io.replace_dir(tmp, final)
+    assert (final / "x").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
