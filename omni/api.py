@@ -63,10 +63,11 @@ def generate_from_prompts(model, prompts, *, output: str = "text", max_new_token
     kwargs = dict(attention_mask=mask, max_new_tokens=max_new_tokens, allowed=model.vocab.span(output), **sampling)
     single = not is_batch(prompts)
     if stream:
-        pieces = _stream_text(model, ids, kwargs)
+        pieces = _stream_text(model, ids, rendered, kwargs)
         return (p[0] for p in pieces) if single else pieces
     new = generate(model, ids, **kwargs)
-    texts = [model.tokenizer.decode(_until_stop(row.tolist(), model.vocab)) for row in new]
+    texts = [model.tokenizer.decode_continuation(_until_stop(row.tolist(), model.vocab), prompt)
+             for row, prompt in zip(new, rendered)]
     return texts[0] if single else texts
 
 
@@ -78,7 +79,7 @@ def _until_stop(ids: list[int], vocab) -> list[int]:
     return ids
 
 
-def _stream_text(model, ids, kwargs) -> Iterator[list[str]]:
+def _stream_text(model, ids, prompts: list[list[int]], kwargs) -> Iterator[list[str]]:
     """Yield, per step, the newly decoded text of each row (decoded incrementally so pieces join up).
 
     A character spelled by several byte-fallback pieces decodes to U+FFFD until its last byte
@@ -90,7 +91,7 @@ def _stream_text(model, ids, kwargs) -> Iterator[list[str]]:
     finished = [False] * B
 
     def new_text(i: int, final: bool) -> str:
-        text = tok.decode(produced[i])
+        text = tok.decode_continuation(produced[i], prompts[i])
         if not final:
             text = text.rstrip("\ufffd")
         piece = text[len(shown[i]):]

@@ -106,9 +106,9 @@ def cmd_demo(args) -> int:
     import omni
 
     model = omni.load(res.out_dir)
-    print("[3/3] generating (greedy):")
+    print("[3/3] generating (greedy; the prompt is left of |):")
     for prompt, text in zip(DEMO_PROMPTS, model.generate([[p] for p in DEMO_PROMPTS], max_new_tokens=40)):
-        print(f"  {prompt!r} -> {prompt}{text}")
+        print(f"  {prompt}|{text}")
     print(f"\ndone in {time.perf_counter() - t0:.0f} s. train loss {res.first_loss:.3f} -> {res.final_loss:.3f}, "
           f"val loss {res.val_loss:.3f}")
     print(f"  model:      {res.out_dir}  (omni.load('{res.out_dir}'))")

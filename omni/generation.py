@@ -50,6 +50,15 @@ def _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k,
                          "nothing can be generated")
 
 
+def default_stop_ids(model) -> list[int]:
+    """End of sequence and end of turn; an imported checkpoint's own eos id(s) when it has them."""
+    imported = model.config.backbone.extra.get("eos_token_id")
+    if imported is not None:
+        return list(imported) if isinstance(imported, (list, tuple)) else [int(imported)]
+    vocab = model.vocab
+    return [vocab.eos_id] + ([vocab.specials["<|eot|>"]] if "<|eot|>" in vocab.specials else [])
+
+
 @torch.inference_mode()
 def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                   max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
@@ -64,7 +73,7 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
     _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
     vocab = model.vocab
     if stop_ids is None:
-        stop_ids = [vocab.eos_id] + ([vocab.specials["<|eot|>"]] if "<|eot|>" in vocab.specials else [])
+        stop_ids = default_stop_ids(model)
     stops = torch.tensor(list(stop_ids), device=model.device)
     B, T = input_ids.shape
     max_new_tokens = min(max_new_tokens, model.max_seq_len - T)
@@ -79,7 +88,7 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.config.backbone, B, T + max_new_tokens, device=model.device, dtype=dtype)
     key_padding = attention_mask.bool().to(model.device) if attention_mask is not None else None
-    logits = model(input_ids.to(model.device), key_padding=key_padding, cache=cache).logits[:, -1]
+    logits = model(input_ids.to(model.device), key_padding=key_padding, cache=cache, last_only=True).logits[:, -1]
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
     for step in range(max_new_tokens):
         if bias is not None:

@@ -181,8 +181,15 @@ class KVCache:
 
 
 def _sdpa(q, k, v, mask, is_causal):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+    B, H, T, hd = q.shape
+    kv = k.shape[1]
+    if T == 1 and H != kv:
+        # Decoding one token: fold the query heads that share a key/value head into the query
+        # axis, (B, H, 1, hd) -> (B, Hkv, H/Hkv, hd), so keys/values are never repeated; a
+        # (B, 1, 1, S) mask broadcasts over the folded axis.
+        out = F.scaled_dot_product_attention(q.reshape(B, kv, H // kv, hd), k, v, attn_mask=mask)
+        return out.reshape(B, H, 1, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != kv)
 
 
 def _xformers_available() -> bool:

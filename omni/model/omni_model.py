@@ -91,16 +91,18 @@ class OmniModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-                key_padding: torch.Tensor | None = None, cache: KVCache | None = None) -> ModelOutput:
+                key_padding: torch.Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> ModelOutput:
         """input_ids (B, T); targets (B, T) next-token ids or -100 (already shifted, see sequence.render).
 
         positions default to 0..T-1 after ``cache.length``, counting only real tokens when
-        ``key_padding`` marks left padding.
+        ``key_padding`` marks left padding. last_only: logits for the last position only.
         """
         if positions is None:
             positions = default_positions(input_ids, key_padding, cache)
         h = self.backbone(self.embed(input_ids), positions, doc_ids=doc_ids, key_padding=key_padding, cache=cache)
-        logits = self.lm_head(h)
+        assert not (last_only and targets is not None), "last_only is for inference"
+        logits = self.lm_head(h[:, -1:] if last_only else h)  # last_only: a prompt pass needs one row
         if targets is None:
             return ModelOutput(logits)
         n = int((targets != IGNORE).sum())

@@ -94,6 +94,15 @@ class TextTokenizer:
         n = self.vocab.text_size
         return self.sp.decode([int(i) for i in ids if 0 <= int(i) < n])
 
+    def decode_continuation(self, new_ids: Iterable[int], context_ids: Iterable[int] = ()) -> str:
+        """Decode ids that continue ``context_ids``. SentencePiece drops the space that starts a
+        decoded text ("▁the" -> "the"), which is right for a whole text but wrong for a
+        continuation, so decode with the last context id in front and cut its text off."""
+        ctx = [int(i) for i in context_ids][-1:]
+        new = [int(i) for i in new_ids]
+        base, full = self.decode(ctx), self.decode(ctx + new)
+        return full[len(base):] if full.startswith(base) else self.decode(new)
+
     def __len__(self) -> int:
         return self.vocab.text_size
 

@@ -138,3 +138,14 @@ def test_corpus_texts_missing_file_names_it(tmp_path, name):
     with pytest.raises(ValueError, match="not found") as e:
         list(corpus_texts(tmp_path / name))
     assert name in str(e.value)
+
+
+def test_decode_continuation_keeps_the_leading_space(text_tokenizer):
+    prompt, rest = "The history of", " the world"
+    prompt_ids = text_tokenizer.encode(prompt)
+    full = text_tokenizer.encode(prompt + rest)
+    assert full[:len(prompt_ids)] == prompt_ids  # the split falls on a piece boundary
+    new = full[len(prompt_ids):]
+    assert text_tokenizer.decode(new) == "the world"  # a whole-text decode drops the space
+    assert text_tokenizer.decode_continuation(new, prompt_ids) == rest
+    assert text_tokenizer.decode_continuation(new) == "the world"
