@@ -3,10 +3,11 @@ streaming, and constraining the sampled ids to one modality's span of the vocabu
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from omni.model.audio_codes import EMPTY
 from omni.model.backbone import KVCache
 
 
@@ -63,11 +64,12 @@ def default_stop_ids(model) -> list[int]:
 def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                   max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                   top_p: float | None = None, stop_ids: Sequence[int] | None = None,
-                  allowed: range | None = None, seed: int | None = None) -> Iterator[torch.Tensor]:
+                  allowed: range | Callable[[int], range] | None = None,
+                  seed: int | None = None) -> Iterator[torch.Tensor]:
     """Yield the next ids ``(B,)`` step by step; finished rows yield ``pad_id``.
 
     attention_mask (B, T): 1 for real tokens, 0 for left padding. allowed: restrict sampling to
-    this id range (a modality span). stop_ids default to end-of-sequence and end-of-turn.
+    this id range (a modality span), or a function of the step giving the range. stop_ids default to end-of-sequence and end-of-turn.
     Generation also stops at the model's context length.
     """
     _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
@@ -80,10 +82,15 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
-    bias = None
-    if allowed is not None:
+    def bias_at(step: int) -> torch.Tensor | None:
+        span = allowed(step) if callable(allowed) else allowed
+        if span is None:
+            return None
         bias = torch.full((vocab.size,), float("-inf"), device=model.device)
-        bias[allowed.start:allowed.stop] = 0.0
+        bias[span.start:span.stop] = 0.0
+        return bias
+
+    fixed_bias = None if callable(allowed) else bias_at(0)
 
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.config.backbone, B, T + max_new_tokens, device=model.device, dtype=dtype)
@@ -91,6 +98,7 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
     logits = model(input_ids.to(model.device), key_padding=key_padding, cache=cache, last_only=True).logits[:, -1]
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
     for step in range(max_new_tokens):
+        bias = bias_at(step) if callable(allowed) else fixed_bias
         if bias is not None:
             logits = logits + bias
         nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
@@ -120,3 +128,94 @@ def left_pad(seqs: list[list[int]] | list[torch.Tensor], pad_id: int) -> tuple[t
             ids[i, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
             mask[i, T - len(s):] = 1
     return ids, mask
+
+
+@torch.inference_mode()
+def generate_audio_codes(model, input_ids: torch.Tensor, *, streams: torch.Tensor | None = None,
+                         attention_mask: torch.Tensor | None = None, prompt_codes: list[torch.Tensor] | None = None,
+                         max_frames: int = 150, temperature: float = 1.0, top_k: int | None = 50,
+                         top_p: float | None = None, seed: int | None = None) -> list[torch.Tensor]:
+    """Generate audio codes after a prompt that ends inside an audio span (``<|audio|>`` and
+    optionally the open-ended codes of a clip to continue), in the model's ``delay`` layout.
+
+    input_ids (B, T) and streams (B, K-1, T): the rendered prompt (left padded). prompt_codes:
+    per row the ``(K, P)`` codes already in the prompt (P may be 0): generation starts at frame P,
+    and codebooks the prompt's last frames still lack are filled from these known codes.
+    Stream 0 may end the span with ``<|/audio|>``; ``max_frames`` caps new frames per row.
+    Returns per row the new frames' codes ``(K, F)`` (codebook-local ids).
+    """
+    vocab = model.vocab
+    K = vocab.num_codebooks
+    if not K:
+        raise ValueError("this model has no audio codebooks, so it cannot generate audio")
+    if model.config.audio_pattern != "delay" or K == 1:
+        return _generate_audio_flat(model, input_ids, attention_mask, prompt_codes, max_frames,
+                                    dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+    B, T = input_ids.shape
+    _check(model, input_ids, attention_mask, max_frames, temperature, top_k, top_p)
+    prompt_codes = prompt_codes or [torch.zeros(K, 0, dtype=torch.long)] * B
+    n0 = [int(c.shape[1]) for c in prompt_codes]
+    steps = max_frames + K - 1
+    if T + steps > model.max_seq_len:
+        steps = model.max_seq_len - T
+        if steps < K:
+            raise ValueError(f"the prompt ({T} tokens) leaves no room for audio in the model's "
+                             f"context of {model.max_seq_len}")
+    generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
+    end_id = vocab.id("<|/audio|>")
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.config.backbone, B, T + steps, device=model.device, dtype=dtype)
+    key_padding = attention_mask.bool().to(model.device) if attention_mask is not None else None
+    logits = model(input_ids.to(model.device), streams=None if streams is None else streams.to(model.device),
+                   key_padding=key_padding, cache=cache, last_only=True).logits[:, -1]
+    frames: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]  # row -> codebook -> codes
+    end_step: list[int | None] = [None] * B
+    ranges = [vocab.codebook_range(k) for k in range(K)]
+    for g in range(steps):
+        step_ids = torch.full((B, K), EMPTY, dtype=torch.long)
+        for k in range(K):
+            r = ranges[k]
+            if k == 0:
+                allowed = torch.full((vocab.size,), float("-inf"), device=logits.device)
+                allowed[r.start:r.stop] = 0
+                allowed[end_id] = 0
+                pick = sample_next(logits + allowed, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   generator=generator)
+            else:
+                pick = r.start + sample_next(logits[:, r.start:r.stop], temperature=temperature, top_k=top_k,
+                                             top_p=top_p, generator=generator)
+            for b in range(B):
+                f = n0[b] + g - k  # the frame stream k carries at this step
+                end = end_step[b]
+                if f < 0 or (end is not None and n0[b] + end <= f + (k == 0)):
+                    continue  # before the stream starts, or after the span ended
+                if k == 0 and end is None and (g == max_frames or int(pick[b]) == end_id):
+                    end_step[b] = g
+                    step_ids[b, 0] = end_id
+                elif f < n0[b]:
+                    step_ids[b, k] = r.start + int(prompt_codes[b][k, f])  # known from the prompt
+                else:
+                    step_ids[b, k] = int(pick[b])
+                    frames[b][k].append(int(pick[b]) - r.start)
+        if all(e is not None and g >= e + K - 2 for e in end_step):
+            break
+        logits = model(step_ids[:, :1].to(model.device), streams=step_ids[:, 1:, None].to(model.device),
+                       cache=cache).logits[:, -1]
+    out = []
+    for b in range(B):
+        F_b = min(len(c) for c in frames[b])
+        out.append(torch.tensor([c[:F_b] for c in frames[b]], dtype=torch.long).reshape(K, F_b))
+    return out
+
+
+def _generate_audio_flat(model, input_ids, attention_mask, prompt_codes, max_frames, sampling) -> list[torch.Tensor]:
+    """Flatten layout: one token per code, codebook k = step mod K (a prompt's open codes are whole
+    frames, so generation starts at codebook 0); each step is constrained to its codebook."""
+    vocab = model.vocab
+    K = vocab.num_codebooks
+    steps = iter_generate(model, input_ids, attention_mask=attention_mask, max_new_tokens=max_frames * K,
+                          stop_ids=[], allowed=lambda step: vocab.codebook_range(step % K), **sampling)
+    flat = torch.stack(list(steps), dim=1).cpu()  # (B, n)
+    T = flat.shape[1] // K
+    local = (flat[:, :T * K] - vocab.text_size) % vocab.codebook_size
+    return [row.reshape(T, K).T.contiguous() for row in local]

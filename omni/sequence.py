@@ -1,16 +1,22 @@
 """Samples as interleaved segments, the chat template, rendering to ids, and packing.
 
 A :class:`Sample` is a list of :class:`Message` (a role, or ``None`` for a plain document) each
-holding :class:`Segment` pieces: text, or a media span (continuous features placed into
-``<|feat|>`` slots). Rendering gives ids, next-token targets with the loss mask applied,
-3-D positions (time, height, width; text uses the same value on all three axes, as in Qwen2-VL
-M-RoPE) and where the feature slots are. Packing puts several rendered samples into one row
-with document ids so attention stays inside each document.
+holding :class:`Segment` pieces: text; a media span whose tensor the model's encoder for that
+modality reads (placed into ``<|feat|>`` slots); or audio codec codes, which become tokens.
+Rendering gives ids, next-token targets with the loss mask applied, 3-D positions (time, height,
+width; text uses the same value on all three axes, as in Qwen2-VL M-RoPE) and where the media
+slots are. Packing puts several rendered samples into one row with document ids so attention
+stays inside each document.
 
 Template::
 
     <bos> <|user|> ... <|eot|> <|assistant|> ... <|eot|> ... <eos>      (chat)
     <bos> text <eos>                                                     (document)
+    <|image|> <|feat|> x N <|/image|>                                    (a media span)
+    <|audio|> codes in the delay or flatten layout <|/audio|>            (audio as tokens)
+
+With the ``delay`` layout a rendered sample carries ``streams (K-1, T)``: the ids of codebooks
+1..K-1 that share a step with stream 0 (``input_ids``); ``EMPTY`` where a step has none.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from omni.model.audio_codes import EMPTY, PATTERNS, delay_apply, flatten_apply, to_vocab
 from omni.vocab import Vocab
 
 IGNORE = -100
@@ -32,29 +39,46 @@ class Segment:
     """One piece of a message.
 
     text: a string (``modality="text"``).
-    features: ``(N, D)`` encoder features for a media span; ``grid`` ``(t, h, w)`` lays the N
-    features out for M-RoPE (default ``(N, 1, 1)``: one time step per feature).
+    data: the tensor the model's encoder for ``modality`` reads (a log-mel, pixels, frames, or
+    cached features); ``grid`` ``(t, h, w)`` lays out the tokens the encoder produces for it
+    (default ``(N, 1, 1)`` for ``data`` of shape ``(N, D)``: one time step per feature).
+    codes: ``(K, T)`` audio codec codes, rendered as tokens; ``open_end`` leaves the span open
+    (no end marker, delay pattern cut at the last frame) so generation can continue it.
     """
 
     modality: str = "text"
     text: str | None = None
-    features: torch.Tensor | None = None
+    data: torch.Tensor | None = None
     grid: tuple[int, int, int] | None = None
+    codes: torch.Tensor | None = None
+    open_end: bool = False
 
     def __post_init__(self):
         if self.modality == "text":
             if not isinstance(self.text, str):
                 raise ValueError(f"a text segment needs a str, got {type(self.text).__name__}")
-        elif self.modality in MEDIA_MARKERS:
-            if self.features is None or self.features.dim() != 2:
-                raise ValueError(f"a {self.modality} segment needs features of shape (N, D)")
-            n = self.features.shape[0]
-            self.grid = tuple(self.grid) if self.grid is not None else (n, 1, 1)
-            t, h, w = self.grid
-            if t * h * w != n:
-                raise ValueError(f"{self.modality} grid {self.grid} does not hold {n} features")
-        else:
+        elif self.modality not in MEDIA_MARKERS:
             raise ValueError(f"unknown modality {self.modality!r}; expected text, {', '.join(MEDIA_MARKERS)}")
+        elif self.codes is not None:
+            if self.modality != "audio" or self.codes.dim() != 2:
+                raise ValueError(f"codes must be an audio segment's (K, T) tensor, got {self.modality} "
+                                 f"{tuple(self.codes.shape)}")
+        else:
+            if self.data is None:
+                raise ValueError(f"a {self.modality} segment needs data (an encoder input) or codes")
+            if self.grid is None:
+                if self.data.dim() != 2:
+                    raise ValueError(f"a {self.modality} segment with data of shape {tuple(self.data.shape)} "
+                                     "needs an explicit grid (t, h, w)")
+                self.grid = (self.data.shape[0], 1, 1)
+            self.grid = tuple(int(g) for g in self.grid)
+            if len(self.grid) != 3 or min(self.grid) < 1:
+                raise ValueError(f"{self.modality} grid must be three positive sizes (t, h, w), got {self.grid}")
+
+    @property
+    def num_tokens(self) -> int:
+        t, h, w = self.grid
+        return t * h * w
 
 
 @dataclass
@@ -77,39 +101,60 @@ class Sample:
 
 
 @dataclass
+class MediaSlot:
+    """A media span's encoder input and where its ``length`` tokens go in the sequence."""
+
+    start: int
+    length: int
+    modality: str
+    data: torch.Tensor
+
+
+@dataclass
 class Rendered:
-    """ids, targets: (T,); positions: (3, T); feature_slots: [(start, features)] into ids."""
+    """ids, targets: (T,); positions: (3, T); streams, stream_targets: (K-1, T) or None (delay layout)."""
 
     ids: torch.Tensor
     targets: torch.Tensor
     positions: torch.Tensor
-    feature_slots: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    media: list[MediaSlot] = field(default_factory=list)
+    streams: torch.Tensor | None = None
+    stream_targets: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.ids.shape[0]
 
 
-def render(sample: Sample, tokenizer, *, add_generation_prompt: bool = False, loss_on: str = "assistant",
-           add_eos: bool | None = None) -> Rendered:
-    """Render a sample to ids/targets/positions.
+def render(sample: Sample, tokenizer, *, vocab: Vocab | None = None, audio_pattern: str = "delay",
+           add_generation_prompt: bool = False, loss_on: str = "assistant", add_eos: bool | None = None) -> Rendered:
+    """Render a sample to ids/targets/positions (and streams for delay-layout audio codes).
 
+    vocab: the model's vocabulary (the tokenizer's, plus audio codebooks); default the tokenizer's.
+    audio_pattern: how audio codes are laid out, ``delay`` or ``flatten``.
     loss_on: ``"assistant"`` (chat default: assistant content and its end-of-turn) or ``"all"``.
     Plain documents always carry loss. add_generation_prompt: end with ``<|assistant|>`` (chat)
     or leave the document open (no eos) so generation continues it.
     """
     if loss_on not in ("assistant", "all"):
         raise ValueError(f"loss_on must be 'assistant' or 'all', got {loss_on!r}")
-    vocab: Vocab = tokenizer.vocab
+    if audio_pattern not in PATTERNS:
+        raise ValueError(f"audio_pattern must be one of {PATTERNS}, got {audio_pattern!r}")
+    vocab = vocab or tokenizer.vocab
+    K = vocab.num_codebooks
+    delay = audio_pattern == "delay" and K > 1
     ids: list[int] = [vocab.bos_id]
+    extra: list[list[int]] = [[EMPTY] * (K - 1)] if delay else []  # per step: ids of streams 1..K-1
     train: list[bool] = [False]
     pos: list[tuple[int, int, int]] = [(0, 0, 0)]
-    slots: list[tuple[int, torch.Tensor]] = []
+    media: list[MediaSlot] = []
     nxt = 1  # next free position on every axis
 
-    def put(token_ids, trainable):
+    def put(token_ids, trainable, streams=None):
         nonlocal nxt
-        for t in token_ids:
-            ids.append(t)
+        for i, t in enumerate(token_ids):
+            ids.append(int(t))
+            if delay:
+                extra.append([int(x) for x in streams[:, i]] if streams is not None else [EMPTY] * (K - 1))
             train.append(trainable)
             pos.append((nxt, nxt, nxt))
             nxt += 1
@@ -124,12 +169,17 @@ def render(sample: Sample, tokenizer, *, add_generation_prompt: bool = False, lo
                 continue
             begin, end = MEDIA_MARKERS[seg.modality]
             put([vocab.id(begin)], False)
+            if seg.codes is not None:
+                _put_codes(seg, vocab, delay, put, trainable, vocab.id(end))
+                continue
             t, h, w = seg.grid
-            slots.append((len(ids), seg.features))
+            media.append(MediaSlot(len(ids), seg.num_tokens, seg.modality, seg.data))
             for ti in range(t):
                 for hi in range(h):
                     for wi in range(w):
                         ids.append(vocab.id("<|feat|>"))
+                        if delay:
+                            extra.append([EMPTY] * (K - 1))
                         train.append(False)
                         pos.append((nxt + ti, nxt + hi, nxt + wi))
             nxt += max(t, h, w)
@@ -145,20 +195,62 @@ def render(sample: Sample, tokenizer, *, add_generation_prompt: bool = False, lo
         put([vocab.eos_id], last_is_doc and train[-1])
 
     ids_t = torch.tensor(ids, dtype=torch.long)
-    targets = torch.full_like(ids_t, IGNORE)
     train_t = torch.tensor(train)
-    targets[:-1] = torch.where(train_t[1:], ids_t[1:], IGNORE)
-    return Rendered(ids_t, targets, torch.tensor(pos, dtype=torch.long).T.contiguous(), slots)
+    targets = _shift_targets(ids_t, train_t)
+    streams = stream_targets = None
+    if delay:
+        streams = torch.tensor(extra, dtype=torch.long).T.contiguous()
+        stream_targets = torch.stack([_shift_targets(row, train_t) for row in streams])
+    return Rendered(ids_t, targets, torch.tensor(pos, dtype=torch.long).T.contiguous(), media, streams,
+                    stream_targets)
+
+
+def _shift_targets(ids: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+    """targets[t] = ids[t+1] where step t+1 carries loss and holds an id; IGNORE elsewhere."""
+    targets = torch.full_like(ids, IGNORE)
+    keep = train[1:] & (ids[1:] != EMPTY)
+    targets[:-1] = torch.where(keep, ids[1:], IGNORE)
+    return targets
+
+
+def _put_codes(seg: Segment, vocab: Vocab, delay: bool, put, trainable: bool, end_id: int) -> None:
+    """Audio codes as tokens, closed by ``end_id`` unless ``seg.open_end``. In the delay layout the
+    end marker takes stream 0's first empty step (right after the last frame's first code), while
+    the higher codebooks finish their last frames: generation stops stream 0 there too."""
+    codes = seg.codes.long()
+    K = codes.shape[0]
+    if K != vocab.num_codebooks:
+        raise ValueError(f"audio codes have {K} codebooks but the vocabulary has {vocab.num_codebooks}")
+    if codes.numel() and (codes.min() < 0 or codes.max() >= vocab.codebook_size):
+        raise ValueError(f"audio codes must be in [0, {vocab.codebook_size}), got [{int(codes.min())}, {int(codes.max())}]")
+    book = torch.arange(K)[:, None]
+    if delay:
+        T = codes.shape[1]
+        pattern = to_vocab(delay_apply(codes), book, vocab)  # (K, T + K - 1)
+        if seg.open_end:
+            pattern = pattern[:, :T]  # the prompt stops at its last frame's first code
+        else:
+            pattern[0, T] = end_id
+        put(pattern[0].tolist(), trainable, streams=pattern[1:])
+    else:
+        flat = flatten_apply(codes)
+        put(to_vocab(flat, book.expand_as(codes).T.reshape(-1), vocab).tolist(), trainable)
+        if not seg.open_end:
+            put([end_id], trainable)
 
 
 @dataclass
 class PackedRow:
-    """One training row: ids, targets, doc_ids: (T,); positions: (3, T). Padding has doc id -1."""
+    """One training row: ids, targets, doc_ids: (T,); positions: (3, T); streams, stream_targets:
+    (K-1, T) or None; media slots with row offsets. Padding has doc id -1."""
 
     ids: torch.Tensor
     targets: torch.Tensor
     positions: torch.Tensor
     doc_ids: torch.Tensor
+    streams: torch.Tensor | None = None
+    stream_targets: torch.Tensor | None = None
+    media: list[MediaSlot] = field(default_factory=list)
 
 
 def pack(samples: list[Rendered], seq_len: int, pad_id: int, *, split_across_rows: bool = True) -> list[PackedRow]:
@@ -166,10 +258,13 @@ def pack(samples: list[Rendered], seq_len: int, pad_id: int, *, split_across_row
 
     split_across_rows=True (pre-training): a sample that does not fit continues in the next row,
     so nothing is padded but the last row. False (chat/SFT): a sample that does not fit starts a
-    new row; one longer than ``seq_len`` is cut. Positions restart at each piece.
+    new row; one longer than ``seq_len`` is cut. Positions restart at each piece. A sample with
+    media is never split or cut (its encoder output must land whole): one longer than
+    ``seq_len`` is an error.
     """
     if seq_len <= 0:
         raise ValueError(f"seq_len must be > 0, got {seq_len}")
+    num_streams = max((s.streams.shape[0] for s in samples if s.streams is not None), default=0)
     rows: list[PackedRow] = []
     cur: list[tuple[Rendered, int, int]] = []  # (sample, start, end) pieces of the current row
     used = 0
@@ -177,14 +272,15 @@ def pack(samples: list[Rendered], seq_len: int, pad_id: int, *, split_across_row
     def flush():
         nonlocal cur, used
         if cur:
-            rows.append(_make_row(cur, seq_len, pad_id))
+            rows.append(_make_row(cur, seq_len, pad_id, num_streams))
         cur, used = [], 0
 
     for s in samples:
-        if s.feature_slots:
-            raise ValueError("packing samples with media features is not supported yet")
         start, n = 0, len(s)
-        if not split_across_rows and n - start > seq_len - used:
+        whole = not split_across_rows or bool(s.media)
+        if s.media and n > seq_len:
+            raise ValueError(f"a sample with media is {n} tokens, longer than seq_len={seq_len}")
+        if whole and n > seq_len - used:
             flush()
         while start < n:
             take = min(n - start, seq_len - used)
@@ -193,17 +289,20 @@ def pack(samples: list[Rendered], seq_len: int, pad_id: int, *, split_across_row
             start += take
             if used == seq_len:
                 flush()
-            if start < n and not split_across_rows:
+            if start < n and whole:
                 break  # too long for one row: cut
     flush()
     return rows
 
 
-def _make_row(pieces, seq_len, pad_id) -> PackedRow:
+def _make_row(pieces, seq_len, pad_id, num_streams) -> PackedRow:
     ids = torch.full((seq_len,), pad_id, dtype=torch.long)
     targets = torch.full((seq_len,), IGNORE, dtype=torch.long)
     positions = torch.zeros(3, seq_len, dtype=torch.long)
     doc_ids = torch.full((seq_len,), -1, dtype=torch.long)
+    streams = torch.full((num_streams, seq_len), EMPTY, dtype=torch.long) if num_streams else None
+    stream_targets = torch.full((num_streams, seq_len), IGNORE, dtype=torch.long) if num_streams else None
+    media = []
     at = 0
     for doc, (s, a, b) in enumerate(pieces):
         n = b - a
@@ -211,5 +310,9 @@ def _make_row(pieces, seq_len, pad_id) -> PackedRow:
         targets[at:at + n] = s.targets[a:b]  # a cut piece keeps its last target: the id is known
         positions[:, at:at + n] = s.positions[:, a:b] - s.positions[:, a:a + 1].min()
         doc_ids[at:at + n] = doc
+        if s.streams is not None:
+            streams[:, at:at + n] = s.streams[:, a:b]
+            stream_targets[:, at:at + n] = s.stream_targets[:, a:b]
+        media += [MediaSlot(m.start - a + at, m.length, m.modality, m.data) for m in s.media]
         at += n
-    return PackedRow(ids, targets, positions, doc_ids)
+    return PackedRow(ids, targets, positions, doc_ids, streams, stream_targets, media)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from omni.sequence import IGNORE, Message, Rendered, Sample, Segment, pack, render
+from omni.sequence import MediaSlot, IGNORE, Message, Rendered, Sample, Segment, pack, render
 
 
 def _chat(*turns):
@@ -17,7 +17,7 @@ def test_render_document(text_tokenizer):
     assert r.targets.tolist() == expected[1:] + [IGNORE]  # next token everywhere
     assert r.positions.shape == (3, len(expected))
     assert (r.positions == torch.arange(len(expected))).all()
-    assert r.feature_slots == []
+    assert r.media == []
 
 
 def test_render_document_open_for_generation(text_tokenizer):
@@ -88,11 +88,13 @@ def test_invalid_messages_and_segments():
         Segment(text=None)
     with pytest.raises(ValueError, match="unknown modality"):
         Segment("smell", text="x")
-    with pytest.raises(ValueError, match=r"shape \(N, D\)"):
-        Segment("image", features=torch.randn(4))
-    with pytest.raises(ValueError, match="does not hold 5 features"):
-        Segment("image", features=torch.randn(5, 8), grid=(1, 2, 2))
-    assert Segment("audio", features=torch.randn(7, 8)).grid == (7, 1, 1)
+    with pytest.raises(ValueError, match="needs an explicit grid"):
+        Segment("image", data=torch.randn(4))
+    with pytest.raises(ValueError, match="three positive sizes"):
+        Segment("image", data=torch.randn(3, 8, 8), grid=(1, 0, 2))
+    with pytest.raises(ValueError, match="needs data"):
+        Segment("video")
+    assert Segment("audio", data=torch.randn(7, 8)).grid == (7, 1, 1)
 
 
 @pytest.mark.parametrize("modality,grid", [("image", (1, 3, 4)), ("video", (2, 2, 3)), ("audio", (5, 1, 1))])
@@ -100,11 +102,12 @@ def test_media_segment_gets_3d_positions(text_tokenizer, modality, grid):
     tok, v = text_tokenizer, text_tokenizer.vocab
     t, h, w = grid
     feats = torch.randn(t * h * w, 8)
-    sample = Sample([Message(None, [Segment(text="Look:"), Segment(modality, features=feats, grid=grid),
+    sample = Sample([Message(None, [Segment(text="Look:"), Segment(modality, data=feats, grid=grid),
                                     Segment(text="a cat")])])
     r = render(sample, tok)
-    (start, slot_feats), = r.feature_slots
-    assert slot_feats is feats
+    (slot,) = r.media
+    start = slot.start
+    assert slot.data is feats and slot.modality == modality and slot.length == t * h * w
     n = t * h * w
     begin, end = (f"<|{modality}|>", f"<|/{modality}|>")
     assert r.ids[start - 1] == v.id(begin)
@@ -207,7 +210,23 @@ def test_pack_errors(text_tokenizer):
     samples = _docs(text_tokenizer, ["a"])
     with pytest.raises(ValueError, match="seq_len"):
         pack(samples, 0, pad_id=0)
-    media = Rendered(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long),
-                     torch.zeros(3, 3, dtype=torch.long), [(1, torch.zeros(1, 4))])
-    with pytest.raises(ValueError, match="media"):
-        pack([media], 8, pad_id=0)
+    long_media = Rendered(torch.zeros(9, dtype=torch.long), torch.zeros(9, dtype=torch.long),
+                          torch.zeros(3, 9, dtype=torch.long), [MediaSlot(1, 4, "image", torch.zeros(4, 4))])
+    with pytest.raises(ValueError, match="with media is 9 tokens"):
+        pack([long_media], 8, pad_id=0)
+
+
+def test_pack_keeps_media_samples_whole_and_moves_their_slots(text_tokenizer):
+    tok = text_tokenizer
+    feats = torch.randn(3, 8)
+    img = render(Sample([Message(None, [Segment("image", data=feats), Segment(text="a cat")])]), tok)
+    docs = _docs(tok, ["one two three four five six seven"])
+    n_doc = len(docs[0])
+    seq_len = n_doc + len(img) - 1  # the image sample does not fit behind the document
+    rows = pack(docs + [img], seq_len, pad_id=tok.vocab.pad_id)
+    assert len(rows) == 2
+    (slot,) = rows[1].media
+    assert rows[0].media == [] and slot.start == img.media[0].start and slot.data is feats
+    rows = pack([img, img], 2 * len(img), pad_id=tok.vocab.pad_id)
+    assert [m.start for m in rows[0].media] == [img.media[0].start, len(img) + img.media[0].start]
+    assert (rows[0].ids[[m.start for m in rows[0].media]] == tok.vocab.id("<|feat|>")).all()

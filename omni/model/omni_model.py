@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,13 +29,19 @@ FORMAT_VERSION = 1
 
 @dataclass
 class OmniConfig:
+    """backbone + vocabulary layout; ``media`` maps a modality to its encoder/connector config
+    (``omni.model.media_encoder``); ``audio_pattern`` lays out audio codes (``delay``/``flatten``)."""
+
     backbone: BackboneConfig
     vocab: Vocab
     tie_embeddings: bool = True
+    media: dict = field(default_factory=dict)
+    audio_pattern: str = "delay"
 
     def to_dict(self) -> dict:
         return {"model_type": "omni", "format_version": FORMAT_VERSION, "backbone": self.backbone.to_dict(),
-                "vocab": self.vocab.to_dict(), "tie_embeddings": self.tie_embeddings}
+                "vocab": self.vocab.to_dict(), "tie_embeddings": self.tie_embeddings, "media": self.media,
+                "audio_pattern": self.audio_pattern}
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> OmniConfig:
@@ -43,7 +49,8 @@ class OmniConfig:
             found = d.get("model_type") if isinstance(d, dict) else type(d).__name__
             raise ValueError(f"{source}: not an omni config (model_type={found!r})")
         try:
-            return cls(BackboneConfig(**d["backbone"]), Vocab.from_dict(d["vocab"]), bool(d.get("tie_embeddings", True)))
+            return cls(BackboneConfig(**d["backbone"]), Vocab.from_dict(d["vocab"]), bool(d.get("tie_embeddings", True)),
+                       dict(d.get("media", {})), str(d.get("audio_pattern", "delay")))
         except (KeyError, TypeError, ValueError) as e:  # ValueError: values the config classes reject
             raise ValueError(f"{source}: malformed omni config ({e})") from None
 
@@ -56,7 +63,7 @@ class ModelOutput:
 
 
 class OmniModel(nn.Module):
-    def __init__(self, config: OmniConfig, tokenizer=None):
+    def __init__(self, config: OmniConfig, tokenizer=None, codec=None):
         super().__init__()
         self.config = config
         self.vocab = config.vocab
@@ -66,7 +73,14 @@ class OmniModel(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, config.vocab.size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.encoders = nn.ModuleDict()
+        if config.media:
+            from omni.model.media_encoder import build_media_encoder
+
+            for modality, mcfg in config.media.items():
+                self.encoders[modality] = build_media_encoder(modality, mcfg, cfg.dim)
         self.tokenizer = tokenizer
+        self.codec = codec  # the audio codec (omni.tokenizers.audio.AudioCodec) for audio in/out
 
     # -- construction -----------------------------------------------------------------------
 
@@ -92,23 +106,67 @@ class OmniModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
                 key_padding: torch.Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False) -> ModelOutput:
+                streams: torch.Tensor | None = None, stream_targets: torch.Tensor | None = None,
+                media: list | None = None, last_only: bool = False) -> ModelOutput:
         """input_ids (B, T); targets (B, T) next-token ids or -100 (already shifted, see sequence.render).
 
-        positions default to 0..T-1 after ``cache.length``, counting only real tokens when
-        ``key_padding`` marks left padding. last_only: logits for the last position only.
+        positions: (B, T) or (3, B, T); default 0..T-1 after ``cache.length``, counting only real
+        tokens when ``key_padding`` marks left padding. streams / stream_targets (B, K-1, T): the
+        delay layout's codebooks 1..K-1 (EMPTY / -100 where a step has none). media: ``(row,
+        MediaSlot)`` pairs whose encoder outputs replace the ``<|feat|>`` embeddings.
+        last_only: logits for the last position only.
         """
         if positions is None:
             positions = default_positions(input_ids, key_padding, cache)
-        h = self.backbone(self.embed(input_ids), positions, doc_ids=doc_ids, key_padding=key_padding, cache=cache)
+        x = self.embed_inputs(input_ids, streams, media)
+        h = self.backbone(x, positions, doc_ids=doc_ids, key_padding=key_padding, cache=cache)
         assert not (last_only and targets is not None), "last_only is for inference"
         logits = self.lm_head(h[:, -1:] if last_only else h)  # last_only: a prompt pass needs one row
         if targets is None:
             return ModelOutput(logits)
+        flat = logits.float().view(-1, logits.shape[-1])
+        total = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
         n = int((targets != IGNORE).sum())
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum") / max(n, 1)
-        return ModelOutput(logits, loss, n)
+        if stream_targets is not None:
+            for k in range(stream_targets.shape[1]):  # codebook k+1: a softmax over its own range
+                tgt = stream_targets[:, k].reshape(-1)
+                keep = tgt != IGNORE
+                if keep.any():
+                    r = self.vocab.codebook_range(k + 1)
+                    total = total + F.cross_entropy(flat[keep, r.start:r.stop], tgt[keep] - r.start, reduction="sum")
+                    n += int(keep.sum())
+        return ModelOutput(logits, total / max(n, 1), n)
+
+    def embed_inputs(self, input_ids: torch.Tensor, streams: torch.Tensor | None = None,
+                     media: list | None = None) -> torch.Tensor:
+        """Token embeddings (B, T, D): stream 0 + the delay streams (summed), with media features
+        written over their ``<|feat|>`` slots. EMPTY ids contribute nothing."""
+        x = self._embed_ids(input_ids)
+        if streams is not None:
+            for k in range(streams.shape[1]):
+                x = x + self._embed_ids(streams[:, k])
+        if media:
+            rows, cols, feats = [], [], []
+            for modality in {slot.modality for _, slot in media}:
+                if modality not in self.encoders:
+                    raise ValueError(f"this model has no {modality} encoder; it reads: "
+                                     f"{', '.join(['text', *self.encoders]) }")
+                items = [(row, slot) for row, slot in media if slot.modality == modality]
+                outs = self.encoders[modality]([slot.data.to(self.device) for _, slot in items])
+                for (row, slot), f in zip(items, outs):
+                    if f.shape[0] != slot.length:
+                        raise ValueError(f"the {modality} encoder gave {f.shape[0]} tokens for a slot of "
+                                         f"{slot.length}")
+                    rows.append(torch.full((slot.length,), row, dtype=torch.long))
+                    cols.append(torch.arange(slot.start, slot.start + slot.length))
+                    feats.append(f.to(x.dtype))
+            x = x.index_put((torch.cat(rows).to(x.device), torch.cat(cols).to(x.device)), torch.cat(feats))
+        return x
+
+    def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.min() >= 0:
+            return self.embed(ids)
+        return self.embed(ids.clamp(min=0)) * (ids >= 0).unsqueeze(-1).to(self.embed.weight.dtype)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T, V) logits for plain text ids."""
