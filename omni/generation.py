@@ -65,12 +65,14 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
                   max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                   top_p: float | None = None, stop_ids: Sequence[int] | None = None,
                   allowed: range | Callable[[int], range] | None = None,
-                  seed: int | None = None) -> Iterator[torch.Tensor]:
+                  seed: int | None = None, positions: torch.Tensor | None = None,
+                  media: list | None = None) -> Iterator[torch.Tensor]:
     """Yield the next ids ``(B,)`` step by step; finished rows yield ``pad_id``.
 
     attention_mask (B, T): 1 for real tokens, 0 for left padding. allowed: restrict sampling to
     this id range (a modality span), or a function of the step giving the range. stop_ids default to end-of-sequence and end-of-turn.
-    Generation also stops at the model's context length.
+    Generation also stops at the model's context length. positions ((B, T) or (3, B, T)) and
+    media (``(row, MediaSlot)`` pairs) come from rendered prompts that hold media.
     """
     _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
     vocab = model.vocab
@@ -95,7 +97,11 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.config.backbone, B, T + max_new_tokens, device=model.device, dtype=dtype)
     key_padding = attention_mask.bool().to(model.device) if attention_mask is not None else None
-    logits = model(input_ids.to(model.device), key_padding=key_padding, cache=cache, last_only=True).logits[:, -1]
+    if positions is not None:
+        positions = positions.to(model.device)
+    logits = model(input_ids.to(model.device), positions=positions, key_padding=key_padding, cache=cache,
+                   media=media, last_only=True).logits[:, -1]
+    next_pos = _next_positions(positions)
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
     for step in range(max_new_tokens):
         bias = bias_at(step) if callable(allowed) else fixed_bias
@@ -107,7 +113,23 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
         done = done | torch.isin(nxt, stops)
         if bool(done.all()) or step == max_new_tokens - 1:
             return
-        logits = model(nxt[:, None], cache=cache).logits[:, -1]
+        logits = model(nxt[:, None], cache=cache, positions=_step_positions(next_pos, positions, step)).logits[:, -1]
+
+
+def _next_positions(positions: torch.Tensor | None) -> torch.Tensor | None:
+    """(B,) the position after each row's prompt when positions were given explicitly (M-RoPE
+    prompts, whose media spans advance positions by less than their token count)."""
+    if positions is None:
+        return None
+    return (positions.amax(dim=0) if positions.dim() == 3 else positions).amax(dim=-1) + 1
+
+
+def _step_positions(next_pos, positions, step: int):
+    """Positions of decode step ``step`` (text: the same value on every M-RoPE axis)."""
+    if next_pos is None:
+        return None  # the model counts from the cache
+    pos = (next_pos + step)[:, None]
+    return pos.expand(3, *pos.shape) if positions.dim() == 3 else pos
 
 
 def generate(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:

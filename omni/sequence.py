@@ -126,11 +126,14 @@ class Rendered:
 
 
 def render(sample: Sample, tokenizer, *, vocab: Vocab | None = None, audio_pattern: str = "delay",
-           add_generation_prompt: bool = False, loss_on: str = "assistant", add_eos: bool | None = None) -> Rendered:
+           mrope: bool = False, add_generation_prompt: bool = False, loss_on: str = "assistant",
+           add_eos: bool | None = None) -> Rendered:
     """Render a sample to ids/targets/positions (and streams for delay-layout audio codes).
 
     vocab: the model's vocabulary (the tokenizer's, plus audio codebooks); default the tokenizer's.
     audio_pattern: how audio codes are laid out, ``delay`` or ``flatten``.
+    mrope: lay media spans out on (t, h, w) axes (M-RoPE); otherwise every token, media included,
+    takes the next 1-D position.
     loss_on: ``"assistant"`` (chat default: assistant content and its end-of-turn) or ``"all"``.
     Plain documents always carry loss. add_generation_prompt: end with ``<|assistant|>`` (chat)
     or leave the document open (no eos) so generation continues it.
@@ -172,7 +175,7 @@ def render(sample: Sample, tokenizer, *, vocab: Vocab | None = None, audio_patte
             if seg.codes is not None:
                 _put_codes(seg, vocab, delay, put, trainable, vocab.id(end))
                 continue
-            t, h, w = seg.grid
+            t, h, w = seg.grid if mrope else (seg.num_tokens, 1, 1)
             media.append(MediaSlot(len(ids), seg.num_tokens, seg.modality, seg.data))
             for ti in range(t):
                 for hi in range(h):
@@ -181,7 +184,7 @@ def render(sample: Sample, tokenizer, *, vocab: Vocab | None = None, audio_patte
                         if delay:
                             extra.append([EMPTY] * (K - 1))
                         train.append(False)
-                        pos.append((nxt + ti, nxt + hi, nxt + wi))
+                        pos.append((nxt + ti, nxt + hi, nxt + wi) if mrope else (nxt + ti,) * 3)
             nxt += max(t, h, w)
             put([vocab.id(end)], False)
         if msg.role is not None:

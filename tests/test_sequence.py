@@ -104,7 +104,7 @@ def test_media_segment_gets_3d_positions(text_tokenizer, modality, grid):
     feats = torch.randn(t * h * w, 8)
     sample = Sample([Message(None, [Segment(text="Look:"), Segment(modality, data=feats, grid=grid),
                                     Segment(text="a cat")])])
-    r = render(sample, tok)
+    r = render(sample, tok, mrope=True)
     (slot,) = r.media
     start = slot.start
     assert slot.data is feats and slot.modality == modality and slot.length == t * h * w

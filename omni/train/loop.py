@@ -98,7 +98,14 @@ def _param_groups(model, weight_decay: float):
 
 
 def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    # media slots stay where they are: the model's encoders move their inputs
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _forward(model, batch: dict):
+    return model(batch["input_ids"], positions=batch["positions"], targets=batch["targets"],
+                 doc_ids=batch["doc_ids"], streams=batch.get("streams"), stream_targets=batch.get("stream_targets"),
+                 media=batch.get("media"))
 
 
 def prepare_tokenizer(cfg: RecipeConfig, accelerator):
@@ -132,9 +139,10 @@ def train(cfg: RecipeConfig) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from omni.data.text import PackedTextDataset, collate
-    from omni.model.backbone import backbone_config
+    from omni.data.tasks import TaskDataset, TaskSpec, collate
+    from omni.model.backbone import backbone_config, default_mrope_section
     from omni.model.omni_model import build_model
+    from omni.vocab import Vocab
 
     tc = cfg.train
     # cpu=True off-GPU lets accelerate run multi-process CPU (gloo) under torchrun / accelerate launch.
@@ -149,13 +157,23 @@ def train(cfg: RecipeConfig) -> TrainResult:
     set_seed(tc.seed)
 
     tokenizer = prepare_tokenizer(cfg, accelerator)
-    train_set = PackedTextDataset(Path(cfg.data.path) / "train.jsonl", tokenizer, cfg.data.seq_len, cfg.data.on_bad_sample)
-    val_set = PackedTextDataset(Path(cfg.data.path) / "val.jsonl", tokenizer, cfg.data.seq_len, cfg.data.on_bad_sample)
+    codec, vocab = None, tokenizer.vocab
+    if cfg.codec.path:
+        from omni.tokenizers.audio import AudioCodec
+
+        codec = AudioCodec.load(cfg.codec.path)
+        vocab = Vocab(vocab.text_size, vocab.specials, codec.num_codebooks, codec.cardinality)
     mc = cfg.model
     bcfg = backbone_config(mc.size, dim=mc.dim, num_layers=mc.num_layers, num_heads=mc.num_heads,
                            num_kv_heads=mc.num_kv_heads, ffn_dim=mc.ffn_dim, max_seq_len=mc.max_seq_len,
                            rope_theta=mc.rope_theta, attn_backend=mc.attn_backend)
-    model = build_model(bcfg, tokenizer.vocab, tokenizer, tie_embeddings=mc.tie_embeddings, seed=tc.seed)
+    if mc.mrope:
+        bcfg.mrope_section = default_mrope_section(bcfg.head_dim)
+    model = build_model(bcfg, vocab, tokenizer, tie_embeddings=mc.tie_embeddings, seed=tc.seed, media=mc.media,
+                        audio_pattern=mc.audio_pattern, codec=codec)
+    spec = TaskSpec(cfg.data.task, cfg.data.media, cfg.data.target, cfg.data.prompt, cfg.data.max_audio_s)
+    train_set, val_set = (TaskDataset(Path(cfg.data.path) / f"{split}.jsonl", spec, model, tokenizer,
+                                      cfg.data.seq_len, cfg.data.on_bad_sample) for split in ("train", "val"))
     optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas),
                                   foreach=True)
 
@@ -214,10 +232,9 @@ def train(cfg: RecipeConfig) -> TrainResult:
                 idx = list(range(start, min(start + tc.batch_size, n_rows)))[rank::world]
                 if not idx:
                     continue
-                batch = _to_device(collate([val_set[i] for i in idx]), accelerator.device)
+                batch = _to_device(collate([val_set[i] for i in idx], mc.mrope), accelerator.device)
                 with accelerator.autocast():
-                    out = model(batch["input_ids"], positions=batch["positions"], targets=batch["targets"],
-                                doc_ids=batch["doc_ids"])
+                    out = _forward(model, batch)
                 total += out.loss.float() * out.num_tokens
                 count += out.num_tokens
         model.train()
@@ -240,12 +257,11 @@ def train(cfg: RecipeConfig) -> TrainResult:
         for micro in range(tc.grad_accum):
             rows = stream.take(state.cursor, tc.batch_size)[rank * local_bs:(rank + 1) * local_bs]
             state.cursor += tc.batch_size
-            batch = _to_device(collate([train_set[i] for i in rows]), accelerator.device)
+            batch = _to_device(collate([train_set[i] for i in rows], mc.mrope), accelerator.device)
             sync = micro == tc.grad_accum - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 with accelerator.autocast():
-                    out = model(batch["input_ids"], positions=batch["positions"], targets=batch["targets"],
-                                doc_ids=batch["doc_ids"])
+                    out = _forward(model, batch)
                 accelerator.backward(out.loss / tc.grad_accum)
             step_loss += out.loss.detach() / tc.grad_accum
             window_tokens += int((batch["doc_ids"] >= 0).sum()) * world

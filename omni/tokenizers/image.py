@@ -1,0 +1,372 @@
+"""Image tokenizers: pixels -> patch features, one contract for every kind.
+
+Contract (every kind)::
+
+    pixels, grid = tok.preprocess(image)   # Image | uint8 (3, H, W) -> float (3, H', W'), grid (1, h, w)
+                                           # uint8 frames (N, 3, H, W) -> float (N, 3, H', W'), grid (N, h, w)
+    features = tok(pixels_batch)           # float (B, 3, H', W') -> (B, h * w, out_dim)
+    features, grid = tok.encode(image)     # both steps: (t * h * w, out_dim) for a Segment
+    tok.patch_size, tok.merge, tok.out_dim, tok.tokens_per_image (None with dynamic resolution)
+
+``grid`` is the token layout after patching and merging: ``h = H' / (patch_size * merge)``.
+
+Kinds:
+
+- ``patchify`` (Fuyu): raw ``patch_size`` x ``patch_size`` patches flattened and put through one
+  linear layer. Accepts any H', W' that are multiples of ``patch_size * merge``. With
+  ``dynamic=True`` the resolution follows the image, as in Qwen2-VL (:func:`smart_resize`). Its
+  features carry no position: the backbone's M-RoPE (or a resampler's own embedding) places them.
+- ``siglip`` (default), ``clip``, ``vit``: a transformers vision tower, built from a named size
+  (:data:`TOWER_SIZES`; ``debug``/``tiny`` run on CPU) or loaded from a local checkpoint directory
+  (``save_pretrained`` output, vision-only or the full dual-encoder). Features are the tower's
+  ``last_hidden_state`` without CLIP's / ViT's CLS token, so every kind gives one feature per
+  patch, laid out row-major (SigLIP has no CLS). Towers run at their fixed ``image_size``; the
+  image is resized to it without keeping the aspect ratio (as SigLIP's own processor does).
+  ``freeze=True`` stops gradients into the tower (the merge layer, if any, still trains).
+
+Patch merge (``merge=2``, Qwen2-VL): each 2 x 2 block of neighbouring patch features becomes one
+token. ``merge_mode="concat"`` concatenates them (``out_dim = 4 * hidden``; the connector then
+maps that to model width, as Qwen2-VL's merger MLP does); ``"linear"`` follows the concat with a
+learned ``Linear(4 * hidden, hidden)`` (``out_dim = hidden``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from omni.media.image import Image, describe, resize
+
+KINDS = ("patchify", "siglip", "clip", "vit")
+MERGE_MODES = ("concat", "linear")
+
+# Named sizes: the tower shape for siglip/clip/vit; patchify uses image_size, patch_size and
+# hidden_size (its output width).
+TOWER_SIZES = {
+    "debug": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=32, patch_size=8),
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 image_size=64, patch_size=8),
+    "small": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
+                  image_size=224, patch_size=16),
+    "base": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 image_size=224, patch_size=16),
+}
+
+# Pixel normalisation each family was trained with (its transformers image processor's defaults).
+_NORMS = {
+    "patchify": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+_MODEL_TYPES = {"siglip": ("siglip", "siglip_vision_model"), "clip": ("clip", "clip_vision_model"),
+                "vit": ("vit",)}
+
+
+@dataclass
+class ImageTokenizerConfig:
+    """Recipe section ``image_tokenizer:``; see the module docstring for the kinds."""
+
+    kind: str = "siglip"
+    size: str = "tiny"  # a TOWER_SIZES name; ignored for the tower shape when `path` is set
+    path: str | None = None  # local transformers checkpoint directory (siglip/clip/vit)
+    image_size: int | None = None  # default: the size's (or the checkpoint's)
+    patch_size: int | None = None  # default: the size's (or the checkpoint's)
+    out_dim: int | None = None  # patchify only: width of the patch projection (default: the size's hidden)
+    merge: int = 1  # 1, or 2 for the 2x2 patch merge
+    merge_mode: str = "concat"
+    dynamic: bool = False  # patchify only: Qwen2-VL resolution (smart_resize) instead of image_size
+    min_pixels: int = 56 * 56
+    max_pixels: int = 448 * 448
+    freeze: bool = False
+    mean: list[float] | None = None  # default: the family's (or the checkpoint's preprocessor_config.json)
+    std: list[float] | None = None
+
+    def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"image_tokenizer.kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+        if self.size not in TOWER_SIZES:
+            raise ValueError(f"image_tokenizer.size must be one of {', '.join(TOWER_SIZES)}; "
+                             f"got {self.size!r}")
+        if self.merge not in (1, 2):
+            raise ValueError(f"image_tokenizer.merge must be 1 or 2; got {self.merge}")
+        if self.merge_mode not in MERGE_MODES:
+            raise ValueError(f"image_tokenizer.merge_mode must be one of {', '.join(MERGE_MODES)}; "
+                             f"got {self.merge_mode!r}")
+        if self.kind != "patchify":
+            for key in ("dynamic", "out_dim"):
+                if getattr(self, key):
+                    raise ValueError(f"image_tokenizer.{key} applies to kind 'patchify' only, "
+                                     f"not {self.kind!r}")
+        elif self.path:
+            raise ValueError("image_tokenizer.path applies to siglip/clip/vit towers, not 'patchify'")
+        if self.path:
+            for key in ("image_size", "patch_size"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"image_tokenizer.{key} comes from the checkpoint at {self.path}; "
+                                     f"remove it")
+        for key in ("image_size", "patch_size", "out_dim", "min_pixels", "max_pixels"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"image_tokenizer.{key} must be >= 1, got {value}")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"image_tokenizer.min_pixels ({self.min_pixels}) exceeds "
+                             f"max_pixels ({self.max_pixels})")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None and (len(value) != 3 or (key == "std" and min(value) <= 0)):
+                more = " > 0" if key == "std" else ""
+                raise ValueError(f"image_tokenizer.{key} must be 3 numbers{more}; got {value}")
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int,
+                 max_ratio: float = 200.0) -> tuple[int, int]:
+    """Qwen2-VL's dynamic resolution: (H', W') multiples of ``factor`` with about the image's aspect
+    ratio and ``min_pixels <= H' * W' <= max_pixels`` (each side at least ``factor``).
+
+    Round each side to the nearest multiple of ``factor``; if that is over budget, shrink both
+    sides by the same scale (rounding down); if under, grow them (rounding up).
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"image must be at least 1x1, got {height}x{width}")
+    if max(height, width) / min(height, width) > max_ratio:
+        raise ValueError(f"aspect ratio of a {height}x{width} image exceeds {max_ratio:g}:1; "
+                         f"crop or pad it first")
+    if max_pixels < factor * factor:
+        raise ValueError(f"max_pixels ({max_pixels}) is below one {factor}x{factor} token")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def merge_patches(x: torch.Tensor, h: int, w: int, m: int) -> torch.Tensor:
+    """(B, h*w, D) row-major patch features -> (B, (h/m)*(w/m), m*m*D): each m x m block of
+    neighbours concatenated (row-major inside the block), blocks row-major."""
+    b, n, d = x.shape
+    assert n == h * w and h % m == 0 and w % m == 0, (x.shape, h, w, m)
+    x = x.view(b, h // m, m, w // m, m, d).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // m) * (w // m), m * m * d)
+
+
+class ImageTokenizer(nn.Module):
+    """The shared contract; subclasses give ``_patch_features(pixels) -> (B, h*w, hidden)``."""
+
+    kind: str = ""
+    has_positions: bool = False  # whether the features already encode where each patch is
+
+    def __init__(self, *, patch_size: int, hidden_dim: int, image_size: int | None, merge: int = 1,
+                 merge_mode: str = "concat", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), dynamic: bool = False,
+                 min_pixels: int = 56 * 56, max_pixels: int = 448 * 448):
+        super().__init__()
+        if merge not in (1, 2):
+            raise ValueError(f"merge must be 1 or 2; got {merge}")
+        if merge_mode not in MERGE_MODES:
+            raise ValueError(f"merge_mode must be one of {', '.join(MERGE_MODES)}; got {merge_mode!r}")
+        self.patch_size, self.hidden_dim = patch_size, hidden_dim
+        self.merge, self.merge_mode = merge, merge_mode
+        self.dynamic, self.min_pixels, self.max_pixels = dynamic, min_pixels, max_pixels
+        self.image_size = None if dynamic else image_size
+        if self.image_size is not None and self.image_size % self.factor:
+            raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size * merge "
+                             f"= {self.factor}")
+        if self.image_size is None and not dynamic:
+            raise ValueError("give image_size, or dynamic=True")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.merger = nn.Linear(4 * hidden_dim, hidden_dim) if merge == 2 and merge_mode == "linear" else None
+
+    @property
+    def factor(self) -> int:
+        """Side of the pixel block one output token covers: ``patch_size * merge``."""
+        return self.patch_size * self.merge
+
+    @property
+    def out_dim(self) -> int:
+        return self.hidden_dim * (4 if self.merge == 2 and self.merger is None else 1)
+
+    @property
+    def tokens_per_image(self) -> int | None:
+        """Tokens per image at the fixed resolution; ``None`` with dynamic resolution (it varies)."""
+        return None if self.image_size is None else (self.image_size // self.factor) ** 2
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (H', W') an image of ``height x width`` is resized to before patching."""
+        if self.image_size is not None:
+            return self.image_size, self.image_size
+        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) tokens for an input of ``height x width`` pixels (already at the target size)."""
+        return height // self.factor, width // self.factor
+
+    def preprocess(self, image) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Image | uint8 (3, H, W) | uint8 frames (N, 3, H, W) -> normalised float pixels at the
+        target size, and the grid ``(1 or N, h, w)``."""
+        pixels = image.pixels if isinstance(image, Image) else image
+        if not isinstance(pixels, torch.Tensor) or pixels.dtype != torch.uint8 or pixels.dim() not in (3, 4) \
+                or pixels.shape[-3] != 3:
+            raise ValueError(f"preprocess expects an omni Image or uint8 (3, H, W) / (N, 3, H, W); "
+                             f"got {describe(pixels)}")
+        size = self.target_size(*pixels.shape[-2:])
+        x = resize(pixels, size).float().div_(255.0)
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        t = 1 if pixels.dim() == 3 else pixels.shape[0]
+        return x, (t, *self.grid_for(*size))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B, 3, H', W') -> features (B, h*w, out_dim), row-major over the grid."""
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected pixels (B, 3, H, W), got {tuple(pixels.shape)}")
+        height, width = pixels.shape[-2:]
+        if height % self.factor or width % self.factor:
+            raise ValueError(f"pixel size {height}x{width} is not a multiple of patch_size * merge "
+                             f"= {self.factor}")
+        x = self._patch_features(pixels)
+        if self.merge == 2:
+            x = merge_patches(x, height // self.patch_size, width // self.patch_size, 2)
+            if self.merger is not None:
+                x = self.merger(x)
+        return x
+
+    def encode(self, image) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """preprocess + forward for one image (or one stack of frames): features ``(t*h*w, out_dim)``."""
+        pixels, grid = self.preprocess(image)
+        batch = pixels if pixels.dim() == 4 else pixels[None]
+        param = next(self.parameters(), None)
+        if param is not None:
+            batch = batch.to(device=param.device, dtype=param.dtype)
+        return self(batch).reshape(-1, self.out_dim), grid
+
+    def _patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PatchifyImageTokenizer(ImageTokenizer):
+    """Fuyu-style: flattened raw patches -> one linear layer."""
+
+    kind = "patchify"
+
+    def __init__(self, *, patch_size: int, out_dim: int, **kw):
+        super().__init__(patch_size=patch_size, hidden_dim=out_dim, **kw)
+        self.proj = nn.Linear(3 * patch_size * patch_size, out_dim)
+
+    def _patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        b, c, height, width = pixels.shape
+        p = self.patch_size
+        x = pixels.reshape(b, c, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)  # (B,h,w,C,p,p)
+        return self.proj(x.reshape(b, (height // p) * (width // p), c * p * p))
+
+
+class TowerImageTokenizer(ImageTokenizer):
+    """A transformers vision tower (SiglipVisionModel, CLIPVisionModel, ViTModel)."""
+
+    has_positions = True
+
+    def __init__(self, kind: str, tower: nn.Module, *, freeze: bool = False, **kw):
+        cfg = tower.config
+        super().__init__(patch_size=cfg.patch_size, hidden_dim=cfg.hidden_size, image_size=cfg.image_size,
+                         **kw)
+        self.kind, self.tower, self.frozen = kind, tower, freeze
+        self.drop_cls = kind in ("clip", "vit")
+        if freeze:
+            self.tower.requires_grad_(False)
+            self.tower.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.tower.eval()  # a frozen tower stays in eval mode (no dropout) while the rest trains
+        return self
+
+    def _patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.shape[-1] != self.image_size or pixels.shape[-2] != self.image_size:
+            raise ValueError(f"the {self.kind} tower takes {self.image_size}x{self.image_size} pixels, got "
+                             f"{pixels.shape[-2]}x{pixels.shape[-1]}; use preprocess()")
+        hidden = self.tower(pixel_values=pixels).last_hidden_state  # (B, [1 +] h*w, D)
+        return hidden[:, 1:] if self.drop_cls else hidden
+
+
+def _tower_classes(kind: str):
+    import transformers
+
+    names = {"siglip": ("SiglipVisionConfig", "SiglipVisionModel"),
+             "clip": ("CLIPVisionConfig", "CLIPVisionModel"), "vit": ("ViTConfig", "ViTModel")}[kind]
+    return getattr(transformers, names[0]), getattr(transformers, names[1])
+
+
+def _model_kwargs(kind: str) -> dict:
+    return {"add_pooling_layer": False} if kind == "vit" else {}
+
+
+def build_tower(kind: str, size: str = "tiny", image_size: int | None = None, patch_size: int | None = None):
+    """A randomly initialised transformers vision tower of a named size."""
+    config_cls, model_cls = _tower_classes(kind)
+    dims = dict(TOWER_SIZES[size])
+    dims["image_size"] = image_size or dims["image_size"]
+    dims["patch_size"] = patch_size or dims["patch_size"]
+    return model_cls(config_cls(**dims), **_model_kwargs(kind))
+
+
+def load_tower(kind: str, path: str | Path):
+    """A transformers vision tower from a local checkpoint directory, plus the checkpoint's pixel
+    mean/std (``preprocessor_config.json``) when it has them."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path}: no config.json; expected a transformers checkpoint directory "
+                         f"(save_pretrained output) for a {kind} tower")
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except ValueError as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    if model_type not in _MODEL_TYPES[kind]:
+        raise ValueError(f"{path}: checkpoint model_type is {model_type!r}, which is not a {kind} tower "
+                         f"(expected {' or '.join(_MODEL_TYPES[kind])}); set image_tokenizer.kind to match")
+    _, model_cls = _tower_classes(kind)
+    try:
+        tower = model_cls.from_pretrained(str(path), local_files_only=True, **_model_kwargs(kind))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot load the {kind} tower ({e})") from None
+    norm = None
+    pre = path / "preprocessor_config.json"
+    if pre.is_file():
+        d = json.loads(pre.read_text(encoding="utf-8"))
+        if "image_mean" in d and "image_std" in d:
+            norm = (tuple(d["image_mean"]), tuple(d["image_std"]))
+    return tower, norm
+
+
+def build_image_tokenizer(cfg: ImageTokenizerConfig) -> ImageTokenizer:
+    """The image tokenizer a config describes (validated first)."""
+    cfg.validate()
+    mean, std = _NORMS[cfg.kind]
+    common = dict(merge=cfg.merge, merge_mode=cfg.merge_mode)
+    if cfg.kind == "patchify":
+        dims = TOWER_SIZES[cfg.size]
+        tok = PatchifyImageTokenizer(
+            patch_size=cfg.patch_size or dims["patch_size"], out_dim=cfg.out_dim or dims["hidden_size"],
+            image_size=cfg.image_size or dims["image_size"], dynamic=cfg.dynamic, min_pixels=cfg.min_pixels,
+            max_pixels=cfg.max_pixels, mean=cfg.mean or mean, std=cfg.std or std, **common)
+        return tok
+    if cfg.path:
+        tower, norm = load_tower(cfg.kind, cfg.path)
+        if norm is not None:
+            mean, std = norm
+    else:
+        tower = build_tower(cfg.kind, cfg.size, cfg.image_size, cfg.patch_size)
+    return TowerImageTokenizer(cfg.kind, tower, freeze=cfg.freeze, mean=cfg.mean or mean, std=cfg.std or std,
+                               **common)

@@ -1,0 +1,111 @@
+"""omni.data.images: Tux Paint stamp discovery, captions, the image-caption corpus and its splits."""
+
+import json
+
+import pytest
+import torch
+
+from omni.data import images as images_mod
+from omni.data.images import (
+    STAMPS_DIR,
+    build_images_corpus,
+    english_caption,
+    find_stamps,
+    split_of,
+    svg_available,
+)
+from omni.io import read_jsonl
+from omni.media.image import Image
+
+needs_stamps = pytest.mark.skipif(not STAMPS_DIR.is_dir(), reason="Tux Paint stamps not installed "
+                                                                 "(apt-get install tuxpaint-stamps-default)")
+
+
+def test_english_caption_picks_the_unprefixed_line(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("A calculator.  6x7=42\nach.utf8=Kalkuleta.\nca@valencia.utf8=Una.\n", encoding="utf-8")
+    assert english_caption(f) == "A calculator.  6x7=42"
+    f.write_text("\nde.utf8=Ein Frosch.\nen_US.utf8=A frog.\n", encoding="utf-8")
+    assert english_caption(f) == "A frog."
+    f.write_text("fr.utf8=Une grenouille.\n", encoding="utf-8")
+    assert english_caption(f) is None
+
+
+def test_find_stamps_layout(tmp_path, fake_stamps):
+    stamps = {s.id: s for s in find_stamps(fake_stamps)}
+    assert sorted(stamps) == ["animals/frog", "animals/frog-1", "space/broken", "space/rocket",
+                              "vehicles/bus", "vehicles/car", "vehicles/truck"]
+    frog = stamps["animals/frog"]
+    assert frog.caption == "A frog." and frog.category == "animals" and frog.sound.name == "frog.ogg"
+    assert stamps["animals/frog-1"].sound is None  # frog_desc.ogg is speech, not frog-1's sound
+    assert stamps["space/rocket"].image.suffix == ".svg" and stamps["space/rocket"].caption == "A rocket."
+    with pytest.raises(ValueError, match="apt-get install tuxpaint-stamps-default"):
+        find_stamps(tmp_path / "nowhere")
+
+
+def test_build_images_corpus(tmp_path, fake_stamps):
+    root = fake_stamps
+    out = tmp_path / "corpus"
+    stats = build_images_corpus(out, stamps_dir=root, max_size=32, val_fraction=0.3, test_fraction=0.3)
+    rows = [r for s in ("train", "val", "test") for r in read_jsonl(out / f"{s}.jsonl")]
+    ids = {r["id"] for r in rows}
+    assert "space/broken" not in ids and stats["bad"] == 1 and stats["stamps_found"] == 7
+    assert stats["with_sound"] == 1 and stats["categories"] == 3
+    if svg_available():
+        assert "space/rocket" in ids and stats["svg_skipped"] == 0
+    assert json.loads((out / "corpus.json").read_text()) == stats
+    assert stats["train"] + stats["val"] + stats["test"] == len(rows) == 6 - stats["svg_skipped"]
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["animals/frog"]["split"] == by_id["animals/frog-1"]["split"]  # same caption, same split
+    for r in rows:
+        assert set(r) == {"id", "image", "caption", "category", "split", "source"}
+        px = Image(out / r["image"]).pixels
+        assert max(px.shape[1:]) == 32
+        if r["source"].endswith(".png"):
+            assert px[:, 0, 0].tolist() == [255, 255, 255]  # transparent margin flattened on white
+        assert r["split"] == split_of(r["caption"].lower().rstrip("."), 0.3, 0.3)
+    truck = Image(out / by_id["vehicles/truck"]["image"]).pixels
+    assert truck.shape == (3, 21, 32)  # 60x40 -> longer side 32, aspect kept
+    assert truck[:, 10, 16].tolist() == [200, 0, 0]
+
+
+def test_svg_is_rasterised_or_skipped_and_counted(tmp_path, monkeypatch, fake_stamps):
+    root = fake_stamps
+    if svg_available():
+        stats = build_images_corpus(tmp_path / "a", stamps_dir=root, max_size=20, val_fraction=0,
+                                    test_fraction=0)
+        rocket = next(r for r in read_jsonl(tmp_path / "a" / "train.jsonl") if r["id"] == "space/rocket")
+        px = Image(tmp_path / "a" / rocket["image"]).pixels
+        assert px.shape == (3, 10, 20) and px[:, 5, 10].tolist() == [0, 0, 255] and stats["svg"] == 1
+    monkeypatch.setattr(images_mod, "svg_available", lambda: False)
+    stats = build_images_corpus(tmp_path / "b", stamps_dir=root, max_size=20, val_fraction=0, test_fraction=0)
+    assert stats["svg_skipped"] == 1 and stats["train"] == 5
+
+
+def test_bad_arguments(tmp_path, fake_stamps):
+    with pytest.raises(ValueError, match="val_fraction \\+ test_fraction must be in"):
+        build_images_corpus(tmp_path / "out", stamps_dir=fake_stamps, val_fraction=0.6, test_fraction=0.5)
+
+
+@needs_stamps
+def test_real_stamps_inventory():
+    stamps = find_stamps()
+    assert len(stamps) >= 900
+    assert sum(s.sound is not None for s in stamps) >= 100
+    assert len({s.category for s in stamps}) >= 15
+    by_id = {s.id: s for s in stamps}
+    assert by_id["vehicles/auto/truck"].caption == "A pickup truck."
+    assert all(s.caption and "utf8=" not in s.caption for s in stamps)
+
+
+@needs_stamps
+def test_real_stamps_corpus(tmp_path):
+    stats = build_images_corpus(tmp_path, max_size=48, max_stamps=24)
+    assert stats["stamps_used"] == 24 and stats["bad"] == 0 and stats["categories"] >= 8
+    rows = [r for s in ("train", "val", "test") for r in read_jsonl(tmp_path / f"{s}.jsonl")]
+    assert len(rows) == 24 - stats["svg_skipped"]
+    for r in rows[:6]:
+        px = Image(tmp_path / r["image"]).pixels
+        assert max(px.shape[1:]) <= 48 and px.float().std() > 5  # real picture content
+        assert r["caption"][0].isupper()
+    assert torch.tensor([len(r["caption"]) for r in rows]).float().mean() > 5
