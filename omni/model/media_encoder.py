@@ -107,23 +107,17 @@ class VideoEncoder(MediaEncoder):
 
     def prepare(self, obj):
         """A :class:`~omni.media.video.Video` or a path (sampled with the recipe's frame settings) ->
-        uint8 frames (N, 3, H, W); budgets are checked here, before any forward pass."""
+        normalised frames (N, 3, H', W'); budgets are checked here, before any forward pass."""
         from omni.media.video import Video
 
         if isinstance(obj, (str, Path)):
             obj = self.video.load(obj)
         frames = obj.frames if isinstance(obj, Video) else obj
-        n, _, height, width = frames.shape
-        self.video.check_budget(n, height, width)
-        if self.video.temporal == "qformer":
-            grid = (self.video.num_tokens(n, height, width), 1, 1)
-        else:
-            h, w = self.video.image_tokenizer.grid_for(*self.video.image_tokenizer.target_size(height, width))
-            grid = (n, h, w)
-        return frames, self.connector.grid(grid)
+        pixels, grid = self.video.preprocess(frames)  # resized and normalised once, here
+        return pixels, self.connector.grid(grid)
 
     def forward(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [self._connect(self.video.encode(frames)[0][None])[0] for frames in datas]
+        return [self._connect(f[None])[0] for f in self.video.encode_pixels(datas)]
 
 
 class AudioEncoder(MediaEncoder):

@@ -69,29 +69,32 @@ class CodecConfig:
     trim_right_ratio: float = 1.0
 
     def validate(self, prefix: str = "codec."):
-        ints = ("sample_rate", "n_filters", "dimension", "n_residual_layers", "codebook_size", "num_quantizers",
-                "num_codebooks", "kernel_size", "last_kernel_size", "residual_kernel_size", "dilation_base",
-                "compress")
+        ints = ("sample_rate", "n_filters", "dimension", "n_residual_layers", "codebook_size",
+                "num_quantizers", "num_codebooks", "kernel_size", "last_kernel_size", "residual_kernel_size",
+                "dilation_base", "compress")
         for key in ints:
             if getattr(self, key) <= 0:
                 raise ValueError(f"{prefix}{key} must be > 0, got {getattr(self, key)}")
         if self.channels not in (1, 2):
             raise ValueError(f"{prefix}channels must be 1 or 2, got {self.channels}")
         if not self.ratios or any(r <= 0 for r in self.ratios):
-            raise ValueError(f"{prefix}ratios must be a non-empty list of positive integers, got {self.ratios}")
+            raise ValueError(f"{prefix}ratios must be a non-empty list of positive integers, "
+                             f"got {self.ratios}")
         if self.lstm < 0:
             raise ValueError(f"{prefix}lstm must be >= 0, got {self.lstm}")
         if self.codebook_size & (self.codebook_size - 1):
             raise ValueError(f"{prefix}codebook_size must be a power of 2, got {self.codebook_size}")
         if self.num_codebooks > self.num_quantizers:
-            raise ValueError(f"{prefix}num_codebooks ({self.num_codebooks}) must be <= {prefix}num_quantizers "
-                             f"({self.num_quantizers})")
+            raise ValueError(f"{prefix}num_codebooks ({self.num_codebooks}) must be <= "
+                             f"{prefix}num_quantizers ({self.num_quantizers})")
         if self.norm not in ("weight_norm", "time_group_norm"):
             raise ValueError(f"{prefix}norm must be one of weight_norm, time_group_norm; got {self.norm!r}")
         if self.norm == "time_group_norm" and self.causal:
-            raise ValueError(f"{prefix}norm=time_group_norm needs {prefix}causal=false (GroupNorm is not causal)")
+            raise ValueError(f"{prefix}norm=time_group_norm needs {prefix}causal=false "
+                             "(GroupNorm is not causal)")
         if self.pad_mode not in ("reflect", "constant", "replicate"):
-            raise ValueError(f"{prefix}pad_mode must be one of reflect, constant, replicate; got {self.pad_mode!r}")
+            raise ValueError(f"{prefix}pad_mode must be one of reflect, constant, replicate; "
+                             f"got {self.pad_mode!r}")
 
     @property
     def hop_length(self) -> int:
@@ -99,13 +102,13 @@ class CodecConfig:
 
 
 CODEC_PRESETS: dict[str, CodecConfig] = {
-    # unit tests: ~20k parameters, 1 kHz frames
-    "debug": CodecConfig(sample_rate=16000, ratios=[4, 4], n_filters=4, dimension=16, lstm=1, codebook_size=32,
-                         num_quantizers=2, num_codebooks=2),
-    # CPU: ~1.6M parameters, 16 kHz, 50 Hz x 8 codebooks of 256 (3.2 kbps)
+    # unit tests: 11k parameters, 1 kHz frames
+    "debug": CodecConfig(sample_rate=16000, ratios=[4, 4], n_filters=4, dimension=16, lstm=1,
+                         codebook_size=32, num_quantizers=2, num_codebooks=2),
+    # CPU: 2.7M parameters, 16 kHz, 50 Hz x 8 codebooks of 256 (3.2 kbps)
     "tiny": CodecConfig(sample_rate=16000, ratios=[8, 5, 4, 2], n_filters=16, dimension=64, lstm=1,
                         codebook_size=256, num_quantizers=8, num_codebooks=8),
-    # GPU: the 24 kHz SEANet widths at 16 kHz, 50 Hz x 8 codebooks of 1024 (4 kbps)
+    # GPU: 14.9M parameters, the 24 kHz SEANet at 16 kHz, 50 Hz x 8 codebooks of 1024 (4 kbps)
     "small": CodecConfig(sample_rate=16000, ratios=[8, 5, 4, 2], n_filters=32, dimension=128, lstm=2,
                          codebook_size=1024, num_quantizers=8, num_codebooks=8),
     # = EncodecModel.encodec_model_24khz(pretrained=False): 32 quantizers built, 8 used (6 kbps)
@@ -141,7 +144,8 @@ def build_encodec(cfg: CodecConfig):
         warnings.simplefilter("ignore", FutureWarning)
         encoder = m.SEANetEncoder(**seanet)
         decoder = m.SEANetDecoder(**seanet, trim_right_ratio=cfg.trim_right_ratio)
-    quantizer = qt.ResidualVectorQuantizer(dimension=cfg.dimension, n_q=cfg.num_quantizers, bins=cfg.codebook_size)
+    quantizer = qt.ResidualVectorQuantizer(dimension=cfg.dimension, n_q=cfg.num_quantizers,
+                                           bins=cfg.codebook_size)
     bw_per_q = math.log2(cfg.codebook_size) * cfg.sample_rate / cfg.hop_length / 1000
     return EncodecModel(encoder, decoder, quantizer, target_bandwidths=[cfg.num_quantizers * bw_per_q],
                         sample_rate=cfg.sample_rate, channels=cfg.channels, normalize=False)
@@ -203,10 +207,11 @@ class AudioCodec(nn.Module):
         from omni.media.audio import Audio
 
         if isinstance(wave, Audio):
-            wave = wave.resample(self.sample_rate).waveform if wave.sample_rate != self.sample_rate else wave.waveform
+            same_rate = wave.sample_rate == self.sample_rate
+            wave = (wave if same_rate else wave.resample(self.sample_rate)).waveform
         if not isinstance(wave, torch.Tensor) or not wave.is_floating_point():
-            raise ValueError(f"encode takes a float waveform tensor or an omni.Audio, got {type(wave).__name__}"
-                             + (f" of {wave.dtype}" if isinstance(wave, torch.Tensor) else ""))
+            got = f"{wave.dtype} tensor" if isinstance(wave, torch.Tensor) else type(wave).__name__
+            raise ValueError(f"encode takes a float waveform tensor or an omni.Audio, got a {got}")
         base = 1 if self.channels == 1 else 2  # dims of one unbatched item: (T,) or (C, T)
         if wave.dim() not in (base, base + 1):
             shapes = "(T,) or (B, T)" if self.channels == 1 else "(C, T) or (B, C, T)"
@@ -225,7 +230,8 @@ class AudioCodec(nn.Module):
     @torch.no_grad()
     def encode(self, wave) -> torch.Tensor:
         """``wave: (T,)`` or ``(B, T)`` (stereo codecs: ``(C, T)`` / ``(B, C, T)``), or an ``omni.Audio``
-        (resampled to ``sample_rate``) -> ``codes: (K, T')`` or ``(B, K, T')`` int64, ``T' = ceil(T / hop)``."""
+        (resampled to ``sample_rate``) -> ``codes: (K, T')`` or ``(B, K, T')`` int64,
+        ``T' = ceil(T / hop)``."""
         x, single = self._as_batch(wave)
         emb = self.model.encoder(x)  # (B, D, T')
         codes = self.model.quantizer.vq.encode(emb, n_q=self.num_codebooks).transpose(0, 1)  # (B, K, T')
@@ -236,13 +242,15 @@ class AudioCodec(nn.Module):
         """``codes: (K, T')`` or ``(B, K, T')`` -> ``wave: (T,)`` or ``(B, T)`` (stereo: with a C dim),
         ``T = T' * hop`` or ``length`` (trimmed) when given. ``K`` may be fewer than ``num_codebooks``."""
         if not isinstance(codes, torch.Tensor) or codes.dtype not in (torch.int64, torch.int32, torch.int16):
-            raise ValueError(f"decode expects an integer tensor of codes (K, T') or (B, K, T'), got {codes!r:.80}")
+            raise ValueError(f"decode expects an integer tensor of codes (K, T') or (B, K, T'), "
+                             f"got {codes!r:.80}")
         if codes.dim() not in (2, 3):
             raise ValueError(f"decode expects codes (K, T') or (B, K, T'), got shape {tuple(codes.shape)}")
         single = codes.dim() == 2
         c = codes.unsqueeze(0) if single else codes  # (B, K, T')
         if not 1 <= c.shape[1] <= self.config.num_quantizers:
-            raise ValueError(f"codes have {c.shape[1]} codebooks; this codec has {self.config.num_quantizers}")
+            raise ValueError(f"codes have {c.shape[1]} codebooks; this codec has "
+                             f"{self.config.num_quantizers}")
         if c.numel() and (c.min() < 0 or c.max() >= self.cardinality):
             raise ValueError(f"codes must be in [0, {self.cardinality}), got values in "
                              f"[{int(c.min())}, {int(c.max())}]")
@@ -303,8 +311,9 @@ class AudioCodec(nn.Module):
                              f"(e.g. {unexpected[:3]})")
         bad = [k for k in own if own[k].shape != state[k].shape]
         if bad:
-            raise ValueError(f"{source}: shape mismatch for {bad[0]}: checkpoint {tuple(state[bad[0]].shape)}, "
-                             f"architecture {tuple(own[bad[0]].shape)} (wrong preset?)")
+            raise ValueError(f"{source}: shape mismatch for {bad[0]}: checkpoint "
+                             f"{tuple(state[bad[0]].shape)}, architecture {tuple(own[bad[0]].shape)} "
+                             "(wrong preset?)")
         codec.model.load_state_dict(state)
         codec.model.eval()
         return codec
@@ -355,15 +364,16 @@ class AudioCodec(nn.Module):
         if hf.model_type != "encodec":
             raise ValueError(f"{path}: model_type is {hf.model_type!r}, expected 'encodec'")
         if hf.normalize or hf.chunk_length_s:
-            raise ValueError(f"{path}: EnCodec models with normalize=True or chunk_length_s (the 48 kHz family) "
-                             "are not supported: their codes need per-chunk scales")
+            raise ValueError(f"{path}: EnCodec models with normalize=True or chunk_length_s (the 48 kHz "
+                             "family) are not supported: their codes need per-chunk scales")
         if hf.codebook_dim != hf.hidden_size:
             raise ValueError(f"{path}: codebook_dim {hf.codebook_dim} != hidden_size {hf.hidden_size}")
         bw_per_q = math.log2(hf.codebook_size) * hf.frame_rate
         default_k = int(max(1, math.floor(hf.target_bandwidths[0] * 1000 / bw_per_q)))
-        cfg = CodecConfig(sample_rate=hf.sampling_rate, channels=hf.audio_channels, ratios=list(hf.upsampling_ratios),
-                          n_filters=hf.num_filters, dimension=hf.hidden_size,
-                          n_residual_layers=hf.num_residual_layers, lstm=hf.num_lstm_layers,
+        cfg = CodecConfig(sample_rate=hf.sampling_rate, channels=hf.audio_channels,
+                          ratios=list(hf.upsampling_ratios), n_filters=hf.num_filters,
+                          dimension=hf.hidden_size, n_residual_layers=hf.num_residual_layers,
+                          lstm=hf.num_lstm_layers,
                           codebook_size=hf.codebook_size, num_quantizers=hf.num_quantizers,
                           num_codebooks=num_codebooks or min(default_k, hf.num_quantizers),
                           causal=hf.use_causal_conv, norm=hf.norm_type, kernel_size=hf.kernel_size,
@@ -425,7 +435,8 @@ def mel_filters(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0,
 
     def hz_to_mel(f):
         f = torch.as_tensor(f, dtype=torch.float64)
-        return torch.where(f < 1000, 3 * f / 200, 15 + 27 * torch.log(f.clamp(min=1e-10) / 1000) / math.log(6.4))
+        log_part = 15 + 27 * torch.log(f.clamp(min=1e-10) / 1000) / math.log(6.4)
+        return torch.where(f < 1000, 3 * f / 200, log_part)
 
     def mel_to_hz(m):
         return torch.where(m < 15, 200 * m / 3, 1000 * torch.exp(math.log(6.4) / 27 * (m - 15)))
@@ -468,8 +479,8 @@ class LogMel(nn.Module):
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         if not isinstance(wave, torch.Tensor) or not wave.is_floating_point() or wave.dim() not in (1, 2):
-            raise ValueError(f"LogMel expects a float waveform (T,) or (B, T), got "
-                             f"{tuple(wave.shape) if isinstance(wave, torch.Tensor) else type(wave).__name__}")
+            got = tuple(wave.shape) if isinstance(wave, torch.Tensor) else type(wave).__name__
+            raise ValueError(f"LogMel expects a float waveform (T,) or (B, T), got {got}")
         single = wave.dim() == 1
         x = wave[None] if single else wave
         total = self.pad_to if self.pad_to is not None else x.shape[1]
@@ -477,7 +488,7 @@ class LogMel(nn.Module):
         return mel[0] if single else mel
 
     def _log_mel(self, x: torch.Tensor, total: int) -> torch.Tensor:
-        """``x: (B, T)`` seen as zero-padded (or truncated) to ``total`` samples -> ``(B, n_mels, total // hop)``.
+        """``x: (B, T)``, zero-padded (or truncated) to ``total`` samples -> ``(B, n_mels, total // hop)``.
 
         Frames whose window lies wholly in the zero padding have exactly zero power, so only the
         signal plus one window of zeros goes through the STFT; those frames are filled in directly.
@@ -671,7 +682,8 @@ class HFWhisperEncoder(nn.Module):
         n = self.num_tokens(num_frames)
         if self.input_mode == "pad":
             if num_frames < self.max_frames:
-                floor = torch.clamp(mel.amax(dim=(1, 2), keepdim=True) - 2.0, min=-1.5)  # log10(1e-10)=-10 -> -1.5
+                # silence is log10(1e-10) = -10, clamped to max - 8: (x + 4) / 4 -> max(max - 2, -1.5)
+                floor = torch.clamp(mel.amax(dim=(1, 2), keepdim=True) - 2.0, min=-1.5)
                 mel = torch.cat([mel, floor.expand(-1, self.n_mels, self.max_frames - num_frames)], dim=2)
             return self.encoder(input_features=mel).last_hidden_state[:, :n]
         enc = self.encoder
@@ -685,7 +697,8 @@ class HFWhisperEncoder(nn.Module):
 
 
 def audio_encoder(kind: str = "whisper_style", size: str = "tiny", n_mels: int = 80, path: str | None = None,
-                  freeze: bool = False, input_mode: str = "pad", whisper_config: dict | None = None) -> nn.Module:
+                  freeze: bool = False, input_mode: str = "pad",
+                  whisper_config: dict | None = None) -> nn.Module:
     """The recipe-facing builder: ``kind="whisper_style"`` (ours, ``size`` from ``ENCODER_SIZES``)
     or ``"hf_whisper"`` (``path`` to a local Whisper checkpoint, else built from ``whisper_config``)."""
     if kind == "whisper_style":

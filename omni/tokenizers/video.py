@@ -154,24 +154,43 @@ class VideoTokenizer(nn.Module):
                 or frames.shape[1] != 3 or frames.shape[0] == 0:
             raise ValueError(f"expected frames as a non-empty uint8 tensor (N, 3, H, W), "
                              f"got {describe(frames)}")
+        pixels, grid = self.preprocess(frames, generator)
+        return self.encode_pixels([pixels])[0], grid
+
+    def preprocess(self, frames: torch.Tensor, generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """uint8 frames (N, 3, H, W) -> normalised pixels (N, 3, H', W') and the token grid; budgets are
+        checked first. Without time positions (mrope) the frames are shuffled here."""
         n = frames.shape[0]
         self.check_budget(n, frames.shape[2], frames.shape[3])
         if self.temporal == "mrope" and not self.time_positions:
             frames = frames[torch.randperm(n, generator=generator)]
-        pixels, (t, h, w) = self.image_tokenizer.preprocess(frames)
+        pixels, grid = self.image_tokenizer.preprocess(frames)
+        if self.temporal == "qformer":
+            grid = (self.qformer.num_queries, 1, 1)
+        return pixels, grid
+
+    def encode_pixels(self, videos: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Preprocessed videos (each (N_i, 3, H', W')) -> features per video; the frames of all videos
+        go through the image tower together, ``frame_batch_size`` at a time."""
         param = next(self.image_tokenizer.parameters(), None)
+        pixels = torch.cat(videos)
         if param is not None:
             pixels = pixels.to(device=param.device, dtype=param.dtype)
-        chunks = pixels.split(self.frame_batch_size)
-        feats = torch.cat([self.image_tokenizer(chunk) for chunk in chunks])  # (N, h*w, D)
+        feats_all = torch.cat([self.image_tokenizer(chunk) for chunk in pixels.split(self.frame_batch_size)])
+        h, w = self.image_tokenizer.grid_for(*pixels.shape[-2:])
+        return [self._temporal(f, h, w) for f in feats_all.split([v.shape[0] for v in videos])]
+
+    def _temporal(self, feats: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """(N, h*w, D) per-frame features -> the video's tokens."""
+        n = feats.shape[0]
         if self.temporal == "mrope":
-            return feats.reshape(n * h * w, -1), (t, h, w)
+            return feats.reshape(n * h * w, -1)
         if not self.image_tokenizer.has_positions:
             feats = feats + _sincos_2d(h, w, feats.shape[-1]).to(feats)
         if self.frame_pos is not None:
             feats = feats + self.frame_pos.weight[:n, None, :]
-        queries = self.qformer(feats.reshape(1, n * h * w, -1))[0]  # (M, D)
-        return queries, (queries.shape[0], 1, 1)
+        return self.qformer(feats.reshape(1, n * h * w, -1))[0]  # (M, D)
 
 
 def build_video_tokenizer(cfg: VideoTokenizerConfig, image_tokenizer: ImageTokenizer) -> VideoTokenizer:

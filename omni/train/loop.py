@@ -291,7 +291,10 @@ def train(cfg: RecipeConfig) -> TrainResult:
             window_tokens, window_start = 0, time.perf_counter()
         if state.step % tc.eval_every == 0 or state.step == tc.steps:
             val_loss = evaluate()
+            improved = state.best_val_loss is None or val_loss < state.best_val_loss
             state.best_val_loss = min(val_loss, state.best_val_loss or val_loss)
+            if improved and tc.export == "best" and accelerator.is_main_process:
+                inner.save_pretrained(out_dir)  # the best weights so far are the exported model
             record({"step": state.step, "val_loss": round(val_loss, 5), "val_ppl": round(math.exp(min(val_loss, 50)), 3)})
             if accelerator.is_main_process:
                 bar.write(f"step {state.step}: val loss {val_loss:.4f}")
@@ -302,7 +305,8 @@ def train(cfg: RecipeConfig) -> TrainResult:
     bar.close()
 
     if accelerator.is_main_process:
-        inner.save_pretrained(out_dir)
+        if tc.export == "last":
+            inner.save_pretrained(out_dir)
         plot_losses(metrics_file, out_dir / "loss.png", title=cfg.name)
     accelerator.wait_for_everyone()
     accelerator.end_training()

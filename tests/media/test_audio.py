@@ -54,7 +54,7 @@ def test_formats_decode_via_soundfile(tmp_path, ext, tol):
 def test_formats_soundfile_cannot_read_fall_back_to_pyav(tmp_path, ext):
     path = tmp_path / f"a.{ext}"
     write_pyav(path, tone(), 16000)
-    with pytest.raises(Exception):  # the premise: libsndfile cannot read AAC
+    with pytest.raises(sf.LibsndfileError):  # the premise: libsndfile cannot read AAC
         sf.info(str(path))
     wave, sr = load_audio(path, sample_rate=8000)
     assert sr == 8000 and abs(wave.shape[0] - 8000) < 1200

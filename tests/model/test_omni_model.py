@@ -196,7 +196,8 @@ def test_default_positions():
     assert default_positions(ids, kp).tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]]
     cache = KVCache(backbone_config("debug"), 2, 8)
     cache.mark_padding(kp)
-    cache.length = 5
+    cache.advance(5, kp)  # what the backbone does once every layer has the 5 prompt positions
+    assert cache.length == 5
     assert default_positions(ids[:, :1], cache=cache).tolist() == [[5], [3]]
 
 

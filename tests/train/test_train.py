@@ -186,3 +186,15 @@ def test_resume_refuses_incompatible_checkpoint(run_env, tmp_path):
     assert "shape" in r.stderr
     assert before == {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
 
+
+
+def test_export_best_keeps_the_weights_with_the_lowest_val_loss(run_env, tmp_path):
+    out = tmp_path / "best"
+    r = run(omni_cmd("train", "text/tiny", *overrides(run_env, out, **{
+        "train.export": "best", "train.keep_checkpoints": 3, "train.lr": 0.03, "train.warmup_steps": 0})))
+    assert r.returncode == 0, r.stderr
+    vals = {row["step"]: row["val_loss"] for row in read_metrics(out / "metrics.jsonl") if "val_loss" in row}
+    best = min(vals, key=vals.get)
+    exported = weights(out)
+    ck = load_tensors(out / "checkpoints" / f"step_{best:08d}" / "model.safetensors")
+    assert all(torch.equal(exported[k], ck[k]) for k in ck)

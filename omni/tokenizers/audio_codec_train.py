@@ -1,0 +1,503 @@
+"""Training omni's own EnCodec codec, because no pretrained codec weights can be downloaded here.
+
+``omni tokenizer train tokenizers/audio_codec_tiny.yaml`` -> :func:`load_codec_spec` + :func:`train_codec`.
+The codec (``encodec`` package SEANet + RVQ, architecture from ``CODEC_PRESETS``) learns from random
+crops of the speech and sound corpora (manifests of wav files) with EnCodec's losses: time-domain
+L1, multi-scale log-mel L1, the RVQ commitment penalty (codebooks follow the encoder by EMA, with
+k-means init and dead-code restarts inside the encodec package) and, optionally, the MS-STFT
+discriminator's hinge + feature-matching losses. It reports held-out multi-scale mel distance and
+SI-SDR for the untrained codec (codebooks k-means initialised on the first batch) and the trained
+one, and saves the codec with :meth:`AudioCodec.save` plus ``report.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omni.io import atomic_write_json, write_jsonl
+from omni.tokenizers.audio import CODEC_PRESETS, AudioCodec, CodecConfig, mel_filters
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconstruction metrics
+
+
+class MultiScaleMel(nn.Module):
+    """Log-mel spectrograms at several STFT sizes (window ``n``, hop ``n // 4``), as in EnCodec's
+    reconstruction loss: small windows see transients, large ones pitch and formants."""
+
+    def __init__(self, sample_rate: int, n_ffts: tuple[int, ...] = (256, 512, 1024, 2048), n_mels: int = 64,
+                 floor: float = 1e-5):
+        super().__init__()
+        self.n_ffts, self.floor = tuple(n_ffts), floor
+        for n in self.n_ffts:
+            self.register_buffer(f"window_{n}", torch.hann_window(n), persistent=False)
+            filters = mel_filters(sample_rate, n, min(n_mels, n // 4)).T.contiguous()  # (n_mels, n // 2 + 1)
+            self.register_buffer(f"filters_{n}", filters, persistent=False)
+
+    def forward(self, wave: torch.Tensor) -> list[torch.Tensor]:
+        """``wave: (B, T)`` -> one ``log10`` mel ``(B, n_mels, frames)`` per scale."""
+        out = []
+        for n in self.n_ffts:
+            spec = torch.stft(wave, n, n // 4, window=getattr(self, f"window_{n}"), center=True,
+                              pad_mode="reflect", return_complex=True)
+            power = spec.real.square() + spec.imag.square()
+            out.append(torch.clamp(getattr(self, f"filters_{n}") @ power, min=self.floor).log10())
+        return out
+
+    def distance(self, estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """Mean over scales of the mean absolute log-mel difference; 0 for identical audio."""
+        pairs = zip(self(estimate), self(reference), strict=True)
+        return torch.stack([(a - b).abs().mean() for a, b in pairs]).mean()
+
+
+def multiscale_mel_distance(estimate: torch.Tensor, reference: torch.Tensor, sample_rate: int,
+                            n_ffts: tuple[int, ...] = (256, 512, 1024, 2048), n_mels: int = 64) -> float:
+    """Multi-scale log10-mel L1 distance between two waveforms ``(T,)`` or ``(B, T)`` (lower is better)."""
+    _same_shape(estimate, reference)
+    mel = MultiScaleMel(sample_rate, n_ffts, n_mels).to(reference.device)
+    est, ref = (w.reshape(-1, w.shape[-1]).float() for w in (estimate, reference))
+    return float(mel.distance(est, ref))
+
+
+def _same_shape(estimate: torch.Tensor, reference: torch.Tensor):
+    if estimate.shape != reference.shape:
+        raise ValueError(f"shapes differ: estimate {tuple(estimate.shape)}, "
+                         f"reference {tuple(reference.shape)}")
+
+
+def si_sdr(estimate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Scale-invariant signal-to-distortion ratio in dB (Le Roux et al. 2019), per item of ``(..., T)``.
+
+    Both signals are made zero-mean; the reference is scaled to best fit the estimate, so the score
+    ignores gain. Identical signals score very high (~ +100 dB); noise scores far below 0.
+    """
+    _same_shape(estimate, reference)
+    est = estimate.double() - estimate.double().mean(-1, keepdim=True)
+    ref = reference.double() - reference.double().mean(-1, keepdim=True)
+    alpha = (est * ref).sum(-1, keepdim=True) / (ref.square().sum(-1, keepdim=True) + eps)
+    target = alpha * ref
+    noise = est - target
+    return (10 * torch.log10((target.square().sum(-1) + eps) / (noise.square().sum(-1) + eps))).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec
+
+
+@dataclass
+class LossWeights:
+    """EnCodec's loss balance (lambda_t, lambda_f, commitment, lambda_g, lambda_feat)."""
+
+    time_l1: float = 0.1
+    mel: float = 1.0
+    commit: float = 1.0
+    adv: float = 3.0
+    feat: float = 3.0
+
+
+@dataclass
+class CodecTrainSpec:
+    """``tokenizers/audio_codec_*.yaml``: which codec to train, on what, for how long.
+
+    ``codec`` starts from ``CODEC_PRESETS[preset]``; keys given under ``codec:`` override it.
+    Training stops at ``steps`` or after ``max_minutes`` of wall clock, whichever comes first; the
+    learning-rate schedule (warmup, then cosine to 10%) follows whichever is further along.
+    """
+
+    kind: str = "audio_codec"
+    preset: str = "tiny"
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    train_manifests: list[str] = field(default_factory=lambda: ["data/speech/train.jsonl",
+                                                                 "data/sounds/train.jsonl"])
+    val_manifests: list[str] = field(default_factory=lambda: ["data/speech/val.jsonl",
+                                                               "data/sounds/val.jsonl"])
+    out: str = "runs/tokenizers/audio_codec_tiny"
+    seed: int = 0
+    steps: int = 3000
+    max_minutes: float = 0.0
+    batch_size: int = 8
+    segment_s: float = 1.0
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    zero_init_bias: bool = True
+    loss: LossWeights = field(default_factory=LossWeights)
+    mel_scales: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
+    mel_bins: int = 64
+    discriminator: bool = False
+    disc_filters: int = 32
+    disc_lr: float = 3e-4
+    disc_start_step: int = 0
+    max_train_files: int = 0
+    on_bad_sample: str = "skip"
+    num_val_clips: int = 32
+    val_max_s: float = 3.0
+    eval_every: int = 0
+    save_every: int = 0
+    log_every: int = 25
+    threads: int = 0
+    device: str = "auto"
+
+    def validate(self):
+        if self.kind != "audio_codec":
+            raise ValueError(f"kind must be audio_codec, got {self.kind!r}")
+        if self.preset not in CODEC_PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(CODEC_PRESETS)}; got {self.preset!r}")
+        self.codec.validate("codec.")
+        for key in ("steps", "batch_size", "mel_bins", "disc_filters", "num_val_clips", "log_every"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+        for key in ("max_minutes", "weight_decay", "grad_clip", "warmup_steps", "max_train_files",
+                    "eval_every", "save_every", "threads", "disc_start_step"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("lr", "disc_lr", "segment_s", "val_max_s"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if not self.train_manifests or not self.val_manifests:
+            raise ValueError("train_manifests and val_manifests must each list at least one manifest")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be one of auto, cpu, cuda; got {self.device!r}")
+        if self.on_bad_sample not in ("skip", "error"):
+            raise ValueError(f"on_bad_sample must be one of skip, error; got {self.on_bad_sample!r}")
+        segment = round(self.segment_s * self.codec.sample_rate)
+        if not self.mel_scales or segment <= max(self.mel_scales):
+            raise ValueError(f"segment_s={self.segment_s} ({segment} samples) must be longer than the "
+                             f"largest mel scale ({max(self.mel_scales or [0])})")
+        if segment < self.codec.hop_length:
+            raise ValueError(f"segment_s={self.segment_s} is shorter than one codec frame")
+
+
+def load_codec_spec(name_or_path: str, overrides: list[str] | None = None) -> CodecTrainSpec:
+    """Read a codec spec (by path, or by name under ``tokenizers/``), apply ``a.b=c`` overrides, merge
+    ``codec:`` over the preset, validate."""
+    from omni.config import _read_yaml, apply_overrides, find_tokenizer_spec, from_dict
+
+    raw = apply_overrides(_read_yaml(find_tokenizer_spec(name_or_path)), overrides or [])
+    preset = raw.get("preset", CodecTrainSpec.preset)
+    if preset not in CODEC_PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(CODEC_PRESETS)}; got {preset!r}")
+    codec = raw.get("codec") or {}
+    if not isinstance(codec, dict):
+        raise ValueError(f"codec must be a mapping of CodecConfig fields, got {codec!r}")
+    raw["codec"] = {**dataclasses.asdict(CODEC_PRESETS[preset]), **codec}
+    spec = from_dict(CodecTrainSpec, raw)
+    spec.validate()
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+class RandomCrops:
+    """Random fixed-length crops from the audio files of JSONL manifests, read from disk per batch
+    (only the crop is decoded), resampled to the codec rate; shorter files are zero-padded."""
+
+    def __init__(self, manifests: list[str], sample_rate: int, max_files: int = 0,
+                 on_bad_sample: str = "skip", seed: int = 0):
+        import soundfile as sf
+
+        from omni.data.speech import manifest_audio
+
+        self.sample_rate, self.on_bad_sample = sample_rate, on_bad_sample
+        self.rng = random.Random(seed)
+        self.files: list[tuple[Path, int, int]] = []  # (path, frames, native rate)
+        self.num_bad = 0
+        entries = [p for m in manifests for p, _ in manifest_audio(m)]
+        if max_files:
+            entries = random.Random(seed).sample(entries, min(max_files, len(entries)))
+        for path in entries:
+            try:
+                info = sf.info(str(path))
+                if info.frames == 0:
+                    raise ValueError("no audio samples")
+                self.files.append((path, info.frames, info.samplerate))
+            except Exception as e:
+                self._bad(path, e)
+        if not self.files:
+            raise ValueError(f"no usable audio files in {', '.join(manifests)}")
+
+    def _bad(self, path, error):
+        if self.on_bad_sample == "error":
+            raise ValueError(f"{path}: unusable audio ({error})")
+        self.num_bad += 1
+        log.warning("skipping %s (%s); on_bad_sample=skip", path, error)
+
+    def batch(self, batch_size: int, num_samples: int) -> torch.Tensor:
+        """``(B, num_samples)`` float32 crops."""
+        import soundfile as sf
+
+        from omni.media.audio import resample
+
+        out = torch.zeros(batch_size, num_samples)
+        b = 0
+        while b < batch_size:
+            if not self.files:
+                raise ValueError("every training audio file turned out unusable")
+            entry = self.rng.choice(self.files)
+            path, frames, sr = entry
+            native = math.ceil(num_samples * sr / self.sample_rate)
+            start = self.rng.randrange(max(1, frames - native + 1))
+            try:
+                data, _ = sf.read(str(path), start=start, frames=native, dtype="float32", always_2d=True)
+                wave = resample(torch.from_numpy(data.mean(axis=1)), sr, self.sample_rate)[:num_samples]
+                if not torch.isfinite(wave).all():
+                    raise ValueError("NaN or infinite samples")
+            except Exception as e:  # a file that turns bad mid-run is dropped and counted
+                self.files.remove(entry)
+                self._bad(path, e)
+                continue
+            out[b, :wave.shape[0]] = wave
+            b += 1
+        return out
+
+
+def validation_clips(manifests: list[str], sample_rate: int, num_clips: int,
+                     max_s: float) -> list[torch.Tensor]:
+    """The first ``num_clips`` clips of at least 0.2 s, taken in turn from each manifest, each cut to
+    ``max_s`` seconds."""
+    from omni.data.speech import manifest_audio
+    from omni.media.audio import load_audio
+
+    clips = []
+    for path in _round_robin([[p for p, _ in manifest_audio(m)] for m in manifests]):
+        wave, _ = load_audio(path, sample_rate)
+        if wave.shape[0] >= 0.2 * sample_rate:  # the largest mel window must fit
+            clips.append(wave[:round(max_s * sample_rate)])
+        if len(clips) == num_clips:
+            break
+    if not clips:
+        raise ValueError(f"no validation audio in {', '.join(manifests)}")
+    return clips
+
+
+def _round_robin(lists: list[list]) -> list:
+    out = []
+    for i in range(max(len(x) for x in lists)):
+        out += [x[i] for x in lists if i < len(x)]
+    return out
+
+
+@torch.no_grad()
+def evaluate_codec(codec: AudioCodec, clips: list[torch.Tensor], mel: MultiScaleMel | None = None) -> dict:
+    """Mean multi-scale mel distance and SI-SDR (dB) of ``decode(encode(clip))`` over ``clips``."""
+    was_training = codec.model.training
+    codec.model.eval()
+    device = next(codec.model.parameters()).device
+    mel = (mel or MultiScaleMel(codec.sample_rate)).to(device)
+    dist, sdr = [], []
+    for clip in clips:
+        clip = clip.to(device)
+        out = codec.decode(codec.encode(clip), length=clip.shape[0])
+        dist.append(float(mel.distance(out[None], clip[None])))
+        sdr.append(float(si_sdr(out, clip)))
+    codec.model.train(was_training)
+    return {"mel_distance": sum(dist) / len(dist), "si_sdr": sum(sdr) / len(sdr)}
+
+
+def reconstruct_manifest(codec: AudioCodec, manifest: str | Path, out_dir: str | Path,
+                         limit: int | None = None) -> Path:
+    """Pass every clip of a manifest through the codec; writes the wavs and ``out_dir/<name>.jsonl``
+    (same rows, ``audio`` pointing at the reconstruction). For intelligibility checks: run the ASR
+    model on this manifest and on the original and compare WER."""
+    from omni.data.speech import manifest_audio
+    from omni.media.audio import Audio, load_audio
+
+    manifest, out_dir = Path(manifest), Path(out_dir)
+    rows = []
+    for path, row in manifest_audio(manifest)[:limit]:
+        wave, _ = load_audio(path, codec.sample_rate)
+        rec = codec.decode(codec.encode(wave), length=wave.shape[0]).cpu()
+        rel = f"audio/{row.get('id', path.stem)}.wav"
+        Audio(rec, codec.sample_rate).save(out_dir / rel)
+        rows.append({**row, "audio": rel})
+    out = out_dir / manifest.name
+    write_jsonl(out, rows)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _hinge_d(real: list[torch.Tensor], fake: list[torch.Tensor]) -> torch.Tensor:
+    terms = [F.relu(1 - r).mean() + F.relu(1 + f).mean() for r, f in zip(real, fake, strict=True)]
+    return sum(terms) / len(terms)
+
+
+def _feature_matching(real: list[list[torch.Tensor]], fake: list[list[torch.Tensor]]) -> torch.Tensor:
+    """EnCodec's relative feature loss: L1 between discriminator activations / mean |real activation|."""
+    terms = [(f - r).abs().mean() / (r.abs().mean() + 1e-8)
+             for rs, fs in zip(real, fake, strict=True) for r, f in zip(rs, fs, strict=True)]
+    return sum(terms) / len(terms)
+
+
+def zero_conv_biases(model: nn.Module) -> None:
+    """Set every convolution bias of a fresh codec to zero (LSTM biases keep their init).
+
+    With the encodec package's default init each conv adds a random offset comparable to the
+    signal of ordinary speech (rms ~0.1), so the encoder output barely varies in time and training
+    sits on a plateau (held-out mel distance ~1.25, nothing passing the bottleneck) for 1,500-2,000
+    steps. From zero biases, with lr 1e-3, the tiny codec left it by step 400 (H200 runs, see the
+    spec file)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") and ".lstm." not in name:
+                p.zero_()
+
+
+def _lr_factor(progress: float, step: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_codec(spec: CodecTrainSpec) -> dict:
+    """Train the codec described by ``spec``; save it to ``spec.out``; return (and write) the report."""
+    spec.validate()
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    use_cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    torch.manual_seed(spec.seed)
+    codec = AudioCodec(spec.codec).to(device)
+    model = codec.model
+    if spec.zero_init_bias:
+        zero_conv_biases(model)
+    sr, segment = codec.sample_rate, round(spec.segment_s * codec.sample_rate)
+    mel = MultiScaleMel(sr, tuple(spec.mel_scales), spec.mel_bins).to(device)
+    data = RandomCrops(spec.train_manifests, sr, spec.max_train_files, spec.on_bad_sample, spec.seed)
+    clips = validation_clips(spec.val_manifests, sr, spec.num_val_clips, spec.val_max_s)
+    num_params = sum(p.numel() for p in model.parameters())
+    log.info("codec %s: %.2fM parameters, %d Hz, %.0f frames/s x %d codebooks of %d; %d train files, "
+             "%d val clips", spec.preset, num_params / 1e6, sr, codec.frame_rate, codec.num_codebooks,
+             codec.cardinality, len(data.files), len(clips))
+
+    first = data.batch(spec.batch_size, segment).to(device)
+    model.train()
+    with torch.no_grad():  # k-means initialisation of the codebooks, as the first training step would do
+        model.quantizer.vq(model.encoder(first[:, None]), n_q=codec.num_codebooks)
+    before = evaluate_codec(codec, clips, mel)
+    log.info("untrained (k-means codebooks): mel distance %.4f, SI-SDR %.2f dB", before["mel_distance"],
+             before["si_sdr"])
+
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=tuple(spec.betas),
+                            weight_decay=spec.weight_decay)
+    disc = opt_d = None
+    if spec.discriminator:
+        from encodec.msstftd import MultiScaleSTFTDiscriminator
+
+        disc = MultiScaleSTFTDiscriminator(filters=spec.disc_filters).to(device)
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=spec.disc_lr, betas=tuple(spec.betas))
+    budget = spec.max_minutes * 60
+    t0 = time.perf_counter()
+    history, step, x = [], 0, first
+    while step < spec.steps:
+        elapsed = time.perf_counter() - t0
+        progress = max(step / spec.steps, elapsed / budget if budget else 0.0)
+        if progress >= 1:
+            break
+        factor = _lr_factor(progress, step, spec.warmup_steps)
+        for g in opt.param_groups:
+            g["lr"] = spec.lr * factor
+        if x is None:
+            x = data.batch(spec.batch_size, segment).to(device)
+        model.train()
+        emb = model.encoder(x[:, None])  # (B, D, T')
+        quantized, _, commit = model.quantizer.vq(emb, n_q=codec.num_codebooks)
+        y = model.decoder(quantized)[:, 0, :segment]  # (B, T)
+        parts = {"time_l1": (y - x).abs().mean(), "mel": mel.distance(y, x), "commit": commit.mean()}
+        if disc is not None and step >= spec.disc_start_step:
+            for g in opt_d.param_groups:
+                g["lr"] = spec.disc_lr * factor
+            real_logits, _ = disc(x[:, None])
+            fake_logits, _ = disc(y.detach()[:, None])
+            d_loss = _hinge_d(real_logits, fake_logits)
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            fake_logits, fake_maps = disc(y[:, None])
+            with torch.no_grad():
+                _, real_maps = disc(x[:, None])
+            parts["adv"] = sum(F.relu(1 - f).mean() for f in fake_logits) / len(fake_logits)
+            parts["feat"] = _feature_matching(real_maps, fake_maps)
+            parts["disc"] = d_loss.detach()
+        loss = sum(getattr(spec.loss, k) * v for k, v in parts.items() if k != "disc")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if spec.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+        opt.step()
+        step += 1
+        x = None
+        row = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+        history.append(row)
+        if step % spec.log_every == 0 or step == 1:
+            secs = time.perf_counter() - t0
+            log.info("step %d  loss %.4f  %s  lr %.2e  %.0f s  %.1f audio-s/s", step, row["loss"],
+                     "  ".join(f"{k} {row[k]:.4f}" for k in parts), spec.lr * factor, secs,
+                     step * spec.batch_size * spec.segment_s / max(secs, 1e-9))
+        if spec.eval_every and step % spec.eval_every == 0:
+            ev = evaluate_codec(codec, clips, mel)
+            log.info("step %d  held-out mel distance %.4f  SI-SDR %.2f dB", step, ev["mel_distance"],
+                     ev["si_sdr"])
+        if spec.save_every and step % spec.save_every == 0:
+            codec.save(spec.out)
+    seconds = time.perf_counter() - t0
+    after = evaluate_codec(codec, clips, mel)
+    codec.model.eval()
+    out = codec.to("cpu").save(spec.out)
+    window = max(1, min(25, len(history) // 10))  # mean of the first / last 10% of steps (at most 25)
+    head, tail = history[:window], history[-window:]
+    report = {
+        "out": str(out), "preset": spec.preset, "params": num_params, "device": str(device),
+        "sample_rate": sr, "frame_rate": codec.frame_rate, "num_codebooks": codec.num_codebooks,
+        "cardinality": codec.cardinality,
+        "bitrate_kbps": codec.frame_rate * codec.num_codebooks * math.log2(codec.cardinality) / 1000,
+        "steps": step, "seconds": round(seconds, 1), "audio_seconds_per_second":
+            round(step * spec.batch_size * spec.segment_s / max(seconds, 1e-9), 2),
+        "train_files": len(data.files), "skipped_files": data.num_bad, "val_clips": len(clips),
+        "loss_first": sum(r["loss"] for r in head) / max(1, len(head)),
+        "loss_last": sum(r["loss"] for r in tail) / max(1, len(tail)),
+        "before": before, "after": after,
+        "mel_distance_reduction": 1 - after["mel_distance"] / before["mel_distance"],
+        "si_sdr_gain_db": after["si_sdr"] - before["si_sdr"],
+        "spec": dataclasses.asdict(spec),
+    }
+    atomic_write_json(out / "report.json", report)
+    if data.num_bad:
+        log.warning("skipped %d unusable audio files (on_bad_sample=skip)", data.num_bad)
+    log.info("held-out mel distance %.4f -> %.4f (%.0f%% lower), SI-SDR %.2f -> %.2f dB; saved %s",
+             before["mel_distance"], after["mel_distance"], 100 * report["mel_distance_reduction"],
+             before["si_sdr"], after["si_sdr"], out)
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The few lines ``omni tokenizer train`` prints after training a codec."""
+    r, b, a = report, report["before"], report["after"]
+    return (f"trained a {r['params'] / 1e6:.2f}M-parameter codec ({r['frame_rate']:g} Hz x "
+            f"{r['num_codebooks']} codebooks of {r['cardinality']}, {r['bitrate_kbps']:.1f} kbps) for "
+            f"{r['steps']} steps in {r['seconds'] / 60:.1f} min on {r['device']}\n"
+            f"held-out multi-scale mel distance {b['mel_distance']:.4f} -> {a['mel_distance']:.4f} "
+            f"({100 * r['mel_distance_reduction']:.0f}% lower); "
+            f"SI-SDR {b['si_sdr']:.2f} -> {a['si_sdr']:.2f} dB\n"
+            f"saved to {r['out']} (report.json beside it)")

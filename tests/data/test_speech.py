@@ -1,0 +1,141 @@
+"""Speech and sound corpus builders: real espeak-ng / flite / piper speech and Tux Paint sounds."""
+
+import random
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from omni.data import speech
+from omni.data.speech import (
+    build_sounds_corpus,
+    build_speech_corpus,
+    grammar_sentence,
+    grammar_vocabulary,
+    manifest_audio,
+    number_words,
+    stamp_caption,
+    voices_by_split,
+    wiki_sentences,
+)
+from omni.io import read_jsonl
+
+needs_tts = pytest.mark.skipif(not (shutil.which("espeak-ng") and shutil.which("flite")),
+                               reason="needs apt-get install espeak-ng flite")
+
+
+def test_grammar_is_closed_and_about_a_hundred_words():
+    vocab = grammar_vocabulary()
+    assert 90 <= len(vocab) <= 120
+    rng = random.Random(0)
+    sentences = [grammar_sentence(rng) for _ in range(2000)]
+    used = {w for s in sentences for w in s.split()}
+    assert used <= vocab and len(used) > 0.9 * len(vocab)
+    assert [number_words(n) for n in (1, 13, 40, 42, 100)] == ["one", "thirteen", "forty", "forty two",
+                                                               "one hundred"]
+
+
+def test_speaker_splits_are_disjoint_and_cover_every_accent():
+    splits = voices_by_split()
+    names = {k: {v.speaker for v in vs} for k, vs in splits.items()}
+    assert not names["train"] & names["val"] and not names["train"] & names["test"]
+    assert not names["val"] & names["test"]
+    for held_out in ("val", "test"):
+        assert {v.engine for v in splits[held_out]} == {"espeak", "flite"}
+    for accent in speech.ESPEAK_ACCENTS:  # accents are shared; accent+variant combinations are not
+        assert any(v.name.startswith(accent + "+") for v in splits["train"])
+    assert voices_by_split() == splits  # deterministic
+
+
+def test_wiki_sentences_are_speakable():
+    sentences = wiki_sentences()
+    assert len(sentences) > 5000
+    assert all(not any(c.isdigit() or c in "()[]" for c in s) for s in sentences[:2000])
+
+
+@needs_tts
+def test_build_speech_corpus(tmp_path):
+    out = tmp_path / "speech"
+    counts = build_speech_corpus(out, counts={"train": 6, "val": 2, "test": 2, "test_piper": 1}, seed=0)
+    assert counts == {"train": 6, "val": 2, "test": 2, "test_piper": 1}
+    rows = {s: list(read_jsonl(out / f"{s}.jsonl")) for s in counts}
+    for split, items in rows.items():
+        for row in items:
+            assert set(row) == {"id", "audio", "text", "speaker", "split", "duration"}
+            assert row["split"] == split
+    train_speakers = {r["speaker"] for r in rows["train"]}
+    assert not train_speakers & {r["speaker"] for r in rows["val"] + rows["test"]}
+    assert rows["test_piper"][0]["speaker"] == "piper:joe"
+    for path, row in manifest_audio(out / "train.jsonl") + manifest_audio(out / "test_piper.jsonl"):
+        info = sf.info(str(path))
+        assert (info.samplerate, info.channels) == (16000, 1)
+        assert abs(info.duration - row["duration"]) < 1e-3 and 0.5 < row["duration"] < 10
+        wave, _ = sf.read(str(path))
+        assert np.abs(wave).max() > 0.05  # speech, not silence
+    # resumable and deterministic: a second run reuses the files and writes the same manifests
+    before = (out / "train.jsonl").read_text()
+    build_speech_corpus(out, counts={"train": 6, "val": 2, "test": 2, "test_piper": 1}, seed=0)
+    assert (out / "train.jsonl").read_text() == before
+
+
+def test_missing_tools_and_bad_arguments_are_named(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="size must be one of tiny, full"):
+        build_speech_corpus(tmp_path, size="huge")
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        build_speech_corpus(tmp_path, counts={"dev": 3})
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda tool: None if tool == "flite" else real_which(tool))
+    with pytest.raises(ValueError, match="apt-get install flite"):
+        build_speech_corpus(tmp_path, counts={"train": 1})
+    with pytest.raises(ValueError, match="apt-get install tuxpaint-stamps-default"):
+        build_sounds_corpus(tmp_path, stamps_dir=tmp_path / "no_stamps")
+
+
+def test_stamp_caption_picks_english(tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_text("A blue truck.\nfr.utf8=Un camion bleu.\nen_GB.utf8=A blue lorry.\n", encoding="utf-8")
+    assert stamp_caption(txt) == "A blue truck."
+    txt.write_text("de.utf8=Ein Hund.\nen_US.utf8=A dog.\n", encoding="utf-8")
+    assert stamp_caption(txt) == "A dog."
+    txt.write_text("A calculator.  6x7=42\nca@valencia.utf8=Una calculadora.\n", encoding="utf-8")
+    assert stamp_caption(txt) == "A calculator.  6x7=42"
+
+
+def _fake_stamp(root, rel, caption, seed, sr=22050, channels=1):
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    noise = np.random.default_rng(seed).uniform(-0.3, 0.3, (sr // 2, channels))
+    sf.write(path.with_suffix(".ogg"), noise, sr)
+    path.with_suffix(".png").write_bytes(b"\x89PNG")
+    path.with_suffix(".txt").write_text(f"{caption}\nfr.utf8=...\n", encoding="utf-8")
+
+
+def test_sounds_corpus_from_stamp_layout(tmp_path):
+    stamps = tmp_path / "stamps"
+    for i in range(12):
+        _fake_stamp(stamps, f"animals/pets/pet{i}", f"A pet number {i}.", i, channels=1 + i % 2)
+    _fake_stamp(stamps, "symbols/letters/O_filled", "The letter O.", 20)
+    _fake_stamp(stamps, "symbols/letters/O_outline", "The letter o.", 21)
+    sf.write(stamps / "animals/pets/pet0_desc.ogg", np.zeros(1000), 22050)  # a spoken description: skipped
+    sf.write(stamps / "animals/pets/pet0_fr.ogg", np.zeros(1000), 22050)  # a spoken name: skipped
+    counts = build_sounds_corpus(tmp_path / "sounds", stamps_dir=stamps, val_fraction=0.25,
+                                 test_fraction=0.25)
+    assert sum(counts.values()) == 14 and min(counts.values()) > 0
+    rows = [r for s in counts for r in read_jsonl(tmp_path / "sounds" / f"{s}.jsonl")]
+    letters = [r for r in rows if r["stamp"].startswith("symbols/letters")]
+    assert len({r["split"] for r in letters}) == 1  # one caption (any case) -> one split
+    assert {r["category"] for r in rows} == {"animals", "symbols"}
+    for path, row in manifest_audio(tmp_path / "sounds" / "train.jsonl"):
+        info = sf.info(str(path))
+        assert (info.samplerate, info.channels) == (16000, 1) and abs(info.duration - 0.5) < 0.01
+        assert row["duration"] == pytest.approx(info.duration, abs=1e-3)
+
+
+@pytest.mark.skipif(not speech.TUXPAINT_STAMPS.is_dir(), reason="apt-get install tuxpaint-stamps-default")
+def test_real_tuxpaint_sounds():
+    sounds = speech.stamp_sounds()
+    assert len(sounds) > 100
+    captions = dict((p.relative_to(speech.TUXPAINT_STAMPS).as_posix(), c) for p, c in sounds)
+    assert captions.get("animals/birds/seagull.ogg") == "A seagull."
+    assert not any("_desc" in p for p in captions)

@@ -1,0 +1,131 @@
+"""Codec training: the reconstruction metrics, the shipped specs, and a short real training run."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from omni.io import read_jsonl
+from omni.tokenizers.audio import AudioCodec
+from omni.tokenizers.audio_codec_train import (
+    CodecTrainSpec,
+    load_codec_spec,
+    multiscale_mel_distance,
+    reconstruct_manifest,
+    si_sdr,
+    train_codec,
+    zero_conv_biases,
+)
+
+SPECS = ["audio_codec_tiny", "audio_codec_base"]
+
+
+def test_si_sdr():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8000, generator=g)
+    assert (si_sdr(x, x) > 80).all()
+    y = x + 0.1 * torch.randn(2, 8000, generator=g)
+    assert torch.allclose(si_sdr(3.0 * y, x), si_sdr(y, x), atol=1e-4)  # gain does not matter
+    assert torch.allclose(si_sdr(y, 0.5 * x), si_sdr(y, x), atol=1e-4)
+    assert 19 < si_sdr(y, x).mean() < 21  # noise at -20 dB
+    assert si_sdr(torch.randn(8000, generator=g), x[0]) < -10
+    with pytest.raises(ValueError, match="shapes differ"):
+        si_sdr(x, x[0])
+
+
+def test_multiscale_mel_distance():
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(16000) / 16000
+    x = 0.5 * torch.sin(2 * torch.pi * 440 * t)
+    assert multiscale_mel_distance(x, x.clone(), 16000) == 0.0
+    near = multiscale_mel_distance(x + 0.001 * torch.randn(16000, generator=g), x, 16000)
+    far = multiscale_mel_distance(x + 0.1 * torch.randn(16000, generator=g), x, 16000)
+    assert 0 < near < far
+    other = 0.5 * torch.sin(2 * torch.pi * 880 * t)
+    assert multiscale_mel_distance(other, x, 16000) == pytest.approx(multiscale_mel_distance(x, other, 16000))
+    assert multiscale_mel_distance(torch.stack([x, x]), torch.stack([x, other]), 16000) > 0
+
+
+def test_zero_conv_biases_touches_only_conv_biases():
+    codec = AudioCodec("debug")
+    before = {k: v.clone() for k, v in codec.model.state_dict().items()}
+    zero_conv_biases(codec.model)
+    after = codec.model.state_dict()
+    conv_biases = [k for k in after if k.endswith(".bias")]
+    assert conv_biases and all(after[k].abs().sum() == 0 for k in conv_biases)
+    assert any(before[k].abs().sum() > 0 for k in conv_biases)
+    assert all(torch.equal(after[k], before[k]) for k in after if not k.endswith(".bias"))  # LSTM: bias_ih_l0
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_shipped_specs_load_and_validate(name):
+    spec = load_codec_spec(name)
+    assert isinstance(spec, CodecTrainSpec) and spec.kind == "audio_codec"
+    AudioCodec(spec.codec)  # the architecture builds
+
+
+def test_spec_overrides_and_errors():
+    spec = load_codec_spec("audio_codec_tiny", ["codec.num_codebooks=4", "steps=10", "loss.mel=2"])
+    assert spec.codec.num_codebooks == 4 and spec.codec.codebook_size == 256 and spec.steps == 10
+    assert spec.loss.mel == 2.0
+    with pytest.raises(ValueError, match="unknown key codec.filters"):
+        load_codec_spec("audio_codec_tiny", ["codec.filters=3"])
+    with pytest.raises(ValueError, match="preset must be one of"):
+        load_codec_spec("audio_codec_tiny", ["preset=huge"])
+    with pytest.raises(ValueError, match="must be longer than the largest mel scale"):
+        load_codec_spec("audio_codec_tiny", ["segment_s=0.1"])
+    with pytest.raises(ValueError, match="codec.num_codebooks"):
+        load_codec_spec("audio_codec_tiny", ["codec.num_codebooks=9"])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    if not (shutil.which("espeak-ng") and shutil.which("flite")):
+        pytest.skip("needs apt-get install espeak-ng flite")
+    from omni.data.speech import build_speech_corpus
+
+    out = tmp_path_factory.mktemp("speech")
+    build_speech_corpus(out, counts={"train": 8, "val": 3, "test": 0}, piper=False, seed=1)
+    return out
+
+
+def _spec(corpus, out, **kw):
+    base = dict(preset="debug", train_manifests=[str(corpus / "train.jsonl")],
+                val_manifests=[str(corpus / "val.jsonl")], out=str(out), steps=40, batch_size=4,
+                segment_s=0.3,
+                lr=3e-3, warmup_steps=5, mel_scales=[128, 256, 512], num_val_clips=3, val_max_s=1.0,
+                log_every=100, threads=2)
+    from omni.tokenizers.audio import codec_config
+
+    spec = CodecTrainSpec(codec=codec_config("debug"), **{**base, **kw})
+    spec.validate()
+    return spec
+
+
+def test_training_lowers_held_out_mel_distance_and_saves(corpus, tmp_path):
+    torch.manual_seed(0)
+    report = train_codec(_spec(corpus, tmp_path / "codec", batch_size=8, lr=5e-3))
+    assert report["steps"] == 40 and report["loss_last"] < report["loss_first"]
+    assert report["after"]["mel_distance"] < 0.97 * report["before"]["mel_distance"]  # 11k params, 40 steps
+    assert report["skipped_files"] == 0 and report["val_clips"] == 3
+    saved = json.loads((tmp_path / "codec" / "report.json").read_text())
+    assert saved["mel_distance_reduction"] == pytest.approx(report["mel_distance_reduction"])
+    codec = AudioCodec.load(tmp_path / "codec")
+    rec = reconstruct_manifest(codec, corpus / "val.jsonl", tmp_path / "rec")
+    rows = list(read_jsonl(rec))
+    assert len(rows) == 3 and all((rec.parent / r["audio"]).is_file() for r in rows)
+
+
+def test_discriminator_path_and_bad_samples(corpus, tmp_path):
+    manifest = tmp_path / "with_bad.jsonl"
+    rows = list(read_jsonl(corpus / "train.jsonl"))
+    rows = [{**r, "audio": str(corpus / r["audio"])} for r in rows] + [{"id": "gone", "audio": "missing.wav"}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = train_codec(_spec(corpus, tmp_path / "codec", train_manifests=[str(manifest)], steps=3,
+                               discriminator=True, disc_filters=4))
+    assert report["skipped_files"] == 1 and report["steps"] == 3
+    assert all(k in report["spec"] for k in ("discriminator", "loss"))
+    with pytest.raises(ValueError, match="missing.wav: unusable audio"):
+        train_codec(_spec(corpus, tmp_path / "codec2", train_manifests=[str(manifest)], steps=1,
+                          on_bad_sample="error"))
