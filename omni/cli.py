@@ -89,10 +89,10 @@ def cmd_data_build(args) -> int:
 
 
 def cmd_tokenizer_train(args) -> int:
-    from omni.config import _read_yaml, find_tokenizer_spec, load_tokenizer_spec
+    from omni.config import read_yaml, find_tokenizer_spec, load_tokenizer_spec
     from omni.tokenizers.text import TextTokenizer, corpus_texts
 
-    if _read_yaml(find_tokenizer_spec(args.spec)).get("kind") == "audio_codec":
+    if read_yaml(find_tokenizer_spec(args.spec)).get("kind") == "audio_codec":
         from omni.tokenizers.audio_codec_train import format_report, load_codec_spec, train_codec
 
         print(format_report(train_codec(load_codec_spec(args.spec, args.overrides))))

@@ -207,7 +207,7 @@ def _find(name_or_path: str, folder: str, what: str) -> Path:
 
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> RecipeConfig:
     path = find_recipe(name_or_path)
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     raw.setdefault("name", path.stem if path.parent.name == "recipes" else
                    f"{path.parent.name}/{path.stem}")
     cfg = from_dict(RecipeConfig, apply_overrides(raw, overrides or []))
@@ -216,13 +216,13 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
 
 
 def load_tokenizer_spec(name_or_path: str, overrides: list[str] | None = None) -> TextTokenizerSpec:
-    raw = _read_yaml(find_tokenizer_spec(name_or_path))
+    raw = read_yaml(find_tokenizer_spec(name_or_path))
     spec = from_dict(TextTokenizerSpec, apply_overrides(raw, overrides or []))
     spec.validate()
     return spec
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:

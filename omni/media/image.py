@@ -129,7 +129,7 @@ def _open_pil(source, name: str, max_pixels: int):
                 raise MediaError(name, "file not found" if not path.exists() else "not a regular file")
             if path.stat().st_size == 0:
                 raise MediaError(name, "empty file (0 bytes)")
-            fp = path
+            fp = io.BytesIO(path.read_bytes())  # PIL decodes lazily: hold no file handle open
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)

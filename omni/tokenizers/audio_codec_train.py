@@ -188,9 +188,9 @@ class CodecTrainSpec:
 def load_codec_spec(name_or_path: str, overrides: list[str] | None = None) -> CodecTrainSpec:
     """Read a codec spec (by path, or by name under ``tokenizers/``), apply ``a.b=c`` overrides, merge
     ``codec:`` over the preset, validate."""
-    from omni.config import _read_yaml, apply_overrides, find_tokenizer_spec, from_dict
+    from omni.config import read_yaml, apply_overrides, find_tokenizer_spec, from_dict
 
-    raw = apply_overrides(_read_yaml(find_tokenizer_spec(name_or_path)), overrides or [])
+    raw = apply_overrides(read_yaml(find_tokenizer_spec(name_or_path)), overrides or [])
     preset = raw.get("preset", CodecTrainSpec.preset)
     if preset not in CODEC_PRESETS:
         raise ValueError(f"preset must be one of {', '.join(CODEC_PRESETS)}; got {preset!r}")
