@@ -19,12 +19,13 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+
+from common import cpu_model, interleaved  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -48,17 +49,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def build(args):
     """A random-init transformers Llama and the same weights imported into omni."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -80,23 +70,6 @@ def build(args):
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Time each fn ``repeats`` times, alternating which goes first, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            _sync()
-            t0 = time.perf_counter()
-            fns[name]()
-            _sync()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def train_fns(hf, ours, args):

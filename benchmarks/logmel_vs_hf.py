@@ -17,13 +17,14 @@ import json
 import os
 import platform
 import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
 
+
+from common import cpu_model, interleaved  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -36,32 +37,6 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Time each fn ``repeats`` times, alternating which goes first, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def main(argv=None):

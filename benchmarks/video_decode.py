@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 
+from common import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", type=str, default=None, help="a built video corpus folder (reads train.jsonl)")
@@ -38,17 +40,6 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads")
     return p.parse_args(argv)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def short_clips(args, tmp: Path) -> tuple[list[Path], str]:

@@ -1,0 +1,32 @@
+"""Shared by the benchmarks: the CPU's name and interleaved timing (so both sides see the same load)."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Time each fn ``repeats`` times, alternating which goes first, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
