@@ -70,7 +70,3 @@ def from_vocab(ids: torch.Tensor, vocab) -> tuple[torch.Tensor, torch.Tensor]:
     rel = ids - vocab.text_size
     return rel // vocab.codebook_size, rel % vocab.codebook_size
 
-
-def flatten_codebook_of_step(step: int, num_codebooks: int) -> int:
-    """Which codebook the ``step``-th flattened token belongs to."""
-    return step % num_codebooks
