@@ -14,9 +14,8 @@ import math
 from pathlib import Path
 
 import torch
-import yaml
 
-from omni.config import RecipeConfig, from_dict
+from omni.config import RecipeConfig, from_dict, read_yaml
 from omni.io import atomic_write_json, read_jsonl, write_jsonl
 from omni.metrics import bleu, cer, cider_d, wer
 
@@ -27,7 +26,7 @@ def run_recipe(ckpt: Path) -> RecipeConfig:
     f = Path(ckpt) / "recipe.yaml"
     if not f.is_file():
         raise ValueError(f"{ckpt}: no recipe.yaml (is this a directory written by `omni train`?)")
-    return from_dict(RecipeConfig, yaml.safe_load(f.read_text(encoding="utf-8")))
+    return from_dict(RecipeConfig, read_yaml(f))
 
 
 def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None, batch_size: int = 16,

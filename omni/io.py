@@ -44,6 +44,18 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def read_json(path: str | Path) -> dict:
+    """A JSON object from a file; invalid JSON or another top-level type is a ValueError naming it."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return obj
+
+
 def read_jsonl(path: str | Path) -> Iterator[dict]:
     path = Path(path)
     if not path.is_file():

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from omni.io import read_json
+
 from omni.model.backbone import BackboneConfig
 from omni.model.omni_model import OmniConfig, OmniModel
 from omni.vocab import Vocab
@@ -79,13 +81,7 @@ def _read_config(path: Path) -> dict:
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise ValueError(f"{path}: not a transformers checkpoint ({CONFIG_FILE} is missing)")
-    try:
-        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{cfg_file}: expected a JSON object")
-    return raw
+    return read_json(cfg_file)
 
 
 def hf_config_to_omni(raw: dict, source: str = CONFIG_FILE) -> OmniConfig:
