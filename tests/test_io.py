@@ -103,3 +103,17 @@ def test_replace_dir(tmp_path):
     io.replace_dir(tmp, final)
     assert (final / "x").read_text() == "new"
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    import os
+
+    from omni.io import atomic_write_bytes, default_mode, temp_dir
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+        assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644 == default_mode()
+        assert temp_dir(tmp_path, ".t").stat().st_mode & 0o777 == 0o755
+    finally:
+        os.umask(old)

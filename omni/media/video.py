@@ -39,6 +39,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from omni.io import default_mode
 from omni.media import MediaError
 from omni.media.image import describe
 
@@ -327,6 +328,7 @@ def write_video(path: str | Path, frames: torch.Tensor, fps: float, audio: torch
             raise ValueError(f"{path}: audio must be (T,) or (C, T) with C in 1, 2; got {tuple(audio.shape)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp.mp4")
+    os.fchmod(fd, default_mode())
     os.close(fd)
     try:
         with av.open(tmp, "w", format="mp4") as container:

@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from omni.io import atomic_write_bytes, atomic_write_json, load_tensors, replace_dir, save_tensors
+from omni.io import atomic_write_bytes, atomic_write_json, load_tensors, replace_dir, save_tensors, temp_dir
 
 LATEST = "latest"
 
@@ -80,7 +79,7 @@ def save_checkpoint(ckpt_root: Path, model_state: dict[str, torch.Tensor], optim
     """Write ``step_<N>`` atomically, point ``latest`` at it, and prune all but the newest ``keep``."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{state.step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".{final.name}.tmp"))
+    tmp = temp_dir(ckpt_root, f".{final.name}.tmp")
     try:
         save_tensors(tmp / "model.safetensors", model_state)
         opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
