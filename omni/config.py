@@ -169,7 +169,7 @@ class TextTokenizerSpec:
 
     def validate(self):
         _choice("kind", self.kind, ("sentencepiece",))
-        _choice("model_type", self.model_type, ("unigram", "bpe"))
+        _choice("model_type", self.model_type, ("unigram", "bpe", "word"))
         from omni.vocab import SPECIAL_TOKENS
 
         minimum = 4 + len(SPECIAL_TOKENS) + 32

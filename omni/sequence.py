@@ -21,7 +21,8 @@ With the ``delay`` layout a rendered sample carries ``streams (K-1, T)``: the id
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -108,6 +109,7 @@ class MediaSlot:
     length: int
     modality: str
     data: torch.Tensor
+    labels: torch.Tensor | None = None  # text ids the media says (speech), for an encoder's auxiliary loss (CTC)
 
 
 @dataclass
@@ -316,6 +318,6 @@ def _make_row(pieces, seq_len, pad_id, num_streams) -> PackedRow:
         if s.streams is not None:
             streams[:, at:at + n] = s.streams[:, a:b]
             stream_targets[:, at:at + n] = s.stream_targets[:, a:b]
-        media += [MediaSlot(m.start - a + at, m.length, m.modality, m.data) for m in s.media]
+        media += [replace(m, start=m.start - a + at) for m in s.media]
         at += n
     return PackedRow(ids, targets, positions, doc_ids, streams, stream_targets, media)

@@ -6,8 +6,8 @@ A task is a template and which segments carry loss:
 ``text``       ``{"text"}`` -> a document (loss on all of it)
 ``caption``    ``{<media>: path, <target>: str}`` -> user: [media, prompt]; assistant: target.
                Speech recognition is this task with ``media=audio``, ``target=text``.
-``continue``   ``{"audio": path}`` -> a document of the clip's codec codes (loss on all codes):
-               audio continuation (AudioLM / MusicGen style)
+``continue``   ``{"audio": path}`` -> a document of [prompt text] + the clip's codec codes (loss on
+               all of it): audio continuation (AudioLM / MusicGen style)
 
 Media files are decoded and preprocessed once, when the dataset is built. A row that cannot be
 used (a missing or corrupt file, an empty target) is skipped and counted, or raises with
@@ -38,8 +38,13 @@ class TaskSpec:
     task: str = "text"
     media: str = "image"  # caption: which manifest field / modality holds the input
     target: str = "caption"  # caption: which manifest field holds the text to produce
-    prompt: str = ""  # caption: text after the media in the user turn
+    prompt: str = ""  # caption: text after the media in the user turn; continue: text before the audio
     max_audio_s: float = 10.0  # continue: clips are cut to this length
+
+    @classmethod
+    def of(cls, data) -> TaskSpec:
+        """From a recipe's ``data`` section (:class:`omni.config.DataConfig`)."""
+        return cls(data.task, data.media, data.target, data.prompt, data.max_audio_s)
 
 
 def sample_for(row: dict, spec: TaskSpec, model, root: Path) -> Sample:
@@ -60,7 +65,8 @@ def sample_for(row: dict, spec: TaskSpec, model, root: Path) -> Sample:
         return Sample([Message("user", user), Message("assistant", [Segment(text=target.strip())])])
     if spec.task == "continue":
         codes = encode_audio(model, _media_path(row, "audio", root), spec.max_audio_s)
-        return Sample([Message(None, [Segment("audio", codes=codes)])])
+        prefix = [Segment(text=spec.prompt)] if spec.prompt else []
+        return Sample([Message(None, prefix + [Segment("audio", codes=codes)])])
     raise ValueError(f"unknown task {spec.task!r}; expected one of {', '.join(TASKS)}")
 
 
@@ -72,13 +78,15 @@ def _media_path(row: dict, key: str, root: Path) -> Path:
     return path if path.is_absolute() else root / path
 
 
-def encode_audio(model, path, max_seconds: float | None = None) -> torch.Tensor:
-    """A file -> the model's codec codes (K, T), the clip cut to ``max_seconds``."""
+def encode_audio(model, audio, max_seconds: float | None = None) -> torch.Tensor:
+    """A file or :class:`~omni.media.audio.Audio` -> the model's codec codes (K, T), the clip cut
+    to ``max_seconds``."""
     from omni.media.audio import Audio
 
     if model.codec is None:
         raise ValueError("the model has no audio codec (recipe section `codec`)")
-    wave = Audio(path).resample(model.codec.sample_rate).waveform
+    audio = audio if isinstance(audio, Audio) else Audio(audio)
+    wave = audio.resample(model.codec.sample_rate).waveform
     if max_seconds:
         wave = wave[:int(max_seconds * model.codec.sample_rate)]
     with torch.no_grad():
@@ -93,6 +101,9 @@ class TaskDataset(torch.utils.data.Dataset):
         self.manifest = Path(manifest)
         self.spec = spec
         root = self.manifest.parent
+        # speech: the transcript rides along with the audio slot for the encoder's CTC head
+        encoder = model.encoders[spec.media] if spec.task == "caption" and spec.media in model.encoders else None
+        ctc = getattr(encoder, "ctc_head", None) is not None
         rendered, self.num_bad = [], 0
         for n, row in enumerate(read_jsonl(self.manifest)):
             try:
@@ -100,6 +111,8 @@ class TaskDataset(torch.utils.data.Dataset):
                            audio_pattern=model.config.audio_pattern, mrope=model.uses_mrope)
                 if r.media and len(r) > seq_len:
                     raise ValueError(f"{len(r)} tokens do not fit data.seq_len={seq_len}")
+                if ctc:
+                    r.media[0].labels = torch.tensor(tokenizer.encode(row[spec.target].strip()))
             except (ValueError, MediaError) as e:
                 if on_bad_sample == "error":
                     raise ValueError(f"{self.manifest}: row {n + 1}: {e}") from None

@@ -10,11 +10,24 @@ Config (``OmniConfig.media[modality]``, a recipe's ``model.media.<modality>``)::
 
     image: {tokenizer: ImageTokenizerConfig fields, connector: ConnectorConfig fields}
     video: {tokenizer: ImageTokenizerConfig fields, video: VideoTokenizerConfig fields, connector: ...}
-    audio: {encoder: {kind: whisper_style|hf_whisper, size, n_mels, path, freeze, input_mode}, connector: ...}
+    audio: {encoder: {kind: whisper_style|hf_whisper, size, n_mels, path, freeze, input_mode}, connector: ...,
+            normalize: none|mean|meanvar, spec_augment: {...}, stack: int, ctc_weight: float, precompute: bool}
+
+Speech recognition helpers on the audio side (what the small-data ASR recipes need):
+``normalize: mean`` subtracts each mel band's mean over the utterance (``meanvar`` also divides by
+its standard deviation); ``spec_augment`` masks
+random frequency bands and time spans while training (SpecAugment); ``stack`` concatenates that
+many consecutive encoder features into one token (fewer backbone tokens per second);
+``ctc_weight`` adds a CTC head over the text vocabulary on the encoder features, trained on the
+transcript a slot carries as ``labels`` (an auxiliary loss, as in hybrid CTC/attention ASR).
+``precompute`` (a frozen tower only) runs the encoder once in ``prepare``, so a dataset holds
+features instead of mels and training steps skip the tower: a pretrained Whisper encoder costs
+one forward pass per clip instead of one per step.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,6 +68,10 @@ class MediaEncoder(nn.Module):
     def prepare(self, obj) -> tuple[torch.Tensor, tuple[int, int, int]]:
         raise NotImplementedError
 
+    def encode(self, datas: list[torch.Tensor], labels: list | None = None):
+        """``forward`` plus this encoder's weighted auxiliary loss on ``labels`` (None without one)."""
+        return self(datas), None
+
     def _connect(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.connector(feats, mask)
 
@@ -62,7 +79,7 @@ class MediaEncoder(nn.Module):
 class ImageEncoder(MediaEncoder):
     modality = "image"
 
-    def __init__(self, cfg: dict, dim: int):
+    def __init__(self, cfg: dict, dim: int, text_size: int = 0):
         super().__init__()
         from omni.tokenizers.image import ImageTokenizerConfig, build_image_tokenizer
 
@@ -94,7 +111,7 @@ class ImageEncoder(MediaEncoder):
 class VideoEncoder(MediaEncoder):
     modality = "video"
 
-    def __init__(self, cfg: dict, dim: int):
+    def __init__(self, cfg: dict, dim: int, text_size: int = 0):
         super().__init__()
         from omni.tokenizers.image import ImageTokenizerConfig, build_image_tokenizer
         from omni.tokenizers.video import VideoTokenizerConfig, build_video_tokenizer
@@ -120,20 +137,67 @@ class VideoEncoder(MediaEncoder):
         return [self._connect(f[None])[0] for f in self.video.encode_pixels(datas)]
 
 
+@dataclass
+class SpecAugment:
+    """SpecAugment's masking (Park et al., 2019), applied to training mels only: ``freq_masks``
+    bands of up to ``freq_width`` mel bins and ``time_masks`` spans of up to ``time_width`` of the
+    utterance, set to the utterance mean."""
+
+    freq_masks: int = 2
+    freq_width: int = 15
+    time_masks: int = 2
+    time_width: float = 0.1
+
+    def __call__(self, mel: torch.Tensor) -> torch.Tensor:
+        mel = mel.clone()
+        n_mels, frames = mel.shape
+        fill = mel.mean()
+        for _ in range(self.freq_masks):
+            w = int(torch.randint(0, self.freq_width + 1, ()))
+            f0 = int(torch.randint(0, max(1, n_mels - w), ()))
+            mel[f0:f0 + w] = fill
+        for _ in range(self.time_masks):
+            w = int(torch.randint(0, int(self.time_width * frames) + 1, ()))
+            t0 = int(torch.randint(0, max(1, frames - w), ()))
+            mel[:, t0:t0 + w] = fill
+        return mel
+
+
 class AudioEncoder(MediaEncoder):
-    """Whisper-style input: 16 kHz waveform -> log-mel -> encoder -> connector."""
+    """Whisper-style input: 16 kHz waveform -> log-mel -> encoder -> (stack) -> connector."""
 
     modality = "audio"
 
-    def __init__(self, cfg: dict, dim: int):
+    def __init__(self, cfg: dict, dim: int, text_size: int = 0):
         super().__init__()
         from omni.tokenizers.audio import LogMel, audio_encoder
 
-        _check_keys(cfg, "audio", ("encoder", "connector"))
-        ecfg = dict(_section(cfg, "encoder", "audio"))
-        self.encoder = audio_encoder(**ecfg)
+        _check_keys(cfg, "audio", ("encoder", "connector", "normalize", "spec_augment", "stack", "ctc_weight",
+                                   "precompute"))
+        self.encoder = audio_encoder(**dict(_section(cfg, "encoder", "audio")))
         self.logmel = LogMel(n_mels=self.encoder.n_mels)
-        self.connector = _connector(cfg, "audio", self.encoder.out_dim, dim)
+        self.normalize = cfg.get("normalize", "none")
+        if self.normalize not in ("none", "mean", "meanvar"):
+            raise ValueError(f"model.media.audio.normalize must be none, mean or meanvar, got {self.normalize!r}")
+        spec = cfg.get("spec_augment")
+        self.spec_augment = from_dict(SpecAugment, spec, "model.media.audio.spec_augment.") if spec else None
+        self.stack = int(cfg.get("stack", 1))
+        if self.stack < 1:
+            raise ValueError(f"model.media.audio.stack must be >= 1, got {self.stack}")
+        self.ctc_weight = float(cfg.get("ctc_weight", 0.0))
+        if self.ctc_weight and not text_size:
+            raise ValueError("model.media.audio.ctc_weight needs the text vocabulary size")
+        # blank = the pad id (0), which no transcript contains
+        self.ctc_head = nn.Linear(self.encoder.out_dim, text_size) if self.ctc_weight else None
+        self.precompute = bool(cfg.get("precompute", False))
+        if self.precompute and not getattr(self.encoder, "frozen", False):
+            raise ValueError("model.media.audio.precompute needs a frozen encoder (encoder.freeze: true)")
+        if self.precompute and self.spec_augment is not None:
+            raise ValueError("model.media.audio.spec_augment acts on mels, so it cannot be used with precompute")
+        self.connector = _connector(cfg, "audio", self.encoder.out_dim * self.stack, dim)
+
+    def num_tokens(self, num_frames: int) -> int:
+        return -(-self.encoder.num_tokens(num_frames) // self.stack)
 
     def prepare(self, obj):
         """An :class:`~omni.media.audio.Audio`, a path, or a 16 kHz waveform (T,) -> log-mel (n_mels, F)."""
@@ -145,10 +209,24 @@ class AudioEncoder(MediaEncoder):
         if wave.shape[-1] < self.logmel.hop_length:
             wave = F.pad(wave, (0, self.logmel.hop_length - wave.shape[-1]))
         mel = self.logmel(wave.float())
-        n = self.encoder.num_tokens(mel.shape[-1])
-        return mel, self.connector.grid((n, 1, 1))
+        if self.normalize != "none":
+            mel = mel - mel.mean(dim=-1, keepdim=True)
+        if self.normalize == "meanvar":
+            mel = mel / (mel.std(dim=-1, keepdim=True) + 1e-5)
+        grid = self.connector.grid((self.num_tokens(mel.shape[-1]), 1, 1))
+        if self.precompute:  # the frozen tower's features (N, D) are the slot's data
+            with torch.no_grad():
+                device = next(self.encoder.parameters()).device
+                return self.encoder(mel[None].to(device))[0].cpu(), grid
+        return mel, grid
 
-    def forward(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _features(self, datas: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder features (B, N_max, D) and each clip's real feature count (B,)."""
+        if self.precompute:  # datas are features already
+            n = torch.tensor([d.shape[0] for d in datas])
+            return torch.stack([F.pad(d, (0, 0, 0, int(n.max()) - d.shape[0])) for d in datas]), n
+        if self.training and self.spec_augment is not None:
+            datas = [self.spec_augment(d) for d in datas]
         lengths = torch.tensor([d.shape[-1] for d in datas])
         longest = int(lengths.max())
         mel = torch.stack([F.pad(d, (0, longest - d.shape[-1]), value=float(d.min())) for d in datas])
@@ -156,21 +234,54 @@ class AudioEncoder(MediaEncoder):
 
         # ours masks the padding frames out of attention; transformers' pads to 30 s itself
         kwargs = {"mel_lengths": lengths} if isinstance(self.encoder, WhisperStyleEncoder) else {}
-        feats = self.encoder(mel, **kwargs)  # (B, N_max, D)
-        n = torch.tensor([self.encoder.num_tokens(int(f)) for f in lengths])
+        feats = self.encoder(mel, **kwargs)
+        return feats, torch.tensor([self.encoder.num_tokens(int(f)) for f in lengths])
+
+    def forward(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self._connect_all(*self._features(datas))
+
+    def _connect_all(self, feats: torch.Tensor, n: torch.Tensor) -> list[torch.Tensor]:
+        if self.stack > 1:  # (B, N, D) -> (B, ceil(N/s), s*D): s consecutive features per token
+            B, N, D = feats.shape
+            feats = F.pad(feats, (0, 0, 0, -N % self.stack)).reshape(B, -1, self.stack * D)
+            n = -(-n // self.stack)
         mask = torch.arange(feats.shape[1])[None, :] < n[:, None]
         out = self._connect(feats, mask.to(feats.device))
         if out.shape[1] == feats.shape[1]:  # per-token connector: keep each clip's real tokens
-            return [out[i, :int(n[i])] for i in range(len(datas))]
+            return [out[i, :int(n[i])] for i in range(len(out))]
         return list(out)
+
+    def encode(self, datas, labels=None):
+        feats, n = self._features(datas)
+        out = self._connect_all(feats, n)
+        if self.ctc_head is None or not labels or any(lab is None for lab in labels):
+            return out, None
+        log_probs = self.ctc_head(feats).float().log_softmax(-1).transpose(0, 1)  # (N, B, V)
+        targets = torch.cat([lab.long() for lab in labels]).to(feats.device)
+        target_lengths = torch.tensor([len(lab) for lab in labels])
+        ctc = F.ctc_loss(log_probs, targets, n, target_lengths, blank=0, zero_infinity=True)
+        return out, self.ctc_weight * ctc
+
+    @torch.no_grad()
+    def ctc_decode(self, datas: list[torch.Tensor]) -> list[list[int]]:
+        """Greedy CTC transcripts (text ids) from the auxiliary head: repeats merged, blanks dropped."""
+        if self.ctc_head is None:
+            raise ValueError("this audio encoder has no CTC head (model.media.audio.ctc_weight)")
+        feats, n = self._features(datas)
+        best = self.ctc_head(feats).argmax(-1)
+        out = []
+        for row, length in zip(best.tolist(), n.tolist()):
+            ids = [t for i, t in enumerate(row[:length]) if t != 0 and (i == 0 or t != row[i - 1])]
+            out.append(ids)
+        return out
 
 
 ENCODERS = {"image": ImageEncoder, "video": VideoEncoder, "audio": AudioEncoder}
 
 
-def build_media_encoder(modality: str, cfg: dict, dim: int) -> MediaEncoder:
+def build_media_encoder(modality: str, cfg: dict, dim: int, text_size: int = 0) -> MediaEncoder:
     if modality not in ENCODERS:
         raise ValueError(f"unknown media modality {modality!r} in model.media; choose from {', '.join(ENCODERS)}")
     if not isinstance(cfg, dict):
         raise ValueError(f"model.media.{modality} must be a mapping, got {cfg!r}")
-    return ENCODERS[modality](cfg, dim)
+    return ENCODERS[modality](cfg, dim, text_size)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni.io import atomic_write_json, load_tensors, replace_dir, save_tensors
+from omni.io import atomic_write_json, load_tensors, replace_dir, save_tensors, temp_dir
 from omni.model.backbone import Backbone, BackboneConfig, KVCache
 from omni.sequence import IGNORE
 from omni.vocab import Vocab
@@ -59,8 +58,14 @@ class OmniConfig:
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # (B, T, V)
-    loss: torch.Tensor | None = None
+    loss: torch.Tensor | None = None  # next-token cross-entropy per loss-carrying token
     num_tokens: int = 0  # tokens that carried loss
+    aux_loss: torch.Tensor | None = None  # media encoders' weighted auxiliary losses (CTC), when training
+
+    @property
+    def objective(self) -> torch.Tensor:
+        """What training minimises: the token loss plus any auxiliary loss."""
+        return self.loss if self.aux_loss is None else self.loss + self.aux_loss
 
 
 class OmniModel(nn.Module):
@@ -79,7 +84,7 @@ class OmniModel(nn.Module):
             from omni.model.media_encoder import build_media_encoder
 
             for modality, mcfg in config.media.items():
-                self.encoders[modality] = build_media_encoder(modality, mcfg, cfg.dim)
+                self.encoders[modality] = build_media_encoder(modality, mcfg, cfg.dim, config.vocab.text_size)
         self.tokenizer = tokenizer
         self.set_codec(codec)
 
@@ -130,7 +135,7 @@ class OmniModel(nn.Module):
         """
         if positions is None:
             positions = default_positions(input_ids, key_padding, cache)
-        x = self.embed_inputs(input_ids, streams, media)
+        x, aux_loss = self.embed_inputs(input_ids, streams, media)
         h = self.backbone(x, positions, doc_ids=doc_ids, key_padding=key_padding, cache=cache)
         assert not (last_only and targets is not None), "last_only is for inference"
         logits = self.lm_head(h[:, -1:] if last_only else h)  # last_only: a prompt pass needs one row
@@ -147,12 +152,14 @@ class OmniModel(nn.Module):
                     r = self.vocab.codebook_range(k + 1)
                     total = total + F.cross_entropy(flat[keep, r.start:r.stop], tgt[keep] - r.start, reduction="sum")
                     n += int(keep.sum())
-        return ModelOutput(logits, total / max(n, 1), n)
+        return ModelOutput(logits, total / max(n, 1), n, aux_loss)
 
     def embed_inputs(self, input_ids: torch.Tensor, streams: torch.Tensor | None = None,
-                     media: list | None = None) -> torch.Tensor:
+                     media: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token embeddings (B, T, D): stream 0 + the delay streams (summed), with media features
-        written over their ``<|feat|>`` slots. EMPTY ids contribute nothing."""
+        written over their ``<|feat|>`` slots (EMPTY ids contribute nothing); and the encoders'
+        auxiliary loss when training on slots that carry ``labels`` (else None)."""
+        aux_loss = None
         x = self._embed_ids(input_ids)
         if streams is not None:
             for k in range(streams.shape[1]):
@@ -164,7 +171,10 @@ class OmniModel(nn.Module):
                     raise ValueError(f"this model has no {modality} encoder; it reads: "
                                      f"{', '.join(['text', *self.encoders]) }")
                 items = [(row, slot) for row, slot in media if slot.modality == modality]
-                outs = self.encoders[modality]([slot.data.to(self.device) for _, slot in items])
+                labels = [slot.labels for _, slot in items] if self.training else None
+                outs, aux = self.encoders[modality].encode([slot.data.to(self.device) for _, slot in items], labels)
+                if aux is not None:
+                    aux_loss = aux if aux_loss is None else aux_loss + aux
                 for (row, slot), f in zip(items, outs):
                     if f.shape[0] != slot.length:
                         raise ValueError(f"the {modality} encoder gave {f.shape[0]} tokens for a slot of "
@@ -173,7 +183,7 @@ class OmniModel(nn.Module):
                     cols.append(torch.arange(slot.start, slot.start + slot.length))
                     feats.append(f.to(x.dtype))
             x = x.index_put((torch.cat(rows).to(x.device), torch.cat(cols).to(x.device)), torch.cat(feats))
-        return x
+        return x, aux_loss
 
     def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.min() >= 0:
@@ -209,7 +219,7 @@ class OmniModel(nn.Module):
         """Write config.json + model.safetensors (+ tokenizer/) atomically: a temp dir renamed into place."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+        tmp = temp_dir(path.parent, f".{path.name}.tmp")
         try:
             atomic_write_json(tmp / CONFIG_FILE, self.config.to_dict())
             save_tensors(tmp / WEIGHTS_FILE, self.export_state_dict(), metadata={"format": "pt"})

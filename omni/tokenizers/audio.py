@@ -22,7 +22,6 @@ import dataclasses
 import json
 import math
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni.io import atomic_write_json, load_tensors, replace_dir, save_tensors
+from omni.io import atomic_write_json, load_tensors, replace_dir, save_tensors, temp_dir
 
 FORMAT_VERSION = 1
 ENCODEC_INSTALL = "pip install encodec"
@@ -267,7 +266,7 @@ class AudioCodec(nn.Module):
         """Write ``config.json`` + ``model.safetensors`` into ``directory`` (replaced atomically)."""
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+        tmp = temp_dir(directory.parent, f".{directory.name}.")
         try:
             save_tensors(tmp / "model.safetensors", self.model.state_dict(), metadata={"format": "pt"})
             atomic_write_json(tmp / "config.json", {"kind": "encodec", "format_version": FORMAT_VERSION,
@@ -533,9 +532,10 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> tor
     return torch.cat([t.sin(), t.cos()], dim=1)
 
 
-def _conv_stem_tokens(num_frames: int) -> int:
-    """Features after conv(k3, p1) + conv(k3, stride 2, p1): ceil(F / 2)."""
-    return (num_frames - 1) // 2 + 1
+def _conv_stem_tokens(num_frames: int, subsample: int = 2) -> int:
+    """Features after conv(k3, p1) + conv(k3, stride 2, p1) [+ conv(k3, stride 2, p1)]: ceil(F / 2) [/ 2]."""
+    n = (num_frames - 1) // 2 + 1
+    return (n - 1) // 2 + 1 if subsample == 4 else n
 
 
 @dataclass(frozen=True)
@@ -557,17 +557,22 @@ ENCODER_SIZES: dict[str, EncoderSize] = {
 class WhisperStyleEncoder(nn.Module):
     """Whisper's encoder layout, our code: conv(3)-GELU-conv(3, stride 2)-GELU, fixed sinusoidal
     positions, pre-norm transformer layers (GELU MLP), final LayerNorm. Halves the frame rate
-    (100 mel frames/s -> 50 features/s). Inputs of any length up to ``max_frames``."""
+    (100 mel frames/s -> 50 features/s); ``subsample=4`` adds a third strided conv (25 features/s,
+    the usual ASR front end: the transformer layers then cost half). Inputs of any length up to
+    ``max_frames``."""
 
     def __init__(self, n_mels: int = 80, dim: int = 192, num_layers: int = 4, num_heads: int = 3,
-                 ffn_dim: int | None = None, max_frames: int = 3000, dropout: float = 0.0):
+                 ffn_dim: int | None = None, max_frames: int = 3000, dropout: float = 0.0, subsample: int = 2):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.n_mels, self.max_frames = n_mels, max_frames
+        if subsample not in (2, 4):
+            raise ValueError(f"subsample must be 2 or 4, got {subsample}")
+        self.n_mels, self.max_frames, self.subsample = n_mels, max_frames, subsample
         self.conv1 = nn.Conv1d(n_mels, dim, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
-        self.register_buffer("positions", sinusoids(_conv_stem_tokens(max_frames), dim), persistent=False)
+        self.conv3 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1) if subsample == 4 else None
+        self.register_buffer("positions", sinusoids(_conv_stem_tokens(max_frames, subsample), dim), persistent=False)
         layer = nn.TransformerEncoderLayer(dim, num_heads, ffn_dim or 4 * dim, dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
@@ -581,10 +586,10 @@ class WhisperStyleEncoder(nn.Module):
         return cls(n_mels=n_mels, **{**dataclasses.asdict(ENCODER_SIZES[size]), **overrides})
 
     def num_tokens(self, num_frames: int) -> int:
-        return _conv_stem_tokens(num_frames)
+        return _conv_stem_tokens(num_frames, self.subsample)
 
     def forward(self, mel: torch.Tensor, mel_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """``mel: (B, n_mels, F)`` -> ``(B, ceil(F/2), D)``. ``mel_lengths: (B,)`` real frames per row:
+        """``mel: (B, n_mels, F)`` -> ``(B, ceil(F/subsample), D)``. ``mel_lengths: (B,)`` real frames per row:
         features of padding are masked out of attention (their outputs are meaningless)."""
         if mel.dim() != 3 or mel.shape[1] != self.n_mels:
             raise ValueError(f"expected mel (B, {self.n_mels}, F), got {tuple(mel.shape)}")
@@ -592,11 +597,14 @@ class WhisperStyleEncoder(nn.Module):
             raise ValueError(f"{mel.shape[2]} mel frames exceed max_frames={self.max_frames}; "
                              "process long audio in windows")
         x = F.gelu(self.conv1(mel))
-        x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, N, D)
+        x = F.gelu(self.conv2(x))
+        if self.conv3 is not None:
+            x = F.gelu(self.conv3(x))
+        x = x.transpose(1, 2)  # (B, N, D)
         x = x + self.positions[:x.shape[1]].to(x.dtype)
         pad_mask = None
         if mel_lengths is not None:
-            n = (mel_lengths.to(x.device) - 1) // 2 + 1
+            n = torch.tensor([self.num_tokens(int(f)) for f in mel_lengths], device=x.device)
             pad_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= n[:, None]  # True = padding
         return self.norm(self.layers(x, src_key_padding_mask=pad_mask))
 
@@ -697,13 +705,15 @@ class HFWhisperEncoder(nn.Module):
 
 
 def audio_encoder(kind: str = "whisper_style", size: str = "tiny", n_mels: int = 80, path: str | None = None,
-                  freeze: bool = False, input_mode: str = "pad",
-                  whisper_config: dict | None = None) -> nn.Module:
+                  freeze: bool = False, input_mode: str = "pad", whisper_config: dict | None = None,
+                  subsample: int = 2) -> nn.Module:
     """The recipe-facing builder: ``kind="whisper_style"`` (ours, ``size`` from ``ENCODER_SIZES``)
     or ``"hf_whisper"`` (``path`` to a local Whisper checkpoint, else built from ``whisper_config``)."""
     if kind == "whisper_style":
-        return WhisperStyleEncoder.from_size(size, n_mels=n_mels)
+        return WhisperStyleEncoder.from_size(size, n_mels=n_mels, subsample=subsample)
     if kind == "hf_whisper":
+        if subsample != 2:
+            raise ValueError("subsample applies to kind=whisper_style; a Whisper checkpoint's stem is fixed (2)")
         if path:
             return HFWhisperEncoder.from_pretrained(path, freeze=freeze, input_mode=input_mode)
         return HFWhisperEncoder.from_config({"num_mel_bins": n_mels, **(whisper_config or {})}, freeze=freeze,

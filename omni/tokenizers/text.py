@@ -60,7 +60,10 @@ class TextTokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 4096, model_type: str = "unigram",
               character_coverage: float = 0.9995, max_sentences: int = 300000, seed: int = 0) -> TextTokenizer:
-        """Train on an iterable of strings; byte fallback means any UTF-8 text encodes without <unk>."""
+        """Train on an iterable of strings; byte fallback means any UTF-8 text encodes without <unk>.
+
+        ``model_type="word"`` makes every whitespace-separated word of the corpus one piece (a closed
+        vocabulary, as small speech recognisers use); ``vocab_size`` is then an upper bound."""
         import sentencepiece as spm
 
         texts = [t for t in texts if t.strip()]
@@ -77,6 +80,7 @@ class TextTokenizer:
                 control_symbols=list(SPECIAL_TOKENS), byte_fallback=True, split_digits=True,
                 normalization_rule_name="identity", remove_extra_whitespaces=False,
                 max_sentence_length=16384, num_threads=2, minloglevel=2,
+                hard_vocab_limit=model_type != "word",
             )
         except RuntimeError as e:
             raise ValueError(f"SentencePiece training failed: {e}") from None

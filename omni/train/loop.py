@@ -119,11 +119,35 @@ def prepare_tokenizer(cfg: RecipeConfig, accelerator):
             spec = load_tokenizer_spec(cfg.tokenizer.spec)
             corpus = Path(cfg.data.path) / "train.jsonl"
             log.info("training tokenizer %s on %s -> %s", cfg.tokenizer.spec, corpus, path)
-            tok = TextTokenizer.train(corpus_texts(corpus), vocab_size=spec.vocab_size, model_type=spec.model_type,
+            field = cfg.data.target if cfg.data.task == "caption" else "text"
+            tok = TextTokenizer.train(corpus_texts(corpus, field), vocab_size=spec.vocab_size, model_type=spec.model_type,
                                       character_coverage=spec.character_coverage,
                                       max_sentences=spec.max_sentences, seed=spec.seed)
             tok.save(path)
     return TextTokenizer.load(path)
+
+
+def model_from_recipe(cfg: RecipeConfig, tokenizer):
+    """A freshly initialised model for a recipe: backbone, media encoders, and the codec's codes
+    in the vocabulary when the recipe names one (``codec.path``)."""
+    from omni.model.backbone import backbone_config, default_mrope_section
+    from omni.model.omni_model import build_model
+    from omni.vocab import Vocab
+
+    codec, vocab = None, tokenizer.vocab
+    if cfg.codec.path:
+        from omni.tokenizers.audio import AudioCodec
+
+        codec = AudioCodec.load(cfg.codec.path)
+        vocab = Vocab(vocab.text_size, vocab.specials, codec.num_codebooks, codec.cardinality)
+    mc = cfg.model
+    bcfg = backbone_config(mc.size, dim=mc.dim, num_layers=mc.num_layers, num_heads=mc.num_heads,
+                           num_kv_heads=mc.num_kv_heads, ffn_dim=mc.ffn_dim, max_seq_len=mc.max_seq_len,
+                           rope_theta=mc.rope_theta, attn_backend=mc.attn_backend)
+    if mc.mrope:
+        bcfg.mrope_section = default_mrope_section(bcfg.head_dim)
+    return build_model(bcfg, vocab, tokenizer, tie_embeddings=mc.tie_embeddings, seed=cfg.train.seed,
+                       media=mc.media, audio_pattern=mc.audio_pattern, codec=codec)
 
 
 def _check_data(cfg: RecipeConfig) -> None:
@@ -140,9 +164,6 @@ def train(cfg: RecipeConfig) -> TrainResult:
     from accelerate.utils import set_seed
 
     from omni.data.tasks import TaskDataset, TaskSpec, collate
-    from omni.model.backbone import backbone_config, default_mrope_section
-    from omni.model.omni_model import build_model
-    from omni.vocab import Vocab
 
     tc = cfg.train
     # cpu=True off-GPU lets accelerate run multi-process CPU (gloo) under torchrun / accelerate launch.
@@ -157,23 +178,10 @@ def train(cfg: RecipeConfig) -> TrainResult:
     set_seed(tc.seed)
 
     tokenizer = prepare_tokenizer(cfg, accelerator)
-    codec, vocab = None, tokenizer.vocab
-    if cfg.codec.path:
-        from omni.tokenizers.audio import AudioCodec
-
-        codec = AudioCodec.load(cfg.codec.path)
-        vocab = Vocab(vocab.text_size, vocab.specials, codec.num_codebooks, codec.cardinality)
+    model = model_from_recipe(cfg, tokenizer)
     mc = cfg.model
-    bcfg = backbone_config(mc.size, dim=mc.dim, num_layers=mc.num_layers, num_heads=mc.num_heads,
-                           num_kv_heads=mc.num_kv_heads, ffn_dim=mc.ffn_dim, max_seq_len=mc.max_seq_len,
-                           rope_theta=mc.rope_theta, attn_backend=mc.attn_backend)
-    if mc.mrope:
-        bcfg.mrope_section = default_mrope_section(bcfg.head_dim)
-    model = build_model(bcfg, vocab, tokenizer, tie_embeddings=mc.tie_embeddings, seed=tc.seed, media=mc.media,
-                        audio_pattern=mc.audio_pattern, codec=codec)
-    spec = TaskSpec(cfg.data.task, cfg.data.media, cfg.data.target, cfg.data.prompt, cfg.data.max_audio_s)
-    train_set, val_set = (TaskDataset(Path(cfg.data.path) / f"{split}.jsonl", spec, model, tokenizer,
-                                      cfg.data.seq_len, cfg.data.on_bad_sample) for split in ("train", "val"))
+    train_set, val_set = (TaskDataset(Path(cfg.data.path) / f"{split}.jsonl", TaskSpec.of(cfg.data), model,
+                                      tokenizer, cfg.data.seq_len, cfg.data.on_bad_sample) for split in ("train", "val"))
     optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas),
                                   foreach=True)
 
@@ -254,6 +262,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
         for g in optimizer.param_groups:
             g["lr"] = lr
         step_loss = torch.zeros((), device=accelerator.device)
+        step_aux, has_aux = torch.zeros((), device=accelerator.device), False
         for micro in range(tc.grad_accum):
             rows = stream.take(state.cursor, tc.batch_size)[rank * local_bs:(rank + 1) * local_bs]
             state.cursor += tc.batch_size
@@ -262,8 +271,10 @@ def train(cfg: RecipeConfig) -> TrainResult:
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 with accelerator.autocast():
                     out = _forward(model, batch)
-                accelerator.backward(out.loss / tc.grad_accum)
+                accelerator.backward(out.objective / tc.grad_accum)
             step_loss += out.loss.detach() / tc.grad_accum
+            if out.aux_loss is not None:
+                step_aux, has_aux = step_aux + out.aux_loss.detach() / tc.grad_accum, True
             window_tokens += int((batch["doc_ids"] >= 0).sum()) * world
         loss = float(accelerator.reduce(step_loss, "mean"))
         if not math.isfinite(loss):
@@ -284,6 +295,8 @@ def train(cfg: RecipeConfig) -> TrainResult:
             tok_per_s = window_tokens / max(elapsed, 1e-9)
             row = {"step": state.step, "loss": round(loss, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
                    "tokens_per_s": round(tok_per_s, 1), "tokens": state.tokens}
+            if has_aux:  # the same on every process: it follows from the recipe
+                row["aux_loss"] = round(float(accelerator.reduce(step_aux, "mean")), 5)
             if peak:
                 row["mfu"] = round(6 * n_params * tok_per_s / world / peak, 4)
             record(row)

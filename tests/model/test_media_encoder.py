@@ -1,0 +1,96 @@
+"""The audio encoder's speech-recognition options: an auxiliary CTC head trained on the
+transcript a slot carries, feature stacking, SpecAugment (training only), per-utterance mean
+normalisation, and precomputed features from a frozen tower equal to running it per step."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from omni.data.tasks import TaskDataset, TaskSpec, collate
+from omni.io import write_jsonl
+from omni.model.backbone import backbone_config
+from omni.model.media_encoder import AudioEncoder, SpecAugment
+from omni.model.omni_model import build_model
+
+WHISPER = {"kind": "hf_whisper", "freeze": True, "input_mode": "slice",
+           "whisper_config": {"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 2,
+                              "encoder_ffn_dim": 64, "max_source_positions": 100}}
+
+
+def _asr(tmp_path, text_tokenizer, audio: dict):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, secs in enumerate((1.0, 0.6)):
+        sf.write(tmp_path / f"{i}.wav", (0.1 * rng.standard_normal(int(16000 * secs))).astype(np.float32), 16000)
+        rows.append({"audio": f"{i}.wav", "text": ["turn on the light", "what time is it"][i]})
+    write_jsonl(tmp_path / "asr.jsonl", rows)
+    model = build_model(backbone_config("debug", max_seq_len=128), text_tokenizer.vocab, text_tokenizer, seed=0,
+                        media={"audio": {"encoder": {"kind": "whisper_style", "size": "debug"},
+                                         "connector": {"kind": "mlp"}, **audio}})
+    ds = TaskDataset(tmp_path / "asr.jsonl", TaskSpec("caption", "audio", "text"), model, text_tokenizer, 128)
+    return model, ds, rows
+
+
+def test_ctc_head_trains_on_the_transcript_and_stack_shortens_the_span(tmp_path, text_tokenizer):
+    model, ds, rows = _asr(tmp_path, text_tokenizer, {"ctc_weight": 0.3, "stack": 4, "normalize": "mean"})
+    batch = collate([ds[i] for i in range(len(ds))])
+    slots = [slot for _, slot in batch["media"]]
+    assert [s.length for s in slots] == [13, 8]  # 100 and 60 mel frames -> 50 and 30 features -> /4
+    assert [s.labels.tolist() for s in slots] == [text_tokenizer.encode(r["text"]) for r in rows]
+    assert torch.allclose(slots[0].data.mean(-1), torch.zeros(80), atol=1e-5)  # mean-normalised bands
+    kwargs = dict(positions=batch["positions"], targets=batch["targets"], doc_ids=batch["doc_ids"],
+                  media=batch["media"])
+    out = model.train()(batch["input_ids"], **kwargs)
+    assert out.aux_loss is not None and out.aux_loss > 0 and torch.isfinite(out.objective)
+    assert torch.equal(out.objective, out.loss + out.aux_loss)
+    out.objective.backward()
+    assert model.encoders["audio"].ctc_head.weight.grad.abs().sum() > 0
+    assert model.eval()(batch["input_ids"], **kwargs).aux_loss is None  # evaluation scores tokens only
+    ids = model.encoders["audio"].ctc_decode([s.data for s in slots])
+    assert len(ids) == 2 and all(0 not in row for row in ids)  # blanks (pad id) are dropped
+
+
+def test_ctc_learns_to_read_a_clip(tmp_path, text_tokenizer):
+    model, ds, rows = _asr(tmp_path, text_tokenizer, {"ctc_weight": 1.0})
+    enc = model.encoders["audio"].train()
+    slots = [slot for _, slot in collate([ds[i] for i in range(len(ds))])["media"]]
+    opt = torch.optim.AdamW(enc.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, loss = enc.encode([s.data for s in slots], [s.labels for s in slots])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    decoded = enc.eval().ctc_decode([s.data for s in slots])
+    assert [text_tokenizer.decode(d) for d in decoded] == [r["text"] for r in rows]
+
+
+def test_spec_augment_masks_only_while_training(tmp_path, text_tokenizer):
+    torch.manual_seed(0)
+    mel = torch.randn(80, 200)
+    out = SpecAugment(freq_masks=2, freq_width=10, time_masks=2, time_width=0.1)(mel)
+    changed = out != mel
+    assert changed.any() and (changed.all(1).sum() + changed.all(0).sum()) > 0  # whole bands / spans
+    model, ds, _ = _asr(tmp_path, text_tokenizer, {"spec_augment": {"freq_masks": 2}})
+    enc = model.encoders["audio"]
+    data = [ds[0].media[0].data]
+    assert torch.equal(enc.eval()(data)[0], enc(data)[0])
+    torch.manual_seed(1)
+    assert not torch.equal(enc.train()(data)[0], enc.eval()(data)[0])
+
+
+def test_precomputed_features_of_a_frozen_tower_equal_running_it(tmp_path):
+    wave = 0.1 * torch.randn(16000)
+    cfg = {"encoder": WHISPER, "connector": {"kind": "linear"}, "stack": 2}
+    torch.manual_seed(0)
+    live = AudioEncoder(cfg, dim=48)
+    cached = AudioEncoder({**cfg, "precompute": True}, dim=48)
+    cached.load_state_dict(live.state_dict())
+    mel, grid = live.prepare(wave)
+    feats, grid2 = cached.prepare(wave)
+    assert grid == grid2 and mel.shape == (80, 100) and feats.shape == (50, 32)
+    assert torch.allclose(live([mel])[0], cached([feats])[0], atol=1e-5)
+    with pytest.raises(ValueError, match="precompute needs a frozen encoder"):
+        AudioEncoder({"encoder": {"kind": "whisper_style", "size": "debug"}, "precompute": True}, dim=48)
+    with pytest.raises(ValueError, match="unknown key model.media.audio.ctc"):
+        AudioEncoder({"encoder": {"kind": "whisper_style", "size": "debug"}, "ctc": 0.3}, dim=48)
