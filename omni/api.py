@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from omni.generation import generate, iter_generate, left_pad
+from omni.model.audio_codes import EMPTY
 from omni.sequence import Message, Sample, Segment, render
 
 def load(path: str | Path, device: str | torch.device = "cpu"):
@@ -42,17 +43,59 @@ def reads(model) -> list[str]:
 
 
 def outputs(model) -> list[str]:
-    """The output modalities ``generate(..., output=...)`` supports for a checkpoint (audio output
-    through the API lands with the audio issue; ``omni.generation.generate_audio_codes`` exists)."""
-    return ["text"]
+    """The output modalities ``generate(..., output=...)`` supports for a checkpoint: text, and
+    audio when it has a codec (its codes are in the vocabulary)."""
+    return ["text"] + (["audio"] if model.codec is not None and model.vocab.num_codebooks else [])
 
 
-def _prompt_sample(model, prompt) -> Sample:
-    """One prompt -> a Sample: text alone is continued as a document; a prompt with media is a
-    user turn that the model answers."""
-    pieces = [prompt] if isinstance(prompt, str) else list(prompt)
+def media_for(model, path):
+    """A media file as a prompt piece, by suffix. Video is sampled the way the checkpoint's video
+    encoder was trained (its frame count / fps), other media decode as they are."""
+    from omni.media import modality_of_path, open_media
+
+    if modality_of_path(path) == "video" and "video" in model.encoders:
+        return model.encoders["video"].video.load(path)
+    return open_media(path)
+
+
+def _prompt_sample(model, prompt, output: str = "text") -> Sample:
+    """One prompt -> a Sample. For text output, text alone is continued as a document, a prompt
+    with media is a user turn that the model answers, and a conversation (a list of
+    ``{"role", "content"}`` messages, content a str or a list of pieces) is rendered turn by turn
+    for the model to answer the last user turn. For audio output the prompt is a document whose
+    audio pieces are codec codes, ending in an open audio span to continue."""
+    pieces = [prompt] if isinstance(prompt, (str, dict)) else list(prompt)
+    if pieces and all(isinstance(p, dict) for p in pieces):
+        return _conversation(model, pieces)
     if not pieces or all(isinstance(p, str) and not p for p in pieces):
         raise ValueError("the prompt is empty")
+    segments = _segments(model, pieces, output)
+    if output == "audio":
+        if segments[-1].codes is not None:
+            segments[-1] = replace(segments[-1], open_end=True)
+        else:
+            segments.append(Segment("audio", codes=torch.zeros(model.vocab.num_codebooks, 0, dtype=torch.long),
+                                    open_end=True))
+        return Sample([Message(None, segments)])
+    if all(seg.modality == "text" for seg in segments):
+        return Sample([Message(None, segments)])
+    return Sample([Message("user", segments)])
+
+
+def _conversation(model, messages: list[dict]) -> Sample:
+    out = []
+    for n, m in enumerate(messages):
+        if set(m) - {"role", "content"} or "role" not in m or "content" not in m:
+            raise ValueError(f"message {n}: expected {{'role', 'content'}}, got keys {sorted(m)}")
+        content = m["content"]
+        content = [content] if isinstance(content, str) else list(content)
+        out.append(Message(m["role"], _segments(model, content)))
+    if out[-1].role != "user":
+        raise ValueError(f"the conversation must end with a user turn for the model to answer, not {out[-1].role!r}")
+    return Sample(out)
+
+
+def _segments(model, pieces: list, output: str = "text") -> list[Segment]:
     segments = []
     for piece in pieces:
         if isinstance(piece, str):
@@ -62,30 +105,44 @@ def _prompt_sample(model, prompt) -> Sample:
         if modality is None:
             raise ValueError(f"a prompt piece must be text, omni.Audio, omni.Image or omni.Video; "
                              f"got {type(piece).__name__}")
+        if output == "audio" and modality == "audio":
+            from omni.data.tasks import encode_audio
+
+            segments.append(Segment("audio", codes=encode_audio(model, piece)))
+            continue
         if modality not in model.encoders:
             raise ValueError(f"this checkpoint cannot read {modality}; it reads: {', '.join(reads(model))}")
         data, grid = model.encoders[modality].prepare(piece)
         segments.append(Segment(modality, data=data, grid=grid))
-    if all(seg.modality == "text" for seg in segments):
-        return Sample([Message(None, segments)])
-    return Sample([Message("user", segments)])
+    return segments
 
 
 def is_batch(prompts) -> bool:
-    """A str or a list of pieces is one prompt; a list of lists is a batch of prompts."""
+    """A str, a list of pieces or a conversation (a list of message dicts) is one prompt; a list
+    of lists is a batch of prompts."""
     return (isinstance(prompts, (list, tuple)) and len(prompts) > 0
             and all(isinstance(p, (list, tuple)) for p in prompts))
 
 
-def render_prompts(model, prompts: list) -> tuple[list, dict]:
+def render_prompts(model, prompts: list, output: str = "text") -> tuple[list, dict]:
     """Render and left-pad a batch of prompts: the rendered samples and the generation inputs."""
-    rendered = [render(_prompt_sample(model, p), model.tokenizer, vocab=model.vocab,
+    return _render_samples(model, [_prompt_sample(model, p, output) for p in prompts])
+
+
+def _render_samples(model, samples: list[Sample]) -> tuple[list, dict]:
+    rendered = [render(sample, model.tokenizer, vocab=model.vocab,
                        audio_pattern=model.config.audio_pattern, mrope=model.uses_mrope,
-                       add_generation_prompt=True) for p in prompts]
+                       add_generation_prompt=True) for sample in samples]
     for r in rendered:
         model._check_length(len(r), "the prompt")
     ids, mask = left_pad([r.ids for r in rendered], model.vocab.pad_id)
     inputs = dict(attention_mask=mask)
+    if any(r.streams is not None for r in rendered):  # delay-layout audio codes: codebooks 1..K-1
+        streams = torch.full((len(rendered), model.vocab.num_codebooks - 1, ids.shape[1]), EMPTY, dtype=torch.long)
+        for i, r in enumerate(rendered):
+            if r.streams is not None:
+                streams[i, :, ids.shape[1] - len(r):] = r.streams
+        inputs["streams"] = streams
     if any(r.media for r in rendered):
         T = ids.shape[1]
         positions = torch.zeros(3, len(rendered), T, dtype=torch.long)
@@ -99,11 +156,14 @@ def render_prompts(model, prompts: list) -> tuple[list, dict]:
 
 
 def generate_from_prompts(model, prompts, *, output: str = "text", max_new_tokens: int = 64,
-                          stream: bool = False, **sampling):
+                          stream: bool = False, max_seconds: float | None = None, **sampling):
     """Generate for one prompt (a str, or a list of pieces) or a batch (a list of such lists).
 
-    Returns a str for one prompt, a list of str for a batch; with ``stream=True`` an iterator
-    of text pieces (one prompt) or of lists of pieces (a batch).
+    ``output="text"``: a str for one prompt, a list of str for a batch; with ``stream=True`` an
+    iterator of text pieces (one prompt) or of lists of pieces (a batch).
+    ``output="audio"``: the continuation as an :class:`omni.Audio` (a list for a batch), at most
+    ``max_seconds`` long (default: ``max_new_tokens`` codec frames); an audio piece that ends the
+    prompt is continued, otherwise the model starts a new clip after the prompt.
     """
     if output not in outputs(model):
         raise ValueError(f"output={output!r} is not supported by this checkpoint; it can produce: "
@@ -111,6 +171,12 @@ def generate_from_prompts(model, prompts, *, output: str = "text", max_new_token
     if model.tokenizer is None:
         raise ValueError("this model has no text tokenizer; pass token ids (a LongTensor) instead of strings")
     batch = list(prompts) if is_batch(prompts) else [prompts]
+    if output == "audio":
+        if stream:
+            raise ValueError("stream=True is for text output")
+        frames = round(max_seconds * model.codec.frame_rate) if max_seconds else max_new_tokens
+        audio = _generate_audio(model, batch, frames, **sampling)
+        return audio if is_batch(prompts) else audio[0]
     rendered, inputs = render_prompts(model, batch)
     ids = left_pad([r.ids for r in rendered], model.vocab.pad_id)[0]
     kwargs = dict(max_new_tokens=max_new_tokens, allowed=model.vocab.span(output), **inputs, **sampling)
@@ -123,6 +189,64 @@ def generate_from_prompts(model, prompts, *, output: str = "text", max_new_token
     texts = [model.tokenizer.decode_continuation(_until_stop(row.tolist(), model.vocab), prompt)
              for row, prompt in zip(new, prompt_ids)]
     return texts[0] if single else texts
+
+
+def _generate_audio(model, batch: list, max_frames: int, **sampling) -> list:
+    """Render audio prompts, generate codec codes and decode each prompt's continuation."""
+    from omni.generation import generate_audio_codes
+    from omni.media.audio import Audio
+
+    samples = [_prompt_sample(model, p, "audio") for p in batch]
+    rendered, inputs = _render_samples(model, samples)
+    ids = left_pad([r.ids for r in rendered], model.vocab.pad_id)[0]
+    prompt_codes = [s.messages[-1].segments[-1].codes for s in samples]  # the open span's known codes
+    new = generate_audio_codes(model, ids, streams=inputs.get("streams"), attention_mask=inputs["attention_mask"],
+                               prompt_codes=prompt_codes, max_frames=max_frames, **sampling)
+    out = []
+    for known, codes in zip(prompt_codes, new):
+        # decode with the prompt's frames in front so the codec has context, then cut them off
+        with torch.no_grad():
+            wave = model.codec.decode(torch.cat([known, codes.to(known)], dim=1))
+        cut = known.shape[1] * model.codec.hop_length
+        out.append(Audio(wave.reshape(-1)[cut:].cpu(), sample_rate=model.codec.sample_rate))
+    return out
+
+
+def describe(model, paths, *, prompt: str = "", batch_size: int = 8, window_s: float | None = 30.0,
+             max_new_tokens: int = 64, progress: bool = True) -> list[str]:
+    """Text for each media file (a caption, or a transcript for speech), greedy, in batches.
+
+    Audio is read in windows of ``window_s`` seconds (streamed from disk, so an hour-long file
+    costs one window of memory) and the windows' texts are joined; ``None`` reads files whole.
+    """
+    from tqdm.auto import tqdm
+
+    from omni.media import MediaError, modality_of_path
+    from omni.media.audio import Audio, iter_audio_windows
+
+    pieces: list[tuple[int, object]] = []  # (file index, prompt piece)
+    for i, path in enumerate(paths):
+        modality = modality_of_path(path)
+        if modality is None:
+            raise MediaError(path, "not a media file this command reads (audio, image or video by suffix)")
+        if modality not in model.encoders:
+            raise ValueError(f"{path}: this checkpoint cannot read {modality}; it reads: {', '.join(reads(model))}")
+        if modality == "audio" and window_s:
+            rate = 16000  # the log-mel front end's rate
+            pieces += [(i, Audio(w, sample_rate=rate)) for w in iter_audio_windows(path, window_s, rate) if len(w)]
+        else:
+            pieces.append((i, media_for(model, path)))
+    texts: list[list[str]] = [[] for _ in paths]
+    bar = tqdm(total=len(pieces), unit="clip", desc="describe", disable=not progress or len(pieces) < 2)
+    for start in range(0, len(pieces), batch_size):
+        chunk = pieces[start:start + batch_size]
+        outs = model.generate([[piece] + ([prompt] if prompt else []) for _, piece in chunk],
+                              max_new_tokens=max_new_tokens)
+        for (i, _), text in zip(chunk, outs):
+            texts[i].append(text.strip())
+        bar.update(len(chunk))
+    bar.close()
+    return [" ".join(t for t in parts if t) for parts in texts]
 
 
 def _until_stop(ids: list[int], vocab) -> list[int]:

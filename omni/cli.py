@@ -39,11 +39,25 @@ def _sampling(args) -> dict:
                 top_p=args.top_p, seed=args.seed)
 
 
+def _prompt_piece(arg: str):
+    """A command-line prompt piece: a media file by its suffix, else text."""
+    from omni.media import modality_of_path, open_media
+
+    return open_media(arg) if modality_of_path(arg) else arg
+
+
 def cmd_generate(args) -> int:
     import omni
 
     model = omni.load(args.ckpt)
-    prompt = list(args.inputs)
+    prompt = [_prompt_piece(a) for a in args.inputs]
+    if args.output == "audio":
+        if not args.o:
+            raise ValueError("--output audio needs -o FILE.wav (or .flac / .ogg)")
+        audio = model.generate(prompt, output="audio", max_seconds=args.max_seconds, **_sampling(args))
+        audio.save(args.o)
+        print(f"wrote {args.o}: {audio.duration:.2f} s at {audio.sample_rate} Hz")
+        return 0
     if args.stream:
         out = []
         for piece in model.generate(prompt, output=args.output, stream=True, **_sampling(args)):
@@ -58,6 +72,39 @@ def cmd_generate(args) -> int:
         from omni.io import atomic_write_bytes
 
         atomic_write_bytes(args.o, (text + "\n").encode("utf-8"))
+    return 0
+
+
+def _run_prompt(ckpt: str) -> str:
+    """The prompt a run was trained with (its recipe's ``data.prompt``), if it was written by omni train."""
+    from omni.eval import run_recipe
+
+    try:
+        return run_recipe(Path(ckpt)).data.prompt
+    except ValueError:
+        return ""
+
+
+def cmd_describe(args) -> int:
+    import omni
+    from omni.api import describe
+    from omni.io import write_jsonl
+    from omni.media import modality_of_path
+
+    if args.command == "transcribe":
+        not_audio = [f for f in args.files if modality_of_path(f) != "audio"]
+        if not_audio:
+            raise ValueError(f"{not_audio[0]}: not an audio file (transcribe reads .wav .flac .ogg .mp3 ...)")
+    model = omni.load(args.ckpt)
+    prompt = args.prompt if args.prompt is not None else _run_prompt(args.ckpt)
+    t0 = time.perf_counter()
+    texts = describe(model, args.files, prompt=prompt, batch_size=args.batch_size, window_s=args.window or None,
+                     max_new_tokens=args.max_new_tokens)
+    for f, text in zip(args.files, texts):
+        print(f"{f}\t{text}")
+    if args.o:
+        write_jsonl(args.o, [{"file": f, "text": t} for f, t in zip(args.files, texts)])
+    logging.getLogger("omni").info("%d files in %.1f s", len(args.files), time.perf_counter() - t0)
     return 0
 
 
@@ -110,7 +157,8 @@ def cmd_tokenizer_train(args) -> int:
 def cmd_eval(args) -> int:
     from omni.eval import evaluate
 
-    metrics = evaluate(args.ckpt, split=args.split, max_rows=args.max_rows, data_path=args.data)
+    metrics = evaluate(args.ckpt, split=args.split, max_rows=args.max_rows, data_path=args.data,
+                       through_codec=args.through_codec)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -166,16 +214,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate from a prompt with a trained checkpoint", epilog=EPILOG)
     g.add_argument("--ckpt", required=True, help="checkpoint directory (config.json + model.safetensors)")
-    g.add_argument("--output", default="text", choices=["text"], help="modality to generate (default: text)")
+    g.add_argument("--output", default="text", choices=["text", "audio"],
+                   help="modality to generate (default: text); audio needs a checkpoint with a codec and -o FILE.wav")
+    g.add_argument("--max-seconds", type=float, default=None,
+                   help="audio output: longest continuation in seconds (default: --max-new-tokens codec frames)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="most new tokens to generate (default: 64)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     g.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
-    g.add_argument("-o", metavar="FILE", help="also write the output to FILE")
-    g.add_argument("inputs", nargs="+", metavar="INPUT", help="prompt pieces (text), joined in order")
+    g.add_argument("-o", metavar="FILE", help="also write the output to FILE (audio output: the audio file)")
+    g.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="prompt pieces joined in order: text, or media files (.wav .png .mp4 ...) by suffix")
     g.set_defaults(fn=cmd_generate)
+
+    for name, what in (("transcribe", "speech to text: transcribe audio files"),
+                       ("caption", "describe image, video or audio files in text")):
+        c = sub.add_parser(name, help=what, epilog=EPILOG)
+        c.add_argument("--ckpt", required=True, help="checkpoint directory (config.json + model.safetensors)")
+        c.add_argument("--prompt", default=None,
+                       help="text after the media in the user turn (default: the run's recipe data.prompt)")
+        c.add_argument("--batch-size", type=int, default=8, help="clips per forward pass (default: 8)")
+        c.add_argument("--window", type=float, default=30.0,
+                       help="audio: seconds per window for long files, 0 = whole file (default: 30)")
+        c.add_argument("--max-new-tokens", type=int, default=64, help="most tokens per clip (default: 64)")
+        c.add_argument("-o", metavar="FILE.jsonl", help="also write {file, text} rows to FILE.jsonl")
+        c.add_argument("files", nargs="+", metavar="FILE", help="media files")
+        c.set_defaults(fn=cmd_describe)
 
     e = sub.add_parser("eval", help="score a trained run on a held-out split (by its recipe's task)",
                        epilog=EPILOG)
@@ -183,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", help="which manifest of the run's data to use (default: test)")
     e.add_argument("--data", default=None, help="another data directory holding <split>.jsonl")
     e.add_argument("--max-rows", type=int, default=None, help="evaluate only the first N rows")
+    e.add_argument("--through-codec", metavar="DIR", default=None,
+                   help="pass audio inputs through this codec (encode + decode) first: its intelligibility "
+                        "as the run's WER on reconstructions (results in eval_<split>_codec.json)")
     e.set_defaults(fn=cmd_eval)
 
     d = sub.add_parser("data", help="build corpora").add_subparsers(dest="data_command", required=True,

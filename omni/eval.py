@@ -3,7 +3,8 @@
 ``caption`` tasks generate (greedy) for every row and score against the row's target: BLEU-4 and
 CIDEr-D, plus WER/CER when the target is a transcript (speech recognition) and direction accuracy
 when the rows say which way something moves (the video corpus). ``text`` and ``continue`` report
-the held-out loss (and next-code accuracy for audio). Predictions and metrics are written next to
+the held-out loss and next-token accuracy; ``continue`` (audio) scores only the codec codes,
+against a unigram model of the training codes, and writes example continuations as wav files. Predictions and metrics are written next to
 the model: ``eval_<split>.jsonl`` and ``eval_<split>.json``.
 """
 
@@ -30,7 +31,11 @@ def run_recipe(ckpt: Path) -> RecipeConfig:
 
 
 def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None, batch_size: int = 16,
-             max_new_tokens: int = 48, data_path: str | None = None) -> dict:
+             max_new_tokens: int = 48, data_path: str | None = None, examples: int = 4,
+             through_codec: str | None = None) -> dict:
+    """Score run ``ckpt`` on ``<data>/<split>.jsonl``. ``through_codec``: a codec directory; audio
+    inputs are encoded and decoded by it first (a codec's intelligibility: ASR WER on its
+    reconstructions vs on the originals)."""
     import omni
 
     ckpt = Path(ckpt)
@@ -41,35 +46,41 @@ def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None,
     if not rows:
         raise ValueError(f"{manifest}: no rows to evaluate")
     if cfg.data.task == "caption":
-        metrics, preds = _eval_caption(model, cfg, rows, manifest.parent, batch_size, max_new_tokens)
+        codec = None
+        if through_codec:
+            from omni.tokenizers.audio import AudioCodec
+
+            codec = AudioCodec.load(through_codec)
+        metrics, preds = _eval_caption(model, cfg, rows, manifest.parent, batch_size, max_new_tokens, codec)
+        if codec is not None:
+            metrics["through_codec"] = str(through_codec)
+    elif cfg.data.task == "continue":
+        metrics, preds = _eval_codes(model, cfg, manifest, rows, batch_size), []
+        metrics["examples"] = write_continuations(model, cfg, rows[:examples], manifest.parent,
+                                                  ckpt / f"examples_{split}") if examples else []
     else:
         metrics, preds = _eval_loss(model, cfg, manifest, batch_size), []
     metrics.update(split=split, rows=len(rows), checkpoint=str(ckpt), task=cfg.data.task)
-    atomic_write_json(ckpt / f"eval_{split}.json", metrics)
+    name = f"eval_{split}" + ("_codec" if through_codec else "")
+    atomic_write_json(ckpt / f"{name}.json", metrics)
     if preds:
-        write_jsonl(ckpt / f"eval_{split}.jsonl", preds)
+        write_jsonl(ckpt / f"{name}.jsonl", preds)
     return metrics
 
 
-def _media(modality: str, path: Path):
-    from omni.media.audio import Audio
-    from omni.media.image import Image
-    from omni.media.video import Video
+def _eval_caption(model, cfg, rows, root: Path, batch_size: int, max_new_tokens: int, codec=None):
+    from omni.api import media_for
 
-    return {"audio": Audio, "image": Image, "video": Video}[modality](path)
-
-
-def _eval_caption(model, cfg, rows, root: Path, batch_size: int, max_new_tokens: int):
     d = cfg.data
     refs, hyps, preds, skipped = [], [], [], 0
     for start in range(0, len(rows), batch_size):
         chunk, prompts = [], []
         for row in rows[start:start + batch_size]:
             try:
-                media = model.encoders[d.media]  # the video encoder samples frames its own way
-                path = root / row[d.media]
-                obj = media.video.load(path) if d.media == "video" else _media(d.media, path)
-                prompts.append([obj] + ([d.prompt] if d.prompt else []))
+                media = media_for(model, root / row[d.media])
+                if codec is not None:
+                    media = _reconstruct(codec, media)
+                prompts.append([media] + ([d.prompt] if d.prompt else []))
                 chunk.append(row)
             except (ValueError, KeyError) as e:
                 log.warning("skipping a row of %s: %s", root, e)
@@ -101,8 +112,7 @@ def _eval_loss(model, cfg, manifest: Path, batch_size: int) -> dict:
     from omni.data.tasks import TaskDataset, TaskSpec, collate
 
     d = cfg.data
-    ds = TaskDataset(manifest, TaskSpec(d.task, d.media, d.target, d.prompt, d.max_audio_s), model,
-                     model.tokenizer, d.seq_len)
+    ds = TaskDataset(manifest, TaskSpec.of(d), model, model.tokenizer, d.seq_len)
     total = count = correct = 0.0
     for start in range(0, len(ds), batch_size):
         batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))], model.uses_mrope)
@@ -115,3 +125,94 @@ def _eval_loss(model, cfg, manifest: Path, batch_size: int) -> dict:
         correct += int((out.logits.argmax(-1)[keep] == batch["targets"][keep]).sum())
     loss = total / max(count, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "next_token_accuracy": correct / max(count, 1)}
+
+
+@torch.no_grad()
+def _reconstruct(codec, audio):
+    from omni.media.audio import Audio
+
+    wave = audio.resample(codec.sample_rate).waveform
+    out = codec.decode(codec.encode(wave), length=wave.shape[-1]).reshape(-1)
+    return Audio(out, sample_rate=codec.sample_rate)
+
+
+def _code_mask(targets: torch.Tensor, vocab) -> torch.Tensor:
+    return targets >= vocab.text_size  # codec codes (all codebooks follow the text ids)
+
+
+@torch.no_grad()
+def _eval_codes(model, cfg, manifest: Path, rows: list[dict], batch_size: int, unigram_rows: int = 400) -> dict:
+    """Next-code loss and accuracy over every codebook (each code scored within its own codebook,
+    as generation samples it) on held-out clips, and the same for a unigram model of the codes
+    of (up to ``unigram_rows``) training clips, add-one smoothed per codebook."""
+    from omni.data.tasks import TaskDataset, TaskSpec, collate, encode_audio
+
+    d, vocab = cfg.data, model.vocab
+    K, C = vocab.num_codebooks, vocab.codebook_size
+    counts = torch.ones(K, C)
+    train_manifest = manifest.parent / "train.jsonl"
+    for row in list(read_jsonl(train_manifest))[:unigram_rows]:
+        try:
+            codes = encode_audio(model, manifest.parent / row["audio"], d.max_audio_s)
+        except (ValueError, KeyError):
+            continue
+        counts += torch.nn.functional.one_hot(codes, C).sum(1)
+    log_unigram = (counts / counts.sum(1, keepdim=True)).log()  # (K, C)
+    ds = TaskDataset(manifest, TaskSpec.of(d), model, model.tokenizer, d.seq_len)
+    nll = correct = uni_nll = uni_correct = n = 0.0
+    per_book = torch.zeros(K)
+    per_book_n = torch.zeros(K)
+    for start in range(0, len(ds), batch_size):
+        batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))], model.uses_mrope)
+        logits = model(batch["input_ids"], positions=batch["positions"], doc_ids=batch["doc_ids"],
+                       streams=batch.get("streams")).logits.float()
+        targets = [batch["targets"]] + ([batch["stream_targets"][:, k] for k in range(K - 1)]
+                                        if "stream_targets" in batch else [])
+        for tgt in targets:
+            keep = _code_mask(tgt, vocab)
+            if not keep.any():
+                continue
+            t = tgt[keep]
+            book = (t - vocab.text_size) // C
+            local = (t - vocab.text_size) % C
+            lg = logits[keep]
+            idx = vocab.text_size + book[:, None] * C + torch.arange(C)[None, :]
+            lg = lg.gather(1, idx).log_softmax(-1)  # each code against its own codebook
+            nll += float(-lg.gather(1, local[:, None]).sum())
+            hit = lg.argmax(-1) == local
+            correct += int(hit.sum())
+            per_book.index_add_(0, book, hit.float())
+            per_book_n.index_add_(0, book, torch.ones_like(book, dtype=torch.float))
+            uni_nll += float(-log_unigram[book, local].sum())
+            uni_correct += int((log_unigram[book].argmax(-1) == local).sum())
+            n += len(t)
+    if not n:
+        raise ValueError(f"{manifest}: no audio codes to score")
+    return {"code_loss": nll / n, "code_accuracy": correct / n,
+            "code_accuracy_per_codebook": [round(float(a), 4) for a in per_book / per_book_n.clamp(min=1)],
+            "unigram_code_loss": uni_nll / n, "unigram_code_accuracy": uni_correct / n, "codes": int(n)}
+
+
+def write_continuations(model, cfg, rows: list[dict], root: Path, out: Path, prompt_s: float = 1.5,
+                        max_seconds: float = 3.0, temperature: float = 0.8, top_k: int = 50) -> list[str]:
+    """For each row: the first ``prompt_s`` of the clip as the prompt and the model's continuation
+    (sampled, seeded), written as ``<id>_prompt.wav``, ``<id>_continuation.wav`` (prompt +
+    continuation) and ``<id>_original.wav``."""
+    from omni.media.audio import Audio
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for n, row in enumerate(rows):
+        clip = Audio(root / row["audio"]).resample(model.codec.sample_rate)
+        cut = int(prompt_s * clip.sample_rate)
+        prompt = Audio(clip.waveform[:cut], sample_rate=clip.sample_rate)
+        pieces = ([cfg.data.prompt] if cfg.data.prompt else []) + [prompt]
+        cont = model.generate(pieces, output="audio", max_seconds=max_seconds, temperature=temperature,
+                              top_k=top_k, seed=n)
+        name = str(row.get("id", n))
+        prompt.save(out / f"{name}_prompt.wav")
+        Audio(torch.cat([prompt.waveform, cont.waveform]), sample_rate=clip.sample_rate).save(
+            out / f"{name}_continuation.wav")
+        clip.save(out / f"{name}_original.wav")
+        written.append(str(out / f"{name}_continuation.wav"))
+    return written

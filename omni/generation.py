@@ -66,13 +66,14 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
                   top_p: float | None = None, stop_ids: Sequence[int] | None = None,
                   allowed: range | Callable[[int], range] | None = None,
                   seed: int | None = None, positions: torch.Tensor | None = None,
-                  media: list | None = None) -> Iterator[torch.Tensor]:
+                  media: list | None = None, streams: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Yield the next ids ``(B,)`` step by step; finished rows yield ``pad_id``.
 
     attention_mask (B, T): 1 for real tokens, 0 for left padding. allowed: restrict sampling to
     this id range (a modality span), or a function of the step giving the range. stop_ids default to end-of-sequence and end-of-turn.
     Generation also stops at the model's context length. positions ((B, T) or (3, B, T)) and
-    media (``(row, MediaSlot)`` pairs) come from rendered prompts that hold media.
+    media (``(row, MediaSlot)`` pairs) come from rendered prompts that hold media; streams
+    (B, K-1, T) from prompts that hold audio codes in the delay layout.
     """
     _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
     vocab = model.vocab
@@ -100,7 +101,8 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
     if positions is not None:
         positions = positions.to(model.device)
     logits = model(input_ids.to(model.device), positions=positions, key_padding=key_padding, cache=cache,
-                   media=media, last_only=True).logits[:, -1]
+                   media=media, streams=None if streams is None else streams.to(model.device),
+                   last_only=True).logits[:, -1]
     next_pos = _next_positions(positions)
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
     for step in range(max_new_tokens):

@@ -113,3 +113,61 @@ def test_load_missing_dir(tmp_path):
 def test_is_batch():
     assert api.is_batch([["a"], ["b"]])
     assert not api.is_batch(["a", "b"]) and not api.is_batch("ab") and not api.is_batch([])
+
+
+@pytest.fixture(scope="module")
+def speaking_model(text_tokenizer):
+    """A debug model whose vocabulary holds a (random, debug-preset) codec's codes."""
+    from omni.tokenizers.audio import AudioCodec
+    from omni.vocab import Vocab
+
+    torch.manual_seed(0)
+    codec = AudioCodec("debug")
+    v = text_tokenizer.vocab
+    vocab = Vocab(v.text_size, v.specials, codec.num_codebooks, codec.cardinality)
+    return build_model(backbone_config("debug", max_seq_len=256), vocab, text_tokenizer, seed=0, codec=codec).eval()
+
+
+def test_output_audio_continues_a_clip(speaking_model, tmp_path):
+    codec = speaking_model.codec
+    assert api.outputs(speaking_model) == ["text", "audio"]
+    clip = omni.Audio(0.1 * torch.randn(1600, generator=torch.Generator().manual_seed(0)), sample_rate=16000)
+    kw = dict(output="audio", max_seconds=0.02, temperature=0.9, seed=3)
+    out = speaking_model.generate(["Continue:", clip], **kw)
+    assert isinstance(out, omni.Audio) and out.sample_rate == codec.sample_rate
+    assert 0 < out.waveform.numel() <= round(0.02 * codec.frame_rate) * codec.hop_length
+    assert torch.equal(speaking_model.generate(["Continue:", clip], **kw).waveform, out.waveform)  # seeded
+    both = speaking_model.generate([["Continue:", clip], ["Say something:"]], output="audio", max_new_tokens=8,
+                                   temperature=0.9, seed=0)
+    assert len(both) == 2 and all(isinstance(a, omni.Audio) for a in both)
+    assert out.save(tmp_path / "c.wav").stat().st_size > 44
+    with pytest.raises(ValueError, match="stream=True is for text output"):
+        speaking_model.generate(["Continue:", clip], output="audio", stream=True)
+
+
+def test_describe_reads_long_audio_in_windows(text_tokenizer, tmp_path, monkeypatch):
+    import numpy as np
+    import soundfile as sf
+
+    model = build_model(backbone_config("debug", max_seq_len=128), text_tokenizer.vocab, text_tokenizer, seed=0,
+                        media={"audio": {"encoder": {"kind": "whisper_style", "size": "debug"},
+                                         "connector": {"kind": "mlp"}, "stack": 4}}).eval()
+    for name, secs in (("long.wav", 1.0), ("short.flac", 0.3)):
+        sf.write(tmp_path / name, (0.1 * np.random.default_rng(0).standard_normal(int(8000 * secs))).astype("float32"),
+                 8000)
+    seen = []
+    real = model.generate
+
+    def spy(prompts, **kw):
+        seen.extend(p[0].duration for p in prompts)
+        return real(prompts, **kw)
+
+    monkeypatch.setattr(model, "generate", spy)
+    texts = api.describe(model, [tmp_path / "long.wav", tmp_path / "short.flac"], window_s=0.4, batch_size=2,
+                         max_new_tokens=3, progress=False)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    assert [round(d, 2) for d in seen] == [0.4, 0.4, 0.2, 0.3]  # 1.0 s -> three windows, resampled to 16 kHz
+    with pytest.raises(omni.MediaError, match="not a media file"):
+        api.describe(model, [tmp_path / "notes.txt"])
+    with pytest.raises(ValueError, match="cannot read image"):
+        api.describe(model, [tmp_path / "x.png"])

@@ -119,3 +119,43 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert "model:" in out and "loss curve:" in out
     assert (tmp_path / "demo" / "text_tiny" / "model.safetensors").is_file()
     assert (tmp_path / "demo" / "tokenizer" / "text.model").is_file()
+
+
+def test_transcribe_caption_and_audio_generation(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    import soundfile as sf
+    import torch
+
+    from omni.tokenizers.audio import AudioCodec
+    from omni.vocab import Vocab
+
+    tok = TextTokenizer.train([d["text"] for d in wiki_documents()[:200]], vocab_size=800)
+    torch.manual_seed(0)
+    codec = AudioCodec("debug")
+    vocab = Vocab(tok.vocab.text_size, tok.vocab.specials, codec.num_codebooks, codec.cardinality)
+    media = {"audio": {"encoder": {"kind": "whisper_style", "size": "debug"}, "connector": {"kind": "mlp"}}}
+    ckpt = build_model(backbone_config("debug", max_seq_len=256), vocab, tok, seed=0, media=media,
+                       codec=codec).save_pretrained(tmp_path / "ckpt")
+    wav = tmp_path / "speech.wav"
+    sf.write(wav, (0.1 * np.random.default_rng(0).standard_normal(16000)).astype("float32"), 16000)
+    rows = tmp_path / "out.jsonl"
+    assert main(["transcribe", "--ckpt", str(ckpt), "--window", "0.5", "--max-new-tokens", "3", "-o", str(rows),
+                 str(wav), str(wav)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{wav}\t")
+    assert [json.loads(x)["file"] for x in rows.read_text().splitlines()] == [str(wav)] * 2
+    assert main(["caption", "--ckpt", str(ckpt), "--max-new-tokens", "3", str(wav)]) == 0
+    assert capsys.readouterr().out.startswith(f"{wav}\t")
+    assert main(["transcribe", "--ckpt", str(ckpt), str(tmp_path / "photo.png")]) == 1
+    assert "not an audio file" in capsys.readouterr().err
+    out, clip = tmp_path / "cont.wav", tmp_path / "clip.ogg"
+    sf.write(clip, (0.1 * np.random.default_rng(1).standard_normal(800)).astype("float32"), 16000)  # 50 codec frames
+    assert main(["generate", "--ckpt", str(ckpt), "--output", "audio", "--max-seconds", "0.01", "--temperature",
+                 "0.9", "--seed", "0", "-o", str(out), "Continue:", str(clip)]) == 0
+    assert "wrote" in capsys.readouterr().out and sf.info(str(out)).samplerate == 16000
+    assert main(["generate", "--ckpt", str(ckpt), "--output", "audio", "Continue:", str(wav)]) == 1
+    assert "needs -o FILE.wav" in capsys.readouterr().err
+    assert main(["generate", "--ckpt", str(ckpt), "Describe:", str(tmp_path / "missing.wav")]) == 1
+    assert "missing.wav" in capsys.readouterr().err

@@ -13,3 +13,34 @@ class MediaError(ValueError):
     def __init__(self, source, problem: str):
         self.source, self.problem = str(source), problem
         super().__init__(f"{source}: {problem}")
+
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+
+
+def modality_of_path(path) -> str | None:
+    """``audio`` / ``image`` / ``video`` by the file suffix; None for anything else."""
+    from pathlib import Path
+
+    suffix = Path(str(path)).suffix.lower()
+    for modality, suffixes in (("audio", AUDIO_SUFFIXES), ("image", IMAGE_SUFFIXES), ("video", VIDEO_SUFFIXES)):
+        if suffix in suffixes:
+            return modality
+    return None
+
+
+def open_media(path):
+    """A media file -> ``Audio`` / ``Image`` / ``Video`` (decoded lazily), chosen by suffix."""
+    modality = modality_of_path(path)
+    if modality is None:
+        raise MediaError(path, "not a media file suffix; expected one of "
+                               f"{', '.join(AUDIO_SUFFIXES + IMAGE_SUFFIXES + VIDEO_SUFFIXES)}")
+    if modality == "audio":
+        from omni.media.audio import Audio as cls
+    elif modality == "image":
+        from omni.media.image import Image as cls
+    else:
+        from omni.media.video import Video as cls
+    return cls(path)

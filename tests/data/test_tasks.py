@@ -125,3 +125,78 @@ def test_caption_recipe_trains_through_the_cli_and_answers_through_the_api(image
     assert r.returncode == 0, r.stderr
     metrics = json.loads((out / "eval_train.json").read_text())
     assert metrics["rows"] == len(rows) and 0 <= metrics["bleu4"] <= 1 and metrics["cider_d"] >= 0
+
+
+def test_continuation_recipe_trains_and_evaluates_against_a_unigram_model(tmp_path, text_tokenizer):
+    from omni.eval import evaluate
+    from omni.tokenizers.audio import AudioCodec
+
+    torch.manual_seed(0)
+    AudioCodec("debug").save(tmp_path / "codec")  # 1 kHz frames x 2 codebooks of 32
+    rng = np.random.default_rng(0)
+    t = np.arange(960) / 16000
+    rows = []
+    for i in range(6):
+        sf.write(tmp_path / f"{i}.wav", (0.3 * np.sin(2 * np.pi * (200 + 40 * i) * t)
+                                         + 0.01 * rng.standard_normal(960)).astype(np.float32), 16000)
+        rows.append({"audio": f"{i}.wav"})
+    write_jsonl(tmp_path / "train.jsonl", rows[:4])
+    write_jsonl(tmp_path / "val.jsonl", rows[4:])
+    text_tokenizer.save(tmp_path / "tok")
+    out = tmp_path / "run"
+    args = ["model.size=debug", "model.max_seq_len=96", "data.seq_len=96", f"data.path={tmp_path}",
+            "data.max_audio_s=0.05", f"tokenizer.path={tmp_path / 'tok'}", f"codec.path={tmp_path / 'codec'}",
+            f"train.out_dir={out}", "train.steps=30", "train.warmup_steps=2", "train.batch_size=4", "train.lr=3e-3",
+            "train.eval_every=30", "train.eval_batches=1", "train.log_every=1", "train.progress=false"]
+    r = subprocess.run([sys.executable, "-m", "omni.cli", "train", "audiolm/continue_tiny", *args],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert losses[-1] < losses[0]
+    m = evaluate(out, split="val", examples=1)
+    assert m["codes"] == 2 * 2 * 50 and 0 <= m["code_accuracy"] <= 1 and m["unigram_code_loss"] > 0
+    assert len(m["code_accuracy_per_codebook"]) == 2
+    assert m["code_loss"] < m["unigram_code_loss"]  # 30 steps on pure tones already beat code frequencies
+    (example,) = m["examples"]
+    cont = omni.Audio(example)
+    assert cont.sample_rate == 16000 and cont.duration > omni.Audio(tmp_path / "4.wav").duration
+
+
+def test_multi_image_multi_turn_dialogue_renders_trains_and_generates(text_tokenizer):
+    """GLM-4V-style dialogue: several images over several user/assistant turns in one sample."""
+    from omni.api import _prompt_sample
+    from omni.sequence import IGNORE, Message, Sample, Segment, pack, render
+
+    def solid(rgb):
+        return omni.Image(torch.tensor(rgb, dtype=torch.uint8).view(3, 1, 1).expand(3, 32, 32).clone())
+
+    red, blue, green = solid([255, 0, 0]), solid([0, 0, 255]), solid([0, 255, 0])
+    model = _model(text_tokenizer, IMAGE_MEDIA)
+    conversation = [{"role": "user", "content": [red, blue, "Which one is red?"]},
+                    {"role": "assistant", "content": "The first one."},
+                    {"role": "user", "content": [green, "And this one?"]},
+                    {"role": "assistant", "content": "It is green."}]
+    prompt = _prompt_sample(model, conversation[:3])
+    assert [m.role for m in prompt.messages] == ["user", "assistant", "user"]
+    sample = Sample(prompt.messages + [Message("assistant", [Segment(text="It is green.")])])
+    full = render(sample, text_tokenizer, vocab=model.vocab, mrope=True)
+    assert [s.length for s in full.media] == [4, 4, 4]
+    scored = text_tokenizer.decode(full.targets[full.targets != IGNORE].tolist())
+    assert "The first one." in scored and "It is green." in scored and "Which" not in scored  # assistant turns only
+    batch = collate([pack([full], 128, model.vocab.pad_id)[0]], mrope=True)
+    assert len(batch["media"]) == 3
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(60):
+        out = model(batch["input_ids"], positions=batch["positions"], targets=batch["targets"],
+                    doc_ids=batch["doc_ids"], media=batch["media"])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.05 * losses[0]
+    answer = model.eval().generate(conversation[:3], max_new_tokens=8)
+    assert answer.strip() == "It is green."
+    with pytest.raises(ValueError, match="must end with a user turn"):
+        model.generate(conversation, max_new_tokens=2)

@@ -1,0 +1,36 @@
+"""``omni eval`` for speech: WER on the clips as they are and on a codec's reconstructions."""
+
+import json
+
+import numpy as np
+import soundfile as sf
+import torch
+import yaml
+
+from omni.config import load_recipe
+from omni.eval import evaluate
+from omni.io import write_jsonl
+from omni.tokenizers.audio import AudioCodec
+from omni.train.loop import model_from_recipe
+
+
+def test_asr_eval_on_originals_and_through_a_codec(tmp_path, text_tokenizer):
+    rows = []
+    for i in range(3):
+        sf.write(tmp_path / f"{i}.wav", (0.1 * np.random.default_rng(i).standard_normal(8000)).astype(np.float32),
+                 16000)
+        rows.append({"audio": f"{i}.wav", "text": "turn on the light"})
+    write_jsonl(tmp_path / "test.jsonl", rows)
+    cfg = load_recipe("whisper/asr_tiny", ["model.size=debug", "model.media.audio.encoder.size=debug",
+                                           f"data.path={tmp_path}"])
+    run = tmp_path / "run"
+    model_from_recipe(cfg, text_tokenizer).save_pretrained(run)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    torch.manual_seed(0)
+    AudioCodec("debug").save(tmp_path / "codec")
+    plain = evaluate(run, split="test", max_new_tokens=4)
+    coded = evaluate(run, split="test", max_new_tokens=4, through_codec=str(tmp_path / "codec"))
+    assert plain["rows"] == coded["rows"] == 3 and plain["wer"] >= 0 and coded["wer"] >= 0
+    assert coded["through_codec"] == str(tmp_path / "codec") and "through_codec" not in plain
+    assert json.loads((run / "eval_test_codec.json").read_text())["wer"] == coded["wer"]
+    assert (run / "eval_test.jsonl").is_file() and (run / "eval_test_codec.jsonl").is_file()
