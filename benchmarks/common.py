@@ -30,3 +30,17 @@ def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
             fns[name]()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def json_line(benchmark: str, threads: int, config: dict, results: dict) -> dict:
+    """Print and return the one JSON line a benchmark ends with: what ran, where, and its results."""
+    import datetime
+    import json
+
+    import torch
+
+    line = {"benchmark": benchmark, "date": datetime.date.today().isoformat(), "cpu": cpu_model(),
+            "threads": threads, "python": platform.python_version(), "torch": torch.__version__,
+            "config": config, "results": results}
+    print(json.dumps(line))
+    return line
