@@ -308,6 +308,9 @@ def _coerce(tp, value: Any, key: str):
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no/yes/off/on as a bool
+            raise ValueError(f"{key} must be a string, got {value!r} (YAML reads a bare no/yes/on/off as a "
+                             f"boolean: quote it, e.g. {key.rsplit('.', 1)[-1]}: \"no\")")
         raise ValueError(f"{key} must be a string, got {value!r}")
     raise TypeError(f"unsupported config type {tp} for {key}")  # internal: a dataclass we wrote
 

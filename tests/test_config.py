@@ -179,3 +179,11 @@ def test_tokenizer_spec_validation(tmp_path):
         load_tokenizer_spec(path, ["model_type=wordpiece"])
     with pytest.raises(ValueError, match="vocab_sise"):
         load_tokenizer_spec(path, ["vocab_sise=600"])
+
+
+def test_a_bare_yaml_no_is_explained():
+    from omni.config import load_recipe
+
+    with pytest.raises(ValueError, match=r'mixed_precision must be a string, got False .*quote it, e.g. mixed_precision: "no"'):
+        load_recipe("text/tiny", ["train.mixed_precision=no"])
+    assert load_recipe("text/tiny", ['train.mixed_precision="no"']).train.mixed_precision == "no"
