@@ -52,10 +52,10 @@ def main(argv=None) -> dict:
     for row in rows:  # the subset's manifest lives elsewhere: make media paths absolute
         row[key] = str(data / row[key])
     write_jsonl(tmp / "train.jsonl", rows)
-    field = cfg.data.target if cfg.data.task == "caption" else "text"
     tok_path = Path(cfg.tokenizer.path)
+    texts = corpus_texts(data / "train.jsonl", TaskSpec.of(cfg.data).text_field)
     tok = (TextTokenizer.load(tok_path) if (tok_path / "text.model").is_file() else
-           TextTokenizer.train(corpus_texts(data / "train.jsonl", field), vocab_size=1024, model_type="word"))
+           TextTokenizer.train(texts, vocab_size=1024, model_type="word"))
     model = model_from_recipe(cfg, tok)
 
     t0 = time.perf_counter()

@@ -39,18 +39,14 @@ def _sampling(args) -> dict:
                 top_p=args.top_p, seed=args.seed)
 
 
-def _prompt_piece(arg: str):
-    """A command-line prompt piece: a media file by its suffix, else text."""
-    from omni.media import modality_of_path, open_media
-
-    return open_media(arg) if modality_of_path(arg) else arg
-
-
 def cmd_generate(args) -> int:
     import omni
 
+    from omni.api import media_for
+    from omni.media import modality_of_path
+
     model = omni.load(args.ckpt)
-    prompt = [_prompt_piece(a) for a in args.inputs]
+    prompt = [media_for(model, a) if modality_of_path(a) else a for a in args.inputs]  # media files by suffix
     if args.output == "audio":
         if not args.o:
             raise ValueError("--output audio needs -o FILE.wav (or .flac / .ogg)")

@@ -136,10 +136,6 @@ def _reconstruct(codec, audio):
     return Audio(out, sample_rate=codec.sample_rate)
 
 
-def _code_mask(targets: torch.Tensor, vocab) -> torch.Tensor:
-    return targets >= vocab.text_size  # codec codes (all codebooks follow the text ids)
-
-
 @torch.no_grad()
 def _eval_codes(model, cfg, manifest: Path, rows: list[dict], batch_size: int, unigram_rows: int = 400) -> dict:
     """Next-code loss and accuracy over every codebook (each code scored within its own codebook,
@@ -169,7 +165,7 @@ def _eval_codes(model, cfg, manifest: Path, rows: list[dict], batch_size: int, u
         targets = [batch["targets"]] + ([batch["stream_targets"][:, k] for k in range(K - 1)]
                                         if "stream_targets" in batch else [])
         for tgt in targets:
-            keep = _code_mask(tgt, vocab)
+            keep = tgt >= vocab.text_size  # codec codes: all codebooks follow the text ids
             if not keep.any():
                 continue
             t = tgt[keep]

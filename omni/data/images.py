@@ -50,12 +50,12 @@ class Stamp:
 
 def english_caption(txt: Path) -> str | None:
     """The English line of a Tux Paint description file: the first non-empty line without a
-    ``<lang>.utf8=`` prefix, else an explicit ``en``/``en_US``/``en_GB`` line."""
+    ``<lang>.utf8=`` prefix, else an explicit ``en`` / ``en_US`` / ``en_GB`` / ... line."""
     lines = [line.strip() for line in txt.read_text(encoding="utf-8", errors="replace").splitlines()]
     for line in lines:
         if line and not _LANG_LINE.match(line):
             return line
-    for prefix in ("en.utf8=", "en_US.utf8=", "en_GB.utf8="):
+    for prefix in ("en.utf8=", "en_US.utf8=", "en_GB.utf8=", "en_AU.utf8=", "en_CA.utf8="):
         for line in lines:
             if line.startswith(prefix) and line[len(prefix):].strip():
                 return line[len(prefix):].strip()

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from omni.data.images import STAMPS_DIR, STAMPS_INSTALL, english_caption
 from omni.io import write_jsonl
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,6 @@ FLITE_VOICES = {"kal16": (80, 95, 110, 125), "awb": (85, 100, 115, 130), "rms": 
 HELD_OUT_FRACTION = {"val": 0.1, "test": 0.1}
 SPEECH_SIZES = {"tiny": {"train": 3600, "val": 200, "test": 200, "test_piper": 100},
                 "full": {"train": 20000, "val": 500, "test": 500, "test_piper": 300}}  # ~25 h, ~3 GB
-TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,36 +290,20 @@ def build_speech_corpus(out: str | Path, size: str = "tiny", seed: int = 0, work
 # Sound effects
 
 
-_LANG_LINE = re.compile(r"^[a-z]{2,3}(_[A-Za-z]{2,4})?(@\w+)?\.utf8=")
-
-
-def stamp_caption(txt: Path) -> str:
-    """The English description in a Tux Paint stamp's ``.txt``: the first line without a language
-    prefix (others look like ``fr.utf8=...``), else the ``en``/``en_US``/``en_GB`` line."""
-    lines = [line.strip() for line in txt.read_text(encoding="utf-8", errors="replace").splitlines()]
-    for line in lines:
-        if line and not _LANG_LINE.match(line):
-            return line
-    for lang in ("en", "en_US", "en_GB", "en_AU", "en_CA"):
-        for line in lines:
-            if line.startswith(f"{lang}.utf8="):
-                return line.split("=", 1)[1].strip()
-    raise ValueError(f"{txt}: no English caption")
-
-
-def stamp_sounds(stamps_dir: str | Path = TUXPAINT_STAMPS) -> list[tuple[Path, str]]:
+def stamp_sounds(stamps_dir: str | Path = STAMPS_DIR) -> list[tuple[Path, str]]:
     """``(ogg, caption)`` for every stamp sound effect: ``<name>.ogg`` beside ``<name>.png|.svg`` and
     ``<name>.txt``. Spoken names and descriptions (``<name>_<lang>.ogg``, ``<name>_desc*.ogg``) are
     skipped."""
     stamps_dir = Path(stamps_dir)
     if not stamps_dir.is_dir():
-        raise ValueError(f"{stamps_dir}: Tux Paint stamps not found: apt-get install tuxpaint-stamps-default")
+        raise ValueError(f"{stamps_dir}: Tux Paint stamps not found; install them with: {STAMPS_INSTALL}")
     out = []
     for ogg in sorted(stamps_dir.rglob("*.ogg")):
         stem = ogg.with_suffix("")
         has_image = stem.with_suffix(".png").is_file() or stem.with_suffix(".svg").is_file()
-        if has_image and ogg.with_suffix(".txt").is_file():
-            out.append((ogg, stamp_caption(ogg.with_suffix(".txt"))))
+        caption = english_caption(ogg.with_suffix(".txt")) if ogg.with_suffix(".txt").is_file() else None
+        if has_image and caption:  # stamps without an English caption are left out, as for images
+            out.append((ogg, caption))
     if not out:
         raise ValueError(f"{stamps_dir}: no stamp sound effects found")
     return out
@@ -330,7 +314,7 @@ def _group_split(key: str, val_fraction: float, test_fraction: float) -> str:
     return "val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
 
 
-def build_sounds_corpus(out: str | Path, stamps_dir: str | Path = TUXPAINT_STAMPS, val_fraction: float = 0.1,
+def build_sounds_corpus(out: str | Path, stamps_dir: str | Path = STAMPS_DIR, val_fraction: float = 0.1,
                         test_fraction: float = 0.1, workers: int = 2,
                         limit: int | None = None) -> dict[str, int]:
     """Convert the stamp sound effects to 16 kHz mono wav + ``train/val/test.jsonl``; returns sounds per

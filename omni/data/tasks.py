@@ -41,6 +41,11 @@ class TaskSpec:
     prompt: str = ""  # caption: text after the media in the user turn; continue: text before the audio
     max_audio_s: float = 10.0  # continue: clips are cut to this length
 
+    @property
+    def text_field(self) -> str:
+        """The manifest field holding the text the model writes (what a tokenizer trains on)."""
+        return self.target if self.task == "caption" else "text"
+
     @classmethod
     def of(cls, data) -> TaskSpec:
         """From a recipe's ``data`` section (:class:`omni.config.DataConfig`)."""

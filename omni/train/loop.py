@@ -111,6 +111,7 @@ def _forward(model, batch: dict):
 def prepare_tokenizer(cfg: RecipeConfig, accelerator):
     """Load the recipe's tokenizer; train it from ``tokenizer.spec`` on the training data if missing."""
     from omni.config import load_tokenizer_spec
+    from omni.data.tasks import TaskSpec
     from omni.tokenizers.text import MODEL_FILE, TextTokenizer, corpus_texts
 
     path = Path(cfg.tokenizer.path)
@@ -119,8 +120,8 @@ def prepare_tokenizer(cfg: RecipeConfig, accelerator):
             spec = load_tokenizer_spec(cfg.tokenizer.spec)
             corpus = Path(cfg.data.path) / "train.jsonl"
             log.info("training tokenizer %s on %s -> %s", cfg.tokenizer.spec, corpus, path)
-            field = cfg.data.target if cfg.data.task == "caption" else "text"
-            tok = TextTokenizer.train(corpus_texts(corpus, field), vocab_size=spec.vocab_size, model_type=spec.model_type,
+            texts = corpus_texts(corpus, TaskSpec.of(cfg.data).text_field)
+            tok = TextTokenizer.train(texts, vocab_size=spec.vocab_size, model_type=spec.model_type,
                                       character_coverage=spec.character_coverage,
                                       max_sentences=spec.max_sentences, seed=spec.seed)
             tok.save(path)

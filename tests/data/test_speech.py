@@ -8,6 +8,7 @@ import pytest
 import soundfile as sf
 
 from omni.data import speech
+from omni.data.images import STAMPS_DIR
 from omni.data.speech import (
     build_sounds_corpus,
     build_speech_corpus,
@@ -15,7 +16,6 @@ from omni.data.speech import (
     grammar_vocabulary,
     manifest_audio,
     number_words,
-    stamp_caption,
     voices_by_split,
     wiki_sentences,
 )
@@ -92,16 +92,6 @@ def test_missing_tools_and_bad_arguments_are_named(tmp_path, monkeypatch):
         build_sounds_corpus(tmp_path, stamps_dir=tmp_path / "no_stamps")
 
 
-def test_stamp_caption_picks_english(tmp_path):
-    txt = tmp_path / "a.txt"
-    txt.write_text("A blue truck.\nfr.utf8=Un camion bleu.\nen_GB.utf8=A blue lorry.\n", encoding="utf-8")
-    assert stamp_caption(txt) == "A blue truck."
-    txt.write_text("de.utf8=Ein Hund.\nen_US.utf8=A dog.\n", encoding="utf-8")
-    assert stamp_caption(txt) == "A dog."
-    txt.write_text("A calculator.  6x7=42\nca@valencia.utf8=Una calculadora.\n", encoding="utf-8")
-    assert stamp_caption(txt) == "A calculator.  6x7=42"
-
-
 def _fake_stamp(root, rel, caption, seed, sr=22050, channels=1):
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,10 +122,10 @@ def test_sounds_corpus_from_stamp_layout(tmp_path):
         assert row["duration"] == pytest.approx(info.duration, abs=1e-3)
 
 
-@pytest.mark.skipif(not speech.TUXPAINT_STAMPS.is_dir(), reason="apt-get install tuxpaint-stamps-default")
+@pytest.mark.skipif(not STAMPS_DIR.is_dir(), reason="apt-get install tuxpaint-stamps-default")
 def test_real_tuxpaint_sounds():
     sounds = speech.stamp_sounds()
     assert len(sounds) > 100
-    captions = dict((p.relative_to(speech.TUXPAINT_STAMPS).as_posix(), c) for p, c in sounds)
+    captions = dict((p.relative_to(STAMPS_DIR).as_posix(), c) for p, c in sounds)
     assert captions.get("animals/birds/seagull.ogg") == "A seagull."
     assert not any("_desc" in p for p in captions)
