@@ -1,6 +1,6 @@
 """omni: one decoder-only transformer for interleaved text, images, audio and video."""
 
-from omni.api import import_hf, load
+from omni.api import Chat, import_hf, load
 from omni.media import MediaError
 from omni.media.audio import Audio
 from omni.media.image import Image
@@ -8,4 +8,4 @@ from omni.media.video import Video
 from omni.model.omni_model import OmniModel
 
 __version__ = "0.1.0"
-__all__ = ["Audio", "Image", "MediaError", "OmniModel", "Video", "import_hf", "load", "__version__"]
+__all__ = ["Audio", "Chat", "Image", "MediaError", "OmniModel", "Video", "import_hf", "load", "__version__"]

@@ -130,9 +130,7 @@ def render_prompts(model, prompts: list, output: str = "text") -> tuple[list, di
 
 
 def _render_samples(model, samples: list[Sample]) -> tuple[list, dict]:
-    rendered = [render(sample, model.tokenizer, vocab=model.vocab,
-                       audio_pattern=model.config.audio_pattern, mrope=model.uses_mrope,
-                       add_generation_prompt=True) for sample in samples]
+    rendered = [render(sample, model.tokenizer, **model.render_options(), add_generation_prompt=True) for sample in samples]
     for r in rendered:
         model._check_length(len(r), "the prompt")
     ids, mask = left_pad([r.ids for r in rendered], model.vocab.pad_id)
@@ -289,3 +287,40 @@ def _stream_text(model, ids, prompts: list[list[int]], kwargs) -> Iterator[list[
     rest = [new_text(i, True) for i in range(B)]  # rows cut by max_new_tokens: flush what was held back
     if any(rest):
         yield rest
+
+
+class Chat:
+    """A conversation with a checkpoint that keeps its history across calls.
+
+    >>> chat = omni.Chat(model)
+    >>> chat([omni.Image("cat.png"), "What is this?"])   # a user turn: text and media pieces
+    'A cat.'
+    >>> chat("What colour is it?")                      # answered with the whole history in view
+    """
+
+    def __init__(self, model, system: str | None = None):
+        self.model = model
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+
+    def __call__(self, content, **generate_kwargs):
+        """Add a user turn (a str or a list of text / media pieces), answer it (a str; with
+        ``stream=True`` an iterator of text pieces), and keep both in the history."""
+        if isinstance(content, str) and not content.strip() or isinstance(content, list) and not content:
+            raise ValueError("the user turn is empty")
+        turn = {"role": "user", "content": content}
+        if generate_kwargs.get("stream"):
+            return self._stream(turn, generate_kwargs)
+        reply = self.model.generate(self.messages + [turn], **generate_kwargs)
+        self.messages += [turn, {"role": "assistant", "content": reply.strip()}]
+        return reply
+
+    def _stream(self, turn: dict, generate_kwargs: dict) -> Iterator[str]:
+        pieces = []
+        for piece in self.model.generate(self.messages + [turn], **generate_kwargs):
+            pieces.append(piece)
+            yield piece
+        self.messages += [turn, {"role": "assistant", "content": "".join(pieces).strip()}]
+
+    def reset(self) -> None:
+        """Forget every turn but the system prompt."""
+        self.messages = [m for m in self.messages if m["role"] == "system"]

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+AUDIO_OUT_TASKS = ("continue", "speak")  # tasks whose targets are codec codes
 
 
 @dataclass
@@ -35,6 +36,9 @@ class ModelConfig:
     mrope: bool = False  # 3-D (time, height, width) rotary positions for image/video
     audio_pattern: str = "delay"  # how audio codes are laid out: delay (MusicGen) or flatten (AudioLM)
     media: dict = field(default_factory=dict)  # modality -> encoder + connector (omni/model/media_encoder.py)
+    # None: media features are tokens in the sequence; {every: N, gated, ffn}: cross-attention
+    # blocks read them (Whisper's decoder: every 1; Flamingo: gated), see omni/model/backbone.py
+    cross_attention: dict | None = None
 
     def validate(self):
         from omni.model.audio_codes import PATTERNS
@@ -65,27 +69,57 @@ class CodecConfig:
 
 
 @dataclass
-class DataConfig:
-    """A dataset directory holding ``train.jsonl`` and ``val.jsonl`` manifests, and the task
-    (``omni/data/tasks.py``) that turns their rows into samples."""
+class TaskData:
+    """One task's data: a directory holding ``train.jsonl`` and ``val.jsonl`` manifests, and the
+    task (``omni/data/tasks.py``) that turns their rows into samples. In a mixture, ``weight`` is
+    the task's share of the training samples (relative to the others) and ``name`` labels it."""
 
     task: str = "text"
     path: str = "data/text"
-    seq_len: int = 256
     media: str = "image"
     target: str = "caption"
     prompt: str = ""
     max_audio_s: float = 10.0
-    on_bad_sample: str = "skip"
+    weight: float = 1.0
+    name: str = ""
 
-    def validate(self):
+    @property
+    def label(self) -> str:
+        return self.name or (f"{self.task}:{self.media}" if self.task == "caption" else self.task)
+
+    def validate(self, key: str = "data"):
         from omni.data.tasks import TASKS
         from omni.model.media_encoder import MODALITIES
 
-        _choice("data.task", self.task, TASKS)
-        _choice("data.media", self.media, MODALITIES)
+        _choice(f"{key}.task", self.task, TASKS)
+        _choice(f"{key}.media", self.media, MODALITIES)
+        if not self.weight > 0:
+            raise ValueError(f"{key}.weight must be > 0, got {self.weight}")
+
+
+@dataclass
+class DataConfig(TaskData):
+    """The recipe's ``data`` section: one task (the fields of :class:`TaskData`), or a
+    ``mixture`` of tasks whose samples are drawn by weight and packed into shared rows."""
+
+    seq_len: int = 256
+    on_bad_sample: str = "skip"
+    mixture: list[TaskData] = field(default_factory=list)
+
+    def tasks(self) -> list[TaskData]:
+        return list(self.mixture) or [self]
+
+    def validate(self):
         _choice("data.on_bad_sample", self.on_bad_sample, ("skip", "error"))
         _positive("data.seq_len", self.seq_len)
+        if not self.mixture:
+            return super().validate()
+        for i, part in enumerate(self.mixture):
+            part.validate(f"data.mixture[{i}]")
+        labels = [p.label for p in self.mixture]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"data.mixture has two tasks labelled {dup[0]!r}; give them distinct `name`s")
 
 
 @dataclass
@@ -144,11 +178,13 @@ class RecipeConfig:
             raise ValueError(
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
             )
-        if self.data.task == "caption" and self.data.media not in self.model.media:
-            raise ValueError(f"data.task=caption reads {self.data.media} but model.media has no "
-                             f"{self.data.media} encoder (has: {', '.join(self.model.media) or 'none'})")
-        if self.data.task == "continue" and not self.codec.path:
-            raise ValueError("data.task=continue needs codec.path (a trained audio codec)")
+        for part in self.data.tasks():
+            if part.task == "caption" and part.media not in self.model.media:
+                raise ValueError(f"data task {part.label} reads {part.media} but model.media has no "
+                                 f"{part.media} encoder (has: {', '.join(self.model.media) or 'none'})")
+            if part.task in AUDIO_OUT_TASKS and not self.codec.path:
+                raise ValueError(f"data task {part.label} writes audio codes, so it needs codec.path "
+                                 "(a trained audio codec)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

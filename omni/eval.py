@@ -32,46 +32,74 @@ def run_recipe(ckpt: Path) -> RecipeConfig:
 
 def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None, batch_size: int = 16,
              max_new_tokens: int = 48, data_path: str | None = None, examples: int = 4,
-             through_codec: str | None = None) -> dict:
+             through_codec: str | None = None, task: str | None = None) -> dict:
     """Score run ``ckpt`` on ``<data>/<split>.jsonl``. ``through_codec``: a codec directory; audio
     inputs are encoded and decoded by it first (a codec's intelligibility: ASR WER on its
-    reconstructions vs on the originals)."""
+    reconstructions vs on the originals). A mixture run scores each of its tasks (or the one
+    labelled ``task``) and returns ``{"tasks": {label: metrics}}``."""
     import omni
 
     ckpt = Path(ckpt)
     cfg = run_recipe(ckpt)
+    parts = cfg.data.tasks()
+    if task is not None:
+        parts = [p for p in parts if p.label == task]
+        if not parts:
+            raise ValueError(f"{ckpt}: no task {task!r}; its tasks: {', '.join(p.label for p in cfg.data.tasks())}")
+    if data_path and len(parts) > 1:
+        raise ValueError("a data path applies to one task; name it with task=")
     model = omni.load(ckpt)
-    manifest = Path(data_path or cfg.data.path) / f"{split}.jsonl"
+    suffix = "_codec" if through_codec else ""
+    results = {}
+    for d in parts:
+        name = f"eval_{split}" + (f"_{_file_label(d.label)}" if cfg.data.mixture else "") + suffix
+        manifest = Path(data_path or d.path) / f"{split}.jsonl"
+        metrics, preds = _evaluate_task(model, d, cfg.data.seq_len, manifest, max_rows, batch_size, max_new_tokens,
+                                        examples, through_codec, ckpt / f"examples_{name[5:]}")
+        metrics.update(split=split, checkpoint=str(ckpt), task=d.task)
+        if preds:
+            write_jsonl(ckpt / f"{name}.jsonl", preds)
+        results[d.label] = metrics
+    out = {"tasks": results, "split": split, "checkpoint": str(ckpt)} if cfg.data.mixture else results[parts[0].label]
+    atomic_write_json(ckpt / f"eval_{split}{suffix}.json" if task is None else ckpt / f"{name}.json", out)
+    from omni.model_card import write_model_card
+
+    write_model_card(ckpt)
+    return out
+
+
+def _file_label(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+
+
+def _evaluate_task(model, d, seq_len: int, manifest: Path, max_rows, batch_size, max_new_tokens, examples,
+                   through_codec, examples_dir: Path) -> tuple[dict, list]:
     rows = list(read_jsonl(manifest))[:max_rows]
     if not rows:
         raise ValueError(f"{manifest}: no rows to evaluate")
-    if cfg.data.task == "caption":
+    preds = []
+    if d.task == "caption":
         codec = None
         if through_codec:
             from omni.tokenizers.audio import AudioCodec
 
             codec = AudioCodec.load(through_codec)
-        metrics, preds = _eval_caption(model, cfg, rows, manifest.parent, batch_size, max_new_tokens, codec)
+        metrics, preds = _eval_caption(model, d, rows, manifest.parent, batch_size, max_new_tokens, codec)
         if codec is not None:
             metrics["through_codec"] = str(through_codec)
-    elif cfg.data.task == "continue":
-        metrics, preds = _eval_codes(model, cfg, manifest, rows, batch_size), []
-        metrics["examples"] = write_continuations(model, cfg, rows[:examples], manifest.parent,
-                                                  ckpt / f"examples_{split}") if examples else []
+    elif d.task in ("continue", "speak"):
+        metrics = _eval_codes(model, d, seq_len, manifest, rows, batch_size)
+        write = write_continuations if d.task == "continue" else write_speech
+        metrics["examples"] = write(model, d, rows[:examples], manifest.parent, examples_dir) if examples else []
     else:
-        metrics, preds = _eval_loss(model, cfg, manifest, batch_size), []
-    metrics.update(split=split, rows=len(rows), checkpoint=str(ckpt), task=cfg.data.task)
-    name = f"eval_{split}" + ("_codec" if through_codec else "")
-    atomic_write_json(ckpt / f"{name}.json", metrics)
-    if preds:
-        write_jsonl(ckpt / f"{name}.jsonl", preds)
-    return metrics
+        metrics = _eval_loss(model, d, seq_len, manifest, batch_size)
+    metrics["rows"] = len(rows)
+    return metrics, preds
 
 
-def _eval_caption(model, cfg, rows, root: Path, batch_size: int, max_new_tokens: int, codec=None):
+def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: int, codec=None):
     from omni.api import media_for
 
-    d = cfg.data
     refs, hyps, preds, skipped = [], [], [], 0
     for start in range(0, len(rows), batch_size):
         chunk, prompts = [], []
@@ -108,11 +136,10 @@ def _eval_caption(model, cfg, rows, root: Path, batch_size: int, max_new_tokens:
 
 
 @torch.no_grad()
-def _eval_loss(model, cfg, manifest: Path, batch_size: int) -> dict:
+def _eval_loss(model, d, seq_len: int, manifest: Path, batch_size: int) -> dict:
     from omni.data.tasks import TaskDataset, TaskSpec, collate
 
-    d = cfg.data
-    ds = TaskDataset(manifest, TaskSpec.of(d), model, model.tokenizer, d.seq_len)
+    ds = TaskDataset(manifest, TaskSpec.of(d), model, model.tokenizer, seq_len)
     total = count = correct = 0.0
     for start in range(0, len(ds), batch_size):
         batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))], model.uses_mrope)
@@ -137,13 +164,14 @@ def _reconstruct(codec, audio):
 
 
 @torch.no_grad()
-def _eval_codes(model, cfg, manifest: Path, rows: list[dict], batch_size: int, unigram_rows: int = 400) -> dict:
+def _eval_codes(model, d, seq_len: int, manifest: Path, rows: list[dict], batch_size: int,
+                unigram_rows: int = 400) -> dict:
     """Next-code loss and accuracy over every codebook (each code scored within its own codebook,
     as generation samples it) on held-out clips, and the same for a unigram model of the codes
     of (up to ``unigram_rows``) training clips, add-one smoothed per codebook."""
     from omni.data.tasks import TaskDataset, TaskSpec, collate, encode_audio
 
-    d, vocab = cfg.data, model.vocab
+    vocab = model.vocab
     K, C = vocab.num_codebooks, vocab.codebook_size
     counts = torch.ones(K, C)
     train_manifest = manifest.parent / "train.jsonl"
@@ -154,7 +182,7 @@ def _eval_codes(model, cfg, manifest: Path, rows: list[dict], batch_size: int, u
             continue
         counts += torch.nn.functional.one_hot(codes, C).sum(1)
     log_unigram = (counts / counts.sum(1, keepdim=True)).log()  # (K, C)
-    ds = TaskDataset(manifest, TaskSpec.of(d), model, model.tokenizer, d.seq_len)
+    ds = TaskDataset(manifest, TaskSpec.of(d), model, model.tokenizer, seq_len)
     nll = correct = uni_nll = uni_correct = n = 0.0
     per_book = torch.zeros(K)
     per_book_n = torch.zeros(K)
@@ -189,7 +217,7 @@ def _eval_codes(model, cfg, manifest: Path, rows: list[dict], batch_size: int, u
             "unigram_code_loss": uni_nll / n, "unigram_code_accuracy": uni_correct / n, "codes": int(n)}
 
 
-def write_continuations(model, cfg, rows: list[dict], root: Path, out: Path, prompt_s: float = 1.5,
+def write_continuations(model, d, rows: list[dict], root: Path, out: Path, prompt_s: float = 1.5,
                         max_seconds: float = 3.0, temperature: float = 0.8, top_k: int = 50) -> list[str]:
     """For each row: the first ``prompt_s`` of the clip as the prompt and the model's continuation
     (sampled, seeded), written as ``<id>_prompt.wav``, ``<id>_continuation.wav`` (prompt +
@@ -202,7 +230,7 @@ def write_continuations(model, cfg, rows: list[dict], root: Path, out: Path, pro
         clip = Audio(root / row["audio"]).resample(model.codec.sample_rate)
         cut = int(prompt_s * clip.sample_rate)
         prompt = Audio(clip.waveform[:cut], sample_rate=clip.sample_rate)
-        pieces = ([cfg.data.prompt] if cfg.data.prompt else []) + [prompt]
+        pieces = ([d.prompt] if d.prompt else []) + [prompt]
         cont = model.generate(pieces, output="audio", max_seconds=max_seconds, temperature=temperature,
                               top_k=top_k, seed=n)
         name = str(row.get("id", n))
@@ -211,4 +239,23 @@ def write_continuations(model, cfg, rows: list[dict], root: Path, out: Path, pro
             out / f"{name}_continuation.wav")
         clip.save(out / f"{name}_original.wav")
         written.append(str(out / f"{name}_continuation.wav"))
+    return written
+
+
+def write_speech(model, d, rows: list[dict], root: Path, out: Path, max_seconds: float = 4.0,
+                 temperature: float = 0.8, top_k: int = 50) -> list[str]:
+    """For each row: the model speaking the row's text (sampled, seeded) as ``<id>_spoken.wav``,
+    next to ``<id>_original.wav``."""
+    from omni.media.audio import Audio
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for n, row in enumerate(rows):
+        said = f"{d.prompt} {row['text'].strip()}" if d.prompt else row["text"].strip()
+        spoken = model.generate(said, output="audio", max_seconds=max_seconds, temperature=temperature,
+                                top_k=top_k, seed=n)
+        name = str(row.get("id", n))
+        spoken.save(out / f"{name}_spoken.wav")
+        Audio(root / row["audio"]).save(out / f"{name}_original.wav")
+        written.append(str(out / f"{name}_spoken.wav"))
     return written

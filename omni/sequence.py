@@ -13,6 +13,7 @@ Template::
     <bos> <|user|> ... <|eot|> <|assistant|> ... <|eot|> ... <eos>      (chat)
     <bos> text <eos>                                                     (document)
     <|image|> <|feat|> x N <|/image|>                                    (a media span)
+    <|image|> <|/image|>                    (a media span read by cross-attention, media_tokens=False)
     <|audio|> codes in the delay or flatten layout <|/audio|>            (audio as tokens)
 
 With the ``delay`` layout a rendered sample carries ``streams (K-1, T)``: the ids of codebooks
@@ -103,7 +104,9 @@ class Sample:
 
 @dataclass
 class MediaSlot:
-    """A media span's encoder input and where its ``length`` tokens go in the sequence."""
+    """A media span's encoder input and where its ``length`` features go: sequence positions
+    ``start .. start+length-1`` (over ``<|feat|>`` tokens), or, for a model that reads media by
+    cross-attention, its memory, visible to the tokens from index ``start`` on."""
 
     start: int
     length: int
@@ -128,14 +131,15 @@ class Rendered:
 
 
 def render(sample: Sample, tokenizer, *, vocab: Vocab | None = None, audio_pattern: str = "delay",
-           mrope: bool = False, add_generation_prompt: bool = False, loss_on: str = "assistant",
-           add_eos: bool | None = None) -> Rendered:
+           mrope: bool = False, media_tokens: bool = True, add_generation_prompt: bool = False,
+           loss_on: str = "assistant", add_eos: bool | None = None) -> Rendered:
     """Render a sample to ids/targets/positions (and streams for delay-layout audio codes).
 
     vocab: the model's vocabulary (the tokenizer's, plus audio codebooks); default the tokenizer's.
     audio_pattern: how audio codes are laid out, ``delay`` or ``flatten``.
     mrope: lay media spans out on (t, h, w) axes (M-RoPE); otherwise every token, media included,
-    takes the next 1-D position.
+    takes the next 1-D position. media_tokens=False: media spans hold no ``<|feat|>`` tokens
+    (``model.render_options()`` says which a model needs).
     loss_on: ``"assistant"`` (chat default: assistant content and its end-of-turn) or ``"all"``.
     Plain documents always carry loss. add_generation_prompt: end with ``<|assistant|>`` (chat)
     or leave the document open (no eos) so generation continues it.
@@ -177,8 +181,11 @@ def render(sample: Sample, tokenizer, *, vocab: Vocab | None = None, audio_patte
             if seg.codes is not None:
                 _put_codes(seg, vocab, delay, put, trainable, vocab.id(end))
                 continue
-            t, h, w = seg.grid if mrope else (seg.num_tokens, 1, 1)
             media.append(MediaSlot(len(ids), seg.num_tokens, seg.modality, seg.data))
+            if not media_tokens:  # read by cross-attention from the end marker on
+                put([vocab.id(end)], False)
+                continue
+            t, h, w = seg.grid if mrope else (seg.num_tokens, 1, 1)
             for ti in range(t):
                 for hi in range(h):
                     for wi in range(w):

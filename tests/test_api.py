@@ -171,3 +171,21 @@ def test_describe_reads_long_audio_in_windows(text_tokenizer, tmp_path, monkeypa
         api.describe(model, [tmp_path / "notes.txt"])
     with pytest.raises(ValueError, match="cannot read image"):
         api.describe(model, [tmp_path / "x.png"])
+
+
+def test_chat_keeps_the_history_across_calls(model):
+    chat = omni.Chat(model, system="Answer briefly.")
+    first = chat("Zero is", max_new_tokens=5)
+    assert isinstance(first, str)
+    assert chat.messages == [{"role": "system", "content": "Answer briefly."},
+                             {"role": "user", "content": "Zero is"},
+                             {"role": "assistant", "content": first.strip()}]
+    # the second answer is the model's reply to the whole conversation, not to the last turn alone
+    expected = model.generate(chat.messages + [{"role": "user", "content": "And one?"}], max_new_tokens=5)
+    pieces = list(chat("And one?", max_new_tokens=5, stream=True))
+    assert "".join(pieces) == expected and chat.messages[-1] == {"role": "assistant", "content": expected.strip()}
+    assert len(chat.messages) == 5
+    with pytest.raises(ValueError, match="empty"):
+        chat("  ")
+    chat.reset()
+    assert chat.messages == [{"role": "system", "content": "Answer briefly."}]

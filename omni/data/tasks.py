@@ -8,6 +8,11 @@ A task is a template and which segments carry loss:
                Speech recognition is this task with ``media=audio``, ``target=text``.
 ``continue``   ``{"audio": path}`` -> a document of [prompt text] + the clip's codec codes (loss on
                all of it): audio continuation (AudioLM / MusicGen style)
+``speak``      ``{"text", "audio": path}`` -> a document of [prompt + text] + the clip's codec codes:
+               text to speech as codes (the layout ``generate(..., output="audio")`` continues)
+
+A recipe may mix tasks (``data.mixture``): :class:`MixtureDataset` draws each task's samples by
+weight and packs samples of different tasks into the same rows, attention kept per document.
 
 Media files are decoded and preprocessed once, when the dataset is built. A row that cannot be
 used (a missing or corrupt file, an empty target) is skipped and counted, or raises with
@@ -28,7 +33,7 @@ from omni.sequence import Message, PackedRow, Sample, Segment, pack, render
 
 log = logging.getLogger(__name__)
 
-TASKS = ("text", "caption", "continue")
+TASKS = ("text", "caption", "continue", "speak")
 
 
 @dataclass
@@ -72,6 +77,13 @@ def sample_for(row: dict, spec: TaskSpec, model, root: Path) -> Sample:
         codes = encode_audio(model, _media_path(row, "audio", root), spec.max_audio_s)
         prefix = [Segment(text=spec.prompt)] if spec.prompt else []
         return Sample([Message(None, prefix + [Segment("audio", codes=codes)])])
+    if spec.task == "speak":
+        text = row.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("no non-empty string field 'text'")
+        codes = encode_audio(model, _media_path(row, "audio", root), spec.max_audio_s)
+        said = f"{spec.prompt} {text.strip()}" if spec.prompt else text.strip()
+        return Sample([Message(None, [Segment(text=said), Segment("audio", codes=codes)])])
     raise ValueError(f"unknown task {spec.task!r}; expected one of {', '.join(TASKS)}")
 
 
@@ -98,48 +110,97 @@ def encode_audio(model, audio, max_seconds: float | None = None) -> torch.Tensor
         return model.codec.encode(wave).long()
 
 
-class TaskDataset(torch.utils.data.Dataset):
-    """A manifest rendered for one task and packed into rows of ``seq_len`` tokens."""
+def render_manifest(manifest: str | Path, spec: TaskSpec, model, tokenizer, seq_len: int,
+                    on_bad_sample: str = "skip") -> tuple[list, int]:
+    """Every usable row of a manifest rendered for ``spec``, and how many rows were skipped."""
+    manifest = Path(manifest)
+    root = manifest.parent
+    # speech: the transcript rides along with the audio slot for the encoder's CTC head
+    encoder = model.encoders[spec.media] if spec.task == "caption" and spec.media in model.encoders else None
+    ctc = getattr(encoder, "ctc_head", None) is not None
+    rendered, num_bad = [], 0
+    for n, row in enumerate(read_jsonl(manifest)):
+        try:
+            r = render(sample_for(row, spec, model, root), tokenizer, **model.render_options())
+            if r.media and len(r) > seq_len:
+                raise ValueError(f"{len(r)} tokens do not fit data.seq_len={seq_len}")
+            if ctc:
+                r.media[0].labels = torch.tensor(tokenizer.encode(row[spec.target].strip()))
+        except (ValueError, MediaError) as e:
+            if on_bad_sample == "error":
+                raise ValueError(f"{manifest}: row {n + 1}: {e}") from None
+            log.warning("%s: row %d skipped: %s", manifest, n + 1, e)
+            num_bad += 1
+            continue
+        rendered.append(r)
+    if num_bad:
+        log.warning("%s: skipped %d bad rows (data.on_bad_sample=skip)", manifest, num_bad)
+    if not rendered:
+        raise ValueError(f"{manifest}: no usable rows for task {spec.task!r}")
+    return rendered, num_bad
 
-    def __init__(self, manifest: str | Path, spec: TaskSpec, model, tokenizer, seq_len: int,
-                 on_bad_sample: str = "skip"):
-        self.manifest = Path(manifest)
-        self.spec = spec
-        root = self.manifest.parent
-        # speech: the transcript rides along with the audio slot for the encoder's CTC head
-        encoder = model.encoders[spec.media] if spec.task == "caption" and spec.media in model.encoders else None
-        ctc = getattr(encoder, "ctc_head", None) is not None
-        rendered, self.num_bad = [], 0
-        for n, row in enumerate(read_jsonl(self.manifest)):
-            try:
-                r = render(sample_for(row, spec, model, root), tokenizer, vocab=model.vocab,
-                           audio_pattern=model.config.audio_pattern, mrope=model.uses_mrope)
-                if r.media and len(r) > seq_len:
-                    raise ValueError(f"{len(r)} tokens do not fit data.seq_len={seq_len}")
-                if ctc:
-                    r.media[0].labels = torch.tensor(tokenizer.encode(row[spec.target].strip()))
-            except (ValueError, MediaError) as e:
-                if on_bad_sample == "error":
-                    raise ValueError(f"{self.manifest}: row {n + 1}: {e}") from None
-                log.warning("%s: row %d skipped: %s", self.manifest, n + 1, e)
-                self.num_bad += 1
-                continue
-            rendered.append(r)
-        if self.num_bad:
-            log.warning("%s: skipped %d bad rows (data.on_bad_sample=skip)", self.manifest, self.num_bad)
-        if not rendered:
-            raise ValueError(f"{self.manifest}: no usable rows for task {spec.task!r}")
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Rendered samples packed into rows of ``seq_len`` tokens."""
+
+    def __init__(self, rendered: list, seq_len: int, pad_id: int, split_across_rows: bool, num_bad: int = 0):
+        self.num_bad = num_bad
         self.num_docs = len(rendered)
         self.num_tokens = sum(len(r) for r in rendered)
-        # Pre-training text may flow across rows; a sample with a turn structure stays whole.
-        self.rows: list[PackedRow] = pack(rendered, seq_len, model.vocab.pad_id,
-                                          split_across_rows=spec.task in ("text", "continue"))
+        self.rows: list[PackedRow] = pack(rendered, seq_len, pad_id, split_across_rows=split_across_rows)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> PackedRow:
         return self.rows[i]
+
+
+class TaskDataset(PackedDataset):
+    """A manifest rendered for one task and packed into rows of ``seq_len`` tokens."""
+
+    def __init__(self, manifest: str | Path, spec: TaskSpec, model, tokenizer, seq_len: int,
+                 on_bad_sample: str = "skip"):
+        self.manifest, self.spec = Path(manifest), spec
+        rendered, num_bad = render_manifest(manifest, spec, model, tokenizer, seq_len, on_bad_sample)
+        # Pre-training text and audio documents may flow across rows; a turn structure stays whole.
+        super().__init__(rendered, seq_len, model.vocab.pad_id, spec.task in ("text", "continue", "speak"), num_bad)
+
+
+class MixtureDataset(PackedDataset):
+    """Several tasks' samples in shared rows. ``weighted`` (training): each task contributes
+    ``weight / sum(weights)`` of the samples, its own repeated or subsampled to that count (the
+    total stays the tasks' combined size), shuffled together; else every sample once (held-out
+    splits). ``counts`` says how many samples each task put in."""
+
+    def __init__(self, parts: list[tuple[str, str | Path, TaskSpec, float]], model, tokenizer, seq_len: int,
+                 on_bad_sample: str = "skip", weighted: bool = True, seed: int = 0):
+        per_task, num_bad = [], 0
+        for _, manifest, spec, _ in parts:
+            rendered, bad = render_manifest(manifest, spec, model, tokenizer, seq_len, on_bad_sample)
+            per_task.append(rendered)
+            num_bad += bad
+        g = torch.Generator().manual_seed(seed)
+        total, weight_sum = sum(len(r) for r in per_task), sum(w for *_, w in parts)
+        chosen, self.counts = [], {}
+        for (label, _, _, w), rendered in zip(parts, per_task):
+            want = max(1, round(total * w / weight_sum)) if weighted else len(rendered)
+            idx = torch.cat([torch.randperm(len(rendered), generator=g) for _ in range(-(-want // len(rendered)))])
+            chosen += [rendered[i] for i in idx[:want].tolist()]
+            self.counts[label] = want
+        order = torch.randperm(len(chosen), generator=g).tolist() if weighted else range(len(chosen))
+        # Samples stay whole: a document cut across rows would lose its task's context.
+        super().__init__([chosen[i] for i in order], seq_len, model.vocab.pad_id, False, num_bad)
+
+
+def dataset_for(data, split: str, model, tokenizer, seed: int = 0) -> PackedDataset:
+    """The recipe's ``data`` section (:class:`omni.config.DataConfig`) for one split."""
+    if not data.mixture:
+        return TaskDataset(Path(data.path) / f"{split}.jsonl", TaskSpec.of(data), model, tokenizer, data.seq_len,
+                           data.on_bad_sample)
+    parts = [(p.label, Path(p.path) / f"{split}.jsonl", TaskSpec.of(p), p.weight) for p in data.mixture]
+    return MixtureDataset(parts, model, tokenizer, data.seq_len, data.on_bad_sample, weighted=split == "train",
+                          seed=seed)
 
 
 def collate(rows: list[PackedRow], mrope: bool = False) -> dict:

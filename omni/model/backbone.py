@@ -7,6 +7,14 @@ about modalities.
 
 Shapes: ``x: (B, T, D)``; ``positions: (B, T)`` (1-D RoPE) or ``(3, B, T)`` (M-RoPE:
 time, height, width); ``q: (B, H, T, hd)``; ``k, v: (B, Hkv, S, hd)``.
+
+With ``cross_attention`` set, a cross-attention block before every ``every``-th layer reads a
+:class:`Memory` of media features instead of the features sitting in the token sequence: the
+Whisper decoder's layout (``every: 1``) or Flamingo's (``gated: true``: tanh gates initialised at
+0, so at initialisation the backbone computes exactly what it computes without them; ``ffn:
+true`` adds the gated feed-forward of Flamingo's GATED XATTN-DENSE). A token reads only the most
+recent media span at or before it in its own document (Flamingo's rule), and a token with none
+before it reads nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 ATTN_BACKENDS = ("sdpa", "xformers")
+CROSS_ATTENTION_KEYS = ("every", "gated", "ffn")
 
 
 @dataclass
@@ -39,6 +48,7 @@ class BackboneConfig:
     norm_eps: float = 1e-5
     qkv_bias: bool = False  # Qwen2 family
     attn_backend: str = "sdpa"
+    cross_attention: dict | None = None  # {every: N, gated: bool, ffn: bool}; None = media as tokens
     extra: dict = field(default_factory=dict)  # free-form provenance (e.g. imported from)
 
     def __post_init__(self):
@@ -54,6 +64,23 @@ class BackboneConfig:
             raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}")
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
+        if self.cross_attention is not None:
+            xa = self.cross_attention
+            if not isinstance(xa, dict) or set(xa) - set(CROSS_ATTENTION_KEYS):
+                raise ValueError(f"cross_attention must be a mapping with keys among {CROSS_ATTENTION_KEYS}, "
+                                 f"got {xa!r}")
+            self.cross_attention = xa = {"every": 1, "gated": False, "ffn": False, **xa}
+            if not isinstance(xa["every"], int) or xa["every"] < 1:
+                raise ValueError(f"cross_attention.every must be an integer >= 1, got {xa['every']!r}")
+            for key in ("gated", "ffn"):
+                if not isinstance(xa[key], bool):
+                    raise ValueError(f"cross_attention.{key} must be true or false, got {xa[key]!r}")
+
+    def cross_layers(self) -> list[int]:
+        """Indices of the layers that have a cross-attention block before them."""
+        if self.cross_attention is None:
+            return []
+        return list(range(0, self.num_layers, self.cross_attention["every"]))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +89,13 @@ class BackboneConfig:
         hd, h, kv = self.head_dim, self.num_heads, self.num_kv_heads
         attn = self.dim * (h + 2 * kv) * hd + h * hd * self.dim
         ffn = 3 * self.dim * self.ffn_dim
-        return self.num_layers * (attn + ffn + 2 * self.dim) + self.dim + vocab_size * self.dim * (1 if tied else 2)
+        cross = 0
+        if self.cross_attention is not None:
+            xa = self.cross_attention
+            cross = 4 * self.dim * h * hd + 2 * self.dim + (ffn + self.dim if xa["ffn"] else 0)
+            cross += (2 if xa["ffn"] else 1) if xa["gated"] else 0
+        return (self.num_layers * (attn + ffn + 2 * self.dim) + len(self.cross_layers()) * cross + self.dim
+                + vocab_size * self.dim * (1 if tied else 2))
 
 
 # Named sizes (torchtune / gpt-fast style). A recipe picks one and overrides only what varies.
@@ -152,6 +185,86 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 # ---------------------------------------------------------------------------------------------
+# Cross-attention memory
+
+NO_SLOT = 2 ** 62  # the start of a memory column that is padding: no token ever reaches it
+
+
+@dataclass
+class Memory:
+    """Media features the cross-attention blocks read.
+
+    features (B, M, D); start (B, M): the sequence index from which a column's media span is
+    visible (``NO_SLOT`` for padding); doc (B, M) or None: the packed document it belongs to.
+    """
+
+    features: torch.Tensor
+    start: torch.Tensor
+    doc: torch.Tensor | None = None
+
+    def mask(self, past: int, T: int, doc_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the query indices ``past .. past+T-1``: the attention mask (B, 1, T, M), True =
+        attend, and which queries read anything at all (B, T, 1). A query reads the columns of the
+        latest span that starts at or before it, in its own document."""
+        q = torch.arange(past, past + T, device=self.start.device)[None, :, None]
+        starts = self.start[:, None, :]
+        reached = starts <= q  # (B, T, M)
+        latest = torch.where(reached, starts, -1).amax(-1, keepdim=True)
+        visible = reached & (starts == latest)
+        if doc_ids is not None and self.doc is not None:
+            visible = visible & (self.doc[:, None, :] == doc_ids[:, :, None])
+        reads = visible.any(-1, keepdim=True)
+        return (visible | ~reads)[:, None], reads  # a query that reads nothing attends anywhere, then is zeroed
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=False)
+        self.wkv = nn.Linear(cfg.dim, 2 * cfg.num_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, M, _ = memory.shape
+        k, v = self.wkv(memory).view(B, M, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x, kv, mask):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, *kv, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class CrossBlock(nn.Module):
+    """RMSNorm -> cross-attention over the (RMSNormed) memory [-> RMSNorm -> SwiGLU], each added to
+    the residual stream, through ``tanh(gate)`` when gated (gates start at 0)."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        xa = cfg.cross_attention
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.memory_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = CrossAttention(cfg)
+        self.attn_gate = nn.Parameter(torch.zeros(1)) if xa["gated"] else None
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps) if xa["ffn"] else None
+        self.ffn = SwiGLU(cfg.dim, cfg.ffn_dim) if xa["ffn"] else None
+        self.ffn_gate = nn.Parameter(torch.zeros(1)) if xa["ffn"] and xa["gated"] else None
+
+    def memory_kv(self, memory: torch.Tensor):
+        return self.attn.memory_kv(self.memory_norm(memory))
+
+    def forward(self, x, kv, mask, reads):
+        h = self.attn(self.norm(x), kv, mask) * reads.to(x.dtype)
+        x = x + (h if self.attn_gate is None else torch.tanh(self.attn_gate).to(x.dtype) * h)
+        if self.ffn is not None:
+            h = self.ffn(self.ffn_norm(x)) * reads.to(x.dtype)
+            x = x + (h if self.ffn_gate is None else torch.tanh(self.ffn_gate).to(x.dtype) * h)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
 # KV cache
 
 
@@ -170,6 +283,8 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
         self.has_padding = False
+        self.memory: Memory | None = None  # cross-attention memory, set by the prompt pass
+        self.cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> memory keys/values
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + k.shape[2]
@@ -311,6 +426,7 @@ class Backbone(nn.Module):
         self.config = cfg
         self.rotary = Rotary(cfg)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.cross = nn.ModuleDict({str(i): CrossBlock(cfg) for i in cfg.cross_layers()})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.gradient_checkpointing = False
         self.set_attn_backend(cfg.attn_backend)
@@ -331,25 +447,58 @@ class Backbone(nn.Module):
                 nn.init.normal_(p, 0.0, out_std if name.endswith(("wo.weight", "w2.weight")) else std)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
-                key_padding: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                key_padding: torch.Tensor | None = None, cache: KVCache | None = None,
+                memory: Memory | None = None) -> torch.Tensor:
         """Run the blocks.
 
         doc_ids (B, T): packed rows; tokens attend only within their own document.
         key_padding (B, T): False marks padding tokens (left padding in batched prompts).
         cache: decode with a KV cache; the new tokens are appended after ``cache.length``.
+        memory: media features for the cross-attention blocks; with a cache, the prompt pass's
+        memory is kept in it for the decoding steps.
         """
         B, T, _ = x.shape
         cos, sin = self.rotary(positions)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         mask, is_causal = self._mask(B, T, x.device, doc_ids, key_padding, cache)
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, is_causal, cache, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, is_causal, cache)
+        cross = self._cross_inputs(T, doc_ids, cache, memory)
+        for i, layer in enumerate(self.layers):
+            if cross is not None and str(i) in self.cross:
+                x = self._run(self.cross[str(i)], x, cross[0](i), *cross[1:])
+            x = self._run(layer, x, cos, sin, mask, is_causal, cache)
         if cache is not None:
             cache.advance(T, key_padding)
         return self.norm(x)
+
+    def _run(self, block, *args):
+        if self.gradient_checkpointing and self.training:
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def _cross_inputs(self, T, doc_ids, cache, memory):
+        """(layer -> memory keys/values, mask, reads) for the cross-attention blocks, or None."""
+        if not len(self.cross):
+            if memory is not None:
+                raise ValueError("this backbone has no cross-attention blocks to read a memory")
+            return None
+        if cache is not None:
+            if memory is not None:
+                cache.memory, cache.cross_kv = memory, {}
+            memory = cache.memory
+        if memory is None:
+            return None  # text only: the cross-attention blocks have nothing to read
+        past = cache.length if cache is not None else 0
+        mask, reads = memory.mask(past, T, doc_ids)
+        features = memory.features
+
+        def kv(i: int):
+            if cache is None:
+                return self.cross[str(i)].memory_kv(features)
+            if i not in cache.cross_kv:
+                cache.cross_kv[i] = self.cross[str(i)].memory_kv(features)
+            return cache.cross_kv[i]
+
+        return kv, mask, reads
 
     @staticmethod
     def _mask(B, T, device, doc_ids, key_padding, cache):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni.io import atomic_write_json, load_tensors, replace_dir, save_tensors, temp_dir
-from omni.model.backbone import Backbone, BackboneConfig, KVCache
+from omni.model.backbone import NO_SLOT, Backbone, BackboneConfig, KVCache, Memory
 from omni.sequence import IGNORE
 from omni.vocab import Vocab
 
@@ -112,6 +112,17 @@ class OmniModel(nn.Module):
         return self.config.backbone.mrope_section is not None
 
     @property
+    def media_in_sequence(self) -> bool:
+        """Whether media features take ``<|feat|>`` slots in the sequence (False: the backbone's
+        cross-attention blocks read them, see ``BackboneConfig.cross_attention``)."""
+        return self.config.backbone.cross_attention is None
+
+    def render_options(self) -> dict:
+        """What :func:`omni.sequence.render` needs to know about this model."""
+        return dict(vocab=self.vocab, audio_pattern=self.config.audio_pattern, mrope=self.uses_mrope,
+                    media_tokens=self.media_in_sequence)
+
+    @property
     def max_seq_len(self) -> int:
         return self.config.backbone.max_seq_len
 
@@ -130,13 +141,20 @@ class OmniModel(nn.Module):
         positions: (B, T) or (3, B, T); default 0..T-1 after ``cache.length``, counting only real
         tokens when ``key_padding`` marks left padding. streams / stream_targets (B, K-1, T): the
         delay layout's codebooks 1..K-1 (EMPTY / -100 where a step has none). media: ``(row,
-        MediaSlot)`` pairs whose encoder outputs replace the ``<|feat|>`` embeddings.
-        last_only: logits for the last position only.
+        MediaSlot)`` pairs whose encoder outputs replace the ``<|feat|>`` embeddings, or become the
+        cross-attention memory. last_only: logits for the last position only.
         """
         if positions is None:
             positions = default_positions(input_ids, key_padding, cache)
-        x, aux_loss = self.embed_inputs(input_ids, streams, media)
-        h = self.backbone(x, positions, doc_ids=doc_ids, key_padding=key_padding, cache=cache)
+        x = self.embed_ids(input_ids, streams)
+        aux_loss = memory = None
+        if media:
+            encoded, aux_loss = self.encode_media(media)
+            if self.media_in_sequence:
+                x = self._place(x, encoded)
+            else:
+                memory = self._memory(encoded, input_ids.shape[0], doc_ids)
+        h = self.backbone(x, positions, doc_ids=doc_ids, key_padding=key_padding, cache=cache, memory=memory)
         assert not (last_only and targets is not None), "last_only is for inference"
         logits = self.lm_head(h[:, -1:] if last_only else h)  # last_only: a prompt pass needs one row
         if targets is None:
@@ -154,36 +172,61 @@ class OmniModel(nn.Module):
                     n += int(keep.sum())
         return ModelOutput(logits, total / max(n, 1), n, aux_loss)
 
-    def embed_inputs(self, input_ids: torch.Tensor, streams: torch.Tensor | None = None,
-                     media: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token embeddings (B, T, D): stream 0 + the delay streams (summed), with media features
-        written over their ``<|feat|>`` slots (EMPTY ids contribute nothing); and the encoders'
-        auxiliary loss when training on slots that carry ``labels`` (else None)."""
-        aux_loss = None
+    def embed_ids(self, input_ids: torch.Tensor, streams: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, T, D): stream 0 plus the delay streams, summed (EMPTY ids add nothing)."""
         x = self._embed_ids(input_ids)
         if streams is not None:
             for k in range(streams.shape[1]):
                 x = x + self._embed_ids(streams[:, k])
-        if media:
-            rows, cols, feats = [], [], []
-            for modality in {slot.modality for _, slot in media}:
-                if modality not in self.encoders:
-                    raise ValueError(f"this model has no {modality} encoder; it reads: "
-                                     f"{', '.join(['text', *self.encoders]) }")
-                items = [(row, slot) for row, slot in media if slot.modality == modality]
-                labels = [slot.labels for _, slot in items] if self.training else None
-                outs, aux = self.encoders[modality].encode([slot.data.to(self.device) for _, slot in items], labels)
-                if aux is not None:
-                    aux_loss = aux if aux_loss is None else aux_loss + aux
-                for (row, slot), f in zip(items, outs):
-                    if f.shape[0] != slot.length:
-                        raise ValueError(f"the {modality} encoder gave {f.shape[0]} tokens for a slot of "
-                                         f"{slot.length}")
-                    rows.append(torch.full((slot.length,), row, dtype=torch.long))
-                    cols.append(torch.arange(slot.start, slot.start + slot.length))
-                    feats.append(f.to(x.dtype))
-            x = x.index_put((torch.cat(rows).to(x.device), torch.cat(cols).to(x.device)), torch.cat(feats))
-        return x, aux_loss
+        return x
+
+    def encode_media(self, media: list) -> tuple[list, torch.Tensor | None]:
+        """``(row, slot)`` pairs -> ``(row, slot, features (slot.length, D))`` triples, one batched
+        encoder call per modality, and the encoders' auxiliary loss when training on slots that
+        carry ``labels`` (else None)."""
+        aux_loss, encoded = None, []
+        for modality in {slot.modality for _, slot in media}:
+            if modality not in self.encoders:
+                raise ValueError(f"this model has no {modality} encoder; it reads: "
+                                 f"{', '.join(['text', *self.encoders]) }")
+            items = [(row, slot) for row, slot in media if slot.modality == modality]
+            labels = [slot.labels for _, slot in items] if self.training else None
+            outs, aux = self.encoders[modality].encode([slot.data.to(self.device) for _, slot in items], labels)
+            if aux is not None:
+                aux_loss = aux if aux_loss is None else aux_loss + aux
+            for (row, slot), f in zip(items, outs):
+                if f.shape[0] != slot.length:
+                    raise ValueError(f"the {modality} encoder gave {f.shape[0]} tokens for a slot of {slot.length}")
+                encoded.append((row, slot, f))
+        return encoded, aux_loss
+
+    @staticmethod
+    def _place(x: torch.Tensor, encoded: list) -> torch.Tensor:
+        """Write each slot's features over its ``<|feat|>`` embeddings."""
+        rows = torch.cat([torch.full((s.length,), row, dtype=torch.long) for row, s, _ in encoded])
+        cols = torch.cat([torch.arange(s.start, s.start + s.length) for _, s, _ in encoded])
+        feats = torch.cat([f.to(x.dtype) for _, _, f in encoded])
+        return x.index_put((rows.to(x.device), cols.to(x.device)), feats)
+
+    def _memory(self, encoded: list, B: int, doc_ids: torch.Tensor | None) -> Memory:
+        """Each row's slot features side by side, (B, M, D), for the cross-attention blocks."""
+        per_row: list[list] = [[] for _ in range(B)]
+        for row, slot, f in sorted(encoded, key=lambda e: (e[0], e[1].start)):
+            per_row[row].append((slot, f))
+        M = max(sum(s.length for s, _ in r) for r in per_row)
+        D = encoded[0][2].shape[-1]
+        features = torch.zeros(B, M, D, device=self.device, dtype=self.embed.weight.dtype)
+        start = torch.full((B, M), NO_SLOT, dtype=torch.long)
+        doc = torch.full((B, M), -1, dtype=torch.long) if doc_ids is not None else None
+        for row, items in enumerate(per_row):
+            at = 0
+            for slot, f in items:
+                features[row, at:at + slot.length] = f.to(features.dtype)
+                start[row, at:at + slot.length] = slot.start
+                if doc is not None:
+                    doc[row, at:at + slot.length] = int(doc_ids[row, slot.start])
+                at += slot.length
+        return Memory(features, start.to(self.device), None if doc is None else doc.to(self.device))
 
     def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.min() >= 0:

@@ -10,6 +10,7 @@ progress bar with tokens/s, atomic checkpoints with exact resume, and a loss-cur
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -118,9 +119,9 @@ def prepare_tokenizer(cfg: RecipeConfig, accelerator):
     with accelerator.main_process_first():
         if accelerator.is_main_process and not (path / MODEL_FILE).is_file():
             spec = load_tokenizer_spec(cfg.tokenizer.spec)
-            corpus = Path(cfg.data.path) / "train.jsonl"
-            log.info("training tokenizer %s on %s -> %s", cfg.tokenizer.spec, corpus, path)
-            texts = corpus_texts(corpus, TaskSpec.of(cfg.data).text_field)
+            corpora = [(Path(p.path) / "train.jsonl", TaskSpec.of(p).text_field) for p in cfg.data.tasks()]
+            log.info("training tokenizer %s on %s -> %s", cfg.tokenizer.spec, ", ".join(str(c) for c, _ in corpora), path)
+            texts = itertools.chain.from_iterable(corpus_texts(c, field) for c, field in corpora)
             tok = TextTokenizer.train(texts, vocab_size=spec.vocab_size, model_type=spec.model_type,
                                       character_coverage=spec.character_coverage,
                                       max_sentences=spec.max_sentences, seed=spec.seed)
@@ -144,7 +145,8 @@ def model_from_recipe(cfg: RecipeConfig, tokenizer):
     mc = cfg.model
     bcfg = backbone_config(mc.size, dim=mc.dim, num_layers=mc.num_layers, num_heads=mc.num_heads,
                            num_kv_heads=mc.num_kv_heads, ffn_dim=mc.ffn_dim, max_seq_len=mc.max_seq_len,
-                           rope_theta=mc.rope_theta, attn_backend=mc.attn_backend)
+                           rope_theta=mc.rope_theta, attn_backend=mc.attn_backend,
+                           cross_attention=mc.cross_attention)
     if mc.mrope:
         bcfg.mrope_section = default_mrope_section(bcfg.head_dim)
     return build_model(bcfg, vocab, tokenizer, tie_embeddings=mc.tie_embeddings, seed=cfg.train.seed,
@@ -152,11 +154,14 @@ def model_from_recipe(cfg: RecipeConfig, tokenizer):
 
 
 def _check_data(cfg: RecipeConfig) -> None:
-    for split in ("train", "val"):
-        f = Path(cfg.data.path) / f"{split}.jsonl"
-        if not f.is_file():
-            raise ValueError(f"{f}: manifest not found; build the corpus with "
-                             f"`omni data build {cfg.data.task} --out {cfg.data.path}`")
+    for part in cfg.data.tasks():
+        for split in ("train", "val"):
+            f = Path(part.path) / f"{split}.jsonl"
+            if not f.is_file():
+                kind = {"text": "text", "image": "images", "video": "video"}.get(
+                    part.task if part.task == "text" else part.media if part.task == "caption" else "", "<kind>")
+                raise ValueError(f"{f}: manifest not found; build the corpus with "
+                                 f"`omni data build {kind} --out {part.path}` (kinds: `omni data build --help`)")
 
 
 def train(cfg: RecipeConfig) -> TrainResult:
@@ -164,7 +169,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from omni.data.tasks import TaskDataset, TaskSpec, collate
+    from omni.data.tasks import collate, dataset_for
 
     tc = cfg.train
     # cpu=True off-GPU lets accelerate run multi-process CPU (gloo) under torchrun / accelerate launch.
@@ -181,8 +186,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
     tokenizer = prepare_tokenizer(cfg, accelerator)
     model = model_from_recipe(cfg, tokenizer)
     mc = cfg.model
-    train_set, val_set = (TaskDataset(Path(cfg.data.path) / f"{split}.jsonl", TaskSpec.of(cfg.data), model,
-                                      tokenizer, cfg.data.seq_len, cfg.data.on_bad_sample) for split in ("train", "val"))
+    train_set, val_set = (dataset_for(cfg.data, split, model, tokenizer, tc.seed) for split in ("train", "val"))
     optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas),
                                   foreach=True)
 
@@ -322,6 +326,9 @@ def train(cfg: RecipeConfig) -> TrainResult:
         if tc.export == "last":
             inner.save_pretrained(out_dir)
         plot_losses(metrics_file, out_dir / "loss.png", title=cfg.name)
+        from omni.model_card import write_model_card
+
+        write_model_card(out_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(out_dir, state.step, first_loss, last_loss, val_loss, tok_per_s)
