@@ -123,6 +123,25 @@ class DataConfig(TaskData):
 
 
 @dataclass
+class LoraSpec:
+    """``train.lora``: rank ``r``, scale ``alpha / r``, dropout, and globs over the linear layers
+    that get adapters (default: the backbone's attention and feed-forward projections)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["backbone.layers.*.attn.wqkv", "backbone.layers.*.attn.wo",
+                                                        "backbone.layers.*.ffn.w13", "backbone.layers.*.ffn.w2"])
+
+    def validate(self) -> None:
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"train.lora needs r >= 1, alpha > 0 and dropout in [0, 1); got r={self.r}, "
+                             f"alpha={self.alpha}, dropout={self.dropout}")
+        if not self.targets:
+            raise ValueError("train.lora.targets is empty")
+
+
+@dataclass
 class TrainConfig:
     out_dir: str = "runs/text_tiny"
     seed: int = 0
@@ -144,6 +163,11 @@ class TrainConfig:
     resume: bool = True
     progress: bool = True
     export: str = "last"  # the model written to out_dir: the last weights, or those with the best val loss
+    # stages (omni/train/stages.py): globs over module names that train (None: all), a run whose
+    # weights to start from, and LoRA adapters (merged into plain weights on save)
+    trainable: list[str] | None = None
+    init_from: str | None = None
+    lora: LoraSpec | None = None
 
     def validate(self):
         for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
@@ -159,6 +183,10 @@ class TrainConfig:
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         _choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         _choice("train.export", self.export, ("last", "best"))
+        if self.trainable is not None and not self.trainable:
+            raise ValueError("train.trainable is an empty list: nothing would train (leave it out to train everything)")
+        if self.lora is not None:
+            self.lora.validate()
 
 
 @dataclass

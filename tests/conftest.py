@@ -9,8 +9,11 @@ torch.manual_seed(0)
 # --- shared fixtures for the unit tests (tests/ mirrors omni/) ---------------------------------
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image as PILImage
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -61,3 +64,63 @@ def sampling_model(text_tokenizer):
 
     return build_model(backbone_config("debug"), text_tokenizer.vocab, text_tokenizer, tie_embeddings=False,
                        seed=0).eval()
+
+
+# --- a small fake Tux Paint stamps folder laid out like the real one (corpus builders, stages) ---
+SVG = ('<svg xmlns="http://www.w3.org/2000/svg" width="40" height="20">'
+       '<rect x="0" y="0" width="40" height="20" fill="#0000ff"/></svg>')
+
+
+def write_ogg(path: Path, seconds: float = 0.5, freq: float = 440.0) -> Path:
+    """An Ogg/Opus tone (PyAV's bundled FFmpeg encodes Opus; the real stamps' sounds are Ogg/Vorbis)."""
+    import av
+
+    sr = 48000
+    wav = (0.5 * np.sin(2 * np.pi * freq * np.arange(int(seconds * sr)) / sr)).astype(np.float32)
+    with av.open(str(path), "w", format="ogg") as c:
+        s = c.add_stream("libopus", rate=sr)
+        s.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(wav[None], format="flt", layout="mono")
+        frame.sample_rate = sr
+        c.mux(s.encode(frame))
+        c.mux(s.encode(None))
+    return path
+
+
+def _png(path: Path, color, size=(60, 40)):
+    arr = np.zeros((size[1], size[0], 4), np.uint8)
+    arr[5:-5, 5:-5] = (*color, 255)  # an opaque box on a transparent margin
+    PILImage.fromarray(arr, "RGBA").save(path)
+
+
+def make_stamps(root: Path) -> Path:
+    """animals/frog (png + sound), animals/frog-1 (same caption), vehicles/truck, vehicles/car,
+    vehicles/bus, space/rocket (svg), plus things the builders must ignore or count as bad."""
+    specs = {
+        "animals/frog": ("A frog.", (0, 160, 0)),
+        "animals/frog-1": ("A frog.", (0, 120, 0)),
+        "vehicles/truck": ("A red truck.", (200, 0, 0)),
+        "vehicles/car": ("A yellow car.", (220, 220, 0)),
+        "vehicles/bus": ("A school bus that takes children to school every day.", (250, 150, 0)),
+    }
+    for name, (caption, color) in specs.items():
+        p = root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        _png(p.with_suffix(".png"), color)
+        text = f"{caption}\nfr.utf8=Traduit.\nen_GB.utf8={caption}\n"
+        p.with_suffix(".txt").write_text(text, encoding="utf-8")
+    write_ogg(root / "animals" / "frog.ogg")
+    (root / "animals" / "frog_desc.ogg").write_bytes(b"spoken description: not a sound effect")
+    (root / "space").mkdir()
+    (root / "space" / "rocket.svg").write_text(SVG)
+    (root / "space" / "rocket.txt").write_text("de.utf8=Eine Rakete.\nen.utf8=A rocket.\n", encoding="utf-8")
+    _png(root / "space" / "mirror_only.png", (1, 2, 3))  # no caption: ignored
+    (root / "space" / "orphan.txt").write_text("An orphan caption.\n")  # no image: ignored
+    (root / "space" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (root / "space" / "broken.txt").write_text("A broken stamp.\n")
+    return root
+
+
+@pytest.fixture
+def fake_stamps(tmp_path) -> Path:
+    return make_stamps(tmp_path / "stamps")

@@ -286,15 +286,22 @@ class OmniModel(nn.Module):
             raise
         return path
 
-    def export_state_dict(self) -> dict[str, torch.Tensor]:
-        sd = {k: v for k, v in self.state_dict().items()}
+    def export_state_dict(self, merge_lora: bool = True) -> dict[str, torch.Tensor]:
+        """The weights to save: LoRA adapters (``train.lora``) folded into their base weights unless
+        ``merge_lora=False`` (training checkpoints keep them apart to resume)."""
+        if merge_lora:
+            from omni.train.stages import merged_state_dict
+
+            sd = merged_state_dict(self)
+        else:
+            sd = dict(self.state_dict())
         if self.config.tie_embeddings:
             sd.pop("lm_head.weight", None)  # safetensors stores no aliases; tied on load
         return sd
 
     def load_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         """Strict load that names the missing, unexpected or mis-shaped tensor."""
-        own = self.export_state_dict()
+        own = self.export_state_dict(merge_lora=False)
         missing = sorted(set(own) - set(tensors))
         unexpected = sorted(set(tensors) - set(own))
         if missing or unexpected:

@@ -185,6 +185,9 @@ def train(cfg: RecipeConfig) -> TrainResult:
 
     tokenizer = prepare_tokenizer(cfg, accelerator)
     model = model_from_recipe(cfg, tokenizer)
+    from omni.train.stages import apply_stages
+
+    n_trainable = apply_stages(model, tc)
     mc = cfg.model
     train_set, val_set = (dataset_for(cfg.data, split, model, tokenizer, tc.seed) for split in ("train", "val"))
     optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas),
@@ -222,16 +225,16 @@ def train(cfg: RecipeConfig) -> TrainResult:
         atomic_write_bytes(out_dir / "recipe.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
         _truncate_metrics(metrics_file, state.step)
         record({"event": "start", "step": state.step, "world_size": world, "params": n_params,
-                "resumed_from": str(resumed_from) if resumed_from else None})
-        log.info("model: %.2fM parameters; train rows: %d x %d tokens (%d docs, %d skipped); processes: %d%s",
-                 n_params / 1e6, len(train_set), cfg.data.seq_len, train_set.num_docs, train_set.num_bad, world,
+                "trainable_params": n_trainable, "resumed_from": str(resumed_from) if resumed_from else None})
+        log.info("model: %.2fM parameters (%.2fM trainable); train rows: %d x %d tokens (%d docs, %d skipped); processes: %d%s",
+                 n_params / 1e6, n_trainable / 1e6, len(train_set), cfg.data.seq_len, train_set.num_docs, train_set.num_bad, world,
                  f"; resumed from {resumed_from}" if resumed_from else "")
 
     def save(reason: str):
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             extra = {"recipe": cfg.to_dict(), "reason": reason, "model_config": inner.config.to_dict()}
-            p = save_checkpoint(ckpt_root, inner.export_state_dict(), optimizer.state_dict(), state, extra,
+            p = save_checkpoint(ckpt_root, inner.export_state_dict(merge_lora=False), optimizer.state_dict(), state, extra,
                                 tc.keep_checkpoints)
             log.info("checkpoint: %s", p)
         accelerator.wait_for_everyone()

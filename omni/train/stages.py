@@ -1,0 +1,148 @@
+"""Training in stages: what trains (``train.trainable``), where the weights start
+(``train.init_from``), and LoRA adapters (``train.lora``) that are merged back into plain weights
+when the model is saved.
+
+Patterns are shell-style globs over module names, matched at any depth: ``connector`` selects every
+module called ``connector`` (``encoders.image.connector`` and all inside it), ``backbone.cross.*``
+the cross-attention blocks, ``*.attn_gate`` a parameter by name. A pattern that selects nothing is
+an error, as is a LoRA target that is not ``nn.Linear``, before any training step runs.
+
+LLaVA's stages as two recipes::
+
+    # stage 1: train.trainable: [connector]
+    # stage 2: train.init_from: runs/llava_stage1, train.trainable: [connector, backbone, embed]
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from omni.config import LoraSpec
+
+log = logging.getLogger(__name__)
+
+
+def _selects(name: str, pattern: str) -> bool:
+    """Whether ``pattern`` names this module / parameter or one of the modules around it."""
+    return any(fnmatch.fnmatchcase(name, p) for p in (pattern, f"{pattern}.*", f"*.{pattern}", f"*.{pattern}.*"))
+
+
+def select(names, patterns: list[str], what: str) -> set[str]:
+    """The names any pattern selects; a pattern that selects none is an error naming it."""
+    names = list(names)
+    chosen = set()
+    for pattern in patterns:
+        hit = {n for n in names if _selects(n, pattern)}
+        if not hit:
+            top = sorted({n.rsplit(".", 1)[0] for n in names})
+            raise ValueError(f"{what} pattern {pattern!r} matches nothing; module names look like: "
+                             f"{', '.join(top[:8])}{' ...' if len(top) > 8 else ''}")
+        chosen |= hit
+    return chosen
+
+
+def apply_stages(model, train_cfg) -> int:
+    """Apply a recipe's stage settings (``omni.config.TrainConfig``) before the optimizer sees the
+    model: start from ``init_from``, add LoRA adapters, restrict what trains to ``trainable``
+    (with LoRA: the adapters and those). Returns the trainable parameter count."""
+    if train_cfg.init_from:
+        init_from(model, train_cfg.init_from)
+    if train_cfg.lora is not None:
+        add_lora(model, train_cfg.lora)
+    if train_cfg.trainable is not None:
+        params = dict(model.named_parameters())
+        keep = select(params, train_cfg.trainable, "train.trainable")
+        for name, p in params.items():
+            p.requires_grad_(name in keep or (train_cfg.lora is not None and "lora_" in name))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def init_from(model, path: str | Path) -> dict:
+    """Start from another run's weights: every tensor of ``path/model.safetensors`` whose name the
+    model has is loaded (names the model lacks are reported, not loaded: a stage may drop heads);
+    a tensor whose shape differs is an error naming it. New modules keep their initialisation."""
+    from omni.io import load_tensors
+
+    f = Path(path) / "model.safetensors"
+    if not f.is_file():
+        raise ValueError(f"train.init_from: {f} not found (point it at a run directory written by omni train)")
+    tensors = load_tensors(f)
+    own = model.export_state_dict(merge_lora=False)
+    for name, t in tensors.items():
+        if name in own and own[name].shape != t.shape:
+            raise ValueError(f"train.init_from {path}: tensor {name} has shape {tuple(t.shape)} but this model's is "
+                             f"{tuple(own[name].shape)} (a different size or vocabulary)")
+    loaded = sorted(set(tensors) & set(own))
+    if not loaded:
+        raise ValueError(f"train.init_from {path}: none of its tensors belong to this model")
+    model.load_state_dict({k: tensors[k] for k in loaded}, strict=False)
+    report = {"loaded": len(loaded), "new": len(set(own) - set(tensors)), "unused": len(set(tensors) - set(own))}
+    log.info("init_from %s: %d tensors loaded, %d new in this model, %d of its tensors unused", path,
+             report["loaded"], report["new"], report["unused"])
+    return report
+
+
+def add_lora(model: nn.Module, spec: LoraSpec) -> int:
+    """Wrap the selected linear layers with LoRA adapters (peft) and train only the adapters.
+    Returns the number of adapter parameters."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    spec.validate()
+    modules = {n: m for n, m in model.named_modules() if n}
+    linear = set()
+    for pattern in spec.targets:  # a pattern names modules (at any depth), not what is inside them
+        named = [n for n in modules if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, f"*.{pattern}")]
+        if not named:
+            linears = sorted(n for n, m in modules.items() if isinstance(m, nn.Linear))
+            raise ValueError(f"train.lora.targets pattern {pattern!r} names no module; linear layers are named "
+                             f"like: {', '.join(linears[:6])}{' ...' if len(linears) > 6 else ''}")
+        for n in named:
+            if not isinstance(modules[n], nn.Linear):
+                raise ValueError(f"train.lora.targets: {pattern!r} names {n}, a {type(modules[n]).__name__}; "
+                                 "LoRA wraps nn.Linear layers only")
+        linear.update(named)
+    linear = sorted(linear)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=linear,
+                        bias="none")
+    inject_adapter_in_model(config, model)
+    n = 0
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(True)
+            n += p.numel()
+    return n
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every LoRA adapter folded into its base weight, under the names
+    the model has without adapters; a model without adapters gives its plain state dict."""
+    sd = model.state_dict()
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return sd
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    if not layers:
+        return sd
+    out = {}
+    for key, value in sd.items():
+        owner = next((n for n in layers if key.startswith(n + ".")), None)
+        if owner is None:
+            out[key] = value
+            continue
+        rest = key[len(owner) + 1:]
+        if rest.startswith("base_layer."):
+            param = rest[len("base_layer."):]
+            if param == "weight":
+                layer = layers[owner]
+                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters)
+                value = value + delta.to(value.dtype)
+            out[f"{owner}.{param}"] = value
+    return out

@@ -1,0 +1,154 @@
+"""Training in stages: what trains (globs over module names), starting from another run's weights,
+and LoRA adapters merged into plain weights on save; LLaVA's two stages through the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import omni
+from omni.config import LoraSpec, TrainConfig
+from omni.io import load_tensors
+from omni.model.backbone import backbone_config
+from omni.model.omni_model import build_model
+from omni.train.stages import add_lora, apply_stages, init_from
+
+IMAGE = {"image": {"tokenizer": {"kind": "siglip", "size": "debug", "image_size": 32, "patch_size": 16},
+                   "connector": {"kind": "mlp"}}}
+
+
+def _model(tok, seed=0, **overrides):
+    return build_model(backbone_config("debug", max_seq_len=64, **overrides), tok.vocab, tok, seed=seed, media=IMAGE)
+
+
+def test_trainable_globs_select_modules_at_any_depth(text_tokenizer):
+    model = _model(text_tokenizer)
+    n = apply_stages(model, TrainConfig(trainable=["connector"]))
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(name.startswith("encoders.image.connector.") for name in trained)
+    assert n == sum(p.numel() for p in model.encoders["image"].connector.parameters())
+    apply_stages(model, TrainConfig(trainable=["backbone.layers.1", "*.attn_norm.weight"]))
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert any(t.startswith("backbone.layers.1.") for t in trained) and "backbone.layers.0.attn_norm.weight" in trained
+    assert "backbone.layers.0.attn.wqkv.weight" not in trained
+    with pytest.raises(ValueError, match="'projector' matches nothing; module names look like"):
+        apply_stages(model, TrainConfig(trainable=["projector"]))
+
+
+def test_init_from_loads_what_matches_and_names_what_does_not(text_tokenizer, tmp_path):
+    src = _model(text_tokenizer, seed=1)
+    src.save_pretrained(tmp_path / "src")
+    model = _model(text_tokenizer, seed=2)
+    report = init_from(model, tmp_path / "src")
+    assert report["new"] == 0 and report["unused"] == 0
+    for name, t in load_tensors(tmp_path / "src" / "model.safetensors").items():
+        assert torch.equal(model.export_state_dict()[name], t)
+    # a model with more modules (cross-attention blocks) keeps them new and loads the rest
+    bigger = _model(text_tokenizer, cross_attention={"every": 1, "gated": True})
+    assert init_from(bigger, tmp_path / "src")["new"] > 0
+    with pytest.raises(ValueError, match=r"tensor \S+ has shape .* \(a different size or vocabulary\)"):
+        init_from(_model(text_tokenizer, dim=96, num_heads=4, num_kv_heads=2), tmp_path / "src")
+    with pytest.raises(ValueError, match="model.safetensors not found"):
+        init_from(model, tmp_path / "nowhere")
+
+
+def test_lora_trains_adapters_only_and_saves_plain_weights(text_tokenizer, tmp_path):
+    model = _model(text_tokenizer)
+    plain_keys = set(model.export_state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n = add_lora(model, LoraSpec(r=4, alpha=8))
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in name for name in trained) and n == sum(
+        p.numel() for p in model.parameters() if p.requires_grad)
+    ids = torch.tensor([[text_tokenizer.vocab.bos_id] + text_tokenizer.encode("the cat sat on the mat")])
+    targets = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(20):
+        out = model(ids, targets=targets)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0]
+    merged = model.export_state_dict()
+    assert set(merged) == plain_keys  # folded back: the names of a model without adapters
+    assert not torch.equal(merged["backbone.layers.0.attn.wqkv.weight"], before["backbone.layers.0.attn.wqkv.weight"])
+    assert torch.equal(merged["embed.weight"], before["embed.weight"])  # frozen stays put
+    model.eval().save_pretrained(tmp_path / "lora")
+    again = omni.load(tmp_path / "lora")
+    assert torch.allclose(again(ids).logits, model(ids).logits, atol=1e-5)
+    with pytest.raises(ValueError, match="names backbone.layers.0.attn_norm, a RMSNorm; LoRA wraps nn.Linear"):
+        add_lora(_model(text_tokenizer), LoraSpec(targets=["backbone.layers.*.attn_norm"]))
+    with pytest.raises(ValueError, match="'wq_proj' names no module"):
+        add_lora(_model(text_tokenizer), LoraSpec(targets=["wq_proj"]))
+
+
+def test_llava_two_stages_through_the_cli(tmp_path, text_tokenizer, fake_stamps):
+    """Stage 1 trains the image side on a frozen language model; stage 2 starts from stage 1 and
+    trains projector and language model. The frozen weights of stage 1 never move."""
+    from omni.data.images import build_images_corpus
+
+    images = tmp_path / "images"
+    build_images_corpus(images, stamps_dir=fake_stamps, max_size=48, val_fraction=0.0, test_fraction=0.0)
+    (images / "val.jsonl").write_text((images / "train.jsonl").read_text())
+    text_tokenizer.save(tmp_path / "tok")
+    lm = _model(text_tokenizer, seed=3)
+    lm.save_pretrained(tmp_path / "lm")  # stands in for a pre-trained language model run
+    common = ["model.size=debug", "model.max_seq_len=64", "data.seq_len=64", f"data.path={images}",
+              f"tokenizer.path={tmp_path / 'tok'}", "train.steps=6", "train.warmup_steps=1", "train.batch_size=2",
+              "train.eval_every=6", "train.eval_batches=1", "train.progress=false", "train.log_every=1",
+              "model.media.image.tokenizer.size=debug", "model.media.image.tokenizer.image_size=32"]
+    for stage, src in (("stage1", tmp_path / "lm"), ("stage2", tmp_path / "llava_stage1")):
+        r = subprocess.run([sys.executable, "-m", "omni.cli", "train", f"llava/{stage}_tiny", *common,
+                            f"train.init_from={src}", f"train.out_dir={tmp_path / f'llava_{stage}'}"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    lm_w = load_tensors(tmp_path / "lm" / "model.safetensors")
+    s1 = load_tensors(tmp_path / "llava_stage1" / "model.safetensors")
+    s2 = load_tensors(tmp_path / "llava_stage2" / "model.safetensors")
+    assert all(torch.equal(s1[k], lm_w[k]) for k in lm_w if not k.startswith("encoders.image."))
+    assert not torch.equal(s1["encoders.image.connector.net.0.weight"], lm_w["encoders.image.connector.net.0.weight"])
+    assert not torch.equal(s2["backbone.layers.0.attn.wqkv.weight"], s1["backbone.layers.0.attn.wqkv.weight"])
+
+
+def test_flamingo_starts_as_its_language_model_and_trains_only_the_new_parts(tmp_path, text_tokenizer, fake_stamps):
+    from omni.config import load_recipe
+    from omni.data.images import build_images_corpus
+    from omni.train.loop import model_from_recipe
+
+    images = tmp_path / "images"
+    build_images_corpus(images, stamps_dir=fake_stamps, max_size=48, val_fraction=0.0, test_fraction=0.0)
+    (images / "val.jsonl").write_text((images / "train.jsonl").read_text())
+    text_tokenizer.save(tmp_path / "tok")
+    lm = build_model(backbone_config("debug", max_seq_len=64), text_tokenizer.vocab, text_tokenizer, seed=3)
+    lm.save_pretrained(tmp_path / "lm")
+    args = ["model.size=debug", "model.max_seq_len=64", "data.seq_len=64", f"data.path={images}",
+            f"tokenizer.path={tmp_path / 'tok'}", "train.steps=8", "train.warmup_steps=1", "train.batch_size=2",
+            "train.eval_every=8", "train.eval_batches=1", "train.progress=false", "train.log_every=1",
+            "model.media.image.tokenizer.size=debug", "model.media.image.tokenizer.image_size=32",
+            f"train.init_from={tmp_path / 'lm'}", f"train.out_dir={tmp_path / 'flamingo'}"]
+    # at initialisation: the language model's logits, with or without images in the prompt
+    model = model_from_recipe(load_recipe("flamingo/caption_tiny", args), text_tokenizer)
+    apply_stages(model, load_recipe("flamingo/caption_tiny", args).train)
+    img = omni.Image(next(images.rglob("*.png")))
+    from omni.api import render_prompts
+
+    rendered, inputs = render_prompts(model, [[img, "Caption:"]])
+    ids = rendered[0].ids[None]
+    assert torch.equal(model.eval()(ids, media=inputs["media"]).logits, lm.eval()(ids).logits)
+    r = subprocess.run([sys.executable, "-m", "omni.cli", "train", "flamingo/caption_tiny", *args],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lm_w = load_tensors(tmp_path / "lm" / "model.safetensors")
+    trained = load_tensors(tmp_path / "flamingo" / "model.safetensors")
+    assert all(torch.equal(trained[k], v) for k, v in lm_w.items())  # the language model is frozen
+    assert any(trained[k].abs().sum() > 0 for k in trained if k.endswith("attn_gate"))  # the gates opened
+    # interleaved few-shot prompting: each caption reads the image just before it
+    flamingo = omni.load(tmp_path / "flamingo")
+    shots = [{"role": "user", "content": [img, "Caption:"]}, {"role": "assistant", "content": "A frog."}] * 2
+    out = flamingo.generate(shots + [{"role": "user", "content": [img, "Caption:"]}], max_new_tokens=4)
+    assert isinstance(out, str)
