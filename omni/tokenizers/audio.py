@@ -554,15 +554,41 @@ ENCODER_SIZES: dict[str, EncoderSize] = {
 }
 
 
+class ConvModule(nn.Module):
+    """Conformer's convolution module (Gulati et al., 2020), pre-norm and residual outside:
+    pointwise conv to 2D -> GLU -> depthwise conv over time -> LayerNorm -> SiLU -> pointwise.
+    Padding frames are zeroed first so they do not leak into real ones."""
+
+    def __init__(self, dim: int, kernel: int):
+        super().__init__()
+        if kernel % 2 == 0:
+            raise ValueError(f"conv_kernel must be odd, got {kernel}")
+        self.norm = nn.LayerNorm(dim)
+        self.pointwise_in = nn.Linear(dim, 2 * dim)
+        self.depthwise = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=dim)
+        self.mid_norm = nn.LayerNorm(dim)
+        self.pointwise_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
+        h = F.glu(self.pointwise_in(self.norm(x)), dim=-1)
+        if pad_mask is not None:
+            h = h.masked_fill(pad_mask[..., None], 0.0)
+        h = self.depthwise(h.transpose(1, 2)).transpose(1, 2)
+        return self.pointwise_out(F.silu(self.mid_norm(h)))
+
+
 class WhisperStyleEncoder(nn.Module):
     """Whisper's encoder layout, our code: conv(3)-GELU-conv(3, stride 2)-GELU, fixed sinusoidal
     positions, pre-norm transformer layers (GELU MLP), final LayerNorm. Halves the frame rate
     (100 mel frames/s -> 50 features/s); ``subsample=4`` adds a third strided conv (25 features/s,
-    the usual ASR front end: the transformer layers then cost half). Inputs of any length up to
+    the usual ASR front end: the transformer layers then cost half). ``conv_kernel > 0`` follows
+    each layer with a Conformer convolution module of that kernel (local patterns a from-scratch
+    encoder otherwise learns slowly through attention alone). Inputs of any length up to
     ``max_frames``."""
 
     def __init__(self, n_mels: int = 80, dim: int = 192, num_layers: int = 4, num_heads: int = 3,
-                 ffn_dim: int | None = None, max_frames: int = 3000, dropout: float = 0.0, subsample: int = 2):
+                 ffn_dim: int | None = None, max_frames: int = 3000, dropout: float = 0.0, subsample: int = 2,
+                 conv_kernel: int = 0):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
@@ -576,6 +602,7 @@ class WhisperStyleEncoder(nn.Module):
         layer = nn.TransformerEncoderLayer(dim, num_heads, ffn_dim or 4 * dim, dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.convs = nn.ModuleList(ConvModule(dim, conv_kernel) for _ in range(num_layers)) if conv_kernel else None
         self.norm = nn.LayerNorm(dim)
         self.out_dim = dim
 
@@ -606,7 +633,12 @@ class WhisperStyleEncoder(nn.Module):
         if mel_lengths is not None:
             n = torch.tensor([self.num_tokens(int(f)) for f in mel_lengths], device=x.device)
             pad_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= n[:, None]  # True = padding
-        return self.norm(self.layers(x, src_key_padding_mask=pad_mask))
+        if self.convs is None:
+            return self.norm(self.layers(x, src_key_padding_mask=pad_mask))
+        for layer, conv in zip(self.layers.layers, self.convs):
+            x = layer(x, src_key_padding_mask=pad_mask)
+            x = x + conv(x, pad_mask)
+        return self.norm(x)
 
 
 class HFWhisperEncoder(nn.Module):
@@ -706,14 +738,14 @@ class HFWhisperEncoder(nn.Module):
 
 def audio_encoder(kind: str = "whisper_style", size: str = "tiny", n_mels: int = 80, path: str | None = None,
                   freeze: bool = False, input_mode: str = "pad", whisper_config: dict | None = None,
-                  subsample: int = 2) -> nn.Module:
+                  subsample: int = 2, conv_kernel: int = 0) -> nn.Module:
     """The recipe-facing builder: ``kind="whisper_style"`` (ours, ``size`` from ``ENCODER_SIZES``)
     or ``"hf_whisper"`` (``path`` to a local Whisper checkpoint, else built from ``whisper_config``)."""
     if kind == "whisper_style":
-        return WhisperStyleEncoder.from_size(size, n_mels=n_mels, subsample=subsample)
+        return WhisperStyleEncoder.from_size(size, n_mels=n_mels, subsample=subsample, conv_kernel=conv_kernel)
     if kind == "hf_whisper":
-        if subsample != 2:
-            raise ValueError("subsample applies to kind=whisper_style; a Whisper checkpoint's stem is fixed (2)")
+        if subsample != 2 or conv_kernel:
+            raise ValueError("subsample and conv_kernel apply to kind=whisper_style; a Whisper checkpoint's layout is fixed")
         if path:
             return HFWhisperEncoder.from_pretrained(path, freeze=freeze, input_mode=input_mode)
         return HFWhisperEncoder.from_config({"num_mel_bins": n_mels, **(whisper_config or {})}, freeze=freeze,

@@ -27,9 +27,10 @@ def test_whisper_style_encoder_shapes_and_token_counts():
         WhisperStyleEncoder.from_size("huge")
 
 
-def test_whisper_style_encoder_masks_padding():
+@pytest.mark.parametrize("conv_kernel", [0, 5])  # 5: a Conformer convolution module after each layer
+def test_whisper_style_encoder_masks_padding(conv_kernel):
     torch.manual_seed(0)
-    enc = WhisperStyleEncoder.from_size("debug", n_mels=16).eval()
+    enc = WhisperStyleEncoder.from_size("debug", n_mels=16, conv_kernel=conv_kernel).eval()
     short, long = torch.randn(16, 60), torch.randn(16, 100)
     batch = torch.stack([torch.nn.functional.pad(short, (0, 40)), long])
     out = enc(batch, mel_lengths=torch.tensor([60, 100]))
@@ -39,6 +40,10 @@ def test_whisper_style_encoder_masks_padding():
     assert not torch.allclose(unmasked[0, :30], alone[0], atol=1e-3)  # the mask is what made them equal
     out.sum().backward()
     assert enc.conv1.weight.grad is not None and enc.conv1.weight.grad.abs().sum() > 0
+    if conv_kernel:
+        assert enc.convs[0].depthwise.weight.grad.abs().sum() > 0
+        with pytest.raises(ValueError, match="conv_kernel must be odd"):
+            WhisperStyleEncoder.from_size("debug", conv_kernel=4)
 
 
 @pytest.fixture(scope="module")
