@@ -39,6 +39,8 @@ class ModelConfig:
     # None: media features are tokens in the sequence; {every: N, gated, ffn}: cross-attention
     # blocks read them (Whisper's decoder: every 1; Flamingo: gated), see omni/model/backbone.py
     cross_attention: dict | None = None
+    # {embed_dim, temperature}: a contrastive head for data.task=contrastive (omni/model/contrastive.py)
+    contrastive: dict | None = None
 
     def validate(self):
         from omni.model.audio_codes import PATTERNS
@@ -210,6 +212,10 @@ class RecipeConfig:
             if part.task == "caption" and part.media not in self.model.media:
                 raise ValueError(f"data task {part.label} reads {part.media} but model.media has no "
                                  f"{part.media} encoder (has: {', '.join(self.model.media) or 'none'})")
+            if part.task == "contrastive" and (self.model.contrastive is None or part.media not in self.model.media):
+                raise ValueError(f"data task {part.label} needs model.contrastive and a model.media.{part.media} encoder")
+            if part.task == "contrastive" and self.data.mixture:
+                raise ValueError("a contrastive task trains on pairs, not packed rows: it cannot be part of data.mixture")
             if part.task in AUDIO_OUT_TASKS and not self.codec.path:
                 raise ValueError(f"data task {part.label} writes audio codes, so it needs codec.path "
                                  "(a trained audio codec)")

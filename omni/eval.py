@@ -87,6 +87,8 @@ def _evaluate_task(model, d, seq_len: int, manifest: Path, max_rows, batch_size,
         metrics, preds = _eval_caption(model, d, rows, manifest.parent, batch_size, max_new_tokens, codec)
         if codec is not None:
             metrics["through_codec"] = str(through_codec)
+    elif d.task == "contrastive":
+        metrics = _eval_contrastive(model, d, seq_len, manifest, batch_size)
     elif d.task in ("continue", "speak"):
         metrics = _eval_codes(model, d, seq_len, manifest, rows, batch_size)
         write = write_continuations if d.task == "continue" else write_speech
@@ -152,6 +154,50 @@ def _eval_loss(model, d, seq_len: int, manifest: Path, batch_size: int) -> dict:
         correct += int((out.logits.argmax(-1)[keep] == batch["targets"][keep]).sum())
     loss = total / max(count, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "next_token_accuracy": correct / max(count, 1)}
+
+
+@torch.no_grad()
+def _eval_contrastive(model, d, seq_len: int, manifest: Path, batch_size: int) -> dict:
+    """Zero-shot retrieval over the split (media -> text and text -> media recall@1/@5; a
+    retrieved caption counts when its text equals the row's, so duplicate captions are not
+    punished) and zero-shot classification into the rows' ``category`` values with the prompt
+    "A picture of <category>." Chance levels are reported beside each."""
+    from omni.data.tasks import PairDataset, TaskSpec
+    from omni.model.contrastive import embed_media, embed_text
+
+    model.eval()
+    ds = PairDataset(manifest, TaskSpec.of(d), model, model.tokenizer, seq_len)
+    media, text = [], []
+    for start in range(0, len(ds), batch_size):
+        batch = ds.collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
+        media.append(embed_media(model, d.media, [slot.data for _, slot in batch["media"]]))
+        text.append(embed_text(model, batch["input_ids"].to(model.device), batch["key_padding"].to(model.device)))
+    media, text = torch.cat(media), torch.cat(text)
+    captions = [r[d.target].strip().lower() for r in ds.rows]
+    same = torch.tensor([[a == b for b in captions] for a in captions])  # (N, N): interchangeable captions
+    sims = media @ text.T
+    n = len(ds)
+    out = {"pairs": n}
+    for k in (1, 5):
+        top_m2t = sims.topk(min(k, n), dim=1).indices
+        top_t2m = sims.T.topk(min(k, n), dim=1).indices
+        out[f"media_to_text_r{k}"] = float(same.gather(1, top_m2t).any(1).float().mean())
+        out[f"text_to_media_r{k}"] = float(same.gather(1, top_t2m).any(1).float().mean())
+        out[f"chance_r{k}"] = float(same.float().mean(1).mul(min(k, n)).clamp(max=1).mean())
+    categories = sorted({r["category"] for r in ds.rows if isinstance(r.get("category"), str)})
+    if len(categories) > 1 and all(isinstance(r.get("category"), str) for r in ds.rows):
+        tok = model.tokenizer
+        prompts = [[tok.vocab.bos_id] + tok.encode(f"A picture of {c}.") + [tok.vocab.eos_id] for c in categories]
+        T = max(map(len, prompts))
+        ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts])
+        mask = torch.tensor([[True] * len(p) + [False] * (T - len(p)) for p in prompts])
+        classes = embed_text(model, ids.to(model.device), mask.to(model.device))
+        pred = (media @ classes.T).argmax(1).tolist()
+        truth = [categories.index(r["category"]) for r in ds.rows]
+        counts = torch.bincount(torch.tensor(truth), minlength=len(categories))
+        out.update(zero_shot_accuracy=sum(p == t for p, t in zip(pred, truth)) / n, classes=len(categories),
+                   chance_accuracy=1 / len(categories), majority_accuracy=float(counts.max()) / n)
+    return out
 
 
 @torch.no_grad()

@@ -8,6 +8,8 @@ A task is a template and which segments carry loss:
                Speech recognition is this task with ``media=audio``, ``target=text``.
 ``continue``   ``{"audio": path}`` -> a document of [prompt text] + the clip's codec codes (loss on
                all of it): audio continuation (AudioLM / MusicGen style)
+``contrastive`` ``{<media>: path, <target>: str}`` -> (media, ``<bos> text <eos>``) pairs, not packed:
+               a batch is a set of pairs for a contrastive loss (CLIP); see omni/model/contrastive.py
 ``speak``      ``{"text", "audio": path}`` -> a document of [prompt + text] + the clip's codec codes:
                text to speech as codes (the layout ``generate(..., output="audio")`` continues)
 
@@ -29,11 +31,11 @@ import torch
 
 from omni.io import read_jsonl
 from omni.media import MediaError
-from omni.sequence import Message, PackedRow, Sample, Segment, pack, render
+from omni.sequence import MediaSlot, Message, PackedRow, Sample, Segment, pack, render
 
 log = logging.getLogger(__name__)
 
-TASKS = ("text", "caption", "continue", "speak")
+TASKS = ("text", "caption", "continue", "speak", "contrastive")
 
 
 @dataclass
@@ -155,6 +157,59 @@ class PackedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> PackedRow:
         return self.rows[i]
 
+    @staticmethod
+    def collate(rows: list[PackedRow], mrope: bool = False) -> dict:
+        return collate(rows, mrope)
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """(media, text) pairs for a contrastive loss: each row's media prepared once, its text as
+    ``<bos> text <eos>`` ids. ``rows`` keeps the manifest rows that were used."""
+
+    def __init__(self, manifest: str | Path, spec: TaskSpec, model, tokenizer, seq_len: int,
+                 on_bad_sample: str = "skip"):
+        manifest = Path(manifest)
+        if spec.media not in model.encoders:
+            raise ValueError(f"the model has no {spec.media} encoder (model.media.{spec.media})")
+        self.pairs, self.rows, self.num_bad = [], [], 0
+        for n, row in enumerate(read_jsonl(manifest)):
+            try:
+                text = row.get(spec.target)
+                if not isinstance(text, str) or not text.strip():
+                    raise ValueError(f"no non-empty string field {spec.target!r}")
+                ids = [tokenizer.vocab.bos_id] + tokenizer.encode(text.strip())[:seq_len - 2] + [tokenizer.vocab.eos_id]
+                data, _ = model.encoders[spec.media].prepare(_media_path(row, spec.media, manifest.parent))
+            except (ValueError, MediaError) as e:
+                if on_bad_sample == "error":
+                    raise ValueError(f"{manifest}: row {n + 1}: {e}") from None
+                log.warning("%s: row %d skipped: %s", manifest, n + 1, e)
+                self.num_bad += 1
+                continue
+            self.pairs.append((spec.media, data, torch.tensor(ids)))
+            self.rows.append(row)
+        if len(self.pairs) < 2:
+            raise ValueError(f"{manifest}: a contrastive task needs at least 2 usable rows, got {len(self.pairs)}")
+        self.num_docs = len(self.pairs)
+        self.num_tokens = sum(len(ids) for *_, ids in self.pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        return self.pairs[i]
+
+    @staticmethod
+    def collate(pairs: list, mrope: bool = False) -> dict:
+        """Pairs -> right-padded text ids (B, T), their mask, and one media slot per row."""
+        T = max(len(ids) for *_, ids in pairs)
+        ids = torch.zeros(len(pairs), T, dtype=torch.long)
+        mask = torch.zeros(len(pairs), T, dtype=torch.bool)
+        for i, (*_, t) in enumerate(pairs):
+            ids[i, :len(t)], mask[i, :len(t)] = t, True
+        media = [(i, MediaSlot(0, 0, modality, data)) for i, (modality, data, _) in enumerate(pairs)]
+        return {"input_ids": ids, "key_padding": mask, "media": media, "contrastive": True,
+                "doc_ids": torch.where(mask, 0, -1)}
+
 
 class TaskDataset(PackedDataset):
     """A manifest rendered for one task and packed into rows of ``seq_len`` tokens."""
@@ -196,8 +251,9 @@ class MixtureDataset(PackedDataset):
 def dataset_for(data, split: str, model, tokenizer, seed: int = 0) -> PackedDataset:
     """The recipe's ``data`` section (:class:`omni.config.DataConfig`) for one split."""
     if not data.mixture:
-        return TaskDataset(Path(data.path) / f"{split}.jsonl", TaskSpec.of(data), model, tokenizer, data.seq_len,
-                           data.on_bad_sample)
+        cls = PairDataset if data.task == "contrastive" else TaskDataset
+        return cls(Path(data.path) / f"{split}.jsonl", TaskSpec.of(data), model, tokenizer, data.seq_len,
+                   data.on_bad_sample)
     parts = [(p.label, Path(p.path) / f"{split}.jsonl", TaskSpec.of(p), p.weight) for p in data.mixture]
     return MixtureDataset(parts, model, tokenizer, data.seq_len, data.on_bad_sample, weighted=split == "train",
                           seed=seed)

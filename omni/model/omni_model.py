@@ -37,11 +37,12 @@ class OmniConfig:
     tie_embeddings: bool = True
     media: dict = field(default_factory=dict)
     audio_pattern: str = "delay"
+    contrastive: dict | None = None  # {embed_dim, temperature}: a contrastive head (omni/model/contrastive.py)
 
     def to_dict(self) -> dict:
         return {"model_type": "omni", "format_version": FORMAT_VERSION, "backbone": self.backbone.to_dict(),
                 "vocab": self.vocab.to_dict(), "tie_embeddings": self.tie_embeddings, "media": self.media,
-                "audio_pattern": self.audio_pattern}
+                "audio_pattern": self.audio_pattern, "contrastive": self.contrastive}
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> OmniConfig:
@@ -50,7 +51,7 @@ class OmniConfig:
             raise ValueError(f"{source}: not an omni config (model_type={found!r})")
         try:
             return cls(BackboneConfig(**d["backbone"]), Vocab.from_dict(d["vocab"]), bool(d.get("tie_embeddings", True)),
-                       dict(d.get("media", {})), str(d.get("audio_pattern", "delay")))
+                       dict(d.get("media", {})), str(d.get("audio_pattern", "delay")), d.get("contrastive"))
         except (KeyError, TypeError, ValueError) as e:  # ValueError: values the config classes reject
             raise ValueError(f"{source}: malformed omni config ({e})") from None
 
@@ -85,6 +86,11 @@ class OmniModel(nn.Module):
 
             for modality, mcfg in config.media.items():
                 self.encoders[modality] = build_media_encoder(modality, mcfg, cfg.dim, config.vocab.text_size)
+        self.contrastive = None
+        if config.contrastive is not None:
+            from omni.model.contrastive import ContrastiveHead
+
+            self.contrastive = ContrastiveHead(cfg.dim, list(config.media), **config.contrastive)
         self.tokenizer = tokenizer
         self.set_codec(codec)
 
@@ -135,7 +141,7 @@ class OmniModel(nn.Module):
                 targets: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
                 key_padding: torch.Tensor | None = None, cache: KVCache | None = None,
                 streams: torch.Tensor | None = None, stream_targets: torch.Tensor | None = None,
-                media: list | None = None, last_only: bool = False) -> ModelOutput:
+                media: list | None = None, last_only: bool = False, contrastive: bool = False) -> ModelOutput:
         """input_ids (B, T); targets (B, T) next-token ids or -100 (already shifted, see sequence.render).
 
         positions: (B, T) or (3, B, T); default 0..T-1 after ``cache.length``, counting only real
@@ -143,7 +149,11 @@ class OmniModel(nn.Module):
         delay layout's codebooks 1..K-1 (EMPTY / -100 where a step has none). media: ``(row,
         MediaSlot)`` pairs whose encoder outputs replace the ``<|feat|>`` embeddings, or become the
         cross-attention memory. last_only: logits for the last position only.
+        contrastive: ``input_ids`` are right-padded texts (``key_padding`` their mask) paired row by
+        row with ``media`` (one slot each); returns the InfoNCE loss and the similarity logits.
         """
+        if contrastive:
+            return self._contrastive(input_ids, key_padding, media)
         if positions is None:
             positions = default_positions(input_ids, key_padding, cache)
         x = self.embed_ids(input_ids, streams)
@@ -171,6 +181,17 @@ class OmniModel(nn.Module):
                     total = total + F.cross_entropy(flat[keep, r.start:r.stop], tgt[keep] - r.start, reduction="sum")
                     n += int(keep.sum())
         return ModelOutput(logits, total / max(n, 1), n, aux_loss)
+
+    def _contrastive(self, ids, mask, media) -> ModelOutput:
+        from omni.model.contrastive import embed_media, embed_text, info_nce
+
+        if self.contrastive is None:
+            raise ValueError("this model has no contrastive head (model.contrastive in the recipe)")
+        (modality,) = {slot.modality for _, slot in media}
+        slots = [slot for _, slot in sorted(media, key=lambda m: m[0])]
+        loss, sims = info_nce(embed_media(self, modality, [s.data for s in slots]), embed_text(self, ids, mask),
+                              self.contrastive.logit_scale)
+        return ModelOutput(sims, loss, len(slots))
 
     def embed_ids(self, input_ids: torch.Tensor, streams: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (B, T, D): stream 0 plus the delay streams, summed (EMPTY ids add nothing)."""
@@ -369,10 +390,11 @@ def default_positions(input_ids: torch.Tensor, key_padding: torch.Tensor | None 
 
 def build_model(backbone: BackboneConfig, vocab: Vocab, tokenizer=None, tie_embeddings: bool = True,
                 seed: int | None = None, media: dict | None = None, audio_pattern: str = "delay",
-                codec=None) -> OmniModel:
+                codec=None, contrastive: dict | None = None) -> OmniModel:
     """A freshly initialised model (media encoders keep their own initialisation / loaded towers)."""
     if seed is not None:
         torch.manual_seed(seed)
-    model = OmniModel(OmniConfig(backbone, vocab, tie_embeddings, dict(media or {}), audio_pattern), tokenizer, codec)
+    model = OmniModel(OmniConfig(backbone, vocab, tie_embeddings, dict(media or {}), audio_pattern, contrastive),
+                      tokenizer, codec)
     model.reset_parameters()
     return model

@@ -104,6 +104,8 @@ def _to_device(batch: dict, device) -> dict:
 
 
 def _forward(model, batch: dict):
+    if batch.get("contrastive"):
+        return model(batch["input_ids"], key_padding=batch["key_padding"], media=batch["media"], contrastive=True)
     return model(batch["input_ids"], positions=batch["positions"], targets=batch["targets"],
                  doc_ids=batch["doc_ids"], streams=batch.get("streams"), stream_targets=batch.get("stream_targets"),
                  media=batch.get("media"))
@@ -150,7 +152,7 @@ def model_from_recipe(cfg: RecipeConfig, tokenizer):
     if mc.mrope:
         bcfg.mrope_section = default_mrope_section(bcfg.head_dim)
     return build_model(bcfg, vocab, tokenizer, tie_embeddings=mc.tie_embeddings, seed=cfg.train.seed,
-                       media=mc.media, audio_pattern=mc.audio_pattern, codec=codec)
+                       media=mc.media, audio_pattern=mc.audio_pattern, codec=codec, contrastive=mc.contrastive)
 
 
 def _check_data(cfg: RecipeConfig) -> None:
@@ -169,7 +171,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from omni.data.tasks import collate, dataset_for
+    from omni.data.tasks import dataset_for
 
     tc = cfg.train
     # cpu=True off-GPU lets accelerate run multi-process CPU (gloo) under torchrun / accelerate launch.
@@ -248,7 +250,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
                 idx = list(range(start, min(start + tc.batch_size, n_rows)))[rank::world]
                 if not idx:
                     continue
-                batch = _to_device(collate([val_set[i] for i in idx], mc.mrope), accelerator.device)
+                batch = _to_device(val_set.collate([val_set[i] for i in idx], mc.mrope), accelerator.device)
                 with accelerator.autocast():
                     out = _forward(model, batch)
                 total += out.loss.float() * out.num_tokens
@@ -274,7 +276,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
         for micro in range(tc.grad_accum):
             rows = stream.take(state.cursor, tc.batch_size)[rank * local_bs:(rank + 1) * local_bs]
             state.cursor += tc.batch_size
-            batch = _to_device(collate([train_set[i] for i in rows], mc.mrope), accelerator.device)
+            batch = _to_device(train_set.collate([train_set[i] for i in rows], mc.mrope), accelerator.device)
             sync = micro == tc.grad_accum - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 with accelerator.autocast():
