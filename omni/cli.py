@@ -154,7 +154,7 @@ def cmd_eval(args) -> int:
     from omni.eval import evaluate
 
     metrics = evaluate(args.ckpt, split=args.split, max_rows=args.max_rows, data_path=args.data,
-                       through_codec=args.through_codec, task=args.task)
+                       through_codec=args.through_codec, task=args.task, shots=args.shots)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pass audio inputs through this codec (encode + decode) first: its intelligibility "
                         "as the run's WER on reconstructions (results in eval_<split>_codec.json)")
     e.add_argument("--task", default=None, help="a mixture run: score only the task with this label")
+    e.add_argument("--shots", type=int, default=0,
+                   help="captioning: show this many training examples in each prompt first (few-shot)")
     e.set_defaults(fn=cmd_eval)
 
     d = sub.add_parser("data", help="build corpora").add_subparsers(dest="data_command", required=True,

@@ -32,11 +32,12 @@ def run_recipe(ckpt: Path) -> RecipeConfig:
 
 def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None, batch_size: int = 16,
              max_new_tokens: int = 48, data_path: str | None = None, examples: int = 4,
-             through_codec: str | None = None, task: str | None = None) -> dict:
+             through_codec: str | None = None, task: str | None = None, shots: int = 0) -> dict:
     """Score run ``ckpt`` on ``<data>/<split>.jsonl``. ``through_codec``: a codec directory; audio
     inputs are encoded and decoded by it first (a codec's intelligibility: ASR WER on its
     reconstructions vs on the originals). A mixture run scores each of its tasks (or the one
-    labelled ``task``) and returns ``{"tasks": {label: metrics}}``."""
+    labelled ``task``) and returns ``{"tasks": {label: metrics}}``. ``shots``: captioning prompts
+    first show that many training examples (results in ``eval_<split>_<k>shot.json``)."""
     import omni
 
     ckpt = Path(ckpt)
@@ -49,13 +50,13 @@ def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None,
     if data_path and len(parts) > 1:
         raise ValueError("a data path applies to one task; name it with task=")
     model = omni.load(ckpt)
-    suffix = "_codec" if through_codec else ""
+    suffix = ("_codec" if through_codec else "") + (f"_{shots}shot" if shots else "")
     results = {}
     for d in parts:
         name = f"eval_{split}" + (f"_{_file_label(d.label)}" if cfg.data.mixture else "") + suffix
         manifest = Path(data_path or d.path) / f"{split}.jsonl"
         metrics, preds = _evaluate_task(model, d, cfg.data.seq_len, manifest, max_rows, batch_size, max_new_tokens,
-                                        examples, through_codec, ckpt / f"examples_{name[5:]}")
+                                        examples, through_codec, ckpt / f"examples_{name[5:]}", shots)
         metrics.update(split=split, checkpoint=str(ckpt), task=d.task)
         if preds:
             write_jsonl(ckpt / f"{name}.jsonl", preds)
@@ -73,7 +74,7 @@ def _file_label(label: str) -> str:
 
 
 def _evaluate_task(model, d, seq_len: int, manifest: Path, max_rows, batch_size, max_new_tokens, examples,
-                   through_codec, examples_dir: Path) -> tuple[dict, list]:
+                   through_codec, examples_dir: Path, shots: int = 0) -> tuple[dict, list]:
     rows = list(read_jsonl(manifest))[:max_rows]
     if not rows:
         raise ValueError(f"{manifest}: no rows to evaluate")
@@ -84,7 +85,8 @@ def _evaluate_task(model, d, seq_len: int, manifest: Path, max_rows, batch_size,
             from omni.tokenizers.audio import AudioCodec
 
             codec = AudioCodec.load(through_codec)
-        metrics, preds = _eval_caption(model, d, rows, manifest.parent, batch_size, max_new_tokens, codec)
+        metrics, preds = _eval_caption(model, d, rows, manifest.parent, batch_size, max_new_tokens, codec, shots)
+        metrics["shots"] = shots
         if codec is not None:
             metrics["through_codec"] = str(through_codec)
     elif d.task == "contrastive":
@@ -99,9 +101,17 @@ def _evaluate_task(model, d, seq_len: int, manifest: Path, max_rows, batch_size,
     return metrics, preds
 
 
-def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: int, codec=None):
+def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: int, codec=None, shots: int = 0):
+    """Greedy captions for ``rows``. ``shots``: each prompt is a conversation that first shows the
+    model that many (media, caption) examples from the training split (Flamingo-style few-shot)."""
     from omni.api import media_for
 
+    def turn(media):
+        return {"role": "user", "content": [media] + ([d.prompt] if d.prompt else [])}
+
+    context = []
+    for ex in list(read_jsonl(root / "train.jsonl"))[:shots] if shots else []:
+        context += [turn(media_for(model, root / ex[d.media])), {"role": "assistant", "content": ex[d.target].strip()}]
     refs, hyps, preds, skipped = [], [], [], 0
     for start in range(0, len(rows), batch_size):
         chunk, prompts = [], []
@@ -110,7 +120,7 @@ def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: i
                 media = media_for(model, root / row[d.media])
                 if codec is not None:
                     media = _reconstruct(codec, media)
-                prompts.append([media] + ([d.prompt] if d.prompt else []))
+                prompts.append(context + [turn(media)] if shots else [media] + ([d.prompt] if d.prompt else []))
                 chunk.append(row)
             except (ValueError, KeyError) as e:
                 log.warning("skipping a row of %s: %s", root, e)
