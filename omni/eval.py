@@ -120,7 +120,7 @@ def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: i
                 media = media_for(model, root / row[d.media])
                 if codec is not None:
                     media = _reconstruct(codec, media)
-                prompts.append(context + [turn(media)] if shots else [media] + ([d.prompt] if d.prompt else []))
+                prompts.append(context + [turn(media)])
                 chunk.append(row)
             except (ValueError, KeyError) as e:
                 log.warning("skipping a row of %s: %s", root, e)
@@ -172,7 +172,7 @@ def _eval_contrastive(model, d, seq_len: int, manifest: Path, batch_size: int) -
     retrieved caption counts when its text equals the row's, so duplicate captions are not
     punished) and zero-shot classification into the rows' ``category`` values with the prompt
     "A picture of <category>." Chance levels are reported beside each."""
-    from omni.data.tasks import PairDataset, TaskSpec
+    from omni.data.tasks import PairDataset, TaskSpec, right_pad
     from omni.model.contrastive import embed_media, embed_text
 
     model.eval()
@@ -197,10 +197,8 @@ def _eval_contrastive(model, d, seq_len: int, manifest: Path, batch_size: int) -
     categories = sorted({r["category"] for r in ds.rows if isinstance(r.get("category"), str)})
     if len(categories) > 1 and all(isinstance(r.get("category"), str) for r in ds.rows):
         tok = model.tokenizer
-        prompts = [[tok.vocab.bos_id] + tok.encode(f"A picture of {c}.") + [tok.vocab.eos_id] for c in categories]
-        T = max(map(len, prompts))
-        ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts])
-        mask = torch.tensor([[True] * len(p) + [False] * (T - len(p)) for p in prompts])
+        ids, mask = right_pad([[tok.vocab.bos_id] + tok.encode(f"A picture of {c}.") + [tok.vocab.eos_id]
+                               for c in categories])
         classes = embed_text(model, ids.to(model.device), mask.to(model.device))
         pred = (media @ classes.T).argmax(1).tolist()
         truth = [categories.index(r["category"]) for r in ds.rows]

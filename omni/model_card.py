@@ -61,9 +61,11 @@ def write_model_card(run_dir: str | Path) -> Path:
     tasks = data.get("mixture") or ([data] if data else [])
     if tasks:
         lines += ["", "## Data", "", "| task | data | weight |", "|---|---|---|"]
+        from omni.config import TaskData
+
         for t in tasks:
-            label = t.get("name") or (f"{t.get('task')}:{t.get('media')}" if t.get("task") == "caption" else t.get("task"))
-            lines.append(f"| {label} | `{t.get('path')}` | {_fmt(t.get('weight', 1.0))} |")
+            part = TaskData(**{k: v for k, v in t.items() if k in TaskData.__dataclass_fields__})
+            lines.append(f"| {part.label} | `{part.path}` | {_fmt(part.weight)} |")
     metrics_file = run / "metrics.jsonl"
     if metrics_file.is_file():
         rows = [json.loads(x) for x in metrics_file.read_text(encoding="utf-8").splitlines() if x.strip()]

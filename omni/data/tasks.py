@@ -162,6 +162,16 @@ class PackedDataset(torch.utils.data.Dataset):
         return collate(rows, mrope)
 
 
+def right_pad(seqs: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Id sequences -> right-padded ids (B, T) (pad 0) and the mask of real tokens (B, T)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.as_tensor(s), True
+    return ids, mask
+
+
 class PairDataset(torch.utils.data.Dataset):
     """(media, text) pairs for a contrastive loss: each row's media prepared once, its text as
     ``<bos> text <eos>`` ids. ``rows`` keeps the manifest rows that were used."""
@@ -201,11 +211,7 @@ class PairDataset(torch.utils.data.Dataset):
     @staticmethod
     def collate(pairs: list, mrope: bool = False) -> dict:
         """Pairs -> right-padded text ids (B, T), their mask, and one media slot per row."""
-        T = max(len(ids) for *_, ids in pairs)
-        ids = torch.zeros(len(pairs), T, dtype=torch.long)
-        mask = torch.zeros(len(pairs), T, dtype=torch.bool)
-        for i, (*_, t) in enumerate(pairs):
-            ids[i, :len(t)], mask[i, :len(t)] = t, True
+        ids, mask = right_pad([t for *_, t in pairs])
         media = [(i, MediaSlot(0, 0, modality, data)) for i, (modality, data, _) in enumerate(pairs)]
         return {"input_ids": ids, "key_padding": mask, "media": media, "contrastive": True,
                 "doc_ids": torch.where(mask, 0, -1)}

@@ -33,8 +33,9 @@ class ContrastiveHead(nn.Module):
 
 def embed_text(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T) right-padded ids and their mask -> (B, E) unit-length text embeddings."""
-    h = model.backbone(model.embed(ids), torch.arange(ids.shape[1], device=ids.device).expand_as(ids),
-                       key_padding=mask)
+    from omni.model.omni_model import default_positions
+
+    h = model.backbone(model.embed(ids), default_positions(ids), key_padding=mask)
     last = mask.long().sum(-1) - 1
     return F.normalize(model.contrastive.text_proj(h[torch.arange(len(ids)), last]), dim=-1)
 

@@ -238,16 +238,18 @@ class OmniModel(nn.Module):
         D = encoded[0][2].shape[-1]
         features = torch.zeros(B, M, D, device=self.device, dtype=self.embed.weight.dtype)
         start = torch.full((B, M), NO_SLOT, dtype=torch.long)
-        doc = torch.full((B, M), -1, dtype=torch.long) if doc_ids is not None else None
         for row, items in enumerate(per_row):
             at = 0
             for slot, f in items:
                 features[row, at:at + slot.length] = f.to(features.dtype)
                 start[row, at:at + slot.length] = slot.start
-                if doc is not None:
-                    doc[row, at:at + slot.length] = int(doc_ids[row, slot.start])
                 at += slot.length
-        return Memory(features, start.to(self.device), None if doc is None else doc.to(self.device))
+        start = start.to(self.device)
+        doc = None
+        if doc_ids is not None:  # each column's document: the one its span's first reader is in
+            real = start != NO_SLOT
+            doc = torch.where(real, doc_ids.gather(1, torch.where(real, start, 0)), -1)
+        return Memory(features, start, doc)
 
     def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.min() >= 0:

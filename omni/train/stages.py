@@ -124,13 +124,11 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with every LoRA adapter folded into its base weight, under the names
     the model has without adapters; a model without adapters gives its plain state dict."""
     sd = model.state_dict()
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
+    if not any(".lora_" in k for k in sd):
         return sd
+    from peft.tuners.lora import LoraLayer
+
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
-    if not layers:
-        return sd
     out = {}
     for key, value in sd.items():
         owner = next((n for n in layers if key.startswith(n + ".")), None)
