@@ -46,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-gen", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--attn", default="sdpa", help="omni's attention backend (sdpa, xformers)")
     return p.parse_args(argv)
 
 
@@ -61,10 +64,12 @@ def build(args):
                       max_position_embeddings=max(args.seq, args.prompt + args.new_tokens),
                       tie_word_embeddings=False, attn_implementation="sdpa")
     hf = LlamaForCausalLM(cfg).float()
+    dtype = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        ours = omni.import_hf(tmp)
-    return hf, ours
+        ours = omni.import_hf(tmp, device=args.device, dtype=dtype)
+    ours.backbone.set_attn_backend(args.attn, torch.device(args.device))
+    return hf.to(args.device, dtype), ours
 
 
 def _sync():
@@ -74,7 +79,7 @@ def _sync():
 
 def train_fns(hf, ours, args):
     g = torch.Generator().manual_seed(args.seed + 1)
-    x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)
+    x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g).to(args.device)
     inp, tgt = x[:, :-1], x[:, 1:]
 
     def hf_step():
@@ -92,16 +97,16 @@ def gen_fns(hf, ours, args, batch: int, outputs: dict):
     from omni.generation import generate
 
     g = torch.Generator().manual_seed(args.seed + 2 + batch)
-    ids = torch.randint(0, args.vocab, (batch, args.prompt), generator=g)
+    ids = torch.randint(0, args.vocab, (batch, args.prompt), generator=g).to(args.device)
     n = args.new_tokens
 
     def hf_gen():
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
                           min_new_tokens=n, eos_token_id=None, pad_token_id=0)
-        outputs["hf"] = out[:, ids.shape[1]:]
+        outputs["hf"] = out[:, ids.shape[1]:].cpu()
 
     def omni_gen():
-        outputs["omni"] = generate(ours, ids, max_new_tokens=n, stop_ids=[])
+        outputs["omni"] = generate(ours, ids, max_new_tokens=n, stop_ids=[]).cpu()
 
     return {"omni": omni_gen, "hf": hf_gen}
 
@@ -150,7 +155,8 @@ def main(argv=None):
             rows.append((f"generate b={b}, {args.new_tokens} new (tok/s)", o, h,
                          f"{o / h:.2f}x speed{'' if same else ', ids differ'}"))
 
-    print(f"\nomni vs transformers {transformers.__version__} | {cpu_model()} | {args.threads} threads | "
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu_model()} | {args.threads} threads"
+    print(f"\nomni vs transformers {transformers.__version__} | {device} | {args.dtype} | attn {args.attn} | "
           f"{n_params / 1e6:.1f}M params | median of {args.repeats}")
     print(f"{'measurement':<36}{'omni':>12}{'transformers':>14}  ratio")
     for name, o, h, ratio in rows:
@@ -160,11 +166,12 @@ def main(argv=None):
         "benchmark": "backbone_vs_hf",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "hardware": {"cpu": cpu_model(), "threads": args.threads, "logical_cpus": os.cpu_count(),
-                     "device": "cpu", "loadavg_1m_at_start": load_before},
+                     "device": device, "loadavg_1m_at_start": load_before},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "omni": omni.__version__, "python": platform.python_version()},
         "config": {"dim": args.dim, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
-                   "ffn": args.ffn, "vocab": args.vocab, "params": n_params, "dtype": "float32",
+                   "ffn": args.ffn, "vocab": args.vocab, "params": n_params, "dtype": args.dtype,
+                   "attn": args.attn,
                    "train_batch": args.batch, "train_seq": args.seq, "prompt": args.prompt,
                    "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup},
         "goals": {"train_step_ratio_max": 1.0, "gen_speedup_min": 1.5},

@@ -19,6 +19,7 @@ before it reads nothing.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -320,12 +321,24 @@ def _sdpa(q, k, v, mask, is_causal):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != kv)
 
 
-def _xformers_available() -> bool:
+@functools.cache
+def _xformers_problem(device: str) -> str | None:
+    """Why xformers cannot attend on ``device``, or None. Importing is not enough: a wheel built
+    for another torch/CUDA imports but has no kernels, so a tiny attention call is tried."""
+    if not device.startswith("cuda"):
+        return "xformers runs on CUDA devices only"
     try:
-        import xformers.ops  # noqa: F401
-    except Exception:
-        return False
-    return True
+        import xformers.ops as xops
+
+        q = torch.zeros(1, 8, 1, 64, device=device, dtype=torch.bfloat16)
+        xops.memory_efficient_attention(q, q, q)
+    except Exception as e:  # noqa: BLE001 - any failure means: use SDPA
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+    return None
+
+
+def _xformers_available(device: str = "cuda") -> bool:
+    return torch.cuda.is_available() and _xformers_problem(device) is None
 
 
 def _xformers(q, k, v, mask, is_causal):
@@ -351,9 +364,10 @@ def _xformers(q, k, v, mask, is_causal):
 
 def resolve_backend(name: str, device: torch.device):
     if name == "xformers":
-        if device.type == "cuda" and _xformers_available():
+        problem = _xformers_problem(str(device))
+        if problem is None:
             return _xformers
-        log.warning("attn_backend=xformers needs xformers and a CUDA device; falling back to sdpa")
+        log.warning("attn_backend=xformers unusable (%s); falling back to sdpa", problem)
     return _sdpa
 
 

@@ -265,8 +265,11 @@ def train(cfg: RecipeConfig) -> TrainResult:
                disable=not (tc.progress and accelerator.is_main_process))
     model.train()
     first_loss = last_loss = val_loss = None
-    window_tokens, window_start = 0, time.perf_counter()
+    window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
     tok_per_s = 0.0
+    on_cuda = accelerator.device.type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     while state.step < tc.steps:
         lr = lr_at(state.step, tc)
         for g in optimizer.param_groups:
@@ -295,6 +298,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
+        window_steps += 1
         state.tokens += int(batch["doc_ids"].numel()) * world * tc.grad_accum
         first_loss = loss if first_loss is None else first_loss
         last_loss = loss
@@ -304,14 +308,17 @@ def train(cfg: RecipeConfig) -> TrainResult:
             elapsed = time.perf_counter() - window_start
             tok_per_s = window_tokens / max(elapsed, 1e-9)
             row = {"step": state.step, "loss": round(loss, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
-                   "tokens_per_s": round(tok_per_s, 1), "tokens": state.tokens}
+                   "tokens_per_s": round(tok_per_s, 1), "s_per_step": round(elapsed / max(window_steps, 1), 4),
+                   "tokens": state.tokens}
+            if on_cuda:  # peak since the start of training, this process
+                row["max_mem_gib"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 2)
             if has_aux:  # the same on every process: it follows from the recipe
                 row["aux_loss"] = round(float(accelerator.reduce(step_aux, "mean")), 5)
             if peak:
                 row["mfu"] = round(6 * n_params * tok_per_s / world / peak, 4)
             record(row)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_per_s:,.0f}")
-            window_tokens, window_start = 0, time.perf_counter()
+            window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
         if state.step % tc.eval_every == 0 or state.step == tc.steps:
             val_loss = evaluate()
             improved = state.best_val_loss is None or val_loss < state.best_val_loss
@@ -324,7 +331,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
         if state.step % tc.save_every == 0 or state.step == tc.steps:
             save("periodic" if state.step < tc.steps else "final")
         if state.step % tc.eval_every == 0 or state.step % tc.save_every == 0:
-            window_tokens, window_start = 0, time.perf_counter()  # keep eval/saving out of tokens/s
+            window_tokens, window_steps, window_start = 0, 0, time.perf_counter()  # keep eval/saving out of tokens/s
     bar.close()
 
     if accelerator.is_main_process:
