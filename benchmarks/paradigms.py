@@ -13,6 +13,14 @@ learned embeddings (Flamingo trains its new tokens' embeddings too).
   qformer    BLIP-2's connector: 8 learned queries over the image features, in the sequence; LM frozen
   flamingo   gated cross-attention every 2nd layer over 8 perceiver-resampled tokens; LM frozen
   early      early fusion (Fuyu): raw patches linearly embedded into the sequence; everything trains
+  blip2      BLIP-2 in its two stages, the step budget split between them: stage 1 trains the same
+             Q-Former over the frozen (here: randomly initialised) image tower with contrastive,
+             matching and grounded-generation losses on a copy of the LM; stage 2 loads stage 1's
+             image side and the original LM and captions as the qformer row does, tower and LM frozen
+
+A paradigm is one or more stages; each stage gets ``--steps / stages`` steps and starts from
+``--lm``, or from what its overrides name (``{lm}``: the LM run, ``{prev}``: the previous stage's
+run); wall time and peak memory cover every stage, the other columns describe the last.
 """
 
 from __future__ import annotations
@@ -30,13 +38,15 @@ import psutil
 import torch
 
 PARADIGMS = {
-    "linear": ("llava/caption_tiny", ["model.media.image.connector.kind=linear", "train.trainable=[encoders.image, embed]"]),
-    "mlp": ("llava/caption_tiny", ["model.media.image.connector.kind=mlp", "train.trainable=[encoders.image, embed]"]),
-    "qformer": ("llava/caption_tiny", ["model.media.image.connector={kind: qformer, num_queries: 8, num_layers: 2}",
-                                       "train.trainable=[encoders.image, embed]"]),
-    "flamingo": ("flamingo/caption_tiny", []),
-    "early": ("llava/caption_tiny", ["model.media.image.tokenizer={kind: patchify, size: tiny, image_size: 64, "
-                                     "patch_size: 16}"]),
+    "linear": [("llava/caption_tiny", ["model.media.image.connector.kind=linear",
+                                       "train.trainable=[encoders.image, embed]"])],
+    "mlp": [("llava/caption_tiny", ["model.media.image.connector.kind=mlp", "train.trainable=[encoders.image, embed]"])],
+    "qformer": [("llava/caption_tiny", ["model.media.image.connector={kind: qformer, num_queries: 8, num_layers: 2}",
+                                        "train.trainable=[encoders.image, embed]"])],
+    "flamingo": [("flamingo/caption_tiny", [])],
+    "early": [("llava/caption_tiny", ["model.media.image.tokenizer={kind: patchify, size: tiny, image_size: 64, "
+                                      "patch_size: 16}"])],
+    "blip2": [("blip2/stage1_tiny", []), ("blip2/stage2_tiny", ["train.init_from=[{prev},{lm}]"])],
 }
 
 
@@ -55,13 +65,8 @@ def _peak_rss(proc: subprocess.Popen, out: list) -> None:
         out.append(peak)
 
 
-def run(name: str, args, out_root: Path) -> dict:
-    recipe, extra = PARADIGMS[name]
-    out = out_root / name
-    overrides = [f"train.out_dir={out}", f"train.steps={args.steps}", f"train.init_from={args.lm}",
-                 f"data.path={args.data}", "train.resume=false", "train.progress=false",
-                 f"train.eval_every={args.steps}", f"train.save_every={args.steps}",
-                 f"train.warmup_steps={min(40, args.steps // 10)}", *extra]
+def _train(name: str, recipe: str, overrides: list[str]) -> tuple[float, int]:
+    """One training run as a subprocess: (wall seconds, peak RSS bytes)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "omni.cli", "train", recipe, *overrides],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -71,8 +76,23 @@ def run(name: str, args, out_root: Path) -> dict:
     log, _ = proc.communicate()
     watcher.join()
     if proc.returncode:
-        raise SystemExit(f"{name}: training failed:\n{log[-3000:]}")
-    wall = time.perf_counter() - t0
+        raise SystemExit(f"{name} ({recipe}): training failed:\n{log[-3000:]}")
+    return time.perf_counter() - t0, peak[0] if peak else 0
+
+
+def run(name: str, args, out_root: Path) -> dict:
+    stages = PARADIGMS[name]
+    steps = args.steps // len(stages)
+    wall, peak, prev = 0.0, 0, None
+    for i, (recipe, extra) in enumerate(stages):
+        out = out_root / name if i == len(stages) - 1 else out_root / f"{name}_stage{i + 1}"
+        overrides = [f"train.out_dir={out}", f"train.steps={steps}", f"train.init_from={args.lm}",
+                     f"data.path={args.data}", "train.resume=false", "train.progress=false",
+                     f"train.eval_every={steps}", f"train.save_every={steps}",
+                     f"train.warmup_steps={min(40, steps // 10)}", *(x.format(lm=args.lm, prev=prev) for x in extra)]
+        seconds, rss = _train(name, recipe, overrides)
+        wall, peak, prev = wall + seconds, max(peak, rss), out
+    recipe = " + ".join(r for r, _ in stages)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     start = next(r for r in rows if r.get("event") == "start")
     r = subprocess.run([sys.executable, "-m", "omni.cli", "eval", "--ckpt", str(out), "--split", args.split],
@@ -84,7 +104,7 @@ def run(name: str, args, out_root: Path) -> dict:
     return {"paradigm": name, "recipe": recipe, "cider_d": round(m["cider_d"], 4), "bleu4": round(m["bleu4"], 4),
             "trainable_params": start["trainable_params"], "params": start["params"],
             "wall_s": round(wall, 1), "tokens_per_s": round(sum(tok_s) / max(len(tok_s), 1), 1),
-            "peak_rss_mb": round(peak[0] / 2**20) if peak else None,
+            "peak_rss_mb": round(peak / 2**20) if peak else None,
             "val_loss": next((x["val_loss"] for x in reversed(rows) if "val_loss" in x), None)}
 
 

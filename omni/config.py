@@ -41,6 +41,9 @@ class ModelConfig:
     cross_attention: dict | None = None
     # {embed_dim, temperature}: a contrastive head for data.task=contrastive (omni/model/contrastive.py)
     contrastive: dict | None = None
+    # {itc, itm, itg: loss weights (0 = off), embed_dim, temperature}: BLIP-2 stage 1 on data.task=contrastive
+    # pairs, a Q-Former connector trained with three losses (omni/model/blip2.py)
+    blip2: dict | None = None
 
     def validate(self):
         from omni.model.audio_codes import PATTERNS
@@ -53,6 +56,15 @@ class ModelConfig:
         _positive("model.max_seq_len", self.max_seq_len)
         for modality in self.media:
             _choice("model.media key", modality, MODALITIES)
+        if self.blip2 is not None:
+            from omni.model.blip2 import Blip2Config
+
+            Blip2Config.parse(self.blip2)
+            if self.contrastive is not None:
+                raise ValueError("model.contrastive and model.blip2 are two objectives for the same pairs; keep one")
+            if self.cross_attention is not None:
+                raise ValueError("model.blip2 puts the query outputs in the sequence; it cannot be used with "
+                                 "model.cross_attention")
 
 
 @dataclass
@@ -166,9 +178,10 @@ class TrainConfig:
     progress: bool = True
     export: str = "last"  # the model written to out_dir: the last weights, or those with the best val loss
     # stages (omni/train/stages.py): globs over module names that train (None: all), a run whose
-    # weights to start from, and LoRA adapters (merged into plain weights on save)
+    # weights to start from (a list: each run in turn, a later one's tensors over an earlier's), and
+    # LoRA adapters (merged into plain weights on save)
     trainable: list[str] | None = None
-    init_from: str | None = None
+    init_from: str | list[str] | None = None
     lora: LoraSpec | None = None
 
     def validate(self):
@@ -185,6 +198,8 @@ class TrainConfig:
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         _choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         _choice("train.export", self.export, ("last", "best"))
+        if isinstance(self.init_from, list) and not self.init_from:
+            raise ValueError("train.init_from is an empty list (leave it out to start from scratch)")
         if self.trainable is not None and not self.trainable:
             raise ValueError("train.trainable is an empty list: nothing would train (leave it out to train everything)")
         if self.lora is not None:
@@ -212,8 +227,13 @@ class RecipeConfig:
             if part.task == "caption" and part.media not in self.model.media:
                 raise ValueError(f"data task {part.label} reads {part.media} but model.media has no "
                                  f"{part.media} encoder (has: {', '.join(self.model.media) or 'none'})")
-            if part.task == "contrastive" and (self.model.contrastive is None or part.media not in self.model.media):
-                raise ValueError(f"data task {part.label} needs model.contrastive and a model.media.{part.media} encoder")
+            pair_model = self.model.contrastive is not None or self.model.blip2 is not None
+            if part.task == "contrastive" and (not pair_model or part.media not in self.model.media):
+                raise ValueError(f"data task {part.label} needs model.contrastive (or model.blip2) and a "
+                                 f"model.media.{part.media} encoder")
+            if self.model.blip2 is not None and part.task != "contrastive":
+                raise ValueError(f"model.blip2 trains on (image, text) pairs: data.task must be contrastive, "
+                                 f"got {part.task!r}")
             if part.task == "contrastive" and self.data.mixture:
                 raise ValueError("a contrastive task trains on pairs, not packed rows: it cannot be part of data.mixture")
             if part.task in AUDIO_OUT_TASKS and not self.codec.path:
@@ -348,7 +368,12 @@ def _coerce(tp, value: Any, key: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
+        for tp_ in inner[:-1]:  # the first member that takes the value (str | list[str])
+            try:
+                return _coerce(tp_, value, key)
+            except ValueError:
+                pass
+        return _coerce(inner[-1], value, key)
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):

@@ -171,9 +171,10 @@ def _eval_contrastive(model, d, seq_len: int, manifest: Path, batch_size: int) -
     """Zero-shot retrieval over the split (media -> text and text -> media recall@1/@5; a
     retrieved caption counts when its text equals the row's, so duplicate captions are not
     punished) and zero-shot classification into the rows' ``category`` values with the prompt
-    "A picture of <category>." Chance levels are reported beside each."""
+    "A picture of <category>." Chance levels are reported beside each. A BLIP-2 stage-1 model
+    (``model.blip2`` with itc) is scored the same way with its query embeddings."""
     from omni.data.tasks import PairDataset, TaskSpec, right_pad
-    from omni.model.contrastive import embed_media, embed_text
+    from omni.model.contrastive import embed_media, embed_text, similarity
 
     model.eval()
     ds = PairDataset(manifest, TaskSpec.of(d), model, model.tokenizer, seq_len)
@@ -185,7 +186,7 @@ def _eval_contrastive(model, d, seq_len: int, manifest: Path, batch_size: int) -
     media, text = torch.cat(media), torch.cat(text)
     captions = [r[d.target].strip().lower() for r in ds.rows]
     same = torch.tensor([[a == b for b in captions] for a in captions])  # (N, N): interchangeable captions
-    sims = media @ text.T
+    sims = similarity(media, text)
     n = len(ds)
     out = {"pairs": n}
     for k in (1, 5):
@@ -200,7 +201,7 @@ def _eval_contrastive(model, d, seq_len: int, manifest: Path, batch_size: int) -
         ids, mask = right_pad([[tok.vocab.bos_id] + tok.encode(f"A picture of {c}.") + [tok.vocab.eos_id]
                                for c in categories])
         classes = embed_text(model, ids.to(model.device), mask.to(model.device))
-        pred = (media @ classes.T).argmax(1).tolist()
+        pred = similarity(media, classes).argmax(1).tolist()
         truth = [categories.index(r["category"]) for r in ds.rows]
         counts = torch.bincount(torch.tensor(truth), minlength=len(categories))
         out.update(zero_shot_accuracy=sum(p == t for p, t in zip(pred, truth)) / n, classes=len(categories),

@@ -8,7 +8,9 @@ against every text and each text against every media item). Under DDP the embedd
 process are gathered first (with gradients), so the negatives are the global batch.
 
 Enabled by ``model.contrastive: {embed_dim, temperature}`` in a recipe with ``data.task:
-contrastive``. Zero-shot retrieval and classification live in ``omni.eval``.
+contrastive``. Zero-shot retrieval and classification live in ``omni.eval``. BLIP-2's image-text
+contrastive loss (``model.blip2``, omni/model/blip2.py) uses the same pieces with M query
+embeddings per image, ``(B, M, E)``: an image-text similarity is the best of its queries'.
 """
 
 from __future__ import annotations
@@ -31,20 +33,46 @@ class ContrastiveHead(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
 
 
-def embed_text(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) right-padded ids and their mask -> (B, E) unit-length text embeddings."""
+def _head(model):
+    """The model's contrastive projections: its CLIP head, or its BLIP-2 head's ITC part."""
+    if model.contrastive is not None:
+        return model.contrastive
+    blip2 = getattr(model, "blip2", None)
+    if blip2 is not None and blip2.weights["itc"]:
+        return blip2
+    raise ValueError("this model has no contrastive embeddings (model.contrastive, or model.blip2 with itc > 0)")
+
+
+def text_features(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) right-padded ids and their mask -> (B, D): the backbone's output at each last real token."""
     from omni.model.omni_model import default_positions
 
     h = model.backbone(model.embed(ids), default_positions(ids), key_padding=mask)
-    last = mask.long().sum(-1) - 1
-    return F.normalize(model.contrastive.text_proj(h[torch.arange(len(ids)), last]), dim=-1)
+    return h[torch.arange(len(ids)), mask.long().sum(-1) - 1]
+
+
+def embed_text(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) right-padded ids and their mask -> (B, E) unit-length text embeddings."""
+    return F.normalize(_head(model).text_proj(text_features(model, ids, mask)), dim=-1)
 
 
 def embed_media(model, modality: str, datas: list[torch.Tensor]) -> torch.Tensor:
-    """Encoder inputs of one modality -> (B, E) unit-length embeddings (the encoder's tokens averaged)."""
+    """Encoder inputs of one modality -> (B, E) unit-length embeddings (the encoder's tokens
+    averaged), or (B, M, E) for a BLIP-2 model (one per query)."""
     feats = model.encoders[modality]([d.to(model.device) for d in datas])
+    head = _head(model)
+    if head is not model.contrastive:
+        return F.normalize(head.query_proj(torch.stack(feats)), dim=-1)
     pooled = torch.stack([f.mean(0) for f in feats])
     return F.normalize(model.contrastive.media_proj[modality](pooled), dim=-1)
+
+
+def similarity(media: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """media (N, E) or (N, M, E), text (K, E) -> (N, K) cosine similarities; with M query
+    embeddings per item, the best query's (BLIP-2)."""
+    if media.dim() == 2:
+        return media @ text.T
+    return torch.einsum("nme,ke->nkm", media, text).amax(-1)
 
 
 def _gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -60,11 +88,12 @@ def _gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def info_nce(media: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric InfoNCE of local rows against the global batch; returns (loss, local logits)."""
+    """Symmetric InfoNCE of local rows against the global batch; returns (loss, local logits).
+    media: (B, E), or (B, M, E) with the similarity the best of the M (see :func:`similarity`)."""
     all_media, offset = _gather(media)
     all_text, _ = _gather(text)
     scale = logit_scale.clamp(max=math.log(100)).exp()
     labels = torch.arange(offset, offset + len(media), device=media.device)
-    m2t = scale * media @ all_text.T
-    t2m = scale * text @ all_media.T
+    m2t = scale * similarity(media, all_text)
+    t2m = scale * similarity(all_media, text).T
     return (F.cross_entropy(m2t.float(), labels) + F.cross_entropy(t2m.float(), labels)) / 2, m2t

@@ -38,11 +38,13 @@ class OmniConfig:
     media: dict = field(default_factory=dict)
     audio_pattern: str = "delay"
     contrastive: dict | None = None  # {embed_dim, temperature}: a contrastive head (omni/model/contrastive.py)
+    blip2: dict | None = None  # {itc, itm, itg, embed_dim, temperature}: BLIP-2 stage 1 (omni/model/blip2.py)
 
     def to_dict(self) -> dict:
         return {"model_type": "omni", "format_version": FORMAT_VERSION, "backbone": self.backbone.to_dict(),
                 "vocab": self.vocab.to_dict(), "tie_embeddings": self.tie_embeddings, "media": self.media,
-                "audio_pattern": self.audio_pattern, "contrastive": self.contrastive}
+                "audio_pattern": self.audio_pattern, "contrastive": self.contrastive,
+                "blip2": self.blip2}
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> OmniConfig:
@@ -51,7 +53,8 @@ class OmniConfig:
             raise ValueError(f"{source}: not an omni config (model_type={found!r})")
         try:
             return cls(BackboneConfig(**d["backbone"]), Vocab.from_dict(d["vocab"]), bool(d.get("tie_embeddings", True)),
-                       dict(d.get("media", {})), str(d.get("audio_pattern", "delay")), d.get("contrastive"))
+                       dict(d.get("media", {})), str(d.get("audio_pattern", "delay")), d.get("contrastive"),
+                       d.get("blip2"))
         except (KeyError, TypeError, ValueError) as e:  # ValueError: values the config classes reject
             raise ValueError(f"{source}: malformed omni config ({e})") from None
 
@@ -62,6 +65,7 @@ class ModelOutput:
     loss: torch.Tensor | None = None  # next-token cross-entropy per loss-carrying token
     num_tokens: int = 0  # tokens that carried loss
     aux_loss: torch.Tensor | None = None  # media encoders' weighted auxiliary losses (CTC), when training
+    parts: dict | None = None  # name -> unweighted loss (detached) of a multi-loss objective (BLIP-2), for the log
 
     @property
     def objective(self) -> torch.Tensor:
@@ -91,6 +95,11 @@ class OmniModel(nn.Module):
             from omni.model.contrastive import ContrastiveHead
 
             self.contrastive = ContrastiveHead(cfg.dim, list(config.media), **config.contrastive)
+        self.blip2 = None
+        if config.blip2 is not None:
+            from omni.model.blip2 import Blip2Config, Blip2Head
+
+            self.blip2 = Blip2Head(cfg.dim, Blip2Config.parse(config.blip2))
         self.tokenizer = tokenizer
         self.set_codec(codec)
 
@@ -150,7 +159,8 @@ class OmniModel(nn.Module):
         MediaSlot)`` pairs whose encoder outputs replace the ``<|feat|>`` embeddings, or become the
         cross-attention memory. last_only: logits for the last position only.
         contrastive: ``input_ids`` are right-padded texts (``key_padding`` their mask) paired row by
-        row with ``media`` (one slot each); returns the InfoNCE loss and the similarity logits.
+        row with ``media`` (one slot each); returns the InfoNCE loss and the similarity logits, or
+        for a BLIP-2 model (``config.blip2``) its weighted stage-1 losses (omni/model/blip2.py).
         """
         if contrastive:
             return self._contrastive(input_ids, key_padding, media)
@@ -185,8 +195,12 @@ class OmniModel(nn.Module):
     def _contrastive(self, ids, mask, media) -> ModelOutput:
         from omni.model.contrastive import embed_media, embed_text, info_nce
 
+        if self.blip2 is not None:
+            from omni.model.blip2 import blip2_loss
+
+            return blip2_loss(self, ids, mask, media)
         if self.contrastive is None:
-            raise ValueError("this model has no contrastive head (model.contrastive in the recipe)")
+            raise ValueError("this model has no contrastive head (model.contrastive or model.blip2 in the recipe)")
         (modality,) = {slot.modality for _, slot in media}
         slots = [slot for _, slot in sorted(media, key=lambda m: m[0])]
         loss, sims = info_nce(embed_media(self, modality, [s.data for s in slots]), embed_text(self, ids, mask),
@@ -392,11 +406,11 @@ def default_positions(input_ids: torch.Tensor, key_padding: torch.Tensor | None 
 
 def build_model(backbone: BackboneConfig, vocab: Vocab, tokenizer=None, tie_embeddings: bool = True,
                 seed: int | None = None, media: dict | None = None, audio_pattern: str = "delay",
-                codec=None, contrastive: dict | None = None) -> OmniModel:
+                codec=None, contrastive: dict | None = None, blip2: dict | None = None) -> OmniModel:
     """A freshly initialised model (media encoders keep their own initialisation / loaded towers)."""
     if seed is not None:
         torch.manual_seed(seed)
-    model = OmniModel(OmniConfig(backbone, vocab, tie_embeddings, dict(media or {}), audio_pattern, contrastive),
+    model = OmniModel(OmniConfig(backbone, vocab, tie_embeddings, dict(media or {}), audio_pattern, contrastive, blip2),
                       tokenizer, codec)
     model.reset_parameters()
     return model

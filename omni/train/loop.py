@@ -152,7 +152,8 @@ def model_from_recipe(cfg: RecipeConfig, tokenizer):
     if mc.mrope:
         bcfg.mrope_section = default_mrope_section(bcfg.head_dim)
     return build_model(bcfg, vocab, tokenizer, tie_embeddings=mc.tie_embeddings, seed=cfg.train.seed,
-                       media=mc.media, audio_pattern=mc.audio_pattern, codec=codec, contrastive=mc.contrastive)
+                       media=mc.media, audio_pattern=mc.audio_pattern, codec=codec, contrastive=mc.contrastive,
+                       blip2=mc.blip2)
 
 
 def _check_data(cfg: RecipeConfig) -> None:
@@ -276,6 +277,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
             g["lr"] = lr
         step_loss = torch.zeros((), device=accelerator.device)
         step_aux, has_aux = torch.zeros((), device=accelerator.device), False
+        step_parts: dict[str, torch.Tensor] = {}
         for micro in range(tc.grad_accum):
             rows = stream.take(state.cursor, tc.batch_size)[rank * local_bs:(rank + 1) * local_bs]
             state.cursor += tc.batch_size
@@ -288,6 +290,8 @@ def train(cfg: RecipeConfig) -> TrainResult:
             step_loss += out.loss.detach() / tc.grad_accum
             if out.aux_loss is not None:
                 step_aux, has_aux = step_aux + out.aux_loss.detach() / tc.grad_accum, True
+            for name, value in (out.parts or {}).items():
+                step_parts[name] = step_parts.get(name, 0) + value / tc.grad_accum
             window_tokens += int((batch["doc_ids"] >= 0).sum()) * world
         loss = float(accelerator.reduce(step_loss, "mean"))
         if not math.isfinite(loss):
@@ -314,6 +318,8 @@ def train(cfg: RecipeConfig) -> TrainResult:
                 row["max_mem_gib"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 2)
             if has_aux:  # the same on every process: it follows from the recipe
                 row["aux_loss"] = round(float(accelerator.reduce(step_aux, "mean")), 5)
+            for name, value in step_parts.items():  # each loss of a multi-loss objective (BLIP-2), unweighted
+                row[f"{name}_loss"] = round(float(accelerator.reduce(value, "mean")), 5)
             if peak:
                 row["mfu"] = round(6 * n_params * tok_per_s / world / peak, 4)
             record(row)

@@ -11,6 +11,10 @@ LLaVA's stages as two recipes::
 
     # stage 1: train.trainable: [connector]
     # stage 2: train.init_from: runs/llava_stage1, train.trainable: [connector, backbone, embed]
+
+``init_from`` may list several runs, loaded in turn, a later run's tensors over an earlier's: BLIP-2's
+stage 2 takes the image side from stage 1 and the language model from its own run
+(``init_from: [runs/blip2_stage1_tiny, runs/text_tiny]``), as stage 1 trained a copy of the LM.
 """
 
 from __future__ import annotations
@@ -50,8 +54,9 @@ def apply_stages(model, train_cfg) -> int:
     """Apply a recipe's stage settings (``omni.config.TrainConfig``) before the optimizer sees the
     model: start from ``init_from``, add LoRA adapters, restrict what trains to ``trainable``
     (with LoRA: the adapters and those). Returns the trainable parameter count."""
-    if train_cfg.init_from:
-        init_from(model, train_cfg.init_from)
+    sources = train_cfg.init_from
+    for source in [sources] if isinstance(sources, str) else sources or []:
+        init_from(model, source)
     if train_cfg.lora is not None:
         add_lora(model, train_cfg.lora)
     if train_cfg.trainable is not None:
