@@ -159,39 +159,11 @@ def cmd_eval(args) -> int:
     return 0
 
 
-DEMO_PROMPTS = ["The history of", "A computer is", "Music"]
-
-
 def cmd_demo(args) -> int:
-    from omni.config import load_recipe
-    from omni.data.text import build_text_corpus
-    from omni.train import train
+    from omni.demo import run_demo
 
-    out = Path(args.out)
-    data = out / "data" / "text"
-    t0 = time.perf_counter()
-    if not (data / "train.jsonl").is_file():
-        print(f"[1/3] building the text corpus (Wikipedia lead paragraphs) in {data}")
-        build_text_corpus(data)
-    else:
-        print(f"[1/3] text corpus already in {data}")
-    overrides = [f"data.path={data}", f"tokenizer.path={out / 'tokenizer'}", f"train.out_dir={out / 'text_tiny'}",
-                 *args.overrides]
-    cfg = load_recipe("text/tiny", overrides)
-    print(f"[2/3] training {cfg.name} ({cfg.train.steps} steps) -> {cfg.train.out_dir}")
-    res = train(cfg)
-    import omni
-
-    model = omni.load(res.out_dir)
-    print("[3/3] generating (greedy; the prompt is left of |):")
-    for prompt, text in zip(DEMO_PROMPTS, model.generate([[p] for p in DEMO_PROMPTS], max_new_tokens=40)):
-        print(f"  {prompt}|{text}")
-    print(f"\ndone in {time.perf_counter() - t0:.0f} s. train loss {res.first_loss:.3f} -> {res.final_loss:.3f}, "
-          f"val loss {res.val_loss:.3f}")
-    print(f"  model:      {res.out_dir}  (omni.load('{res.out_dir}'))")
-    print(f"  metrics:    {res.out_dir / 'metrics.jsonl'}")
-    print(f"  loss curve: {res.out_dir / 'loss.png'}")
-    print(f"  tokenizer:  {cfg.tokenizer.path}")
+    run_demo(args.out, args.overrides, codec_minutes=args.codec_minutes, eval_rows=args.eval_rows,
+             max_docs=args.max_docs)
     return 0
 
 
@@ -280,9 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     kt.add_argument("overrides", nargs="*", metavar="key=value", help="override spec values, e.g. vocab_size=8000")
     kt.set_defaults(fn=cmd_tokenizer_train)
 
-    m = sub.add_parser("demo", help="the tiny end-to-end run: build data, train, generate", epilog=EPILOG)
-    m.add_argument("--out", default="runs/demo", help="where data, tokenizer and model go (default: runs/demo)")
-    m.add_argument("overrides", nargs="*", metavar="key=value", help="override text/tiny recipe values")
+    m = sub.add_parser("demo", help="the main job: build the corpora, train any2any/tiny, show every direction",
+                       epilog=EPILOG)
+    m.add_argument("--out", default="runs/demo", help="where data, codec, model, media and report go (default: runs/demo)")
+    m.add_argument("--codec-minutes", type=float, default=3.0, help="the codec's training budget (default: 3)")
+    m.add_argument("--eval-rows", type=int, default=None, help="score each task on its first N test rows (default: all)")
+    m.add_argument("--max-docs", type=int, default=None, help="build each corpus with about N documents (a quick look)")
+    m.add_argument("overrides", nargs="*", metavar="key=value", help="override any2any/tiny recipe values")
     m.set_defaults(fn=cmd_demo)
     return p
 

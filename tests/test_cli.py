@@ -111,14 +111,27 @@ def test_unknown_recipe_lists_available(capsys):
 
 
 def test_demo_end_to_end_small(tmp_path, capsys):
-    """The demo's real path (corpus build, tokenizer training, training, generation) with a tiny budget."""
-    rc = main(["demo", "--out", str(tmp_path / "demo"), "model.size=debug", "train.steps=4", "train.warmup_steps=1",
-               "train.batch_size=4", "train.eval_batches=1", "train.progress=false"])
+    """The demo's real path on small corpora: build them, train a codec and any2any/tiny, score
+    every task, show every direction, write a report whose links all resolve."""
+    import re
+
+    out = tmp_path / "demo"
+    rc = main(["demo", "--out", str(out), "--max-docs", "30", "--codec-minutes", "0.02", "--eval-rows", "2",
+               "model.size=debug", "train.steps=4", "train.warmup_steps=1", "train.batch_size=4",
+               "train.eval_batches=1", "train.progress=false"])
     assert rc == 0
-    out = capsys.readouterr().out
-    assert "model:" in out and "loss curve:" in out
-    assert (tmp_path / "demo" / "text_tiny" / "model.safetensors").is_file()
-    assert (tmp_path / "demo" / "tokenizer" / "text.model").is_file()
+    printed = capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    for direction in ("speech -> text", "audio -> audio", "image -> text", "sound -> text", "video -> text",
+                      "text -> audio", "text -> text"):
+        assert direction in report and direction in printed
+    for label in ("asr", "continue", "speak", "image_caption", "sound_caption", "video_caption", "text"):
+        assert f"| {label} |" in report
+    assert (out / "any2any_tiny" / "model.safetensors").is_file() and "loss.png" in report
+    for wav in ("continue_output.wav", "speak_output.wav"):
+        assert (out / "media" / wav).stat().st_size > 44
+    links = re.findall(r"\]\(([^)]+)\)", report)
+    assert len(links) >= 8 and all((out / link).exists() for link in links)
 
 
 def test_transcribe_caption_and_audio_generation(tmp_path, capsys):

@@ -24,6 +24,7 @@ used (a missing or corrupt file, an empty target) is skipped and counted, or rai
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,12 +105,26 @@ def encode_audio(model, audio, max_seconds: float | None = None) -> torch.Tensor
 
     if model.codec is None:
         raise ValueError("the model has no audio codec (recipe section `codec`)")
+    key = None
+    if isinstance(audio, (str, Path)):  # several tasks of a mixture encode the same file: once
+        stat = Path(audio).stat() if Path(audio).is_file() else None
+        key = (str(Path(audio).resolve()), stat and stat.st_mtime_ns, max_seconds)
+        cached = _CODES.setdefault(model.codec, {}).get(key)
+        if cached is not None:
+            return cached
     audio = audio if isinstance(audio, Audio) else Audio(audio)
     wave = audio.resample(model.codec.sample_rate).waveform
     if max_seconds:
         wave = wave[:int(max_seconds * model.codec.sample_rate)]
     with torch.no_grad():
-        return model.codec.encode(wave).long()
+        codes = model.codec.encode(wave).long()
+    if key is not None:
+        _CODES[model.codec][key] = codes
+    return codes
+
+
+# codec -> {(file, mtime, max_seconds): codes}; dropped with the codec
+_CODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def render_manifest(manifest: str | Path, spec: TaskSpec, model, tokenizer, seq_len: int,

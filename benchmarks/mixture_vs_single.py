@@ -1,0 +1,67 @@
+"""The any-to-any mixture against the single-task tiny recipes, task by task, on the same test
+splits: each task's headline metric (WER, CIDEr-D, next-code accuracy, perplexity), the relative
+change, and whether the mixture stays within 25% of the single-task model. Reads the runs'
+``eval_test.json`` files (``omni eval --ckpt RUN``); trains nothing. Ends with one JSON line.
+
+    python benchmarks/mixture_vs_single.py --mixture runs/any2any_tiny
+
+Perplexities are per token of each run's own tokenizer (the mixture's SentencePiece model is
+trained on all its tasks' text, text/tiny's on Wikipedia alone), so that row compares loosely.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+# mixture task label -> (single-task run, metric key, higher is better)
+SINGLE = {
+    "asr": ("runs/whisper_asr_tiny", "wer", False),
+    "continue": ("runs/audiolm_continue_tiny", "code_accuracy", True),
+    "speak": ("runs/audiolm_speak_tiny", "code_accuracy", True),
+    "image_caption": ("runs/llava_caption_tiny", "cider_d", True),
+    "sound_caption": ("runs/audiocaps_sounds_tiny", "cider_d", True),
+    "video_caption": ("runs/videollama_caption_tiny", "cider_d", True),
+    "text": ("runs/text_tiny", "ppl", False),
+}
+TOLERANCE = 0.25
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mixture", default="runs/any2any_tiny")
+    p.add_argument("--split", default="test")
+    args = p.parse_args(argv)
+    mix = _read(Path(args.mixture) / f"eval_{args.split}.json")
+    if mix is None:
+        raise SystemExit(f"{args.mixture}: no eval_{args.split}.json; run `omni eval --ckpt {args.mixture}` first")
+    rows = []
+    for label, (run, key, higher) in SINGLE.items():
+        m = mix["tasks"].get(label, {}).get(key)
+        single = _read(Path(run) / f"eval_{args.split}.json")
+        s = single.get(key) if single else None
+        row = {"task": label, "metric": key, "mixture": m, "single": s, "single_run": run}
+        if m is not None and s:
+            row["relative"] = m / s - 1
+            row["within_25pct"] = m >= (1 - TOLERANCE) * s if higher else m <= (1 + TOLERANCE) * s
+        rows.append(row)
+    print(f"{'task':<15}{'metric':<15}{'single':>10}{'mixture':>10}{'change':>9}  within 25%")
+    for r in rows:
+        f = (lambda v: f"{v:.3f}" if isinstance(v, float) else "-")
+        change = f"{100 * r['relative']:+.0f}%" if "relative" in r else "-"
+        print(f"{r['task']:<15}{r['metric']:<15}{f(r['single']):>10}{f(r['mixture']):>10}{change:>9}  "
+              f"{ {True: 'yes', False: 'NO'}.get(r.get('within_25pct'), 'no single run') }")
+    print(json.dumps({"benchmark": "mixture_vs_single", "date": datetime.datetime.now(datetime.timezone.utc)
+                      .isoformat(timespec="seconds"), "mixture": args.mixture, "split": args.split,
+                      "tolerance": TOLERANCE, "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
