@@ -90,6 +90,11 @@ class OmniModel(nn.Module):
 
             for modality, mcfg in config.media.items():
                 self.encoders[modality] = build_media_encoder(modality, mcfg, cfg.dim, config.vocab.text_size)
+        video = getattr(self.encoders["video"], "video", None) if "video" in self.encoders else None
+        if cfg.cross_attention is not None and video is not None and video.temporal == "mrope":
+            raise ValueError("model.media.video: with model.cross_attention the video is read as a memory without "
+                             "positions, so `temporal: mrope` would lose the order of the frames; use "
+                             "`video: {temporal: qformer}` (learned frame positions before a video Q-Former)")
         self.contrastive = None
         if config.contrastive is not None:
             from omni.model.contrastive import ContrastiveHead

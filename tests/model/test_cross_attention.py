@@ -32,6 +32,18 @@ def test_config_validates_and_counts_parameters():
             backbone_config("debug", cross_attention=bad)
 
 
+def test_video_read_through_cross_attention_must_carry_time_in_its_features(text_tokenizer):
+    cfg = backbone_config("debug", max_seq_len=128, cross_attention={"every": 1})
+    tower = {"kind": "siglip", "size": "debug", "image_size": 32, "patch_size": 16}
+    for temporal, ok in (("mrope", False), ("qformer", True)):
+        media = {"video": {"tokenizer": tower, "video": {"num_frames": 4, "temporal": temporal}}}
+        if ok:
+            build_model(cfg, text_tokenizer.vocab, text_tokenizer, media=media)
+        else:
+            with pytest.raises(ValueError, match="temporal: qformer"):
+                build_model(cfg, text_tokenizer.vocab, text_tokenizer, media=media)
+
+
 def test_media_spans_hold_no_feature_tokens(text_tokenizer):
     mel = torch.randn(80, 48)
     full = render(_sample(mel), text_tokenizer)
