@@ -44,8 +44,9 @@ def measure(recipe: str, overrides: list[str], steps: int, out_root: str) -> dic
     t0 = time.perf_counter()
     train(cfg)
     wall = time.perf_counter() - t0
-    rows = [r for r in read_metrics(os.path.join(out_dir, "metrics.jsonl")) if "s_per_step" in r]
-    start = next(r for r in read_metrics(os.path.join(out_dir, "metrics.jsonl")) if r.get("event") == "start")
+    metrics = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+    rows = [r for r in metrics if "s_per_step" in r]
+    start = next(r for r in metrics if r.get("event") == "start")
     last = rows[-1]
     return {"recipe": recipe, "params_m": round(start["params"] / 1e6, 1),
             "trainable_m": round(start["trainable_params"] / 1e6, 1), "batch": cfg.train.batch_size,

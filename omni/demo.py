@@ -108,11 +108,10 @@ def show_directions(model, data: Path, media_dir: Path) -> list[Shown]:
 
     speech = _first(data / "speech" / "test.jsonl")
     wav = data / "speech" / speech["audio"]
-    shown.append(Shown("speech -> text", [keep(wav)], model.generate([omni.Audio(wav)], max_new_tokens=32),
-                       speech["text"]))
+    clip = omni.Audio(wav)
+    shown.append(Shown("speech -> text", [keep(wav)], model.generate([clip], max_new_tokens=32), speech["text"]))
 
-    prompt = omni.Audio(wav)
-    head = omni.Audio(prompt.waveform[: int(1.0 * prompt.sample_rate)], prompt.sample_rate)
+    head = omni.Audio(clip.waveform[: int(1.0 * clip.sample_rate)], clip.sample_rate)
     head.save(media_dir / "continue_prompt.wav")
     cont = model.generate(["Continue:", head], output="audio", max_seconds=2.0, temperature=0.8, top_k=50, seed=0)
     cont.save(media_dir / "continue_output.wav")
@@ -138,7 +137,7 @@ def show_directions(model, data: Path, media_dir: Path) -> list[Shown]:
     return shown
 
 
-# the one number per task the report (and the mixture-vs-single table) leads with
+# the number per task the report leads with
 HEADLINE = {"caption": ("cider_d", "CIDEr-D"), "continue": ("code_accuracy", "next-code accuracy"),
             "speak": ("code_accuracy", "next-code accuracy"), "text": ("ppl", "perplexity")}
 

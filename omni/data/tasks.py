@@ -106,9 +106,8 @@ def encode_audio(model, audio, max_seconds: float | None = None) -> torch.Tensor
     if model.codec is None:
         raise ValueError("the model has no audio codec (recipe section `codec`)")
     key = None
-    if isinstance(audio, (str, Path)):  # several tasks of a mixture encode the same file: once
-        stat = Path(audio).stat() if Path(audio).is_file() else None
-        key = (str(Path(audio).resolve()), stat and stat.st_mtime_ns, max_seconds)
+    if isinstance(audio, (str, Path)) and Path(audio).is_file():  # a mixture's audio tasks share clips: encode once
+        key = (str(Path(audio).resolve()), Path(audio).stat().st_mtime_ns, max_seconds)
         cached = _CODES.setdefault(model.codec, {}).get(key)
         if cached is not None:
             return cached

@@ -337,10 +337,6 @@ def _xformers_problem(device: str) -> str | None:
     return None
 
 
-def _xformers_available(device: str = "cuda") -> bool:
-    return torch.cuda.is_available() and _xformers_problem(device) is None
-
-
 def _xformers(q, k, v, mask, is_causal):
     import xformers.ops as xops
 

@@ -154,9 +154,9 @@ def test_resolve_backend_falls_back_to_sdpa_on_cpu(caplog):
 
 
 def _cuda_xformers() -> bool:
-    from omni.model.backbone import _xformers_available
+    from omni.model.backbone import _xformers_problem
 
-    return torch.cuda.is_available() and _xformers_available()
+    return torch.cuda.is_available() and _xformers_problem("cuda") is None
 
 
 @pytest.mark.gpu
