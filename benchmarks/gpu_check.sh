@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_check.sh prepare   # here (CPU machine): fills .gpu/ (gitignored) with
 #                                          # wheels, small real corpora and tokenizers, < 50 MiB
 #   bash benchmarks/gpu_check.sh run       # there, with .gpu carried: tests + benchmarks -> $OUT
+#   bash benchmarks/gpu_check.sh recipes   # there: only the base recipes' loop (RECIPES="a/b c/d"
+#                                          # picks some), for a session with little device time
 #
 # xformers 0.0.35 (the newest) is built for torch 2.10+cu128: on the image's torch 2.11+cu130 it
 # imports without kernels, and omni falls back to SDPA with a warning saying so (seen 2026-11-26).
@@ -76,6 +78,7 @@ python3 -c "
 from omni.tokenizers.audio import AudioCodec
 AudioCodec('small').save('runs/tokenizers/audio_codec_base')"
 
+if [ "$mode" = run ]; then
 # 1. the test suite's CUDA tests and the model tests on the GPU machine
 timeout 100 python3 -m pytest -q -x -m 'gpu or not gpu' tests/model/test_backbone.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
 
@@ -86,11 +89,13 @@ for attn in sdpa xformers; do
         --repeats 2 --warmup 1 --gen-batches 1,16 2>&1 | tail -6 | tee -a "$OUT/backbone.txt"
 done
 
+fi
+
 # 3. every base recipe at its real batch size on small real corpora
 S=.gpu/data
-timeout 420 python3 benchmarks/recipe_steps.py --steps 20 \
-    text/base whisper/asr_base whisper/asr_pretrained_tower_base audiocaps/sounds_base \
-    llava/caption_base videollama/caption_base audiolm/continue_base \
+RECIPES=${RECIPES:-"text/base whisper/asr_base whisper/asr_pretrained_tower_base audiocaps/sounds_base
+    llava/caption_base videollama/caption_base audiolm/continue_base"}
+timeout ${RECIPE_TIMEOUT:-420} python3 benchmarks/recipe_steps.py --steps ${STEPS:-20} $RECIPES \
     --set "text/base:data.path=$S/text" --set "text/base:tokenizer.path=$G/tok/text_spm_32k" \
     --set "whisper/asr_base:data.path=$S/speech" --set "whisper/asr_base:tokenizer.path=$G/tok/text_spm" \
     --set "whisper/asr_pretrained_tower_base:data.path=$S/speech" \
