@@ -63,7 +63,10 @@ def _prompt_sample(model, prompt, output: str = "text") -> Sample:
     with media is a user turn that the model answers, and a conversation (a list of
     ``{"role", "content"}`` messages, content a str or a list of pieces) is rendered turn by turn
     for the model to answer the last user turn. For audio output the prompt is a document whose
-    audio pieces are codec codes, ending in an open audio span to continue."""
+    audio pieces are codec codes, ending in an open audio span to continue. A :class:`Sample`
+    (media already prepared) is used as it is."""
+    if isinstance(prompt, Sample):
+        return prompt
     pieces = [prompt] if isinstance(prompt, (str, dict)) else list(prompt)
     if pieces and all(isinstance(p, dict) for p in pieces):
         return _conversation(model, pieces)
@@ -119,9 +122,9 @@ def _segments(model, pieces: list, output: str = "text") -> list[Segment]:
 
 def is_batch(prompts) -> bool:
     """A str, a list of pieces or a conversation (a list of message dicts) is one prompt; a list
-    of lists is a batch of prompts."""
+    of lists (or of :class:`Sample`) is a batch of prompts."""
     return (isinstance(prompts, (list, tuple)) and len(prompts) > 0
-            and all(isinstance(p, (list, tuple)) for p in prompts))
+            and all(isinstance(p, (list, tuple, Sample)) for p in prompts))
 
 
 def render_prompts(model, prompts: list, output: str = "text") -> tuple[list, dict]:

@@ -94,12 +94,14 @@ class TaskData:
     target: str = "caption"
     prompt: str = ""
     max_audio_s: float = 10.0
+    ways: int = 2  # fewshot: how many media an episode names
+    episodes: int = 0  # fewshot: training episodes (0: one per row; held-out splits: one per row)
     weight: float = 1.0
     name: str = ""
 
     @property
     def label(self) -> str:
-        return self.name or (f"{self.task}:{self.media}" if self.task == "caption" else self.task)
+        return self.name or (f"{self.task}:{self.media}" if self.task in ("caption", "fewshot") else self.task)
 
     def validate(self, key: str = "data"):
         from omni.data.tasks import TASKS
@@ -109,6 +111,8 @@ class TaskData:
         _choice(f"{key}.media", self.media, MODALITIES)
         if not self.weight > 0:
             raise ValueError(f"{key}.weight must be > 0, got {self.weight}")
+        if self.ways < 1 or self.episodes < 0:
+            raise ValueError(f"{key}.ways must be >= 1 and {key}.episodes >= 0, got {self.ways} and {self.episodes}")
 
 
 @dataclass
@@ -224,7 +228,7 @@ class RecipeConfig:
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
             )
         for part in self.data.tasks():
-            if part.task == "caption" and part.media not in self.model.media:
+            if part.task in ("caption", "fewshot") and part.media not in self.model.media:
                 raise ValueError(f"data task {part.label} reads {part.media} but model.media has no "
                                  f"{part.media} encoder (has: {', '.join(self.model.media) or 'none'})")
             pair_model = self.model.contrastive is not None or self.model.blip2 is not None

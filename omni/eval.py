@@ -1,6 +1,7 @@
 """Held-out evaluation of a trained run, by its recipe's task.
 
-``caption`` tasks generate (greedy) for every row and score against the row's target: BLEU-4 and
+``fewshot`` answers held-out fast-binding episodes with and without their examples (few-shot
+against zero-shot accuracy). ``caption`` tasks generate (greedy) for every row and score against the row's target: BLEU-4 and
 CIDEr-D, plus WER/CER when the target is a transcript (speech recognition) and direction accuracy
 when the rows say which way something moves (the video corpus). ``text`` and ``continue`` report
 the held-out loss and next-token accuracy; ``continue`` (audio) scores only the codec codes,
@@ -91,6 +92,8 @@ def _evaluate_task(model, d, seq_len: int, manifest: Path, max_rows, batch_size,
             metrics["through_codec"] = str(through_codec)
     elif d.task == "contrastive":
         metrics = _eval_contrastive(model, d, seq_len, manifest, batch_size)
+    elif d.task == "fewshot":
+        metrics, preds = _eval_fewshot(model, d, manifest, max_rows, batch_size)
     elif d.task in ("continue", "speak"):
         metrics = _eval_codes(model, d, seq_len, manifest, rows, batch_size)
         write = write_continuations if d.task == "continue" else write_speech
@@ -145,6 +148,33 @@ def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: i
         metrics["direction_accuracy"] = sum(hits) / len(hits)
     metrics["exact_match"] = sum(h.lower() == r.strip().lower() for h, r in zip(hyps, refs)) / len(hyps)
     return metrics, preds
+
+
+def _eval_fewshot(model, d, manifest: Path, max_rows, batch_size: int) -> tuple[dict, list]:
+    """Fast binding on a split: each episode answered greedily with its named examples (few-shot)
+    and from the query turn alone (zero-shot, where the made-up name cannot be known). An answer
+    is right when it gives the name (:func:`~omni.data.tasks.named`); picking any of the episode's names at random would
+    be right 1 / ways of the time (``chance_with_examples``)."""
+    from omni.data.tasks import TaskSpec, episodes, named, prepare_rows
+
+    spec = TaskSpec.of(d)
+    media, skipped = prepare_rows(manifest, spec, model)
+    eps = episodes(media, spec, held_out=manifest.stem != "train")[:max_rows]
+
+    preds, few_hits, zero_hits, in_context = [], 0, 0, 0
+    for start in range(0, len(eps), batch_size):
+        chunk = eps[start:start + batch_size]
+        few = model.generate([e.sample(answer=False) for e in chunk], max_new_tokens=12)
+        zero = model.generate([e.sample(shots=False, answer=False) for e in chunk], max_new_tokens=12)
+        for e, f, z in zip(chunk, few, zero):
+            few_hits += named(f) == e.answer
+            zero_hits += named(z) == e.answer
+            in_context += named(f) in e.names
+            preds.append({"names": e.names, "answer": e.answer, "few_shot": f.strip(), "zero_shot": z.strip()})
+    n = max(len(preds), 1)
+    return {"accuracy": few_hits / n, "zero_shot_accuracy": zero_hits / n, "named_from_examples": in_context / n,
+            "chance_with_examples": 1 / spec.ways, "ways": spec.ways, "episodes": len(preds),
+            "skipped": skipped}, preds
 
 
 @torch.no_grad()

@@ -12,6 +12,12 @@ A task is a template and which segments carry loss:
                a batch is a set of pairs for a contrastive loss (CLIP); see omni/model/contrastive.py
 ``speak``      ``{"text", "audio": path}`` -> a document of [prompt + text] + the clip's codec codes:
                text to speech as codes (the layout ``generate(..., output="audio")`` continues)
+``fewshot``    ``{<media>: path}`` -> episodes of Frozen's fast binding (Tsimpoukelli et al., 2021):
+               ``ways`` media from different rows, each named by a made-up word in a user turn
+               ("<media> This is a dax."), then one of them again (mirrored, for images and video)
+               with the prompt; the assistant answers "This is a <name>." (the only loss). Names are drawn
+               per episode, the training split from one half of the made-up words and the held-out
+               splits from the other, so only the episode's examples can tell the answer.
 
 A recipe may mix tasks (``data.mixture``): :class:`MixtureDataset` draws each task's samples by
 weight and packs samples of different tasks into the same rows, attention kept per document.
@@ -24,6 +30,7 @@ used (a missing or corrupt file, an empty target) is skipped and counted, or rai
 from __future__ import annotations
 
 import logging
+import random
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +43,7 @@ from omni.sequence import MediaSlot, Message, PackedRow, Sample, Segment, pack, 
 
 log = logging.getLogger(__name__)
 
-TASKS = ("text", "caption", "continue", "speak", "contrastive")
+TASKS = ("text", "caption", "continue", "speak", "contrastive", "fewshot")
 
 
 @dataclass
@@ -48,6 +55,8 @@ class TaskSpec:
     target: str = "caption"  # caption: which manifest field holds the text to produce
     prompt: str = ""  # caption: text after the media in the user turn; continue: text before the audio
     max_audio_s: float = 10.0  # continue: clips are cut to this length
+    ways: int = 2  # fewshot: media named per episode
+    episodes: int = 0  # fewshot: episodes per split (0: one per row)
 
     @property
     def text_field(self) -> str:
@@ -57,7 +66,7 @@ class TaskSpec:
     @classmethod
     def of(cls, data) -> TaskSpec:
         """From a recipe's ``data`` section (:class:`omni.config.DataConfig`)."""
-        return cls(data.task, data.media, data.target, data.prompt, data.max_audio_s)
+        return cls(data.task, data.media, data.target, data.prompt, data.max_audio_s, data.ways, data.episodes)
 
 
 def sample_for(row: dict, spec: TaskSpec, model, root: Path) -> Sample:
@@ -126,10 +135,100 @@ def encode_audio(model, audio, max_seconds: float | None = None) -> torch.Tensor
 _CODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+_ONSETS, _VOWELS = "bdfgklmnprstvz", "aeiou"
+
+
+def episode_names(held_out: bool) -> list[str]:
+    """Two-syllable made-up words ("dako", "vimu"): the training split's half, or the held-out half."""
+    words = [a + v + b + w for a in _ONSETS for v in _VOWELS for b in _ONSETS for w in _VOWELS]
+    random.Random(0).shuffle(words)
+    return words[1::2] if held_out else words[0::2]
+
+
+@dataclass
+class Episode:
+    """One fast-binding episode: the named examples, the query turn, its answer."""
+
+    examples: list[Message]
+    query: Message
+    answer: str
+    names: list[str]
+
+    def sample(self, shots: bool = True, answer: bool = True) -> Sample:
+        """The training sample (``answer``), or a prompt with or without the examples (``shots``)."""
+        return Sample((self.examples if shots else []) + [self.query]
+                      + ([Message("assistant", [Segment(text=naming(self.answer))])] if answer else []))
+
+
+def naming(name: str) -> str:
+    """How an episode names a medium; the answer repeats it, so a language model's copying from
+    context (induction) carries over."""
+    return f"This is a {name}."
+
+
+def named(text: str) -> str:
+    """The name an answer gives ("This is a dako." -> "dako")."""
+    words = text.strip().lower().split()
+    if words[:3] == ["this", "is", "a"]:
+        words = words[3:]
+    return words[0].strip(".,!?;:") if words else ""
+
+
+def episodes(media: list[tuple[torch.Tensor, tuple]], spec: TaskSpec, held_out: bool, seed: int = 0) -> list[Episode]:
+    """Fast-binding episodes (the ``fewshot`` task) over prepared media (data, grid):
+    ``spec.episodes`` for the training split, one per row for a held-out one."""
+    if len(media) < spec.ways:
+        raise ValueError(f"a {spec.ways}-way episode needs at least {spec.ways} usable rows, got {len(media)}")
+    names = episode_names(held_out)
+    rng = random.Random(seed)
+    mirror = spec.media in ("image", "video")
+    out = []
+    for _ in range(spec.episodes if spec.episodes and not held_out else len(media)):
+        chosen = rng.sample(range(len(media)), spec.ways)
+        called = rng.sample(names, spec.ways)
+        examples = [Message("user", [Segment(spec.media, data=media[i][0], grid=media[i][1]),
+                                     Segment(text=naming(name))]) for i, name in zip(chosen, called)]
+        q = rng.randrange(spec.ways)
+        data, grid = media[chosen[q]]
+        query = [Segment(spec.media, data=data.flip(-1) if mirror else data, grid=grid)]
+        query += [Segment(text=spec.prompt)] if spec.prompt else []
+        out.append(Episode(examples, Message("user", query), called[q], called))
+    return out
+
+
+def prepare_rows(manifest: Path, spec: TaskSpec, model, on_bad_sample: str = "skip") -> tuple[list, int]:
+    """Every usable row's media prepared by the model's encoder, and how many rows were skipped."""
+    if spec.media not in model.encoders:
+        raise ValueError(f"the model has no {spec.media} encoder (model.media.{spec.media})")
+    media, num_bad = [], 0
+    for n, row in enumerate(read_jsonl(manifest)):
+        try:
+            media.append(model.encoders[spec.media].prepare(_media_path(row, spec.media, manifest.parent)))
+        except (ValueError, MediaError) as e:
+            if on_bad_sample == "error":
+                raise ValueError(f"{manifest}: row {n + 1}: {e}") from None
+            log.warning("%s: row %d skipped: %s", manifest, n + 1, e)
+            num_bad += 1
+    return media, num_bad
+
+
+def _render_episodes(manifest: Path, spec: TaskSpec, model, tokenizer, seq_len: int, on_bad_sample: str):
+    media, num_bad = prepare_rows(manifest, spec, model, on_bad_sample)
+    rendered = []
+    for ep in episodes(media, spec, held_out=manifest.stem != "train"):
+        r = render(ep.sample(), tokenizer, **model.render_options())
+        if len(r) > seq_len:
+            raise ValueError(f"{manifest}: a {spec.ways}-way episode takes {len(r)} tokens, over data.seq_len={seq_len}")
+        rendered.append(r)
+    return rendered, num_bad
+
+
 def render_manifest(manifest: str | Path, spec: TaskSpec, model, tokenizer, seq_len: int,
                     on_bad_sample: str = "skip") -> tuple[list, int]:
     """Every usable row of a manifest rendered for ``spec``, and how many rows were skipped."""
     manifest = Path(manifest)
+    if spec.task == "fewshot":
+        return _render_episodes(manifest, spec, model, tokenizer, seq_len, on_bad_sample)
     root = manifest.parent
     # speech: the transcript rides along with the audio slot for the encoder's CTC head
     encoder = model.encoders[spec.media] if spec.task == "caption" and spec.media in model.encoders else None

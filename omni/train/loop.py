@@ -162,7 +162,7 @@ def _check_data(cfg: RecipeConfig) -> None:
             f = Path(part.path) / f"{split}.jsonl"
             if not f.is_file():
                 kind = {"text": "text", "image": "images", "video": "video"}.get(
-                    part.task if part.task == "text" else part.media if part.task == "caption" else "", "<kind>")
+                    part.task if part.task == "text" else part.media if part.task in ("caption", "fewshot") else "", "<kind>")
                 raise ValueError(f"{f}: manifest not found; build the corpus with "
                                  f"`omni data build {kind} --out {part.path}` (kinds: `omni data build --help`)")
 

@@ -200,3 +200,28 @@ def test_multi_image_multi_turn_dialogue_renders_trains_and_generates(text_token
     assert answer.strip() == "It is green."
     with pytest.raises(ValueError, match="must end with a user turn"):
         model.generate(conversation, max_new_tokens=2)
+
+
+def test_fewshot_episodes_bind_made_up_names_and_train_only_the_answer(images, text_tokenizer, tmp_path):
+    from omni.data.tasks import episode_names, episodes, prepare_rows
+
+    model = _model(text_tokenizer, IMAGE_MEDIA)
+    spec = TaskSpec("fewshot", "image", prompt="What is this?", ways=2, episodes=5)
+    ds = TaskDataset(images / "train.jsonl", spec, model, text_tokenizer, seq_len=128)
+    assert ds.num_docs == 5 and sum(len(r.media) for r in ds.rows) == 15  # two named images and the query each
+    # training and held-out splits draw their names from disjoint halves
+    assert not set(episode_names(False)) & set(episode_names(True))
+    media, _ = prepare_rows(images / "train.jsonl", spec, model)
+    ep = episodes(media, spec, held_out=True)[0]
+    assert ep.answer in ep.names and set(ep.names) <= set(episode_names(True))
+    shown = [m.segments[0].data for m in ep.examples]
+    assert any(torch.equal(ep.query.segments[0].data, d.flip(-1)) for d in shown)  # the query: mirrored
+    from omni.sequence import render
+
+    r = render(ep.sample(), text_tokenizer, **model.render_options())
+    trained = text_tokenizer.decode([int(t) for t in r.targets[r.targets >= 0]])
+    assert trained.strip() == f"This is a {ep.answer}."  # the loss is on the answer only
+    zero = ep.sample(shots=False, answer=False)
+    assert len(zero.messages) == 1 and zero.messages[0] is ep.query
+    with pytest.raises(ValueError, match="3-way episode needs at least 3 usable rows"):
+        episodes(media[:2], TaskSpec("fewshot", "image", ways=3), held_out=False)

@@ -156,3 +156,12 @@ def test_flamingo_starts_as_its_language_model_and_trains_only_the_new_parts(tmp
 
     m = evaluate(tmp_path / "flamingo", split="train", shots=2, max_new_tokens=4)
     assert m["shots"] == 2 and m["rows"] == 6 and (tmp_path / "flamingo" / "eval_train_2shot.json").is_file()
+    # the held-out fast-binding task: the same model trained on episodes, scored with and without examples
+    fb_args = [a for a in args if not a.startswith("train.out_dir=")] + [f"train.out_dir={tmp_path / 'fastbind'}",
+                                                                         "data.episodes=6"]
+    r = subprocess.run([sys.executable, "-m", "omni.cli", "train", "flamingo/fastbind_tiny", *fb_args],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    m = evaluate(tmp_path / "fastbind", split="val", max_new_tokens=4)
+    assert m["task"] == "fewshot" and m["episodes"] == 6 and m["chance_with_examples"] == 0.5
+    assert 0 <= m["zero_shot_accuracy"] <= 1 and 0 <= m["accuracy"] <= 1
