@@ -36,8 +36,9 @@ class ModelConfig:
     mrope: bool = False  # 3-D (time, height, width) rotary positions for image/video
     audio_pattern: str = "delay"  # how audio codes are laid out: delay (MusicGen) or flatten (AudioLM)
     media: dict = field(default_factory=dict)  # modality -> encoder + connector (omni/model/media_encoder.py)
-    # None: media features are tokens in the sequence; {every: N, gated, ffn}: cross-attention
-    # blocks read them (Whisper's decoder: every 1; Flamingo: gated), see omni/model/backbone.py
+    # None: media features are tokens in the sequence; {every: N, gated, ffn, media}: cross-attention
+    # blocks read them (Whisper's decoder: every 1; Flamingo: gated), only the modalities listed
+    # in `media` when it is given (the others stay tokens), see omni/model/backbone.py
     cross_attention: dict | None = None
     # {embed_dim, temperature}: a contrastive head for data.task=contrastive (omni/model/contrastive.py)
     contrastive: dict | None = None
@@ -56,6 +57,10 @@ class ModelConfig:
         _positive("model.max_seq_len", self.max_seq_len)
         for modality in self.media:
             _choice("model.media key", modality, MODALITIES)
+        for modality in (self.cross_attention or {}).get("media") or []:
+            if modality not in self.media:
+                raise ValueError(f"model.cross_attention.media names {modality!r}, which model.media has no encoder "
+                                 f"for (has: {', '.join(self.media) or 'none'})")
         if self.blip2 is not None:
             from omni.model.blip2 import Blip2Config
 

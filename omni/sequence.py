@@ -131,7 +131,7 @@ class Rendered:
 
 
 def render(sample: Sample, tokenizer, *, vocab: Vocab | None = None, audio_pattern: str = "delay",
-           mrope: bool = False, media_tokens: bool = True, add_generation_prompt: bool = False,
+           mrope: bool = False, media_tokens: bool | set[str] = True, add_generation_prompt: bool = False,
            loss_on: str = "assistant", add_eos: bool | None = None) -> Rendered:
     """Render a sample to ids/targets/positions (and streams for delay-layout audio codes).
 
@@ -139,6 +139,7 @@ def render(sample: Sample, tokenizer, *, vocab: Vocab | None = None, audio_patte
     audio_pattern: how audio codes are laid out, ``delay`` or ``flatten``.
     mrope: lay media spans out on (t, h, w) axes (M-RoPE); otherwise every token, media included,
     takes the next 1-D position. media_tokens=False: media spans hold no ``<|feat|>`` tokens
+    (cross-attention reads them); a set: only those modalities' spans hold them
     (``model.render_options()`` says which a model needs).
     loss_on: ``"assistant"`` (chat default: assistant content and its end-of-turn) or ``"all"``.
     Plain documents always carry loss. add_generation_prompt: end with ``<|assistant|>`` (chat)
@@ -182,7 +183,8 @@ def render(sample: Sample, tokenizer, *, vocab: Vocab | None = None, audio_patte
                 _put_codes(seg, vocab, delay, put, trainable, vocab.id(end))
                 continue
             media.append(MediaSlot(len(ids), seg.num_tokens, seg.modality, seg.data))
-            if not media_tokens:  # read by cross-attention from the end marker on
+            if not (media_tokens if isinstance(media_tokens, bool) else seg.modality in media_tokens):
+                # read by cross-attention from the end marker on
                 put([vocab.id(end)], False)
                 continue
             t, h, w = seg.grid if mrope else (seg.num_tokens, 1, 1)

@@ -14,7 +14,8 @@ Whisper decoder's layout (``every: 1``) or Flamingo's (``gated: true``: tanh gat
 0, so at initialisation the backbone computes exactly what it computes without them; ``ffn:
 true`` adds the gated feed-forward of Flamingo's GATED XATTN-DENSE). A token reads only the most
 recent media span at or before it in its own document (Flamingo's rule), and a token with none
-before it reads nothing.
+before it reads nothing. ``media`` names the modalities read this way (the model places the
+others' features in the sequence as tokens); null means all.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 ATTN_BACKENDS = ("sdpa", "xformers")
-CROSS_ATTENTION_KEYS = ("every", "gated", "ffn")
+CROSS_ATTENTION_KEYS = ("every", "gated", "ffn", "media")
 
 
 @dataclass
@@ -49,7 +50,8 @@ class BackboneConfig:
     norm_eps: float = 1e-5
     qkv_bias: bool = False  # Qwen2 family
     attn_backend: str = "sdpa"
-    cross_attention: dict | None = None  # {every: N, gated: bool, ffn: bool}; None = media as tokens
+    # {every: N, gated: bool, ffn: bool, media: [modalities read this way] or null for all}; None = media as tokens
+    cross_attention: dict | None = None
     extra: dict = field(default_factory=dict)  # free-form provenance (e.g. imported from)
 
     def __post_init__(self):
@@ -70,12 +72,16 @@ class BackboneConfig:
             if not isinstance(xa, dict) or set(xa) - set(CROSS_ATTENTION_KEYS):
                 raise ValueError(f"cross_attention must be a mapping with keys among {CROSS_ATTENTION_KEYS}, "
                                  f"got {xa!r}")
-            self.cross_attention = xa = {"every": 1, "gated": False, "ffn": False, **xa}
+            self.cross_attention = xa = {"every": 1, "gated": False, "ffn": False, "media": None, **xa}
             if not isinstance(xa["every"], int) or xa["every"] < 1:
                 raise ValueError(f"cross_attention.every must be an integer >= 1, got {xa['every']!r}")
             for key in ("gated", "ffn"):
                 if not isinstance(xa[key], bool):
                     raise ValueError(f"cross_attention.{key} must be true or false, got {xa[key]!r}")
+            if xa["media"] is not None and (not isinstance(xa["media"], list) or not xa["media"]
+                                            or not all(isinstance(m, str) for m in xa["media"])):
+                raise ValueError(f"cross_attention.media must be a non-empty list of modalities (or null for all), "
+                                 f"got {xa['media']!r}")
 
     def cross_layers(self) -> list[int]:
         """Indices of the layers that have a cross-attention block before them."""

@@ -91,7 +91,7 @@ class OmniModel(nn.Module):
             for modality, mcfg in config.media.items():
                 self.encoders[modality] = build_media_encoder(modality, mcfg, cfg.dim, config.vocab.text_size)
         video = getattr(self.encoders["video"], "video", None) if "video" in self.encoders else None
-        if cfg.cross_attention is not None and video is not None and video.temporal == "mrope":
+        if video is not None and self.reads_by_cross_attention("video") and video.temporal == "mrope":
             raise ValueError("model.media.video: with model.cross_attention the video is read as a memory without "
                              "positions, so `temporal: mrope` would lose the order of the frames; use "
                              "`video: {temporal: qformer}` (learned frame positions before a video Q-Former)")
@@ -131,16 +131,16 @@ class OmniModel(nn.Module):
         """Whether positions are 3-D (time, height, width) for media spans."""
         return self.config.backbone.mrope_section is not None
 
-    @property
-    def media_in_sequence(self) -> bool:
-        """Whether media features take ``<|feat|>`` slots in the sequence (False: the backbone's
-        cross-attention blocks read them, see ``BackboneConfig.cross_attention``)."""
-        return self.config.backbone.cross_attention is None
+    def reads_by_cross_attention(self, modality: str) -> bool:
+        """Whether the backbone's cross-attention blocks read ``modality``'s features (else they
+        take ``<|feat|>`` slots in the sequence), see ``BackboneConfig.cross_attention``."""
+        xa = self.config.backbone.cross_attention
+        return xa is not None and (xa["media"] is None or modality in xa["media"])
 
     def render_options(self) -> dict:
         """What :func:`omni.sequence.render` needs to know about this model."""
         return dict(vocab=self.vocab, audio_pattern=self.config.audio_pattern, mrope=self.uses_mrope,
-                    media_tokens=self.media_in_sequence)
+                    media_tokens={m for m in self.encoders if not self.reads_by_cross_attention(m)})
 
     @property
     def max_seq_len(self) -> int:
@@ -175,10 +175,12 @@ class OmniModel(nn.Module):
         aux_loss = memory = None
         if media:
             encoded, aux_loss = self.encode_media(media)
-            if self.media_in_sequence:
-                x = self._place(x, encoded)
-            else:
-                memory = self._memory(encoded, input_ids.shape[0], doc_ids)
+            placed = [e for e in encoded if not self.reads_by_cross_attention(e[1].modality)]
+            read = [e for e in encoded if self.reads_by_cross_attention(e[1].modality)]
+            if placed:
+                x = self._place(x, placed)
+            if read:
+                memory = self._memory(read, input_ids.shape[0], doc_ids)
         h = self.backbone(x, positions, doc_ids=doc_ids, key_padding=key_padding, cache=cache, memory=memory)
         assert not (last_only and targets is not None), "last_only is for inference"
         logits = self.lm_head(h[:, -1:] if last_only else h)  # last_only: a prompt pass needs one row

@@ -24,10 +24,11 @@ def _sample(mel, text="turn on the light"):
 
 def test_config_validates_and_counts_parameters():
     cfg = backbone_config("debug", cross_attention={"every": 2, "gated": True, "ffn": True})
-    assert cfg.cross_layers() == [0] and cfg.cross_attention == {"every": 2, "gated": True, "ffn": True}
+    assert cfg.cross_layers() == [0] and cfg.cross_attention == {"every": 2, "gated": True, "ffn": True, "media": None}
     assert cfg.num_params() == sum(p.numel() for p in Backbone(cfg).parameters())
-    assert backbone_config("debug", cross_attention={}).cross_attention == {"every": 1, "gated": False, "ffn": False}
-    for bad in ({"every": 0}, {"evry": 1}, {"gated": "yes"}, [1]):
+    assert backbone_config("debug", cross_attention={}).cross_attention == {"every": 1, "gated": False, "ffn": False,
+                                                                           "media": None}
+    for bad in ({"every": 0}, {"evry": 1}, {"gated": "yes"}, [1], {"media": []}, {"media": "audio"}):
         with pytest.raises(ValueError, match="cross_attention"):
             backbone_config("debug", cross_attention=bad)
 
@@ -121,7 +122,7 @@ def test_cached_decoding_matches_the_full_forward_and_the_model_learns(tmp_path,
     # saved and loaded, it is the same model
     model.save_pretrained(tmp_path / "ckpt")
     again = OmniModel.from_pretrained(tmp_path / "ckpt")
-    assert again.config.backbone.cross_attention == {"every": 1, "gated": False, "ffn": False}
+    assert again.config.backbone.cross_attention == {"every": 1, "gated": False, "ffn": False, "media": None}
     assert torch.equal(again.generate(prompt.ids[None], media=[(0, s) for s in prompt.media], max_new_tokens=20), new)
 
 
@@ -132,3 +133,32 @@ def test_text_only_input_runs_and_a_memory_needs_cross_attention_blocks():
         bb(x, pos, memory=Memory(torch.zeros(1, 2, 64), torch.zeros(1, 2, dtype=torch.long)))
     xa = Backbone(backbone_config("debug", cross_attention={"every": 1}))
     assert xa(x, pos).shape == (1, 4, 64)
+
+
+def test_per_modality_fusion_reads_audio_by_cross_attention_and_places_images_as_tokens(text_tokenizer):
+    """cross_attention.media: [audio]: speech is a memory, an image's patches sit in the sequence."""
+    cfg = backbone_config("debug", max_seq_len=128, cross_attention={"every": 1, "media": ["audio"]})
+    media = {"audio": {"encoder": {"kind": "whisper_style", "size": "debug"}, "connector": {"kind": "mlp"}},
+             "image": {"tokenizer": {"kind": "siglip", "size": "debug", "image_size": 32, "patch_size": 16},
+                       "connector": {"kind": "mlp"}}}
+    model = build_model(cfg, text_tokenizer.vocab, text_tokenizer, seed=0, media=media)
+    assert model.reads_by_cross_attention("audio") and not model.reads_by_cross_attention("image")
+    pixels = torch.rand(3, 32, 32)
+    sample = Sample([Message("user", [Segment("audio", data=torch.randn(80, 48), grid=(FEAT, 1, 1)),
+                                      Segment("image", data=pixels, grid=(4, 1, 1)), Segment(text="Both?")]),
+                     Message("assistant", [Segment(text="a frog")])])
+    r = render(sample, text_tokenizer, **model.render_options())
+    feat = text_tokenizer.vocab.id("<|feat|>")
+    assert int((r.ids == feat).sum()) == 4  # the image's 2x2 patches, no audio feature tokens
+    row = pack([r], 128, text_tokenizer.vocab.pad_id)[0]
+    batch = dict(positions=row.positions[0][None], targets=row.targets[None], doc_ids=row.doc_ids[None],
+                 media=[(0, s) for s in row.media])
+    out = model(row.ids[None], **batch)
+    out.loss.backward()  # both encoders are reached: one through the memory, one through the tokens
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in (model.encoders["audio"].connector.parameters().__next__(),
+                         model.encoders["image"].connector.parameters().__next__()))
+    with pytest.raises(ValueError, match="cross_attention.media names 'video'"):
+        from omni.config import ModelConfig
+
+        ModelConfig(media=media, cross_attention={"media": ["video"]}).validate()
