@@ -17,10 +17,12 @@ learned embeddings (Flamingo trains its new tokens' embeddings too).
              Q-Former over the frozen (here: randomly initialised) image tower with contrastive,
              matching and grounded-generation losses on a copy of the LM; stage 2 loads stage 1's
              image side and the original LM and captions as the qformer row does, tower and LM frozen
+  blip2_clip the same two stages over the image tower of a CLIP run (``--tower``, `omni train
+             clip/images_tiny`), frozen, as BLIP-2 freezes a pre-trained ViT
 
 A paradigm is one or more stages; each stage gets ``--steps / stages`` steps and starts from
 ``--lm``, or from what its overrides name (``{lm}``: the LM run, ``{prev}``: the previous stage's
-run); wall time and peak memory cover every stage, the other columns describe the last.
+run, ``{tower}``: the CLIP run); wall time and peak memory cover every stage, the other columns describe the last.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ PARADIGMS = {
     "early": [("llava/caption_tiny", ["model.media.image.tokenizer={kind: patchify, size: tiny, image_size: 64, "
                                       "patch_size: 16}"])],
     "blip2": [("blip2/stage1_tiny", []), ("blip2/stage2_tiny", ["train.init_from=[{prev},{lm}]"])],
+    "blip2_clip": [("blip2/stage1_tiny", ["train.init_from=[{tower},{lm}]"]),
+                   ("blip2/stage2_tiny", ["train.init_from=[{prev},{lm}]"])],
 }
 
 
@@ -89,7 +93,7 @@ def run(name: str, args, out_root: Path) -> dict:
         overrides = [f"train.out_dir={out}", f"train.steps={steps}", f"train.init_from={args.lm}",
                      f"data.path={args.data}", "train.resume=false", "train.progress=false",
                      f"train.eval_every={steps}", f"train.save_every={steps}",
-                     f"train.warmup_steps={min(40, steps // 10)}", *(x.format(lm=args.lm, prev=prev) for x in extra)]
+                     f"train.warmup_steps={min(40, steps // 10)}", *(x.format(lm=args.lm, prev=prev, tower=args.tower) for x in extra)]
         seconds, rss = _train(name, recipe, overrides)
         wall, peak, prev = wall + seconds, max(peak, rss), out
     recipe = " + ".join(r for r, _ in stages)
@@ -113,12 +117,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lm", default="runs/text_tiny", help="the pre-trained language model run every paradigm starts from")
     ap.add_argument("--data", default="data/images")
+    ap.add_argument("--tower", default="runs/clip_images_tiny", help="blip2_clip: the CLIP run whose image tower it freezes")
     ap.add_argument("--split", default="test")
     ap.add_argument("--out", default="runs/paradigms")
     ap.add_argument("--only", nargs="*", choices=list(PARADIGMS), default=list(PARADIGMS))
     args = ap.parse_args()
     if not (Path(args.lm) / "model.safetensors").is_file():
         raise SystemExit(f"{args.lm}: no language model; run `omni train text/tiny` first")
+    if "blip2_clip" in args.only and not (Path(args.tower) / "model.safetensors").is_file():
+        raise SystemExit(f"{args.tower}: no CLIP run for blip2_clip; run `omni train clip/images_tiny` first")
     results = [run(name, args, Path(args.out)) for name in args.only]
     print("| paradigm | CIDEr-D | BLEU-4 | trainable / all params | wall (s) | tokens/s | peak RSS (MB) |")
     print("|---|---|---|---|---|---|---|")
