@@ -43,6 +43,10 @@ def test_video_read_through_cross_attention_must_carry_time_in_its_features(text
         else:
             with pytest.raises(ValueError, match="temporal: qformer"):
                 build_model(cfg, text_tokenizer.vocab, text_tokenizer, media=media)
+    # read as tokens (cross-attention for audio only), the frames keep their time positions
+    media = {"video": {"tokenizer": tower, "video": {"num_frames": 4, "temporal": "mrope"}}}
+    audio_only = backbone_config("debug", max_seq_len=128, cross_attention={"every": 1, "media": ["audio"]})
+    assert not build_model(audio_only, text_tokenizer.vocab, text_tokenizer, media=media).reads_by_cross_attention("video")
 
 
 def test_media_spans_hold_no_feature_tokens(text_tokenizer):
