@@ -28,8 +28,10 @@ def cmd_train(args) -> int:
 
     cfg = load_recipe(args.recipe, args.overrides)
     res = train(cfg)
-    if _rank() == 0:
-            print(f"trained {cfg.name}: {res.steps} steps, loss {res.first_loss:.3f} -> {res.final_loss:.3f}, "
+    if _rank() == 0 and res.first_loss is None:  # resumed a run that had already ended
+        print(f"{cfg.name}: already trained ({res.steps} steps); model in {res.out_dir}")
+    elif _rank() == 0:
+        print(f"trained {cfg.name}: {res.steps} steps, loss {res.first_loss:.3f} -> {res.final_loss:.3f}, "
               f"val loss {res.val_loss:.3f}; model in {res.out_dir}")
     return 0
 

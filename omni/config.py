@@ -169,6 +169,7 @@ class TrainConfig:
     out_dir: str = "runs/text_tiny"
     seed: int = 0
     steps: int = 1000
+    max_minutes: float = 0.0  # > 0: also stop after this much training time (evaluations excluded)
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 1e-3
@@ -199,6 +200,8 @@ class TrainConfig:
             _positive(f"train.{key}", getattr(self, key))
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.max_minutes < 0:
+            raise ValueError(f"train.max_minutes must be >= 0 (0: no time budget), got {self.max_minutes}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:

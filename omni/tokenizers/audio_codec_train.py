@@ -26,6 +26,7 @@ from torch import nn
 
 from omni.io import atomic_write_json, write_jsonl
 from omni.tokenizers.audio import CODEC_PRESETS, AudioCodec, CodecConfig, mel_filters
+from omni.train.loop import lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -364,12 +365,6 @@ def zero_conv_biases(model: nn.Module) -> None:
                 p.zero_()
 
 
-def _lr_factor(progress: float, step: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train_codec(spec: CodecTrainSpec) -> dict:
     """Train the codec described by ``spec``; save it to ``spec.out``; return (and write) the report."""
     spec.validate()
@@ -415,7 +410,7 @@ def train_codec(spec: CodecTrainSpec) -> dict:
         progress = max(step / spec.steps, elapsed / budget if budget else 0.0)
         if progress >= 1:
             break
-        factor = _lr_factor(progress, step, spec.warmup_steps)
+        factor = lr_factor(step, spec.warmup_steps, progress, 0.1)
         for g in opt.param_groups:
             g["lr"] = spec.lr * factor
         if x is None:

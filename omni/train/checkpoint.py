@@ -31,6 +31,7 @@ class TrainState:
     cursor: int = 0  # training rows consumed (data position)
     tokens: int = 0  # tokens seen
     best_val_loss: float | None = None
+    train_seconds: float = 0.0  # wall clock spent in training steps (train.max_minutes counts it)
 
 
 def _flatten_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -45,13 +45,21 @@ class TrainResult:
     tokens_per_s: float
 
 
-def lr_at(step: int, cfg) -> float:
-    """Linear warmup to ``lr`` then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+def lr_factor(step: int, warmup: int, progress: float, min_ratio: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay from 1 to ``min_ratio`` as ``progress``
+    goes from 0 to 1 (the one schedule of the model and codec trainers)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def lr_at(step: int, cfg, train_seconds: float = 0.0) -> float:
+    """``cfg.lr`` on the schedule: cosine over the steps after warmup or, with ``max_minutes`` set,
+    over the time budget, whichever is further along (so a slow machine still ends at the low lr)."""
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+    if getattr(cfg, "max_minutes", 0):
+        progress = max(progress, train_seconds / (cfg.max_minutes * 60))
+    return cfg.lr * lr_factor(step, cfg.warmup_steps, progress, cfg.min_lr_ratio)
 
 
 class RowStream:
@@ -271,8 +279,11 @@ def train(cfg: RecipeConfig) -> TrainResult:
     on_cuda = accelerator.device.type == "cuda"
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(accelerator.device)
-    while state.step < tc.steps:
-        lr = lr_at(state.step, tc)
+    budget = tc.max_minutes * 60
+    last = state.step >= tc.steps or bool(budget) and state.train_seconds >= budget
+    while not last:
+        step_start = time.perf_counter()
+        lr = lr_at(state.step, tc, state.train_seconds)
         for g in optimizer.param_groups:
             g["lr"] = lr
         step_loss = torch.zeros((), device=accelerator.device)
@@ -307,8 +318,16 @@ def train(cfg: RecipeConfig) -> TrainResult:
         first_loss = loss if first_loss is None else first_loss
         last_loss = loss
         bar.update(1)
+        # training time, without evaluations and checkpoints; every process stops at the same step
+        state.train_seconds += time.perf_counter() - step_start
+        out_of_time = bool(budget) and float(accelerator.reduce(
+            torch.tensor(state.train_seconds, device=accelerator.device), "max")) >= budget
+        last = state.step >= tc.steps or out_of_time
+        if out_of_time and accelerator.is_main_process:
+            log.info("train.max_minutes=%g reached at step %d of %d", tc.max_minutes, state.step, tc.steps)
+            record({"event": "time_budget", "step": state.step, "train_seconds": round(state.train_seconds, 1)})
 
-        if state.step % tc.log_every == 0 or state.step == tc.steps:
+        if state.step % tc.log_every == 0 or last:
             elapsed = time.perf_counter() - window_start
             tok_per_s = window_tokens / max(elapsed, 1e-9)
             row = {"step": state.step, "loss": round(loss, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
@@ -325,7 +344,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
             record(row)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_per_s:,.0f}")
             window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
-        if state.step % tc.eval_every == 0 or state.step == tc.steps:
+        if state.step % tc.eval_every == 0 or last:
             val_loss = evaluate()
             improved = state.best_val_loss is None or val_loss < state.best_val_loss
             state.best_val_loss = min(val_loss, state.best_val_loss or val_loss)
@@ -334,8 +353,8 @@ def train(cfg: RecipeConfig) -> TrainResult:
             record({"step": state.step, "val_loss": round(val_loss, 5), "val_ppl": round(math.exp(min(val_loss, 50)), 3)})
             if accelerator.is_main_process:
                 bar.write(f"step {state.step}: val loss {val_loss:.4f}")
-        if state.step % tc.save_every == 0 or state.step == tc.steps:
-            save("periodic" if state.step < tc.steps else "final")
+        if state.step % tc.save_every == 0 or last:
+            save("final" if last else "periodic")
         if state.step % tc.eval_every == 0 or state.step % tc.save_every == 0:
             window_tokens, window_steps, window_start = 0, 0, time.perf_counter()  # keep eval/saving out of tokens/s
     bar.close()

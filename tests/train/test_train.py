@@ -67,6 +67,35 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(60, C) == pytest.approx(0.55)
     assert lr_at(110, C) == pytest.approx(0.1)
 
+    class Budget(C):
+        max_minutes = 1.0
+
+    # with a time budget the schedule follows whichever of steps and time is further along
+    assert lr_at(60, Budget, train_seconds=0.0) == pytest.approx(0.55)
+    assert lr_at(20, Budget, train_seconds=30.0) == pytest.approx(0.55)
+    assert lr_at(20, Budget, train_seconds=60.0) == pytest.approx(0.1)
+
+
+def test_time_budget_stops_early_and_exports(run_env, tmp_path):
+    out = tmp_path / "run"
+    r = run(omni_cmd("train", "text/tiny", *overrides(run_env, out, **{
+        "train.steps": 100000, "train.max_minutes": 0.02, "train.save_every": 100000, "train.eval_every": 100000})))
+    assert r.returncode == 0, r.stderr
+    assert "train.max_minutes=0.02 reached at step" in r.stderr
+    rows = read_metrics(out / "metrics.jsonl")
+    stop = next(r for r in rows if r.get("event") == "time_budget")
+    assert 1 <= stop["step"] < 100000 and stop["train_seconds"] >= 1.2
+    assert any("val_loss" in r and r["step"] == stop["step"] for r in rows)  # the final evaluation ran
+    ck = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+    assert ck.state.step == stop["step"] and ck.state.train_seconds >= 1.2
+    assert (out / "model.safetensors").is_file()
+    # resuming a run whose budget is spent exports it again without training further
+    r = run(omni_cmd("train", "text/tiny", *overrides(run_env, out, **{
+        "train.steps": 100000, "train.max_minutes": 0.02, "train.save_every": 100000, "train.eval_every": 100000})))
+    assert r.returncode == 0, r.stderr
+    assert "already trained" in r.stdout
+    assert load_checkpoint(latest_checkpoint(out / "checkpoints")).state.step == stop["step"]
+
 
 def test_train_lowers_loss_and_exports(run_env, tmp_path):
     out = tmp_path / "run"
