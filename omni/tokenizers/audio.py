@@ -581,23 +581,34 @@ class WhisperStyleEncoder(nn.Module):
     """Whisper's encoder layout, our code: conv(3)-GELU-conv(3, stride 2)-GELU, fixed sinusoidal
     positions, pre-norm transformer layers (GELU MLP), final LayerNorm. Halves the frame rate
     (100 mel frames/s -> 50 features/s); ``subsample=4`` adds a third strided conv (25 features/s,
-    the usual ASR front end: the transformer layers then cost half). ``conv_kernel > 0`` follows
+    the usual ASR front end: the transformer layers then cost half). ``stem="conv2d"`` replaces the
+    1-D convolutions (each mixing all mel bins) with ESPnet's 2-D subsampling: two 3x3 convolutions
+    of ``stem_channels`` over time and frequency, each halving the frequency axis (and time, to the
+    same rate as ``subsample``), then a linear layer to ``dim``; the same pattern shifted in pitch
+    excites the same filters, which voices of other pitches need. ``conv_kernel > 0`` follows
     each layer with a Conformer convolution module of that kernel (local patterns a from-scratch
     encoder otherwise learns slowly through attention alone). Inputs of any length up to
     ``max_frames``."""
 
     def __init__(self, n_mels: int = 80, dim: int = 192, num_layers: int = 4, num_heads: int = 3,
                  ffn_dim: int | None = None, max_frames: int = 3000, dropout: float = 0.0, subsample: int = 2,
-                 conv_kernel: int = 0):
+                 conv_kernel: int = 0, stem: str = "conv1d", stem_channels: int = 32):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         if subsample not in (2, 4):
             raise ValueError(f"subsample must be 2 or 4, got {subsample}")
-        self.n_mels, self.max_frames, self.subsample = n_mels, max_frames, subsample
-        self.conv1 = nn.Conv1d(n_mels, dim, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
-        self.conv3 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1) if subsample == 4 else None
+        if stem not in ("conv1d", "conv2d"):
+            raise ValueError(f"stem must be one of conv1d, conv2d; got {stem!r}")
+        self.n_mels, self.max_frames, self.subsample, self.stem = n_mels, max_frames, subsample, stem
+        if stem == "conv2d":  # (B, 1, F, T): frequency first, then time
+            self.conv1 = nn.Conv2d(1, stem_channels, kernel_size=3, stride=2, padding=1)
+            self.conv2 = nn.Conv2d(stem_channels, stem_channels, kernel_size=3, stride=(2, subsample // 2), padding=1)
+            self.conv3 = nn.Linear(stem_channels * ((n_mels - 1) // 2 // 2 + 1), dim)
+        else:
+            self.conv1 = nn.Conv1d(n_mels, dim, kernel_size=3, padding=1)
+            self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
+            self.conv3 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1) if subsample == 4 else None
         self.register_buffer("positions", sinusoids(_conv_stem_tokens(max_frames, subsample), dim), persistent=False)
         layer = nn.TransformerEncoderLayer(dim, num_heads, ffn_dim or 4 * dim, dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
@@ -623,11 +634,25 @@ class WhisperStyleEncoder(nn.Module):
         if mel.shape[2] > self.max_frames:
             raise ValueError(f"{mel.shape[2]} mel frames exceed max_frames={self.max_frames}; "
                              "process long audio in windows")
-        x = F.gelu(self.conv1(mel))
-        x = F.gelu(self.conv2(x))
-        if self.conv3 is not None:
-            x = F.gelu(self.conv3(x))
-        x = x.transpose(1, 2)  # (B, N, D)
+        lengths = None if mel_lengths is None else torch.as_tensor(mel_lengths, device=mel.device)
+
+        def conv(layer, x, stride):  # a stem convolution; padding frames stay zero, as alone
+            nonlocal lengths
+            x = F.gelu(layer(x))
+            if lengths is not None:
+                lengths = (lengths - 1) // stride + 1
+                keep = torch.arange(x.shape[-1], device=x.device) < lengths[:, None]
+                x = x * keep.view(x.shape[0], *[1] * (x.dim() - 2), x.shape[-1])
+            return x
+
+        if self.stem == "conv2d":
+            x = conv(self.conv2, conv(self.conv1, mel[:, None], 2), self.subsample // 2)  # (B, C, F/4, N)
+            x = self.conv3(x.flatten(1, 2).transpose(1, 2))  # (B, N, D)
+        else:
+            x = conv(self.conv2, conv(self.conv1, mel, 1), 2)
+            if self.conv3 is not None:
+                x = conv(self.conv3, x, 2)
+            x = x.transpose(1, 2)  # (B, N, D)
         x = x + self.positions[:x.shape[1]].to(x.dtype)
         pad_mask = None
         if mel_lengths is not None:
@@ -738,14 +763,15 @@ class HFWhisperEncoder(nn.Module):
 
 def audio_encoder(kind: str = "whisper_style", size: str = "tiny", n_mels: int = 80, path: str | None = None,
                   freeze: bool = False, input_mode: str = "pad", whisper_config: dict | None = None,
-                  subsample: int = 2, conv_kernel: int = 0) -> nn.Module:
+                  subsample: int = 2, conv_kernel: int = 0, stem: str = "conv1d", stem_channels: int = 32) -> nn.Module:
     """The recipe-facing builder: ``kind="whisper_style"`` (ours, ``size`` from ``ENCODER_SIZES``)
     or ``"hf_whisper"`` (``path`` to a local Whisper checkpoint, else built from ``whisper_config``)."""
     if kind == "whisper_style":
-        return WhisperStyleEncoder.from_size(size, n_mels=n_mels, subsample=subsample, conv_kernel=conv_kernel)
+        return WhisperStyleEncoder.from_size(size, n_mels=n_mels, subsample=subsample, conv_kernel=conv_kernel,
+                                             stem=stem, stem_channels=stem_channels)
     if kind == "hf_whisper":
-        if subsample != 2 or conv_kernel:
-            raise ValueError("subsample and conv_kernel apply to kind=whisper_style; a Whisper checkpoint's layout is fixed")
+        if subsample != 2 or conv_kernel or stem != "conv1d":
+            raise ValueError("subsample, conv_kernel and stem apply to kind=whisper_style; a Whisper checkpoint's layout is fixed")
         if path:
             return HFWhisperEncoder.from_pretrained(path, freeze=freeze, input_mode=input_mode)
         return HFWhisperEncoder.from_config({"num_mel_bins": n_mels, **(whisper_config or {})}, freeze=freeze,

@@ -27,23 +27,30 @@ def test_whisper_style_encoder_shapes_and_token_counts():
         WhisperStyleEncoder.from_size("huge")
 
 
-@pytest.mark.parametrize("conv_kernel", [0, 5])  # 5: a Conformer convolution module after each layer
-def test_whisper_style_encoder_masks_padding(conv_kernel):
+@pytest.mark.parametrize("conv_kernel,stem,subsample,frames", [
+    (0, "conv1d", 2, 60), (5, "conv1d", 2, 60),  # 5: a Conformer convolution module after each layer
+    (0, "conv1d", 4, 61), (0, "conv2d", 4, 61), (0, "conv2d", 2, 59)])  # 2-D stem: ESPnet's subsampling
+def test_whisper_style_encoder_masks_padding(conv_kernel, stem, subsample, frames):
     torch.manual_seed(0)
-    enc = WhisperStyleEncoder.from_size("debug", n_mels=16, conv_kernel=conv_kernel).eval()
-    short, long = torch.randn(16, 60), torch.randn(16, 100)
-    batch = torch.stack([torch.nn.functional.pad(short, (0, 40)), long])
-    out = enc(batch, mel_lengths=torch.tensor([60, 100]))
+    enc = WhisperStyleEncoder.from_size("debug", n_mels=16, conv_kernel=conv_kernel, stem=stem,
+                                        subsample=subsample).eval()
+    short, long = torch.randn(16, frames), torch.randn(16, 100)
+    batch = torch.stack([torch.nn.functional.pad(short, (0, 100 - frames)), long])
+    out = enc(batch, mel_lengths=torch.tensor([frames, 100]))
     alone = enc(short[None])
-    assert torch.allclose(out[0, :30], alone[0], atol=1e-5)
+    n = enc.num_tokens(frames)
+    assert alone.shape[1] == n and out.shape[1] == enc.num_tokens(100)
+    assert torch.allclose(out[0, :n], alone[0], atol=1e-5)
     unmasked = enc(batch)
-    assert not torch.allclose(unmasked[0, :30], alone[0], atol=1e-3)  # the mask is what made them equal
+    assert not torch.allclose(unmasked[0, :n], alone[0], atol=1e-3)  # the mask is what made them equal
     out.sum().backward()
     assert enc.conv1.weight.grad is not None and enc.conv1.weight.grad.abs().sum() > 0
     if conv_kernel:
         assert enc.convs[0].depthwise.weight.grad.abs().sum() > 0
         with pytest.raises(ValueError, match="conv_kernel must be odd"):
             WhisperStyleEncoder.from_size("debug", conv_kernel=4)
+    with pytest.raises(ValueError, match="stem must be one of conv1d, conv2d"):
+        WhisperStyleEncoder.from_size("debug", stem="conv3d")
 
 
 @pytest.fixture(scope="module")
