@@ -221,7 +221,8 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, 
     if (run / "model.safetensors").is_file() and (run / "eval_test.json").is_file():
         say(f"[3/5] model already trained in {run}")
     else:
-        say(f"[3/5] training {RECIPE}: {len(cfg.data.mixture)} tasks, {cfg.train.steps} steps -> {run}")
+        say(f"[3/5] training {RECIPE}: {len(cfg.data.mixture)} tasks, {cfg.train.steps} steps"
+            + (f" or {cfg.train.max_minutes:g} min" if cfg.train.max_minutes else "") + f" -> {run}")
         train(cfg)
     timings["train"] = time.perf_counter() - t
 
