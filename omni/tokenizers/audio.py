@@ -604,7 +604,8 @@ class WhisperStyleEncoder(nn.Module):
         if stem == "conv2d":  # (B, 1, F, T): frequency first, then time
             self.conv1 = nn.Conv2d(1, stem_channels, kernel_size=3, stride=2, padding=1)
             self.conv2 = nn.Conv2d(stem_channels, stem_channels, kernel_size=3, stride=(2, subsample // 2), padding=1)
-            self.conv3 = nn.Linear(stem_channels * ((n_mels - 1) // 2 // 2 + 1), dim)
+            self.conv3 = None
+            self.stem_proj = nn.Linear(stem_channels * ((n_mels - 1) // 2 // 2 + 1), dim)
         else:
             self.conv1 = nn.Conv1d(n_mels, dim, kernel_size=3, padding=1)
             self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
@@ -647,7 +648,7 @@ class WhisperStyleEncoder(nn.Module):
 
         if self.stem == "conv2d":
             x = conv(self.conv2, conv(self.conv1, mel[:, None], 2), self.subsample // 2)  # (B, C, F/4, N)
-            x = self.conv3(x.flatten(1, 2).transpose(1, 2))  # (B, N, D)
+            x = self.stem_proj(x.flatten(1, 2).transpose(1, 2))  # (B, N, D)
         else:
             x = conv(self.conv2, conv(self.conv1, mel, 1), 2)
             if self.conv3 is not None:
@@ -655,9 +656,8 @@ class WhisperStyleEncoder(nn.Module):
             x = x.transpose(1, 2)  # (B, N, D)
         x = x + self.positions[:x.shape[1]].to(x.dtype)
         pad_mask = None
-        if mel_lengths is not None:
-            n = torch.tensor([self.num_tokens(int(f)) for f in mel_lengths], device=x.device)
-            pad_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= n[:, None]  # True = padding
+        if lengths is not None:  # the stem has brought them to features per row
+            pad_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None]  # True = padding
         if self.convs is None:
             return self.norm(self.layers(x, src_key_padding_mask=pad_mask))
         for layer, conv in zip(self.layers.layers, self.convs):

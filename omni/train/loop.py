@@ -57,7 +57,7 @@ def lr_at(step: int, cfg, train_seconds: float = 0.0) -> float:
     """``cfg.lr`` on the schedule: cosine over the steps after warmup or, with ``max_minutes`` set,
     over the time budget, whichever is further along (so a slow machine still ends at the low lr)."""
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    if getattr(cfg, "max_minutes", 0):
+    if cfg.max_minutes:
         progress = max(progress, train_seconds / (cfg.max_minutes * 60))
     return cfg.lr * lr_factor(step, cfg.warmup_steps, progress, cfg.min_lr_ratio)
 

@@ -60,7 +60,7 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 
 def test_lr_schedule_warmup_then_cosine():
     class C:
-        lr, warmup_steps, steps, min_lr_ratio = 1.0, 10, 110, 0.1
+        lr, warmup_steps, steps, min_lr_ratio, max_minutes = 1.0, 10, 110, 0.1, 0.0
 
     assert lr_at(0, C) == pytest.approx(0.1)
     assert lr_at(9, C) == pytest.approx(1.0)
