@@ -137,6 +137,7 @@ class CodecTrainSpec:
     warmup_steps: int = 50
     grad_clip: float = 1.0
     zero_init_bias: bool = True
+    dead_code_share: float = 0.2
     loss: LossWeights = field(default_factory=LossWeights)
     mel_scales: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
     mel_bins: int = 64
@@ -163,7 +164,7 @@ class CodecTrainSpec:
         for key in ("steps", "batch_size", "mel_bins", "disc_filters", "num_val_clips", "log_every"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
-        for key in ("max_minutes", "weight_decay", "grad_clip", "warmup_steps", "max_train_files",
+        for key in ("max_minutes", "weight_decay", "grad_clip", "warmup_steps", "max_train_files", "dead_code_share",
                     "eval_every", "save_every", "threads", "disc_start_step"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
@@ -299,19 +300,26 @@ def _round_robin(lists: list[list]) -> list:
 
 @torch.no_grad()
 def evaluate_codec(codec: AudioCodec, clips: list[torch.Tensor], mel: MultiScaleMel | None = None) -> dict:
-    """Mean multi-scale mel distance and SI-SDR (dB) of ``decode(encode(clip))`` over ``clips``."""
+    """Mean multi-scale mel distance and SI-SDR (dB) of ``decode(encode(clip))`` over ``clips``, and
+    each codebook's perplexity over their codes (``exp`` of the entropy of its code counts: how many
+    of its ``cardinality`` codes it effectively uses)."""
     was_training = codec.model.training
     codec.model.eval()
     device = next(codec.model.parameters()).device
     mel = (mel or MultiScaleMel(codec.sample_rate)).to(device)
-    dist, sdr = [], []
+    dist, sdr, counts = [], [], torch.zeros(codec.num_codebooks, codec.cardinality)
     for clip in clips:
         clip = clip.to(device)
-        out = codec.decode(codec.encode(clip), length=clip.shape[0])
+        codes = codec.encode(clip)
+        counts += F.one_hot(codes.cpu().long(), codec.cardinality).sum(1)
+        out = codec.decode(codes, length=clip.shape[0])
         dist.append(float(mel.distance(out[None], clip[None])))
         sdr.append(float(si_sdr(out, clip)))
     codec.model.train(was_training)
-    return {"mel_distance": sum(dist) / len(dist), "si_sdr": sum(sdr) / len(sdr)}
+    p = counts / counts.sum(1, keepdim=True)
+    perplexity = torch.exp(-(p * p.clamp_min(1e-12).log()).sum(1))
+    return {"mel_distance": sum(dist) / len(dist), "si_sdr": sum(sdr) / len(sdr),
+            "codebook_perplexity": [round(float(x), 1) for x in perplexity]}
 
 
 def reconstruct_manifest(codec: AudioCodec, manifest: str | Path, out_dir: str | Path,
@@ -365,6 +373,49 @@ def zero_conv_biases(model: nn.Module) -> None:
                 p.zero_()
 
 
+class DeadCodeReviver:
+    """Restarts codebook entries that have stopped being used, at random frames of the current batch.
+
+    The encodec package's own expiry (``threshold_ema_dead_code``) has no effect: the EMA update
+    right after it rebuilds every entry from ``embed_avg / cluster_size``, which it leaves alone. Its
+    threshold (2 uses per batch) also assumes large batches. Without a working expiry the tiny
+    codec's first codebook had collapsed to 16 of its 256 codes (perplexity 10.5). Here an entry is
+    dead when its moving-average use falls below ``share`` of a uniform codebook's (frames per
+    batch / cardinality); its entry, ``embed_avg`` and ``cluster_size`` are all reset, as
+    vector-quantize-pytorch does, so the restart survives the next EMA update."""
+
+    def __init__(self, quantizer, share: float):
+        self.share, self.inputs = share, {}
+        self.codebooks = [layer._codebook for layer in quantizer.vq.layers]
+        for cb in self.codebooks:
+            cb.threshold_ema_dead_code = 0  # the package's no-op expiry only costs time
+            cb.register_forward_pre_hook(self._keep_input)
+
+    def _keep_input(self, codebook, args):
+        if codebook.training:
+            self.inputs[id(codebook)] = args[0].detach()
+
+    @torch.no_grad()
+    def __call__(self) -> int:
+        """Revive the dead entries of every codebook that saw a batch since the last call; returns how many."""
+        revived = 0
+        for cb in self.codebooks:
+            x = self.inputs.pop(id(cb), None)
+            if x is None or not self.share:
+                continue
+            x = x.reshape(-1, x.shape[-1])
+            size = self.share * x.shape[0] / cb.codebook_size
+            dead = cb.cluster_size < size
+            n = int(dead.sum())
+            if n:
+                pick = x[torch.randint(x.shape[0], (n,), device=x.device)]
+                cb.embed[dead] = pick
+                cb.embed_avg[dead] = pick * size
+                cb.cluster_size[dead] = size
+                revived += n
+        return revived
+
+
 def train_codec(spec: CodecTrainSpec) -> dict:
     """Train the codec described by ``spec``; save it to ``spec.out``; return (and write) the report."""
     spec.validate()
@@ -390,6 +441,8 @@ def train_codec(spec: CodecTrainSpec) -> dict:
     model.train()
     with torch.no_grad():  # k-means initialisation of the codebooks, as the first training step would do
         model.quantizer.vq(model.encoder(first[:, None]), n_q=codec.num_codebooks)
+    revive = DeadCodeReviver(model.quantizer, spec.dead_code_share)
+    revive.inputs.clear()
     before = evaluate_codec(codec, clips, mel)
     log.info("untrained (k-means codebooks): mel distance %.4f, SI-SDR %.2f dB", before["mel_distance"],
              before["si_sdr"])
@@ -443,12 +496,13 @@ def train_codec(spec: CodecTrainSpec) -> dict:
         opt.step()
         step += 1
         x = None
-        row = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+        row = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()}, "revived": revive(),
+               "emb_rms": emb.detach().pow(2).mean().sqrt().item()}
         history.append(row)
         if step % spec.log_every == 0 or step == 1:
             secs = time.perf_counter() - t0
             log.info("step %d  loss %.4f  %s  lr %.2e  %.0f s  %.1f audio-s/s", step, row["loss"],
-                     "  ".join(f"{k} {row[k]:.4f}" for k in parts), spec.lr * factor, secs,
+                     "  ".join([f"{k} {row[k]:.4f}" for k in parts] + [f"revived {row['revived']}", f"emb_rms {row['emb_rms']:.3f}"]), spec.lr * factor, secs,
                      step * spec.batch_size * spec.segment_s / max(secs, 1e-9))
         if spec.eval_every and step % spec.eval_every == 0:
             ev = evaluate_codec(codec, clips, mel)
@@ -495,4 +549,6 @@ def format_report(report: dict) -> str:
             f"held-out multi-scale mel distance {b['mel_distance']:.4f} -> {a['mel_distance']:.4f} "
             f"({100 * r['mel_distance_reduction']:.0f}% lower); "
             f"SI-SDR {b['si_sdr']:.2f} -> {a['si_sdr']:.2f} dB\n"
+            f"codes in use per codebook (perplexity): {' '.join(f'{x:.0f}' for x in a['codebook_perplexity'])} "
+            f"of {r['cardinality']}\n"
             f"saved to {r['out']} (report.json beside it)")

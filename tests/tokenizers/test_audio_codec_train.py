@@ -10,6 +10,7 @@ from omni.io import read_jsonl
 from omni.tokenizers.audio import AudioCodec
 from omni.tokenizers.audio_codec_train import (
     CodecTrainSpec,
+    DeadCodeReviver,
     load_codec_spec,
     multiscale_mel_distance,
     reconstruct_manifest,
@@ -56,6 +57,29 @@ def test_zero_conv_biases_touches_only_conv_biases():
     assert conv_biases and all(after[k].abs().sum() == 0 for k in conv_biases)
     assert any(before[k].abs().sum() > 0 for k in conv_biases)
     assert all(torch.equal(after[k], before[k]) for k in after if not k.endswith(".bias"))  # LSTM: bias_ih_l0
+
+
+def test_dead_codes_are_revived_and_stay_revived():
+    """encodec's own expiry is undone by its EMA update; ours moves a dead entry onto the data and
+    keeps it there through the next training forward."""
+    torch.manual_seed(0)
+    codec = AudioCodec("debug")  # 2 codebooks of 32, dimension 16
+    vq = codec.model.quantizer.vq
+    vq.train()
+    x = torch.randn(4, 16, 50)  # (B, D, T): 200 frames, a fair share of 6.25 uses per code
+    vq(x, n_q=2)  # k-means initialisation
+    cb = vq.layers[0]._codebook
+    with torch.no_grad():  # entry 3 is far from all data and unused
+        cb.embed[3] = cb.embed_avg[3] = torch.full((16,), 100.0)
+        cb.cluster_size[3] = 0.0
+    revive = DeadCodeReviver(codec.model.quantizer, share=0.2)
+    vq(x, n_q=2)
+    assert revive() >= 1 and cb.embed[3].abs().max() < 10  # now one of the batch's frames
+    entry = cb.embed[3].clone()
+    vq(x, n_q=2)  # the EMA update keeps (roughly) the revived entry
+    assert torch.allclose(cb.embed[3], entry, atol=1.0) and cb.embed[3].abs().max() < 10
+    revive()
+    assert revive() == 0  # nothing seen since the last call
 
 
 @pytest.mark.parametrize("name", SPECS)
@@ -109,6 +133,8 @@ def test_training_lowers_held_out_mel_distance_and_saves(corpus, tmp_path):
     assert report["steps"] == 40 and report["loss_last"] < report["loss_first"]
     assert report["after"]["mel_distance"] < 0.97 * report["before"]["mel_distance"]  # 11k params, 40 steps
     assert report["skipped_files"] == 0 and report["val_clips"] == 3
+    perplexity = report["after"]["codebook_perplexity"]
+    assert len(perplexity) == 2 and all(1 <= p <= 32 for p in perplexity)
     saved = json.loads((tmp_path / "codec" / "report.json").read_text())
     assert saved["mel_distance_reduction"] == pytest.approx(report["mel_distance_reduction"])
     codec = AudioCodec.load(tmp_path / "codec")
