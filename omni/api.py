@@ -157,11 +157,15 @@ def _render_samples(model, samples: list[Sample]) -> tuple[list, dict]:
 
 
 def generate_from_prompts(model, prompts, *, output: str = "text", max_new_tokens: int = 64,
-                          stream: bool = False, max_seconds: float | None = None, **sampling):
+                          stream: bool = False, max_seconds: float | None = None, num_beams: int = 1,
+                          ctc_weight: float = 0.0, **sampling):
     """Generate for one prompt (a str, or a list of pieces) or a batch (a list of such lists).
 
     ``output="text"``: a str for one prompt, a list of str for a batch; with ``stream=True`` an
-    iterator of text pieces (one prompt) or of lists of pieces (a batch).
+    iterator of text pieces (one prompt) or of lists of pieces (a batch). ``num_beams > 1`` or
+    ``ctc_weight > 0``: beam search, each prompt on its own; ``ctc_weight`` joins the scores of the
+    audio encoder's CTC head to the decoder's (joint CTC/attention decoding of a transcript, see
+    :func:`omni.generation.beam_search`).
     ``output="audio"``: the continuation as an :class:`omni.Audio` (a list for a batch), at most
     ``max_seconds`` long (default: ``max_new_tokens`` codec frames); an audio piece that ends the
     prompt is continued, otherwise the model starts a new clip after the prompt.
@@ -178,10 +182,23 @@ def generate_from_prompts(model, prompts, *, output: str = "text", max_new_token
         frames = round(max_seconds * model.codec.frame_rate) if max_seconds else max_new_tokens
         audio = _generate_audio(model, batch, frames, **sampling)
         return audio if is_batch(prompts) else audio[0]
+    single = not is_batch(prompts)
+    if num_beams > 1 or ctc_weight:
+        if stream or sampling:
+            raise ValueError(f"beam search is deterministic: it takes no stream=True or sampling settings "
+                             f"({', '.join(sampling) or 'stream'})")
+        from omni.generation import beam_search
+
+        texts = []
+        for prompt in batch:
+            (r,), inputs = render_prompts(model, [prompt])
+            new = beam_search(model, r.ids[None], num_beams=num_beams, ctc_weight=ctc_weight,
+                              max_new_tokens=max_new_tokens, allowed=model.vocab.span(output), **inputs)
+            texts.append(model.tokenizer.decode_continuation(_until_stop(new, model.vocab), r.ids.tolist()))
+        return texts[0] if single else texts
     rendered, inputs = render_prompts(model, batch)
     ids = left_pad([r.ids for r in rendered], model.vocab.pad_id)[0]
     kwargs = dict(max_new_tokens=max_new_tokens, allowed=model.vocab.span(output), **inputs, **sampling)
-    single = not is_batch(prompts)
     prompt_ids = [r.ids.tolist() for r in rendered]
     if stream:
         pieces = _stream_text(model, ids, prompt_ids, kwargs)
@@ -214,8 +231,9 @@ def _generate_audio(model, batch: list, max_frames: int, **sampling) -> list:
 
 
 def describe(model, paths, *, prompt: str = "", batch_size: int = 8, window_s: float | None = 30.0,
-             max_new_tokens: int = 64, progress: bool = True) -> list[str]:
-    """Text for each media file (a caption, or a transcript for speech), greedy, in batches.
+             max_new_tokens: int = 64, progress: bool = True, num_beams: int = 1, ctc_weight: float = 0.0) -> list[str]:
+    """Text for each media file (a caption, or a transcript for speech), greedy, in batches; or by
+    beam search (``num_beams``), jointly with the audio encoder's CTC head (``ctc_weight``).
 
     Audio is read in windows of ``window_s`` seconds (streamed from disk, so an hour-long file
     costs one window of memory) and the windows' texts are joined; ``None`` reads files whole.
@@ -242,7 +260,7 @@ def describe(model, paths, *, prompt: str = "", batch_size: int = 8, window_s: f
     for start in range(0, len(pieces), batch_size):
         chunk = pieces[start:start + batch_size]
         outs = model.generate([[piece] + ([prompt] if prompt else []) for _, piece in chunk],
-                              max_new_tokens=max_new_tokens)
+                              max_new_tokens=max_new_tokens, num_beams=num_beams, ctc_weight=ctc_weight)
         for (i, _), text in zip(chunk, outs):
             texts[i].append(text.strip())
         bar.update(len(chunk))

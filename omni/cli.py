@@ -97,7 +97,7 @@ def cmd_describe(args) -> int:
     prompt = args.prompt if args.prompt is not None else _run_prompt(args.ckpt)
     t0 = time.perf_counter()
     texts = describe(model, args.files, prompt=prompt, batch_size=args.batch_size, window_s=args.window or None,
-                     max_new_tokens=args.max_new_tokens)
+                     max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, ctc_weight=args.ctc_weight)
     for f, text in zip(args.files, texts):
         print(f"{f}\t{text}")
     if args.o:
@@ -156,7 +156,8 @@ def cmd_eval(args) -> int:
     from omni.eval import evaluate
 
     metrics = evaluate(args.ckpt, split=args.split, max_rows=args.max_rows, data_path=args.data,
-                       through_codec=args.through_codec, task=args.task, shots=args.shots)
+                       through_codec=args.through_codec, task=args.task, shots=args.shots,
+                       num_beams=args.num_beams, ctc_weight=args.ctc_weight)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -209,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--window", type=float, default=30.0,
                        help="audio: seconds per window for long files, 0 = whole file (default: 30)")
         c.add_argument("--max-new-tokens", type=int, default=64, help="most tokens per clip (default: 64)")
+        c.add_argument("--num-beams", type=int, default=1, help="beam search of this width (default: greedy)")
+        c.add_argument("--ctc-weight", type=float, default=0.0,
+                       help="speech: joint CTC/attention decoding with this weight on the audio encoder's CTC "
+                            "head (e.g. 0.5 with --num-beams 4)")
         c.add_argument("-o", metavar="FILE.jsonl", help="also write {file, text} rows to FILE.jsonl")
         c.add_argument("files", nargs="+", metavar="FILE", help="media files")
         c.set_defaults(fn=cmd_describe)
@@ -225,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task", default=None, help="a mixture run: score only the task with this label")
     e.add_argument("--shots", type=int, default=0,
                    help="captioning: show this many training examples in each prompt first (few-shot)")
+    e.add_argument("--num-beams", type=int, default=1, help="captioning: beam search of this width (default: greedy)")
+    e.add_argument("--ctc-weight", type=float, default=0.0,
+                   help="speech recognition: joint CTC/attention decoding with this weight on the audio "
+                        "encoder's CTC head (e.g. 0.3; results in eval_<split>_beam<N>_ctc<W>.json)")
     e.set_defaults(fn=cmd_eval)
 
     d = sub.add_parser("data", help="build corpora").add_subparsers(dest="data_command", required=True,

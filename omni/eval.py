@@ -33,12 +33,15 @@ def run_recipe(ckpt: Path) -> RecipeConfig:
 
 def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None, batch_size: int = 16,
              max_new_tokens: int = 48, data_path: str | None = None, examples: int = 4,
-             through_codec: str | None = None, task: str | None = None, shots: int = 0) -> dict:
+             through_codec: str | None = None, task: str | None = None, shots: int = 0, num_beams: int = 1,
+             ctc_weight: float = 0.0) -> dict:
     """Score run ``ckpt`` on ``<data>/<split>.jsonl``. ``through_codec``: a codec directory; audio
     inputs are encoded and decoded by it first (a codec's intelligibility: ASR WER on its
     reconstructions vs on the originals). A mixture run scores each of its tasks (or the one
     labelled ``task``) and returns ``{"tasks": {label: metrics}}``. ``shots``: captioning prompts
-    first show that many training examples (results in ``eval_<split>_<k>shot.json``)."""
+    first show that many training examples (results in ``eval_<split>_<k>shot.json``). ``num_beams``,
+    ``ctc_weight``: captions by beam search, optionally joint CTC/attention decoding of speech (see
+    :func:`omni.generation.beam_search`; results in ``eval_<split>_beam<N>[_ctc<W>].json``)."""
     import omni
 
     ckpt = Path(ckpt)
@@ -52,13 +55,17 @@ def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None,
         raise ValueError("a data path applies to one task; name it with task=")
     model = omni.load(ckpt)
     suffix = ("_codec" if through_codec else "") + (f"_{shots}shot" if shots else "")
+    decoding = {}
+    if num_beams > 1 or ctc_weight:
+        decoding = {"num_beams": num_beams, "ctc_weight": ctc_weight}
+        suffix += f"_beam{num_beams}" + (f"_ctc{ctc_weight:g}" if ctc_weight else "")
     results = {}
     for d in parts:
         name = f"eval_{split}" + (f"_{_file_label(d.label)}" if cfg.data.mixture else "") + suffix
         manifest = Path(data_path or d.path) / f"{split}.jsonl"
         metrics, preds = _evaluate_task(model, d, cfg.data.seq_len, manifest, max_rows, batch_size, max_new_tokens,
-                                        examples, through_codec, ckpt / f"examples_{name[5:]}", shots)
-        metrics.update(split=split, checkpoint=str(ckpt), task=d.task)
+                                        examples, through_codec, ckpt / f"examples_{name[5:]}", shots, decoding)
+        metrics.update(split=split, checkpoint=str(ckpt), task=d.task, **decoding)
         if preds:
             write_jsonl(ckpt / f"{name}.jsonl", preds)
         results[d.label] = metrics
@@ -75,7 +82,7 @@ def _file_label(label: str) -> str:
 
 
 def _evaluate_task(model, d, seq_len: int, manifest: Path, max_rows, batch_size, max_new_tokens, examples,
-                   through_codec, examples_dir: Path, shots: int = 0) -> tuple[dict, list]:
+                   through_codec, examples_dir: Path, shots: int = 0, decoding: dict | None = None) -> tuple[dict, list]:
     rows = list(read_jsonl(manifest))[:max_rows]
     if not rows:
         raise ValueError(f"{manifest}: no rows to evaluate")
@@ -86,7 +93,8 @@ def _evaluate_task(model, d, seq_len: int, manifest: Path, max_rows, batch_size,
             from omni.tokenizers.audio import AudioCodec
 
             codec = AudioCodec.load(through_codec)
-        metrics, preds = _eval_caption(model, d, rows, manifest.parent, batch_size, max_new_tokens, codec, shots)
+        metrics, preds = _eval_caption(model, d, rows, manifest.parent, batch_size, max_new_tokens, codec, shots,
+                                       decoding)
         metrics["shots"] = shots
         if codec is not None:
             metrics["through_codec"] = str(through_codec)
@@ -104,9 +112,11 @@ def _evaluate_task(model, d, seq_len: int, manifest: Path, max_rows, batch_size,
     return metrics, preds
 
 
-def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: int, codec=None, shots: int = 0):
-    """Greedy captions for ``rows``. ``shots``: each prompt is a conversation that first shows the
-    model that many (media, caption) examples from the training split (Flamingo-style few-shot)."""
+def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: int, codec=None, shots: int = 0,
+                  decoding: dict | None = None):
+    """Greedy captions for ``rows`` (or by ``decoding``: ``num_beams``, ``ctc_weight``). ``shots``:
+    each prompt is a conversation that first shows the model that many (media, caption) examples
+    from the training split (Flamingo-style few-shot)."""
     from omni.api import media_for
 
     def turn(media):
@@ -130,7 +140,7 @@ def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: i
                 skipped += 1
         if not prompts:
             continue
-        outs = model.generate(prompts, max_new_tokens=max_new_tokens)
+        outs = model.generate(prompts, max_new_tokens=max_new_tokens, **(decoding or {}))
         for row, out in zip(chunk, outs):
             refs.append(row[d.target])
             hyps.append(out.strip())

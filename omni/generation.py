@@ -243,3 +243,159 @@ def _generate_audio_flat(model, input_ids, attention_mask, prompt_codes, max_fra
     T = flat.shape[1] // K
     local = (flat[:, :T * K] - vocab.text_size) % vocab.codebook_size
     return [row.reshape(T, K).T.contiguous() for row in local]
+
+
+class CTCPrefixScorer:
+    """CTC prefix scores for joint CTC/attention decoding (Watanabe et al., 2017; ESPnet's
+    ``CTCPrefixScore``): ``log P(the transcript starts with h | audio)``, summed over every CTC
+    alignment, for a beam of prefixes ``h`` and their candidate next tokens, one frame at a time.
+
+    ``log_probs: (T, V)``, the CTC head's log-probabilities of one clip, ``blank`` its blank id. A
+    prefix's state is ``(T, 2)``: the log-probability of it having been read by frame ``t`` ending in
+    a non-blank (``r_n``) or a blank (``r_b``)."""
+
+    def __init__(self, log_probs: torch.Tensor, blank: int = 0):
+        self.x, self.blank = log_probs.float(), blank
+
+    def initial_state(self) -> torch.Tensor:
+        """``(1, T, 2)``: the empty prefix, read by blanks alone."""
+        r = torch.full((1, self.x.shape[0], 2), float("-inf"), device=self.x.device)
+        r[0, :, 1] = self.x[:, self.blank].cumsum(0)
+        return r
+
+    def final(self, state: torch.Tensor) -> torch.Tensor:
+        """``(N,)``: log P(transcript == h) for prefix states ``(N, T, 2)``."""
+        return torch.logaddexp(state[:, -1, 0], state[:, -1, 1])
+
+    def score(self, state: torch.Tensor, length: int, last: torch.Tensor | None,
+              cands: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefixes of ``length`` tokens (states ``(N, T, 2)``, last ids ``(N,)``) extended by
+        ``cands (N, K)``: their prefix log-probabilities ``(N, K)`` and states ``(N, K, T, 2)``."""
+        x, T = self.x, self.x.shape[0]
+        N, K = cands.shape
+        xs = x[:, cands].permute(1, 2, 0)  # (N, K, T)
+        r_sum = torch.logaddexp(state[..., 0], state[..., 1])  # (N, T)
+        phi = r_sum[:, None, :].expand(N, K, T)
+        if length > 0:  # a repeated token needs a blank between: only r_b leads into it
+            phi = torch.where((cands == last[:, None])[..., None], state[:, None, :, 1], phi)
+        r_n = torch.full((N, K, T), float("-inf"), device=x.device)
+        r_b = torch.full_like(r_n, float("-inf"))
+        if length == 0:
+            r_n[..., 0] = xs[..., 0]
+        start = max(length, 1)
+        psi = r_n[..., start - 1].clone()
+        for t in range(start, T):
+            r_n[..., t] = torch.logaddexp(r_n[..., t - 1], phi[..., t - 1]) + xs[..., t]
+            r_b[..., t] = torch.logaddexp(r_n[..., t - 1], r_b[..., t - 1]) + x[t, self.blank]
+            psi = torch.logaddexp(psi, phi[..., t - 1] + xs[..., t])
+        return psi, torch.stack([r_n, r_b], dim=-1)
+
+
+@torch.inference_mode()
+def beam_search(model, input_ids: torch.Tensor, *, num_beams: int = 4, ctc_weight: float = 0.0,
+                max_new_tokens: int = 64, allowed: range | None = None, stop_ids: Sequence[int] | None = None,
+                attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                media: list | None = None, streams: torch.Tensor | None = None) -> list[int]:
+    """The best continuation of one prompt ``(1, T)`` by beam search; its ids end with the stop id
+    unless the length limit came first.
+
+    ``ctc_weight > 0``: joint CTC/attention decoding (ESPnet's): each hypothesis scores
+    ``(1 - w) * log P_decoder + w * log P_CTC-prefix``, the latter from the CTC head of the audio
+    encoder over the prompt's one audio clip, so a transcript the decoder likes but the audio does
+    not support (a dropped or invented word) loses. Hypotheses are ranked by that sum, with no
+    length normalisation: the CTC term already penalises transcripts that stop early. Each
+    hypothesis extends by its ``4 * num_beams`` likeliest tokens under the decoder and, when
+    decoding jointly, by every token the CTC head ranks first at some frame (a word the decoder
+    missed altogether can still come in)."""
+    _check(model, input_ids, attention_mask, max_new_tokens, 0.0, None, None)
+    if input_ids.shape[0] != 1:
+        raise ValueError("beam search takes one prompt at a time")
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if not 0.0 <= ctc_weight <= 1.0:
+        raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
+    vocab, device = model.vocab, model.device
+    stops = torch.tensor(list(stop_ids if stop_ids is not None else default_stop_ids(model)), dtype=torch.long,
+                         device=device)
+    scorer = _ctc_scorer(model, media, allowed) if ctc_weight else None
+    T = input_ids.shape[1]
+    max_new_tokens = min(max_new_tokens, model.max_seq_len - T)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.config.backbone, 1, T + max_new_tokens, device=device, dtype=dtype)
+    key_padding = attention_mask.bool().to(device) if attention_mask is not None else None
+    if positions is not None:
+        positions = positions.to(device)
+    logits = model(input_ids.to(device), positions=positions, key_padding=key_padding, cache=cache, media=media,
+                   streams=None if streams is None else streams.to(device), last_only=True).logits[:, -1]
+    next_pos = _next_positions(positions)
+    bias = torch.zeros(vocab.size, device=device)
+    if allowed is not None:
+        bias.fill_(float("-inf"))
+        bias[allowed.start:allowed.stop] = 0.0
+    allowed_ids = torch.isfinite(bias)
+    if scorer is not None:
+        allowed_ids[scorer.blank] = False  # the blank (the pad id) is no transcript token
+    pre_beam = min(4 * num_beams, int(allowed_ids.sum()))
+    extra = stops if scorer is None else torch.cat([stops, scorer.x.argmax(-1).unique()])
+    seqs, att, last = [[]], torch.zeros(1, device=device), None
+    state = scorer.initial_state() if scorer else None
+    finished: list[tuple[float, list[int]]] = []
+    for step in range(max_new_tokens):
+        logp = (logits.float() + bias).log_softmax(-1)
+        cands, valid = _candidates(logp, pre_beam, extra, allowed_ids)
+        cand_att = logp.gather(1, cands).masked_fill(~valid, float("-inf"))  # (N, K)
+        att_total = att[:, None] + cand_att
+        joint = att_total
+        if scorer is not None:
+            psi, states = scorer.score(state, step, last, cands)
+            psi = torch.where(torch.isin(cands, stops), scorer.final(state)[:, None], psi)
+            joint = ((1 - ctc_weight) * att_total + ctc_weight * psi).masked_fill(~valid, float("-inf"))
+        top, flat = joint.flatten().topk(min(num_beams, joint.numel()))
+        toks = cands.flatten()[flat]
+        ended = torch.isin(toks, stops) | (step == max_new_tokens - 1)
+        K = cands.shape[1]
+        for score, i, tok, end in zip(top.tolist(), flat.tolist(), toks.tolist(), ended.tolist()):
+            if end:
+                finished.append((score, seqs[i // K] + [tok]))
+        keep = (~ended).nonzero().flatten()
+        if not len(keep) or (finished and max(f[0] for f in finished) >= float(top[keep].max())):
+            break  # scores only fall as hypotheses grow: no live one can overtake
+        flat, toks = flat[keep], toks[keep]
+        parents = flat // K
+        seqs = [seqs[p] + [t] for p, t in zip(parents.tolist(), toks.tolist())]
+        att = att_total.flatten()[flat]
+        if scorer is not None:
+            state = states.flatten(0, 1)[flat]
+        last = toks
+        cache.reorder(parents)
+        if next_pos is not None:
+            next_pos = next_pos[parents]
+        logits = model(toks[:, None], cache=cache, positions=_step_positions(next_pos, positions, step)).logits[:, -1]
+    return max(finished, key=lambda f: f[0])[1]
+
+
+def _candidates(logp: torch.Tensor, k: int, extra: torch.Tensor, allowed: torch.Tensor):
+    """Each row's ``k`` likeliest ids and the ``extra`` ones, within ``allowed`` (V,), without
+    repeats: ids ``(N, K)`` and which of them are real ``(N, K)`` (rows hold different counts)."""
+    mask = torch.zeros_like(logp, dtype=torch.bool).scatter_(1, logp.topk(k, dim=-1).indices, True)
+    mask[:, extra] = True
+    mask &= allowed
+    counts = mask.sum(1)
+    K = int(counts.max())
+    cands = mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :K]
+    return cands, torch.arange(K, device=logp.device)[None, :] < counts[:, None]
+
+
+def _ctc_scorer(model, media: list | None, allowed: range | None) -> CTCPrefixScorer:
+    """The CTC prefix scorer over the prompt's one audio clip."""
+    audio = [slot for _, slot in media or [] if slot.modality == "audio"]
+    encoder = model.encoders["audio"] if "audio" in model.encoders else None
+    if encoder is None or getattr(encoder, "ctc_head", None) is None:
+        raise ValueError("ctc_weight needs a checkpoint whose audio encoder has a CTC head "
+                         "(model.media.audio.ctc_weight in its recipe)")
+    if len(audio) != 1:
+        raise ValueError(f"ctc_weight needs a prompt with exactly one audio clip, this one has {len(audio)}")
+    if allowed is None or allowed.stop > encoder.ctc_head.out_features:
+        raise ValueError("joint CTC decoding produces text only (output='text')")
+    log_probs, n = encoder.ctc_log_probs([audio[0].data.to(model.device)])
+    return CTCPrefixScorer(log_probs[0, :int(n[0])])

@@ -161,6 +161,10 @@ def test_transcribe_caption_and_audio_generation(tmp_path, capsys):
     assert [json.loads(x)["file"] for x in rows.read_text().splitlines()] == [str(wav)] * 2
     assert main(["caption", "--ckpt", str(ckpt), "--max-new-tokens", "3", str(wav)]) == 0
     assert capsys.readouterr().out.startswith(f"{wav}\t")
+    assert main(["transcribe", "--ckpt", str(ckpt), "--num-beams", "2", "--max-new-tokens", "3", str(wav)]) == 0
+    assert capsys.readouterr().out.startswith(f"{wav}\t")
+    assert main(["transcribe", "--ckpt", str(ckpt), "--num-beams", "2", "--ctc-weight", "0.5", str(wav)]) == 1
+    assert "CTC head" in capsys.readouterr().err  # this checkpoint has none
     assert main(["transcribe", "--ckpt", str(ckpt), str(tmp_path / "photo.png")]) == 1
     assert "not an audio file" in capsys.readouterr().err
     out, clip = tmp_path / "cont.wav", tmp_path / "clip.ogg"

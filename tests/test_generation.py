@@ -1,7 +1,8 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
-from omni.generation import generate, iter_generate, left_pad, sample_next
+from omni.generation import CTCPrefixScorer, beam_search, generate, iter_generate, left_pad, sample_next
 from omni.model.backbone import KVCache
 
 
@@ -170,3 +171,60 @@ def test_left_pad():
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+@torch.no_grad()
+def test_kv_cache_reorder_repeats_and_permutes_rows(model, text_tokenizer):
+    ids, mask = left_pad([_prompt(text_tokenizer, p) for p in PROMPTS[:2]], text_tokenizer.vocab.pad_id)
+    cache = KVCache(model.config.backbone, 2, ids.shape[1] + 2)
+    logits = model(ids, key_padding=mask.bool(), cache=cache).logits[:, -1]
+    cache.reorder(torch.tensor([1, 0, 1]))
+    nxt = logits.argmax(-1)[[1, 0, 1]]
+    after = model(nxt[:, None], cache=cache).logits[:, -1]
+    for row, b in enumerate([1, 0, 1]):
+        seq = ids[b][mask[b].bool()].tolist() + [int(nxt[row])]
+        torch.testing.assert_close(after[row], model(torch.tensor([seq])).logits[0, -1], atol=1e-4, rtol=0)
+
+
+def test_beam_of_one_is_greedy_and_wider_beams_score_at_least_as_well(model, text_tokenizer):
+    ids = torch.tensor([_prompt(text_tokenizer, PROMPTS[1])])
+    greedy = generate(model, ids, max_new_tokens=8, stop_ids=[]).tolist()[0]
+    assert beam_search(model, ids, num_beams=1, max_new_tokens=8, stop_ids=[]) == greedy
+
+    def logp(seq):
+        full = torch.cat([ids[0], torch.tensor(seq)])[None]
+        lp = model(full).logits[0, ids.shape[1] - 1:-1].log_softmax(-1)
+        return float(lp.gather(1, torch.tensor(seq)[:, None]).sum().detach())
+
+    wide = beam_search(model, ids, num_beams=4, max_new_tokens=8, stop_ids=[])
+    assert len(wide) == 8 and logp(wide) >= logp(greedy) - 1e-4
+    with pytest.raises(ValueError, match="num_beams must be >= 1"):
+        beam_search(model, ids, num_beams=0)
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        beam_search(model, ids.repeat(2, 1))
+    with pytest.raises(ValueError, match="CTC head"):
+        beam_search(model, ids, ctc_weight=0.5)
+
+
+def test_ctc_prefix_scores_are_consistent_probabilities():
+    """The prefix scores are exact: the full score of y is CTC's likelihood, and a prefix's
+    probability splits into "the transcript is exactly h" plus every one-token extension."""
+    torch.manual_seed(0)
+    T, V = 9, 5
+    x = torch.randn(T, V).log_softmax(-1)
+    scorer = CTCPrefixScorer(x)
+    every = torch.arange(1, V)[None]  # all non-blank tokens
+    state, last, y = scorer.initial_state(), None, [2, 2, 4]
+    psi, states = scorer.score(state, 0, last, every)
+    total = torch.logsumexp(torch.cat([psi[0], scorer.final(state)]), 0)
+    assert abs(float(total)) < 1e-4  # P(empty) + sum_c P(starts with c) = 1
+    for i, tok in enumerate(y):
+        psi, states = scorer.score(state, i, last, every)
+        state, last = states[:, tok - 1], torch.tensor([tok])
+        prefix = psi[0, tok - 1]
+        following, _ = scorer.score(state, i + 1, last, every)
+        split = torch.logsumexp(torch.cat([following[0], scorer.final(state)]), 0)
+        torch.testing.assert_close(split, prefix, atol=1e-4, rtol=0)
+    nll = F.ctc_loss(x[:, None], torch.tensor([y]), torch.tensor([T]), torch.tensor([len(y)]), blank=0,
+                     reduction="sum")
+    torch.testing.assert_close(scorer.final(state)[0], -nll, atol=1e-4, rtol=0)

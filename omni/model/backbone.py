@@ -310,6 +310,17 @@ class KVCache:
         self.length += n
         self.num_valid += n if key_padding is None else key_padding.sum(-1, keepdim=True)
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep, repeat or permute the batch rows (beam search): row ``i`` becomes old row ``rows[i]``."""
+        rows = rows.to(self.k.device)
+        self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+        self.valid, self.num_valid = self.valid.index_select(0, rows), self.num_valid.index_select(0, rows)
+        if self.memory is not None:
+            m = self.memory
+            self.memory = Memory(m.features.index_select(0, rows), m.start.index_select(0, rows),
+                                 None if m.doc is None else m.doc.index_select(0, rows))
+        self.cross_kv = {i: (k.index_select(0, rows), v.index_select(0, rows)) for i, (k, v) in self.cross_kv.items()}
+
 
 # ---------------------------------------------------------------------------------------------
 # Attention backends

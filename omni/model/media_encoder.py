@@ -263,12 +263,18 @@ class AudioEncoder(MediaEncoder):
         return out, self.ctc_weight * ctc
 
     @torch.no_grad()
-    def ctc_decode(self, datas: list[torch.Tensor]) -> list[list[int]]:
-        """Greedy CTC transcripts (text ids) from the auxiliary head: repeats merged, blanks dropped."""
+    def ctc_log_probs(self, datas: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The auxiliary CTC head's log-probabilities ``(B, N, text_size)`` (blank = id 0) and each
+        clip's real frame count ``(B,)``: for greedy CTC transcripts and joint CTC/attention decoding."""
         if self.ctc_head is None:
             raise ValueError("this audio encoder has no CTC head (model.media.audio.ctc_weight)")
         feats, n = self._features(datas)
-        best = self.ctc_head(feats).argmax(-1)
+        return self.ctc_head(feats).float().log_softmax(-1), n
+
+    def ctc_decode(self, datas: list[torch.Tensor]) -> list[list[int]]:
+        """Greedy CTC transcripts (text ids) from the auxiliary head: repeats merged, blanks dropped."""
+        log_probs, n = self.ctc_log_probs(datas)
+        best = log_probs.argmax(-1)
         out = []
         for row, length in zip(best.tolist(), n.tolist()):
             ids = [t for i, t in enumerate(row[:length]) if t != 0 and (i == 0 or t != row[i - 1])]

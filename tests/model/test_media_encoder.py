@@ -63,6 +63,18 @@ def test_ctc_learns_to_read_a_clip(tmp_path, text_tokenizer):
         opt.step()
     decoded = enc.eval().ctc_decode([s.data for s in slots])
     assert [text_tokenizer.decode(d) for d in decoded] == [r["text"] for r in rows]
+    # joint CTC/attention decoding: with all the weight on CTC the untrained decoder is overruled
+    from omni.media.audio import Audio
+
+    clips = [[Audio(tmp_path / r["audio"])] for r in rows]
+    model.eval()
+    assert model.generate(clips, num_beams=3, ctc_weight=1.0, max_new_tokens=12) == [r["text"] for r in rows]
+    assert model.generate(clips[0], num_beams=2, max_new_tokens=4) == model.generate(clips[0], num_beams=2,
+                                                                                       max_new_tokens=4)
+    with pytest.raises(ValueError, match="deterministic"):
+        model.generate(clips[0], num_beams=2, temperature=0.7)
+    with pytest.raises(ValueError, match="exactly one audio clip"):
+        model.generate("no audio here", ctc_weight=0.5)
 
 
 def test_spec_augment_masks_only_while_training(tmp_path, text_tokenizer):
