@@ -87,11 +87,7 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
         generator = torch.Generator(device=model.device).manual_seed(seed)
     def bias_at(step: int) -> torch.Tensor | None:
         span = allowed(step) if callable(allowed) else allowed
-        if span is None:
-            return None
-        bias = torch.full((vocab.size,), float("-inf"), device=model.device)
-        bias[span.start:span.stop] = 0.0
-        return bias
+        return None if span is None else _span_bias(vocab.size, span, model.device)
 
     fixed_bias = None if callable(allowed) else bias_at(0)
 
@@ -116,6 +112,13 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
         if bool(done.all()) or step == max_new_tokens - 1:
             return
         logits = model(nxt[:, None], cache=cache, positions=_step_positions(next_pos, positions, step)).logits[:, -1]
+
+
+def _span_bias(size: int, span: range, device) -> torch.Tensor:
+    """(size,) logit bias: 0 inside ``span``, -inf elsewhere."""
+    bias = torch.full((size,), float("-inf"), device=device)
+    bias[span.start:span.stop] = 0.0
+    return bias
 
 
 def _next_positions(positions: torch.Tensor | None) -> torch.Tensor | None:
@@ -328,10 +331,7 @@ def beam_search(model, input_ids: torch.Tensor, *, num_beams: int = 4, ctc_weigh
     logits = model(input_ids.to(device), positions=positions, key_padding=key_padding, cache=cache, media=media,
                    streams=None if streams is None else streams.to(device), last_only=True).logits[:, -1]
     next_pos = _next_positions(positions)
-    bias = torch.zeros(vocab.size, device=device)
-    if allowed is not None:
-        bias.fill_(float("-inf"))
-        bias[allowed.start:allowed.stop] = 0.0
+    bias = _span_bias(vocab.size, allowed or range(vocab.size), device)
     allowed_ids = torch.isfinite(bias)
     if scorer is not None:
         allowed_ids[scorer.blank] = False  # the blank (the pad id) is no transcript token

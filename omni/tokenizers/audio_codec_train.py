@@ -389,7 +389,8 @@ class DeadCodeReviver:
         self.codebooks = [layer._codebook for layer in quantizer.vq.layers]
         for cb in self.codebooks:
             cb.threshold_ema_dead_code = 0  # the package's no-op expiry only costs time
-            cb.register_forward_pre_hook(self._keep_input)
+            if share:
+                cb.register_forward_pre_hook(self._keep_input)
 
     def _keep_input(self, codebook, args):
         if codebook.training:
@@ -401,7 +402,7 @@ class DeadCodeReviver:
         revived = 0
         for cb in self.codebooks:
             x = self.inputs.pop(id(cb), None)
-            if x is None or not self.share:
+            if x is None:
                 continue
             x = x.reshape(-1, x.shape[-1])
             size = self.share * x.shape[0] / cb.codebook_size
@@ -442,7 +443,6 @@ def train_codec(spec: CodecTrainSpec) -> dict:
     with torch.no_grad():  # k-means initialisation of the codebooks, as the first training step would do
         model.quantizer.vq(model.encoder(first[:, None]), n_q=codec.num_codebooks)
     revive = DeadCodeReviver(model.quantizer, spec.dead_code_share)
-    revive.inputs.clear()
     before = evaluate_codec(codec, clips, mel)
     log.info("untrained (k-means codebooks): mel distance %.4f, SI-SDR %.2f dB", before["mel_distance"],
              before["si_sdr"])
