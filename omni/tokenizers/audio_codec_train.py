@@ -136,7 +136,7 @@ class CodecTrainSpec:
     weight_decay: float = 0.0
     warmup_steps: int = 50
     grad_clip: float = 1.0
-    zero_init_bias: bool = True
+    init_out_rms: float = 1.0  # data_init's output level (x the batch's rms); 0 keeps encodec's own init
     dead_code_share: float = 0.2
     loss: LossWeights = field(default_factory=LossWeights)
     mel_scales: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
@@ -165,7 +165,7 @@ class CodecTrainSpec:
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
         for key in ("max_minutes", "weight_decay", "grad_clip", "warmup_steps", "max_train_files", "dead_code_share",
-                    "eval_every", "save_every", "threads", "disc_start_step"):
+                    "init_out_rms", "eval_every", "save_every", "threads", "disc_start_step"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         for key in ("lr", "disc_lr", "segment_s", "val_max_s"):
@@ -359,18 +359,31 @@ def _feature_matching(real: list[list[torch.Tensor]], fake: list[list[torch.Tens
     return sum(terms) / len(terms)
 
 
-def zero_conv_biases(model: nn.Module) -> None:
-    """Set every convolution bias of a fresh codec to zero (LSTM biases keep their init).
+@torch.no_grad()
+def data_init(model: nn.Module, x: torch.Tensor, out_rms: float) -> None:
+    """Data-dependent init of a fresh codec (LSUV; the init weight normalisation was proposed with):
+    zero every conv bias, then scale each conv in turn so that on the batch ``x`` ``(B, T)`` its
+    output has an rms of 1, and the decoder's last conv ``out_rms`` times the batch's rms.
 
-    With the encodec package's default init each conv adds a random offset comparable to the
-    signal of ordinary speech (rms ~0.1), so the encoder output barely varies in time and training
-    sits on a plateau (held-out mel distance ~1.25, nothing passing the bottleneck) for 1,500-2,000
-    steps. From zero biases, with lr 1e-3, the tiny codec left it by step 400 (H200 runs, see the
-    spec file)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias") and ".lstm." not in name:
-                p.zero_()
+    With the encodec package's default init each conv shrinks its input by ~0.6 and each ELU
+    further: the tiny codec's bottleneck carried rms 0.0009 and its output 0.0001 against speech
+    at 0.09, and its random biases were as large as that signal. Training then sat on a plateau
+    (train mel loss ~1.05, nothing passing the bottleneck) for its first 300-850 steps; from this
+    init it is below 0.7 by step 200 (see ``docs/LOG.md``)."""
+    for name, p in model.named_parameters():
+        if name.endswith(".bias") and ".lstm." not in name:
+            p.zero_()
+    convs = [m for part in (model.encoder, model.decoder) for m in part.modules()
+             if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d))]
+    seen = {}
+    for conv in convs:
+        hook = conv.register_forward_hook(lambda m, a, out: seen.__setitem__("rms", out.pow(2).mean().sqrt()))
+        model.decoder(model.encoder(x[:, None]))
+        hook.remove()
+        target = out_rms * float(x.pow(2).mean().sqrt()) if conv is convs[-1] else 1.0
+        scale = target / float(seen["rms"].clamp_min(1e-12))
+        param = conv.weight_g if hasattr(conv, "weight_g") else conv.weight
+        param.mul_(scale)
 
 
 class DeadCodeReviver:
@@ -427,8 +440,6 @@ def train_codec(spec: CodecTrainSpec) -> dict:
     torch.manual_seed(spec.seed)
     codec = AudioCodec(spec.codec).to(device)
     model = codec.model
-    if spec.zero_init_bias:
-        zero_conv_biases(model)
     sr, segment = codec.sample_rate, round(spec.segment_s * codec.sample_rate)
     mel = MultiScaleMel(sr, tuple(spec.mel_scales), spec.mel_bins).to(device)
     data = RandomCrops(spec.train_manifests, sr, spec.max_train_files, spec.on_bad_sample, spec.seed)
@@ -439,6 +450,8 @@ def train_codec(spec: CodecTrainSpec) -> dict:
              codec.cardinality, len(data.files), len(clips))
 
     first = data.batch(spec.batch_size, segment).to(device)
+    if spec.init_out_rms:
+        data_init(model, first, spec.init_out_rms)
     model.train()
     with torch.no_grad():  # k-means initialisation of the codebooks, as the first training step would do
         model.quantizer.vq(model.encoder(first[:, None]), n_q=codec.num_codebooks)

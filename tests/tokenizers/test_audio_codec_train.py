@@ -11,12 +11,12 @@ from omni.tokenizers.audio import AudioCodec
 from omni.tokenizers.audio_codec_train import (
     CodecTrainSpec,
     DeadCodeReviver,
+    data_init,
     load_codec_spec,
     multiscale_mel_distance,
     reconstruct_manifest,
     si_sdr,
     train_codec,
-    zero_conv_biases,
 )
 
 SPECS = ["audio_codec_tiny", "audio_codec_base"]
@@ -48,15 +48,29 @@ def test_multiscale_mel_distance():
     assert multiscale_mel_distance(torch.stack([x, x]), torch.stack([x, other]), 16000) > 0
 
 
-def test_zero_conv_biases_touches_only_conv_biases():
+def test_data_init_gives_every_conv_unit_rms_and_the_output_the_asked_level():
+    torch.manual_seed(0)
     codec = AudioCodec("debug")
-    before = {k: v.clone() for k, v in codec.model.state_dict().items()}
-    zero_conv_biases(codec.model)
-    after = codec.model.state_dict()
-    conv_biases = [k for k in after if k.endswith(".bias")]
+    model = codec.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = 0.05 * torch.randn(4, 4000)
+    convs = [m for part in (model.encoder, model.decoder) for m in part.modules()
+             if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d))]
+    rms = {}
+    hooks = [c.register_forward_hook(lambda m, a, out: rms.__setitem__(m, float(out.pow(2).mean().sqrt())))
+             for c in convs]
+    data_init(model, x, out_rms=0.5)
+    model.decoder(model.encoder(x[:, None]))
+    for h in hooks:
+        h.remove()
+    assert all(rms[c] == pytest.approx(1.0, rel=1e-3) for c in convs[:-1])
+    assert rms[convs[-1]] == pytest.approx(0.5 * 0.05, rel=0.05)
+    after = model.state_dict()
+    conv_biases = [k for k in after if k.endswith(".bias")]  # zeroed; the LSTM's (bias_ih_l0) kept
     assert conv_biases and all(after[k].abs().sum() == 0 for k in conv_biases)
     assert any(before[k].abs().sum() > 0 for k in conv_biases)
-    assert all(torch.equal(after[k], before[k]) for k in after if not k.endswith(".bias"))  # LSTM: bias_ih_l0
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed == set(conv_biases) | {k for k in after if k.endswith("weight_g")}
 
 
 def test_dead_codes_are_revived_and_stay_revived():
