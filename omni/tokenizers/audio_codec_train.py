@@ -375,15 +375,19 @@ def data_init(model: nn.Module, x: torch.Tensor, out_rms: float) -> None:
             p.zero_()
     convs = [m for part in (model.encoder, model.decoder) for m in part.modules()
              if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d))]
-    seen = {}
-    for conv in convs:
-        hook = conv.register_forward_hook(lambda m, a, out: seen.__setitem__("rms", out.pow(2).mean().sqrt()))
+    level = out_rms * float(x.pow(2).mean().sqrt())
+
+    def rescale(conv, args, out):  # biases are zero, so the output scales with the weight
+        scale = (level if conv is convs[-1] else 1.0) / out.pow(2).mean().sqrt().clamp_min(1e-12)
+        (conv.weight_g if hasattr(conv, "weight_g") else conv.weight).mul_(scale)
+        return out * scale  # what the rescaled conv outputs: later layers are set on it
+
+    hooks = [conv.register_forward_hook(rescale) for conv in convs]
+    try:
         model.decoder(model.encoder(x[:, None]))
-        hook.remove()
-        target = out_rms * float(x.pow(2).mean().sqrt()) if conv is convs[-1] else 1.0
-        scale = target / float(seen["rms"].clamp_min(1e-12))
-        param = conv.weight_g if hasattr(conv, "weight_g") else conv.weight
-        param.mul_(scale)
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 class DeadCodeReviver:
