@@ -167,6 +167,7 @@ class AudioEncoder(MediaEncoder):
     """Whisper-style input: 16 kHz waveform -> log-mel -> encoder -> (stack) -> connector."""
 
     modality = "audio"
+    bucket_waste = 0.25  # length_buckets: padding allowed per encoder call (inf: one call for all)
 
     def __init__(self, cfg: dict, dim: int, text_size: int = 0):
         super().__init__()
@@ -227,15 +228,21 @@ class AudioEncoder(MediaEncoder):
             return torch.stack([F.pad(d, (0, 0, 0, int(n.max()) - d.shape[0])) for d in datas]), n
         if self.training and self.spec_augment is not None:
             datas = [self.spec_augment(d) for d in datas]
-        lengths = torch.tensor([d.shape[-1] for d in datas])
-        longest = int(lengths.max())
-        mel = torch.stack([F.pad(d, (0, longest - d.shape[-1]), value=float(d.min())) for d in datas])
+        lengths = [d.shape[-1] for d in datas]
+        n = torch.tensor([self.encoder.num_tokens(f) for f in lengths])
         from omni.tokenizers.audio import WhisperStyleEncoder
 
-        # ours masks the padding frames out of attention; transformers' pads to 30 s itself
-        kwargs = {"mel_lengths": lengths} if isinstance(self.encoder, WhisperStyleEncoder) else {}
-        feats = self.encoder(mel, **kwargs)
-        return feats, torch.tensor([self.encoder.num_tokens(int(f)) for f in lengths])
+        if not isinstance(self.encoder, WhisperStyleEncoder):  # transformers' pads to 30 s itself
+            return self.encoder(_pad_mels(datas)), n
+        # Ours masks padding frames out of attention, but still computes them: clips of similar
+        # length go through together, so a 10 s sound does not pad twenty 2 s utterances to 10 s.
+        order, parts = [], []
+        for group in length_buckets(lengths, self.bucket_waste):
+            feats = self.encoder(_pad_mels([datas[i] for i in group]),
+                                 mel_lengths=torch.tensor([lengths[i] for i in group]))
+            parts.append(F.pad(feats, (0, 0, 0, int(n.max()) - feats.shape[1])))
+            order += group
+        return torch.cat(parts)[torch.tensor(order).argsort()], n
 
     def forward(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
         return self._connect_all(*self._features(datas))
@@ -280,6 +287,27 @@ class AudioEncoder(MediaEncoder):
             ids = [t for i, t in enumerate(row[:length]) if t != 0 and (i == 0 or t != row[i - 1])]
             out.append(ids)
         return out
+
+
+def _pad_mels(mels: list[torch.Tensor]) -> torch.Tensor:
+    """(n_mels, F_i) clips -> (B, n_mels, F_max), each padded with its own quietest value."""
+    longest = max(m.shape[-1] for m in mels)
+    return torch.stack([F.pad(m, (0, longest - m.shape[-1]), value=float(m.min())) for m in mels])
+
+
+def length_buckets(lengths: list[int], waste: float = 0.25) -> list[list[int]]:
+    """Indices of ``lengths`` in groups of similar length, shortest first: a group grows while
+    padding every member to its longest costs at most ``waste`` more than the real lengths."""
+    groups: list[list[int]] = []
+    total = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= (1 + waste) * (total + lengths[i]):
+            groups[-1].append(i)
+            total += lengths[i]
+        else:
+            groups.append([i])
+            total = lengths[i]
+    return groups
 
 
 ENCODERS = {"image": ImageEncoder, "video": VideoEncoder, "audio": AudioEncoder}

@@ -10,7 +10,7 @@ import torch
 from omni.data.tasks import TaskDataset, TaskSpec, collate
 from omni.io import write_jsonl
 from omni.model.backbone import backbone_config
-from omni.model.media_encoder import AudioEncoder, SpecAugment
+from omni.model.media_encoder import AudioEncoder, SpecAugment, length_buckets
 from omni.model.omni_model import build_model
 
 WHISPER = {"kind": "hf_whisper", "freeze": True, "input_mode": "slice",
@@ -75,6 +75,33 @@ def test_ctc_learns_to_read_a_clip(tmp_path, text_tokenizer):
         model.generate(clips[0], num_beams=2, temperature=0.7)
     with pytest.raises(ValueError, match="exactly one audio clip"):
         model.generate("no audio here", ctc_weight=0.5)
+
+
+def test_length_buckets_group_similar_lengths_within_the_allowed_padding():
+    lengths = [300, 100, 1000, 110, 280, 120, 320]
+    groups = length_buckets(lengths, waste=0.25)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert groups == [[1, 3, 5], [4, 0, 6], [2]]  # shortest first; the 10 s clip alone
+    for g in groups:
+        assert len(g) * max(lengths[i] for i in g) <= 1.25 * sum(lengths[i] for i in g)
+    assert length_buckets(lengths, waste=float("inf")) == [[1, 3, 5, 4, 0, 6, 2]]  # one call, as before
+
+
+def test_audio_clips_encode_as_if_alone_whatever_their_batch(text_tokenizer):
+    """Clips go through the encoder in length buckets, and padding never leaks into a clip's features."""
+    torch.manual_seed(0)
+    model = build_model(backbone_config("debug", max_seq_len=128), text_tokenizer.vocab, text_tokenizer, seed=0,
+                        media={"audio": {"encoder": {"kind": "whisper_style", "size": "debug"},
+                                         "connector": {"kind": "mlp"}}})
+    enc = model.encoders["audio"].eval()
+    clips = [torch.randn(80, n) - 4 for n in (100, 1000, 103, 390, 180)]  # log-mel-like: below zero
+    calls = []
+    enc.encoder.register_forward_hook(lambda m, args, out: calls.append(out.shape[0]))
+    with torch.no_grad():
+        together = enc(clips)
+        assert sorted(calls) == [1, 1, 1, 2] and len(calls) == len(length_buckets([c.shape[-1] for c in clips]))
+        for clip, out in zip(clips, together):
+            assert torch.allclose(out, enc([clip])[0], atol=1e-5)
 
 
 def test_spec_augment_masks_only_while_training(tmp_path, text_tokenizer):

@@ -35,7 +35,7 @@ def test_whisper_style_encoder_masks_padding(conv_kernel, stem, subsample, frame
     enc = WhisperStyleEncoder.from_size("debug", n_mels=16, conv_kernel=conv_kernel, stem=stem,
                                         subsample=subsample).eval()
     short, long = torch.randn(16, frames), torch.randn(16, 100)
-    batch = torch.stack([torch.nn.functional.pad(short, (0, 100 - frames)), long])
+    batch = torch.stack([torch.nn.functional.pad(short, (0, 100 - frames), value=3.0), long])  # any padding
     out = enc(batch, mel_lengths=torch.tensor([frames, 100]))
     alone = enc(short[None])
     n = enc.num_tokens(frames)
