@@ -193,6 +193,10 @@ class TrainConfig:
     trainable: list[str] | None = None
     init_from: str | list[str] | None = None
     lora: LoraSpec | None = None
+    # globs over module names (as trainable's) -> a multiple of train.lr for their parameters, the
+    # first matching pattern winning: e.g. {encoders.audio: 0.5} for an encoder whose batch is a
+    # mixture task's few clips while the decoder's is every task's tokens
+    lr_scale: dict[str, float] | None = None
 
     def validate(self):
         for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
@@ -200,6 +204,9 @@ class TrainConfig:
             _positive(f"train.{key}", getattr(self, key))
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        for pattern, scale in (self.lr_scale or {}).items():
+            if scale <= 0:
+                raise ValueError(f"train.lr_scale.{pattern} must be > 0, got {scale}")
         if self.max_minutes < 0:
             raise ValueError(f"train.max_minutes must be >= 0 (0: no time budget), got {self.max_minutes}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -391,6 +398,11 @@ def _coerce(tp, value: Any, key: str):
         if not isinstance(value, list):
             raise ValueError(f"{key} must be a list, got {value!r}")
         return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a mapping, got {value!r}")
+        return {str(k): _coerce(item, v, f"{key}.{k}") for k, v in value.items()}
     if tp is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{key} must be a mapping, got {value!r}")

@@ -98,12 +98,21 @@ def _peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def _param_groups(model, weight_decay: float):
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def _param_groups(model, weight_decay: float, lr_scale: dict[str, float] | None = None) -> list[dict]:
+    """AdamW groups: matrices decay, vectors do not; ``lr_scale`` (``train.lr_scale``) gives the
+    parameters its globs select their own multiple of the scheduled lr."""
+    from omni.train.stages import select
+
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    scales: dict[str, float] = {}
+    for pattern, scale in (lr_scale or {}).items():
+        for name in select(params, [pattern], "train.lr_scale"):
+            scales.setdefault(name, scale)
+    groups: dict[tuple[bool, float], list] = {}
+    for name, p in params.items():
+        groups.setdefault((p.dim() >= 2, scales.get(name, 1.0)), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+            for (decay, scale), ps in sorted(groups.items(), key=lambda g: (not g[0][0], g[0][1]))]
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -201,8 +210,8 @@ def train(cfg: RecipeConfig) -> TrainResult:
     n_trainable = apply_stages(model, tc)
     mc = cfg.model
     train_set, val_set = (dataset_for(cfg.data, split, model, tokenizer, tc.seed) for split in ("train", "val"))
-    optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas),
-                                  foreach=True)
+    optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay, tc.lr_scale), lr=tc.lr,
+                                  betas=tuple(tc.betas), foreach=True)
 
     state = TrainState()
     resumed_from = None
@@ -285,7 +294,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
         step_start = time.perf_counter()
         lr = lr_at(state.step, tc, state.train_seconds)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # a checkpoint from before lr_scale has none
         step_loss = torch.zeros((), device=accelerator.device)
         step_aux, has_aux = torch.zeros((), device=accelerator.device), False
         step_parts: dict[str, torch.Tensor] = {}

@@ -165,3 +165,26 @@ def test_flamingo_starts_as_its_language_model_and_trains_only_the_new_parts(tmp
     m = evaluate(tmp_path / "fastbind", split="val", max_new_tokens=4)
     assert m["task"] == "fewshot" and m["episodes"] == 6 and m["chance_with_examples"] == 0.5
     assert 0 <= m["zero_shot_accuracy"] <= 1 and 0 <= m["accuracy"] <= 1
+
+
+def test_lr_scale_gives_the_selected_modules_their_own_learning_rate(text_tokenizer):
+    from omni.config import from_dict
+    from omni.train.loop import _param_groups
+
+    model = _model(text_tokenizer)
+    groups = _param_groups(model, 0.1, {"encoders.image": 0.5, "connector": 3.0})  # the first match wins
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        g = by_param[id(p)]
+        assert g["lr_scale"] == (0.5 if name.startswith("encoders.image.") else 1.0), name
+        assert g["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0)
+    assert len(by_param) == len(list(model.parameters()))
+    # without it: the two groups of before, matrices first (resumable optimizer states)
+    plain = _param_groups(model, 0.1)
+    assert [(g["weight_decay"], g["lr_scale"]) for g in plain] == [(0.1, 1.0), (0.0, 1.0)]
+    with pytest.raises(ValueError, match="train.lr_scale pattern 'projector' matches nothing"):
+        _param_groups(model, 0.1, {"projector": 0.5})
+    cfg = from_dict(TrainConfig, {"lr_scale": {"encoders.audio": "5e-1"}})  # YAML's 5e-1 is a string
+    assert cfg.lr_scale == {"encoders.audio": 0.5}
+    with pytest.raises(ValueError, match="train.lr_scale.backbone must be > 0"):
+        TrainConfig(lr_scale={"backbone": 0.0}).validate()
