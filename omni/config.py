@@ -91,7 +91,9 @@ class CodecConfig:
 class TaskData:
     """One task's data: a directory holding ``train.jsonl`` and ``val.jsonl`` manifests, and the
     task (``omni/data/tasks.py``) that turns their rows into samples. In a mixture, ``weight`` is
-    the task's share of the training samples (relative to the others) and ``name`` labels it."""
+    the task's share of the training samples (relative to the others), ``loss_weight`` how much
+    each of its training targets counts in the loss (a weighted mean over the step's targets;
+    held-out losses stay unweighted) and ``name`` labels it."""
 
     task: str = "text"
     path: str = "data/text"
@@ -102,6 +104,7 @@ class TaskData:
     ways: int = 2  # fewshot: how many media an episode names
     episodes: int = 0  # fewshot: training episodes (0: one per row; held-out splits: one per row)
     weight: float = 1.0
+    loss_weight: float = 1.0
     name: str = ""
 
     @property
@@ -116,6 +119,8 @@ class TaskData:
         _choice(f"{key}.media", self.media, MODALITIES)
         if not self.weight > 0:
             raise ValueError(f"{key}.weight must be > 0, got {self.weight}")
+        if not self.loss_weight > 0:
+            raise ValueError(f"{key}.loss_weight must be > 0, got {self.loss_weight}")
         if self.ways < 1 or self.episodes < 0:
             raise ValueError(f"{key}.ways must be >= 1 and {key}.episodes >= 0, got {self.ways} and {self.episodes}")
 

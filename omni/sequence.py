@@ -117,7 +117,8 @@ class MediaSlot:
 
 @dataclass
 class Rendered:
-    """ids, targets: (T,); positions: (3, T); streams, stream_targets: (K-1, T) or None (delay layout)."""
+    """ids, targets: (T,); positions: (3, T); streams, stream_targets: (K-1, T) or None (delay layout);
+    loss_weight: how much each of its targets counts in a training loss (a mixture task's)."""
 
     ids: torch.Tensor
     targets: torch.Tensor
@@ -125,6 +126,7 @@ class Rendered:
     media: list[MediaSlot] = field(default_factory=list)
     streams: torch.Tensor | None = None
     stream_targets: torch.Tensor | None = None
+    loss_weight: float = 1.0
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -256,7 +258,8 @@ def _put_codes(seg: Segment, vocab: Vocab, delay: bool, put, trainable: bool, en
 @dataclass
 class PackedRow:
     """One training row: ids, targets, doc_ids: (T,); positions: (3, T); streams, stream_targets:
-    (K-1, T) or None; media slots with row offsets. Padding has doc id -1."""
+    (K-1, T) or None; media slots with row offsets; loss_weights (T,) when a piece's
+    ``loss_weight`` is not 1, else None. Padding has doc id -1."""
 
     ids: torch.Tensor
     targets: torch.Tensor
@@ -265,6 +268,7 @@ class PackedRow:
     streams: torch.Tensor | None = None
     stream_targets: torch.Tensor | None = None
     media: list[MediaSlot] = field(default_factory=list)
+    loss_weights: torch.Tensor | None = None
 
 
 def pack(samples: list[Rendered], seq_len: int, pad_id: int, *, split_across_rows: bool = True) -> list[PackedRow]:
@@ -317,6 +321,8 @@ def _make_row(pieces, seq_len, pad_id, num_streams) -> PackedRow:
     streams = torch.full((num_streams, seq_len), EMPTY, dtype=torch.long) if num_streams else None
     stream_targets = torch.full((num_streams, seq_len), IGNORE, dtype=torch.long) if num_streams else None
     media = []
+    weighted = any(s.loss_weight != 1.0 for s, _, _ in pieces)
+    loss_weights = torch.ones(seq_len) if weighted else None
     at = 0
     for doc, (s, a, b) in enumerate(pieces):
         n = b - a
@@ -328,5 +334,7 @@ def _make_row(pieces, seq_len, pad_id, num_streams) -> PackedRow:
             streams[:, at:at + n] = s.streams[:, a:b]
             stream_targets[:, at:at + n] = s.stream_targets[:, a:b]
         media += [replace(m, start=m.start - a + at) for m in s.media]
+        if weighted:
+            loss_weights[at:at + n] = s.loss_weight
         at += n
-    return PackedRow(ids, targets, positions, doc_ids, streams, stream_targets, media)
+    return PackedRow(ids, targets, positions, doc_ids, streams, stream_targets, media, loss_weights)

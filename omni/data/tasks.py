@@ -344,20 +344,24 @@ class TaskDataset(PackedDataset):
 class MixtureDataset(PackedDataset):
     """Several tasks' samples in shared rows. ``weighted`` (training): each task contributes
     ``weight / sum(weights)`` of the samples, its own repeated or subsampled to that count (the
-    total stays the tasks' combined size), shuffled together; else every sample once (held-out
-    splits). ``counts`` says how many samples each task put in."""
+    total stays the tasks' combined size), shuffled together, its targets counting ``loss_weight``
+    in the loss; else every sample once, unweighted (held-out splits). ``counts`` says how many
+    samples each task put in."""
 
-    def __init__(self, parts: list[tuple[str, str | Path, TaskSpec, float]], model, tokenizer, seq_len: int,
+    def __init__(self, parts: list[tuple[str, str | Path, TaskSpec, float, float]], model, tokenizer, seq_len: int,
                  on_bad_sample: str = "skip", weighted: bool = True, seed: int = 0):
         per_task, num_bad = [], 0
-        for _, manifest, spec, _ in parts:
+        for _, manifest, spec, _, loss_weight in parts:
             rendered, bad = render_manifest(manifest, spec, model, tokenizer, seq_len, on_bad_sample)
+            if weighted:
+                for r in rendered:
+                    r.loss_weight = loss_weight
             per_task.append(rendered)
             num_bad += bad
         g = torch.Generator().manual_seed(seed)
-        total, weight_sum = sum(len(r) for r in per_task), sum(w for *_, w in parts)
+        total, weight_sum = sum(len(r) for r in per_task), sum(p[3] for p in parts)
         chosen, self.counts = [], {}
-        for (label, _, _, w), rendered in zip(parts, per_task):
+        for (label, _, _, w, _), rendered in zip(parts, per_task):
             want = max(1, round(total * w / weight_sum)) if weighted else len(rendered)
             idx = torch.cat([torch.randperm(len(rendered), generator=g) for _ in range(-(-want // len(rendered)))])
             chosen += [rendered[i] for i in idx[:want].tolist()]
@@ -373,7 +377,8 @@ def dataset_for(data, split: str, model, tokenizer, seed: int = 0) -> PackedData
         cls = PairDataset if data.task == "contrastive" else TaskDataset
         return cls(Path(data.path) / f"{split}.jsonl", TaskSpec.of(data), model, tokenizer, data.seq_len,
                    data.on_bad_sample)
-    parts = [(p.label, Path(p.path) / f"{split}.jsonl", TaskSpec.of(p), p.weight) for p in data.mixture]
+    parts = [(p.label, Path(p.path) / f"{split}.jsonl", TaskSpec.of(p), p.weight, p.loss_weight)
+             for p in data.mixture]
     return MixtureDataset(parts, model, tokenizer, data.seq_len, data.on_bad_sample, weighted=split == "train",
                           seed=seed)
 
@@ -390,6 +395,9 @@ def collate(rows: list[PackedRow], mrope: bool = False) -> dict:
     if any(r.streams is not None for r in rows):
         batch["streams"] = torch.stack([r.streams for r in rows])
         batch["stream_targets"] = torch.stack([r.stream_targets for r in rows])
+    if any(r.loss_weights is not None for r in rows):
+        batch["loss_weights"] = torch.stack([torch.ones(len(r.ids)) if r.loss_weights is None else r.loss_weights
+                                             for r in rows])
     media = [(i, slot) for i, r in enumerate(rows) for slot in r.media]
     if media:
         batch["media"] = media

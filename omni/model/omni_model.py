@@ -156,14 +156,17 @@ class OmniModel(nn.Module):
                 targets: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
                 key_padding: torch.Tensor | None = None, cache: KVCache | None = None,
                 streams: torch.Tensor | None = None, stream_targets: torch.Tensor | None = None,
-                media: list | None = None, last_only: bool = False, contrastive: bool = False) -> ModelOutput:
+                media: list | None = None, last_only: bool = False, contrastive: bool = False,
+                loss_weights: torch.Tensor | None = None) -> ModelOutput:
         """input_ids (B, T); targets (B, T) next-token ids or -100 (already shifted, see sequence.render).
 
         positions: (B, T) or (3, B, T); default 0..T-1 after ``cache.length``, counting only real
         tokens when ``key_padding`` marks left padding. streams / stream_targets (B, K-1, T): the
         delay layout's codebooks 1..K-1 (EMPTY / -100 where a step has none). media: ``(row,
         MediaSlot)`` pairs whose encoder outputs replace the ``<|feat|>`` embeddings, or become the
-        cross-attention memory. last_only: logits for the last position only.
+        cross-attention memory. last_only: logits for the last position only. loss_weights (B, T):
+        each position's weight in the loss (a mixture's per-task ``loss_weight``); the loss is then
+        the weighted mean over the targets, codebook streams included.
         contrastive: ``input_ids`` are right-padded texts (``key_padding`` their mask) paired row by
         row with ``media`` (one slot each); returns the InfoNCE loss and the similarity logits, or
         for a BLIP-2 model (``config.blip2``) its weighted stage-1 losses (omni/model/blip2.py).
@@ -188,17 +191,26 @@ class OmniModel(nn.Module):
         if targets is None:
             return ModelOutput(logits)
         flat = logits.float().view(-1, logits.shape[-1])
-        total = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
-        n = int((targets != IGNORE).sum())
+        w = None if loss_weights is None else loss_weights.reshape(-1).to(flat.device, torch.float32)
+
+        def summed(rows, logits_, tgt):  # the loss summed over these real targets, and their (weighted) count
+            if w is None:
+                return F.cross_entropy(logits_, tgt, reduction="sum"), len(tgt)
+            return (F.cross_entropy(logits_, tgt, reduction="none") * w[rows]).sum(), w[rows].sum()
+
+        tgt0 = targets.reshape(-1)
+        keep = (tgt0 != IGNORE).nonzero().squeeze(1)
+        total, mass = summed(keep, flat[keep], tgt0[keep])
+        n = len(keep)
         if stream_targets is not None:
             for k in range(stream_targets.shape[1]):  # codebook k+1: a softmax over its own range
                 tgt = stream_targets[:, k].reshape(-1)
-                keep = tgt != IGNORE
-                if keep.any():
+                keep = (tgt != IGNORE).nonzero().squeeze(1)
+                if len(keep):
                     r = self.vocab.codebook_range(k + 1)
-                    total = total + F.cross_entropy(flat[keep, r.start:r.stop], tgt[keep] - r.start, reduction="sum")
-                    n += int(keep.sum())
-        return ModelOutput(logits, total / max(n, 1), n, aux_loss)
+                    part, m = summed(keep, flat[keep, r.start:r.stop], tgt[keep] - r.start)
+                    total, mass, n = total + part, mass + m, n + len(keep)
+        return ModelOutput(logits, total / mass if n else total, n, aux_loss)
 
     def _contrastive(self, ids, mask, media) -> ModelOutput:
         from omni.model.contrastive import embed_media, embed_text, info_nce

@@ -125,7 +125,7 @@ def _forward(model, batch: dict):
         return model(batch["input_ids"], key_padding=batch["key_padding"], media=batch["media"], contrastive=True)
     return model(batch["input_ids"], positions=batch["positions"], targets=batch["targets"],
                  doc_ids=batch["doc_ids"], streams=batch.get("streams"), stream_targets=batch.get("stream_targets"),
-                 media=batch.get("media"))
+                 media=batch.get("media"), loss_weights=batch.get("loss_weights"))
 
 
 def prepare_tokenizer(cfg: RecipeConfig, accelerator):

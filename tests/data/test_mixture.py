@@ -48,7 +48,8 @@ def corpora(tmp_path, tiny_corpus, text_tokenizer):
         "codec": {"path": str(tmp_path / "codec")},
         "data": {"seq_len": 256, "mixture": [
             {"task": "text", "path": str(tiny_corpus), "weight": 1},
-            {"task": "caption", "media": "audio", "target": "text", "path": str(speech), "name": "asr", "weight": 2},
+            {"task": "caption", "media": "audio", "target": "text", "path": str(speech), "name": "asr", "weight": 2,
+             "loss_weight": 3},
             {"task": "speak", "path": str(speech), "prompt": "Say:", "max_audio_s": 0.05, "weight": 1},
             {"task": "continue", "path": str(speech), "prompt": "Continue:", "max_audio_s": 0.05, "weight": 1}]},
         "train": {"out_dir": str(tmp_path / "run"), "steps": 30, "warmup_steps": 2, "batch_size": 4, "lr": 3e-3,
@@ -61,7 +62,8 @@ def corpora(tmp_path, tiny_corpus, text_tokenizer):
 def test_samples_are_drawn_by_weight_and_packed_across_tasks(corpora, text_tokenizer):
     cfg = load_recipe(str(corpora / "mix.yaml"))
     model = model_from_recipe(cfg, text_tokenizer)
-    parts = [(p.label, f"{p.path}/train.jsonl", TaskSpec.of(p), p.weight) for p in cfg.data.mixture]
+    parts = [(p.label, f"{p.path}/train.jsonl", TaskSpec.of(p), p.weight, 3.0 if p.label == "asr" else 1.0)
+             for p in cfg.data.mixture]
     ds = MixtureDataset(parts, model, text_tokenizer, 256, seed=0)
     total = 280 + 3 * len(WORDS)  # the text corpus' documents and three tasks over six clips
     assert ds.counts == {"text": round(total / 5), "asr": round(2 * total / 5), "speak": round(total / 5),
@@ -71,8 +73,14 @@ def test_samples_are_drawn_by_weight_and_packed_across_tasks(corpora, text_token
     mixed = [r for r in range(len(ds)) if any(row == r for row, _ in batch["media"])
              and (batch["streams"][r] >= 0).any()]
     assert mixed  # a row holding an utterance to transcribe and audio codes to predict
+    # asr's loss_weight 3: its documents' positions weigh 3, every other task's 1
+    row = mixed[0]
+    asr_docs = {int(batch["doc_ids"][row, slot.start]) for r, slot in batch["media"] if r == row}
+    in_asr = torch.isin(batch["doc_ids"][row], torch.tensor(sorted(asr_docs)))
+    assert (batch["loss_weights"][row][in_asr] == 3).all() and (batch["loss_weights"][row][~in_asr] == 1).all()
     held_out = MixtureDataset(parts, model, text_tokenizer, 256, weighted=False)
     assert held_out.counts == {"text": 280, "asr": 6, "speak": 6, "continue": 6}
+    assert "loss_weights" not in collate(held_out.rows)  # held-out losses stay comparable across recipes
 
 
 def test_a_mixture_recipe_trains_one_checkpoint_scored_per_task(corpora):

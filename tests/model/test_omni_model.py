@@ -183,6 +183,22 @@ def test_loss_ignores_minus_100(debug_model):
         assert none.num_tokens == 0 and none.loss == 0
 
 
+def test_loss_weights_give_a_weighted_mean_over_the_targets(debug_model):
+    V = debug_model.vocab.size
+    ids, targets = _ids(V, T=10), _ids(V, T=10, seed=1)
+    targets[1, 7:] = IGNORE
+    weights = torch.ones(2, 10)
+    weights[0, :5] = 3.0  # e.g. a mixture task's targets in the first half of row 0
+    with torch.no_grad():
+        out = debug_model(ids, targets=targets, loss_weights=weights)
+        keep = targets != IGNORE
+        per_token = F.cross_entropy(out.logits[keep], targets[keep], reduction="none")
+        torch.testing.assert_close(out.loss, (per_token * weights[keep]).sum() / weights[keep].sum())
+        assert out.num_tokens == 17
+        plain = debug_model(ids, targets=targets)
+        torch.testing.assert_close(debug_model(ids, targets=targets, loss_weights=torch.ones(2, 10)).loss, plain.loss)
+
+
 def test_logits_rejects_input_longer_than_the_context(debug_model):
     n = debug_model.max_seq_len + 1
     with pytest.raises(ValueError, match=f"{n} tokens but the model's context is {debug_model.max_seq_len}"):
