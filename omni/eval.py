@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -63,9 +64,11 @@ def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None,
     for d in parts:
         name = f"eval_{split}" + (f"_{_file_label(d.label)}" if cfg.data.mixture else "") + suffix
         manifest = Path(data_path or d.path) / f"{split}.jsonl"
+        start = time.perf_counter()
         metrics, preds = _evaluate_task(model, d, cfg.data.seq_len, manifest, max_rows, batch_size, max_new_tokens,
                                         examples, through_codec, ckpt / f"examples_{name[5:]}", shots, decoding)
-        metrics.update(split=split, checkpoint=str(ckpt), task=d.task, **decoding)
+        metrics.update(split=split, checkpoint=str(ckpt), task=d.task, seconds=round(time.perf_counter() - start, 1),
+                       **decoding)
         if preds:
             write_jsonl(ckpt / f"{name}.jsonl", preds)
         results[d.label] = metrics

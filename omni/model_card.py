@@ -91,7 +91,7 @@ def write_model_card(run_dir: str | Path) -> Path:
                 continue
             for label, m in _scores(metrics):
                 for key, value in m.items():
-                    if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "rows":
+                    if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("rows", "seconds"):
                         lines.append(f"| {f.name} | {label} | {key} | {_fmt(value)} |")
     lines += ["", "## Files", "",
               "`config.json` (backbone, vocabulary, media encoders), `model.safetensors` (weights), "

@@ -95,6 +95,7 @@ def test_a_mixture_recipe_trains_one_checkpoint_scored_per_task(corpora):
     m = evaluate(out, split="val", max_rows=2, examples=1, max_new_tokens=6)
     assert set(m["tasks"]) == {"text", "asr", "speak", "continue"}
     assert 0 <= m["tasks"]["asr"]["wer"] and m["tasks"]["text"]["loss"] > 0
+    assert all(t["seconds"] >= 0 for t in m["tasks"].values())  # where the scoring time goes
     assert m["tasks"]["speak"]["codes"] > 0 and omni.Audio(m["tasks"]["speak"]["examples"][0]).duration > 0
     assert (out / "eval_val_asr.jsonl").is_file()
     card = (out / "README.md").read_text()
