@@ -359,7 +359,7 @@ class MixtureDataset(PackedDataset):
             per_task.append(rendered)
             num_bad += bad
         g = torch.Generator().manual_seed(seed)
-        total, weight_sum = sum(len(r) for r in per_task), sum(p[3] for p in parts)
+        total, weight_sum = sum(len(r) for r in per_task), sum(w for _, _, _, w, _ in parts)
         chosen, self.counts = [], {}
         for (label, _, _, w, _), rendered in zip(parts, per_task):
             want = max(1, round(total * w / weight_sum)) if weighted else len(rendered)

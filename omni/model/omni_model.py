@@ -193,23 +193,24 @@ class OmniModel(nn.Module):
         flat = logits.float().view(-1, logits.shape[-1])
         w = None if loss_weights is None else loss_weights.reshape(-1).to(flat.device, torch.float32)
 
-        def summed(rows, logits_, tgt):  # the loss summed over these real targets, and their (weighted) count
-            if w is None:
-                return F.cross_entropy(logits_, tgt, reduction="sum"), len(tgt)
-            return (F.cross_entropy(logits_, tgt, reduction="none") * w[rows]).sum(), w[rows].sum()
+        def summed(logits_, tgt, wk):  # the loss summed over tgt's real targets, and their (weighted) count
+            real = tgt != IGNORE
+            if wk is None:
+                return F.cross_entropy(logits_, tgt, ignore_index=IGNORE, reduction="sum"), int(real.sum())
+            wk = wk * real
+            return (F.cross_entropy(logits_, tgt, ignore_index=IGNORE, reduction="none") * wk).sum(), wk.sum()
 
         tgt0 = targets.reshape(-1)
-        keep = (tgt0 != IGNORE).nonzero().squeeze(1)
-        total, mass = summed(keep, flat[keep], tgt0[keep])
-        n = len(keep)
+        total, mass = summed(flat, tgt0, w)
+        n = int((tgt0 != IGNORE).sum())
         if stream_targets is not None:
             for k in range(stream_targets.shape[1]):  # codebook k+1: a softmax over its own range
                 tgt = stream_targets[:, k].reshape(-1)
-                keep = (tgt != IGNORE).nonzero().squeeze(1)
-                if len(keep):
+                keep = tgt != IGNORE
+                if keep.any():
                     r = self.vocab.codebook_range(k + 1)
-                    part, m = summed(keep, flat[keep, r.start:r.stop], tgt[keep] - r.start)
-                    total, mass, n = total + part, mass + m, n + len(keep)
+                    part, m = summed(flat[keep, r.start:r.stop], tgt[keep] - r.start, None if w is None else w[keep])
+                    total, mass, n = total + part, mass + m, n + int(keep.sum())
         return ModelOutput(logits, total / mass if n else total, n, aux_loss)
 
     def _contrastive(self, ids, mask, media) -> ModelOutput:
