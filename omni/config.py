@@ -93,7 +93,9 @@ class TaskData:
     task (``omni/data/tasks.py``) that turns their rows into samples. In a mixture, ``weight`` is
     the task's share of the training samples (relative to the others), ``loss_weight`` how much
     each of its training targets counts in the loss (a weighted mean over the step's targets;
-    held-out losses stay unweighted) and ``name`` labels it."""
+    held-out losses stay unweighted) and ``name`` labels it. ``transcript`` says a caption of audio
+    is what was said, so it also trains the audio encoder's CTC head (``ctc_weight``); false for
+    captions that describe a sound."""
 
     task: str = "text"
     path: str = "data/text"
@@ -103,6 +105,7 @@ class TaskData:
     max_audio_s: float = 10.0
     ways: int = 2  # fewshot: how many media an episode names
     episodes: int = 0  # fewshot: training episodes (0: one per row; held-out splits: one per row)
+    transcript: bool = True  # caption of audio: the target also trains the CTC head
     weight: float = 1.0
     loss_weight: float = 1.0
     name: str = ""

@@ -57,6 +57,7 @@ class TaskSpec:
     max_audio_s: float = 10.0  # continue: clips are cut to this length
     ways: int = 2  # fewshot: media named per episode
     episodes: int = 0  # fewshot: episodes per split (0: one per row)
+    transcript: bool = True  # caption of audio: the target is what was said (trains the CTC head)
 
     @property
     def text_field(self) -> str:
@@ -66,7 +67,8 @@ class TaskSpec:
     @classmethod
     def of(cls, data) -> TaskSpec:
         """From a recipe's ``data`` section (:class:`omni.config.DataConfig`)."""
-        return cls(data.task, data.media, data.target, data.prompt, data.max_audio_s, data.ways, data.episodes)
+        return cls(data.task, data.media, data.target, data.prompt, data.max_audio_s, data.ways, data.episodes,
+                   data.transcript)
 
 
 def sample_for(row: dict, spec: TaskSpec, model, root: Path) -> Sample:
@@ -231,7 +233,8 @@ def render_manifest(manifest: str | Path, spec: TaskSpec, model, tokenizer, seq_
         return _render_episodes(manifest, spec, model, tokenizer, seq_len, on_bad_sample)
     root = manifest.parent
     # speech: the transcript rides along with the audio slot for the encoder's CTC head
-    encoder = model.encoders[spec.media] if spec.task == "caption" and spec.media in model.encoders else None
+    speech = spec.task == "caption" and spec.transcript and spec.media in model.encoders
+    encoder = model.encoders[spec.media] if speech else None
     ctc = getattr(encoder, "ctc_head", None) is not None
     rendered, num_bad = [], 0
     for n, row in enumerate(read_jsonl(manifest)):

@@ -261,12 +261,14 @@ class AudioEncoder(MediaEncoder):
     def encode(self, datas, labels=None):
         feats, n = self._features(datas)
         out = self._connect_all(feats, n)
-        if self.ctc_head is None or not labels or any(lab is None for lab in labels):
+        # the CTC loss covers the clips that carry a transcript (a mixture's sound clips do not)
+        keep = [i for i, lab in enumerate(labels or []) if lab is not None]
+        if self.ctc_head is None or not keep:
             return out, None
-        log_probs = self.ctc_head(feats).float().log_softmax(-1).transpose(0, 1)  # (N, B, V)
-        targets = torch.cat([lab.long() for lab in labels]).to(feats.device)
-        target_lengths = torch.tensor([len(lab) for lab in labels])
-        ctc = F.ctc_loss(log_probs, targets, n, target_lengths, blank=0, zero_infinity=True)
+        log_probs = self.ctc_head(feats[keep]).float().log_softmax(-1).transpose(0, 1)  # (N, B, V)
+        targets = torch.cat([labels[i].long() for i in keep]).to(feats.device)
+        target_lengths = torch.tensor([len(labels[i]) for i in keep])
+        ctc = F.ctc_loss(log_probs, targets, n[keep], target_lengths, blank=0, zero_infinity=True)
         return out, self.ctc_weight * ctc
 
     @torch.no_grad()

@@ -133,3 +133,19 @@ def test_precomputed_features_of_a_frozen_tower_equal_running_it(tmp_path):
         AudioEncoder({"encoder": {"kind": "whisper_style", "size": "debug"}, "precompute": True}, dim=48)
     with pytest.raises(ValueError, match="unknown key model.media.audio.ctc"):
         AudioEncoder({"encoder": {"kind": "whisper_style", "size": "debug"}, "ctc": 0.3}, dim=48)
+
+
+def test_ctc_covers_only_the_clips_that_carry_a_transcript(tmp_path, text_tokenizer):
+    """A mixture's sound captions describe the clip rather than say it (``transcript: false``):
+    they carry no CTC labels, and the speech clips beside them in a batch still train the head."""
+    model, ds, rows = _asr(tmp_path, text_tokenizer, {"ctc_weight": 1.0})
+    sounds = TaskDataset(tmp_path / "asr.jsonl", TaskSpec("caption", "audio", "text", transcript=False), model,
+                         text_tokenizer, 128)
+    slot = collate([sounds[0]])["media"][0][1]
+    assert slot.labels is None
+    enc = model.encoders["audio"].eval()
+    speech = [s for _, s in collate([ds[i] for i in range(len(ds))])["media"]]
+    _, alone = enc.encode([speech[0].data], [speech[0].labels])
+    _, beside = enc.encode([speech[0].data, slot.data], [speech[0].labels, None])
+    assert alone is not None and torch.allclose(alone, beside, atol=1e-4)
+    assert enc.encode([slot.data], [None])[1] is None
