@@ -233,9 +233,8 @@ def render_manifest(manifest: str | Path, spec: TaskSpec, model, tokenizer, seq_
         return _render_episodes(manifest, spec, model, tokenizer, seq_len, on_bad_sample)
     root = manifest.parent
     # speech: the transcript rides along with the audio slot for the encoder's CTC head
-    speech = spec.task == "caption" and spec.transcript and spec.media in model.encoders
-    encoder = model.encoders[spec.media] if speech else None
-    ctc = getattr(encoder, "ctc_head", None) is not None
+    ctc = (spec.task == "caption" and spec.transcript and spec.media in model.encoders
+           and getattr(model.encoders[spec.media], "ctc_head", None) is not None)
     rendered, num_bad = [], 0
     for n, row in enumerate(read_jsonl(manifest)):
         try:

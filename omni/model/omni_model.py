@@ -193,24 +193,23 @@ class OmniModel(nn.Module):
         flat = logits.float().view(-1, logits.shape[-1])
         w = None if loss_weights is None else loss_weights.reshape(-1).to(flat.device, torch.float32)
 
-        def summed(logits_, tgt, wk):  # the loss summed over tgt's real targets, and their (weighted) count
+        def summed(logits_, tgt, wk):  # the loss summed over tgt's real targets, their weighted and plain counts
             real = tgt != IGNORE
+            n = int(real.sum())
             if wk is None:
-                return F.cross_entropy(logits_, tgt, ignore_index=IGNORE, reduction="sum"), int(real.sum())
+                return F.cross_entropy(logits_, tgt, ignore_index=IGNORE, reduction="sum"), n, n
             wk = wk * real
-            return (F.cross_entropy(logits_, tgt, ignore_index=IGNORE, reduction="none") * wk).sum(), wk.sum()
+            return (F.cross_entropy(logits_, tgt, ignore_index=IGNORE, reduction="none") * wk).sum(), wk.sum(), n
 
-        tgt0 = targets.reshape(-1)
-        total, mass = summed(flat, tgt0, w)
-        n = int((tgt0 != IGNORE).sum())
+        total, mass, n = summed(flat, targets.reshape(-1), w)
         if stream_targets is not None:
             for k in range(stream_targets.shape[1]):  # codebook k+1: a softmax over its own range
                 tgt = stream_targets[:, k].reshape(-1)
                 keep = tgt != IGNORE
                 if keep.any():
                     r = self.vocab.codebook_range(k + 1)
-                    part, m = summed(flat[keep, r.start:r.stop], tgt[keep] - r.start, None if w is None else w[keep])
-                    total, mass, n = total + part, mass + m, n + int(keep.sum())
+                    part, m, c = summed(flat[keep, r.start:r.stop], tgt[keep] - r.start, None if w is None else w[keep])
+                    total, mass, n = total + part, mass + m, n + c
         return ModelOutput(logits, total / mass if n else total, n, aux_loss)
 
     def _contrastive(self, ids, mask, media) -> ModelOutput:

@@ -138,7 +138,7 @@ def test_precomputed_features_of_a_frozen_tower_equal_running_it(tmp_path):
 def test_ctc_covers_only_the_clips_that_carry_a_transcript(tmp_path, text_tokenizer):
     """A mixture's sound captions describe the clip rather than say it (``transcript: false``):
     they carry no CTC labels, and the speech clips beside them in a batch still train the head."""
-    model, ds, rows = _asr(tmp_path, text_tokenizer, {"ctc_weight": 1.0})
+    model, ds, _ = _asr(tmp_path, text_tokenizer, {"ctc_weight": 1.0})
     sounds = TaskDataset(tmp_path / "asr.jsonl", TaskSpec("caption", "audio", "text", transcript=False), model,
                          text_tokenizer, 128)
     slot = collate([sounds[0]])["media"][0][1]
