@@ -5,6 +5,9 @@ change, and whether the mixture stays within 25% of the single-task model. Reads
 
     python benchmarks/mixture_vs_single.py --mixture runs/any2any_tiny
 
+Several runs of one recipe (seeds) put error bars on a row: repeat ``--single TASK=RUN`` for a task,
+or ``--mixture RUN`` for the mixture; a row then compares the means and prints each side's range.
+
 Perplexities are per token of each run's own tokenizer (the mixture's SentencePiece model is
 trained on all its tasks' text, text/tiny's on Wikipedia alone), so that row compares loosely.
 """
@@ -34,42 +37,62 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _cell(values: list[float]) -> str:
+    """One run's value, or several runs' mean and range."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{_mean(values):.3g} ({min(values):.3g}-{max(values):.3g})"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mixture", default="runs/any2any_tiny")
+    p.add_argument("--mixture", action="append", metavar="RUN", help="a mixture run (repeat for seeds)")
     p.add_argument("--split", default="test")
     p.add_argument("--single", action="append", default=[], metavar="TASK=RUN",
-                   help="another single-task run for a task, e.g. continue=runs/continue_democodec (one on the mixture's codec)")
+                   help="a single-task run for a task, e.g. continue=runs/continue_democodec (one on the mixture's "
+                        "codec); repeat a task for seeds")
     args = p.parse_args(argv)
-    runs = {label: run for label, (run, *_) in SINGLE.items()}
+    mixtures = args.mixture or ["runs/any2any_tiny"]
+    runs = {label: [] for label in SINGLE}
     for item in args.single:
         label, _, run = item.partition("=")
         if label not in SINGLE or not run:
             raise SystemExit(f"--single {item!r}: expected TASK=RUN with TASK one of {', '.join(SINGLE)}")
-        runs[label] = run
-    mix = _read(Path(args.mixture) / f"eval_{args.split}.json")
-    if mix is None:
-        raise SystemExit(f"{args.mixture}: no eval_{args.split}.json; run `omni eval --ckpt {args.mixture}` first")
+        runs[label].append(run)
+    mix = []
+    for run in mixtures:
+        found = _read(Path(run) / f"eval_{args.split}.json")
+        if found is None:
+            raise SystemExit(f"{run}: no eval_{args.split}.json; run `omni eval --ckpt {run}` first")
+        mix.append(found)
     rows = []
-    for label, (_, key, higher, recorded) in SINGLE.items():
-        run = runs[label]
-        m = mix["tasks"].get(label, {}).get(key)
-        single = _read(Path(run) / f"eval_{args.split}.json")
-        s = single.get(key) if single else recorded if args.split == "test" else None
-        source = run if single else "docs/benchmarks.md" if s is not None else None
-        row = {"task": label, "metric": key, "mixture": m, "single": s, "single_from": source}
-        if m is not None and s:
-            row["relative"] = m / s - 1
-            row["within_25pct"] = m >= (1 - TOLERANCE) * s if higher else m <= (1 + TOLERANCE) * s
+    for label, (default_run, key, higher, recorded) in SINGLE.items():
+        m = [v for v in (r["tasks"].get(label, {}).get(key) for r in mix) if v is not None]
+        found = {run: _read(Path(run) / f"eval_{args.split}.json") for run in runs[label] or [default_run]}
+        s = [r[key] for r in found.values() if r and r.get(key) is not None]
+        source = [run for run, r in found.items() if r]
+        if not s and recorded is not None and args.split == "test":
+            s, source = [recorded], ["docs/benchmarks.md"]
+        row = {"task": label, "metric": key, "mixture": _mean(m), "single": _mean(s), "single_from": source or None,
+               "mixture_runs": m, "single_runs": s}
+        if m and s:
+            row["relative"] = row["mixture"] / row["single"] - 1
+            row["within_25pct"] = (row["mixture"] >= (1 - TOLERANCE) * row["single"] if higher
+                                   else row["mixture"] <= (1 + TOLERANCE) * row["single"])
         rows.append(row)
-    print(f"{'task':<15}{'metric':<15}{'single':>10}{'mixture':>10}{'change':>9}  within 25%")
+    print(f"{'task':<15}{'metric':<15}{'single':>24}{'mixture':>24}{'change':>9}  within 25%")
     for r in rows:
-        f = (lambda v: f"{v:.3f}" if isinstance(v, float) else "-")
         change = f"{100 * r['relative']:+.0f}%" if "relative" in r else "-"
-        print(f"{r['task']:<15}{r['metric']:<15}{f(r['single']):>10}{f(r['mixture']):>10}{change:>9}  "
+        print(f"{r['task']:<15}{r['metric']:<15}{_cell(r['single_runs']):>24}{_cell(r['mixture_runs']):>24}{change:>9}  "
               f"{ {True: 'yes', False: 'NO'}.get(r.get('within_25pct'), 'no single run') }")
     print(json.dumps({"benchmark": "mixture_vs_single", "date": datetime.datetime.now(datetime.timezone.utc)
-                      .isoformat(timespec="seconds"), "mixture": args.mixture, "split": args.split,
+                      .isoformat(timespec="seconds"), "mixture": mixtures, "split": args.split,
                       "tolerance": TOLERANCE, "rows": rows}))
     return 0
 
