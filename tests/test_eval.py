@@ -1,4 +1,5 @@
-"""``omni eval`` for speech: WER on the clips as they are and on a codec's reconstructions."""
+"""``omni eval``: speech WER on the clips as they are and on a codec's reconstructions; video
+direction accuracy, forwards and with the frames played backwards."""
 
 import json
 
@@ -34,3 +35,20 @@ def test_asr_eval_on_originals_and_through_a_codec(tmp_path, text_tokenizer):
     assert coded["through_codec"] == str(tmp_path / "codec") and "through_codec" not in plain
     assert json.loads((run / "eval_test_codec.json").read_text())["wer"] == coded["wer"]
     assert (run / "eval_test.jsonl").is_file() and (run / "eval_test_codec.jsonl").is_file()
+
+
+def test_video_eval_also_captions_each_clip_backwards(tmp_path, text_tokenizer, fake_stamps, monkeypatch):
+    from omni.data.video import build_video_corpus
+    from omni.media.video import Video
+
+    build_video_corpus(tmp_path / "clips", stamps_dir=fake_stamps, size=32, fps=4, duration=1.0)
+    cfg = load_recipe("videollama/caption_tiny", ["model.size=debug", f"data.path={tmp_path / 'clips'}"])
+    run = tmp_path / "run"
+    model_from_recipe(cfg, text_tokenizer).save_pretrained(run)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    played_backwards = []
+    reversed_ = Video.reversed
+    monkeypatch.setattr(Video, "reversed", lambda self: played_backwards.append(self.path) or reversed_(self))
+    m = evaluate(run, split="test", max_new_tokens=4)
+    assert 0 <= m["direction_accuracy"] <= 1 and 0 <= m["reversed_direction_accuracy"] <= 1
+    assert len(played_backwards) == m["rows"] > 0

@@ -41,6 +41,7 @@ from omni.media.video import read_audio, write_video
 log = logging.getLogger(__name__)
 
 DIRECTIONS = ("left", "right", "up", "down")
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 SPEEDS = {"slowly": 0.5, "quickly": 1.0}  # fraction of the free width/height crossed in one clip
 SAMPLE_RATE = 16000
 _NOUN = re.compile(r"^(A|An|The)\s+([^.,;:!?()\"]+?)\.?$")

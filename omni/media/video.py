@@ -28,6 +28,7 @@ among those tried: a buffer-size check in its copy); ``auto`` then falls back to
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -99,6 +100,14 @@ class Video:
     @property
     def frames(self) -> torch.Tensor:
         return self._load().frames
+
+    def reversed(self) -> Video:
+        """The same frames played backwards (timestamps still run forwards), without the audio
+        track: a model that reads the order of the frames should describe the opposite motion."""
+        out = copy.copy(self)
+        decoded = self._load()
+        out._decoded, out._audio = decoded._replace(frames=decoded.frames.flip(0)), None
+        return out
 
     @property
     def timestamps(self) -> torch.Tensor:

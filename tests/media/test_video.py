@@ -168,6 +168,14 @@ def test_bad_files(clip, tmp_path, backend, case, problem):
     assert str(path) in str(e.value)
 
 
+def test_reversed_plays_the_same_frames_backwards(clip):
+    video = Video(clip, num_frames=5)
+    back = video.reversed()
+    assert torch.equal(back.frames, video.frames.flip(0)) and torch.equal(back.timestamps, video.timestamps)
+    assert back.audio is None and back.path == video.path
+    assert not torch.equal(video.frames, back.frames)  # the original keeps its order
+
+
 def test_sample_indices_rule():
     ts = np.arange(10) / 10
     assert sample_indices(ts, 1.0, 2, None, None, None, "x").tolist() == [0, 9]
