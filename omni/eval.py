@@ -128,6 +128,7 @@ def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: i
     context = []
     for ex in list(read_jsonl(root / "train.jsonl"))[:shots] if shots else []:
         context += [turn(media_for(model, root / ex[d.media])), {"role": "assistant", "content": ex[d.target].strip()}]
+
     def captions(medias: list) -> list[str]:
         outs = model.generate([context + [turn(m)] for m in medias], max_new_tokens=max_new_tokens, **(decoding or {}))
         return [out.strip() for out in outs]
