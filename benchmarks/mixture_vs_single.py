@@ -22,12 +22,12 @@ from pathlib import Path
 # mixture task label -> (single-task run, metric key, higher is better, the value docs/benchmarks.md
 # records for that recipe, used when the run is not on this machine)
 SINGLE = {
-    "asr": ("runs/whisper_asr_tiny", "wer", False, 0.026),
+    "asr": ("runs/whisper_asr_tiny", "wer", False, 0.0331),  # mean of seeds 0 and 1 (2.56%, 4.05%)
     "continue": ("runs/audiolm_continue_tiny", "code_accuracy", True, None),  # codec-dependent: retrain on the mixture's
     "speak": ("runs/audiolm_speak_tiny", "code_accuracy", True, None),  # 31.0% was on an older codec
     "image_caption": ("runs/llava_caption_tiny", "cider_d", True, 0.28),
     "sound_caption": ("runs/audiocaps_sounds_tiny", "cider_d", True, 0.03),
-    "video_caption": ("runs/videollama_caption_tiny", "cider_d", True, 0.83),
+    "video_caption": ("runs/videollama_caption_tiny", "cider_d", True, 0.720),  # mean of seeds 0, 1, 2
     "text": ("runs/text_tiny", "ppl", False, None),
 }
 TOLERANCE = 0.25
