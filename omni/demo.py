@@ -143,11 +143,10 @@ HEADLINE = {"caption": ("cider_d", "CIDEr-D"), "continue": ("code_accuracy", "ne
 
 
 def headline(task: str, metrics: dict) -> str:
-    """The numbers a task is judged by, as text."""
-    parts = [f"WER {metrics['wer']:.3f}"] if "wer" in metrics else []
-    key, name = HEADLINE.get(task, (None, None))
-    if key in metrics:
-        parts.append(f"{name} {metrics[key]:.3f}")
+    """The numbers a task is judged by, as text: a transcript by its word error rate, anything else by
+    its task's metric."""
+    key, name = ("wer", "WER") if "wer" in metrics else HEADLINE.get(task, (None, None))
+    parts = [f"{name} {metrics[key]:.3f}"] if key in metrics else []
     if "unigram_code_accuracy" in metrics:
         parts.append(f"(unigram {metrics['unigram_code_accuracy']:.3f})")
     return " ".join(parts)

@@ -158,7 +158,7 @@ def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: i
     refs = [row[d.target] for row in done]
     preds = [{"id": row.get("id"), "reference": ref, "prediction": hyp} for row, ref, hyp in zip(done, refs, hyps)]
     metrics = {"bleu4": bleu(refs, hyps), "cider_d": cider_d(refs, hyps), "skipped": skipped}
-    if d.media == "audio" and d.target == "text":
+    if d.media == "audio" and d.target == "text" and d.transcript:  # what was said; a sound's caption is not
         metrics.update(wer=wer(refs, hyps), cer=cer(refs, hyps))
     directions = [row.get("direction") for row in done]
     if all(directions):

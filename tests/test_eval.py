@@ -35,6 +35,11 @@ def test_asr_eval_on_originals_and_through_a_codec(tmp_path, text_tokenizer):
     assert coded["through_codec"] == str(tmp_path / "codec") and "through_codec" not in plain
     assert json.loads((run / "eval_test_codec.json").read_text())["wer"] == coded["wer"]
     assert (run / "eval_test.jsonl").is_file() and (run / "eval_test_codec.jsonl").is_file()
+    # the same clips as sounds whose captions are not what was said: no word error rate
+    cfg.data.transcript = False
+    (run / "recipe.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    sounds = evaluate(run, split="test", max_new_tokens=4)
+    assert "wer" not in sounds and "cer" not in sounds and sounds["cider_d"] >= 0
 
 
 def test_video_eval_also_captions_each_clip_backwards(tmp_path, text_tokenizer, fake_stamps, monkeypatch):
@@ -52,3 +57,12 @@ def test_video_eval_also_captions_each_clip_backwards(tmp_path, text_tokenizer, 
     m = evaluate(run, split="test", max_new_tokens=4)
     assert 0 <= m["direction_accuracy"] <= 1 and 0 <= m["reversed_direction_accuracy"] <= 1
     assert len(played_backwards) == m["rows"] > 0
+
+
+def test_the_demo_report_leads_a_transcript_with_wer_and_a_caption_with_cider():
+    from omni.demo import headline
+
+    assert headline("caption", {"wer": 0.25, "cider_d": 4.0}) == "WER 0.250"
+    assert headline("caption", {"cider_d": 0.5, "bleu4": 0.1}) == "CIDEr-D 0.500"
+    assert headline("continue", {"code_accuracy": 0.2, "unigram_code_accuracy": 0.1}) == \
+        "next-code accuracy 0.200 (unigram 0.100)"
