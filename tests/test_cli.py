@@ -8,6 +8,7 @@ import pytest
 
 from omni.cli import build_parser, main
 from omni.data.text import wiki_documents
+from omni.demo import headline
 from omni.io import write_jsonl
 from omni.model.backbone import backbone_config
 from omni.model.omni_model import build_model
@@ -176,3 +177,10 @@ def test_transcribe_caption_and_audio_generation(tmp_path, capsys):
     assert "needs -o FILE.wav" in capsys.readouterr().err
     assert main(["generate", "--ckpt", str(ckpt), "Describe:", str(tmp_path / "missing.wav")]) == 1
     assert "missing.wav" in capsys.readouterr().err
+
+
+def test_the_demo_report_leads_a_transcript_with_wer_and_a_caption_with_cider():
+    assert headline("caption", {"wer": 0.25, "cider_d": 4.0}) == "WER 0.250"
+    assert headline("caption", {"cider_d": 0.5, "bleu4": 0.1}) == "CIDEr-D 0.500"
+    assert headline("continue", {"code_accuracy": 0.2, "unigram_code_accuracy": 0.1}) == \
+        "next-code accuracy 0.200 (unigram 0.100)"

@@ -58,11 +58,3 @@ def test_video_eval_also_captions_each_clip_backwards(tmp_path, text_tokenizer, 
     assert 0 <= m["direction_accuracy"] <= 1 and 0 <= m["reversed_direction_accuracy"] <= 1
     assert len(played_backwards) == m["rows"] > 0
 
-
-def test_the_demo_report_leads_a_transcript_with_wer_and_a_caption_with_cider():
-    from omni.demo import headline
-
-    assert headline("caption", {"wer": 0.25, "cider_d": 4.0}) == "WER 0.250"
-    assert headline("caption", {"cider_d": 0.5, "bleu4": 0.1}) == "CIDEr-D 0.500"
-    assert headline("continue", {"code_accuracy": 0.2, "unigram_code_accuracy": 0.1}) == \
-        "next-code accuracy 0.200 (unigram 0.100)"
