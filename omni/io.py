@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -42,6 +44,22 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Make a rename inside ``directory`` durable: without it a power cut can leave the folder
+    pointing at neither the old nor the new file, even though the file itself was fsynced."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # platforms that cannot open folders (Windows) have no such fsync
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a folder; the rename is still atomic
+    finally:
+        os.close(fd)
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
@@ -56,6 +74,7 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final_dir, old)
     os.replace(tmp_dir, final_dir)
+    fsync_dir(final_dir.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -115,3 +134,40 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         return load(path.read_bytes())
     except Exception as e:  # safetensors raises SafetensorError with a terse message
         raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock on a folder this process wants to write."""
+
+
+@contextlib.contextmanager
+def exclusive(directory: str | Path, what: str):
+    """Hold an exclusive lock on ``directory`` (``<directory>/.omni.lock``) while writing into it.
+
+    A second process asking for the same folder is refused at once with :class:`LockedError`
+    naming the holder's pid, instead of the two interleaving their files. The lock is an
+    ``fcntl.flock`` on an open file, so the kernel drops it when the holder exits or is killed:
+    a stale lock file from a crashed run never blocks the next one. ``what`` says what the folder
+    is, for the message ("run", "speech corpus").
+    """
+    import fcntl
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / LOCK_FILE
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise LockedError(f"{directory}: this {what} is being written by another process ({holder}); "
+                              f"wait for it to finish or use another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield directory
+    finally:
+        os.close(fd)  # releases the flock; the file stays (removing it would race a new holder)
+
+
+LOCK_FILE = ".omni.lock"

@@ -117,3 +117,31 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
         assert temp_dir(tmp_path, ".t").stat().st_mode & 0o777 == 0o755
     finally:
         os.umask(old)
+
+
+def test_exclusive_refuses_a_second_writer_and_names_the_holder(tmp_path):
+    import subprocess
+    import sys
+
+    # the holder is another process, as two `omni train` on one folder would be
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from omni.io import exclusive\n"
+        f"with exclusive({str(tmp_path)!r}, 'run'):\n"
+        "    print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(io.LockedError, match=rf"this run is being written by another process \(pid {holder.pid} "):
+            with io.exclusive(tmp_path, "run"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with io.exclusive(tmp_path, "run"):  # the kernel released the dead holder's lock
+        pass
+
+
+def test_exclusive_is_not_reentrant_within_one_process(tmp_path):
+    with io.exclusive(tmp_path, "corpus"):
+        with pytest.raises(io.LockedError):
+            with io.exclusive(tmp_path, "corpus"):
+                pass
