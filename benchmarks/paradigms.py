@@ -91,7 +91,7 @@ def run(name: str, args, out_root: Path) -> dict:
     for i, (recipe, extra) in enumerate(stages):
         out = out_root / name if i == len(stages) - 1 else out_root / f"{name}_stage{i + 1}"
         overrides = [f"train.out_dir={out}", f"train.steps={steps}", f"train.init_from={args.lm}",
-                     f"data.path={args.data}", "train.resume=false", "train.progress=false",
+                     f"data.path={args.data}", "train.resume=false", "train.overwrite=true", "train.progress=false",
                      f"train.eval_every={steps}", f"train.save_every={steps}",
                      f"train.warmup_steps={min(40, steps // 10)}", *(x.format(lm=args.lm, prev=prev, tower=args.tower) for x in extra)]
         seconds, rss = _train(name, recipe, overrides)

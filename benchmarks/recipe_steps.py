@@ -40,7 +40,7 @@ def measure(recipe: str, overrides: list[str], steps: int, out_root: str) -> dic
     log_every = max(1, steps // 3)
     cfg = load_recipe(recipe, [*overrides, f"train.steps={steps}", f"train.log_every={log_every}",
                                f"train.eval_every={steps}", "train.eval_batches=1", f"train.warmup_steps={steps // 2}", f"train.save_every={steps}",
-                               f"train.out_dir={out_dir}", "train.resume=false", "train.progress=false"])
+                               f"train.out_dir={out_dir}", "train.resume=false", "train.overwrite=true", "train.progress=false"])
     t0 = time.perf_counter()
     train(cfg)
     wall = time.perf_counter() - t0

@@ -28,6 +28,11 @@ def cmd_train(args) -> int:
 
     cfg = load_recipe(args.recipe, args.overrides)
     res = train(cfg)
+    if res.stopped_by:
+        if _rank() == 0:
+            print(f"{cfg.name}: stopped by {res.stopped_by} after step {res.steps}; checkpoint {res.checkpoint}; "
+                  "run the same command again to resume")
+        return 0
     if _rank() == 0 and res.first_loss is None:  # resumed a run that had already ended
         print(f"{cfg.name}: already trained ({res.steps} steps); model in {res.out_dir}")
     elif _rank() == 0:
@@ -279,11 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     if os.environ.get("OMNI_DEBUG"):
         return args.fn(args)
+    from omni.io import LockedError
     from omni.train import TrainingError
 
     try:
         return args.fn(args)
-    except (ValueError, TrainingError) as e:
+    except (ValueError, TrainingError, LockedError) as e:
         print(f"omni {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

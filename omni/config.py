@@ -193,6 +193,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     resume: bool = True
+    overwrite: bool = False  # a new run in a folder that holds one moves the old run aside (never deletes it)
+    resume_changed: bool = False  # resume although the recipe changed in a way that breaks exactness
+    max_skipped_steps: int = 10  # this many updates in a row skipped for a NaN/inf loss or gradient stop the run
     progress: bool = True
     export: str = "last"  # the model written to out_dir: the last weights, or those with the best val loss
     # stages (omni/train/stages.py): globs over module names that train (None: all), a run whose
@@ -208,7 +211,7 @@ class TrainConfig:
 
     def validate(self):
         for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
-                    "keep_checkpoints", "log_every"):
+                    "keep_checkpoints", "log_every", "max_skipped_steps"):
             _positive(f"train.{key}", getattr(self, key))
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")

@@ -5,6 +5,12 @@ Per optimizer step: ``grad_accum`` micro-batches of ``batch_size`` rows (the glo
 split evenly over processes), mixed precision (bf16 on GPU by default), gradient clipping,
 warmup + cosine learning rate. Periodic eval on the validation split, metrics as JSONL, a
 progress bar with tokens/s, atomic checkpoints with exact resume, and a loss-curve PNG.
+
+What a run promises (docs/reliability.md): one process writes a run folder at a time
+(``omni.io.exclusive``); a folder holding another run is never trained over (``omni.train.run``);
+an update whose loss or gradient is NaN/inf is skipped, and ``train.max_skipped_steps`` of them
+in a row stop the run; a checkpoint never holds NaN/inf; SIGTERM/SIGINT stop after the current
+step with a checkpoint.
 """
 
 from __future__ import annotations
@@ -22,8 +28,16 @@ import torch
 import yaml
 
 from omni.config import RecipeConfig
-from omni.io import atomic_write_bytes
-from omni.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from omni.io import atomic_write_bytes, exclusive
+from omni.train.checkpoint import (
+    NonFiniteError,
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+)
+from omni.train.run import StopSignals, open_run
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +46,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A
 
 
 class TrainingError(RuntimeError):
-    """The run cannot continue (e.g. the loss became NaN); the last good checkpoint is kept."""
+    """The run cannot continue (e.g. the loss stayed NaN); the last good checkpoint is kept."""
 
 
 @dataclass
@@ -43,6 +57,8 @@ class TrainResult:
     final_loss: float | None
     val_loss: float | None
     tokens_per_s: float
+    stopped_by: str | None = None  # the signal that stopped the run early (it saved a checkpoint to resume)
+    checkpoint: Path | None = None  # the newest checkpoint
 
 
 def lr_factor(step: int, warmup: int, progress: float, min_ratio: float) -> float:
@@ -185,22 +201,55 @@ def _check_data(cfg: RecipeConfig) -> None:
 
 
 def train(cfg: RecipeConfig) -> TrainResult:
-    """Train ``cfg`` to completion (resuming from ``<out_dir>/checkpoints`` when asked) and export the model."""
+    """Train ``cfg`` to completion (resuming from ``<out_dir>/checkpoints`` when asked) and export the
+    model. The main process holds the run folder's lock throughout; SIGTERM/SIGINT end the run early
+    with a checkpoint (``TrainResult.stopped_by``)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from omni.data.tasks import dataset_for
 
     tc = cfg.train
     # cpu=True off-GPU lets accelerate run multi-process CPU (gloo) under torchrun / accelerate launch.
     accelerator = Accelerator(mixed_precision=_mixed_precision(tc.mixed_precision), cpu=not torch.cuda.is_available())
+    if tc.batch_size % accelerator.num_processes:
+        raise ValueError(f"train.batch_size ({tc.batch_size}) must be divisible by the number of processes "
+                         f"({accelerator.num_processes})")
+    _check_data(cfg)
+    out_dir = Path(tc.out_dir)
+    with contextlib.ExitStack() as stack:
+        if accelerator.is_main_process:
+            stack.enter_context(exclusive(out_dir, "run"))
+        signals = stack.enter_context(StopSignals())
+        return _train(cfg, accelerator, signals)
+
+
+def _decide(cfg: RecipeConfig, accelerator) -> tuple[Path | None, str]:
+    """The main process decides (under the lock) whether to resume and under which run id; every
+    process gets the same answer, or the same error."""
+    from accelerate.utils import broadcast_object_list
+
+    answer: list = [None]
+    if accelerator.is_main_process:
+        try:
+            answer = [open_run(Path(cfg.train.out_dir), cfg.train, cfg.to_dict(), accelerator.num_processes)]
+        except ValueError as e:
+            answer = [str(e)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(answer)
+    if isinstance(answer[0], str):
+        raise ValueError(answer[0])
+    return answer[0]
+
+
+def _train(cfg: RecipeConfig, accelerator, signals: StopSignals) -> TrainResult:
+    from accelerate.utils import gather_object, set_seed
+
+    from omni.data.tasks import dataset_for
+
+    tc = cfg.train
     world, rank = accelerator.num_processes, accelerator.process_index
-    if tc.batch_size % world:
-        raise ValueError(f"train.batch_size ({tc.batch_size}) must be divisible by the number of processes ({world})")
     local_bs = tc.batch_size // world
     out_dir = Path(tc.out_dir)
     ckpt_root = out_dir / "checkpoints"
-    _check_data(cfg)
+    resume_path, run_id = _decide(cfg, accelerator)
     set_seed(tc.seed)
 
     tokenizer = prepare_tokenizer(cfg, accelerator)
@@ -213,20 +262,19 @@ def train(cfg: RecipeConfig) -> TrainResult:
     optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay, tc.lr_scale), lr=tc.lr,
                                   betas=tuple(tc.betas), foreach=True)
 
-    state = TrainState()
-    resumed_from = None
-    ck_path = latest_checkpoint(ckpt_root) if tc.resume else None
-    if ck_path is not None:
-        ck = load_checkpoint(ck_path)
-        model.load_weights(ck.model_state, str(ck_path / "model.safetensors"))
+    state, scaler_state = TrainState(run_id=run_id), None
+    if resume_path is not None:
+        ck = load_checkpoint(resume_path)
+        model.load_weights(ck.model_state, str(resume_path / "model.safetensors"))
         optimizer.load_state_dict(ck.optimizer_state)
-        state = ck.state
-        ck.restore_rng()
-        resumed_from = ck_path
-    elif accelerator.is_main_process and ckpt_root.exists() and any(ckpt_root.glob("step_*")):
-        log.warning("%s holds checkpoints but train.resume=false: starting over", ckpt_root)
+        state, scaler_state = ck.state, ck.meta.get("scaler")
+        state.run_id = run_id
+        ck.restore_rng(rank % len(ck.rng))  # another number of processes needed train.resume_changed
+    resumed_from = resume_path
 
     model, optimizer = accelerator.prepare(model, optimizer)
+    if scaler_state and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(scaler_state)
     inner = accelerator.unwrap_model(model)
     inner.backbone.set_attn_backend(mc.attn_backend, accelerator.device)
     stream = RowStream(len(train_set), tc.seed)
@@ -243,21 +291,35 @@ def train(cfg: RecipeConfig) -> TrainResult:
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out_dir / "recipe.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-        _truncate_metrics(metrics_file, state.step)
+        _truncate_metrics(metrics_file, state.step if resumed_from else -1)
         record({"event": "start", "step": state.step, "world_size": world, "params": n_params,
-                "trainable_params": n_trainable, "resumed_from": str(resumed_from) if resumed_from else None})
+                "trainable_params": n_trainable, "resumed_from": str(resumed_from) if resumed_from else None,
+                "run_id": run_id})
         log.info("model: %.2fM parameters (%.2fM trainable); train rows: %d x %d tokens (%d docs, %d skipped); processes: %d%s",
                  n_params / 1e6, n_trainable / 1e6, len(train_set), cfg.data.seq_len, train_set.num_docs, train_set.num_bad, world,
                  f"; resumed from {resumed_from}" if resumed_from else "")
 
-    def save(reason: str):
+    def save(reason: str) -> Path | None:
         accelerator.wait_for_everyone()
+        rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]  # every rank's, in rank order
+        error, path = None, None
         if accelerator.is_main_process:
-            extra = {"recipe": cfg.to_dict(), "reason": reason, "model_config": inner.config.to_dict()}
-            p = save_checkpoint(ckpt_root, inner.export_state_dict(merge_lora=False), optimizer.state_dict(), state, extra,
-                                tc.keep_checkpoints)
-            log.info("checkpoint: %s", p)
+            extra = {"recipe": cfg.to_dict(), "reason": reason, "model_config": inner.config.to_dict(),
+                     "world_size": world}
+            scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+            try:
+                path = save_checkpoint(ckpt_root, inner.export_state_dict(merge_lora=False), optimizer.state_dict(),
+                                       state, extra, tc.keep_checkpoints, rng=rngs, scaler=scaler)
+                log.info("checkpoint: %s", path)
+            except NonFiniteError as e:
+                error = (f"{e} at step {state.step}: the weights or optimizer state went NaN/inf. "
+                         f"Last good checkpoint: {latest_checkpoint(ckpt_root) or 'none'}. Lower train.lr or check the data.")
+        if world > 1:
+            error = _any_error(accelerator, error)
+        if error:
+            raise TrainingError(error)
         accelerator.wait_for_everyone()
+        return path
 
     def evaluate() -> float:
         model.eval()
@@ -289,6 +351,8 @@ def train(cfg: RecipeConfig) -> TrainResult:
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     budget = tc.max_minutes * 60
+    skipped_in_a_row, stop, save_due = 0, 0.0, False
+    checkpoint = None
     last = state.step >= tc.steps or bool(budget) and state.train_seconds >= budget
     while not last:
         step_start = time.perf_counter()
@@ -314,23 +378,40 @@ def train(cfg: RecipeConfig) -> TrainResult:
                 step_parts[name] = step_parts.get(name, 0) + value / tc.grad_accum
             window_tokens += int((batch["doc_ids"] >= 0).sum()) * world
         loss = float(accelerator.reduce(step_loss, "mean"))
-        if not math.isfinite(loss):
-            last = latest_checkpoint(ckpt_root)
-            raise TrainingError(f"loss is {loss} at step {state.step + 1}; stopped without saving. "
-                                f"Last good checkpoint: {last or 'none'}. Lower train.lr or check the data.")
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip))
-        optimizer.step()
+        # the same numbers on every process (reduced loss, synchronised gradients), so all skip alike;
+        # under fp16 the grad scaler skips inf gradients itself and lowers its scale
+        if math.isfinite(loss) and (math.isfinite(grad_norm) or accelerator.scaler is not None):
+            optimizer.step()
+            skipped_in_a_row = 0
+            first_loss = loss if first_loss is None else first_loss
+            last_loss = loss
+        else:
+            skipped_in_a_row += 1
+            state.skipped_steps += 1
+            record({"event": "skipped_step", "step": state.step + 1, "loss": str(loss), "grad_norm": str(grad_norm)})
+            log.warning("step %d: loss %s, gradient norm %s: update skipped (%d in a row)",
+                        state.step + 1, loss, grad_norm, skipped_in_a_row)
+            if skipped_in_a_row >= tc.max_skipped_steps:
+                raise TrainingError(
+                    f"loss is {loss}, gradient norm {grad_norm} at step {state.step + 1}: {skipped_in_a_row} updates "
+                    f"in a row skipped (train.max_skipped_steps); stopped without saving. Last good checkpoint: "
+                    f"{latest_checkpoint(ckpt_root) or 'none'}. Lower train.lr or check the data.")
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         window_steps += 1
         state.tokens += int(batch["doc_ids"].numel()) * world * tc.grad_accum
-        first_loss = loss if first_loss is None else first_loss
-        last_loss = loss
         bar.update(1)
-        # training time, without evaluations and checkpoints; every process stops at the same step
+        # training time, without evaluations and checkpoints; every process stops at the same step,
+        # whether for the time budget or because one of them was sent SIGTERM
         state.train_seconds += time.perf_counter() - step_start
-        out_of_time = bool(budget) and float(accelerator.reduce(
-            torch.tensor(state.train_seconds, device=accelerator.device), "max")) >= budget
+        seconds, stop = state.train_seconds, float(signals.received is not None)
+        if world > 1:
+            seconds, stop = accelerator.reduce(torch.tensor([seconds, stop], device=accelerator.device), "max").tolist()
+        out_of_time = bool(budget) and seconds >= budget
+        if stop:
+            checkpoint = save("stopped by signal")
+            break
         last = state.step >= tc.steps or out_of_time
         if out_of_time and accelerator.is_main_process:
             log.info("train.max_minutes=%g reached at step %d of %d", tc.max_minutes, state.step, tc.steps)
@@ -344,6 +425,8 @@ def train(cfg: RecipeConfig) -> TrainResult:
                    "tokens": state.tokens}
             if on_cuda:  # peak since the start of training, this process
                 row["max_mem_gib"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 2)
+            if state.skipped_steps:
+                row["skipped_steps"] = state.skipped_steps
             if has_aux:  # the same on every process: it follows from the recipe
                 row["aux_loss"] = round(float(accelerator.reduce(step_aux, "mean")), 5)
             for name, value in step_parts.items():  # each loss of a multi-loss objective (BLIP-2), unweighted
@@ -362,11 +445,20 @@ def train(cfg: RecipeConfig) -> TrainResult:
             record({"step": state.step, "val_loss": round(val_loss, 5), "val_ppl": round(math.exp(min(val_loss, 50)), 3)})
             if accelerator.is_main_process:
                 bar.write(f"step {state.step}: val loss {val_loss:.4f}")
-        if state.step % tc.save_every == 0 or last:
-            save("final" if last else "periodic")
+        # a periodic checkpoint waits while updates are being skipped: it would only save a bad state
+        save_due = save_due or state.step % tc.save_every == 0
+        if save_due and not skipped_in_a_row or last:
+            checkpoint, save_due = save("final" if last else "periodic"), False
         if state.step % tc.eval_every == 0 or state.step % tc.save_every == 0:
             window_tokens, window_steps, window_start = 0, 0, time.perf_counter()  # keep eval/saving out of tokens/s
     bar.close()
+    if signals.received is not None or (world > 1 and stop):
+        if accelerator.is_main_process:
+            record({"event": "stopped", "step": state.step, "signal": signals.received or "peer"})
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return TrainResult(out_dir, state.step, first_loss, last_loss, val_loss, tok_per_s,
+                           stopped_by=signals.received or "a signal to another process", checkpoint=checkpoint)
 
     if accelerator.is_main_process:
         if tc.export == "last":
@@ -377,20 +469,44 @@ def train(cfg: RecipeConfig) -> TrainResult:
         write_model_card(out_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(out_dir, state.step, first_loss, last_loss, val_loss, tok_per_s)
+    return TrainResult(out_dir, state.step, first_loss, last_loss, val_loss, tok_per_s,
+                       checkpoint=checkpoint or latest_checkpoint(ckpt_root))
+
+
+def _any_error(accelerator, error: str | None) -> str | None:
+    """The main process's error, on every process (so all raise together instead of one hanging)."""
+    from accelerate.utils import broadcast_object_list
+
+    box = [error]
+    broadcast_object_list(box)
+    return box[0]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric rows the killed run wrote after its last checkpoint."""
+    """On resume, drop metric rows the killed run wrote after its last checkpoint (``step`` -1: a
+    new run, drop them all). A line cut short by a crash mid-write is dropped with a warning."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()
-            and json.loads(ln).get("step", 0) <= step]
+    keep = [json.dumps(row) for row in read_metrics(path) if row.get("step", 0) <= step]
     atomic_write_bytes(path, ("\n".join(keep) + "\n").encode() if keep else b"")
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    """The rows of a ``metrics.jsonl``; a line that is not a JSON object (cut short by a crash
+    mid-write) is dropped with a warning naming it, so it cannot block a resume or a report."""
+    rows = []
+    for n, ln in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            log.warning("%s:%d: dropped an unreadable metrics line (a crash mid-write?): %.60r", path, n, ln)
+    return rows
 
 
 def plot_losses(metrics: Path, png: Path, title: str = "") -> Path | None:

@@ -1,5 +1,6 @@
-"""The training loop through the real CLI: loss falls, exact resume after SIGKILL, DDP on CPU
-under ``accelerate launch``, NaN stops the run and keeps the last good checkpoint."""
+"""The training loop through the real CLI: loss falls, exact resume after SIGKILL (also mid-write,
+and past a damaged checkpoint) and after SIGTERM, one writer per run folder, DDP on CPU under
+``accelerate launch``, NaN/inf updates skipped and the run stopped when they persist."""
 
 from __future__ import annotations
 
@@ -121,35 +122,121 @@ def test_train_lowers_loss_and_exports(run_env, tmp_path):
     assert isinstance(text, str) and len(text) > 0
 
 
-def test_sigkill_then_resume_equals_uninterrupted(run_env, tmp_path):
-    long = {"train.steps": 400, "train.save_every": 10, "train.eval_every": 400, "train.log_every": 50}
-    ref, killed = tmp_path / "ref", tmp_path / "killed"
-    r = run(omni_cmd("train", "text/tiny", *overrides(run_env, ref, **long)))
-    assert r.returncode == 0, r.stderr
+LONG = {"train.steps": 200, "train.save_every": 10, "train.eval_every": 200, "train.log_every": 50}
 
-    proc = subprocess.Popen(omni_cmd("train", "text/tiny", *overrides(run_env, killed, **long)), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "checkpoints" / "step_00000020" / "trainer_state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
+
+@pytest.fixture(scope="module")
+def reference(run_env, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The weights of an uninterrupted LONG run, which every interrupted run must end with."""
+    ref = tmp_path_factory.mktemp("reference") / "run"
+    r = run(omni_cmd("train", "text/tiny", *overrides(run_env, ref, **LONG)))
+    assert r.returncode == 0, r.stderr
+    return weights(ref)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.time() < deadline, f"run ended before {path} appeared"
         time.sleep(0.005)
+
+
+def patched_cmd(patch: str, *args) -> list[str]:
+    """``omni`` in a process whose code ``patch`` changed first (fault injection)."""
+    return [sys.executable, "-c", f"import sys\n{patch}\nfrom omni.cli import main\nsys.exit(main(sys.argv[1:]))",
+            *map(str, args)]
+
+
+def test_sigkill_then_resume_past_a_damaged_checkpoint_equals_uninterrupted(run_env, tmp_path, reference):
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(omni_cmd("train", "text/tiny", *overrides(run_env, killed, **LONG)), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(killed / "checkpoints" / "step_00000030" / "trainer_state.json", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "model.safetensors").exists(), "the run finished before it could be killed"
-    done = load_checkpoint(latest_checkpoint(killed / "checkpoints")).state.step
-    assert 20 <= done < 400
+    newest = latest_checkpoint(killed / "checkpoints")
+    assert 30 <= load_checkpoint(newest).state.step < 200
+    # a disk that lost the newest checkpoint's tail, and a metrics line cut short mid-write
+    (newest / "model.safetensors").write_bytes((newest / "model.safetensors").read_bytes()[:1000])
+    with open(killed / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9999, "lo')
 
-    r = run(omni_cmd("train", "text/tiny", *overrides(run_env, killed, **long)))
+    r = run(omni_cmd("train", "text/tiny", *overrides(run_env, killed, **LONG)))
     assert r.returncode == 0, r.stderr
-    assert "resumed from" in r.stderr
-    a, b = weights(ref), weights(killed)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    assert f"skipping damaged checkpoint: {newest / 'model.safetensors'}" in r.stderr
+    assert "dropped an unreadable metrics line" in r.stderr and "resumed from" in r.stderr
+    assert_same_weights(reference, weights(killed))
     # the metrics log has no rows from the killed run past its checkpoint: one row per step
     steps = [r["step"] for r in read_metrics(killed / "metrics.jsonl") if "loss" in r]
     assert steps == sorted(set(steps))
+
+
+def test_sigkill_during_a_checkpoint_write_then_resume_equals_uninterrupted(run_env, tmp_path, reference):
+    out = tmp_path / "run"
+    die_mid_write = (
+        "import os, signal\nimport omni.train.checkpoint as C\nsave = C.save_tensors\n"
+        "def save_tensors(path, tensors, metadata=None):\n"
+        "    if '.step_00000020.tmp' in str(path) and path.name == 'optimizer.safetensors':\n"
+        "        path.write_bytes(b'half a file')\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return save(path, tensors, metadata)\n"
+        "C.save_tensors = save_tensors")
+    r = run(patched_cmd(die_mid_write, "train", "text/tiny", *overrides(run_env, out, **LONG)))
+    assert r.returncode == -signal.SIGKILL
+    assert latest_checkpoint(out / "checkpoints").name == "step_00000010"
+    assert list((out / "checkpoints").glob(".step_00000020.tmp*"))
+    r = run(omni_cmd("train", "text/tiny", *overrides(run_env, out, **LONG)))
+    assert r.returncode == 0, r.stderr
+    assert "a checkpoint write that a killed run left unfinished" in r.stderr
+    assert not list((out / "checkpoints").glob(".step_*"))
+    assert_same_weights(reference, weights(out))
+
+
+def test_sigterm_saves_exits_0_and_resumes_exactly_and_a_second_writer_is_refused(run_env, tmp_path, reference):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(omni_cmd("train", "text/tiny", *overrides(run_env, out, **LONG)), env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(out / "checkpoints" / "step_00000020" / "trainer_state.json", proc)
+    proc.send_signal(signal.SIGSTOP)  # hold it mid-run, lock held, while a second writer tries
+    try:
+        r = run(omni_cmd("train", "text/tiny", *overrides(run_env, out, **LONG)))
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"is being written by another process (pid {proc.pid} " in r.stderr.strip().splitlines()[-1]
+    time.sleep(0.05)  # a step or so more
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "SIGTERM received: stopping after this step" in stderr
+    ck = latest_checkpoint(out / "checkpoints")
+    step = load_checkpoint(ck).state.step
+    assert f"stopped by SIGTERM after step {step}; checkpoint {ck}" in stdout
+    assert 20 < step < 200 and not (out / "model.safetensors").exists()
+    r = run(omni_cmd("train", "text/tiny", *overrides(run_env, out, **LONG)))
+    assert r.returncode == 0, r.stderr
+    assert_same_weights(reference, weights(out))
+
+
+def test_a_second_signal_ends_the_run_at_once(run_env, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(omni_cmd("train", "text/tiny", *overrides(run_env, out, **LONG)), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(out / "checkpoints" / "step_00000010" / "trainer_state.json", proc)
+    proc.send_signal(signal.SIGSTOP)  # both signals are pending when it wakes: the second ends it
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
+    assert proc.wait(timeout=60) in (-signal.SIGINT, -signal.SIGTERM)
+    load_checkpoint(latest_checkpoint(out / "checkpoints"))  # what was written is intact
 
 
 def _free_port() -> int:
@@ -173,22 +260,61 @@ def test_ddp_two_processes_under_accelerate_launch(run_env, tmp_path):
     assert start[-1]["world_size"] == 2
     # Two processes each take half of every global batch, so the run follows the single-process
     # one up to floating-point reduction order (Adam turns that into small weight differences).
-    losses = lambda d, key: [r[key] for r in read_metrics(d / "metrics.jsonl") if key in r]  # noqa: E731
+    losses = lambda d, key: [r[key] for r in read_metrics(d / "metrics.jsonl") if key in r]
     assert losses(ddp, "loss") == pytest.approx(losses(single, "loss"), abs=1e-2)
     assert losses(ddp, "val_loss") == pytest.approx(losses(single, "val_loss"), abs=1e-2)
     assert losses(ddp, "loss")[-1] < losses(ddp, "loss")[0]
+    ck = load_checkpoint(latest_checkpoint(ddp / "checkpoints"))
+    assert len(ck.rng) == 2 and ck.meta["world_size"] == 2  # each rank's RNG states, for an exact resume
 
-def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(run_env, tmp_path):
+def nan_gradients_at(steps: str) -> str:
+    """A patch making the gradient NaN (the loss stays finite) at the training steps ``steps`` names."""
+    return ("import omni.train.loop as L\nforward, calls = L._forward, [0]\n"
+            "def _forward(model, batch):\n"
+            "    out = forward(model, batch)\n"
+            "    if model.training:\n"
+            "        calls[0] += 1\n"
+            f"        if calls[0] in {steps}: out.loss.register_hook(lambda g: g * float('nan'))\n"
+            "    return out\n"
+            "L._forward = _forward")
+
+
+def test_non_finite_gradients_skip_the_update_and_are_counted(run_env, tmp_path):
+    out = tmp_path / "run"
+    r = run(patched_cmd(nan_gradients_at("(5, 6, 17)"), "train", "text/tiny", *overrides(run_env, out)))
+    assert r.returncode == 0, r.stderr
+    assert "step 6: loss" in r.stderr and "gradient norm nan: update skipped (2 in a row)" in r.stderr
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [row["step"] for row in rows if row.get("event") == "skipped_step"] == [5, 6, 17]
+    assert rows[-2]["skipped_steps"] == 3  # the last log row
+    ck = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+    assert ck.state.step == 30 and ck.state.skipped_steps == 3
+    assert all(torch.isfinite(v).all() for v in weights(out).values())
+
+
+def test_persistent_nan_stops_the_run_and_keeps_the_last_good_checkpoint(run_env, tmp_path):
     out = tmp_path / "nan"
-    r = run(omni_cmd("train", "text/tiny", *overrides(run_env, out, **{
-        "train.lr": 1e30, "train.warmup_steps": 0, "train.save_every": 1, "train.grad_clip": 1e30})))
+    r = run(patched_cmd(nan_gradients_at("range(5, 10**6)"), "train", "text/tiny", *overrides(run_env, out, **{
+        "train.save_every": 1, "train.keep_checkpoints": 20, "train.max_skipped_steps": 3})))
     assert r.returncode == 1
     err = r.stderr.strip().splitlines()[-1]
-    assert "loss is nan" in err or "loss is inf" in err, r.stderr
-    assert "Last good checkpoint" in err and "Traceback" not in r.stderr
+    assert "gradient norm nan at step 7: 3 updates in a row skipped" in err, r.stderr
+    assert "Traceback" not in r.stderr
     last = latest_checkpoint(out / "checkpoints")
-    assert last is not None and str(last) in err
+    assert last.name == "step_00000004" and str(last) in err  # none written during the streak
     load_checkpoint(last)  # intact
+    assert not (out / "model.safetensors").exists()
+
+
+def test_weights_that_blow_up_are_never_checkpointed(run_env, tmp_path):
+    out = tmp_path / "inf"
+    r = run(omni_cmd("train", "text/tiny", *overrides(run_env, out, **{
+        "train.lr": 1e30, "train.warmup_steps": 0, "train.save_every": 1, "train.grad_clip": 1e30})))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    err = r.stderr.strip().splitlines()[-1]
+    assert "Last good checkpoint" in err and ("NaN/inf" in err or "updates in a row skipped" in err), err
+    for ck in (out / "checkpoints").glob("step_*"):
+        assert all(torch.isfinite(v).all() for v in load_checkpoint(ck).model_state.values())
     assert not (out / "model.safetensors").exists()
 
 
@@ -205,15 +331,27 @@ def test_bad_recipe_input_is_one_line_error(run_env, tmp_path, args, needle):
     assert needle in r.stderr.strip().splitlines()[-1]
 
 
-def test_resume_refuses_incompatible_checkpoint(run_env, tmp_path):
+def test_a_run_folder_is_never_trained_over(run_env, tmp_path):
     out = tmp_path / "run"
     r = run(omni_cmd("train", "text/tiny", *overrides(run_env, out, **{"train.steps": 10})))
     assert r.returncode == 0, r.stderr
-    before = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
-    r = run(omni_cmd("train", "text/tiny", *overrides(run_env, out, **{"train.steps": 20, "model.dim": 96})))
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "shape" in r.stderr
-    assert before == {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    files = lambda d: {p.relative_to(d): p.read_bytes() for p in d.rglob("*")
+                       if p.is_file() and p.name != ".omni.lock"}
+    before = files(out)
+    for args, needle in ((["train.steps=20", "model.dim=96"], "model.dim: None -> 96"),  # a changed recipe
+                         (["train.steps=20", "model.dim=96", "train.resume_changed=true"], "shape"),  # and forced
+                         (["train.resume=false"], "already holds a run and train.resume=false")):
+        r = run(omni_cmd("train", "text/tiny", *overrides(run_env, out, **{"train.steps": 10}), *args))
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert needle in r.stderr.strip().splitlines()[-1], r.stderr
+        assert files(out) == before
+    r = run(omni_cmd("train", "text/tiny", *overrides(run_env, out, **{
+        "train.steps": 10, "train.resume": "false", "train.overwrite": "true", "train.lr": 0.01})))
+    assert r.returncode == 0, r.stderr
+    (aside,) = tmp_path.glob("run.old-*")
+    assert files(aside) == before
+    new, old = weights(out), weights(aside)  # a new run (another lr) beside the old one, kept whole
+    assert new.keys() == old.keys() and any(not torch.equal(new[k], old[k]) for k in new)
 
 
 
