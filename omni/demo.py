@@ -188,8 +188,9 @@ def write_report(out: Path, run: Path, scores: dict, shown: list[Shown], timings
 
 
 def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, codec_minutes: float = 3.0,
-             eval_rows: int | None = None, max_docs: int | None = None, say=print) -> Path:
-    """The whole demo; returns the report's path."""
+             eval_rows: int | None = None, max_docs: int | None = None, say=print) -> Path | None:
+    """The whole demo; returns the report's path, or None when a signal stopped the training (its
+    checkpoint is saved, and running the demo again resumes it)."""
     import omni
     from omni.eval import evaluate
     from omni.train import train
@@ -222,7 +223,10 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, 
     else:
         say(f"[3/5] training {RECIPE}: {len(cfg.data.mixture)} tasks, {cfg.train.steps} steps"
             + (f" or {cfg.train.max_minutes:g} min" if cfg.train.max_minutes else "") + f" -> {run}")
-        train(cfg)
+        res = train(cfg)
+        if res.stopped_by:
+            say(f"stopped by {res.stopped_by} after step {res.steps}; run the same command again to resume")
+            return None
     timings["train"] = time.perf_counter() - t
 
     t = time.perf_counter()

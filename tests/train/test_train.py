@@ -365,3 +365,38 @@ def test_export_best_keeps_the_weights_with_the_lowest_val_loss(run_env, tmp_pat
     exported = weights(out)
     ck = load_tensors(out / "checkpoints" / f"step_{best:08d}" / "model.safetensors")
     assert all(torch.equal(exported[k], ck[k]) for k in ck)
+
+
+def ddp_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), "-m", "omni.cli", *map(str, args)]
+
+
+@pytest.mark.slow
+def test_ddp_killed_at_a_random_step_then_resumed_equals_uninterrupted(run_env, tmp_path):
+    """Fault injection: SIGKILL the whole 2-process DDP job (launcher and ranks) at a random moment,
+    then resume with the same command: the same weights, bit for bit, as an uninterrupted DDP run."""
+    import random
+
+    steps = {"train.steps": 120, "train.save_every": 10, "train.eval_every": 120, "train.log_every": 20}
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    r = run(ddp_cmd("train", "text/tiny", *overrides(run_env, ref, **steps)), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    target = rng.randrange(10, 100, 10)
+    proc = subprocess.Popen(ddp_cmd("train", "text/tiny", *overrides(run_env, killed, **steps)), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(killed / "checkpoints" / f"step_{target:08d}" / "trainer_state.json", proc, timeout=300)
+        time.sleep(rng.uniform(0, 0.5))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (killed / "model.safetensors").exists(), f"seed {seed}: the run ended before the kill"
+    r = run(ddp_cmd("train", "text/tiny", *overrides(run_env, killed, **steps)), timeout=600)
+    assert r.returncode == 0, f"seed {seed}: " + r.stdout + r.stderr
+    assert "resumed from" in r.stderr
+    assert_same_weights(weights(ref), weights(killed))
