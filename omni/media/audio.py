@@ -99,7 +99,7 @@ def _check_rate(source, sr) -> None:
                                  f"{MAX_SAMPLE_RATE} Hz")
 
 
-def _check_header(source, sr: int, frames: int | float | None, max_seconds: float) -> None:
+def _check_header(source, sr: int, frames: float | None, max_seconds: float) -> None:
     """The rate and the declared length, before any sample is decoded."""
     _check_rate(source, sr)
     if frames and frames / sr > max_seconds:
