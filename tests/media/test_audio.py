@@ -213,15 +213,12 @@ def test_awkward_rate_ratio_resamples_in_bounded_memory(tmp_path, monkeypatch):
 
     path = tmp_path / "odd.wav"
     sf.write(path, tone(freq=1000.0, sr=44101, seconds=2.0), 44101, subtype="FLOAT")
-    big = []
-    real = AF.resample
-    monkeypatch.setattr(AF, "resample", lambda w, o, n, **kw: big.append((o, n)) or real(w, o, n, **kw))
+    monkeypatch.setattr(AF, "resample", lambda *a, **kw: pytest.fail("torchaudio built its kernel (2.8 GB)"))
     wave, sr = load_audio(path, sample_rate=16000)
     assert sr == 16000 and wave.shape == (math.ceil(2 * 44101 * 16000 / 44101),)
     assert abs(peak_hz(wave, 16000) - 1000) < 2 and abs(wave.abs().max().item() - 0.5) < 0.01
     windows = list(iter_audio_windows(path, window_s=0.7, sample_rate=16000))
     assert torch.allclose(torch.cat(windows), wave, atol=1e-5)
-    assert big == [], "torchaudio's kernel was built for an awkward ratio"
 
 
 @pytest.mark.parametrize("rate", [22050, 44100, 48000, 24000, 8000])
