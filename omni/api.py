@@ -231,41 +231,68 @@ def _generate_audio(model, batch: list, max_frames: int, **sampling) -> list:
 
 
 def describe(model, paths, *, prompt: str = "", batch_size: int = 8, window_s: float | None = 30.0,
-             max_new_tokens: int = 64, progress: bool = True, num_beams: int = 1, ctc_weight: float = 0.0) -> list[str]:
+             max_new_tokens: int = 64, progress: bool = True, num_beams: int = 1, ctc_weight: float = 0.0,
+             return_exceptions: bool = False) -> list:
     """Text for each media file (a caption, or a transcript for speech), greedy, in batches; or by
     beam search (``num_beams``), jointly with the audio encoder's CTC head (``ctc_weight``).
 
-    Audio is read in windows of ``window_s`` seconds (streamed from disk, so an hour-long file
-    costs one window of memory) and the windows' texts are joined; ``None`` reads files whole.
+    Audio is read in windows of ``window_s`` seconds and the windows' texts are joined; ``None``
+    reads files whole. Files and windows are read lazily, ``batch_size`` clips at a time, so memory
+    holds one batch of clips however many and however long the files are.
+
+    A file that cannot be read or prepared (missing, corrupt, an unsupported sample rate or
+    modality: :data:`omni.media.BAD_FILE_ERRORS`) raises; with ``return_exceptions=True`` (as in
+    :func:`asyncio.gather`) its exception takes its place in the returned list and the other files
+    are still described. Errors while generating are not a file's fault and always raise.
     """
+    from itertools import islice
+
     from tqdm.auto import tqdm
 
+    from omni.media import BAD_FILE_ERRORS
+
+    paths = list(paths)
+    texts: list[list[str]] = [[] for _ in paths]
+    errors: list[Exception | None] = [None] * len(paths)
+    tail = [prompt] if prompt else []
+
+    def clips():  # (file index, prepared prompt), one at a time
+        for i, path in enumerate(paths):
+            try:
+                for piece in _pieces(model, path, window_s):
+                    yield i, _prompt_sample(model, [piece] + tail)  # decoded and prepared here, per file
+            except BAD_FILE_ERRORS as e:
+                if not return_exceptions:
+                    raise
+                errors[i] = e
+
+    stream = clips()
+    with tqdm(unit="clip", desc="describe", disable=not progress, delay=2) as bar:
+        while batch := list(islice(stream, batch_size)):
+            outs = model.generate([sample for _, sample in batch], max_new_tokens=max_new_tokens,
+                                  num_beams=num_beams, ctc_weight=ctc_weight)
+            for (i, _), text in zip(batch, outs):
+                texts[i].append(text.strip())
+            bar.update(len(batch))
+    return [e if e is not None else " ".join(t for t in parts if t) for e, parts in zip(errors, texts)]
+
+
+def _pieces(model, path, window_s: float | None) -> Iterator:
+    """One media file as prompt pieces: audio in windows of ``window_s`` seconds at the log-mel
+    front end's rate (streamed from disk), other media (or ``window_s=None``) whole."""
     from omni.media import MediaError, modality_of_path
     from omni.media.audio import Audio, iter_audio_windows
 
-    pieces: list[tuple[int, object]] = []  # (file index, prompt piece)
-    for i, path in enumerate(paths):
-        modality = modality_of_path(path)
-        if modality is None:
-            raise MediaError(path, "not a media file this command reads (audio, image or video by suffix)")
-        if modality not in model.encoders:
-            raise ValueError(f"{path}: this checkpoint cannot read {modality}; it reads: {', '.join(reads(model))}")
-        if modality == "audio" and window_s:
-            rate = 16000  # the log-mel front end's rate
-            pieces += [(i, Audio(w, sample_rate=rate)) for w in iter_audio_windows(path, window_s, rate) if len(w)]
-        else:
-            pieces.append((i, media_for(model, path)))
-    texts: list[list[str]] = [[] for _ in paths]
-    bar = tqdm(total=len(pieces), unit="clip", desc="describe", disable=not progress or len(pieces) < 2)
-    for start in range(0, len(pieces), batch_size):
-        chunk = pieces[start:start + batch_size]
-        outs = model.generate([[piece] + ([prompt] if prompt else []) for _, piece in chunk],
-                              max_new_tokens=max_new_tokens, num_beams=num_beams, ctc_weight=ctc_weight)
-        for (i, _), text in zip(chunk, outs):
-            texts[i].append(text.strip())
-        bar.update(len(chunk))
-    bar.close()
-    return [" ".join(t for t in parts if t) for parts in texts]
+    modality = modality_of_path(path)
+    if modality is None:
+        raise MediaError(path, "not a media file this command reads (audio, image or video by suffix)")
+    if modality not in model.encoders:
+        raise ValueError(f"{path}: this checkpoint cannot read {modality}; it reads: {', '.join(reads(model))}")
+    if modality == "audio" and window_s:
+        rate = 16000  # the log-mel front end's rate
+        yield from (Audio(w, sample_rate=rate) for w in iter_audio_windows(path, window_s, rate) if len(w))
+    else:
+        yield media_for(model, path)
 
 
 def _until_stop(ids: list[int], vocab) -> list[int]:

@@ -89,6 +89,9 @@ def _run_prompt(ckpt: str) -> str:
 
 
 def cmd_describe(args) -> int:
+    """Describe every file; a file that cannot be read gets ``FILE<TAB>ERROR: problem`` on stderr
+    (and an ``error`` field instead of ``text`` in the -o rows) and the others are still done.
+    Exit status 1 when any file failed, else 0."""
     import omni
     from omni.api import describe
     from omni.io import write_jsonl
@@ -101,14 +104,35 @@ def cmd_describe(args) -> int:
     model = omni.load(args.ckpt)
     prompt = args.prompt if args.prompt is not None else _run_prompt(args.ckpt)
     t0 = time.perf_counter()
-    texts = describe(model, args.files, prompt=prompt, batch_size=args.batch_size, window_s=args.window or None,
-                     max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, ctc_weight=args.ctc_weight)
-    for f, text in zip(args.files, texts):
-        print(f"{f}\t{text}")
+    results = describe(model, args.files, prompt=prompt, batch_size=args.batch_size, window_s=args.window or None,
+                       max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, ctc_weight=args.ctc_weight,
+                       return_exceptions=True)
+    rows = []
+    for f, result in zip(args.files, results):
+        if isinstance(result, Exception):
+            rows.append({"file": f, "error": _problem(result)})
+            print(f"{f}\tERROR: {rows[-1]['error']}", file=sys.stderr)
+        else:
+            rows.append({"file": f, "text": result})
+            print(f"{f}\t{result}")
     if args.o:
-        write_jsonl(args.o, [{"file": f, "text": t} for f, t in zip(args.files, texts)])
+        write_jsonl(args.o, rows)
+    failed = sum("error" in r for r in rows)
     logging.getLogger("omni").info("%d files in %.1f s", len(args.files), time.perf_counter() - t0)
-    return 0
+    if failed:
+        print(f"omni {args.command}: {failed} of {len(args.files)} files failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _problem(error: Exception) -> str:
+    """One file's error on one line, without the file name (it is printed beside it)."""
+    from omni.media import MediaError
+
+    if isinstance(error, MediaError):
+        text = error.problem
+    else:
+        text = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+    return " ".join(text.split())
 
 
 def cmd_data_build(args) -> int:
@@ -207,7 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, what in (("transcribe", "speech to text: transcribe audio files"),
                        ("caption", "describe image, video or audio files in text")):
-        c = sub.add_parser(name, help=what, epilog=EPILOG)
+        c = sub.add_parser(name, help=what, epilog=EPILOG,
+                           description=f"{what[0].upper()}{what[1:]}. Prints FILE<TAB>text per file on stdout. A file "
+                                       "that cannot be read gets FILE<TAB>ERROR: problem on stderr (and an "
+                                       "'error' field in the -o rows) while the others are still done; the "
+                                       "exit status is 1 if any file failed, else 0.")
         c.add_argument("--ckpt", required=True, help="checkpoint directory (config.json + model.safetensors)")
         c.add_argument("--prompt", default=None,
                        help="text after the media in the user turn (default: the run's recipe data.prompt)")
@@ -219,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--ctc-weight", type=float, default=0.0,
                        help="speech: joint CTC/attention decoding with this weight on the audio encoder's CTC "
                             "head (e.g. 0.5 with --num-beams 4)")
-        c.add_argument("-o", metavar="FILE.jsonl", help="also write {file, text} rows to FILE.jsonl")
+        c.add_argument("-o", metavar="FILE.jsonl",
+                       help="also write {file, text} rows ({file, error} for a file that failed) to FILE.jsonl")
         c.add_argument("files", nargs="+", metavar="FILE", help="media files")
         c.set_defaults(fn=cmd_describe)
 

@@ -145,24 +145,35 @@ def test_output_audio_continues_a_clip(speaking_model, tmp_path):
         speaking_model.generate(["Continue:", clip], output="audio", stream=True)
 
 
-def test_describe_reads_long_audio_in_windows(text_tokenizer, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def listening_model(text_tokenizer):
+    """A debug model with a (debug) audio encoder: it reads audio files. Do not modify it."""
+    return build_model(backbone_config("debug", max_seq_len=128), text_tokenizer.vocab, text_tokenizer, seed=0,
+                       media={"audio": {"encoder": {"kind": "whisper_style", "size": "debug"},
+                                        "connector": {"kind": "mlp"}, "stack": 4}}).eval()
+
+
+def _noise_wav(path, seconds: float, rate: int = 8000):
     import numpy as np
     import soundfile as sf
 
-    model = build_model(backbone_config("debug", max_seq_len=128), text_tokenizer.vocab, text_tokenizer, seed=0,
-                        media={"audio": {"encoder": {"kind": "whisper_style", "size": "debug"},
-                                         "connector": {"kind": "mlp"}, "stack": 4}}).eval()
+    sf.write(path, (0.1 * np.random.default_rng(0).standard_normal(int(rate * seconds))).astype("float32"), rate)
+    return path
+
+
+def test_describe_reads_long_audio_in_windows(listening_model, tmp_path, monkeypatch):
+    model = listening_model
     for name, secs in (("long.wav", 1.0), ("short.flac", 0.3)):
-        sf.write(tmp_path / name, (0.1 * np.random.default_rng(0).standard_normal(int(8000 * secs))).astype("float32"),
-                 8000)
+        _noise_wav(tmp_path / name, secs)
     seen = []
-    real = model.generate
+    encoder = model.encoders["audio"]
+    real = encoder.prepare
 
-    def spy(prompts, **kw):
-        seen.extend(p[0].duration for p in prompts)
-        return real(prompts, **kw)
+    def spy(audio):
+        seen.append(audio.duration)
+        return real(audio)
 
-    monkeypatch.setattr(model, "generate", spy)
+    monkeypatch.setattr(encoder, "prepare", spy)
     texts = api.describe(model, [tmp_path / "long.wav", tmp_path / "short.flac"], window_s=0.4, batch_size=2,
                          max_new_tokens=3, progress=False)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
@@ -171,6 +182,56 @@ def test_describe_reads_long_audio_in_windows(text_tokenizer, tmp_path, monkeypa
         api.describe(model, [tmp_path / "notes.txt"])
     with pytest.raises(ValueError, match="cannot read image"):
         api.describe(model, [tmp_path / "x.png"])
+
+
+def test_describe_reads_windows_lazily_one_batch_at_a_time(listening_model, tmp_path, monkeypatch):
+    """The windows of long files are not all in memory at once: describe asks for the next
+    ``batch_size`` windows only when it is ready to generate for them."""
+    from omni.media import audio
+
+    model = listening_model
+    files = [_noise_wav(tmp_path / "a.wav", 2.0), _noise_wav(tmp_path / "b.wav", 1.2)]  # 5 + 3 windows of 0.4 s
+    produced, at_generate = [0], []
+    real_windows, real_generate = audio.iter_audio_windows, model.generate
+
+    def counting_windows(*args, **kw):
+        for w in real_windows(*args, **kw):
+            produced[0] += 1
+            yield w
+
+    def spy(prompts, **kw):
+        at_generate.append(produced[0])
+        return real_generate(prompts, **kw)
+
+    monkeypatch.setattr(audio, "iter_audio_windows", counting_windows)
+    monkeypatch.setattr(model, "generate", spy)
+    texts = api.describe(model, files, window_s=0.4, batch_size=3, max_new_tokens=2, progress=False)
+    assert len(texts) == 2 and produced[0] == 8
+    assert at_generate == [3, 6, 8]  # each batch read just before its generate call, never ahead
+
+
+def test_describe_gives_each_bad_file_its_error_and_describes_the_rest(listening_model, tmp_path):
+    import struct
+
+    model = listening_model
+    good, also_good = _noise_wav(tmp_path / "good.wav", 0.5), _noise_wav(tmp_path / "good2.flac", 0.3)
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF not really a wave file" * 10)
+    one_hz = _noise_wav(tmp_path / "one_hz.wav", 0.1)
+    data = bytearray(one_hz.read_bytes())
+    data[24:32] = struct.pack("<II", 1, 4)  # a header claiming 1 sample per second
+    one_hz.write_bytes(bytes(data))
+    files = [good, tmp_path / "missing.wav", corrupt, one_hz, tmp_path / "notes.txt", also_good]
+    for window_s in (0.4, None):
+        out = api.describe(model, files, window_s=window_s, batch_size=2, max_new_tokens=2, progress=False,
+                           return_exceptions=True)
+        assert [type(r).__name__ for r in out] == ["str", "MediaError", "MediaError", "MediaError", "MediaError",
+                                                   "str"]
+        for path, error, problem in zip(files[1:5], out[1:5], ["not found", "not a readable audio file",
+                                                               "sample rate 1 Hz", "not a media file"]):
+            assert str(path) in str(error) and problem in str(error)
+    with pytest.raises(omni.MediaError, match="missing.wav: file not found"):  # by default the first bad file raises
+        api.describe(model, files, max_new_tokens=2, progress=False)
 
 
 def test_chat_keeps_the_history_across_calls(model):

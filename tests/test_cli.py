@@ -184,3 +184,41 @@ def test_the_demo_report_leads_a_transcript_with_wer_and_a_caption_with_cider():
     assert headline("caption", {"cider_d": 0.5, "bleu4": 0.1}) == "CIDEr-D 0.500"
     assert headline("continue", {"code_accuracy": 0.2, "unigram_code_accuracy": 0.1}) == \
         "next-code accuracy 0.200 (unigram 0.100)"
+
+
+def test_transcribe_reports_each_bad_file_and_transcribes_the_rest(tmp_path, capsys):
+    import json
+    import struct
+
+    import numpy as np
+    import soundfile as sf
+
+    tok = TextTokenizer.train([d["text"] for d in wiki_documents()[:200]], vocab_size=800)
+    media = {"audio": {"encoder": {"kind": "whisper_style", "size": "debug"}, "connector": {"kind": "mlp"}}}
+    ckpt = build_model(backbone_config("debug", max_seq_len=128), tok.vocab, tok, seed=0,
+                       media=media).save_pretrained(tmp_path / "ckpt")
+    good = tmp_path / "good.wav"
+    sf.write(good, (0.1 * np.random.default_rng(0).standard_normal(8000)).astype("float32"), 16000)
+    corrupt = tmp_path / "corrupt.flac"
+    corrupt.write_bytes(b"fLaC but nothing else" * 10)
+    odd_rate = tmp_path / "odd_rate.wav"
+    data = bytearray(good.read_bytes())
+    data[24:32] = struct.pack("<II", 9_999_991, 2 * 9_999_991)
+    odd_rate.write_bytes(bytes(data))
+    missing = tmp_path / "missing.wav"
+    rows = tmp_path / "out.jsonl"
+    files = [good, missing, corrupt, odd_rate, good]
+    assert main(["transcribe", "--ckpt", str(ckpt), "--max-new-tokens", "2", "-o", str(rows),
+                 *map(str, files)]) == 1
+    out, err = capsys.readouterr()
+    assert [line.split("\t")[0] for line in out.splitlines()] == [str(good), str(good)]
+    errors = [line for line in err.splitlines() if "\tERROR: " in line]
+    assert errors == [f"{missing}\tERROR: file not found", f"{corrupt}\tERROR: " + errors[1].split("ERROR: ")[1],
+                      f"{odd_rate}\tERROR: sample rate 9999991 Hz is outside the supported 1000-384000 Hz"]
+    assert "not a readable audio file" in errors[1]
+    assert "3 of 5 files failed" in err
+    written = [json.loads(x) for x in rows.read_text().splitlines()]
+    assert [r["file"] for r in written] == list(map(str, files))
+    assert ["error" in r for r in written] == [False, True, True, True, False]
+    assert written[1] == {"file": str(missing), "error": "file not found"} and isinstance(written[0]["text"], str)
+    assert main(["transcribe", "--ckpt", str(ckpt), "--max-new-tokens", "2", str(good)]) == 0  # all good: 0

@@ -23,8 +23,9 @@ A recipe may mix tasks (``data.mixture``): :class:`MixtureDataset` draws each ta
 weight and packs samples of different tasks into the same rows, attention kept per document.
 
 Media files are decoded and preprocessed once, when the dataset is built. A row that cannot be
-used (a missing or corrupt file, an empty target) is skipped and counted, or raises with
-``data.on_bad_sample=error``.
+used (a missing or corrupt file, an empty target, a decoder's RuntimeError or a MemoryError while
+preparing it) is skipped, logged with its media file and counted, or raises a ValueError naming
+the row and the file with ``data.on_bad_sample=error``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 
 from omni.io import read_jsonl
-from omni.media import MediaError
+from omni.media import BAD_FILE_ERRORS
 from omni.sequence import MediaSlot, Message, PackedRow, Sample, Segment, pack, render
 
 log = logging.getLogger(__name__)
@@ -206,12 +207,23 @@ def prepare_rows(manifest: Path, spec: TaskSpec, model, on_bad_sample: str = "sk
     for n, row in enumerate(read_jsonl(manifest)):
         try:
             media.append(model.encoders[spec.media].prepare(_media_path(row, spec.media, manifest.parent)))
-        except (ValueError, MediaError) as e:
-            if on_bad_sample == "error":
-                raise ValueError(f"{manifest}: row {n + 1}: {e}") from None
-            log.warning("%s: row %d skipped: %s", manifest, n + 1, e)
+        except BAD_FILE_ERRORS as e:
+            _bad_row(manifest, n, row, e, on_bad_sample)
             num_bad += 1
     return media, num_bad
+
+
+def _bad_row(manifest: Path, n: int, row: dict, error: Exception, on_bad_sample: str) -> None:
+    """Row ``n`` (0-based) could not be prepared: raise a ValueError naming the manifest, the row and
+    its media file when ``on_bad_sample`` is ``error``, else log the same and return (skip it)."""
+    problem = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+    files = [row[k] for k in ("image", "video", "audio") if isinstance(row.get(k), str)]
+    unnamed = [f for f in files if Path(f).name not in problem]  # a MediaError names its file already
+    if unnamed:
+        problem = f"{', '.join(unnamed)}: {problem}"
+    if on_bad_sample == "error":
+        raise ValueError(f"{manifest}: row {n + 1}: {problem}") from error
+    log.warning("%s: row %d skipped: %s", manifest, n + 1, problem)
 
 
 def _render_episodes(manifest: Path, spec: TaskSpec, model, tokenizer, seq_len: int, on_bad_sample: str):
@@ -243,10 +255,8 @@ def render_manifest(manifest: str | Path, spec: TaskSpec, model, tokenizer, seq_
                 raise ValueError(f"{len(r)} tokens do not fit data.seq_len={seq_len}")
             if ctc:
                 r.media[0].labels = torch.tensor(tokenizer.encode(row[spec.target].strip()))
-        except (ValueError, MediaError) as e:
-            if on_bad_sample == "error":
-                raise ValueError(f"{manifest}: row {n + 1}: {e}") from None
-            log.warning("%s: row %d skipped: %s", manifest, n + 1, e)
+        except BAD_FILE_ERRORS as e:
+            _bad_row(manifest, n, row, e, on_bad_sample)
             num_bad += 1
             continue
         rendered.append(r)
@@ -304,10 +314,8 @@ class PairDataset(torch.utils.data.Dataset):
                     raise ValueError(f"no non-empty string field {spec.target!r}")
                 ids = [tokenizer.vocab.bos_id] + tokenizer.encode(text.strip())[:seq_len - 2] + [tokenizer.vocab.eos_id]
                 data, _ = model.encoders[spec.media].prepare(_media_path(row, spec.media, manifest.parent))
-            except (ValueError, MediaError) as e:
-                if on_bad_sample == "error":
-                    raise ValueError(f"{manifest}: row {n + 1}: {e}") from None
-                log.warning("%s: row %d skipped: %s", manifest, n + 1, e)
+            except BAD_FILE_ERRORS as e:
+                _bad_row(manifest, n, row, e, on_bad_sample)
                 self.num_bad += 1
                 continue
             self.pairs.append((spec.media, data, torch.tensor(ids)))

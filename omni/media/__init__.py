@@ -15,6 +15,12 @@ class MediaError(ValueError):
         super().__init__(f"{source}: {problem}")
 
 
+# What reading and preparing one media file can raise: MediaError and other ValueErrors, a decoder's
+# RuntimeError or OSError, a MemoryError from a file too large. Code that handles many files (a
+# dataset build, a batch transcription) counts these against the one file instead of ending the run.
+BAD_FILE_ERRORS = (ValueError, OSError, RuntimeError, MemoryError)
+
+
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")

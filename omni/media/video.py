@@ -21,6 +21,12 @@
 ``audio`` is the audio track over the same window as a mono float32 waveform (``None`` when the
 file has no audio stream), read with PyAV whatever the frame backend.
 
+Limits, checked from the stream's metadata before any frame is decoded (a corrupt header or a
+mistaken ``fps`` must not fill the memory): frames wider or taller than :data:`MAX_FRAME_SIDE`
+(8192 px; 8K UHD is 7680 x 4320) and sampling more than :data:`MAX_FRAMES` frames (768, qwen-vl-utils'
+cap for fps sampling) raise :class:`~omni.media.MediaError`. Both are module constants, read at
+each load, to change for the whole process.
+
 ``backend="auto"`` uses decord when it is installed and can read the file, else PyAV; both give
 the same frames for the same file (tested). decord 0.6 fails on some frame widths (16 and 48 px
 among those tried: a buffer-size check in its copy); ``auto`` then falls back to PyAV.
@@ -49,6 +55,8 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "decord", "pyav")
 DECORD_INSTALL = "pip install decord"
 PYAV_INSTALL = "pip install av"
+MAX_FRAME_SIDE = 8192  # pixels, width and height each
+MAX_FRAMES = 768  # frames sampled from one video
 
 
 class AudioTrack(NamedTuple):
@@ -144,6 +152,7 @@ class Video:
         if self._decoded is not None:
             return self._decoded
         self._check_file()
+        _check_frame_size(self.path)
         backend = self.requested_backend
         if backend == "auto":
             try:
@@ -185,12 +194,32 @@ def sample_indices(timestamps: np.ndarray, duration: float, num_frames: int | No
     want = num_frames if num_frames is not None else math.inf
     if fps is not None:
         want = min(want, max(1, round((t1 - t0) * fps)))
+    if min(want, len(window)) > MAX_FRAMES:
+        raise MediaError(name, f"would sample {min(want, len(window))} frames, over the limit of {MAX_FRAMES} "
+                               "(omni.media.video.MAX_FRAMES); lower fps or num_frames, or cut start/end")
     if want >= len(window):
         return window  # every frame once: never duplicate (see the module docstring)
     pos = np.linspace(0, len(window) - 1, int(want))
     centre = (len(window) - 1) / 2
     pick = np.where(pos <= centre, np.floor(pos + 0.5), np.ceil(pos - 0.5)).astype(np.int64)  # ties to centre
     return window[pick]
+
+
+def _check_frame_size(path: Path) -> None:
+    """Refuse frames wider or taller than :data:`MAX_FRAME_SIDE` from the stream header, before
+    either backend decodes one. A file PyAV cannot open is left to the backends to report."""
+    av = _import_av()
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return
+            ctx = container.streams.video[0].codec_context
+            width, height = ctx.width, ctx.height
+    except (av.error.FFmpegError, OSError, ValueError):
+        return
+    if max(width, height) > MAX_FRAME_SIDE:
+        raise MediaError(path, f"frames of {width}x{height} pixels are over the limit of {MAX_FRAME_SIDE} "
+                               "per side (omni.media.video.MAX_FRAME_SIDE)")
 
 
 def _read_decord(v: Video) -> _Decoded:

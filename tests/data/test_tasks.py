@@ -225,3 +225,49 @@ def test_fewshot_episodes_bind_made_up_names_and_train_only_the_answer(images, t
     assert len(zero.messages) == 1 and zero.messages[0] is ep.query
     with pytest.raises(ValueError, match="3-way episode needs at least 3 usable rows"):
         episodes(media[:2], TaskSpec("fewshot", "image", ways=3), held_out=False)
+
+
+@pytest.mark.parametrize("build", ["caption", "pairs", "fewshot"])
+def test_a_runtime_or_memory_error_preparing_a_row_skips_that_row(images, tmp_path, text_tokenizer, monkeypatch,
+                                                                  caplog, build):
+    """A decoder's RuntimeError or a MemoryError on one file is that row being bad, like a MediaError:
+    skipped and logged with the file's name, or an error naming it with on_bad_sample=error."""
+    import logging
+    import shutil
+
+    from omni.data.tasks import PairDataset, prepare_rows
+
+    rows = [json.loads(x) for x in (images / "train.jsonl").read_text().splitlines()][:3]
+    for name in ("decoder_bug.png", "huge.png"):
+        shutil.copy(images / rows[0]["image"], tmp_path / name)
+    m = tmp_path / "train.jsonl"
+    write_jsonl(m, [{**r, "image": str(images / r["image"])} for r in rows]
+                + [{"image": str(tmp_path / "decoder_bug.png"), "caption": "a bug"},
+                   {"image": str(tmp_path / "huge.png"), "caption": "too big"}])
+    model = _model(text_tokenizer, IMAGE_MEDIA)
+    encoder = model.encoders["image"]
+    real = encoder.prepare
+
+    def prepare(path):
+        if "decoder_bug" in str(path):
+            raise RuntimeError("decoder crashed")
+        if "huge" in str(path):
+            raise MemoryError()
+        return real(path)
+
+    monkeypatch.setattr(encoder, "prepare", prepare)
+    spec = TaskSpec("fewshot" if build == "fewshot" else "caption", "image", "caption")
+
+    def run(on_bad_sample):
+        if build == "caption":
+            return TaskDataset(m, spec, model, text_tokenizer, seq_len=64, on_bad_sample=on_bad_sample).num_bad
+        if build == "pairs":
+            return PairDataset(m, spec, model, text_tokenizer, seq_len=64, on_bad_sample=on_bad_sample).num_bad
+        return prepare_rows(m, spec, model, on_bad_sample)[1]
+
+    with caplog.at_level(logging.WARNING, logger="omni.data.tasks"):
+        assert run("skip") == 2
+    assert "decoder_bug.png" in caplog.text and "RuntimeError: decoder crashed" in caplog.text
+    assert "huge.png" in caplog.text and "MemoryError" in caplog.text
+    with pytest.raises(ValueError, match=r"row 4: .*decoder_bug.png: RuntimeError: decoder crashed"):
+        run("error")

@@ -175,3 +175,86 @@ def test_windows_of_a_long_file_equal_the_full_load(tmp_path):
     assert torch.allclose(joined, full, atol=1e-5)
     native = torch.cat(list(iter_audio_windows(path, window_s=13.0)))
     assert torch.equal(native, load_audio(path)[0])
+
+
+def _wav_with_rate(path, rate: int, frames: int = 800):
+    """A small 8 kHz wav whose header is then patched to claim ``rate`` (a corrupt or odd header)."""
+    import struct
+
+    sf.write(path, tone(sr=8000, seconds=frames / 8000), 8000, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    assert data[12:16] == b"fmt "
+    data[24:32] = struct.pack("<II", rate, rate * 2)  # sample rate, byte rate (mono 16-bit)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("rate", [1, 999, 384_001, 9_999_991])
+def test_sample_rates_outside_1k_384k_are_refused(tmp_path, rate):
+    path = _wav_with_rate(tmp_path / f"r{rate}.wav", rate)
+    _expect(path, lambda: load_audio(path, sample_rate=16000), f"sample rate {rate} Hz", "1000-384000")
+    _expect(path, lambda: next(iter_audio_windows(path, 1.0, 16000)), f"sample rate {rate} Hz")
+    _expect(path, lambda: Audio(path).waveform, f"sample rate {rate} Hz")
+    _expect("Tensor", lambda: Audio(torch.zeros(100), sample_rate=rate), f"sample rate {rate} Hz")
+    good = _wav_with_rate(tmp_path / "good.wav", 8000)
+    _expect(good, lambda: load_audio(good, sample_rate=rate), f"sample rate {rate} Hz")  # asking for it too
+
+
+def test_awkward_rate_ratio_resamples_in_bounded_memory(tmp_path, monkeypatch):
+    """44101 -> 16000 Hz: torchaudio's kernel would be 16000 x 44135 floats (2.8 GB); the file loads
+    (and windows) through the per-sample filter, the same filter torchaudio uses."""
+    import torchaudio.functional as AF
+
+    from omni.media import audio
+
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 4411)))  # float64: exact comparison
+    assert torch.allclose(audio._sinc_resample(x, 4411, 1600), AF.resample(x, 4411, 1600), atol=1e-9)
+    assert torch.allclose(audio._sinc_resample(x, 22050, 16000), AF.resample(x, 22050, 16000), atol=1e-9)
+
+    path = tmp_path / "odd.wav"
+    sf.write(path, tone(freq=1000.0, sr=44101, seconds=2.0), 44101, subtype="FLOAT")
+    monkeypatch.setattr(AF, "resample", lambda *a, **kw: pytest.fail("torchaudio built its kernel (2.8 GB)"))
+    wave, sr = load_audio(path, sample_rate=16000)
+    assert sr == 16000 and wave.shape == (math.ceil(2 * 44101 * 16000 / 44101),)
+    assert abs(peak_hz(wave, 16000) - 1000) < 2 and abs(wave.abs().max().item() - 0.5) < 0.01
+    windows = list(iter_audio_windows(path, window_s=0.7, sample_rate=16000))
+    assert torch.allclose(torch.cat(windows), wave, atol=1e-5)
+
+
+@pytest.mark.parametrize("rate", [22050, 44100, 48000, 24000, 8000])
+def test_usual_rates_resample_exactly_as_torchaudio(rate):
+    import torchaudio.functional as AF
+
+    from omni.media.audio import resample
+
+    x = torch.from_numpy(tone(sr=rate, seconds=0.5))
+    assert torch.equal(resample(x, rate, 16000), AF.resample(x, rate, 16000))
+
+
+def test_max_seconds_is_checked_from_the_header_before_decoding(tmp_path, monkeypatch):
+    from omni.media import audio
+
+    path = tmp_path / "three.flac"
+    sf.write(path, tone(sr=8000, seconds=3.0), 8000)
+    monkeypatch.setattr(sf, "read", lambda *a, **kw: pytest.fail("decoded a file over the limit"))
+    _expect(path, lambda: load_audio(path, max_seconds=2.0), "3 s long", "2 s limit", "OMNI_MAX_AUDIO_SECONDS")
+    monkeypatch.setenv("OMNI_MAX_AUDIO_SECONDS", "2.5")
+    _expect(path, lambda: Audio(path).waveform, "over the 2.5 s limit")
+    monkeypatch.setenv("OMNI_MAX_AUDIO_SECONDS", "lots")
+    with pytest.raises(ValueError, match="OMNI_MAX_AUDIO_SECONDS='lots'"):
+        load_audio(path)
+    monkeypatch.delenv("OMNI_MAX_AUDIO_SECONDS")
+    assert audio.MAX_SECONDS == 7200
+    monkeypatch.setattr(audio, "MAX_SECONDS", 1.0)
+    _expect(path, lambda: load_audio(path), "over the 1 s limit")
+    m4a = tmp_path / "three.m4a"  # the PyAV path: the container's duration
+    write_pyav(m4a, tone(sr=16000, seconds=3.0), 16000)
+    _expect(m4a, lambda: load_audio(m4a, max_seconds=2.0), "2 s limit")
+    monkeypatch.undo()
+    assert load_audio(path, max_seconds=3.5)[0].shape == (24000,)
+    assert load_audio(m4a, max_seconds=3.5)[1] == 16000
+
+
+def test_zero_channel_tensor_is_an_error_not_nan():
+    _expect("(0, 100)", lambda: Audio(torch.zeros(0, 100), sample_rate=16000), "no audio channels")
+    _expect("(2, 0)", lambda: Audio(torch.zeros(2, 0), sample_rate=16000))

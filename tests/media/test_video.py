@@ -208,3 +208,28 @@ def test_write_video_validates_and_is_atomic(tmp_path):
     out = write_video(tmp_path / "sub" / "ok.mp4", _frames(3), 7.5)
     assert Video(out, num_frames=8).native_fps == pytest.approx(7.5)
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["ok.mp4"]  # no temp files left
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_frames_over_the_size_limit_are_refused_before_decoding(tmp_path, backend):
+    from omni.media import video
+
+    wide = write_video(tmp_path / "wide.mp4", torch.zeros(2, 3, 16, 8194, dtype=torch.uint8), FPS)
+    with pytest.raises(MediaError, match=r"8194x16 pixels are over the limit of 8192") as e:
+        _ = Video(wide, num_frames=2, backend=backend).frames
+    assert str(wide) in str(e.value)
+    assert video.MAX_FRAME_SIDE == 8192  # the default, a module constant
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_sampling_more_frames_than_the_limit_is_refused(clip, backend, monkeypatch):
+    from omni.media import video
+
+    assert len(Video(clip, num_frames=None, fps=FPS, backend=backend).frames) == N
+    monkeypatch.setattr(video, "MAX_FRAMES", N - 1, raising=False)  # raising=False: fails on the behaviour
+    with pytest.raises(MediaError, match=f"would sample {N} frames, over the limit of {N - 1}") as e:
+        _ = Video(clip, num_frames=None, fps=FPS, backend=backend).frames
+    assert str(clip) in str(e.value)
+    assert len(Video(clip, num_frames=N - 1, backend=backend).frames) == N - 1
+    monkeypatch.undo()
+    assert video.MAX_FRAMES == 768  # the default
