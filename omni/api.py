@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -11,6 +12,8 @@ import torch
 from omni.generation import generate, iter_generate, left_pad
 from omni.model.audio_codes import EMPTY
 from omni.sequence import Message, Sample, Segment, render
+
+log = logging.getLogger(__name__)
 
 def load(path: str | Path, device: str | torch.device = "cpu"):
     """Load an omni checkpoint directory (config.json + model.safetensors + tokenizer/)."""
@@ -226,7 +229,13 @@ def _generate_audio(model, batch: list, max_frames: int, **sampling) -> list:
         with torch.no_grad():
             wave = model.codec.decode(torch.cat([known, codes.to(known)], dim=1))
         cut = known.shape[1] * model.codec.hop_length
-        out.append(Audio(wave.reshape(-1)[cut:].cpu(), sample_rate=model.codec.sample_rate))
+        wave = wave.reshape(-1)[cut:].cpu()
+        if len(wave):
+            out.append(Audio(wave, sample_rate=model.codec.sample_rate))
+        else:
+            log.warning("the model ended the audio at once (0 frames): returning an empty Audio; sample again "
+                        "(another seed or temperature) or give a longer prompt")
+            out.append(Audio.empty(model.codec.sample_rate))
     return out
 
 

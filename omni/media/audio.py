@@ -341,6 +341,14 @@ class Audio:
             raise MediaError(type(source).__name__,
                              "Audio takes a file path, a torch.Tensor or a numpy array")
 
+    @classmethod
+    def empty(cls, sample_rate: int) -> Audio:
+        """A clip of no samples: what generation returns when the model ends the audio at once
+        (a waveform passed in by a user must have samples)."""
+        out = cls.__new__(cls)
+        out.path, out._wave, out._sr = None, torch.zeros(0), int(sample_rate)
+        return out
+
     @staticmethod
     def _from_tensor(x, sample_rate) -> tuple[torch.Tensor, int]:
         name = f"<{type(x).__name__} {tuple(x.shape)}>"

@@ -189,15 +189,28 @@ def model_from_recipe(cfg: RecipeConfig, tokenizer):
                        blip2=mc.blip2)
 
 
+def _build_command(part) -> str:
+    """The ``omni data build`` command that makes the corpus a data task reads. Audio captions read
+    speech (transcripts) or sound effects (captions): the folder's name tells which, else both are named."""
+    if part.task == "text":
+        kinds = ["text"]
+    elif part.task in ("continue", "speak"):
+        kinds = ["speech"]
+    elif part.media == "audio":
+        name = Path(part.path).name
+        kinds = ["speech"] if "speech" in name else ["sounds"] if "sound" in name else ["speech", "sounds"]
+    else:
+        kinds = [{"image": "images", "video": "video"}[part.media]]
+    return " or ".join(f"`omni data build {k} --out {part.path}`" for k in kinds)
+
+
 def _check_data(cfg: RecipeConfig) -> None:
     for part in cfg.data.tasks():
         for split in ("train", "val"):
             f = Path(part.path) / f"{split}.jsonl"
             if not f.is_file():
-                kind = {"text": "text", "image": "images", "video": "video"}.get(
-                    part.task if part.task == "text" else part.media if part.task in ("caption", "fewshot") else "", "<kind>")
-                raise ValueError(f"{f}: manifest not found; build the corpus with "
-                                 f"`omni data build {kind} --out {part.path}` (kinds: `omni data build --help`)")
+                raise ValueError(f"{f}: manifest not found; build the corpus with {_build_command(part)} "
+                                 "(kinds: `omni data build --help`)")
 
 
 def train(cfg: RecipeConfig) -> TrainResult:
