@@ -178,12 +178,15 @@ def _require_tool(tool: str, package: str):
 
 def _espeak(voice: Voice, text: str, rng: random.Random, wav: Path):
     speed = rng.randint(140, 200)  # words per minute (espeak's default is 175)
+    # "--" ends the options: a text starting with "-" is spoken, not parsed as one (espeak-ng would
+    # take "-s hello" as a speed and write no file at all)
     subprocess.run(["espeak-ng", "-v", voice.name, "-s", str(speed), "-p", str(voice.pitch), "-w", str(wav),
-                    text], check=True, capture_output=True, timeout=60)
+                    "--", text], check=True, capture_output=True, timeout=60)
 
 
 def _flite(voice: Voice, text: str, rng: random.Random, wav: Path):
     stretch = round(rng.uniform(0.85, 1.25), 2)  # > 1 is slower
+    # -t takes the next argument as the text whatever it starts with, so a leading "-" is safe here
     subprocess.run(["flite", "-voice", voice.name, "--setf", f"duration_stretch={stretch}", "--setf",
                     f"int_f0_target_mean={voice.pitch}", "-t", text, "-o", str(wav)],
                    check=True, capture_output=True, timeout=60)

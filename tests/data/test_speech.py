@@ -129,3 +129,16 @@ def test_real_tuxpaint_sounds():
     captions = dict((p.relative_to(STAMPS_DIR).as_posix(), c) for p, c in sounds)
     assert captions.get("animals/birds/seagull.ogg") == "A seagull."
     assert not any("_desc" in p for p in captions)
+
+
+@needs_tts
+@pytest.mark.parametrize("engine,voice", [("espeak", speech.Voice("espeak", "en-us+m1", 50)),
+                                          ("flite", speech.Voice("flite", "slt", 170))])
+@pytest.mark.parametrize("text", ["-s hello there", "--version of the lights"])
+def test_text_starting_with_a_dash_is_spoken_not_parsed_as_an_option(tmp_path, engine, voice, text):
+    synth = {"espeak": speech._espeak, "flite": speech._flite}[engine]
+    wav = tmp_path / "out.wav"
+    synth(voice, text, random.Random(0), wav)
+    assert wav.is_file(), f"{engine} wrote nothing for {text!r}"
+    wave, sr = sf.read(str(wav))
+    assert len(wave) / sr > 0.8 and np.abs(wave).max() > 0.05  # the words, spoken
