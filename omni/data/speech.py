@@ -219,7 +219,7 @@ def _render(synth: Callable, voice: Voice, text: str, seed: int, out: Path) -> f
     """Synthesize ``text`` to ``out`` as 16 kHz mono wav (atomic); returns the duration in seconds."""
     from omni.media.audio import Audio
 
-    if out.is_file():  # resumable: a finished file is kept
+    if out.is_file():  # a finished file: its name says it holds this very utterance
         import soundfile as sf
 
         return sf.info(str(out)).duration
@@ -236,9 +236,13 @@ def build_speech_corpus(out: str | Path, size: str = "tiny", seed: int = 0, work
     """Synthesize the speech corpus under ``out``; returns utterances per split.
 
     ``counts`` overrides the utterances per split of ``SPEECH_SIZES[size]`` (e.g. ``{"train": 50}``);
-    ``piper=False`` skips the ``test_piper`` split. Files already present are reused, so an
-    interrupted build can be resumed. Manifest rows: ``{"id", "audio", "text", "speaker", "split",
-    "duration"}``.
+    ``piper=False`` skips the ``test_piper`` split. Each utterance (speaker, text, speed) is drawn
+    from a generator seeded with ``seed`` and its id (``train_000042``), so it is the same whatever
+    the sizes of the splits. Its wav's name ends in a hash of that utterance
+    (:func:`_utterance_key`), so a wav already on disk is reused exactly when it says its row's
+    text in its row's voice: an interrupted build resumes, a rebuild with other sizes renders only
+    what is new, and wavs its manifests no longer list are removed. Manifest rows: ``{"id",
+    "audio", "text", "speaker", "split", "duration"}``.
     """
     if size not in SPEECH_SIZES:
         raise ValueError(f"size must be one of {', '.join(SPEECH_SIZES)}; got {size!r}")
@@ -254,20 +258,21 @@ def build_speech_corpus(out: str | Path, size: str = "tiny", seed: int = 0, work
     if plan.get("test_piper"):
         synths["piper"] = _Piper()
 
-    rng = random.Random(seed)
     sentences = wiki_sentences() if size == "full" else None
     speakers = voices_by_split()
     speakers["test_piper"] = [Voice("piper", "joe")]
     out = Path(out)
-    jobs = []  # (split, row, synth, voice, seed, path)
+    jobs = []  # (row, synth, voice, seed, path)
     for split, n in plan.items():
         for i in range(n):
+            uid = f"{split}_{i:06d}"
+            rng = random.Random(f"{seed}:{uid}")  # the utterance depends on its id, not on the other sizes
             voice = rng.choice(speakers[split])
             text = rng.choice(sentences) if sentences else grammar_sentence(rng)
-            uid = f"{split}_{i:06d}"
-            rel = f"audio/{split}/{uid}.wav"
+            job_seed = rng.randrange(2**31)
+            rel = f"audio/{split}/{uid}_{_utterance_key(voice, text, job_seed)}.wav"
             row = {"id": uid, "audio": rel, "text": text, "speaker": voice.speaker, "split": split}
-            jobs.append((row, synths[voice.engine], voice, rng.randrange(2**31), out / rel))
+            jobs.append((row, synths[voice.engine], voice, job_seed, out / rel))
 
     def run(job):
         row, synth, voice, job_seed, path = job
@@ -284,9 +289,18 @@ def build_speech_corpus(out: str | Path, size: str = "tiny", seed: int = 0, work
     for split in plan:
         split_rows = [r for r in rows if r["split"] == split]
         result[split] = write_jsonl(out / f"{split}.jsonl", split_rows)
+        listed = {out / r["audio"] for r in split_rows}
+        for stale in set((out / "audio" / split).glob("*.wav")) - listed:  # from a build with other sizes
+            stale.unlink()
         minutes = sum(r["duration"] for r in split_rows) / 60
         log.info("%s: %d utterances, %.1f min", split, len(split_rows), minutes)
     return result
+
+
+def _utterance_key(voice: Voice, text: str, seed: int) -> str:
+    """A hash of everything a wav is rendered from, part of its file name: a wav on disk is reused
+    only when it holds this very utterance, so a rebuild can never pair old audio with new text."""
+    return hashlib.sha1(f"{voice.speaker}\n{seed}\n{text}".encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------------------------

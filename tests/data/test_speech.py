@@ -142,3 +142,33 @@ def test_text_starting_with_a_dash_is_spoken_not_parsed_as_an_option(tmp_path, e
     assert wav.is_file(), f"{engine} wrote nothing for {text!r}"
     wave, sr = sf.read(str(wav))
     assert len(wave) / sr > 0.8 and np.abs(wave).max() > 0.05  # the words, spoken
+
+
+@needs_tts
+def test_rebuilding_with_other_sizes_never_pairs_a_wav_with_another_rows_text(tmp_path, monkeypatch):
+    """Each utterance is a function of the seed and its id, and a wav is reused only when it holds
+    that utterance: after a rebuild with other split sizes, every row's wav was rendered from its
+    own text, the utterances both builds share were not rendered again, and no stale wav is left."""
+    renders = []  # (wav path, the text it was rendered from), in order
+    real_render = speech._render
+
+    def render(synth, voice, text, seed, out):
+        new = not out.is_file()
+        duration = real_render(synth, voice, text, seed, out)
+        if new:
+            renders.append((out, text))
+        return duration
+
+    monkeypatch.setattr(speech, "_render", render)
+    out = tmp_path / "speech"
+    build_speech_corpus(out, counts={"train": 3, "val": 1, "test": 2}, piper=False, workers=1)
+    assert len(renders) == 6
+    counts = build_speech_corpus(out, counts={"train": 4, "val": 2, "test": 1}, piper=False, workers=1)
+    rows = [r for s in counts for r in read_jsonl(out / f"{s}.jsonl")]
+    spoken = dict(renders)  # the last render of each path
+    for row in rows:
+        assert spoken[out / row["audio"]] == row["text"], row["id"]
+    rendered_again = [path for path, _ in renders[6:]]
+    assert sorted(r["id"] for r in rows if out / r["audio"] in rendered_again) == ["train_000003", "val_000001"]
+    assert len(rendered_again) == 2
+    assert set((out / "audio").rglob("*.wav")) == {out / r["audio"] for r in rows}  # test_000001's is gone
