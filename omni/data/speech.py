@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omni.data.images import STAMPS_DIR, STAMPS_INSTALL, english_caption
-from omni.io import write_jsonl
+from omni.io import exclusive, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -282,19 +282,20 @@ def build_speech_corpus(out: str | Path, size: str = "tiny", seed: int = 0, work
             raise ValueError(f"{voice.engine} failed for {row['id']} ({voice.speaker}): "
                              f"{e.stderr.decode(errors='replace').strip()[:200]}") from None
 
-    (out / "audio").mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(max(1, workers)) as pool:  # the engines run as subprocesses: threads suffice
-        rows = list(pool.map(run, jobs))
-    result = {}
-    for split in plan:
-        split_rows = [r for r in rows if r["split"] == split]
-        result[split] = write_jsonl(out / f"{split}.jsonl", split_rows)
-        listed = {out / r["audio"] for r in split_rows}
-        for stale in set((out / "audio" / split).glob("*.wav")) - listed:  # from a build with other sizes
-            stale.unlink()
-        minutes = sum(r["duration"] for r in split_rows) / 60
-        log.info("%s: %d utterances, %.1f min", split, len(split_rows), minutes)
-    return result
+    with exclusive(out, "speech corpus"):  # a second build of this folder is refused, not interleaved
+        (out / "audio").mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(max(1, workers)) as pool:  # the engines run as subprocesses: threads suffice
+            rows = list(pool.map(run, jobs))
+        result = {}
+        for split in plan:
+            split_rows = [r for r in rows if r["split"] == split]
+            result[split] = write_jsonl(out / f"{split}.jsonl", split_rows)
+            listed = {out / r["audio"] for r in split_rows}
+            for stale in set((out / "audio" / split).glob("*.wav")) - listed:  # from a build with other sizes
+                stale.unlink()
+            minutes = sum(r["duration"] for r in split_rows) / 60
+            log.info("%s: %d utterances, %.1f min", split, len(split_rows), minutes)
+        return result
 
 
 def _utterance_key(voice: Voice, text: str, seed: int) -> str:
@@ -358,10 +359,11 @@ def build_sounds_corpus(out: str | Path, stamps_dir: str | Path = STAMPS_DIR, va
         return {"id": uid, "audio": rel, "text": caption, "category": rel_stamp.parts[0],
                 "stamp": str(rel_stamp), "split": split, "duration": round(audio.duration, 3)}
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        rows = list(pool.map(convert, sounds))
-    splits = ("train", "val", "test")
-    return {s: write_jsonl(out / f"{s}.jsonl", [r for r in rows if r["split"] == s]) for s in splits}
+    with exclusive(out, "sound corpus"):  # a second build of this folder is refused, not interleaved
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            rows = list(pool.map(convert, sounds))
+        splits = ("train", "val", "test")
+        return {s: write_jsonl(out / f"{s}.jsonl", [r for r in rows if r["split"] == s]) for s in splits}
 
 
 def manifest_audio(manifest: str | Path) -> list[tuple[Path, dict]]:

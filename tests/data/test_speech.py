@@ -172,3 +172,35 @@ def test_rebuilding_with_other_sizes_never_pairs_a_wav_with_another_rows_text(tm
     assert sorted(r["id"] for r in rows if out / r["audio"] in rendered_again) == ["train_000003", "val_000001"]
     assert len(rendered_again) == 2
     assert set((out / "audio").rglob("*.wav")) == {out / r["audio"] for r in rows}  # test_000001's is gone
+
+
+@needs_tts
+def test_a_second_speech_build_of_a_folder_being_built_is_refused(tmp_path, lock_held_elsewhere,
+                                                                  folder_files):
+    from omni.io import LockedError
+
+    out = tmp_path / "speech"
+    build_speech_corpus(out, counts={"train": 1, "val": 1, "test": 1}, piper=False)
+    before = folder_files(out)
+    with lock_held_elsewhere(out, "speech corpus") as pid:
+        with pytest.raises(LockedError,
+                           match=rf"this speech corpus is being written by another process \(pid {pid} "):
+            build_speech_corpus(out, counts={"train": 2, "val": 1, "test": 1}, piper=False)
+    assert folder_files(out) == before
+
+
+def test_a_second_sounds_build_of_a_folder_being_built_is_refused(tmp_path, lock_held_elsewhere,
+                                                                  folder_files):
+    from omni.io import LockedError
+
+    stamps = tmp_path / "stamps"
+    for i in range(3):
+        _fake_stamp(stamps, f"animals/pet{i}", f"A pet number {i}.", i)
+    out = tmp_path / "sounds"
+    build_sounds_corpus(out, stamps_dir=stamps, limit=2)
+    before = folder_files(out)
+    with lock_held_elsewhere(out, "sound corpus") as pid:
+        with pytest.raises(LockedError,
+                           match=rf"this sound corpus is being written by another process \(pid {pid} "):
+            build_sounds_corpus(out, stamps_dir=stamps)
+    assert folder_files(out) == before
