@@ -164,6 +164,7 @@ def cmd_data_build(args) -> int:
 
 def cmd_tokenizer_train(args) -> int:
     from omni.config import read_yaml, find_tokenizer_spec, load_tokenizer_spec
+    from omni.io import exclusive
     from omni.tokenizers.text import TextTokenizer, corpus_texts
 
     if read_yaml(find_tokenizer_spec(args.spec)).get("kind") == "audio_codec":
@@ -172,10 +173,11 @@ def cmd_tokenizer_train(args) -> int:
         print(format_report(train_codec(load_codec_spec(args.spec, args.overrides))))
         return 0
     spec = load_tokenizer_spec(args.spec, args.overrides)
-    tok = TextTokenizer.train(corpus_texts(spec.corpus), vocab_size=spec.vocab_size, model_type=spec.model_type,
-                              character_coverage=spec.character_coverage, max_sentences=spec.max_sentences,
-                              seed=spec.seed)
-    tok.save(spec.out)
+    with exclusive(spec.out, "tokenizer"):  # a second training into this folder is refused, not interleaved
+        tok = TextTokenizer.train(corpus_texts(spec.corpus), vocab_size=spec.vocab_size,
+                                  model_type=spec.model_type, character_coverage=spec.character_coverage,
+                                  max_sentences=spec.max_sentences, seed=spec.seed)
+        tok.save(spec.out)
     print(f"trained a {spec.model_type} SentencePiece model with {tok.vocab.text_size} pieces on {spec.corpus}; "
           f"saved to {spec.out}")
     return 0

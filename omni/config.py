@@ -7,6 +7,7 @@ types and impossible combinations raise ``ValueError`` naming the key and what i
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -453,3 +454,17 @@ def _choice(key: str, value, allowed):
 def _positive(key: str, value: int):
     if value <= 0:
         raise ValueError(f"{key} must be > 0, got {value}")
+
+
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+
+
+def split_name(split) -> str:
+    """``split`` if it is a plain name: letters, digits, ``_``, ``-`` and ``.`` (not leading).
+
+    A split becomes file names (``<data>/<split>.jsonl``, a run's ``eval_<split>.json``), so a
+    value like ``../x`` would read or write outside those folders; it is refused, named."""
+    if not isinstance(split, str) or not _SPLIT_NAME.fullmatch(split):
+        raise ValueError(f"split must be a plain name (letters, digits, '_', '-', and '.' not leading); "
+                         f"got {split!r}")
+    return split

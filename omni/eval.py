@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from omni.config import RecipeConfig, from_dict, read_yaml
+from omni.config import RecipeConfig, from_dict, read_yaml, split_name
 from omni.io import atomic_write_json, read_jsonl, write_jsonl
 from omni.metrics import bleu, cer, cider_d, wer
 
@@ -45,6 +45,7 @@ def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None,
     :func:`omni.generation.beam_search`; results in ``eval_<split>_beam<N>[_ctc<W>].json``)."""
     import omni
 
+    split = split_name(split)  # it names the manifest read and the files written into the run
     ckpt = Path(ckpt)
     cfg = run_recipe(ckpt)
     parts = cfg.data.tasks()

@@ -67,8 +67,18 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Move a fully written ``tmp_dir`` to ``final_dir``; an older ``final_dir`` is removed only afterwards."""
+    """Move a fully written ``tmp_dir`` to ``final_dir``; an older ``final_dir`` is removed only afterwards.
+
+    A lock :func:`exclusive` holds on ``final_dir`` stays held: its lock file is hard-linked into
+    ``tmp_dir`` first, so the new folder's lock file is the very file the holder has locked (a codec
+    trained into its folder replaces that folder at every save)."""
     old = None
+    lock = final_dir / LOCK_FILE
+    if lock.exists():
+        try:
+            os.link(lock, tmp_dir / LOCK_FILE)
+        except OSError:  # a filesystem without hard links: the folder is replaced unlocked
+            pass
     if final_dir.exists():
         old = final_dir.with_name(f".{final_dir.name}.old")
         shutil.rmtree(old, ignore_errors=True)

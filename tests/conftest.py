@@ -9,6 +9,7 @@ torch.manual_seed(0)
 # --- shared fixtures for the unit tests (tests/ mirrors omni/) ---------------------------------
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,52 @@ def sampling_model(text_tokenizer):
 
     return build_model(backbone_config("debug"), text_tokenizer.vocab, text_tokenizer, tie_embeddings=False,
                        seed=0).eval()
+
+
+# --- another process writing a folder (omni.io.exclusive held elsewhere) ------------------------
+
+
+def _hold_lock(folder, what, held):
+    from omni.io import exclusive
+
+    with exclusive(folder, what):
+        held.set()
+        time.sleep(60)
+
+
+@pytest.fixture
+def lock_held_elsewhere():
+    """``with lock_held_elsewhere(folder, what) as pid:`` another process holds
+    ``omni.io.exclusive(folder, what)`` meanwhile, as a second ``omni`` command would. The holder
+    is forked, so it starts at once, without importing torch again."""
+    import contextlib
+    import multiprocessing
+
+    @contextlib.contextmanager
+    def hold(folder: Path, what: str):
+        ctx = multiprocessing.get_context("fork")
+        held = ctx.Event()
+        holder = ctx.Process(target=_hold_lock, args=(folder, what, held), daemon=True)
+        holder.start()
+        try:
+            assert held.wait(30), "the lock holder did not start"
+            yield holder.pid
+        finally:
+            holder.kill()
+            holder.join()
+
+    return hold
+
+
+@pytest.fixture
+def folder_files():
+    """``folder_files(folder)``: every file under ``folder`` but the lock file, by relative path,
+    with its bytes: to show that a refused writer changed nothing."""
+    def files(folder: Path) -> dict[str, bytes]:
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+                if p.is_file() and p.name != ".omni.lock"}
+
+    return files
 
 
 # --- a small fake Tux Paint stamps folder laid out like the real one (corpus builders, stages) ---

@@ -222,3 +222,21 @@ def test_transcribe_reports_each_bad_file_and_transcribes_the_rest(tmp_path, cap
     assert ["error" in r for r in written] == [False, True, True, True, False]
     assert written[1] == {"file": str(missing), "error": "file not found"} and isinstance(written[0]["text"], str)
     assert main(["transcribe", "--ckpt", str(ckpt), "--max-new-tokens", "2", str(good)]) == 0  # all good: 0
+
+
+def test_a_second_writer_of_a_folder_gets_a_one_line_error_naming_the_first(tmp_path, capsys,
+                                                                            lock_held_elsewhere):
+    src = tmp_path / "corpus.txt"
+    src.write_text("\n\n".join(f"Paragraph number {i} about things." for i in range(50)), encoding="utf-8")
+    corpus = tmp_path / "corpus.jsonl"
+    write_jsonl(corpus, wiki_documents()[:150])
+    with lock_held_elsewhere(tmp_path / "d", "text corpus") as pid:
+        assert main(["data", "build", "text", "--out", str(tmp_path / "d"), "--source", str(src)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"(pid {pid} " in err and err.startswith("omni data: error:")
+    with lock_held_elsewhere(tmp_path / "tok", "tokenizer") as pid:
+        assert main(["tokenizer", "train", "text_spm", f"corpus={corpus}", f"out={tmp_path / 'tok'}",
+                     "vocab_size=600"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"(pid {pid} " in err
+    assert not (tmp_path / "d" / "train.jsonl").exists() and not any((tmp_path / "tok").glob("*.model"))

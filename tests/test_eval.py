@@ -4,6 +4,7 @@ direction accuracy, forwards and with the frames played backwards."""
 import json
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 import yaml
@@ -58,3 +59,21 @@ def test_video_eval_also_captions_each_clip_backwards(tmp_path, text_tokenizer, 
     assert 0 <= m["direction_accuracy"] <= 1 and 0 <= m["reversed_direction_accuracy"] <= 1
     assert len(played_backwards) == m["rows"] > 0
 
+
+
+@pytest.mark.parametrize("split", ["../x", "../../outside", "a/b", ".hidden", "", "test\n", "/abs"])
+def test_a_split_that_is_not_a_plain_name_is_refused_before_anything_is_read_or_written(tmp_path, split):
+    """The split names ``<data>/<split>.jsonl`` and the run's ``eval_<split>.json``: ``../x`` would
+    reach outside both folders."""
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ValueError, match="split must be a plain name") as e:
+        evaluate(tmp_path / "run", split=split)
+    assert repr(split) in str(e.value)
+    assert [p.name for p in tmp_path.rglob("*")] == ["run"]
+
+
+def test_plain_split_names_pass():
+    from omni.config import split_name
+
+    for split in ("test", "test_piper", "val-2", "v1.0", "2024"):
+        assert split_name(split) == split

@@ -145,3 +145,20 @@ def test_exclusive_is_not_reentrant_within_one_process(tmp_path):
         with pytest.raises(io.LockedError):
             with io.exclusive(tmp_path, "corpus"):
                 pass
+
+
+def test_a_folder_replaced_while_locked_stays_locked(tmp_path):
+    """A codec trained into its folder replaces that folder at every save: the lock must survive."""
+    final = tmp_path / "codec"
+    with io.exclusive(final, "codec"):
+        for version in ("one", "two"):
+            tmp = io.temp_dir(tmp_path, ".codec.")
+            (tmp / "model.safetensors").write_text(version)
+            io.replace_dir(tmp, final)
+            with pytest.raises(io.LockedError, match="this codec is being written"):
+                with io.exclusive(final, "codec"):
+                    pass
+        assert (final / "model.safetensors").read_text() == "two"
+    with io.exclusive(final, "codec"):  # released with the holder
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codec"]

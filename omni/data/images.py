@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from omni.io import atomic_write_json, write_jsonl
+from omni.io import atomic_write_json, exclusive, write_jsonl
 from omni.media import MediaError
 from omni.media.image import Image, fit_within, resize
 
@@ -145,33 +145,34 @@ def build_images_corpus(out: str | Path, stamps_dir: str | Path = STAMPS_DIR, ma
     can_svg = include_svg and svg_available()
     if include_svg and not can_svg:
         log.warning("SVG stamps skipped: rasterising them needs cairosvg (%s)", SVG_INSTALL)
-    rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    skipped_svg, bad = 0, []
-    white = torch.full((3, 1, 1), 255.0)
-    for stamp in chosen:
-        if stamp.image.suffix == ".svg" and not can_svg:
-            skipped_svg += 1
-            continue
-        try:
-            rgb, alpha = stamp_rgba(stamp, max_size)
-        except MediaError as e:
-            bad.append(str(e))
-            log.warning("skipping stamp %s", e)
-            continue
-        rel = Path("images") / f"{stamp.id.replace('/', '__')}.png"
-        Image(compose(rgb, alpha, white)).save(out / rel)
-        split = split_of(stamp.caption.lower().rstrip("."), val_fraction, test_fraction)
-        rows[split].append({"id": stamp.id, "image": rel.as_posix(), "caption": stamp.caption,
-                            "category": stamp.category, "split": split,
-                            "source": Path(stamp.image).relative_to(Path(stamps_dir)).as_posix()})
-    if not rows["train"]:
-        raise ValueError(f"{stamps_dir}: no stamps left for the train split")
-    counts = {s: write_jsonl(out / f"{s}.jsonl", r) for s, r in rows.items()}
-    stats = {"stamps_found": len(stamps), "stamps_used": len(chosen),
-             "png": sum(s.image.suffix == ".png" for s in chosen),
-             "svg": sum(s.image.suffix == ".svg" for s in chosen), "svg_skipped": skipped_svg,
-             "bad": len(bad), "with_sound": sum(s.sound is not None for s in chosen),
-             "categories": len({s.category for s in chosen}), "max_size": max_size, **counts}
-    atomic_write_json(out / "corpus.json", stats)
-    log.info("wrote %s to %s", stats, out)
-    return stats
+    with exclusive(out, "image corpus"):  # a second build of this folder is refused, not interleaved
+        rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
+        skipped_svg, bad = 0, []
+        white = torch.full((3, 1, 1), 255.0)
+        for stamp in chosen:
+            if stamp.image.suffix == ".svg" and not can_svg:
+                skipped_svg += 1
+                continue
+            try:
+                rgb, alpha = stamp_rgba(stamp, max_size)
+            except MediaError as e:
+                bad.append(str(e))
+                log.warning("skipping stamp %s", e)
+                continue
+            rel = Path("images") / f"{stamp.id.replace('/', '__')}.png"
+            Image(compose(rgb, alpha, white)).save(out / rel)
+            split = split_of(stamp.caption.lower().rstrip("."), val_fraction, test_fraction)
+            rows[split].append({"id": stamp.id, "image": rel.as_posix(), "caption": stamp.caption,
+                                "category": stamp.category, "split": split,
+                                "source": Path(stamp.image).relative_to(Path(stamps_dir)).as_posix()})
+        if not rows["train"]:
+            raise ValueError(f"{stamps_dir}: no stamps left for the train split")
+        counts = {s: write_jsonl(out / f"{s}.jsonl", r) for s, r in rows.items()}
+        stats = {"stamps_found": len(stamps), "stamps_used": len(chosen),
+                 "png": sum(s.image.suffix == ".png" for s in chosen),
+                 "svg": sum(s.image.suffix == ".svg" for s in chosen), "svg_skipped": skipped_svg,
+                 "bad": len(bad), "with_sound": sum(s.sound is not None for s in chosen),
+                 "categories": len({s.category for s in chosen}), "max_size": max_size, **counts}
+        atomic_write_json(out / "corpus.json", stats)
+        log.info("wrote %s to %s", stats, out)
+        return stats

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omni.data.images import STAMPS_DIR, STAMPS_INSTALL, english_caption
-from omni.io import write_jsonl
+from omni.io import exclusive, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +178,15 @@ def _require_tool(tool: str, package: str):
 
 def _espeak(voice: Voice, text: str, rng: random.Random, wav: Path):
     speed = rng.randint(140, 200)  # words per minute (espeak's default is 175)
+    # "--" ends the options: a text starting with "-" is spoken, not parsed as one (espeak-ng would
+    # take "-s hello" as a speed and write no file at all)
     subprocess.run(["espeak-ng", "-v", voice.name, "-s", str(speed), "-p", str(voice.pitch), "-w", str(wav),
-                    text], check=True, capture_output=True, timeout=60)
+                    "--", text], check=True, capture_output=True, timeout=60)
 
 
 def _flite(voice: Voice, text: str, rng: random.Random, wav: Path):
     stretch = round(rng.uniform(0.85, 1.25), 2)  # > 1 is slower
+    # -t takes the next argument as the text whatever it starts with, so a leading "-" is safe here
     subprocess.run(["flite", "-voice", voice.name, "--setf", f"duration_stretch={stretch}", "--setf",
                     f"int_f0_target_mean={voice.pitch}", "-t", text, "-o", str(wav)],
                    check=True, capture_output=True, timeout=60)
@@ -216,7 +219,7 @@ def _render(synth: Callable, voice: Voice, text: str, seed: int, out: Path) -> f
     """Synthesize ``text`` to ``out`` as 16 kHz mono wav (atomic); returns the duration in seconds."""
     from omni.media.audio import Audio
 
-    if out.is_file():  # resumable: a finished file is kept
+    if out.is_file():  # a finished file: its name says it holds this very utterance
         import soundfile as sf
 
         return sf.info(str(out)).duration
@@ -233,9 +236,13 @@ def build_speech_corpus(out: str | Path, size: str = "tiny", seed: int = 0, work
     """Synthesize the speech corpus under ``out``; returns utterances per split.
 
     ``counts`` overrides the utterances per split of ``SPEECH_SIZES[size]`` (e.g. ``{"train": 50}``);
-    ``piper=False`` skips the ``test_piper`` split. Files already present are reused, so an
-    interrupted build can be resumed. Manifest rows: ``{"id", "audio", "text", "speaker", "split",
-    "duration"}``.
+    ``piper=False`` skips the ``test_piper`` split. Each utterance (speaker, text, speed) is drawn
+    from a generator seeded with ``seed`` and its id (``train_000042``), so it is the same whatever
+    the sizes of the splits. Its wav's name ends in a hash of that utterance
+    (:func:`_utterance_key`), so a wav already on disk is reused exactly when it says its row's
+    text in its row's voice: an interrupted build resumes, a rebuild with other sizes renders only
+    what is new, and wavs its manifests no longer list are removed. Manifest rows: ``{"id",
+    "audio", "text", "speaker", "split", "duration"}``.
     """
     if size not in SPEECH_SIZES:
         raise ValueError(f"size must be one of {', '.join(SPEECH_SIZES)}; got {size!r}")
@@ -251,20 +258,21 @@ def build_speech_corpus(out: str | Path, size: str = "tiny", seed: int = 0, work
     if plan.get("test_piper"):
         synths["piper"] = _Piper()
 
-    rng = random.Random(seed)
     sentences = wiki_sentences() if size == "full" else None
     speakers = voices_by_split()
     speakers["test_piper"] = [Voice("piper", "joe")]
     out = Path(out)
-    jobs = []  # (split, row, synth, voice, seed, path)
+    jobs = []  # (row, synth, voice, seed, path)
     for split, n in plan.items():
         for i in range(n):
+            uid = f"{split}_{i:06d}"
+            rng = random.Random(f"{seed}:{uid}")  # the utterance depends on its id, not on the other sizes
             voice = rng.choice(speakers[split])
             text = rng.choice(sentences) if sentences else grammar_sentence(rng)
-            uid = f"{split}_{i:06d}"
-            rel = f"audio/{split}/{uid}.wav"
+            job_seed = rng.randrange(2**31)
+            rel = f"audio/{split}/{uid}_{_utterance_key(voice, text, job_seed)}.wav"
             row = {"id": uid, "audio": rel, "text": text, "speaker": voice.speaker, "split": split}
-            jobs.append((row, synths[voice.engine], voice, rng.randrange(2**31), out / rel))
+            jobs.append((row, synths[voice.engine], voice, job_seed, out / rel))
 
     def run(job):
         row, synth, voice, job_seed, path = job
@@ -274,16 +282,26 @@ def build_speech_corpus(out: str | Path, size: str = "tiny", seed: int = 0, work
             raise ValueError(f"{voice.engine} failed for {row['id']} ({voice.speaker}): "
                              f"{e.stderr.decode(errors='replace').strip()[:200]}") from None
 
-    (out / "audio").mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(max(1, workers)) as pool:  # the engines run as subprocesses: threads suffice
-        rows = list(pool.map(run, jobs))
-    result = {}
-    for split in plan:
-        split_rows = [r for r in rows if r["split"] == split]
-        result[split] = write_jsonl(out / f"{split}.jsonl", split_rows)
-        minutes = sum(r["duration"] for r in split_rows) / 60
-        log.info("%s: %d utterances, %.1f min", split, len(split_rows), minutes)
-    return result
+    with exclusive(out, "speech corpus"):  # a second build of this folder is refused, not interleaved
+        (out / "audio").mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(max(1, workers)) as pool:  # the engines run as subprocesses: threads suffice
+            rows = list(pool.map(run, jobs))
+        result = {}
+        for split in plan:
+            split_rows = [r for r in rows if r["split"] == split]
+            result[split] = write_jsonl(out / f"{split}.jsonl", split_rows)
+            listed = {out / r["audio"] for r in split_rows}
+            for stale in set((out / "audio" / split).glob("*.wav")) - listed:  # from a build with other sizes
+                stale.unlink()
+            minutes = sum(r["duration"] for r in split_rows) / 60
+            log.info("%s: %d utterances, %.1f min", split, len(split_rows), minutes)
+        return result
+
+
+def _utterance_key(voice: Voice, text: str, seed: int) -> str:
+    """A hash of everything a wav is rendered from, part of its file name: a wav on disk is reused
+    only when it holds this very utterance, so a rebuild can never pair old audio with new text."""
+    return hashlib.sha1(f"{voice.speaker}\n{seed}\n{text}".encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,10 +359,11 @@ def build_sounds_corpus(out: str | Path, stamps_dir: str | Path = STAMPS_DIR, va
         return {"id": uid, "audio": rel, "text": caption, "category": rel_stamp.parts[0],
                 "stamp": str(rel_stamp), "split": split, "duration": round(audio.duration, 3)}
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        rows = list(pool.map(convert, sounds))
-    splits = ("train", "val", "test")
-    return {s: write_jsonl(out / f"{s}.jsonl", [r for r in rows if r["split"] == s]) for s in splits}
+    with exclusive(out, "sound corpus"):  # a second build of this folder is refused, not interleaved
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            rows = list(pool.map(convert, sounds))
+        splits = ("train", "val", "test")
+        return {s: write_jsonl(out / f"{s}.jsonl", [r for r in rows if r["split"] == s]) for s in splits}
 
 
 def manifest_audio(manifest: str | Path) -> list[tuple[Path, dict]]:

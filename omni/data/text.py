@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from omni.io import read_jsonl, write_jsonl
+from omni.io import exclusive, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ def build_text_corpus(out: str | Path, source: str = "wiki", val_fraction: float
         by_split[_split_of(d["id"], val_fraction, test_fraction)].append(d)
     if not by_split["train"]:
         raise ValueError(f"{source}: no documents left for the train split")
-    counts = {s: write_jsonl(out / f"{s}.jsonl", rows) for s, rows in by_split.items()}
+    with exclusive(out, "text corpus"):  # a second build of this folder is refused, not interleaved
+        counts = {s: write_jsonl(out / f"{s}.jsonl", rows) for s, rows in by_split.items()}
     log.info("wrote %s to %s", counts, out)
     return counts

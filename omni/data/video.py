@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from omni.data.images import STAMPS_DIR, SVG_INSTALL, Stamp, find_stamps, stamp_rgba, svg_available
-from omni.io import atomic_write_json, write_jsonl
+from omni.io import atomic_write_json, exclusive, write_jsonl
 from omni.media import MediaError
 from omni.media.video import read_audio, write_video
 
@@ -135,45 +135,46 @@ def build_video_corpus(out: str | Path, stamps_dir: str | Path = STAMPS_DIR, siz
         log.warning("SVG stamps skipped: rasterising them needs cairosvg (%s)", SVG_INSTALL)
     eligible.sort(key=lambda s: (s.sound is None, s.id))
     chosen = eligible[:max_stamps] if max_stamps else eligible
-    rows: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
-    bad: list[str] = []
-    stamp_px = max(4, int(stamp_scale * size))
-    i = 0  # stamps rendered so far: the held-out rotation skips bad stamps
-    for stamp in chosen:
-        try:
-            rgb, alpha = stamp_rgba(stamp, stamp_px)
-            sound = _sound(stamp, duration) if with_audio else None
-        except MediaError as e:
-            bad.append(str(e))
-            log.warning("skipping stamp %s", e)
-            continue
-        held = {DIRECTIONS[i % 4]: "test"}
-        if i % 4 == 0:
-            held[DIRECTIONS[(i + 1) % 4]] = "val"
-        noun = noun_phrase(stamp.caption, max_caption_words)
-        slug = stamp.id.replace("/", "__")
-        for direction in DIRECTIONS:
-            for speed in SPEEDS:
-                clip_id = f"{slug}__{direction}_{speed}"
-                g = _rng(f"{seed}:{clip_id}")
-                frames = render_clip(rgb, alpha, direction, speed, size, num_frames, g)
-                rel = Path("videos") / f"{clip_id}.mp4"
-                write_video(out / rel, frames, fps, audio=sound, sample_rate=SAMPLE_RATE)
-                split = held.get(direction, "train")
-                rows[split].append({"id": clip_id, "video": rel.as_posix(),
-                                    "caption": f"{noun} moves {direction} {speed}",
-                                    "category": stamp.category, "split": split, "stamp": stamp.id,
-                                    "noun": noun, "direction": direction, "speed": speed,
-                                    "has_audio": sound is not None})
-        i += 1
-    if not rows["train"]:
-        raise ValueError(f"{stamps_dir}: no stamp could be rendered")
-    counts = {s: write_jsonl(out / f"{s}.jsonl", r) for s, r in rows.items()}
-    stats = {"stamps_found": len(stamps), "stamps_eligible": len(eligible),
-             "stamps_used": len(chosen) - len(bad),
-             "stamps_with_sound": sum(s.sound is not None for s in chosen), "bad": len(bad),
-             "clips": sum(counts.values()), "size": size, "fps": fps, "duration": duration,
-             "frames_per_clip": num_frames, **counts}
-    atomic_write_json(out / "corpus.json", stats)
-    log.info("wrote %s to %s", stats, out)
-    return stats
+    with exclusive(out, "video corpus"):  # a second build of this folder is refused, not interleaved
+        rows: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+        bad: list[str] = []
+        stamp_px = max(4, int(stamp_scale * size))
+        i = 0  # stamps rendered so far: the held-out rotation skips bad stamps
+        for stamp in chosen:
+            try:
+                rgb, alpha = stamp_rgba(stamp, stamp_px)
+                sound = _sound(stamp, duration) if with_audio else None
+            except MediaError as e:
+                bad.append(str(e))
+                log.warning("skipping stamp %s", e)
+                continue
+            held = {DIRECTIONS[i % 4]: "test"}
+            if i % 4 == 0:
+                held[DIRECTIONS[(i + 1) % 4]] = "val"
+            noun = noun_phrase(stamp.caption, max_caption_words)
+            slug = stamp.id.replace("/", "__")
+            for direction in DIRECTIONS:
+                for speed in SPEEDS:
+                    clip_id = f"{slug}__{direction}_{speed}"
+                    g = _rng(f"{seed}:{clip_id}")
+                    frames = render_clip(rgb, alpha, direction, speed, size, num_frames, g)
+                    rel = Path("videos") / f"{clip_id}.mp4"
+                    write_video(out / rel, frames, fps, audio=sound, sample_rate=SAMPLE_RATE)
+                    split = held.get(direction, "train")
+                    rows[split].append({"id": clip_id, "video": rel.as_posix(),
+                                        "caption": f"{noun} moves {direction} {speed}",
+                                        "category": stamp.category, "split": split, "stamp": stamp.id,
+                                        "noun": noun, "direction": direction, "speed": speed,
+                                        "has_audio": sound is not None})
+            i += 1
+        if not rows["train"]:
+            raise ValueError(f"{stamps_dir}: no stamp could be rendered")
+        counts = {s: write_jsonl(out / f"{s}.jsonl", r) for s, r in rows.items()}
+        stats = {"stamps_found": len(stamps), "stamps_eligible": len(eligible),
+                 "stamps_used": len(chosen) - len(bad),
+                 "stamps_with_sound": sum(s.sound is not None for s in chosen), "bad": len(bad),
+                 "clips": sum(counts.values()), "size": size, "fps": fps, "duration": duration,
+                 "frames_per_clip": num_frames, **counts}
+        atomic_write_json(out / "corpus.json", stats)
+        log.info("wrote %s to %s", stats, out)
+        return stats

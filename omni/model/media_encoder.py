@@ -61,9 +61,16 @@ def _check_keys(cfg: dict, modality: str, allowed: tuple[str, ...]) -> None:
 
 
 class MediaEncoder(nn.Module):
-    """Base: ``connector`` maps the encoder's features to the model width."""
+    """Base: ``connector`` maps the encoder's features to the model width; ``cfg`` is the config
+    section it was built from."""
 
     modality = ""
+    cfg: dict
+
+    def standalone_config(self) -> dict:
+        """``cfg`` as a checkpoint records it: with a tower loaded from a local folder (``path``)
+        described by its own config instead, so the checkpoint loads without that folder."""
+        return self.cfg
 
     def prepare(self, obj) -> tuple[torch.Tensor, tuple[int, int, int]]:
         raise NotImplementedError
@@ -85,8 +92,15 @@ class ImageEncoder(MediaEncoder):
 
         _check_keys(cfg, "image", ("tokenizer", "connector"))
         tcfg = from_dict(ImageTokenizerConfig, _section(cfg, "tokenizer", "image"), "model.media.image.tokenizer.")
+        self.cfg = cfg
         self.tokenizer = build_image_tokenizer(tcfg)
         self.connector = _connector(cfg, "image", self.tokenizer.out_dim, dim)
+
+    def standalone_config(self) -> dict:
+        from omni.tokenizers.image import standalone_config
+
+        section = _section(self.cfg, "tokenizer", "image")
+        return {**self.cfg, "tokenizer": standalone_config(section, self.tokenizer)}
 
     def prepare(self, obj):
         from omni.media.image import Image
@@ -119,8 +133,15 @@ class VideoEncoder(MediaEncoder):
         _check_keys(cfg, "video", ("tokenizer", "video", "connector"))
         tcfg = from_dict(ImageTokenizerConfig, _section(cfg, "tokenizer", "video"), "model.media.video.tokenizer.")
         vcfg = from_dict(VideoTokenizerConfig, _section(cfg, "video", "video"), "model.media.video.video.")
+        self.cfg = cfg
         self.video = build_video_tokenizer(vcfg, build_image_tokenizer(tcfg))
         self.connector = _connector(cfg, "video", self.video.out_dim, dim)
+
+    def standalone_config(self) -> dict:
+        from omni.tokenizers.image import standalone_config
+
+        section = _section(self.cfg, "tokenizer", "video")
+        return {**self.cfg, "tokenizer": standalone_config(section, self.video.image_tokenizer)}
 
     def prepare(self, obj):
         """A :class:`~omni.media.video.Video` or a path (sampled with the recipe's frame settings) ->
@@ -175,6 +196,7 @@ class AudioEncoder(MediaEncoder):
 
         _check_keys(cfg, "audio", ("encoder", "connector", "normalize", "spec_augment", "stack", "ctc_weight",
                                    "precompute"))
+        self.cfg = cfg
         self.encoder = audio_encoder(**dict(_section(cfg, "encoder", "audio")))
         self.logmel = LogMel(n_mels=self.encoder.n_mels)
         self.normalize = cfg.get("normalize", "none")
@@ -196,6 +218,12 @@ class AudioEncoder(MediaEncoder):
         if self.precompute and self.spec_augment is not None:
             raise ValueError("model.media.audio.spec_augment acts on mels, so it cannot be used with precompute")
         self.connector = _connector(cfg, "audio", self.encoder.out_dim * self.stack, dim)
+
+    def standalone_config(self) -> dict:
+        from omni.tokenizers.audio import standalone_encoder_config
+
+        section = _section(self.cfg, "encoder", "audio")
+        return {**self.cfg, "encoder": standalone_encoder_config(section, self.encoder)}
 
     def num_tokens(self, num_frames: int) -> int:
         return -(-self.encoder.num_tokens(num_frames) // self.stack)

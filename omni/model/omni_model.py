@@ -1,11 +1,13 @@
 """``OmniModel``: token embeddings + backbone + output head, with save/load.
 
-A checkpoint directory holds ``config.json`` (backbone + vocabulary layout),
-``model.safetensors`` and, when the model has one, ``tokenizer/`` (the SentencePiece model).
+A checkpoint directory holds ``config.json`` (backbone + vocabulary layout + media encoders),
+``model.safetensors`` (every weight, pretrained media towers included) and, when the model has
+them, ``tokenizer/`` (the SentencePiece model) and ``codec/``: the folder travels on its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -321,7 +323,7 @@ class OmniModel(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir(path.parent, f".{path.name}.tmp")
         try:
-            atomic_write_json(tmp / CONFIG_FILE, self.config.to_dict())
+            atomic_write_json(tmp / CONFIG_FILE, self.standalone_config().to_dict())
             save_tensors(tmp / WEIGHTS_FILE, self.export_state_dict(), metadata={"format": "pt"})
             if self.tokenizer is not None:
                 self.tokenizer.save(tmp / TOKENIZER_DIR)
@@ -342,6 +344,13 @@ class OmniModel(nn.Module):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return path
+
+    def standalone_config(self) -> OmniConfig:
+        """The config ``save_pretrained`` writes: a media tower loaded from a local folder (a
+        ``path`` in ``media``) is described by its own transformers config instead. Its weights are
+        in model.safetensors like every other, so the checkpoint loads without that folder."""
+        media = {modality: encoder.standalone_config() for modality, encoder in self.encoders.items()}
+        return dataclasses.replace(self.config, media=media)
 
     def export_state_dict(self, merge_lora: bool = True) -> dict[str, torch.Tensor]:
         """The weights to save: LoRA adapters (``train.lora``) folded into their base weights unless

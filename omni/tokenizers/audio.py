@@ -763,6 +763,16 @@ class HFWhisperEncoder(nn.Module):
         return enc.layer_norm(x)
 
 
+def standalone_encoder_config(section: dict, encoder: nn.Module) -> dict:
+    """An audio ``encoder`` section as a checkpoint records it: a Whisper tower loaded from
+    ``path`` is described by its transformers config (``whisper_config``) instead, so the
+    checkpoint loads without that folder (the tower's weights are in its model.safetensors)."""
+    if not section.get("path"):
+        return section
+    rest = {k: v for k, v in section.items() if k != "path"}
+    return {**rest, "whisper_config": encoder.encoder.config.to_diff_dict()}
+
+
 def audio_encoder(kind: str = "whisper_style", size: str = "tiny", n_mels: int = 80, path: str | None = None,
                   freeze: bool = False, input_mode: str = "pad", whisper_config: dict | None = None,
                   subsample: int = 2, conv_kernel: int = 0, stem: str = "conv1d", stem_channels: int = 32) -> nn.Module:

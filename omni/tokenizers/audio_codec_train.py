@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni.io import atomic_write_json, write_jsonl
+from omni.io import atomic_write_json, exclusive, write_jsonl
 from omni.tokenizers.audio import CODEC_PRESETS, AudioCodec, CodecConfig, mel_filters
 from omni.train.loop import lr_factor
 
@@ -435,8 +435,17 @@ class DeadCodeReviver:
 
 
 def train_codec(spec: CodecTrainSpec) -> dict:
-    """Train the codec described by ``spec``; save it to ``spec.out``; return (and write) the report."""
+    """Train the codec described by ``spec``; save it to ``spec.out``; return (and write) the report.
+
+    ``spec.out`` is locked while training (:func:`omni.io.exclusive`): a second training into the
+    same folder is refused at once, naming this one's pid, instead of the two overwriting each
+    other's saves and report."""
     spec.validate()
+    with exclusive(spec.out, "codec"):
+        return _train_codec(spec)
+
+
+def _train_codec(spec: CodecTrainSpec) -> dict:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     use_cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())

@@ -23,6 +23,9 @@ Kinds:
   patch, laid out row-major (SigLIP has no CLS). Towers run at their fixed ``image_size``; the
   image is resized to it without keeping the aspect ratio (as SigLIP's own processor does).
   ``freeze=True`` stops gradients into the tower (the merge layer, if any, still trains).
+  ``tower`` (a transformers vision config, as its ``config.json`` holds it) builds the tower's
+  shape without its folder: an omni checkpoint records a tower loaded from ``path`` this way
+  (:func:`standalone_config`), its weights being in the checkpoint's ``model.safetensors``.
 
 Patch merge (``merge=2``, Qwen2-VL): each 2 x 2 block of neighbouring patch features becomes one
 token. ``merge_mode="concat"`` concatenates them (``out_dim = 4 * hidden``; the connector then
@@ -76,6 +79,7 @@ class ImageTokenizerConfig:
     kind: str = "siglip"
     size: str = "tiny"  # a TOWER_SIZES name; ignored for the tower shape when `path` is set
     path: str | None = None  # local transformers checkpoint directory (siglip/clip/vit)
+    tower: dict | None = None  # or the tower's transformers config alone (weights loaded elsewhere)
     image_size: int | None = None  # default: the size's (or the checkpoint's)
     patch_size: int | None = None  # default: the size's (or the checkpoint's)
     out_dim: int | None = None  # patchify only: width of the patch projection (default: the size's hidden)
@@ -104,13 +108,16 @@ class ImageTokenizerConfig:
                 if getattr(self, key):
                     raise ValueError(f"image_tokenizer.{key} applies to kind 'patchify' only, "
                                      f"not {self.kind!r}")
-        elif self.path:
-            raise ValueError("image_tokenizer.path applies to siglip/clip/vit towers, not 'patchify'")
-        if self.path:
+        elif self.path or self.tower:
+            key = "path" if self.path else "tower"
+            raise ValueError(f"image_tokenizer.{key} applies to siglip/clip/vit towers, not 'patchify'")
+        if self.path and self.tower:
+            raise ValueError("image_tokenizer.path and image_tokenizer.tower both give the tower; keep one")
+        if self.path or self.tower:
+            source = f"the checkpoint at {self.path}" if self.path else "image_tokenizer.tower"
             for key in ("image_size", "patch_size"):
                 if getattr(self, key) is not None:
-                    raise ValueError(f"image_tokenizer.{key} comes from the checkpoint at {self.path}; "
-                                     f"remove it")
+                    raise ValueError(f"image_tokenizer.{key} comes from {source}; remove it")
         for key in ("image_size", "patch_size", "out_dim", "min_pixels", "max_pixels"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -179,6 +186,7 @@ class ImageTokenizer(nn.Module):
         self.patch_size, self.hidden_dim = patch_size, hidden_dim
         self.merge, self.merge_mode = merge, merge_mode
         self.dynamic, self.min_pixels, self.max_pixels = dynamic, min_pixels, max_pixels
+        self.pixel_norm = ([float(v) for v in mean], [float(v) for v in std])  # as given, for configs
         self.image_size = None if dynamic else image_size
         if self.image_size is not None and self.image_size % self.factor:
             raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size * merge "
@@ -350,6 +358,31 @@ def load_tower(kind: str, path: str | Path):
     return tower, norm
 
 
+def tower_from_config(kind: str, config: dict):
+    """A randomly initialised transformers vision tower of the shape ``config`` (a vision config
+    as its ``config.json`` holds it) describes."""
+    if not isinstance(config, dict) or config.get("model_type") not in _MODEL_TYPES[kind]:
+        found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"image_tokenizer.tower: model_type is {found!r}, which is not a {kind} tower "
+                         f"(expected {' or '.join(_MODEL_TYPES[kind])})")
+    config_cls, model_cls = _tower_classes(kind)
+    try:
+        return model_cls(config_cls.from_dict(config), **_model_kwargs(kind))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"image_tokenizer.tower: not a valid {kind} tower config ({e})") from None
+
+
+def standalone_config(section: dict, tok: ImageTokenizer) -> dict:
+    """An ``image_tokenizer`` section as a checkpoint records it: a tower loaded from ``path`` is
+    described by its transformers config (``tower``) and the pixel mean/std it was loaded with, so
+    the checkpoint loads without that folder (the tower's weights are in its model.safetensors)."""
+    if not section.get("path"):
+        return section
+    mean, std = tok.pixel_norm
+    rest = {k: v for k, v in section.items() if k != "path"}
+    return {**rest, "tower": tok.tower.config.to_diff_dict(), "mean": mean, "std": std}
+
+
 def build_image_tokenizer(cfg: ImageTokenizerConfig) -> ImageTokenizer:
     """The image tokenizer a config describes (validated first)."""
     cfg.validate()
@@ -366,6 +399,8 @@ def build_image_tokenizer(cfg: ImageTokenizerConfig) -> ImageTokenizer:
         tower, norm = load_tower(cfg.kind, cfg.path)
         if norm is not None:
             mean, std = norm
+    elif cfg.tower:
+        tower = tower_from_config(cfg.kind, cfg.tower)
     else:
         tower = build_tower(cfg.kind, cfg.size, cfg.image_size, cfg.patch_size)
     return TowerImageTokenizer(cfg.kind, tower, freeze=cfg.freeze, mean=cfg.mean or mean, std=cfg.std or std,

@@ -157,10 +157,11 @@ def prepare_tokenizer(cfg: RecipeConfig, accelerator):
             corpora = [(Path(p.path) / "train.jsonl", TaskSpec.of(p).text_field) for p in cfg.data.tasks()]
             log.info("training tokenizer %s on %s -> %s", cfg.tokenizer.spec, ", ".join(str(c) for c, _ in corpora), path)
             texts = itertools.chain.from_iterable(corpus_texts(c, field) for c, field in corpora)
-            tok = TextTokenizer.train(texts, vocab_size=spec.vocab_size, model_type=spec.model_type,
-                                      character_coverage=spec.character_coverage,
-                                      max_sentences=spec.max_sentences, seed=spec.seed)
-            tok.save(path)
+            with exclusive(path, "tokenizer"):  # another run training the same tokenizer is refused
+                tok = TextTokenizer.train(texts, vocab_size=spec.vocab_size, model_type=spec.model_type,
+                                          character_coverage=spec.character_coverage,
+                                          max_sentences=spec.max_sentences, seed=spec.seed)
+                tok.save(path)
     return TextTokenizer.load(path)
 
 

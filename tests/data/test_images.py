@@ -109,3 +109,17 @@ def test_real_stamps_corpus(tmp_path):
         assert max(px.shape[1:]) <= 48 and px.float().std() > 5  # real picture content
         assert r["caption"][0].isupper()
     assert torch.tensor([len(r["caption"]) for r in rows]).float().mean() > 5
+
+
+def test_a_second_build_of_a_folder_being_built_is_refused(tmp_path, fake_stamps, lock_held_elsewhere,
+                                                           folder_files):
+    from omni.io import LockedError
+
+    out = tmp_path / "corpus"
+    build_images_corpus(out, stamps_dir=fake_stamps, max_size=32)
+    before = folder_files(out)
+    with lock_held_elsewhere(out, "image corpus") as pid:
+        with pytest.raises(LockedError,
+                           match=rf"this image corpus is being written by another process \(pid {pid} "):
+            build_images_corpus(out, stamps_dir=fake_stamps, max_size=16)
+    assert folder_files(out) == before

@@ -129,3 +129,78 @@ def test_real_tuxpaint_sounds():
     captions = dict((p.relative_to(STAMPS_DIR).as_posix(), c) for p, c in sounds)
     assert captions.get("animals/birds/seagull.ogg") == "A seagull."
     assert not any("_desc" in p for p in captions)
+
+
+@needs_tts
+@pytest.mark.parametrize("engine,voice", [("espeak", speech.Voice("espeak", "en-us+m1", 50)),
+                                          ("flite", speech.Voice("flite", "slt", 170))])
+@pytest.mark.parametrize("text", ["-s hello there", "--version of the lights"])
+def test_text_starting_with_a_dash_is_spoken_not_parsed_as_an_option(tmp_path, engine, voice, text):
+    synth = {"espeak": speech._espeak, "flite": speech._flite}[engine]
+    wav = tmp_path / "out.wav"
+    synth(voice, text, random.Random(0), wav)
+    assert wav.is_file(), f"{engine} wrote nothing for {text!r}"
+    wave, sr = sf.read(str(wav))
+    assert len(wave) / sr > 0.8 and np.abs(wave).max() > 0.05  # the words, spoken
+
+
+@needs_tts
+def test_rebuilding_with_other_sizes_never_pairs_a_wav_with_another_rows_text(tmp_path, monkeypatch):
+    """Each utterance is a function of the seed and its id, and a wav is reused only when it holds
+    that utterance: after a rebuild with other split sizes, every row's wav was rendered from its
+    own text, the utterances both builds share were not rendered again, and no stale wav is left."""
+    renders = []  # (wav path, the text it was rendered from), in order
+    real_render = speech._render
+
+    def render(synth, voice, text, seed, out):
+        new = not out.is_file()
+        duration = real_render(synth, voice, text, seed, out)
+        if new:
+            renders.append((out, text))
+        return duration
+
+    monkeypatch.setattr(speech, "_render", render)
+    out = tmp_path / "speech"
+    build_speech_corpus(out, counts={"train": 3, "val": 1, "test": 2}, piper=False, workers=1)
+    assert len(renders) == 6
+    counts = build_speech_corpus(out, counts={"train": 4, "val": 2, "test": 1}, piper=False, workers=1)
+    rows = [r for s in counts for r in read_jsonl(out / f"{s}.jsonl")]
+    spoken = dict(renders)  # the last render of each path
+    for row in rows:
+        assert spoken[out / row["audio"]] == row["text"], row["id"]
+    rendered_again = [path for path, _ in renders[6:]]
+    assert sorted(r["id"] for r in rows if out / r["audio"] in rendered_again) == ["train_000003", "val_000001"]
+    assert len(rendered_again) == 2
+    assert set((out / "audio").rglob("*.wav")) == {out / r["audio"] for r in rows}  # test_000001's is gone
+
+
+@needs_tts
+def test_a_second_speech_build_of_a_folder_being_built_is_refused(tmp_path, lock_held_elsewhere,
+                                                                  folder_files):
+    from omni.io import LockedError
+
+    out = tmp_path / "speech"
+    build_speech_corpus(out, counts={"train": 1, "val": 1, "test": 1}, piper=False)
+    before = folder_files(out)
+    with lock_held_elsewhere(out, "speech corpus") as pid:
+        with pytest.raises(LockedError,
+                           match=rf"this speech corpus is being written by another process \(pid {pid} "):
+            build_speech_corpus(out, counts={"train": 2, "val": 1, "test": 1}, piper=False)
+    assert folder_files(out) == before
+
+
+def test_a_second_sounds_build_of_a_folder_being_built_is_refused(tmp_path, lock_held_elsewhere,
+                                                                  folder_files):
+    from omni.io import LockedError
+
+    stamps = tmp_path / "stamps"
+    for i in range(3):
+        _fake_stamp(stamps, f"animals/pet{i}", f"A pet number {i}.", i)
+    out = tmp_path / "sounds"
+    build_sounds_corpus(out, stamps_dir=stamps, limit=2)
+    before = folder_files(out)
+    with lock_held_elsewhere(out, "sound corpus") as pid:
+        with pytest.raises(LockedError,
+                           match=rf"this sound corpus is being written by another process \(pid {pid} "):
+            build_sounds_corpus(out, stamps_dir=stamps)
+    assert folder_files(out) == before

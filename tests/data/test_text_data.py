@@ -136,3 +136,19 @@ def test_packed_dataset_on_the_corpus_and_collate(tiny_corpus, text_tokenizer, d
         assert v.shape == (3, 64) and v.dtype == torch.long
     assert torch.equal(batch["positions"][0], ds[0].positions[0])
     assert (batch["targets"][batch["doc_ids"] == -1] == IGNORE).all()
+
+
+def test_a_second_build_of_a_folder_being_built_is_refused(tmp_path, lock_held_elsewhere, folder_files):
+    from omni.io import LockedError
+
+    src = tmp_path / "book.txt"
+    src.write_text("\n\n".join(f"Paragraph {i}." for i in range(20)), encoding="utf-8")
+    out = tmp_path / "out"
+    build_text_corpus(out, source=str(src))
+    before = folder_files(out)
+    src.write_text("\n\n".join(f"Another paragraph {i}." for i in range(20)), encoding="utf-8")
+    with lock_held_elsewhere(out, "text corpus") as pid:
+        with pytest.raises(LockedError,
+                           match=rf"this text corpus is being written by another process \(pid {pid} "):
+            build_text_corpus(out, source=str(src))
+    assert folder_files(out) == before

@@ -107,3 +107,17 @@ def test_real_stamps_clips(tmp_path):
     stamp = next(s for s in find_stamps() if s.id == r["stamp"])
     _rgb, alpha = stamp_rgba(stamp, 21)
     assert max(alpha.shape[1:]) == 21 and alpha.max() == 1
+
+
+def test_a_second_build_of_a_folder_being_built_is_refused(tmp_path, fake_stamps, lock_held_elsewhere,
+                                                           folder_files):
+    from omni.io import LockedError
+
+    out = tmp_path / "clips"
+    build_video_corpus(out, stamps_dir=fake_stamps, size=32, fps=2, duration=1.0, max_stamps=1)
+    before = folder_files(out)
+    with lock_held_elsewhere(out, "video corpus") as pid:
+        with pytest.raises(LockedError,
+                           match=rf"this video corpus is being written by another process \(pid {pid} "):
+            build_video_corpus(out, stamps_dir=fake_stamps, size=16, fps=2, duration=1.0)
+    assert folder_files(out) == before

@@ -233,3 +233,81 @@ def test_num_params_matches_config(text_tokenizer):
     for tie in (True, False):
         m = build_model(backbone_config("debug"), text_tokenizer.vocab, tie_embeddings=tie, seed=0)
         assert m.num_params() == m.config.backbone.num_params(m.vocab.size, tied=tie)
+
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                   image_size=32, patch_size=16)
+
+
+def _pretrained_towers(root):
+    """Tiny random transformers checkpoints as save_pretrained writes them: a whole CLIP (its pixel
+    mean/std in preprocessor_config.json), a ViT and a Whisper."""
+    from transformers import (CLIPConfig, CLIPModel, ViTConfig, ViTModel, WhisperConfig,
+                              WhisperForConditionalGeneration)
+
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=99, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    CLIPModel(CLIPConfig(vision_config=TINY_VISION, text_config=text)).save_pretrained(root / "clip")
+    (root / "clip" / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.4, 0.45, 0.5],
+                                                                        "image_std": [0.2, 0.25, 0.3]}))
+    ViTModel(ViTConfig(**TINY_VISION), add_pooling_layer=False).save_pretrained(root / "vit")
+    WhisperForConditionalGeneration(WhisperConfig(
+        d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, decoder_layers=1,
+        decoder_attention_heads=2, decoder_ffn_dim=64, max_source_positions=100, max_target_positions=16,
+        vocab_size=64, pad_token_id=1, bos_token_id=2, eos_token_id=2, decoder_start_token_id=3,
+    )).save_pretrained(root / "whisper")
+
+
+def _media_logits(model, inputs: dict) -> torch.Tensor:
+    """Logits of a few text tokens around each input's feature span."""
+    from omni.sequence import MediaSlot
+
+    ids, media = [7, 8], []
+    for modality, obj in inputs.items():
+        data, grid = model.encoders[modality].prepare(obj)
+        n = grid[0] * grid[1] * grid[2]
+        media.append((0, MediaSlot(len(ids), n, modality, data)))
+        ids += [model.vocab.id("<|feat|>")] * n + [9]
+    with torch.no_grad():
+        return model(torch.tensor([ids]), media=media).logits
+
+
+def test_a_checkpoint_on_pretrained_towers_loads_without_their_folders(tmp_path, text_tokenizer):
+    import shutil
+
+    import omni
+
+    weights = tmp_path / "weights"
+    _pretrained_towers(weights)
+    media = {"image": {"tokenizer": {"kind": "clip", "path": str(weights / "clip"), "freeze": True},
+                       "connector": {"kind": "mlp"}},
+             "video": {"tokenizer": {"kind": "vit", "path": str(weights / "vit")}, "video": {"num_frames": 2},
+                       "connector": {"kind": "mlp"}},
+             "audio": {"encoder": {"kind": "hf_whisper", "path": str(weights / "whisper"), "freeze": True,
+                                   "input_mode": "slice"}, "connector": {"kind": "mlp"}}}
+    model = build_model(backbone_config("debug"), text_tokenizer.vocab, text_tokenizer, seed=0, media=media)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = {"image": torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8, generator=g),
+              "video": torch.randint(0, 256, (2, 3, 36, 36), dtype=torch.uint8, generator=g),
+              "audio": 0.1 * torch.randn(8000, generator=g)}
+    expected = _media_logits(model, inputs)
+    model.save_pretrained(tmp_path / "ckpt")
+    # a checkpoint of the old form, whose config names the tower folders, loads while they exist
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "ckpt", old)
+    (old / CONFIG_FILE).write_text(json.dumps(model.config.to_dict()))
+    assert torch.equal(_media_logits(OmniModel.from_pretrained(old), inputs), expected)
+
+    shutil.rmtree(weights)
+    loaded = omni.load(tmp_path / "ckpt")
+    assert torch.equal(_media_logits(loaded, inputs), expected)
+    saved = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())["media"]
+    assert "weights" not in json.dumps(saved)  # no tower folder is named
+    clip = saved["image"]["tokenizer"]
+    assert clip["tower"]["model_type"] == "clip_vision_model" and clip["freeze"] is True
+    assert (clip["mean"], clip["std"]) == ([0.4, 0.45, 0.5], [0.2, 0.25, 0.3])  # the checkpoint's, not CLIP's
+    assert saved["audio"]["encoder"]["whisper_config"]["d_model"] == 32
+    with pytest.raises(ValueError, match="weights/clip: no config.json"):
+        OmniModel.from_pretrained(old)

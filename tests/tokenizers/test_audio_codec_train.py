@@ -169,3 +169,31 @@ def test_discriminator_path_and_bad_samples(corpus, tmp_path):
     with pytest.raises(ValueError, match="missing.wav: unusable audio"):
         train_codec(_spec(corpus, tmp_path / "codec2", train_manifests=[str(manifest)], steps=1,
                           on_bad_sample="error"))
+
+
+def test_the_codec_folder_stays_locked_while_training_and_a_second_training_is_refused(
+        corpus, tmp_path, monkeypatch, lock_held_elsewhere, folder_files):
+    from omni.io import LockedError, exclusive
+
+    out = tmp_path / "codec"
+    locked_after_save = []  # whether another writer is refused right after each save (a folder swap)
+    real_save = AudioCodec.save
+
+    def save(self, directory):
+        saved = real_save(self, directory)
+        try:
+            with exclusive(directory, "codec"):
+                locked_after_save.append(False)
+        except LockedError:
+            locked_after_save.append(True)
+        return saved
+
+    monkeypatch.setattr(AudioCodec, "save", save)
+    train_codec(_spec(corpus, out, steps=1, save_every=1, batch_size=1, num_val_clips=1, val_max_s=0.5))
+    assert locked_after_save == [True, True]  # the save at step 1 and the final one
+    before = folder_files(out)
+    with lock_held_elsewhere(out, "codec") as pid:
+        with pytest.raises(LockedError,
+                           match=rf"this codec is being written by another process \(pid {pid} "):
+            train_codec(_spec(corpus, out, steps=1))
+    assert folder_files(out) == before

@@ -152,6 +152,17 @@ def test_checkpoint_problems_are_named(tmp_path):
         build_image_tokenizer(ImageTokenizerConfig(kind="clip", path=str(tmp_path)))
 
 
+def test_a_tower_built_from_its_config_alone_names_a_wrong_one():
+    from omni.tokenizers.image import tower_from_config
+
+    vit = {"model_type": "vit", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "image_size": 32, "patch_size": 16}
+    tok = build_image_tokenizer(ImageTokenizerConfig(kind="vit", tower=vit))
+    assert (tok.image_size, tok.patch_size, tok.out_dim, tok.tokens_per_image) == (32, 16, 16, 4)
+    with pytest.raises(ValueError, match="tower: model_type is 'siglip_vision_model', which is not a clip"):
+        tower_from_config("clip", {"model_type": "siglip_vision_model"})
+
+
 @pytest.mark.parametrize("kw, problem", [
     (dict(kind="dino"), "kind must be one of patchify, siglip, clip, vit"),
     (dict(size="huge"), "size must be one of debug, tiny, small, base"),
@@ -160,6 +171,9 @@ def test_checkpoint_problems_are_named(tmp_path):
     (dict(kind="siglip", dynamic=True), "dynamic applies to kind 'patchify' only"),
     (dict(kind="patchify", path="x"), "path applies to siglip/clip/vit towers"),
     (dict(kind="siglip", path="x", image_size=64), "image_size comes from the checkpoint"),
+    (dict(kind="patchify", tower={"model_type": "vit"}), "tower applies to siglip/clip/vit towers"),
+    (dict(kind="vit", path="x", tower={"model_type": "vit"}), "path and image_tokenizer.tower both give"),
+    (dict(kind="vit", tower={"model_type": "vit"}, patch_size=8), "patch_size comes from image_tokenizer"),
     (dict(min_pixels=10_000, max_pixels=100), "min_pixels .* exceeds max_pixels"),
     (dict(std=[0.5, 0.0, 0.5]), "std must be 3 numbers > 0"),
 ])
