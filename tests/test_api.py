@@ -145,6 +145,19 @@ def test_output_audio_continues_a_clip(speaking_model, tmp_path):
         speaking_model.generate(["Continue:", clip], output="audio", stream=True)
 
 
+def test_audio_the_model_ends_at_once_is_an_empty_audio(speaking_model, tmp_path, monkeypatch, caplog):
+    import omni.generation
+
+    K = speaking_model.codec.num_codebooks
+    monkeypatch.setattr(omni.generation, "generate_audio_codes",  # the model writes <|/audio|> first
+                        lambda model, ids, **kw: [torch.zeros(K, 0, dtype=torch.long)] * len(ids))
+    clip = omni.Audio(0.1 * torch.randn(1600, generator=torch.Generator().manual_seed(0)), sample_rate=16000)
+    out = speaking_model.generate(["Continue:", clip], output="audio", seed=0)
+    assert isinstance(out, omni.Audio) and out.duration == 0 and out.sample_rate == speaking_model.codec.sample_rate
+    assert "ended the audio at once" in caplog.text
+    out.save(tmp_path / "empty.wav")  # a valid (empty) wav
+
+
 @pytest.fixture(scope="module")
 def listening_model(text_tokenizer):
     """A debug model with a (debug) audio encoder: it reads audio files. Do not modify it."""

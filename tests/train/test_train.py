@@ -77,6 +77,21 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(20, Budget, train_seconds=60.0) == pytest.approx(0.1)
 
 
+def test_a_missing_corpus_names_the_command_that_builds_it():
+    from omni.config import TaskData
+    from omni.train.loop import _build_command
+
+    def command(**kw):
+        return _build_command(TaskData(**kw))
+
+    assert command(task="text", path="data/text") == "`omni data build text --out data/text`"
+    assert command(task="speak", path="x") == "`omni data build speech --out x`"
+    assert command(task="caption", media="audio", path="data/sounds") == "`omni data build sounds --out data/sounds`"
+    assert command(task="caption", media="audio", path="c") == ("`omni data build speech --out c` or "
+                                                                "`omni data build sounds --out c`")
+    assert command(task="caption", media="video", path="v") == "`omni data build video --out v`"
+
+
 def test_time_budget_stops_early_and_exports(run_env, tmp_path):
     out = tmp_path / "run"
     r = run(omni_cmd("train", "text/tiny", *overrides(run_env, out, **{
