@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,8 +243,14 @@ TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, nu
 def _pretrained_towers(root):
     """Tiny random transformers checkpoints as save_pretrained writes them: a whole CLIP (its pixel
     mean/std in preprocessor_config.json), a ViT and a Whisper."""
-    from transformers import (CLIPConfig, CLIPModel, ViTConfig, ViTModel, WhisperConfig,
-                              WhisperForConditionalGeneration)
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        ViTConfig,
+        ViTModel,
+        WhisperConfig,
+        WhisperForConditionalGeneration,
+    )
 
     torch.manual_seed(0)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -311,3 +318,33 @@ def test_a_checkpoint_on_pretrained_towers_loads_without_their_folders(tmp_path,
     assert saved["audio"]["encoder"]["whisper_config"]["d_model"] == 32
     with pytest.raises(ValueError, match="weights/clip: no config.json"):
         OmniModel.from_pretrained(old)
+
+
+def test_a_checkpoint_from_before_the_processor_refactor_gives_the_same_logits():
+    """tests/data/ckpt_v1 was written by main at 84cb853 (tests/data/make_ckpt_v1.py): text, image,
+    video and audio prompts, and an audio continuation as codec codes, render to the same ids and
+    give the same logits with today's code."""
+    from safetensors.torch import load_file
+
+    import omni
+    from omni.api import render_prompts
+    from omni.generation import left_pad
+
+    data = Path(__file__).parent.parent / "data"
+    ref = load_file(str(data / "ckpt_v1_reference.safetensors"))
+    model = omni.load(data / "ckpt_v1")
+    cases = {
+        "text_media": ([[omni.Image(ref["pixels"]), "Caption:"],
+                        [omni.Audio(ref["wave"], sample_rate=16000), "Transcribe."],
+                        [omni.Video(data / "ckpt_v1_clip.mp4", num_frames=2), "Describe."],
+                        ["The history of"]], "text"),
+        "continue": ([["Continue:", omni.Audio(ref["speech"], sample_rate=16000)]], "audio"),
+    }
+    with torch.no_grad():
+        for name, (batch, output) in cases.items():
+            rendered, inputs = render_prompts(model, batch, output)
+            ids = left_pad([r.ids for r in rendered], model.vocab.pad_id)[0]
+            assert torch.equal(ids, ref[f"{name}.ids"]), name
+            kw = {k: v for k, v in inputs.items() if k != "attention_mask"}
+            logits = model(ids, key_padding=inputs["attention_mask"].bool(), **kw).logits
+            torch.testing.assert_close(logits, ref[f"{name}.logits"], rtol=0, atol=1e-5, msg=name)
