@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
+
+from omni.data.tasks import TASKS
+from omni.model.audio_codes import PATTERNS
+from omni.model.backbone import ATTN_BACKENDS, SIZES
+from omni.model.blip2 import Blip2Config
+from omni.model.lora import LoraSpec
+from omni.model.media_encoder import MODALITIES
+from omni.schema import choice, from_dict, positive
+from omni.vocab import SPECIAL_TOKENS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 AUDIO_OUT_TASKS = ("continue", "speak")  # tasks whose targets are codec codes
@@ -48,23 +54,17 @@ class ModelConfig:
     blip2: dict | None = None
 
     def validate(self):
-        from omni.model.audio_codes import PATTERNS
-        from omni.model.backbone import ATTN_BACKENDS, SIZES
-        from omni.model.media_encoder import MODALITIES
-
-        _choice("model.size", self.size, SIZES)
-        _choice("model.attn_backend", self.attn_backend, ATTN_BACKENDS)
-        _choice("model.audio_pattern", self.audio_pattern, PATTERNS)
-        _positive("model.max_seq_len", self.max_seq_len)
+        choice("model.size", self.size, SIZES)
+        choice("model.attn_backend", self.attn_backend, ATTN_BACKENDS)
+        choice("model.audio_pattern", self.audio_pattern, PATTERNS)
+        positive("model.max_seq_len", self.max_seq_len)
         for modality in self.media:
-            _choice("model.media key", modality, MODALITIES)
+            choice("model.media key", modality, MODALITIES)
         for modality in (self.cross_attention or {}).get("media") or []:
             if modality not in self.media:
                 raise ValueError(f"model.cross_attention.media names {modality!r}, which model.media has no encoder "
                                  f"for (has: {', '.join(self.media) or 'none'})")
         if self.blip2 is not None:
-            from omni.model.blip2 import Blip2Config
-
             Blip2Config.parse(self.blip2)
             if self.contrastive is not None:
                 raise ValueError("model.contrastive and model.blip2 are two objectives for the same pairs; keep one")
@@ -116,11 +116,8 @@ class TaskData:
         return self.name or (f"{self.task}:{self.media}" if self.task in ("caption", "fewshot") else self.task)
 
     def validate(self, key: str = "data"):
-        from omni.data.tasks import TASKS
-        from omni.model.media_encoder import MODALITIES
-
-        _choice(f"{key}.task", self.task, TASKS)
-        _choice(f"{key}.media", self.media, MODALITIES)
+        choice(f"{key}.task", self.task, TASKS)
+        choice(f"{key}.media", self.media, MODALITIES)
         if not self.weight > 0:
             raise ValueError(f"{key}.weight must be > 0, got {self.weight}")
         if not self.loss_weight > 0:
@@ -142,8 +139,8 @@ class DataConfig(TaskData):
         return list(self.mixture) or [self]
 
     def validate(self):
-        _choice("data.on_bad_sample", self.on_bad_sample, ("skip", "error"))
-        _positive("data.seq_len", self.seq_len)
+        choice("data.on_bad_sample", self.on_bad_sample, ("skip", "error"))
+        positive("data.seq_len", self.seq_len)
         if not self.mixture:
             return super().validate()
         for i, part in enumerate(self.mixture):
@@ -152,25 +149,6 @@ class DataConfig(TaskData):
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
             raise ValueError(f"data.mixture has two tasks labelled {dup[0]!r}; give them distinct `name`s")
-
-
-@dataclass
-class LoraSpec:
-    """``train.lora``: rank ``r``, scale ``alpha / r``, dropout, and globs over the linear layers
-    that get adapters (default: the backbone's attention and feed-forward projections)."""
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["backbone.layers.*.attn.wqkv", "backbone.layers.*.attn.wo",
-                                                        "backbone.layers.*.ffn.w13", "backbone.layers.*.ffn.w2"])
-
-    def validate(self) -> None:
-        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
-            raise ValueError(f"train.lora needs r >= 1, alpha > 0 and dropout in [0, 1); got r={self.r}, "
-                             f"alpha={self.alpha}, dropout={self.dropout}")
-        if not self.targets:
-            raise ValueError("train.lora.targets is empty")
 
 
 @dataclass
@@ -213,7 +191,7 @@ class TrainConfig:
     def validate(self):
         for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
                     "keep_checkpoints", "log_every", "max_skipped_steps"):
-            _positive(f"train.{key}", getattr(self, key))
+            positive(f"train.{key}", getattr(self, key))
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         for pattern, scale in (self.lr_scale or {}).items():
@@ -227,8 +205,8 @@ class TrainConfig:
             raise ValueError(f"train.warmup_steps must be in [0, train.steps={self.steps}], got {self.warmup_steps}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
-        _choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
-        _choice("train.export", self.export, ("last", "best"))
+        choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        choice("train.export", self.export, ("last", "best"))
         if isinstance(self.init_from, list) and not self.init_from:
             raise ValueError("train.init_from is an empty list (leave it out to start from scratch)")
         if self.trainable is not None and not self.trainable:
@@ -289,10 +267,8 @@ class TextTokenizerSpec:
     seed: int = 0
 
     def validate(self):
-        _choice("kind", self.kind, ("sentencepiece",))
-        _choice("model_type", self.model_type, ("unigram", "bpe", "word"))
-        from omni.vocab import SPECIAL_TOKENS
-
+        choice("kind", self.kind, ("sentencepiece",))
+        choice("model_type", self.model_type, ("unigram", "bpe", "word"))
         minimum = 4 + len(SPECIAL_TOKENS) + 32
         if self.vocab_size < minimum:
             raise ValueError(f"vocab_size must be >= {minimum} (meta pieces + special tokens), got {self.vocab_size}")
@@ -372,88 +348,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def _deepcopy(d):
     return {k: _deepcopy(v) for k, v in d.items()} if isinstance(d, dict) else d
-
-
-def from_dict(cls, raw: dict, prefix: str = ""):
-    """Build dataclass ``cls`` from ``raw``, checking keys and types recursively."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ValueError(f"unknown key {prefix}{unknown[0]}; allowed keys in "
-                         f"{prefix.rstrip('.') or 'the recipe'}: {', '.join(sorted(names))}")
-    kwargs = {}
-    for name, value in raw.items():
-        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def _coerce(tp, value: Any, key: str):
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key + ".")
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        for tp_ in inner[:-1]:  # the first member that takes the value (str | list[str])
-            try:
-                return _coerce(tp_, value, key)
-            except ValueError:
-                pass
-        return _coerce(inner[-1], value, key)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ValueError(f"{key} must be a list, got {value!r}")
-        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        _, item = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ValueError(f"{key} must be a mapping, got {value!r}")
-        return {str(k): _coerce(item, v, f"{key}.{k}") for k, v in value.items()}
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{key} must be a mapping, got {value!r}")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{key} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ValueError(f"{key} must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError(f"{key} must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, bool):  # YAML 1.1 reads a bare no/yes/off/on as a bool
-            raise ValueError(f"{key} must be a string, got {value!r} (YAML reads a bare no/yes/on/off as a "
-                             f"boolean: quote it, e.g. {key.rsplit('.', 1)[-1]}: \"no\")")
-        raise ValueError(f"{key} must be a string, got {value!r}")
-    raise TypeError(f"unsupported config type {tp} for {key}")  # internal: a dataclass we wrote
-
-
-def _choice(key: str, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
-
-
-def _positive(key: str, value: int):
-    if value <= 0:
-        raise ValueError(f"{key} must be > 0, got {value}")
 
 
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")

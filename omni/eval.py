@@ -277,7 +277,8 @@ def _eval_codes(model, d, seq_len: int, manifest: Path, rows: list[dict], batch_
     """Next-code loss and accuracy over every codebook (each code scored within its own codebook,
     as generation samples it) on held-out clips, and the same for a unigram model of the codes
     of (up to ``unigram_rows``) training clips, add-one smoothed per codebook."""
-    from omni.data.tasks import TaskDataset, TaskSpec, collate, encode_audio
+    from omni.data.tasks import TaskDataset, TaskSpec, collate
+    from omni.processor import as_processor
 
     vocab = model.vocab
     K, C = vocab.num_codebooks, vocab.codebook_size
@@ -285,7 +286,7 @@ def _eval_codes(model, d, seq_len: int, manifest: Path, rows: list[dict], batch_
     train_manifest = manifest.parent / "train.jsonl"
     for row in list(read_jsonl(train_manifest))[:unigram_rows]:
         try:
-            codes = encode_audio(model, manifest.parent / row["audio"], d.max_audio_s)
+            codes = as_processor(model).encode_audio(manifest.parent / row["audio"], d.max_audio_s)
         except (ValueError, KeyError):
             continue
         counts += torch.nn.functional.one_hot(codes, C).sum(1)

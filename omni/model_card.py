@@ -13,7 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from omni.config import TaskData
 from omni.io import atomic_write_bytes
+from omni.model.omni_model import OmniConfig
 
 CARD_FILE = "README.md"
 
@@ -37,8 +39,6 @@ def write_model_card(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     config = json.loads((run / "config.json").read_text(encoding="utf-8"))
     recipe = yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8")) if (run / "recipe.yaml").is_file() else {}
-    from omni.model.omni_model import OmniConfig
-
     cfg = OmniConfig.from_dict(config, str(run / "config.json"))
     bb = cfg.backbone
     reads = ["text", *cfg.media] + (["audio codes"] if cfg.vocab.num_codebooks else [])
@@ -61,8 +61,6 @@ def write_model_card(run_dir: str | Path) -> Path:
     tasks = data.get("mixture") or ([data] if data else [])
     if tasks:
         lines += ["", "## Data", "", "| task | data | weight |", "|---|---|---|"]
-        from omni.config import TaskData
-
         for t in tasks:
             part = TaskData(**{k: v for k, v in t.items() if k in TaskData.__dataclass_fields__})
             lines.append(f"| {part.label} | `{part.path}` | {_fmt(part.weight)} |")

@@ -49,11 +49,12 @@ def text_tokenizer(tiny_corpus):
 
 @pytest.fixture(scope="session")
 def debug_model(text_tokenizer):
-    """The ``debug`` backbone with tied embeddings, seeded; in eval mode. Do not modify it in a test."""
+    """The ``debug`` backbone with tied embeddings, seeded, as a pipeline; in eval mode. Do not modify it in a test."""
     from omni.model.backbone import backbone_config
     from omni.model.omni_model import build_model
+    from omni.pipeline import Pipeline
 
-    return build_model(backbone_config("debug"), text_tokenizer.vocab, text_tokenizer, seed=0).eval()
+    return Pipeline(build_model(backbone_config("debug"), text_tokenizer.vocab, text_tokenizer, seed=0).eval())
 
 
 @pytest.fixture(scope="session")
@@ -62,9 +63,10 @@ def sampling_model(text_tokenizer):
     tied model mostly repeats its last token), so decoding tests can tell steps apart. Do not modify it."""
     from omni.model.backbone import backbone_config
     from omni.model.omni_model import build_model
+    from omni.pipeline import Pipeline
 
-    return build_model(backbone_config("debug"), text_tokenizer.vocab, text_tokenizer, tie_embeddings=False,
-                       seed=0).eval()
+    return Pipeline(build_model(backbone_config("debug"), text_tokenizer.vocab, text_tokenizer, tie_embeddings=False,
+                                seed=0).eval())
 
 
 # --- another process writing a folder (omni.io.exclusive held elsewhere) ------------------------

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import omni
-from omni import api
+from omni import api, pipeline, processor
 from omni.generation import generate
 from omni.model.backbone import backbone_config
 from omni.model.omni_model import build_model
@@ -63,7 +63,7 @@ def test_streaming_does_not_break_multibyte_characters(model, monkeypatch):
         for t in new:
             yield torch.tensor([t] * ids.shape[0])
 
-    monkeypatch.setattr(api, "iter_generate", scripted)
+    monkeypatch.setattr(pipeline, "iter_generate", scripted)
     # encode() adds SentencePiece's "▁" prefix; as a continuation of the prompt it is a real space
     assert "".join(model.generate("Say it", stream=True)) == " " + text
     assert ["".join(col) for col in zip(*model.generate([["a"], ["b"]], stream=True))] == [" " + text] * 2
@@ -93,7 +93,7 @@ def test_prompt_longer_than_the_context(model):
 
 
 def test_model_without_tokenizer_needs_ids(text_tokenizer):
-    m = build_model(backbone_config("debug"), text_tokenizer.vocab, seed=0)
+    m = pipeline.Pipeline(build_model(backbone_config("debug"), text_tokenizer.vocab, seed=0))
     with pytest.raises(ValueError, match="no text tokenizer"):
         m.generate("Hello")
 
@@ -125,7 +125,8 @@ def speaking_model(text_tokenizer):
     codec = AudioCodec("debug")
     v = text_tokenizer.vocab
     vocab = Vocab(v.text_size, v.specials, codec.num_codebooks, codec.cardinality)
-    return build_model(backbone_config("debug", max_seq_len=256), vocab, text_tokenizer, seed=0, codec=codec).eval()
+    return pipeline.Pipeline(build_model(backbone_config("debug", max_seq_len=256), vocab, text_tokenizer, seed=0,
+                                         codec=codec).eval())
 
 
 def test_output_audio_continues_a_clip(speaking_model, tmp_path):
@@ -146,10 +147,8 @@ def test_output_audio_continues_a_clip(speaking_model, tmp_path):
 
 
 def test_audio_the_model_ends_at_once_is_an_empty_audio(speaking_model, tmp_path, monkeypatch, caplog):
-    import omni.generation
-
     K = speaking_model.codec.num_codebooks
-    monkeypatch.setattr(omni.generation, "generate_audio_codes",  # the model writes <|/audio|> first
+    monkeypatch.setattr(pipeline, "generate_audio_codes",  # the model writes <|/audio|> first
                         lambda model, ids, **kw: [torch.zeros(K, 0, dtype=torch.long)] * len(ids))
     clip = omni.Audio(0.1 * torch.randn(1600, generator=torch.Generator().manual_seed(0)), sample_rate=16000)
     out = speaking_model.generate(["Continue:", clip], output="audio", seed=0)
@@ -161,9 +160,10 @@ def test_audio_the_model_ends_at_once_is_an_empty_audio(speaking_model, tmp_path
 @pytest.fixture(scope="module")
 def listening_model(text_tokenizer):
     """A debug model with a (debug) audio encoder: it reads audio files. Do not modify it."""
-    return build_model(backbone_config("debug", max_seq_len=128), text_tokenizer.vocab, text_tokenizer, seed=0,
-                       media={"audio": {"encoder": {"kind": "whisper_style", "size": "debug"},
-                                        "connector": {"kind": "mlp"}, "stack": 4}}).eval()
+    return pipeline.Pipeline(build_model(
+        backbone_config("debug", max_seq_len=128), text_tokenizer.vocab, text_tokenizer, seed=0,
+        media={"audio": {"encoder": {"kind": "whisper_style", "size": "debug"}, "connector": {"kind": "mlp"},
+                         "stack": 4}}).eval())
 
 
 def _noise_wav(path, seconds: float, rate: int = 8000):
@@ -179,14 +179,13 @@ def test_describe_reads_long_audio_in_windows(listening_model, tmp_path, monkeyp
     for name, secs in (("long.wav", 1.0), ("short.flac", 0.3)):
         _noise_wav(tmp_path / name, secs)
     seen = []
-    encoder = model.encoders["audio"]
-    real = encoder.prepare
+    real = model.processor.prepare
 
-    def spy(audio):
+    def spy(modality, audio):
         seen.append(audio.duration)
-        return real(audio)
+        return real(modality, audio)
 
-    monkeypatch.setattr(encoder, "prepare", spy)
+    monkeypatch.setattr(model.processor, "prepare", spy)
     texts = api.describe(model, [tmp_path / "long.wav", tmp_path / "short.flac"], window_s=0.4, batch_size=2,
                          max_new_tokens=3, progress=False)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
@@ -200,12 +199,10 @@ def test_describe_reads_long_audio_in_windows(listening_model, tmp_path, monkeyp
 def test_describe_reads_windows_lazily_one_batch_at_a_time(listening_model, tmp_path, monkeypatch):
     """The windows of long files are not all in memory at once: describe asks for the next
     ``batch_size`` windows only when it is ready to generate for them."""
-    from omni.media import audio
-
     model = listening_model
     files = [_noise_wav(tmp_path / "a.wav", 2.0), _noise_wav(tmp_path / "b.wav", 1.2)]  # 5 + 3 windows of 0.4 s
     produced, at_generate = [0], []
-    real_windows, real_generate = audio.iter_audio_windows, model.generate
+    real_windows, real_generate = processor.iter_audio_windows, model.generate
 
     def counting_windows(*args, **kw):
         for w in real_windows(*args, **kw):
@@ -216,7 +213,7 @@ def test_describe_reads_windows_lazily_one_batch_at_a_time(listening_model, tmp_
         at_generate.append(produced[0])
         return real_generate(prompts, **kw)
 
-    monkeypatch.setattr(audio, "iter_audio_windows", counting_windows)
+    monkeypatch.setattr(processor, "iter_audio_windows", counting_windows)
     monkeypatch.setattr(model, "generate", spy)
     texts = api.describe(model, files, window_s=0.4, batch_size=3, max_new_tokens=2, progress=False)
     assert len(texts) == 2 and produced[0] == 8

@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omni.data.images import STAMPS_DIR, STAMPS_INSTALL, english_caption
-from omni.io import exclusive, write_jsonl
+from omni.data.text import wiki_documents
+from omni.io import exclusive, read_jsonl, write_jsonl
+from omni.media.audio import Audio
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +118,6 @@ _SPEAKABLE = re.compile(r"^[A-Za-z][A-Za-z ,;'\-]*[A-Za-z][.!?]?$")
 def wiki_sentences(min_words: int = 4, max_words: int = 20) -> list[str]:
     """Plain sentences from Wikipedia lead paragraphs: letters and simple punctuation only (no digits,
     brackets or symbols, whose spoken form would not match the transcript)."""
-    from omni.data.text import wiki_documents
-
     out = []
     for doc in wiki_documents():
         for s in _SENTENCE_END.split(doc["text"]):
@@ -217,8 +217,6 @@ class _Piper:
 
 def _render(synth: Callable, voice: Voice, text: str, seed: int, out: Path) -> float:
     """Synthesize ``text`` to ``out`` as 16 kHz mono wav (atomic); returns the duration in seconds."""
-    from omni.media.audio import Audio
-
     if out.is_file():  # a finished file: its name says it holds this very utterance
         import soundfile as sf
 
@@ -342,8 +340,6 @@ def build_sounds_corpus(out: str | Path, stamps_dir: str | Path = STAMPS_DIR, va
     is decided per stamp by a hash of its lower-cased caption, so stamps sharing a caption (and
     usually their sound: a filled and an outlined letter) land in the same split.
     """
-    from omni.media.audio import Audio
-
     stamps_dir = Path(stamps_dir)
     sounds = stamp_sounds(stamps_dir)[:limit]
     out = Path(out)
@@ -368,8 +364,6 @@ def build_sounds_corpus(out: str | Path, stamps_dir: str | Path = STAMPS_DIR, va
 
 def manifest_audio(manifest: str | Path) -> list[tuple[Path, dict]]:
     """``(absolute audio path, row)`` for each row of a manifest (``audio`` is relative to the manifest)."""
-    from omni.io import read_jsonl
-
     manifest = Path(manifest)
     out = []
     for n, row in enumerate(read_jsonl(manifest), 1):

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import random
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import torch
 
 from omni.io import read_jsonl
 from omni.media import BAD_FILE_ERRORS
+from omni.processor import as_processor
 from omni.sequence import MediaSlot, Message, PackedRow, Sample, Segment, pack, render
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class TaskSpec:
 
 def sample_for(row: dict, spec: TaskSpec, model, root: Path) -> Sample:
     """One manifest row -> a Sample; raises ValueError/MediaError for an unusable row."""
+    proc = as_processor(model)
     if spec.task == "text":
         text = row.get("text")
         if not isinstance(text, str) or not text.strip():
@@ -83,20 +84,20 @@ def sample_for(row: dict, spec: TaskSpec, model, root: Path) -> Sample:
         target = row.get(spec.target)
         if not isinstance(target, str) or not target.strip():
             raise ValueError(f"no non-empty string field {spec.target!r}")
-        if spec.media not in model.encoders:
+        if spec.media not in proc.encoders:
             raise ValueError(f"the model has no {spec.media} encoder (model.media.{spec.media})")
-        data, grid = model.encoders[spec.media].prepare(_media_path(row, spec.media, root))
+        data, grid = proc.prepare(spec.media, _media_path(row, spec.media, root))
         user = [Segment(spec.media, data=data, grid=grid)] + ([Segment(text=spec.prompt)] if spec.prompt else [])
         return Sample([Message("user", user), Message("assistant", [Segment(text=target.strip())])])
     if spec.task == "continue":
-        codes = encode_audio(model, _media_path(row, "audio", root), spec.max_audio_s)
+        codes = proc.encode_audio(_media_path(row, "audio", root), spec.max_audio_s)
         prefix = [Segment(text=spec.prompt)] if spec.prompt else []
         return Sample([Message(None, prefix + [Segment("audio", codes=codes)])])
     if spec.task == "speak":
         text = row.get("text")
         if not isinstance(text, str) or not text.strip():
             raise ValueError("no non-empty string field 'text'")
-        codes = encode_audio(model, _media_path(row, "audio", root), spec.max_audio_s)
+        codes = proc.encode_audio(_media_path(row, "audio", root), spec.max_audio_s)
         said = f"{spec.prompt} {text.strip()}" if spec.prompt else text.strip()
         return Sample([Message(None, [Segment(text=said), Segment("audio", codes=codes)])])
     raise ValueError(f"unknown task {spec.task!r}; expected one of {', '.join(TASKS)}")
@@ -108,34 +109,6 @@ def _media_path(row: dict, key: str, root: Path) -> Path:
         raise ValueError(f"no {key!r} path")
     path = Path(value)
     return path if path.is_absolute() else root / path
-
-
-def encode_audio(model, audio, max_seconds: float | None = None) -> torch.Tensor:
-    """A file or :class:`~omni.media.audio.Audio` -> the model's codec codes (K, T), the clip cut
-    to ``max_seconds``."""
-    from omni.media.audio import Audio
-
-    if model.codec is None:
-        raise ValueError("the model has no audio codec (recipe section `codec`)")
-    key = None
-    if isinstance(audio, (str, Path)) and Path(audio).is_file():  # a mixture's audio tasks share clips: encode once
-        key = (str(Path(audio).resolve()), Path(audio).stat().st_mtime_ns, max_seconds)
-        cached = _CODES.setdefault(model.codec, {}).get(key)
-        if cached is not None:
-            return cached
-    audio = audio if isinstance(audio, Audio) else Audio(audio)
-    wave = audio.resample(model.codec.sample_rate).waveform
-    if max_seconds:
-        wave = wave[:int(max_seconds * model.codec.sample_rate)]
-    with torch.no_grad():
-        codes = model.codec.encode(wave).long()
-    if key is not None:
-        _CODES[model.codec][key] = codes
-    return codes
-
-
-# codec -> {(file, mtime, max_seconds): codes}; dropped with the codec
-_CODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 _ONSETS, _VOWELS = "bdfgklmnprstvz", "aeiou"
@@ -201,12 +174,13 @@ def episodes(media: list[tuple[torch.Tensor, tuple]], spec: TaskSpec, held_out: 
 
 def prepare_rows(manifest: Path, spec: TaskSpec, model, on_bad_sample: str = "skip") -> tuple[list, int]:
     """Every usable row's media prepared by the model's encoder, and how many rows were skipped."""
-    if spec.media not in model.encoders:
+    proc = as_processor(model)
+    if spec.media not in proc.encoders:
         raise ValueError(f"the model has no {spec.media} encoder (model.media.{spec.media})")
     media, num_bad = [], 0
     for n, row in enumerate(read_jsonl(manifest)):
         try:
-            media.append(model.encoders[spec.media].prepare(_media_path(row, spec.media, manifest.parent)))
+            media.append(proc.prepare(spec.media, _media_path(row, spec.media, manifest.parent)))
         except BAD_FILE_ERRORS as e:
             _bad_row(manifest, n, row, e, on_bad_sample)
             num_bad += 1
@@ -227,10 +201,11 @@ def _bad_row(manifest: Path, n: int, row: dict, error: Exception, on_bad_sample:
 
 
 def _render_episodes(manifest: Path, spec: TaskSpec, model, tokenizer, seq_len: int, on_bad_sample: str):
+    proc = as_processor(model)
     media, num_bad = prepare_rows(manifest, spec, model, on_bad_sample)
     rendered = []
     for ep in episodes(media, spec, held_out=manifest.stem != "train"):
-        r = render(ep.sample(), tokenizer, **model.render_options())
+        r = render(ep.sample(), tokenizer, **proc.render_options)
         if len(r) > seq_len:
             raise ValueError(f"{manifest}: a {spec.ways}-way episode takes {len(r)} tokens, over data.seq_len={seq_len}")
         rendered.append(r)
@@ -240,17 +215,18 @@ def _render_episodes(manifest: Path, spec: TaskSpec, model, tokenizer, seq_len: 
 def render_manifest(manifest: str | Path, spec: TaskSpec, model, tokenizer, seq_len: int,
                     on_bad_sample: str = "skip") -> tuple[list, int]:
     """Every usable row of a manifest rendered for ``spec``, and how many rows were skipped."""
+    proc = as_processor(model)
     manifest = Path(manifest)
     if spec.task == "fewshot":
         return _render_episodes(manifest, spec, model, tokenizer, seq_len, on_bad_sample)
     root = manifest.parent
     # speech: the transcript rides along with the audio slot for the encoder's CTC head
-    ctc = (spec.task == "caption" and spec.transcript and spec.media in model.encoders
-           and getattr(model.encoders[spec.media], "ctc_head", None) is not None)
+    ctc = (spec.task == "caption" and spec.transcript and spec.media in proc.encoders
+           and getattr(proc.encoders[spec.media], "ctc_head", None) is not None)
     rendered, num_bad = [], 0
     for n, row in enumerate(read_jsonl(manifest)):
         try:
-            r = render(sample_for(row, spec, model, root), tokenizer, **model.render_options())
+            r = render(sample_for(row, spec, proc, root), tokenizer, **proc.render_options)
             if r.media and len(r) > seq_len:
                 raise ValueError(f"{len(r)} tokens do not fit data.seq_len={seq_len}")
             if ctc:
@@ -303,8 +279,9 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(self, manifest: str | Path, spec: TaskSpec, model, tokenizer, seq_len: int,
                  on_bad_sample: str = "skip"):
+        proc = as_processor(model)
         manifest = Path(manifest)
-        if spec.media not in model.encoders:
+        if spec.media not in proc.encoders:
             raise ValueError(f"the model has no {spec.media} encoder (model.media.{spec.media})")
         self.pairs, self.rows, self.num_bad = [], [], 0
         for n, row in enumerate(read_jsonl(manifest)):
@@ -313,7 +290,7 @@ class PairDataset(torch.utils.data.Dataset):
                 if not isinstance(text, str) or not text.strip():
                     raise ValueError(f"no non-empty string field {spec.target!r}")
                 ids = [tokenizer.vocab.bos_id] + tokenizer.encode(text.strip())[:seq_len - 2] + [tokenizer.vocab.eos_id]
-                data, _ = model.encoders[spec.media].prepare(_media_path(row, spec.media, manifest.parent))
+                data, _ = proc.prepare(spec.media, _media_path(row, spec.media, manifest.parent))
             except BAD_FILE_ERRORS as e:
                 _bad_row(manifest, n, row, e, on_bad_sample)
                 self.num_bad += 1
@@ -345,10 +322,11 @@ class TaskDataset(PackedDataset):
 
     def __init__(self, manifest: str | Path, spec: TaskSpec, model, tokenizer, seq_len: int,
                  on_bad_sample: str = "skip"):
+        proc = as_processor(model)
         self.manifest, self.spec = Path(manifest), spec
         rendered, num_bad = render_manifest(manifest, spec, model, tokenizer, seq_len, on_bad_sample)
         # Pre-training text and audio documents may flow across rows; a turn structure stays whole.
-        super().__init__(rendered, seq_len, model.vocab.pad_id, spec.task in ("text", "continue", "speak"), num_bad)
+        super().__init__(rendered, seq_len, proc.vocab.pad_id, spec.task in ("text", "continue", "speak"), num_bad)
 
 
 class MixtureDataset(PackedDataset):
@@ -360,6 +338,7 @@ class MixtureDataset(PackedDataset):
 
     def __init__(self, parts: list[tuple[str, str | Path, TaskSpec, float, float]], model, tokenizer, seq_len: int,
                  on_bad_sample: str = "skip", weighted: bool = True, seed: int = 0):
+        proc = as_processor(model)
         per_task, num_bad = [], 0
         for _, manifest, spec, _, loss_weight in parts:
             rendered, bad = render_manifest(manifest, spec, model, tokenizer, seq_len, on_bad_sample)
@@ -378,7 +357,7 @@ class MixtureDataset(PackedDataset):
             self.counts[label] = want
         order = torch.randperm(len(chosen), generator=g).tolist() if weighted else range(len(chosen))
         # Samples stay whole: a document cut across rows would lose its task's context.
-        super().__init__([chosen[i] for i in order], seq_len, model.vocab.pad_id, False, num_bad)
+        super().__init__([chosen[i] for i in order], seq_len, proc.vocab.pad_id, False, num_bad)
 
 
 def dataset_for(data, split: str, model, tokenizer, seed: int = 0) -> PackedDataset:

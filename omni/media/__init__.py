@@ -6,35 +6,20 @@ decode lazily on first use. Every failure is a :class:`MediaError` (a ``ValueErr
 
 from __future__ import annotations
 
+from omni.media.audio import Audio
+from omni.media.base import (
+    AUDIO_SUFFIXES,
+    BAD_FILE_ERRORS,
+    IMAGE_SUFFIXES,
+    VIDEO_SUFFIXES,
+    MediaError,
+    modality_of_path,
+)
+from omni.media.image import Image
+from omni.media.video import Video
 
-class MediaError(ValueError):
-    """A media file (or tensor) that cannot be used; the message names the file and the problem."""
-
-    def __init__(self, source, problem: str):
-        self.source, self.problem = str(source), problem
-        super().__init__(f"{source}: {problem}")
-
-
-# What reading and preparing one media file can raise: MediaError and other ValueErrors, a decoder's
-# RuntimeError or OSError, a MemoryError from a file too large. Code that handles many files (a
-# dataset build, a batch transcription) counts these against the one file instead of ending the run.
-BAD_FILE_ERRORS = (ValueError, OSError, RuntimeError, MemoryError)
-
-
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
-
-
-def modality_of_path(path) -> str | None:
-    """``audio`` / ``image`` / ``video`` by the file suffix; None for anything else."""
-    from pathlib import Path
-
-    suffix = Path(str(path)).suffix.lower()
-    for modality, suffixes in (("audio", AUDIO_SUFFIXES), ("image", IMAGE_SUFFIXES), ("video", VIDEO_SUFFIXES)):
-        if suffix in suffixes:
-            return modality
-    return None
+__all__ = ["AUDIO_SUFFIXES", "BAD_FILE_ERRORS", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "Audio", "Image", "MediaError",
+           "Video", "modality_of_path", "open_media"]
 
 
 def open_media(path):
@@ -43,10 +28,4 @@ def open_media(path):
     if modality is None:
         raise MediaError(path, "not a media file suffix; expected one of "
                                f"{', '.join(AUDIO_SUFFIXES + IMAGE_SUFFIXES + VIDEO_SUFFIXES)}")
-    if modality == "audio":
-        from omni.media.audio import Audio as cls
-    elif modality == "image":
-        from omni.media.image import Image as cls
-    else:
-        from omni.media.video import Video as cls
-    return cls(path)
+    return {"audio": Audio, "image": Image, "video": Video}[modality](path)

@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omni.media import MediaError
+from omni.io import atomic_write_bytes
+from omni.media.base import MediaError
 
 SAVE_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
 _MIN_FRACTION_PRESENT = 0.9  # decoded / declared frames below this means the file was cut short
@@ -405,8 +406,6 @@ class Audio:
         fmt, subtype = SAVE_FORMATS[path.suffix.lower()]
         buf = io.BytesIO()
         sf.write(buf, self.waveform.clamp(-1, 1).numpy(), self.sample_rate, format=fmt, subtype=subtype)
-        from omni.io import atomic_write_bytes
-
         atomic_write_bytes(path, buf.getvalue())
         return path
 

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from omni.media import MediaError
+from omni.io import atomic_write_bytes
+from omni.media.base import MediaError
 
 MAX_PIXELS = 50_000_000
 WHITE = (255, 255, 255)
@@ -81,8 +82,6 @@ class Image:
     def save(self, path: str | Path) -> Path:
         """Write ``pixels`` as an image file (format from the suffix), atomically."""
         from PIL import Image as PILImage
-
-        from omni.io import atomic_write_bytes
 
         path = Path(path)
         buf = io.BytesIO()

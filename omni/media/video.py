@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from omni.io import default_mode
-from omni.media import MediaError
+from omni.media.base import MediaError
 from omni.media.image import describe
 
 log = logging.getLogger(__name__)

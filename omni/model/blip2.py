@@ -42,6 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omni.model.contrastive import info_nce, similarity, text_features
+from omni.model.outputs import ModelOutput, default_positions
+from omni.schema import from_dict
+from omni.sequence import IGNORE
+
 LOSSES = ("itc", "itm", "itg")
 
 
@@ -57,8 +62,6 @@ class Blip2Config:
 
     @classmethod
     def parse(cls, raw, key: str = "model.blip2") -> Blip2Config:
-        from omni.config import from_dict
-
         cfg = from_dict(cls, raw, f"{key}.")
         for name in LOSSES:
             if getattr(cfg, name) < 0:
@@ -114,10 +117,6 @@ def blip2_loss(model, ids: torch.Tensor, mask: torch.Tensor, media: list):
     """The weighted stage-1 objective for B (image, text) pairs: ``ids``/``mask`` (B, T) right-padded
     ``<bos> text <eos>``, ``media`` one ``(row, slot)`` per row. Returns a ``ModelOutput`` whose
     ``parts`` holds each loss that is on."""
-    from omni.model.contrastive import info_nce, similarity, text_features
-    from omni.model.omni_model import ModelOutput, default_positions
-    from omni.sequence import IGNORE
-
     head = model.blip2
     w = head.weights
     (modality,) = {slot.modality for _, slot in media}

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omni.model.outputs import default_positions
+
 
 class ContrastiveHead(nn.Module):
     def __init__(self, dim: int, modalities: list[str], embed_dim: int = 128, temperature: float = 0.07):
@@ -45,8 +47,6 @@ def _head(model):
 
 def text_features(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T) right-padded ids and their mask -> (B, D): the backbone's output at each last real token."""
-    from omni.model.omni_model import default_positions
-
     h = model.backbone(model.embed(ids), default_positions(ids), key_padding=mask)
     return h[torch.arange(len(ids)), mask.long().sum(-1) - 1]
 

@@ -1,7 +1,7 @@
 """Media encoders: one modality's tokenizer/encoder plus a connector to the model width.
 
-``prepare(obj) -> (data, grid)`` runs in the data pipeline: it decodes and preprocesses a media
-object into the tensor a :class:`~omni.sequence.MediaSlot` carries, and says how many tokens
+``prepare(tensor) -> (data, grid)`` runs in the processor (``omni.processor``), after it decoded a
+media file: it preprocesses decoded pixels, frames or a waveform into the tensor a :class:`~omni.sequence.MediaSlot` carries, and says how many tokens
 (as a ``(t, h, w)`` grid) the encoder will produce for it, without running the network.
 ``forward(list of data) -> list of (N_i, dim)`` runs inside the model, so towers can be frozen
 or trained end to end.
@@ -28,13 +28,16 @@ one forward pass per clip instead of one per step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni.config import from_dict
+from omni.model.connectors import ConnectorConfig
+from omni.schema import from_dict
+from omni.tokenizers.audio import LogMel, WhisperStyleEncoder, audio_encoder, standalone_encoder_config
+from omni.tokenizers.image import ImageTokenizerConfig, build_image_tokenizer, standalone_config
+from omni.tokenizers.video import VideoTokenizerConfig, build_video_tokenizer
 
 MODALITIES = ("image", "video", "audio")
 AUDIO_SAMPLE_RATE = 16000  # the log-mel front end's rate (Whisper)
@@ -48,8 +51,6 @@ def _section(cfg: dict, key: str, modality: str) -> dict:
 
 
 def _connector(cfg: dict, modality: str, in_dim: int, dim: int):
-    from omni.model.connectors import ConnectorConfig
-
     ccfg = from_dict(ConnectorConfig, _section(cfg, "connector", modality), f"model.media.{modality}.connector.")
     return ccfg.build(in_dim, dim)
 
@@ -88,8 +89,6 @@ class ImageEncoder(MediaEncoder):
 
     def __init__(self, cfg: dict, dim: int, text_size: int = 0):
         super().__init__()
-        from omni.tokenizers.image import ImageTokenizerConfig, build_image_tokenizer
-
         _check_keys(cfg, "image", ("tokenizer", "connector"))
         tcfg = from_dict(ImageTokenizerConfig, _section(cfg, "tokenizer", "image"), "model.media.image.tokenizer.")
         self.cfg = cfg
@@ -97,16 +96,11 @@ class ImageEncoder(MediaEncoder):
         self.connector = _connector(cfg, "image", self.tokenizer.out_dim, dim)
 
     def standalone_config(self) -> dict:
-        from omni.tokenizers.image import standalone_config
-
         section = _section(self.cfg, "tokenizer", "image")
         return {**self.cfg, "tokenizer": standalone_config(section, self.tokenizer)}
 
     def prepare(self, obj):
-        from omni.media.image import Image
-
-        if isinstance(obj, (str, Path)):
-            obj = Image(obj)
+        """An :class:`~omni.media.image.Image` or uint8 pixels (3, H, W) -> normalised pixels and the grid."""
         pixels, grid = self.tokenizer.preprocess(obj)  # (3, H', W'), (1, h, w)
         return pixels, self.connector.grid(grid)
 
@@ -127,9 +121,6 @@ class VideoEncoder(MediaEncoder):
 
     def __init__(self, cfg: dict, dim: int, text_size: int = 0):
         super().__init__()
-        from omni.tokenizers.image import ImageTokenizerConfig, build_image_tokenizer
-        from omni.tokenizers.video import VideoTokenizerConfig, build_video_tokenizer
-
         _check_keys(cfg, "video", ("tokenizer", "video", "connector"))
         tcfg = from_dict(ImageTokenizerConfig, _section(cfg, "tokenizer", "video"), "model.media.video.tokenizer.")
         vcfg = from_dict(VideoTokenizerConfig, _section(cfg, "video", "video"), "model.media.video.video.")
@@ -138,19 +129,12 @@ class VideoEncoder(MediaEncoder):
         self.connector = _connector(cfg, "video", self.video.out_dim, dim)
 
     def standalone_config(self) -> dict:
-        from omni.tokenizers.image import standalone_config
-
         section = _section(self.cfg, "tokenizer", "video")
         return {**self.cfg, "tokenizer": standalone_config(section, self.video.image_tokenizer)}
 
-    def prepare(self, obj):
-        """A :class:`~omni.media.video.Video` or a path (sampled with the recipe's frame settings) ->
-        normalised frames (N, 3, H', W'); budgets are checked here, before any forward pass."""
-        from omni.media.video import Video
-
-        if isinstance(obj, (str, Path)):
-            obj = self.video.load(obj)
-        frames = obj.frames if isinstance(obj, Video) else obj
+    def prepare(self, frames):
+        """uint8 frames (N, 3, H, W) -> normalised frames (N, 3, H', W'); budgets are checked here,
+        before any forward pass (``omni.processor`` samples a video's frames as ``self.video.load``)."""
         pixels, grid = self.video.preprocess(frames)  # resized and normalised once, here
         return pixels, self.connector.grid(grid)
 
@@ -192,8 +176,6 @@ class AudioEncoder(MediaEncoder):
 
     def __init__(self, cfg: dict, dim: int, text_size: int = 0):
         super().__init__()
-        from omni.tokenizers.audio import LogMel, audio_encoder
-
         _check_keys(cfg, "audio", ("encoder", "connector", "normalize", "spec_augment", "stack", "ctc_weight",
                                    "precompute"))
         self.cfg = cfg
@@ -220,21 +202,14 @@ class AudioEncoder(MediaEncoder):
         self.connector = _connector(cfg, "audio", self.encoder.out_dim * self.stack, dim)
 
     def standalone_config(self) -> dict:
-        from omni.tokenizers.audio import standalone_encoder_config
-
         section = _section(self.cfg, "encoder", "audio")
         return {**self.cfg, "encoder": standalone_encoder_config(section, self.encoder)}
 
     def num_tokens(self, num_frames: int) -> int:
         return -(-self.encoder.num_tokens(num_frames) // self.stack)
 
-    def prepare(self, obj):
-        """An :class:`~omni.media.audio.Audio`, a path, or a 16 kHz waveform (T,) -> log-mel (n_mels, F)."""
-        from omni.media.audio import Audio
-
-        if isinstance(obj, (str, Path)):
-            obj = Audio(obj)
-        wave = obj.resample(AUDIO_SAMPLE_RATE).waveform if isinstance(obj, Audio) else obj
+    def prepare(self, wave):
+        """A 16 kHz waveform (T,) -> log-mel (n_mels, F) (``omni.processor`` decodes and resamples)."""
         if wave.shape[-1] < self.logmel.hop_length:
             wave = F.pad(wave, (0, self.logmel.hop_length - wave.shape[-1]))
         mel = self.logmel(wave.float())
@@ -258,8 +233,6 @@ class AudioEncoder(MediaEncoder):
             datas = [self.spec_augment(d) for d in datas]
         lengths = [d.shape[-1] for d in datas]
         n = torch.tensor([self.encoder.num_tokens(f) for f in lengths])
-        from omni.tokenizers.audio import WhisperStyleEncoder
-
         if not isinstance(self.encoder, WhisperStyleEncoder):  # transformers' pads to 30 s itself
             return self.encoder(_pad_mels(datas)), n
         # Ours masks padding frames out of attention, but still computes them: clips of similar

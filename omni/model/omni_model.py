@@ -19,7 +19,14 @@ from torch import nn
 
 from omni.io import atomic_write_json, load_tensors, replace_dir, save_tensors, temp_dir
 from omni.model.backbone import NO_SLOT, Backbone, BackboneConfig, KVCache, Memory
+from omni.model.blip2 import Blip2Config, Blip2Head, blip2_loss
+from omni.model.contrastive import ContrastiveHead, embed_media, embed_text, info_nce
+from omni.model.lora import merged_state_dict
+from omni.model.media_encoder import build_media_encoder
+from omni.model.outputs import ModelOutput, default_positions
 from omni.sequence import IGNORE
+from omni.tokenizers.audio import AudioCodec
+from omni.tokenizers.text import TextTokenizer
 from omni.vocab import Vocab
 
 CONFIG_FILE = "config.json"
@@ -61,20 +68,6 @@ class OmniConfig:
             raise ValueError(f"{source}: malformed omni config ({e})") from None
 
 
-@dataclass
-class ModelOutput:
-    logits: torch.Tensor  # (B, T, V)
-    loss: torch.Tensor | None = None  # next-token cross-entropy per loss-carrying token
-    num_tokens: int = 0  # tokens that carried loss
-    aux_loss: torch.Tensor | None = None  # media encoders' weighted auxiliary losses (CTC), when training
-    parts: dict | None = None  # name -> unweighted loss (detached) of a multi-loss objective (BLIP-2), for the log
-
-    @property
-    def objective(self) -> torch.Tensor:
-        """What training minimises: the token loss plus any auxiliary loss."""
-        return self.loss if self.aux_loss is None else self.loss + self.aux_loss
-
-
 class OmniModel(nn.Module):
     def __init__(self, config: OmniConfig, tokenizer=None, codec=None):
         super().__init__()
@@ -88,8 +81,6 @@ class OmniModel(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.encoders = nn.ModuleDict()
         if config.media:
-            from omni.model.media_encoder import build_media_encoder
-
             for modality, mcfg in config.media.items():
                 self.encoders[modality] = build_media_encoder(modality, mcfg, cfg.dim, config.vocab.text_size)
         video = getattr(self.encoders["video"], "video", None) if "video" in self.encoders else None
@@ -100,13 +91,9 @@ class OmniModel(nn.Module):
                              "video as tokens by leaving it out of model.cross_attention.media")
         self.contrastive = None
         if config.contrastive is not None:
-            from omni.model.contrastive import ContrastiveHead
-
             self.contrastive = ContrastiveHead(cfg.dim, list(config.media), **config.contrastive)
         self.blip2 = None
         if config.blip2 is not None:
-            from omni.model.blip2 import Blip2Config, Blip2Head
-
             self.blip2 = Blip2Head(cfg.dim, Blip2Config.parse(config.blip2))
         self.tokenizer = tokenizer
         self.set_codec(codec)
@@ -215,11 +202,7 @@ class OmniModel(nn.Module):
         return ModelOutput(logits, total / mass if n else total, n, aux_loss)
 
     def _contrastive(self, ids, mask, media) -> ModelOutput:
-        from omni.model.contrastive import embed_media, embed_text, info_nce
-
         if self.blip2 is not None:
-            from omni.model.blip2 import blip2_loss
-
             return blip2_loss(self, ids, mask, media)
         if self.contrastive is None:
             raise ValueError("this model has no contrastive head (model.contrastive or model.blip2 in the recipe)")
@@ -302,19 +285,6 @@ class OmniModel(nn.Module):
             raise ValueError(f"{what} is {n} tokens but the model's context is {self.max_seq_len} "
                              "(config backbone.max_seq_len); shorten it")
 
-    def generate(self, prompts, **kwargs):
-        """ids in, new ids out (a LongTensor (B, T)), or prompts (str / list of str) in, text out.
-
-        See :func:`omni.generation.generate` for ids and :func:`omni.api.generate` for prompts.
-        """
-        if isinstance(prompts, torch.Tensor):
-            from omni.generation import generate
-
-            return generate(self, prompts, **kwargs)
-        from omni.api import generate_from_prompts
-
-        return generate_from_prompts(self, prompts, **kwargs)
-
     # -- files ------------------------------------------------------------------------------
 
     def save_pretrained(self, path: str | Path) -> Path:
@@ -356,8 +326,6 @@ class OmniModel(nn.Module):
         """The weights to save: LoRA adapters (``train.lora``) folded into their base weights unless
         ``merge_lora=False`` (training checkpoints keep them apart to resume)."""
         if merge_lora:
-            from omni.train.stages import merged_state_dict
-
             sd = merged_state_dict(self)
         else:
             sd = dict(self.state_dict())
@@ -395,16 +363,12 @@ class OmniModel(nn.Module):
         config = OmniConfig.from_dict(raw, source=str(cfg_file))
         tokenizer = None
         if (path / TOKENIZER_DIR).is_dir():
-            from omni.tokenizers.text import TextTokenizer
-
             tokenizer = TextTokenizer.load(path / TOKENIZER_DIR)
             if tokenizer.vocab.text_size != config.vocab.text_size:
                 raise ValueError(f"{path}: tokenizer has {tokenizer.vocab.text_size} pieces but config.json "
                                  f"says {config.vocab.text_size}")
         codec = None
         if (path / CODEC_DIR).is_dir():
-            from omni.tokenizers.audio import AudioCodec
-
             codec = AudioCodec.load(path / CODEC_DIR)
         if config.media:  # media towers have their own buffers and loaders: build them for real
             model = cls(config, tokenizer, codec).to(device)
@@ -418,19 +382,6 @@ class OmniModel(nn.Module):
         model.load_weights(load_tensors(weights), str(weights))
         model.backbone.set_attn_backend(config.backbone.attn_backend, torch.device(device))
         return model.eval()
-
-
-def default_positions(input_ids: torch.Tensor, key_padding: torch.Tensor | None = None,
-                      cache: KVCache | None = None) -> torch.Tensor:
-    """(B, T) positions: 0.. for each row, counting only real tokens when left-padded, offset by the cache."""
-    B, T = input_ids.shape
-    if key_padding is not None:
-        pos = (key_padding.long().cumsum(-1) - 1).clamp(min=0)
-    else:
-        pos = torch.arange(T, device=input_ids.device).expand(B, T)
-    if cache is not None and cache.length:
-        pos = pos + cache.num_valid
-    return pos
 
 
 def build_model(backbone: BackboneConfig, vocab: Vocab, tokenizer=None, tie_embeddings: bool = True,

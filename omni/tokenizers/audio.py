@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni.io import atomic_write_json, load_tensors, replace_dir, save_tensors, temp_dir
+from omni.media.audio import Audio
+from omni.schema import from_dict
 
 FORMAT_VERSION = 1
 ENCODEC_INSTALL = "pip install encodec"
@@ -203,8 +205,6 @@ class AudioCodec(nn.Module):
     # -- tokenizer --------------------------------------------------------------------------
     def _as_batch(self, wave) -> tuple[torch.Tensor, bool]:
         """wave -> (B, C, T) on the model's device; also whether the input had no batch dim."""
-        from omni.media.audio import Audio
-
         if isinstance(wave, Audio):
             same_rate = wave.sample_rate == self.sample_rate
             wave = (wave if same_rate else wave.resample(self.sample_rate)).waveform
@@ -292,8 +292,6 @@ class AudioCodec(nn.Module):
             raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
         if meta.get("kind") != "encodec":
             raise ValueError(f"{meta_path}: kind is {meta.get('kind')!r}, expected 'encodec'")
-        from omni.config import from_dict
-
         cfg = from_dict(CodecConfig, meta.get("config", {}), "config.")
         if num_codebooks is not None:
             cfg = dataclasses.replace(cfg, num_codebooks=num_codebooks)

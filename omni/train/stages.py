@@ -23,10 +23,7 @@ import fnmatch
 import logging
 from pathlib import Path
 
-import torch
-from torch import nn
-
-from omni.config import LoraSpec
+from omni.model.lora import add_lora
 
 log = logging.getLogger(__name__)
 
@@ -90,62 +87,3 @@ def init_from(model, path: str | Path) -> dict:
     log.info("init_from %s: %d tensors loaded, %d new in this model, %d of its tensors unused", path,
              report["loaded"], report["new"], report["unused"])
     return report
-
-
-def add_lora(model: nn.Module, spec: LoraSpec) -> int:
-    """Wrap the selected linear layers with LoRA adapters (peft) and train only the adapters.
-    Returns the number of adapter parameters."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    spec.validate()
-    modules = {n: m for n, m in model.named_modules() if n}
-    linear = set()
-    for pattern in spec.targets:  # a pattern names modules (at any depth), not what is inside them
-        named = [n for n in modules if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, f"*.{pattern}")]
-        if not named:
-            linears = sorted(n for n, m in modules.items() if isinstance(m, nn.Linear))
-            raise ValueError(f"train.lora.targets pattern {pattern!r} names no module; linear layers are named "
-                             f"like: {', '.join(linears[:6])}{' ...' if len(linears) > 6 else ''}")
-        for n in named:
-            if not isinstance(modules[n], nn.Linear):
-                raise ValueError(f"train.lora.targets: {pattern!r} names {n}, a {type(modules[n]).__name__}; "
-                                 "LoRA wraps nn.Linear layers only")
-        linear.update(named)
-    linear = sorted(linear)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=linear,
-                        bias="none")
-    inject_adapter_in_model(config, model)
-    n = 0
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            p.requires_grad_(True)
-            n += p.numel()
-    return n
-
-
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with every LoRA adapter folded into its base weight, under the names
-    the model has without adapters; a model without adapters gives its plain state dict."""
-    sd = model.state_dict()
-    if not any(".lora_" in k for k in sd):
-        return sd
-    from peft.tuners.lora import LoraLayer
-
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
-    out = {}
-    for key, value in sd.items():
-        owner = next((n for n in layers if key.startswith(n + ".")), None)
-        if owner is None:
-            out[key] = value
-            continue
-        rest = key[len(owner) + 1:]
-        if rest.startswith("base_layer."):
-            param = rest[len("base_layer."):]
-            if param == "weight":
-                layer = layers[owner]
-                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters)
-                value = value + delta.to(value.dtype)
-            out[f"{owner}.{param}"] = value
-    return out

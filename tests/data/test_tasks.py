@@ -164,7 +164,7 @@ def test_continuation_recipe_trains_and_evaluates_against_a_unigram_model(tmp_pa
 
 def test_multi_image_multi_turn_dialogue_renders_trains_and_generates(text_tokenizer):
     """GLM-4V-style dialogue: several images over several user/assistant turns in one sample."""
-    from omni.api import _prompt_sample
+    from omni.pipeline import Pipeline
     from omni.sequence import IGNORE, Message, Sample, Segment, pack, render
 
     def solid(rgb):
@@ -176,7 +176,7 @@ def test_multi_image_multi_turn_dialogue_renders_trains_and_generates(text_token
                     {"role": "assistant", "content": "The first one."},
                     {"role": "user", "content": [green, "And this one?"]},
                     {"role": "assistant", "content": "It is green."}]
-    prompt = _prompt_sample(model, conversation[:3])
+    prompt = Pipeline(model).processor.sample(conversation[:3])
     assert [m.role for m in prompt.messages] == ["user", "assistant", "user"]
     sample = Sample(prompt.messages + [Message("assistant", [Segment(text="It is green.")])])
     full = render(sample, text_tokenizer, vocab=model.vocab, mrope=True)
@@ -196,10 +196,10 @@ def test_multi_image_multi_turn_dialogue_renders_trains_and_generates(text_token
         opt.step()
         losses.append(out.loss.item())
     assert losses[-1] < 0.05 * losses[0]
-    answer = model.eval().generate(conversation[:3], max_new_tokens=8)
+    answer = Pipeline(model.eval()).generate(conversation[:3], max_new_tokens=8)
     assert answer.strip() == "It is green."
     with pytest.raises(ValueError, match="must end with a user turn"):
-        model.generate(conversation, max_new_tokens=2)
+        Pipeline(model).generate(conversation, max_new_tokens=2)
 
 
 def test_fewshot_episodes_bind_made_up_names_and_train_only_the_answer(images, text_tokenizer, tmp_path):

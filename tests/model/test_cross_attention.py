@@ -6,6 +6,7 @@ import torch
 
 from omni.model.backbone import Backbone, Memory, backbone_config
 from omni.model.omni_model import OmniModel, build_model
+from omni.pipeline import Pipeline
 from omni.sequence import Message, Sample, Segment, pack, render
 
 FEAT = 24  # 48 mel frames through the conv stem (stride 2)
@@ -116,7 +117,7 @@ def test_cached_decoding_matches_the_full_forward_and_the_model_learns(tmp_path,
     model.eval()
     prompt = render(Sample(_sample(mel).messages[:1]), text_tokenizer, **model.render_options(),
                     add_generation_prompt=True)
-    new = model.generate(prompt.ids[None], media=[(0, s) for s in prompt.media], max_new_tokens=20)
+    new = Pipeline(model).generate(prompt.ids[None], media=[(0, s) for s in prompt.media], max_new_tokens=20)
     assert text_tokenizer.decode(new[0].tolist()).startswith("turn on the light")
     # each cached step picked what a full forward over prompt + the tokens so far picks
     ids = torch.cat([prompt.ids, new[0]])[None]
@@ -127,7 +128,7 @@ def test_cached_decoding_matches_the_full_forward_and_the_model_learns(tmp_path,
     model.save_pretrained(tmp_path / "ckpt")
     again = OmniModel.from_pretrained(tmp_path / "ckpt")
     assert again.config.backbone.cross_attention == {"every": 1, "gated": False, "ffn": False, "media": None}
-    assert torch.equal(again.generate(prompt.ids[None], media=[(0, s) for s in prompt.media], max_new_tokens=20), new)
+    assert torch.equal(Pipeline(again).generate(prompt.ids[None], media=[(0, s) for s in prompt.media], max_new_tokens=20), new)
 
 
 def test_text_only_input_runs_and_a_memory_needs_cross_attention_blocks():

@@ -12,6 +12,7 @@ from omni.io import write_jsonl
 from omni.model.backbone import backbone_config
 from omni.model.media_encoder import AudioEncoder, SpecAugment, length_buckets
 from omni.model.omni_model import build_model
+from omni.pipeline import Pipeline
 
 WHISPER = {"kind": "hf_whisper", "freeze": True, "input_mode": "slice",
            "whisper_config": {"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 2,
@@ -67,7 +68,7 @@ def test_ctc_learns_to_read_a_clip(tmp_path, text_tokenizer):
     from omni.media.audio import Audio
 
     clips = [[Audio(tmp_path / r["audio"])] for r in rows]
-    model.eval()
+    model = Pipeline(model.eval())
     assert model.generate(clips, num_beams=3, ctc_weight=1.0, max_new_tokens=12) == [r["text"] for r in rows]
     assert model.generate(clips[0], num_beams=2, max_new_tokens=4) == model.generate(clips[0], num_beams=2,
                                                                                        max_new_tokens=4)

@@ -1,0 +1,277 @@
+"""A Pipeline: a model and its processor, the object ``omni.load`` returns.
+
+The model (:class:`~omni.model.omni_model.OmniModel`) takes tensors; the processor
+(:class:`~omni.processor.Processor`) turns prompts into tensors and new ids or codes back into
+text and audio; :mod:`omni.generation` decodes in between. A pipeline is used where a model was:
+what it does not define itself (``encoders``, ``vocab``, ``config``, ``parameters()``, a forward
+call, ...) is the model's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from omni.generation import beam_search, generate, generate_audio_codes, iter_generate, left_pad
+from omni.media import BAD_FILE_ERRORS
+from omni.media.audio import Audio
+from omni.model.omni_model import OmniModel
+from omni.processor import Processor
+from omni.sequence import Sample
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    def __init__(self, model: OmniModel, processor: Processor | None = None):
+        self.model = model
+        self.processor = processor or Processor.for_model(model)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Pipeline:
+        """An omni checkpoint directory (config.json + model.safetensors + tokenizer/ + codec/)."""
+        return cls(OmniModel.from_pretrained(path, device=device))
+
+    # -- the model's, for code written against a model --------------------------------------
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["model"], name)
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return (
+            f"Pipeline({self.model.__class__.__name__}, reads={self.processor.reads()}, "
+            f"outputs={self.processor.outputs()})"
+        )
+
+    def to(self, *args, **kwargs) -> Pipeline:
+        self.model.to(*args, **kwargs)
+        return self
+
+    def eval(self) -> Pipeline:
+        self.model.eval()
+        return self
+
+    def train(self, mode: bool = True) -> Pipeline:
+        self.model.train(mode)
+        return self
+
+    # -- the public calls -------------------------------------------------------------------
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, V) logits for plain text ids."""
+        return self.model.logits(input_ids)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        return self.model.save_pretrained(path)
+
+    def generate(self, prompts, **kwargs):
+        """ids in, new ids out (a LongTensor (B, T), like transformers, see
+        :func:`omni.generation.generate`); or one prompt (a str, a list of pieces, a conversation)
+        or a batch (a list of such lists) in, text or audio out.
+
+        ``output="text"``: a str for one prompt, a list of str for a batch; with ``stream=True`` an
+        iterator of text pieces (one prompt) or of lists of pieces (a batch). ``num_beams > 1`` or
+        ``ctc_weight > 0``: beam search, each prompt on its own; ``ctc_weight`` joins the scores of
+        the audio encoder's CTC head to the decoder's (joint CTC/attention decoding of a
+        transcript, see :func:`omni.generation.beam_search`).
+        ``output="audio"``: the continuation as an :class:`omni.Audio` (a list for a batch), at most
+        ``max_seconds`` long (default: ``max_new_tokens`` codec frames); an audio piece that ends
+        the prompt is continued, otherwise the model starts a new clip after the prompt.
+        """
+        if isinstance(prompts, torch.Tensor):
+            return generate(self.model, prompts, **kwargs)
+        return self._generate(prompts, **kwargs)
+
+    def _generate(
+        self,
+        prompts,
+        *,
+        output: str = "text",
+        max_new_tokens: int = 64,
+        stream: bool = False,
+        max_seconds: float | None = None,
+        num_beams: int = 1,
+        ctc_weight: float = 0.0,
+        **sampling,
+    ):
+        proc = self.processor
+        if output not in proc.outputs():
+            raise ValueError(
+                f"output={output!r} is not supported by this checkpoint; it can produce: "
+                f"{', '.join(proc.outputs())}"
+            )
+        if proc.tokenizer is None:
+            raise ValueError(
+                "this model has no text tokenizer; pass token ids (a LongTensor) instead of strings"
+            )
+        single = not is_batch(prompts)
+        batch = [prompts] if single else list(prompts)
+        if output == "audio":
+            if stream:
+                raise ValueError("stream=True is for text output")
+            frames = round(max_seconds * proc.codec.frame_rate) if max_seconds else max_new_tokens
+            audio = self._generate_audio(batch, frames, **sampling)
+            return audio[0] if single else audio
+        if num_beams > 1 or ctc_weight:
+            if stream or sampling:
+                raise ValueError(
+                    f"beam search is deterministic: it takes no stream=True or sampling settings "
+                    f"({', '.join(sampling) or 'stream'})"
+                )
+            texts = []
+            for prompt in batch:
+                (r,), inputs = proc.batch([prompt])
+                new = beam_search(
+                    self.model,
+                    r.ids[None],
+                    num_beams=num_beams,
+                    ctc_weight=ctc_weight,
+                    max_new_tokens=max_new_tokens,
+                    allowed=proc.vocab.span(output),
+                    **inputs,
+                )
+                texts.append(proc.decode_text(new, r.ids.tolist()))
+            return texts[0] if single else texts
+        rendered, inputs = proc.batch(batch)
+        ids = left_pad([r.ids for r in rendered], proc.vocab.pad_id)[0]
+        kwargs = dict(max_new_tokens=max_new_tokens, allowed=proc.vocab.span(output), **inputs, **sampling)
+        prompt_ids = [r.ids.tolist() for r in rendered]
+        if stream:
+            pieces = self._stream_text(ids, prompt_ids, kwargs)
+            return (p[0] for p in pieces) if single else pieces
+        new = generate(self.model, ids, **kwargs)
+        texts = [proc.decode_text(row.tolist(), prompt) for row, prompt in zip(new, prompt_ids)]
+        return texts[0] if single else texts
+
+    def _generate_audio(self, batch: list, max_frames: int, **sampling) -> list[Audio]:
+        """Render audio prompts, generate codec codes and decode each prompt's continuation."""
+        proc = self.processor
+        samples = [proc.sample(p, "audio") for p in batch]
+        rendered, inputs = proc.batch(samples)
+        ids = left_pad([r.ids for r in rendered], proc.vocab.pad_id)[0]
+        prompt_codes = [s.messages[-1].segments[-1].codes for s in samples]  # the open span's known codes
+        new = generate_audio_codes(
+            self.model,
+            ids,
+            streams=inputs.get("streams"),
+            attention_mask=inputs["attention_mask"],
+            prompt_codes=prompt_codes,
+            max_frames=max_frames,
+            **sampling,
+        )
+        out = []
+        for known, codes in zip(prompt_codes, new):
+            wave = proc.decode_audio(known, codes)
+            if len(wave):
+                out.append(Audio(wave, sample_rate=proc.codec.sample_rate))
+            else:
+                log.warning(
+                    "the model ended the audio at once (0 frames): returning an empty Audio; sample "
+                    "again (another seed or temperature) or give a longer prompt"
+                )
+                out.append(Audio.empty(proc.codec.sample_rate))
+        return out
+
+    def _stream_text(self, ids, prompts: list[list[int]], kwargs) -> Iterator[list[str]]:
+        """Yield, per step, the newly decoded text of each row (decoded incrementally so pieces join up).
+
+        A character spelled by several byte-fallback pieces decodes to U+FFFD until its last byte
+        arrives, so a trailing U+FFFD is held back until more text follows or the row ends.
+        """
+        proc, B = self.processor, ids.shape[0]
+        produced: list[list[int]] = [[] for _ in range(B)]
+        shown = [""] * B
+        finished = [False] * B
+
+        def new_text(i: int, final: bool) -> str:
+            text = proc.decode_text(produced[i], prompts[i], final)
+            piece = text[len(shown[i]) :]
+            shown[i] = text
+            return piece
+
+        for step in iter_generate(self.model, ids, **kwargs):
+            out = []
+            for i, t in enumerate(step.tolist()):
+                if not finished[i]:
+                    if proc.until_stop([t]):
+                        produced[i].append(t)
+                    else:
+                        finished[i] = True
+                out.append(new_text(i, finished[i]))
+            yield out
+        rest = [new_text(i, True) for i in range(B)]  # rows cut by max_new_tokens: flush what was held back
+        if any(rest):
+            yield rest
+
+    def describe(
+        self,
+        paths,
+        *,
+        prompt: str = "",
+        batch_size: int = 8,
+        window_s: float | None = 30.0,
+        max_new_tokens: int = 64,
+        progress: bool = True,
+        num_beams: int = 1,
+        ctc_weight: float = 0.0,
+        return_exceptions: bool = False,
+    ) -> list:
+        """Text for each media file (a caption, or a transcript for speech), greedy, in batches; or
+        by beam search (``num_beams``), jointly with the audio encoder's CTC head (``ctc_weight``).
+
+        Audio is read in windows of ``window_s`` seconds and the windows' texts are joined; ``None``
+        reads files whole. Files and windows are read lazily, ``batch_size`` clips at a time, so
+        memory holds one batch of clips however many and however long the files are.
+
+        A file that cannot be read or prepared (missing, corrupt, an unsupported sample rate or
+        modality: :data:`omni.media.BAD_FILE_ERRORS`) raises; with ``return_exceptions=True`` (as in
+        :func:`asyncio.gather`) its exception takes its place in the returned list and the other
+        files are still described. Errors while generating are not a file's fault and always raise.
+        """
+        proc = self.processor
+        paths = list(paths)
+        texts: list[list[str]] = [[] for _ in paths]
+        errors: list[Exception | None] = [None] * len(paths)
+        tail = [prompt] if prompt else []
+
+        def clips():  # (file index, prepared prompt), one at a time
+            for i, path in enumerate(paths):
+                try:
+                    for piece in proc.pieces(path, window_s):
+                        yield i, proc.sample([piece] + tail)  # decoded and prepared here, per file
+                except BAD_FILE_ERRORS as e:
+                    if not return_exceptions:
+                        raise
+                    errors[i] = e
+
+        stream = clips()
+        with tqdm(unit="clip", desc="describe", disable=not progress, delay=2) as bar:
+            while batch := list(islice(stream, batch_size)):
+                outs = self.generate(
+                    [sample for _, sample in batch],
+                    max_new_tokens=max_new_tokens,
+                    num_beams=num_beams,
+                    ctc_weight=ctc_weight,
+                )
+                for (i, _), text in zip(batch, outs):
+                    texts[i].append(text.strip())
+                bar.update(len(batch))
+        return [e if e is not None else " ".join(t for t in parts if t) for e, parts in zip(errors, texts)]
+
+
+def is_batch(prompts) -> bool:
+    """A str, a list of pieces or a conversation (a list of message dicts) is one prompt; a list
+    of lists (or of :class:`~omni.sequence.Sample`) is a batch of prompts."""
+    return (
+        isinstance(prompts, (list, tuple))
+        and len(prompts) > 0
+        and all(isinstance(p, (list, tuple, Sample)) for p in prompts)
+    )

@@ -1,0 +1,292 @@
+"""The Processor: everything between a user's inputs and the model's tensors, both ways.
+
+In: text (the text tokenizer), media objects and files (decoded by :mod:`omni.media`, then
+preprocessed the way each media encoder was trained: pixels resized and normalised, video frames
+sampled, audio resampled to log-mel, or to codec codes with a cache), chat messages (the chat
+template), all rendered to ids, positions, delay-pattern streams and media slots, left-padded
+into a batch. Out: new ids to text, codec codes to a waveform.
+
+One processor object serves datasets, generation, eval, the API and the CLI (torchtune's model
+transforms are the pattern): the model itself takes tensors only. A processor is made for a
+model with :meth:`Processor.for_model`; it holds no weights that train (a frozen audio tower's
+features may be computed here, see ``model.media.audio.precompute``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from omni.generation import left_pad
+from omni.media import MediaError, modality_of_path, open_media
+from omni.media.audio import Audio, iter_audio_windows
+from omni.media.image import Image
+from omni.media.video import Video
+from omni.model.audio_codes import EMPTY
+from omni.model.media_encoder import AUDIO_SAMPLE_RATE
+from omni.sequence import Message, Sample, Segment, render
+
+MEDIA_TYPES = {"audio": Audio, "image": Image, "video": Video}
+
+# codec -> {(file, mtime, max_seconds): codes}; dropped with the codec
+_CODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def modality_of(piece) -> str | None:
+    """``audio`` / ``image`` / ``video`` for a media object, None for anything else."""
+    for name, cls in MEDIA_TYPES.items():
+        if isinstance(piece, cls):
+            return name
+    return None
+
+
+def as_processor(obj) -> Processor:
+    """``obj`` if it is a Processor, else the processor of a pipeline (its ``processor``) or of a
+    model (:meth:`Processor.for_model`): what datasets and eval take."""
+    if isinstance(obj, Processor):
+        return obj
+    proc = getattr(obj, "processor", None)
+    return proc if isinstance(proc, Processor) else Processor.for_model(obj)
+
+
+class Processor:
+    """Inputs <-> tensors for one model: its text tokenizer, its media encoders' preprocessing,
+    its codec, and how its sequences are rendered (``render_options``)."""
+
+    def __init__(
+        self,
+        vocab,
+        tokenizer=None,
+        codec=None,
+        encoders: dict | None = None,
+        render_options: dict | None = None,
+        max_seq_len: int | None = None,
+    ):
+        self.vocab, self.tokenizer, self.codec = vocab, tokenizer, codec
+        self.encoders = dict(encoders or {})
+        self.render_options = dict(render_options or {"vocab": vocab})
+        self.max_seq_len = max_seq_len
+
+    @classmethod
+    def for_model(cls, model) -> Processor:
+        """The processor of an :class:`~omni.model.omni_model.OmniModel`: its tokenizer and codec,
+        and its media encoders' preprocessing (the encoders are shared, not copied)."""
+        return cls(
+            model.vocab,
+            model.tokenizer,
+            model.codec,
+            dict(model.encoders),
+            model.render_options(),
+            model.max_seq_len,
+        )
+
+    # -- what the model reads and writes ----------------------------------------------------
+
+    def reads(self) -> list[str]:
+        """The input modalities the model understands."""
+        return ["text", *self.encoders] + (["audio codes"] if self.codec is not None else [])
+
+    def outputs(self) -> list[str]:
+        """What ``generate(..., output=...)`` can produce: text, and audio when the model has a
+        codec (its codes are in the vocabulary)."""
+        return ["text"] + (["audio"] if self.codec is not None and self.vocab.num_codebooks else [])
+
+    def check_length(self, n: int, what: str = "input") -> None:
+        if self.max_seq_len is not None and n > self.max_seq_len:
+            raise ValueError(
+                f"{what} is {n} tokens but the model's context is {self.max_seq_len} "
+                "(config backbone.max_seq_len); shorten it"
+            )
+
+    # -- media -> tensors -------------------------------------------------------------------
+
+    def media_for(self, path):
+        """A media file as a prompt piece, by suffix. Video is sampled the way the model's video
+        encoder was trained (its frame count / fps); other media decode as they are."""
+        if modality_of_path(path) == "video" and "video" in self.encoders:
+            return self.encoders["video"].video.load(path)
+        return open_media(path)
+
+    def prepare(self, modality: str, obj) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """A media object or file -> the tensor its slot carries and the token grid ``(t, h, w)``
+        the model's encoder will produce for it (budgets are checked here, before any forward)."""
+        if modality not in self.encoders:
+            raise ValueError(f"the model has no {modality} encoder (model.media.{modality})")
+        if isinstance(obj, (str, Path)):
+            obj = self.media_for(obj) if modality == "video" else MEDIA_TYPES[modality](obj)
+        if isinstance(obj, Video):
+            obj = obj.frames
+        elif isinstance(obj, Audio):
+            obj = obj.resample(AUDIO_SAMPLE_RATE).waveform
+        return self.encoders[modality].prepare(obj)
+
+    def encode_audio(self, audio, max_seconds: float | None = None) -> torch.Tensor:
+        """A file or :class:`~omni.media.audio.Audio` -> codec codes (K, T), the clip cut to
+        ``max_seconds``. A file's codes are cached (a mixture's audio tasks share clips)."""
+        if self.codec is None:
+            raise ValueError("the model has no audio codec (recipe section `codec`)")
+        key = None
+        if isinstance(audio, (str, Path)) and Path(audio).is_file():
+            key = (str(Path(audio).resolve()), Path(audio).stat().st_mtime_ns, max_seconds)
+            cached = _CODES.setdefault(self.codec, {}).get(key)
+            if cached is not None:
+                return cached
+        audio = audio if isinstance(audio, Audio) else Audio(audio)
+        wave = audio.resample(self.codec.sample_rate).waveform
+        if max_seconds:
+            wave = wave[: int(max_seconds * self.codec.sample_rate)]
+        with torch.no_grad():
+            codes = self.codec.encode(wave).long()
+        if key is not None:
+            _CODES[self.codec][key] = codes
+        return codes
+
+    def pieces(self, path, window_s: float | None):
+        """One media file as prompt pieces: audio in windows of ``window_s`` seconds at the log-mel
+        front end's rate (streamed from disk), other media (or ``window_s=None``) whole."""
+        modality = modality_of_path(path)
+        if modality is None:
+            raise MediaError(path, "not a media file this command reads (audio, image or video by suffix)")
+        if modality not in self.encoders:
+            raise ValueError(
+                f"{path}: this checkpoint cannot read {modality}; it reads: {', '.join(self.reads())}"
+            )
+        if modality == "audio" and window_s:
+            rate = AUDIO_SAMPLE_RATE
+            yield from (
+                Audio(w, sample_rate=rate) for w in iter_audio_windows(path, window_s, rate) if len(w)
+            )
+        else:
+            yield self.media_for(path)
+
+    # -- prompts -> samples -> tensors ------------------------------------------------------
+
+    def sample(self, prompt, output: str = "text") -> Sample:
+        """One prompt -> a Sample. For text output, text alone is continued as a document, a prompt
+        with media is a user turn that the model answers, and a conversation (a list of
+        ``{"role", "content"}`` messages, content a str or a list of pieces) is rendered turn by
+        turn for the model to answer the last user turn. For audio output the prompt is a document
+        whose audio pieces are codec codes, ending in an open audio span to continue. A
+        :class:`Sample` (media already prepared) is used as it is."""
+        if isinstance(prompt, Sample):
+            return prompt
+        pieces = [prompt] if isinstance(prompt, (str, dict)) else list(prompt)
+        if pieces and all(isinstance(p, dict) for p in pieces):
+            return self._conversation(pieces)
+        if not pieces or all(isinstance(p, str) and not p for p in pieces):
+            raise ValueError("the prompt is empty")
+        segments = self._segments(pieces, output)
+        if output == "audio":
+            if segments[-1].codes is not None:
+                segments[-1] = replace(segments[-1], open_end=True)
+            else:
+                segments.append(
+                    Segment(
+                        "audio",
+                        codes=torch.zeros(self.vocab.num_codebooks, 0, dtype=torch.long),
+                        open_end=True,
+                    )
+                )
+            return Sample([Message(None, segments)])
+        if all(seg.modality == "text" for seg in segments):
+            return Sample([Message(None, segments)])
+        return Sample([Message("user", segments)])
+
+    def _conversation(self, messages: list[dict]) -> Sample:
+        out = []
+        for n, m in enumerate(messages):
+            if set(m) - {"role", "content"} or "role" not in m or "content" not in m:
+                raise ValueError(f"message {n}: expected {{'role', 'content'}}, got keys {sorted(m)}")
+            content = m["content"]
+            content = [content] if isinstance(content, str) else list(content)
+            out.append(Message(m["role"], self._segments(content)))
+        if out[-1].role != "user":
+            raise ValueError(
+                f"the conversation must end with a user turn for the model to answer, not {out[-1].role!r}"
+            )
+        return Sample(out)
+
+    def _segments(self, pieces: list, output: str = "text") -> list[Segment]:
+        segments = []
+        for piece in pieces:
+            if isinstance(piece, str):
+                segments.append(Segment(text=piece))
+                continue
+            modality = modality_of(piece)
+            if modality is None:
+                raise ValueError(
+                    f"a prompt piece must be text, omni.Audio, omni.Image or omni.Video; "
+                    f"got {type(piece).__name__}"
+                )
+            if output == "audio" and modality == "audio":
+                segments.append(Segment("audio", codes=self.encode_audio(piece)))
+                continue
+            if modality not in self.encoders:
+                raise ValueError(
+                    f"this checkpoint cannot read {modality}; it reads: {', '.join(self.reads())}"
+                )
+            data, grid = self.prepare(modality, piece)
+            segments.append(Segment(modality, data=data, grid=grid))
+        return segments
+
+    def render(self, sample: Sample, **kwargs):
+        """One sample -> ids, targets, positions, streams and media slots (``omni.sequence.render``
+        with this model's vocabulary, audio layout, positions and which media are tokens)."""
+        return render(sample, self.tokenizer, **self.render_options, **kwargs)
+
+    def batch(self, prompts: list, output: str = "text") -> tuple[list, dict]:
+        """Render and left-pad a batch of prompts: the rendered samples and the generation inputs
+        (``attention_mask``, and ``streams``, ``positions`` and ``media`` when they have them)."""
+        samples = [self.sample(p, output) for p in prompts]
+        rendered = [self.render(s, add_generation_prompt=True) for s in samples]
+        for r in rendered:
+            self.check_length(len(r), "the prompt")
+        ids, mask = left_pad([r.ids for r in rendered], self.vocab.pad_id)
+        inputs = dict(attention_mask=mask)
+        if any(r.streams is not None for r in rendered):  # delay-layout audio codes: codebooks 1..K-1
+            streams = torch.full(
+                (len(rendered), self.vocab.num_codebooks - 1, ids.shape[1]), EMPTY, dtype=torch.long
+            )
+            for i, r in enumerate(rendered):
+                if r.streams is not None:
+                    streams[i, :, ids.shape[1] - len(r) :] = r.streams
+            inputs["streams"] = streams
+        if any(r.media for r in rendered):
+            T = ids.shape[1]
+            positions = torch.zeros(3, len(rendered), T, dtype=torch.long)
+            media = []
+            for i, r in enumerate(rendered):
+                pad = T - len(r)
+                positions[:, i, pad:] = r.positions
+                media += [(i, replace(slot, start=slot.start + pad)) for slot in r.media]
+            inputs.update(
+                positions=positions if self.render_options.get("mrope") else positions[0], media=media
+            )
+        return rendered, inputs
+
+    # -- tensors -> outputs -----------------------------------------------------------------
+
+    def until_stop(self, ids: list[int]) -> list[int]:
+        """``ids`` up to the first end of text (eos, pad or end of turn)."""
+        stops = {self.vocab.eos_id, self.vocab.pad_id, self.vocab.specials.get("<|eot|>", -1)}
+        for i, t in enumerate(ids):
+            if t in stops:
+                return ids[:i]
+        return ids
+
+    def decode_text(self, new: list[int], prompt: list[int], final: bool = True) -> str:
+        """New ids after ``prompt`` -> their text, up to the first stop (decoded in the prompt's
+        context, so a piece's leading space is kept). ``final=False``: a trailing partial
+        character (U+FFFD from a byte-fallback piece whose last byte has not come) is held back."""
+        text = self.tokenizer.decode_continuation(self.until_stop(new), prompt)
+        return text if final else text.rstrip("\ufffd")
+
+    def decode_audio(self, known: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """New codec codes (K, T) after the prompt's ``known`` ones -> the new waveform (decoded
+        with the known frames in front, so the codec has context, then cut off)."""
+        with torch.no_grad():
+            wave = self.codec.decode(torch.cat([known, codes.to(known)], dim=1))
+        return wave.reshape(-1)[known.shape[1] * self.codec.hop_length :].cpu()
