@@ -13,12 +13,13 @@ from pathlib import Path
 
 import yaml
 
-from omni.data.tasks import TASKS
+from omni.data.tasks import TASKS, TaskSpec
 from omni.model.audio_codes import PATTERNS
 from omni.model.backbone import ATTN_BACKENDS, SIZES
 from omni.model.blip2 import Blip2Config
+from omni.model.contrastive import ContrastiveConfig
 from omni.model.lora import LoraSpec
-from omni.model.media_encoder import MODALITIES
+from omni.model.media_encoder import MODALITIES, media_config
 from omni.schema import choice, from_dict, positive
 from omni.vocab import SPECIAL_TOKENS
 
@@ -58,12 +59,14 @@ class ModelConfig:
         choice("model.attn_backend", self.attn_backend, ATTN_BACKENDS)
         choice("model.audio_pattern", self.audio_pattern, PATTERNS)
         positive("model.max_seq_len", self.max_seq_len)
-        for modality in self.media:
-            choice("model.media key", modality, MODALITIES)
+        for modality, section in self.media.items():
+            media_config(modality, section)
         for modality in (self.cross_attention or {}).get("media") or []:
             if modality not in self.media:
                 raise ValueError(f"model.cross_attention.media names {modality!r}, which model.media has no encoder "
                                  f"for (has: {', '.join(self.media) or 'none'})")
+        if self.contrastive is not None:
+            ContrastiveConfig.parse(self.contrastive)
         if self.blip2 is not None:
             Blip2Config.parse(self.blip2)
             if self.contrastive is not None:
@@ -82,31 +85,23 @@ class TokenizerConfig:
 
 
 @dataclass
-class CodecConfig:
-    """The audio codec whose codes the model reads/writes (``omni tokenizer train audio_codec_tiny``)."""
+class CodecRef:
+    """The recipe's ``codec`` section: where the audio codec whose codes the model reads and writes
+    is (``omni tokenizer train audio_codec_tiny``); its architecture is
+    :class:`omni.tokenizers.audio.CodecConfig`."""
 
     path: str | None = None
 
 
 @dataclass
-class TaskData:
-    """One task's data: a directory holding ``train.jsonl`` and ``val.jsonl`` manifests, and the
-    task (``omni/data/tasks.py``) that turns their rows into samples. In a mixture, ``weight`` is
-    the task's share of the training samples (relative to the others), ``loss_weight`` how much
-    each of its training targets counts in the loss (a weighted mean over the step's targets;
-    held-out losses stay unweighted) and ``name`` labels it. ``transcript`` says a caption of audio
-    is what was said, so it also trains the audio encoder's CTC head (``ctc_weight``); false for
-    captions that describe a sound."""
+class TaskData(TaskSpec):
+    """One task's data: the task (the fields of :class:`omni.data.tasks.TaskSpec`, what turns the
+    rows into samples) and a directory ``path`` holding ``train.jsonl`` and ``val.jsonl``
+    manifests. In a mixture, ``weight`` is the task's share of the training samples (relative to
+    the others), ``loss_weight`` how much each of its training targets counts in the loss (a
+    weighted mean over the step's targets; held-out losses stay unweighted) and ``name`` labels it."""
 
-    task: str = "text"
     path: str = "data/text"
-    media: str = "image"
-    target: str = "caption"
-    prompt: str = ""
-    max_audio_s: float = 10.0
-    ways: int = 2  # fewshot: how many media an episode names
-    episodes: int = 0  # fewshot: training episodes (0: one per row; held-out splits: one per row)
-    transcript: bool = True  # caption of audio: the target also trains the CTC head
     weight: float = 1.0
     loss_weight: float = 1.0
     name: str = ""
@@ -221,7 +216,7 @@ class RecipeConfig:
     description: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    codec: CodecConfig = field(default_factory=CodecConfig)
+    codec: CodecRef = field(default_factory=CodecRef)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -67,9 +67,8 @@ class TaskSpec:
 
     @classmethod
     def of(cls, data) -> TaskSpec:
-        """From a recipe's ``data`` section (:class:`omni.config.DataConfig`)."""
-        return cls(data.task, data.media, data.target, data.prompt, data.max_audio_s, data.ways, data.episodes,
-                   data.transcript)
+        """The task fields of a recipe's ``data`` section (:class:`omni.config.TaskData`, a TaskSpec)."""
+        return cls(**{f.name: getattr(data, f.name) for f in fields(cls)})
 
 
 def sample_for(row: dict, spec: TaskSpec, model, root: Path) -> Sample:

@@ -29,10 +29,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omni.schema import from_dict, positive
+
 log = logging.getLogger(__name__)
 
 ATTN_BACKENDS = ("sdpa", "xformers")
-CROSS_ATTENTION_KEYS = ("every", "gated", "ffn", "media")
+
+
+@dataclass
+class CrossAttentionConfig:
+    """``cross_attention``: a block before every ``every``-th layer reads the media memory, through
+    a tanh gate that starts at 0 when ``gated`` (Flamingo), with its own feed-forward when ``ffn``;
+    ``media`` lists the modalities read this way (None: all of them)."""
+
+    every: int = 1
+    gated: bool = False
+    ffn: bool = False
+    media: list[str] | None = None
+
+    def validate(self) -> None:
+        positive("cross_attention.every", self.every)
+        if self.media is not None and not self.media:
+            raise ValueError("cross_attention.media must be a non-empty list of modalities (or null for all)")
 
 
 @dataclass
@@ -67,21 +85,10 @@ class BackboneConfig:
             raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}")
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
-        if self.cross_attention is not None:
-            xa = self.cross_attention
-            if not isinstance(xa, dict) or set(xa) - set(CROSS_ATTENTION_KEYS):
-                raise ValueError(f"cross_attention must be a mapping with keys among {CROSS_ATTENTION_KEYS}, "
-                                 f"got {xa!r}")
-            self.cross_attention = xa = {"every": 1, "gated": False, "ffn": False, "media": None, **xa}
-            if not isinstance(xa["every"], int) or xa["every"] < 1:
-                raise ValueError(f"cross_attention.every must be an integer >= 1, got {xa['every']!r}")
-            for key in ("gated", "ffn"):
-                if not isinstance(xa[key], bool):
-                    raise ValueError(f"cross_attention.{key} must be true or false, got {xa[key]!r}")
-            if xa["media"] is not None and (not isinstance(xa["media"], list) or not xa["media"]
-                                            or not all(isinstance(m, str) for m in xa["media"])):
-                raise ValueError(f"cross_attention.media must be a non-empty list of modalities (or null for all), "
-                                 f"got {xa['media']!r}")
+        if self.cross_attention is not None:  # checked as a CrossAttentionConfig, kept as its dict
+            xa = from_dict(CrossAttentionConfig, self.cross_attention, "cross_attention.")
+            xa.validate()
+            self.cross_attention = asdict(xa)
 
     def cross_layers(self) -> list[int]:
         """Indices of the layers that have a cross-attention block before them."""

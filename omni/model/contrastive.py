@@ -16,20 +16,36 @@ embeddings per image, ``(B, M, E)``: an image-text similarity is the best of its
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from omni.model.outputs import default_positions
+from omni.schema import from_dict
+
+
+@dataclass
+class ContrastiveConfig:
+    """Recipe section ``model.contrastive``: the shared embedding width and the initial temperature."""
+
+    embed_dim: int = 128
+    temperature: float = 0.07
+
+    @classmethod
+    def parse(cls, raw, key: str = "model.contrastive") -> ContrastiveConfig:
+        cfg = from_dict(cls, raw, f"{key}.")
+        if cfg.embed_dim < 1 or not 0 < cfg.temperature < 1:
+            raise ValueError(f"{key} needs embed_dim >= 1 and temperature in (0, 1); got "
+                             f"{cfg.embed_dim}, {cfg.temperature}")
+        return cfg
 
 
 class ContrastiveHead(nn.Module):
     def __init__(self, dim: int, modalities: list[str], embed_dim: int = 128, temperature: float = 0.07):
         super().__init__()
-        if embed_dim < 1 or not 0 < temperature < 1:
-            raise ValueError(f"model.contrastive needs embed_dim >= 1 and temperature in (0, 1); got "
-                             f"{embed_dim}, {temperature}")
+        ContrastiveConfig.parse({"embed_dim": embed_dim, "temperature": temperature})
         self.text_proj = nn.Linear(dim, embed_dim, bias=False)
         self.media_proj = nn.ModuleDict({m: nn.Linear(dim, embed_dim, bias=False) for m in modalities})
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))

@@ -27,119 +27,19 @@ one forward pass per clip instead of one per step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from omni.model.connectors import ConnectorConfig
-from omni.schema import from_dict
+from omni.schema import choice, from_dict, positive
 from omni.tokenizers.audio import LogMel, WhisperStyleEncoder, audio_encoder, standalone_encoder_config
 from omni.tokenizers.image import ImageTokenizerConfig, build_image_tokenizer, standalone_config
 from omni.tokenizers.video import VideoTokenizerConfig, build_video_tokenizer
 
-MODALITIES = ("image", "video", "audio")
 AUDIO_SAMPLE_RATE = 16000  # the log-mel front end's rate (Whisper)
-
-
-def _section(cfg: dict, key: str, modality: str) -> dict:
-    value = cfg.get(key, {})
-    if not isinstance(value, dict):
-        raise ValueError(f"model.media.{modality}.{key} must be a mapping, got {value!r}")
-    return value
-
-
-def _connector(cfg: dict, modality: str, in_dim: int, dim: int):
-    ccfg = from_dict(ConnectorConfig, _section(cfg, "connector", modality), f"model.media.{modality}.connector.")
-    return ccfg.build(in_dim, dim)
-
-
-def _check_keys(cfg: dict, modality: str, allowed: tuple[str, ...]) -> None:
-    unknown = sorted(set(cfg) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown key model.media.{modality}.{unknown[0]}; allowed: {', '.join(allowed)}")
-
-
-class MediaEncoder(nn.Module):
-    """Base: ``connector`` maps the encoder's features to the model width; ``cfg`` is the config
-    section it was built from."""
-
-    modality = ""
-    cfg: dict
-
-    def standalone_config(self) -> dict:
-        """``cfg`` as a checkpoint records it: with a tower loaded from a local folder (``path``)
-        described by its own config instead, so the checkpoint loads without that folder."""
-        return self.cfg
-
-    def prepare(self, obj) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        raise NotImplementedError
-
-    def encode(self, datas: list[torch.Tensor], labels: list | None = None):
-        """``forward`` plus this encoder's weighted auxiliary loss on ``labels`` (None without one)."""
-        return self(datas), None
-
-    def _connect(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.connector(feats, mask)
-
-
-class ImageEncoder(MediaEncoder):
-    modality = "image"
-
-    def __init__(self, cfg: dict, dim: int, text_size: int = 0):
-        super().__init__()
-        _check_keys(cfg, "image", ("tokenizer", "connector"))
-        tcfg = from_dict(ImageTokenizerConfig, _section(cfg, "tokenizer", "image"), "model.media.image.tokenizer.")
-        self.cfg = cfg
-        self.tokenizer = build_image_tokenizer(tcfg)
-        self.connector = _connector(cfg, "image", self.tokenizer.out_dim, dim)
-
-    def standalone_config(self) -> dict:
-        section = _section(self.cfg, "tokenizer", "image")
-        return {**self.cfg, "tokenizer": standalone_config(section, self.tokenizer)}
-
-    def prepare(self, obj):
-        """An :class:`~omni.media.image.Image` or uint8 pixels (3, H, W) -> normalised pixels and the grid."""
-        pixels, grid = self.tokenizer.preprocess(obj)  # (3, H', W'), (1, h, w)
-        return pixels, self.connector.grid(grid)
-
-    def forward(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
-        out: list[torch.Tensor | None] = [None] * len(datas)
-        by_shape: dict[tuple, list[int]] = {}
-        for i, d in enumerate(datas):
-            by_shape.setdefault(tuple(d.shape), []).append(i)
-        for idx in by_shape.values():  # same-size images run as one batch
-            feats = self._connect(self.tokenizer(torch.stack([datas[i] for i in idx])))
-            for j, i in enumerate(idx):
-                out[i] = feats[j]
-        return out
-
-
-class VideoEncoder(MediaEncoder):
-    modality = "video"
-
-    def __init__(self, cfg: dict, dim: int, text_size: int = 0):
-        super().__init__()
-        _check_keys(cfg, "video", ("tokenizer", "video", "connector"))
-        tcfg = from_dict(ImageTokenizerConfig, _section(cfg, "tokenizer", "video"), "model.media.video.tokenizer.")
-        vcfg = from_dict(VideoTokenizerConfig, _section(cfg, "video", "video"), "model.media.video.video.")
-        self.cfg = cfg
-        self.video = build_video_tokenizer(vcfg, build_image_tokenizer(tcfg))
-        self.connector = _connector(cfg, "video", self.video.out_dim, dim)
-
-    def standalone_config(self) -> dict:
-        section = _section(self.cfg, "tokenizer", "video")
-        return {**self.cfg, "tokenizer": standalone_config(section, self.video.image_tokenizer)}
-
-    def prepare(self, frames):
-        """uint8 frames (N, 3, H, W) -> normalised frames (N, 3, H', W'); budgets are checked here,
-        before any forward pass (``omni.processor`` samples a video's frames as ``self.video.load``)."""
-        pixels, grid = self.video.preprocess(frames)  # resized and normalised once, here
-        return pixels, self.connector.grid(grid)
-
-    def forward(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [self._connect(f[None])[0] for f in self.video.encode_pixels(datas)]
 
 
 @dataclass
@@ -168,42 +68,191 @@ class SpecAugment:
         return mel
 
 
+@dataclass
+class AudioEncoderConfig:
+    """``model.media.audio.encoder``: the arguments of :func:`omni.tokenizers.audio.audio_encoder`."""
+
+    kind: str = "whisper_style"
+    size: str = "tiny"
+    n_mels: int = 80
+    path: str | None = None
+    freeze: bool = False
+    input_mode: str = "pad"
+    whisper_config: dict | None = None
+    subsample: int = 2
+    conv_kernel: int = 0
+    stem: str = "conv1d"
+    stem_channels: int = 32
+
+
+@dataclass
+class ImageMediaConfig:
+    """``model.media.image``: an image tower and the connector to the model width."""
+
+    tokenizer: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+
+    def validate(self, key: str) -> None:
+        self.tokenizer.validate()
+        self.connector.validate()
+
+
+@dataclass
+class VideoMediaConfig:
+    """``model.media.video``: a per-frame image tower, the video's frame sampling and time, a connector."""
+
+    tokenizer: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
+    video: VideoTokenizerConfig = field(default_factory=VideoTokenizerConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+
+    def validate(self, key: str) -> None:
+        self.tokenizer.validate()
+        self.video.validate()
+        self.connector.validate()
+
+
+@dataclass
+class AudioMediaConfig:
+    """``model.media.audio``: log-mel, an encoder and a connector, with the speech options (see the
+    module docstring)."""
+
+    encoder: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    normalize: str = "none"
+    spec_augment: SpecAugment | None = None
+    stack: int = 1
+    ctc_weight: float = 0.0
+    precompute: bool = False
+
+    def validate(self, key: str) -> None:
+        choice(f"{key}.normalize", self.normalize, ("none", "mean", "meanvar"))
+        positive(f"{key}.stack", self.stack)
+        if self.precompute and not self.encoder.freeze:
+            raise ValueError(f"{key}.precompute needs a frozen encoder (encoder.freeze: true)")
+        if self.precompute and self.spec_augment is not None:
+            raise ValueError(f"{key}.spec_augment acts on mels, so it cannot be used with precompute")
+        self.connector.validate()
+
+
+MEDIA_CONFIGS = {"image": ImageMediaConfig, "video": VideoMediaConfig, "audio": AudioMediaConfig}
+
+
+def media_config(modality: str, raw, prefix: str = "model.media"):
+    """A recipe's (or config.json's) ``media.<modality>`` section as its typed config, checked key
+    by key and validated: the one place a media section is read."""
+    if modality not in MEDIA_CONFIGS:
+        raise ValueError(f"unknown media modality {modality!r} in {prefix}; "
+                         f"choose from {', '.join(MEDIA_CONFIGS)}")
+    key = f"{prefix}.{modality}"
+    cfg = from_dict(MEDIA_CONFIGS[modality], raw, key + ".")
+    cfg.validate(key)
+    return cfg
+
+
+class MediaEncoder(nn.Module):
+    """Base: ``connector`` maps the encoder's features to the model width; ``section`` is the
+    config section it was built from (as written: what a checkpoint records), ``cfg`` its typed
+    form (:func:`media_config`)."""
+
+    modality = ""
+    section: dict
+
+    def __init__(self, section: dict):
+        super().__init__()
+        self.section = section
+        self.cfg = media_config(self.modality, section)
+
+    def standalone_config(self) -> dict:
+        """``section`` as a checkpoint records it: with a tower loaded from a local folder (``path``)
+        described by its own config instead, so the checkpoint loads without that folder."""
+        return self.section
+
+    def prepare(self, obj) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        raise NotImplementedError
+
+    def encode(self, datas: list[torch.Tensor], labels: list | None = None):
+        """``forward`` plus this encoder's weighted auxiliary loss on ``labels`` (None without one)."""
+        return self(datas), None
+
+    def _connect(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.connector(feats, mask)
+
+
+class ImageEncoder(MediaEncoder):
+    modality = "image"
+
+    def __init__(self, section: dict, dim: int, text_size: int = 0):
+        super().__init__(section)
+        self.tokenizer = build_image_tokenizer(self.cfg.tokenizer)
+        self.connector = self.cfg.connector.build(self.tokenizer.out_dim, dim)
+
+    def standalone_config(self) -> dict:
+        tokenizer = standalone_config(self.section.get("tokenizer", {}), self.tokenizer)
+        return {**self.section, "tokenizer": tokenizer}
+
+    def prepare(self, obj):
+        """An :class:`~omni.media.image.Image` or uint8 pixels (3, H, W) -> normalised pixels and the grid."""
+        pixels, grid = self.tokenizer.preprocess(obj)  # (3, H', W'), (1, h, w)
+        return pixels, self.connector.grid(grid)
+
+    def forward(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
+        out: list[torch.Tensor | None] = [None] * len(datas)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, d in enumerate(datas):
+            by_shape.setdefault(tuple(d.shape), []).append(i)
+        for idx in by_shape.values():  # same-size images run as one batch
+            feats = self._connect(self.tokenizer(torch.stack([datas[i] for i in idx])))
+            for j, i in enumerate(idx):
+                out[i] = feats[j]
+        return out
+
+
+class VideoEncoder(MediaEncoder):
+    modality = "video"
+
+    def __init__(self, section: dict, dim: int, text_size: int = 0):
+        super().__init__(section)
+        self.video = build_video_tokenizer(self.cfg.video, build_image_tokenizer(self.cfg.tokenizer))
+        self.connector = self.cfg.connector.build(self.video.out_dim, dim)
+
+    def standalone_config(self) -> dict:
+        tokenizer = standalone_config(self.section.get("tokenizer", {}), self.video.image_tokenizer)
+        return {**self.section, "tokenizer": tokenizer}
+
+    def prepare(self, frames):
+        """uint8 frames (N, 3, H, W) -> normalised frames (N, 3, H', W'); budgets are checked here,
+        before any forward pass (``omni.processor`` samples a video's frames as ``self.video.load``)."""
+        pixels, grid = self.video.preprocess(frames)  # resized and normalised once, here
+        return pixels, self.connector.grid(grid)
+
+    def forward(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self._connect(f[None])[0] for f in self.video.encode_pixels(datas)]
+
+
 class AudioEncoder(MediaEncoder):
     """Whisper-style input: 16 kHz waveform -> log-mel -> encoder -> (stack) -> connector."""
 
     modality = "audio"
     bucket_waste = 0.25  # length_buckets: padding allowed per encoder call (inf: one call for all)
 
-    def __init__(self, cfg: dict, dim: int, text_size: int = 0):
-        super().__init__()
-        _check_keys(cfg, "audio", ("encoder", "connector", "normalize", "spec_augment", "stack", "ctc_weight",
-                                   "precompute"))
-        self.cfg = cfg
-        self.encoder = audio_encoder(**dict(_section(cfg, "encoder", "audio")))
+    def __init__(self, section: dict, dim: int, text_size: int = 0):
+        super().__init__(section)
+        cfg = self.cfg
+        self.encoder = audio_encoder(**asdict(cfg.encoder))
         self.logmel = LogMel(n_mels=self.encoder.n_mels)
-        self.normalize = cfg.get("normalize", "none")
-        if self.normalize not in ("none", "mean", "meanvar"):
-            raise ValueError(f"model.media.audio.normalize must be none, mean or meanvar, got {self.normalize!r}")
-        spec = cfg.get("spec_augment")
-        self.spec_augment = from_dict(SpecAugment, spec, "model.media.audio.spec_augment.") if spec else None
-        self.stack = int(cfg.get("stack", 1))
-        if self.stack < 1:
-            raise ValueError(f"model.media.audio.stack must be >= 1, got {self.stack}")
-        self.ctc_weight = float(cfg.get("ctc_weight", 0.0))
+        self.normalize, self.spec_augment, self.stack = cfg.normalize, cfg.spec_augment, cfg.stack
+        self.ctc_weight, self.precompute = cfg.ctc_weight, cfg.precompute
         if self.ctc_weight and not text_size:
             raise ValueError("model.media.audio.ctc_weight needs the text vocabulary size")
         # blank = the pad id (0), which no transcript contains
         self.ctc_head = nn.Linear(self.encoder.out_dim, text_size) if self.ctc_weight else None
-        self.precompute = bool(cfg.get("precompute", False))
         if self.precompute and not getattr(self.encoder, "frozen", False):
             raise ValueError("model.media.audio.precompute needs a frozen encoder (encoder.freeze: true)")
-        if self.precompute and self.spec_augment is not None:
-            raise ValueError("model.media.audio.spec_augment acts on mels, so it cannot be used with precompute")
-        self.connector = _connector(cfg, "audio", self.encoder.out_dim * self.stack, dim)
+        self.connector = cfg.connector.build(self.encoder.out_dim * self.stack, dim)
 
     def standalone_config(self) -> dict:
-        section = _section(self.cfg, "encoder", "audio")
-        return {**self.cfg, "encoder": standalone_encoder_config(section, self.encoder)}
+        encoder = standalone_encoder_config(self.section.get("encoder", {}), self.encoder)
+        return {**self.section, "encoder": encoder}
 
     def num_tokens(self, num_frames: int) -> int:
         return -(-self.encoder.num_tokens(num_frames) // self.stack)
@@ -314,11 +363,11 @@ def length_buckets(lengths: list[int], waste: float = 0.25) -> list[list[int]]:
 
 
 ENCODERS = {"image": ImageEncoder, "video": VideoEncoder, "audio": AudioEncoder}
+MODALITIES = tuple(ENCODERS)
 
 
-def build_media_encoder(modality: str, cfg: dict, dim: int, text_size: int = 0) -> MediaEncoder:
+def build_media_encoder(modality: str, section: dict, dim: int, text_size: int = 0) -> MediaEncoder:
+    """The encoder for ``model.media.<modality>`` (its section checked by :func:`media_config`)."""
     if modality not in ENCODERS:
         raise ValueError(f"unknown media modality {modality!r} in model.media; choose from {', '.join(ENCODERS)}")
-    if not isinstance(cfg, dict):
-        raise ValueError(f"model.media.{modality} must be a mapping, got {cfg!r}")
-    return ENCODERS[modality](cfg, dim, text_size)
+    return ENCODERS[modality](section, dim, text_size)

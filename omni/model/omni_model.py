@@ -20,7 +20,7 @@ from torch import nn
 from omni.io import atomic_write_json, load_tensors, replace_dir, save_tensors, temp_dir
 from omni.model.backbone import NO_SLOT, Backbone, BackboneConfig, KVCache, Memory
 from omni.model.blip2 import Blip2Config, Blip2Head, blip2_loss
-from omni.model.contrastive import ContrastiveHead, embed_media, embed_text, info_nce
+from omni.model.contrastive import ContrastiveConfig, ContrastiveHead, embed_media, embed_text, info_nce
 from omni.model.lora import merged_state_dict
 from omni.model.media_encoder import build_media_encoder
 from omni.model.outputs import ModelOutput, default_positions
@@ -91,7 +91,8 @@ class OmniModel(nn.Module):
                              "video as tokens by leaving it out of model.cross_attention.media")
         self.contrastive = None
         if config.contrastive is not None:
-            self.contrastive = ContrastiveHead(cfg.dim, list(config.media), **config.contrastive)
+            cc = ContrastiveConfig.parse(config.contrastive)
+            self.contrastive = ContrastiveHead(cfg.dim, list(config.media), cc.embed_dim, cc.temperature)
         self.blip2 = None
         if config.blip2 is not None:
             self.blip2 = Blip2Head(cfg.dim, Blip2Config.parse(config.blip2))
