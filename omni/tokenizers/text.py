@@ -13,13 +13,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from omni.io import atomic_write_bytes, read_jsonl
+from omni.tokenizers.base import TEXT_TOKENIZERS, BaseTextTokenizer
 from omni.vocab import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID, Vocab
 
 MODEL_FILE = "text.model"
 VOCAB_FILE = "vocab.json"
 
 
-class TextTokenizer:
+class TextTokenizer(BaseTextTokenizer):
     """Encode/decode text with a SentencePiece model; ``vocab`` gives the special-token ids."""
 
     def __init__(self, model_proto: bytes, source: str = "<memory>"):
@@ -39,7 +40,11 @@ class TextTokenizer:
             raise ValueError(f"{source}: this SentencePiece model was not trained by omni (it lacks the "
                              f"special tokens {missing or ''} or the pad/unk/bos/eos ids 0-3); "
                              "train one with `omni tokenizer train text_spm`")
-        self.vocab = Vocab(self.sp.get_piece_size(), specials)
+        self._vocab = Vocab(self.sp.get_piece_size(), specials)
+
+    @property
+    def vocab(self) -> Vocab:
+        return self._vocab
 
     # -- files ------------------------------------------------------------------------------
 
@@ -109,6 +114,14 @@ class TextTokenizer:
 
     def __len__(self) -> int:
         return self.vocab.text_size
+
+
+TEXT_TOKENIZERS.register("sentencepiece", TextTokenizer)
+
+
+def load_text_tokenizer(path: str | Path, kind: str = "sentencepiece") -> BaseTextTokenizer:
+    """The text tokenizer of backend ``kind`` (a :data:`TEXT_TOKENIZERS` name) saved at ``path``."""
+    return TEXT_TOKENIZERS.get(kind, "text tokenizer kind").load(path)
 
 
 def corpus_texts(path: str | Path, field: str = "text") -> Iterator[str]:
