@@ -623,18 +623,21 @@ class WhisperStyleEncoder(BaseAudioEncoder):
         self._n_mels, self.max_frames, self.subsample, self.stem = n_mels, max_frames, subsample, stem
         if stem == "conv2d":  # (B, 1, F, T): frequency first, then time
             self.conv1 = nn.Conv2d(1, stem_channels, kernel_size=3, stride=2, padding=1)
-            self.conv2 = nn.Conv2d(stem_channels, stem_channels, kernel_size=3, stride=(2, subsample // 2), padding=1)
+            self.conv2 = nn.Conv2d(stem_channels, stem_channels, kernel_size=3, stride=(2, subsample // 2),
+                                   padding=1)
             self.conv3 = None
             self.stem_proj = nn.Linear(stem_channels * ((n_mels - 1) // 2 // 2 + 1), dim)
         else:
             self.conv1 = nn.Conv1d(n_mels, dim, kernel_size=3, padding=1)
             self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
             self.conv3 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1) if subsample == 4 else None
-        self.register_buffer("positions", sinusoids(_conv_stem_tokens(max_frames, subsample), dim), persistent=False)
+        self.register_buffer("positions", sinusoids(_conv_stem_tokens(max_frames, subsample), dim),
+                             persistent=False)
         layer = nn.TransformerEncoderLayer(dim, num_heads, ffn_dim or 4 * dim, dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
-        self.convs = nn.ModuleList(ConvModule(dim, conv_kernel) for _ in range(num_layers)) if conv_kernel else None
+        self.convs = (nn.ModuleList(ConvModule(dim, conv_kernel) for _ in range(num_layers)) if conv_kernel
+                      else None)
         self.norm = nn.LayerNorm(dim)
         self._out_dim = dim
 
@@ -672,8 +675,8 @@ class WhisperStyleEncoder(BaseAudioEncoder):
         return _conv_stem_tokens(num_frames, self.subsample)
 
     def forward(self, mel: torch.Tensor, mel_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """``mel: (B, n_mels, F)`` -> ``(B, ceil(F/subsample), D)``. ``mel_lengths: (B,)`` real frames per row:
-        features of padding are masked out of attention (their outputs are meaningless)."""
+        """``mel: (B, n_mels, F)`` -> ``(B, ceil(F/subsample), D)``. ``mel_lengths: (B,)`` real frames per
+        row: features of padding are masked out of attention (their outputs are meaningless)."""
         if mel.dim() != 3 or mel.shape[1] != self.n_mels:
             raise ValueError(f"expected mel (B, {self.n_mels}, F), got {tuple(mel.shape)}")
         if mel.shape[2] > self.max_frames:
@@ -703,7 +706,7 @@ class WhisperStyleEncoder(BaseAudioEncoder):
         x = x + self.positions[:x.shape[1]].to(x.dtype)
         pad_mask = None
         if lengths is not None:  # the stem has brought them to features per row
-            pad_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None]  # True = padding
+            pad_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None]  # True: pad
         if self.convs is None:
             return self.norm(self.layers(x, src_key_padding_mask=pad_mask))
         for layer, conv in zip(self.layers.layers, self.convs):

@@ -53,7 +53,8 @@ class TextTokenizer(BaseTextTokenizer):
         path = Path(path)
         model = path / MODEL_FILE if path.is_dir() else path
         if not model.is_file():
-            raise ValueError(f"{model}: tokenizer model not found; train one with `omni tokenizer train text_spm`")
+            raise ValueError(f"{model}: tokenizer model not found; "
+                             "train one with `omni tokenizer train text_spm`")
         return cls(model.read_bytes(), source=str(model))
 
     def save(self, path: str | Path) -> None:
@@ -64,7 +65,8 @@ class TextTokenizer(BaseTextTokenizer):
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 4096, model_type: str = "unigram",
-              character_coverage: float = 0.9995, max_sentences: int = 300000, seed: int = 0) -> TextTokenizer:
+              character_coverage: float = 0.9995, max_sentences: int = 300000,
+              seed: int = 0) -> TextTokenizer:
         """Train on an iterable of strings; byte fallback means any UTF-8 text encodes without <unk>.
 
         ``model_type="word"`` makes every whitespace-separated word of the corpus one piece (a closed
@@ -80,7 +82,8 @@ class TextTokenizer(BaseTextTokenizer):
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(texts), model_writer=out, vocab_size=vocab_size,
                 model_type=model_type, character_coverage=character_coverage,
-                input_sentence_size=max_sentences, shuffle_input_sentence=True, seed_sentencepiece_size=200000,
+                input_sentence_size=max_sentences, shuffle_input_sentence=True,
+                seed_sentencepiece_size=200000,
                 pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
                 control_symbols=list(SPECIAL_TOKENS), byte_fallback=True, split_digits=True,
                 normalization_rule_name="identity", remove_extra_whitespaces=False,
