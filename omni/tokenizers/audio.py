@@ -33,6 +33,7 @@ from torch import nn
 from omni.io import atomic_write_json, load_tensors, replace_dir, save_tensors, temp_dir
 from omni.media.audio import Audio
 from omni.schema import from_dict
+from omni.tokenizers.base import AUDIO_ENCODERS, CODECS, BaseAudioEncoder, BaseCodec
 
 FORMAT_VERSION = 1
 ENCODEC_INSTALL = "pip install encodec"
@@ -156,7 +157,7 @@ def build_encodec(cfg: CodecConfig):
 # The codec tokenizer
 
 
-class AudioCodec(nn.Module):
+class AudioCodec(BaseCodec):
     """EnCodec as a tokenizer: waveform <-> ``num_codebooks`` streams of ids in ``[0, cardinality)``.
 
     ``codec.model`` is the plain ``encodec.EncodecModel``; ``encode``/``decode`` run exactly its
@@ -284,12 +285,7 @@ class AudioCodec(nn.Module):
         """A codec saved by :meth:`save`; ``num_codebooks`` overrides how many codebooks ``encode`` emits."""
         directory = Path(directory)
         meta_path = directory / "config.json"
-        if not meta_path.is_file():
-            raise ValueError(f"{directory}: not an omni audio codec directory (no config.json)")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
+        meta = _codec_meta(directory)
         if meta.get("kind") != "encodec":
             raise ValueError(f"{meta_path}: kind is {meta.get('kind')!r}, expected 'encodec'")
         cfg = from_dict(CodecConfig, meta.get("config", {}), "config.")
@@ -384,6 +380,28 @@ class AudioCodec(nn.Module):
         return cls._with_state(cfg, state, path)
 
 
+def _codec_meta(directory: Path) -> dict:
+    """A saved codec's ``config.json``."""
+    meta_path = directory / "config.json"
+    if not meta_path.is_file():
+        raise ValueError(f"{directory}: not an omni audio codec directory (no config.json)")
+    try:
+        return json.loads(meta_path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{meta_path}: not valid JSON ({e})") from None
+
+
+CODECS.register("encodec", AudioCodec)
+
+
+def load_codec(directory: str | Path, num_codebooks: int | None = None) -> BaseCodec:
+    """A codec saved by any :data:`CODECS` backend: its ``config.json``'s ``kind`` names the backend,
+    whose ``load`` reads the rest (``num_codebooks`` overrides how many codebooks ``encode`` emits)."""
+    directory = Path(directory)
+    kind = _codec_meta(directory).get("kind")
+    return CODECS.get(kind, f"{directory / 'config.json'}: kind").load(directory, num_codebooks=num_codebooks)
+
+
 def _load_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a transformers checkpoint directory (single or sharded safetensors)."""
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
@@ -419,6 +437,9 @@ def _hf_encodec_key(key: str, target: set[str], source) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Log-mel front end (Whisper)
+
+MEL_SAMPLE_RATE = 16000  # the waveform rate the log-mel front end (and so every audio encoder) takes
+MEL_HOP_LENGTH = 160  # samples per mel frame: 100 mel frames per second
 
 
 def mel_filters(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0,
@@ -461,7 +482,8 @@ class LogMel(nn.Module):
     ``n_mels=128`` for whisper-large-v3.
     """
 
-    def __init__(self, n_mels: int = 80, sample_rate: int = 16000, n_fft: int = 400, hop_length: int = 160,
+    def __init__(self, n_mels: int = 80, sample_rate: int = MEL_SAMPLE_RATE, n_fft: int = 400,
+                 hop_length: int = MEL_HOP_LENGTH,
                  pad_to_s: float | None = None):
         super().__init__()
         self.n_mels, self.sample_rate, self.n_fft, self.hop_length = n_mels, sample_rate, n_fft, hop_length
@@ -575,7 +597,7 @@ class ConvModule(nn.Module):
         return self.pointwise_out(F.silu(self.mid_norm(h)))
 
 
-class WhisperStyleEncoder(nn.Module):
+class WhisperStyleEncoder(BaseAudioEncoder):
     """Whisper's encoder layout, our code: conv(3)-GELU-conv(3, stride 2)-GELU, fixed sinusoidal
     positions, pre-norm transformer layers (GELU MLP), final LayerNorm. Halves the frame rate
     (100 mel frames/s -> 50 features/s); ``subsample=4`` adds a third strided conv (25 features/s,
@@ -598,23 +620,50 @@ class WhisperStyleEncoder(nn.Module):
             raise ValueError(f"subsample must be 2 or 4, got {subsample}")
         if stem not in ("conv1d", "conv2d"):
             raise ValueError(f"stem must be one of conv1d, conv2d; got {stem!r}")
-        self.n_mels, self.max_frames, self.subsample, self.stem = n_mels, max_frames, subsample, stem
+        self._n_mels, self.max_frames, self.subsample, self.stem = n_mels, max_frames, subsample, stem
         if stem == "conv2d":  # (B, 1, F, T): frequency first, then time
             self.conv1 = nn.Conv2d(1, stem_channels, kernel_size=3, stride=2, padding=1)
-            self.conv2 = nn.Conv2d(stem_channels, stem_channels, kernel_size=3, stride=(2, subsample // 2), padding=1)
+            self.conv2 = nn.Conv2d(stem_channels, stem_channels, kernel_size=3, stride=(2, subsample // 2),
+                                   padding=1)
             self.conv3 = None
             self.stem_proj = nn.Linear(stem_channels * ((n_mels - 1) // 2 // 2 + 1), dim)
         else:
             self.conv1 = nn.Conv1d(n_mels, dim, kernel_size=3, padding=1)
             self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
             self.conv3 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1) if subsample == 4 else None
-        self.register_buffer("positions", sinusoids(_conv_stem_tokens(max_frames, subsample), dim), persistent=False)
+        self.register_buffer("positions", sinusoids(_conv_stem_tokens(max_frames, subsample), dim),
+                             persistent=False)
         layer = nn.TransformerEncoderLayer(dim, num_heads, ffn_dim or 4 * dim, dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
-        self.convs = nn.ModuleList(ConvModule(dim, conv_kernel) for _ in range(num_layers)) if conv_kernel else None
+        self.convs = (nn.ModuleList(ConvModule(dim, conv_kernel) for _ in range(num_layers)) if conv_kernel
+                      else None)
         self.norm = nn.LayerNorm(dim)
-        self.out_dim = dim
+        self._out_dim = dim
+
+    @property
+    def sample_rate(self) -> int:
+        return MEL_SAMPLE_RATE
+
+    @property
+    def n_mels(self) -> int:
+        return self._n_mels
+
+    @property
+    def frame_rate(self) -> float:
+        return MEL_SAMPLE_RATE / MEL_HOP_LENGTH / self.subsample
+
+    @property
+    def out_dim(self) -> int:
+        return self._out_dim
+
+    @classmethod
+    def build(cls, size: str = "tiny", n_mels: int = 80, subsample: int = 2, conv_kernel: int = 0,
+              stem: str = "conv1d", stem_channels: int = 32, **_) -> WhisperStyleEncoder:
+        """``size`` from :data:`ENCODER_SIZES`; ``path``, ``freeze``, ``input_mode`` and
+        ``whisper_config`` are Whisper checkpoints' options, not this encoder's."""
+        return cls.from_size(size, n_mels=n_mels, subsample=subsample, conv_kernel=conv_kernel, stem=stem,
+                             stem_channels=stem_channels)
 
     @classmethod
     def from_size(cls, size: str, n_mels: int = 80, **overrides) -> WhisperStyleEncoder:
@@ -626,8 +675,8 @@ class WhisperStyleEncoder(nn.Module):
         return _conv_stem_tokens(num_frames, self.subsample)
 
     def forward(self, mel: torch.Tensor, mel_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """``mel: (B, n_mels, F)`` -> ``(B, ceil(F/subsample), D)``. ``mel_lengths: (B,)`` real frames per row:
-        features of padding are masked out of attention (their outputs are meaningless)."""
+        """``mel: (B, n_mels, F)`` -> ``(B, ceil(F/subsample), D)``. ``mel_lengths: (B,)`` real frames per
+        row: features of padding are masked out of attention (their outputs are meaningless)."""
         if mel.dim() != 3 or mel.shape[1] != self.n_mels:
             raise ValueError(f"expected mel (B, {self.n_mels}, F), got {tuple(mel.shape)}")
         if mel.shape[2] > self.max_frames:
@@ -657,7 +706,7 @@ class WhisperStyleEncoder(nn.Module):
         x = x + self.positions[:x.shape[1]].to(x.dtype)
         pad_mask = None
         if lengths is not None:  # the stem has brought them to features per row
-            pad_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None]  # True = padding
+            pad_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None]  # True: pad
         if self.convs is None:
             return self.norm(self.layers(x, src_key_padding_mask=pad_mask))
         for layer, conv in zip(self.layers.layers, self.convs):
@@ -666,7 +715,7 @@ class WhisperStyleEncoder(nn.Module):
         return self.norm(x)
 
 
-class HFWhisperEncoder(nn.Module):
+class HFWhisperEncoder(BaseAudioEncoder):
     """transformers' ``WhisperEncoder`` as an omni audio encoder, optionally frozen.
 
     transformers insists on exactly ``2 * max_source_positions`` mel frames (3000 = 30 s).
@@ -683,12 +732,41 @@ class HFWhisperEncoder(nn.Module):
             raise ValueError(f"input_mode must be one of pad, slice; got {input_mode!r}")
         self.encoder, self.input_mode = encoder, input_mode
         cfg = encoder.config
-        self.n_mels, self.out_dim = cfg.num_mel_bins, cfg.d_model
+        self._n_mels, self._out_dim = cfg.num_mel_bins, cfg.d_model
         self.max_frames = cfg.max_source_positions * 2
         self.frozen = freeze
         if freeze:
             self.encoder.requires_grad_(False)
             self.encoder.eval()
+
+    @property
+    def sample_rate(self) -> int:
+        return MEL_SAMPLE_RATE
+
+    @property
+    def n_mels(self) -> int:
+        return self._n_mels
+
+    @property
+    def frame_rate(self) -> float:
+        return MEL_SAMPLE_RATE / MEL_HOP_LENGTH / 2
+
+    @property
+    def out_dim(self) -> int:
+        return self._out_dim
+
+    @classmethod
+    def build(cls, n_mels: int = 80, path: str | None = None, freeze: bool = False, input_mode: str = "pad",
+              whisper_config: dict | None = None, subsample: int = 2, conv_kernel: int = 0,
+              stem: str = "conv1d", **_) -> HFWhisperEncoder:
+        """From a local Whisper checkpoint (``path``), else built from ``whisper_config``."""
+        if subsample != 2 or conv_kernel or stem != "conv1d":
+            raise ValueError("subsample, conv_kernel and stem apply to kind=whisper_style; "
+                             "a Whisper checkpoint's layout is fixed")
+        if path:
+            return cls.from_pretrained(path, freeze=freeze, input_mode=input_mode)
+        return cls.from_config({"num_mel_bins": n_mels, **(whisper_config or {})}, freeze=freeze,
+                               input_mode=input_mode)
 
     @classmethod
     def from_config(cls, config, **kwargs) -> HFWhisperEncoder:
@@ -771,19 +849,18 @@ def standalone_encoder_config(section: dict, encoder: nn.Module) -> dict:
     return {**rest, "whisper_config": encoder.encoder.config.to_diff_dict()}
 
 
+AUDIO_ENCODERS.register("whisper_style", WhisperStyleEncoder)
+AUDIO_ENCODERS.register("hf_whisper", HFWhisperEncoder)
+
+
 def audio_encoder(kind: str = "whisper_style", size: str = "tiny", n_mels: int = 80, path: str | None = None,
                   freeze: bool = False, input_mode: str = "pad", whisper_config: dict | None = None,
-                  subsample: int = 2, conv_kernel: int = 0, stem: str = "conv1d", stem_channels: int = 32) -> nn.Module:
-    """The recipe-facing builder: ``kind="whisper_style"`` (ours, ``size`` from ``ENCODER_SIZES``)
-    or ``"hf_whisper"`` (``path`` to a local Whisper checkpoint, else built from ``whisper_config``)."""
-    if kind == "whisper_style":
-        return WhisperStyleEncoder.from_size(size, n_mels=n_mels, subsample=subsample, conv_kernel=conv_kernel,
-                                             stem=stem, stem_channels=stem_channels)
-    if kind == "hf_whisper":
-        if subsample != 2 or conv_kernel or stem != "conv1d":
-            raise ValueError("subsample, conv_kernel and stem apply to kind=whisper_style; a Whisper checkpoint's layout is fixed")
-        if path:
-            return HFWhisperEncoder.from_pretrained(path, freeze=freeze, input_mode=input_mode)
-        return HFWhisperEncoder.from_config({"num_mel_bins": n_mels, **(whisper_config or {})}, freeze=freeze,
-                                            input_mode=input_mode)
-    raise ValueError(f"audio encoder kind must be one of whisper_style, hf_whisper; got {kind!r}")
+                  subsample: int = 2, conv_kernel: int = 0, stem: str = "conv1d",
+                  stem_channels: int = 32) -> BaseAudioEncoder:
+    """The recipe-facing builder: the :data:`AUDIO_ENCODERS` backend ``kind`` names, built from the
+    rest: ``"whisper_style"`` (ours, ``size`` from ``ENCODER_SIZES``) or ``"hf_whisper"`` (``path``
+    to a local Whisper checkpoint, else built from ``whisper_config``)."""
+    return AUDIO_ENCODERS.get(kind).build(size=size, n_mels=n_mels, path=path, freeze=freeze,
+                                          input_mode=input_mode, whisper_config=whisper_config,
+                                          subsample=subsample, conv_kernel=conv_kernel, stem=stem,
+                                          stem_channels=stem_channels)

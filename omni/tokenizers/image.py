@@ -10,7 +10,8 @@ Contract (every kind)::
 
 ``grid`` is the token layout after patching and merging: ``h = H' / (patch_size * merge)``.
 
-Kinds:
+Kinds (the :data:`~omni.tokenizers.base.IMAGE_TOWERS` registry; every kind implements
+:class:`~omni.tokenizers.base.BaseImageTower`):
 
 - ``patchify`` (Fuyu): raw ``patch_size`` x ``patch_size`` patches flattened and put through one
   linear layer. Accepts any H', W' that are multiples of ``patch_size * merge``. With
@@ -44,8 +45,8 @@ import torch
 from torch import nn
 
 from omni.media.image import Image, describe, resize
+from omni.tokenizers.base import IMAGE_TOWERS, BaseImageTower
 
-KINDS = ("patchify", "siglip", "clip", "vit")
 MERGE_MODES = ("concat", "linear")
 
 # Named sizes: the tower shape for siglip/clip/vit; patchify uses image_size, patch_size and
@@ -93,8 +94,7 @@ class ImageTokenizerConfig:
     std: list[float] | None = None
 
     def validate(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"image_tokenizer.kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+        IMAGE_TOWERS.get(self.kind, "image_tokenizer.kind")  # a registered kind, or the list of them
         if self.size not in TOWER_SIZES:
             raise ValueError(f"image_tokenizer.size must be one of {', '.join(TOWER_SIZES)}; "
                              f"got {self.size!r}")
@@ -169,8 +169,10 @@ def merge_patches(x: torch.Tensor, h: int, w: int, m: int) -> torch.Tensor:
     return x.reshape(b, (h // m) * (w // m), m * m * d)
 
 
-class ImageTokenizer(nn.Module):
-    """The shared contract; subclasses give ``_patch_features(pixels) -> (B, h*w, hidden)``."""
+class ImageTokenizer(BaseImageTower):
+    """What patchify and the transformers towers share (resize, normalise, patch merge) of the
+    :class:`~omni.tokenizers.base.BaseImageTower` contract; subclasses give
+    ``_patch_features(pixels) -> (B, h*w, hidden)`` and ``build(cfg)``."""
 
     kind: str = ""
     has_positions: bool = False  # whether the features already encode where each patch is
@@ -183,11 +185,11 @@ class ImageTokenizer(nn.Module):
             raise ValueError(f"merge must be 1 or 2; got {merge}")
         if merge_mode not in MERGE_MODES:
             raise ValueError(f"merge_mode must be one of {', '.join(MERGE_MODES)}; got {merge_mode!r}")
-        self.patch_size, self.hidden_dim = patch_size, hidden_dim
+        self._patch_size, self.hidden_dim = patch_size, hidden_dim
         self.merge, self.merge_mode = merge, merge_mode
         self.dynamic, self.min_pixels, self.max_pixels = dynamic, min_pixels, max_pixels
         self.pixel_norm = ([float(v) for v in mean], [float(v) for v in std])  # as given, for configs
-        self.image_size = None if dynamic else image_size
+        self._image_size = None if dynamic else image_size
         if self.image_size is not None and self.image_size % self.factor:
             raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size * merge "
                              f"= {self.factor}")
@@ -196,6 +198,14 @@ class ImageTokenizer(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1), persistent=False)
         self.merger = nn.Linear(4 * hidden_dim, hidden_dim) if merge == 2 and merge_mode == "linear" else None
+
+    @property
+    def patch_size(self) -> int:
+        return self._patch_size
+
+    @property
+    def image_size(self) -> int | None:
+        return self._image_size
 
     @property
     def factor(self) -> int:
@@ -272,6 +282,16 @@ class PatchifyImageTokenizer(ImageTokenizer):
         super().__init__(patch_size=patch_size, hidden_dim=out_dim, **kw)
         self.proj = nn.Linear(3 * patch_size * patch_size, out_dim)
 
+    @classmethod
+    def build(cls, cfg: ImageTokenizerConfig) -> PatchifyImageTokenizer:
+        mean, std = _NORMS[cls.kind]
+        dims = TOWER_SIZES[cfg.size]
+        return cls(patch_size=cfg.patch_size or dims["patch_size"],
+                   out_dim=cfg.out_dim or dims["hidden_size"],
+                   image_size=cfg.image_size or dims["image_size"], dynamic=cfg.dynamic,
+                   min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, mean=cfg.mean or mean,
+                   std=cfg.std or std, merge=cfg.merge, merge_mode=cfg.merge_mode)
+
     def _patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
         b, c, height, width = pixels.shape
         p = self.patch_size
@@ -293,6 +313,22 @@ class TowerImageTokenizer(ImageTokenizer):
         if freeze:
             self.tower.requires_grad_(False)
             self.tower.eval()
+
+    @classmethod
+    def build(cls, cfg: ImageTokenizerConfig) -> TowerImageTokenizer:
+        """A ``siglip``/``clip``/``vit`` tower from a local checkpoint (``path``), a transformers
+        config (``tower``) or a named size, randomly initialised."""
+        mean, std = _NORMS[cfg.kind]
+        if cfg.path:
+            tower, norm = load_tower(cfg.kind, cfg.path)
+            if norm is not None:
+                mean, std = norm
+        elif cfg.tower:
+            tower = tower_from_config(cfg.kind, cfg.tower)
+        else:
+            tower = build_tower(cfg.kind, cfg.size, cfg.image_size, cfg.patch_size)
+        return cls(cfg.kind, tower, freeze=cfg.freeze, mean=cfg.mean or mean, std=cfg.std or std,
+                   merge=cfg.merge, merge_mode=cfg.merge_mode)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -383,25 +419,14 @@ def standalone_config(section: dict, tok: ImageTokenizer) -> dict:
     return {**rest, "tower": tok.tower.config.to_diff_dict(), "mean": mean, "std": std}
 
 
+IMAGE_TOWERS.register("patchify", PatchifyImageTokenizer)
+IMAGE_TOWERS.register("siglip", TowerImageTokenizer)
+IMAGE_TOWERS.register("clip", TowerImageTokenizer)
+IMAGE_TOWERS.register("vit", TowerImageTokenizer)
+
+
 def build_image_tokenizer(cfg: ImageTokenizerConfig) -> ImageTokenizer:
-    """The image tokenizer a config describes (validated first)."""
+    """The image tokenizer a config describes (validated first): the :data:`IMAGE_TOWERS` backend
+    ``cfg.kind`` names."""
     cfg.validate()
-    mean, std = _NORMS[cfg.kind]
-    common = dict(merge=cfg.merge, merge_mode=cfg.merge_mode)
-    if cfg.kind == "patchify":
-        dims = TOWER_SIZES[cfg.size]
-        tok = PatchifyImageTokenizer(
-            patch_size=cfg.patch_size or dims["patch_size"], out_dim=cfg.out_dim or dims["hidden_size"],
-            image_size=cfg.image_size or dims["image_size"], dynamic=cfg.dynamic, min_pixels=cfg.min_pixels,
-            max_pixels=cfg.max_pixels, mean=cfg.mean or mean, std=cfg.std or std, **common)
-        return tok
-    if cfg.path:
-        tower, norm = load_tower(cfg.kind, cfg.path)
-        if norm is not None:
-            mean, std = norm
-    elif cfg.tower:
-        tower = tower_from_config(cfg.kind, cfg.tower)
-    else:
-        tower = build_tower(cfg.kind, cfg.size, cfg.image_size, cfg.patch_size)
-    return TowerImageTokenizer(cfg.kind, tower, freeze=cfg.freeze, mean=cfg.mean or mean, std=cfg.std or std,
-                               **common)
+    return IMAGE_TOWERS.get(cfg.kind, "image_tokenizer.kind").build(cfg)

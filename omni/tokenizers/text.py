@@ -13,13 +13,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from omni.io import atomic_write_bytes, read_jsonl
+from omni.tokenizers.base import TEXT_TOKENIZERS, BaseTextTokenizer
 from omni.vocab import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID, Vocab
 
 MODEL_FILE = "text.model"
 VOCAB_FILE = "vocab.json"
 
 
-class TextTokenizer:
+class TextTokenizer(BaseTextTokenizer):
     """Encode/decode text with a SentencePiece model; ``vocab`` gives the special-token ids."""
 
     def __init__(self, model_proto: bytes, source: str = "<memory>"):
@@ -39,7 +40,11 @@ class TextTokenizer:
             raise ValueError(f"{source}: this SentencePiece model was not trained by omni (it lacks the "
                              f"special tokens {missing or ''} or the pad/unk/bos/eos ids 0-3); "
                              "train one with `omni tokenizer train text_spm`")
-        self.vocab = Vocab(self.sp.get_piece_size(), specials)
+        self._vocab = Vocab(self.sp.get_piece_size(), specials)
+
+    @property
+    def vocab(self) -> Vocab:
+        return self._vocab
 
     # -- files ------------------------------------------------------------------------------
 
@@ -48,7 +53,8 @@ class TextTokenizer:
         path = Path(path)
         model = path / MODEL_FILE if path.is_dir() else path
         if not model.is_file():
-            raise ValueError(f"{model}: tokenizer model not found; train one with `omni tokenizer train text_spm`")
+            raise ValueError(f"{model}: tokenizer model not found; "
+                             "train one with `omni tokenizer train text_spm`")
         return cls(model.read_bytes(), source=str(model))
 
     def save(self, path: str | Path) -> None:
@@ -59,7 +65,8 @@ class TextTokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 4096, model_type: str = "unigram",
-              character_coverage: float = 0.9995, max_sentences: int = 300000, seed: int = 0) -> TextTokenizer:
+              character_coverage: float = 0.9995, max_sentences: int = 300000,
+              seed: int = 0) -> TextTokenizer:
         """Train on an iterable of strings; byte fallback means any UTF-8 text encodes without <unk>.
 
         ``model_type="word"`` makes every whitespace-separated word of the corpus one piece (a closed
@@ -75,7 +82,8 @@ class TextTokenizer:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(texts), model_writer=out, vocab_size=vocab_size,
                 model_type=model_type, character_coverage=character_coverage,
-                input_sentence_size=max_sentences, shuffle_input_sentence=True, seed_sentencepiece_size=200000,
+                input_sentence_size=max_sentences, shuffle_input_sentence=True,
+                seed_sentencepiece_size=200000,
                 pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
                 control_symbols=list(SPECIAL_TOKENS), byte_fallback=True, split_digits=True,
                 normalization_rule_name="identity", remove_extra_whitespaces=False,
@@ -109,6 +117,14 @@ class TextTokenizer:
 
     def __len__(self) -> int:
         return self.vocab.text_size
+
+
+TEXT_TOKENIZERS.register("sentencepiece", TextTokenizer)
+
+
+def load_text_tokenizer(path: str | Path, kind: str = "sentencepiece") -> BaseTextTokenizer:
+    """The text tokenizer of backend ``kind`` (a :data:`TEXT_TOKENIZERS` name) saved at ``path``."""
+    return TEXT_TOKENIZERS.get(kind, "text tokenizer kind").load(path)
 
 
 def corpus_texts(path: str | Path, field: str = "text") -> Iterator[str]:

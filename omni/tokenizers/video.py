@@ -36,6 +36,7 @@ from torch import nn
 from omni.media.image import describe
 from omni.media.video import Video
 from omni.model.connectors import QFormer
+from omni.tokenizers.base import BaseVideoTokenizer
 from omni.tokenizers.image import ImageTokenizer
 
 TEMPORAL = ("mrope", "qformer")
@@ -83,7 +84,7 @@ def _sincos_2d(h: int, w: int, dim: int) -> torch.Tensor:
     return torch.nn.functional.pad(out, (0, dim - out.shape[1]))
 
 
-class VideoTokenizer(nn.Module):
+class VideoTokenizer(BaseVideoTokenizer):
     """Frames -> features for one video. ``encode(frames uint8 (N, 3, H, W))`` gives
     ``(features (T, out_dim), grid (t, h, w))`` with ``t * h * w = T``."""
 
@@ -96,7 +97,7 @@ class VideoTokenizer(nn.Module):
         VideoTokenizerConfig(num_frames, fps, temporal, time_positions, max_frames, max_pixels_per_frame,
                              max_total_tokens, num_queries, qformer_layers, qformer_heads).validate()
         self.image_tokenizer = image_tokenizer
-        self.num_frames, self.fps = num_frames, fps
+        self._num_frames, self._fps = num_frames, fps
         self.temporal, self.time_positions = temporal, time_positions
         self.max_frames, self.max_total_tokens = max_frames, max_total_tokens
         self.max_pixels_per_frame = max_pixels_per_frame
@@ -109,6 +110,14 @@ class VideoTokenizer(nn.Module):
                 nn.init.normal_(self.frame_pos.weight, std=0.02)
             self.qformer = QFormer(d, d, num_queries=num_queries, num_layers=qformer_layers,
                                    num_heads=qformer_heads)
+
+    @property
+    def num_frames(self) -> int:
+        return self._num_frames
+
+    @property
+    def fps(self) -> float | None:
+        return self._fps
 
     @property
     def out_dim(self) -> int:

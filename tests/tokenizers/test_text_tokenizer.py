@@ -52,7 +52,8 @@ def test_user_text_never_encodes_to_special_tokens(text_tokenizer):
 def test_decode_drops_specials_and_non_text_ids(text_tokenizer):
     tok = text_tokenizer
     v = tok.vocab
-    ids = [v.bos_id, v.id("<|user|>")] + tok.encode("hello there") + [v.id("<|eot|>"), 9999, v.eos_id, v.pad_id]
+    ids = [v.bos_id, v.id("<|user|>"), *tok.encode("hello there"), v.id("<|eot|>"), 9999, v.eos_id,
+           v.pad_id]
     assert tok.decode(ids) == "hello there"
 
 
