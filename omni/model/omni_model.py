@@ -25,7 +25,7 @@ from omni.model.lora import merged_state_dict
 from omni.model.media_encoder import build_media_encoder
 from omni.model.outputs import ModelOutput, default_positions
 from omni.sequence import IGNORE
-from omni.tokenizers.audio import AudioCodec
+from omni.tokenizers.audio import load_codec
 from omni.tokenizers.text import TextTokenizer
 from omni.vocab import Vocab
 
@@ -370,7 +370,7 @@ class OmniModel(nn.Module):
                                  f"says {config.vocab.text_size}")
         codec = None
         if (path / CODEC_DIR).is_dir():
-            codec = AudioCodec.load(path / CODEC_DIR)
+            codec = load_codec(path / CODEC_DIR)
         if config.media:  # media towers have their own buffers and loaders: build them for real
             model = cls(config, tokenizer, codec).to(device)
         else:
