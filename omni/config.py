@@ -24,7 +24,6 @@ from omni.schema import choice, from_dict, positive
 from omni.vocab import SPECIAL_TOKENS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-AUDIO_OUT_TASKS = ("continue", "speak")  # tasks whose targets are codec codes
 
 
 @dataclass
@@ -228,19 +227,21 @@ class RecipeConfig:
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
             )
         for part in self.data.tasks():
-            if part.task in ("caption", "fewshot") and part.media not in self.model.media:
+            task = TASKS[part.task]
+            if task.reads_media and not task.pairs and part.media not in self.model.media:
                 raise ValueError(f"data task {part.label} reads {part.media} but model.media has no "
                                  f"{part.media} encoder (has: {', '.join(self.model.media) or 'none'})")
             pair_model = self.model.contrastive is not None or self.model.blip2 is not None
-            if part.task == "contrastive" and (not pair_model or part.media not in self.model.media):
+            if task.pairs and (not pair_model or part.media not in self.model.media):
                 raise ValueError(f"data task {part.label} needs model.contrastive (or model.blip2) and a "
                                  f"model.media.{part.media} encoder")
-            if self.model.blip2 is not None and part.task != "contrastive":
+            if self.model.blip2 is not None and not task.pairs:
                 raise ValueError(f"model.blip2 trains on (image, text) pairs: data.task must be contrastive, "
                                  f"got {part.task!r}")
-            if part.task == "contrastive" and self.data.mixture:
-                raise ValueError("a contrastive task trains on pairs, not packed rows: it cannot be part of data.mixture")
-            if part.task in AUDIO_OUT_TASKS and not self.codec.path:
+            if task.pairs and self.data.mixture:
+                raise ValueError(f"a {part.task} task trains on pairs, not packed rows: it cannot be part of "
+                                 "data.mixture")
+            if task.writes_audio and not self.codec.path:
                 raise ValueError(f"data task {part.label} writes audio codes, so it needs codec.path "
                                  "(a trained audio codec)")
 

@@ -1,7 +1,8 @@
 """Task datasets: manifest rows -> :class:`~omni.sequence.Sample` (the task's template) ->
 rendered -> packed rows, plus the collate that turns rows into a model batch.
 
-A task is a template and which segments carry loss:
+A task is declared once, in ``TASKS`` (a :class:`Task`: its sample builder, what it needs of
+the model, how ``omni eval`` scores it). Each is a template and which segments carry loss:
 
 ``text``       ``{"text"}`` -> a document (loss on all of it)
 ``caption``    ``{<media>: path, <target>: str}`` -> user: [media, prompt]; assistant: target.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -39,13 +41,10 @@ import torch
 
 from omni.io import read_jsonl
 from omni.media import BAD_FILE_ERRORS
-from omni.processor import as_processor
+from omni.processor import Processor, as_processor
 from omni.sequence import MediaSlot, Message, PackedRow, Sample, Segment, pack, render
 
 log = logging.getLogger(__name__)
-
-TASKS = ("text", "caption", "continue", "speak", "contrastive", "fewshot")
-
 
 @dataclass
 class TaskSpec:
@@ -71,35 +70,82 @@ class TaskSpec:
         return cls(**{f.name: getattr(data, f.name) for f in fields(cls)})
 
 
+def _text_sample(row: dict, spec: TaskSpec, proc: Processor, root: Path) -> Sample:
+    return Sample.document(_text(row, "text"))
+
+
+def _caption_sample(row: dict, spec: TaskSpec, proc: Processor, root: Path) -> Sample:
+    target = _text(row, spec.target)
+    data, grid = proc.prepare(spec.media, _media_path(row, spec.media, root))
+    user = [Segment(spec.media, data=data, grid=grid)] + ([Segment(text=spec.prompt)] if spec.prompt else [])
+    return Sample([Message("user", user), Message("assistant", [Segment(text=target)])])
+
+
+def _continue_sample(row: dict, spec: TaskSpec, proc: Processor, root: Path) -> Sample:
+    codes = proc.encode_audio(_media_path(row, "audio", root), spec.max_audio_s)
+    prefix = [Segment(text=spec.prompt)] if spec.prompt else []
+    return Sample([Message(None, prefix + [Segment("audio", codes=codes)])])
+
+
+def _speak_sample(row: dict, spec: TaskSpec, proc: Processor, root: Path) -> Sample:
+    text = _text(row, "text")
+    codes = proc.encode_audio(_media_path(row, "audio", root), spec.max_audio_s)
+    said = f"{spec.prompt} {text}" if spec.prompt else text
+    return Sample([Message(None, [Segment(text=said), Segment("audio", codes=codes)])])
+
+
+def _text(row: dict, key: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"no non-empty string field {key!r}")
+    return value.strip()
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task, declared once: how a manifest row becomes a sample, what the task needs of the
+    model, and how ``omni eval`` scores it (``scored_by`` names a scorer in ``omni.eval``).
+
+    ``sample``: row -> :class:`Sample` for the packed tasks; the ``pairs`` (contrastive) and
+    ``episodes`` (fewshot) tasks build their own datasets from the rows instead. ``documents``:
+    its samples are pre-training documents, which may flow across packed rows (a turn structure
+    stays whole). ``reads_media``: it needs a ``model.media`` encoder for ``data.media``;
+    ``writes_audio``: its targets are codec codes (the recipe needs ``codec.path``)."""
+
+    name: str
+    scored_by: str
+    sample: Callable[[dict, TaskSpec, Processor, Path], Sample] | None = None
+    documents: bool = False
+    reads_media: bool = False
+    writes_audio: bool = False
+    pairs: bool = False
+    episodes: bool = False
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("text", "loss", _text_sample, documents=True),
+    Task("caption", "caption", _caption_sample, reads_media=True),
+    Task("continue", "codes", _continue_sample, documents=True, writes_audio=True),
+    Task("speak", "codes", _speak_sample, documents=True, writes_audio=True),
+    Task("contrastive", "contrastive", reads_media=True, pairs=True),
+    Task("fewshot", "fewshot", reads_media=True, episodes=True),
+)}
+
+
+def task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
 def sample_for(row: dict, spec: TaskSpec, model, root: Path) -> Sample:
     """One manifest row -> a Sample; raises ValueError/MediaError for an unusable row."""
-    proc = as_processor(model)
-    if spec.task == "text":
-        text = row.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("no non-empty string field 'text'")
-        return Sample.document(text)
-    if spec.task == "caption":
-        target = row.get(spec.target)
-        if not isinstance(target, str) or not target.strip():
-            raise ValueError(f"no non-empty string field {spec.target!r}")
-        if spec.media not in proc.encoders:
-            raise ValueError(f"the model has no {spec.media} encoder (model.media.{spec.media})")
-        data, grid = proc.prepare(spec.media, _media_path(row, spec.media, root))
-        user = [Segment(spec.media, data=data, grid=grid)] + ([Segment(text=spec.prompt)] if spec.prompt else [])
-        return Sample([Message("user", user), Message("assistant", [Segment(text=target.strip())])])
-    if spec.task == "continue":
-        codes = proc.encode_audio(_media_path(row, "audio", root), spec.max_audio_s)
-        prefix = [Segment(text=spec.prompt)] if spec.prompt else []
-        return Sample([Message(None, prefix + [Segment("audio", codes=codes)])])
-    if spec.task == "speak":
-        text = row.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("no non-empty string field 'text'")
-        codes = proc.encode_audio(_media_path(row, "audio", root), spec.max_audio_s)
-        said = f"{spec.prompt} {text.strip()}" if spec.prompt else text.strip()
-        return Sample([Message(None, [Segment(text=said), Segment("audio", codes=codes)])])
-    raise ValueError(f"unknown task {spec.task!r}; expected one of {', '.join(TASKS)}")
+    proc, t = as_processor(model), task(spec.task)
+    if t.sample is None:
+        raise ValueError(f"task {spec.task!r} builds its own dataset, not one sample per row")
+    if t.reads_media and spec.media not in proc.encoders:
+        raise ValueError(f"the model has no {spec.media} encoder (model.media.{spec.media})")
+    return t.sample(row, spec, proc, root)
 
 
 def _media_path(row: dict, key: str, root: Path) -> Path:
@@ -216,7 +262,7 @@ def render_manifest(manifest: str | Path, spec: TaskSpec, model, tokenizer, seq_
     """Every usable row of a manifest rendered for ``spec``, and how many rows were skipped."""
     proc = as_processor(model)
     manifest = Path(manifest)
-    if spec.task == "fewshot":
+    if task(spec.task).episodes:
         return _render_episodes(manifest, spec, model, tokenizer, seq_len, on_bad_sample)
     root = manifest.parent
     # speech: the transcript rides along with the audio slot for the encoder's CTC head
@@ -325,7 +371,7 @@ class TaskDataset(PackedDataset):
         self.manifest, self.spec = Path(manifest), spec
         rendered, num_bad = render_manifest(manifest, spec, model, tokenizer, seq_len, on_bad_sample)
         # Pre-training text and audio documents may flow across rows; a turn structure stays whole.
-        super().__init__(rendered, seq_len, proc.vocab.pad_id, spec.task in ("text", "continue", "speak"), num_bad)
+        super().__init__(rendered, seq_len, proc.vocab.pad_id, task(spec.task).documents, num_bad)
 
 
 class MixtureDataset(PackedDataset):
@@ -362,7 +408,7 @@ class MixtureDataset(PackedDataset):
 def dataset_for(data, split: str, model, tokenizer, seed: int = 0) -> PackedDataset:
     """The recipe's ``data`` section (:class:`omni.config.DataConfig`) for one split."""
     if not data.mixture:
-        cls = PairDataset if data.task == "contrastive" else TaskDataset
+        cls = PairDataset if task(data.task).pairs else TaskDataset
         return cls(Path(data.path) / f"{split}.jsonl", TaskSpec.of(data), model, tokenizer, data.seq_len,
                    data.on_bad_sample)
     parts = [(p.label, Path(p.path) / f"{split}.jsonl", TaskSpec.of(p), p.weight, p.loss_weight)
