@@ -39,8 +39,10 @@ def main() -> None:
 
     root = Path(args.data)
     speech, sounds = durations(root / "speech/train.jsonl"), durations(root / "sounds/train.jsonl")
-    enc = AudioEncoder({"encoder": {"kind": "whisper_style", "size": "tiny", "subsample": 4}, "normalize": "meanvar",
-                        "spec_augment": {"freq_masks": 2, "freq_width": 12, "time_masks": 2, "time_width": 0.08},
+    enc = AudioEncoder({"encoder": {"kind": "whisper_style", "size": "tiny", "subsample": 4},
+                        "normalize": "meanvar",
+                        "spec_augment": {"freq_masks": 2, "freq_width": 12,
+                                         "time_masks": 2, "time_width": 0.08},
                         "ctc_weight": 0.3, "connector": {"kind": "mlp"}}, 256, text_size=1000).train()
     rng = random.Random(0)
     batches = []
@@ -67,9 +69,11 @@ def main() -> None:
         print(f"{k:>9}: {v * 1000:7.1f} ms per step")
     print(f"speed-up {per_step['one_call'] / per_step['buckets']:.2f}x, {groups:.1f} encoder calls per step")
     json_line("audio_buckets", args.threads,
-              {"speech_per_step": args.speech, "sounds_per_step": args.sounds, "encoder": "whisper_style tiny",
+              {"speech_per_step": args.speech, "sounds_per_step": args.sounds,
+               "encoder": "whisper_style tiny",
                "bucket_waste": AudioEncoder.bucket_waste, "calls_per_step": round(groups, 1)},
-              {"s_per_step_buckets": round(per_step["buckets"], 4), "s_per_step_one_call": round(per_step["one_call"], 4),
+              {"s_per_step_buckets": round(per_step["buckets"], 4),
+               "s_per_step_one_call": round(per_step["one_call"], 4),
                "speedup": round(per_step["one_call"] / per_step["buckets"], 2)})
 
 

@@ -147,7 +147,8 @@ def main(argv=None):
             t = interleaved(gen_fns(hf, ours, args, b, outputs), args.repeats, args.warmup)
             tok = b * args.new_tokens
             o, h = tok / statistics.median(t["omni"]), tok / statistics.median(t["hf"])
-            same = outputs["omni"].shape == outputs["hf"].shape and bool(torch.equal(outputs["omni"], outputs["hf"]))
+            same = (outputs["omni"].shape == outputs["hf"].shape
+                    and bool(torch.equal(outputs["omni"], outputs["hf"])))
             results[f"gen_tok_s_b{b}"] = {"omni": o, "hf": h}
             results[f"gen_tok_s_b{b}_best"] = {"omni": tok / min(t["omni"]), "hf": tok / min(t["hf"])}
             results[f"gen_speedup_b{b}"] = o / h
@@ -155,7 +156,8 @@ def main(argv=None):
             rows.append((f"generate b={b}, {args.new_tokens} new (tok/s)", o, h,
                          f"{o / h:.2f}x speed{'' if same else ', ids differ'}"))
 
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu_model()} | {args.threads} threads"
+    device = (torch.cuda.get_device_name() if args.device == "cuda"
+              else f"{cpu_model()} | {args.threads} threads")
     print(f"\nomni vs transformers {transformers.__version__} | {device} | {args.dtype} | attn {args.attn} | "
           f"{n_params / 1e6:.1f}M params | median of {args.repeats}")
     print(f"{'measurement':<36}{'omni':>12}{'transformers':>14}  ratio")

@@ -90,8 +90,10 @@ def main(argv=None) -> dict:
         "train_step_s": round(step_s, 4),
         "samples_per_step": round(samples_per_step, 1),
     }
-    result["loader_vs_train_first_epoch"] = round(result["prepare_samples_per_s"] / result["train_samples_per_s"], 2)
-    result["loader_vs_train_later_epochs"] = round(result["collate_samples_per_s"] / result["train_samples_per_s"], 1)
+    result["loader_vs_train_first_epoch"] = round(
+        result["prepare_samples_per_s"] / result["train_samples_per_s"], 2)
+    result["loader_vs_train_later_epochs"] = round(
+        result["collate_samples_per_s"] / result["train_samples_per_s"], 1)
 
     print(f"{args.recipe} on {data} ({ds.num_docs} samples, {docs_per_row:.2f} per row, batch {bs} rows), "
           f"{args.threads} threads, {cpu_model()}")
@@ -101,7 +103,8 @@ def main(argv=None) -> dict:
     print(f"| training step consumes | {result['train_samples_per_s']} |")
     print(f"loader / consumption: first epoch {result['loader_vs_train_first_epoch']}x, "
           f"later epochs {result['loader_vs_train_later_epochs']}x")
-    config = {"recipe": args.recipe, "data": str(data), "rows": ds.num_docs, "batch_rows": bs, "steps": args.steps}
+    config = {"recipe": args.recipe, "data": str(data), "rows": ds.num_docs, "batch_rows": bs,
+              "steps": args.steps}
     return json_line("data_loader", args.threads, config, result)
 
 

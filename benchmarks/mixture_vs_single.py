@@ -23,7 +23,8 @@ from pathlib import Path
 # records for that recipe, used when the run is not on this machine)
 SINGLE = {
     "asr": ("runs/whisper_asr_tiny", "wer", False, 0.0331),  # mean of seeds 0 and 1 (2.56%, 4.05%)
-    "continue": ("runs/audiolm_continue_tiny", "code_accuracy", True, None),  # codec-dependent: retrain on the mixture's
+    # codec-dependent: retrain on the mixture's
+    "continue": ("runs/audiolm_continue_tiny", "code_accuracy", True, None),
     "speak": ("runs/audiolm_speak_tiny", "code_accuracy", True, None),  # 31.0% was on an older codec
     "image_caption": ("runs/llava_caption_tiny", "cider_d", True, 0.28),
     "sound_caption": ("runs/audiocaps_sounds_tiny", "cider_d", True, 0.03),
@@ -55,8 +56,8 @@ def main(argv=None) -> int:
     p.add_argument("--mixture", action="append", metavar="RUN", help="a mixture run (repeat for seeds)")
     p.add_argument("--split", default="test")
     p.add_argument("--single", action="append", default=[], metavar="TASK=RUN",
-                   help="a single-task run for a task, e.g. continue=runs/continue_democodec (one on the mixture's "
-                        "codec); repeat a task for seeds")
+                   help="a single-task run for a task, e.g. continue=runs/continue_democodec "
+                        "(one on the mixture's codec); repeat a task for seeds")
     args = p.parse_args(argv)
     mixtures = args.mixture or ["runs/any2any_tiny"]
     runs = {label: [] for label in SINGLE}
@@ -79,8 +80,8 @@ def main(argv=None) -> int:
         source = [run for run, r in found.items() if r]
         if not s and recorded is not None and args.split == "test":
             s, source = [recorded], ["docs/benchmarks.md"]
-        row = {"task": label, "metric": key, "mixture": _mean(m), "single": _mean(s), "single_from": source or None,
-               "mixture_runs": m, "single_runs": s}
+        row = {"task": label, "metric": key, "mixture": _mean(m), "single": _mean(s),
+               "single_from": source or None, "mixture_runs": m, "single_runs": s}
         if m and s:
             row["relative"] = row["mixture"] / row["single"] - 1
             row["within_25pct"] = (row["mixture"] >= (1 - TOLERANCE) * row["single"] if higher
@@ -89,7 +90,8 @@ def main(argv=None) -> int:
     print(f"{'task':<15}{'metric':<15}{'single':>24}{'mixture':>24}{'change':>9}  within 25%")
     for r in rows:
         change = f"{100 * r['relative']:+.0f}%" if "relative" in r else "-"
-        print(f"{r['task']:<15}{r['metric']:<15}{_cell(r['single_runs']):>24}{_cell(r['mixture_runs']):>24}{change:>9}  "
+        print(f"{r['task']:<15}{r['metric']:<15}{_cell(r['single_runs']):>24}"
+              f"{_cell(r['mixture_runs']):>24}{change:>9}  "
               f"{ {True: 'yes', False: 'NO'}.get(r.get('within_25pct'), 'no single run') }")
     print(json.dumps({"benchmark": "mixture_vs_single", "date": datetime.datetime.now(datetime.timezone.utc)
                       .isoformat(timespec="seconds"), "mixture": mixtures, "split": args.split,

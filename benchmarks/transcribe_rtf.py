@@ -78,9 +78,11 @@ def main(argv=None) -> dict:
 
     times = interleaved({"omni": run_omni, "transformers": run_peer}, repeats=args.repeats, warmup=1)
     med = {k: statistics.median(v) for k, v in times.items()}
-    result = {"omni_rtf": round(med["omni"] / audio_s, 4), "transformers_rtf": round(med["transformers"] / audio_s, 4),
+    result = {"omni_rtf": round(med["omni"] / audio_s, 4),
+              "transformers_rtf": round(med["transformers"] / audio_s, 4),
               "speedup": round(med["transformers"] / med["omni"], 2), "audio_s": round(audio_s, 2),
-              "omni_params": model.num_params(), "transformers_params": sum(p.numel() for p in peer.parameters()),
+              "omni_params": model.num_params(),
+              "transformers_params": sum(p.numel() for p in peer.parameters()),
               "tokens_per_clip": new_tokens}
     print(f"{len(paths)} clips, {audio_s:.1f} s of audio, batch {args.batch_size}, {args.threads} threads, "
           f"{cpu_model()}")

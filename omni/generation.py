@@ -37,7 +37,8 @@ def _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k,
     if input_ids.shape[1] == 0:
         raise ValueError("the prompt is empty")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} "
+                         f"!= input_ids {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or (top_k is not None and top_k < 0) or (top_p is not None and not 0 < top_p <= 1):
@@ -70,7 +71,8 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
     """Yield the next ids ``(B,)`` step by step; finished rows yield ``pad_id``.
 
     attention_mask (B, T): 1 for real tokens, 0 for left padding. allowed: restrict sampling to
-    this id range (a modality span), or a function of the step giving the range. stop_ids default to end-of-sequence and end-of-turn.
+    this id range (a modality span), or a function of the step giving the range. stop_ids default
+    to end-of-sequence and end-of-turn.
     Generation also stops at the model's context length. positions ((B, T) or (3, B, T)) and
     media (``(row, MediaSlot)`` pairs) come from rendered prompts that hold media; streams
     (B, K-1, T) from prompts that hold audio codes in the delay layout.
@@ -111,7 +113,8 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
         done = done | torch.isin(nxt, stops)
         if bool(done.all()) or step == max_new_tokens - 1:
             return
-        logits = model(nxt[:, None], cache=cache, positions=_step_positions(next_pos, positions, step)).logits[:, -1]
+        logits = model(nxt[:, None], cache=cache,
+                       positions=_step_positions(next_pos, positions, step)).logits[:, -1]
 
 
 def _span_bias(size: int, span: range, device) -> torch.Tensor:
@@ -159,8 +162,9 @@ def left_pad(seqs: list[list[int]] | list[torch.Tensor], pad_id: int) -> tuple[t
 
 @torch.inference_mode()
 def generate_audio_codes(model, input_ids: torch.Tensor, *, streams: torch.Tensor | None = None,
-                         attention_mask: torch.Tensor | None = None, prompt_codes: list[torch.Tensor] | None = None,
-                         max_frames: int = 150, temperature: float = 1.0, top_k: int | None = 50,
+                         attention_mask: torch.Tensor | None = None,
+                         prompt_codes: list[torch.Tensor] | None = None, max_frames: int = 150,
+                         temperature: float = 1.0, top_k: int | None = 50,
                          top_p: float | None = None, seed: int | None = None) -> list[torch.Tensor]:
     """Generate audio codes after a prompt that ends inside an audio span (``<|audio|>`` and
     optionally the open-ended codes of a clip to continue), in the model's ``delay`` layout.
@@ -235,7 +239,8 @@ def generate_audio_codes(model, input_ids: torch.Tensor, *, streams: torch.Tenso
     return out
 
 
-def _generate_audio_flat(model, input_ids, attention_mask, prompt_codes, max_frames, sampling) -> list[torch.Tensor]:
+def _generate_audio_flat(model, input_ids, attention_mask, prompt_codes, max_frames,
+                         sampling) -> list[torch.Tensor]:
     """Flatten layout: one token per code, codebook k = step mod K (a prompt's open codes are whole
     frames, so generation starts at codebook 0); each step is constrained to its codebook."""
     vocab = model.vocab
@@ -318,8 +323,8 @@ def beam_search(model, input_ids: torch.Tensor, *, num_beams: int = 4, ctc_weigh
     if not 0.0 <= ctc_weight <= 1.0:
         raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
     vocab, device = model.vocab, model.device
-    stops = torch.tensor(list(stop_ids if stop_ids is not None else default_stop_ids(model)), dtype=torch.long,
-                         device=device)
+    stops = torch.tensor(list(stop_ids if stop_ids is not None else default_stop_ids(model)),
+                         dtype=torch.long, device=device)
     scorer = _ctc_scorer(model, media, allowed) if ctc_weight else None
     T = input_ids.shape[1]
     max_new_tokens = min(max_new_tokens, model.max_seq_len - T)
@@ -328,8 +333,9 @@ def beam_search(model, input_ids: torch.Tensor, *, num_beams: int = 4, ctc_weigh
     key_padding = attention_mask.bool().to(device) if attention_mask is not None else None
     if positions is not None:
         positions = positions.to(device)
-    logits = model(input_ids.to(device), positions=positions, key_padding=key_padding, cache=cache, media=media,
-                   streams=None if streams is None else streams.to(device), last_only=True).logits[:, -1]
+    logits = model(input_ids.to(device), positions=positions, key_padding=key_padding, cache=cache,
+                   media=media, streams=None if streams is None else streams.to(device),
+                   last_only=True).logits[:, -1]
     next_pos = _next_positions(positions)
     bias = _span_bias(vocab.size, allowed or range(vocab.size), device)
     allowed_ids = torch.isfinite(bias)
@@ -370,7 +376,8 @@ def beam_search(model, input_ids: torch.Tensor, *, num_beams: int = 4, ctc_weigh
         cache.reorder(parents)
         if next_pos is not None:
             next_pos = next_pos[parents]
-        logits = model(toks[:, None], cache=cache, positions=_step_positions(next_pos, positions, step)).logits[:, -1]
+        logits = model(toks[:, None], cache=cache,
+                       positions=_step_positions(next_pos, positions, step)).logits[:, -1]
     return max(finished, key=lambda f: f[0])[1]
 
 

@@ -75,7 +75,8 @@ class Segment:
                 self.grid = (self.data.shape[0], 1, 1)
             self.grid = tuple(int(g) for g in self.grid)
             if len(self.grid) != 3 or min(self.grid) < 1:
-                raise ValueError(f"{self.modality} grid must be three positive sizes (t, h, w), got {self.grid}")
+                raise ValueError(f"{self.modality} grid must be three positive sizes (t, h, w), "
+                                 f"got {self.grid}")
 
     @property
     def num_tokens(self) -> int:
@@ -112,7 +113,8 @@ class MediaSlot:
     length: int
     modality: str
     data: torch.Tensor
-    labels: torch.Tensor | None = None  # text ids the media says (speech), for an encoder's auxiliary loss (CTC)
+    # text ids the media says (speech), for an encoder's auxiliary loss (CTC)
+    labels: torch.Tensor | None = None
 
 
 @dataclass
@@ -238,7 +240,8 @@ def _put_codes(seg: Segment, vocab: Vocab, delay: bool, put, trainable: bool, en
     if K != vocab.num_codebooks:
         raise ValueError(f"audio codes have {K} codebooks but the vocabulary has {vocab.num_codebooks}")
     if codes.numel() and (codes.min() < 0 or codes.max() >= vocab.codebook_size):
-        raise ValueError(f"audio codes must be in [0, {vocab.codebook_size}), got [{int(codes.min())}, {int(codes.max())}]")
+        raise ValueError(f"audio codes must be in [0, {vocab.codebook_size}), "
+                         f"got [{int(codes.min())}, {int(codes.max())}]")
     book = torch.arange(K)[:, None]
     if delay:
         T = codes.shape[1]
@@ -271,7 +274,8 @@ class PackedRow:
     loss_weights: torch.Tensor | None = None
 
 
-def pack(samples: list[Rendered], seq_len: int, pad_id: int, *, split_across_rows: bool = True) -> list[PackedRow]:
+def pack(samples: list[Rendered], seq_len: int, pad_id: int, *,
+         split_across_rows: bool = True) -> list[PackedRow]:
     """Pack rendered samples into rows of ``seq_len`` tokens, in order.
 
     split_across_rows=True (pre-training): a sample that does not fit continues in the next row,

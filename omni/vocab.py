@@ -2,7 +2,8 @@
 
 Layout (ids grow left to right)::
 
-    [ text: SentencePiece pieces, incl. pad/unk/bos/eos and the special tokens ] [ audio codebook 0 ] ... [ audio codebook K-1 ]
+    [ text: SentencePiece pieces, incl. pad/unk/bos/eos and the special tokens ]
+    [ audio codebook 0 ] ... [ audio codebook K-1 ]
 
 The special tokens (chat roles, end of turn, begin/end of each media span, frame separator,
 feature placeholder) are SentencePiece *control symbols*: they have fixed ids inside the text

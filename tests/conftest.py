@@ -44,17 +44,20 @@ def text_tokenizer(tiny_corpus):
     from omni.tokenizers.text import TextTokenizer
 
     lines = (tiny_corpus / "train.jsonl").read_text(encoding="utf-8").splitlines()
-    return TextTokenizer.train([json.loads(line)["text"] for line in lines], vocab_size=TOKENIZER_VOCAB, seed=0)
+    return TextTokenizer.train([json.loads(line)["text"] for line in lines], vocab_size=TOKENIZER_VOCAB,
+                               seed=0)
 
 
 @pytest.fixture(scope="session")
 def debug_model(text_tokenizer):
-    """The ``debug`` backbone with tied embeddings, seeded, as a pipeline; in eval mode. Do not modify it in a test."""
+    """The ``debug`` backbone with tied embeddings, seeded, as a pipeline; in eval mode.
+    Do not modify it in a test."""
     from omni.model.backbone import backbone_config
     from omni.model.omni_model import build_model
     from omni.pipeline import Pipeline
 
-    return Pipeline(build_model(backbone_config("debug"), text_tokenizer.vocab, text_tokenizer, seed=0).eval())
+    return Pipeline(build_model(backbone_config("debug"), text_tokenizer.vocab, text_tokenizer,
+                                seed=0).eval())
 
 
 @pytest.fixture(scope="session")
@@ -65,8 +68,8 @@ def sampling_model(text_tokenizer):
     from omni.model.omni_model import build_model
     from omni.pipeline import Pipeline
 
-    return Pipeline(build_model(backbone_config("debug"), text_tokenizer.vocab, text_tokenizer, tie_embeddings=False,
-                                seed=0).eval())
+    return Pipeline(build_model(backbone_config("debug"), text_tokenizer.vocab, text_tokenizer,
+                                tie_embeddings=False, seed=0).eval())
 
 
 # --- another process writing a folder (omni.io.exclusive held elsewhere) ------------------------

@@ -32,7 +32,8 @@ def test_generate_text_returns_str(model):
 def test_generate_batch_returns_one_text_per_prompt(model):
     out = model.generate([["Zero is"], ["The integers"]], max_new_tokens=8)
     assert isinstance(out, list) and len(out) == 2 and all(isinstance(t, str) for t in out)
-    assert out == [model.generate("Zero is", max_new_tokens=8), model.generate("The integers", max_new_tokens=8)]
+    assert out == [model.generate("Zero is", max_new_tokens=8),
+                   model.generate("The integers", max_new_tokens=8)]
     assert out[0] != out[1]
 
 
@@ -125,8 +126,8 @@ def speaking_model(text_tokenizer):
     codec = AudioCodec("debug")
     v = text_tokenizer.vocab
     vocab = Vocab(v.text_size, v.specials, codec.num_codebooks, codec.cardinality)
-    return pipeline.Pipeline(build_model(backbone_config("debug", max_seq_len=256), vocab, text_tokenizer, seed=0,
-                                         codec=codec).eval())
+    return pipeline.Pipeline(build_model(backbone_config("debug", max_seq_len=256), vocab, text_tokenizer,
+                                         seed=0, codec=codec).eval())
 
 
 def test_output_audio_continues_a_clip(speaking_model, tmp_path):
@@ -138,8 +139,8 @@ def test_output_audio_continues_a_clip(speaking_model, tmp_path):
     assert isinstance(out, omni.Audio) and out.sample_rate == codec.sample_rate
     assert 0 < out.waveform.numel() <= round(0.02 * codec.frame_rate) * codec.hop_length
     assert torch.equal(speaking_model.generate(["Continue:", clip], **kw).waveform, out.waveform)  # seeded
-    both = speaking_model.generate([["Continue:", clip], ["Say something:"]], output="audio", max_new_tokens=8,
-                                   temperature=0.9, seed=0)
+    both = speaking_model.generate([["Continue:", clip], ["Say something:"]], output="audio",
+                                   max_new_tokens=8, temperature=0.9, seed=0)
     assert len(both) == 2 and all(isinstance(a, omni.Audio) for a in both)
     assert out.save(tmp_path / "c.wav").stat().st_size > 44
     with pytest.raises(ValueError, match="stream=True is for text output"):
@@ -152,7 +153,8 @@ def test_audio_the_model_ends_at_once_is_an_empty_audio(speaking_model, tmp_path
                         lambda model, ids, **kw: [torch.zeros(K, 0, dtype=torch.long)] * len(ids))
     clip = omni.Audio(0.1 * torch.randn(1600, generator=torch.Generator().manual_seed(0)), sample_rate=16000)
     out = speaking_model.generate(["Continue:", clip], output="audio", seed=0)
-    assert isinstance(out, omni.Audio) and out.duration == 0 and out.sample_rate == speaking_model.codec.sample_rate
+    assert (isinstance(out, omni.Audio) and out.duration == 0
+            and out.sample_rate == speaking_model.codec.sample_rate)
     assert "ended the audio at once" in caplog.text
     out.save(tmp_path / "empty.wav")  # a valid (empty) wav
 
@@ -170,7 +172,8 @@ def _noise_wav(path, seconds: float, rate: int = 8000):
     import numpy as np
     import soundfile as sf
 
-    sf.write(path, (0.1 * np.random.default_rng(0).standard_normal(int(rate * seconds))).astype("float32"), rate)
+    sf.write(path, (0.1 * np.random.default_rng(0).standard_normal(int(rate * seconds))).astype("float32"),
+             rate)
     return path
 
 
@@ -200,7 +203,8 @@ def test_describe_reads_windows_lazily_one_batch_at_a_time(listening_model, tmp_
     """The windows of long files are not all in memory at once: describe asks for the next
     ``batch_size`` windows only when it is ready to generate for them."""
     model = listening_model
-    files = [_noise_wav(tmp_path / "a.wav", 2.0), _noise_wav(tmp_path / "b.wav", 1.2)]  # 5 + 3 windows of 0.4 s
+    # 5 + 3 windows of 0.4 s
+    files = [_noise_wav(tmp_path / "a.wav", 2.0), _noise_wav(tmp_path / "b.wav", 1.2)]
     produced, at_generate = [0], []
     real_windows, real_generate = processor.iter_audio_windows, model.generate
 
@@ -235,12 +239,13 @@ def test_describe_gives_each_bad_file_its_error_and_describes_the_rest(listening
     for window_s in (0.4, None):
         out = api.describe(model, files, window_s=window_s, batch_size=2, max_new_tokens=2, progress=False,
                            return_exceptions=True)
-        assert [type(r).__name__ for r in out] == ["str", "MediaError", "MediaError", "MediaError", "MediaError",
-                                                   "str"]
+        assert [type(r).__name__ for r in out] == ["str", "MediaError", "MediaError", "MediaError",
+                                                   "MediaError", "str"]
         for path, error, problem in zip(files[1:5], out[1:5], ["not found", "not a readable audio file",
                                                                "sample rate 1 Hz", "not a media file"]):
             assert str(path) in str(error) and problem in str(error)
-    with pytest.raises(omni.MediaError, match="missing.wav: file not found"):  # by default the first bad file raises
+    # by default the first bad file raises
+    with pytest.raises(omni.MediaError, match="missing.wav: file not found"):
         api.describe(model, files, max_new_tokens=2, progress=False)
 
 
@@ -254,7 +259,8 @@ def test_chat_keeps_the_history_across_calls(model):
     # the second answer is the model's reply to the whole conversation, not to the last turn alone
     expected = model.generate(chat.messages + [{"role": "user", "content": "And one?"}], max_new_tokens=5)
     pieces = list(chat("And one?", max_new_tokens=5, stream=True))
-    assert "".join(pieces) == expected and chat.messages[-1] == {"role": "assistant", "content": expected.strip()}
+    assert ("".join(pieces) == expected
+            and chat.messages[-1] == {"role": "assistant", "content": expected.strip()})
     assert len(chat.messages) == 5
     with pytest.raises(ValueError, match="empty"):
         chat("  ")

@@ -8,7 +8,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("mixture_vs_single", ROOT / "benchmarks" / "mixture_vs_single.py")
+    spec = importlib.util.spec_from_file_location("mixture_vs_single",
+                                                  ROOT / "benchmarks" / "mixture_vs_single.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -24,7 +25,8 @@ def test_seeds_are_averaged_on_each_side(tmp_path, capsys):
     mix = [_eval(tmp_path / f"mix{i}", {"tasks": {"video_caption": {"cider_d": v}, "asr": {"wer": w}}})
            for i, (v, w) in enumerate([(0.5, 0.04), (0.6, 0.02)])]
     single = [_eval(tmp_path / f"video{i}", {"cider_d": v}) for i, v in enumerate([0.6, 1.0])]
-    argv = [a for run in mix for a in ("--mixture", run)] + [a for run in single for a in ("--single", f"video_caption={run}")]
+    argv = ([a for run in mix for a in ("--mixture", run)]
+            + [a for run in single for a in ("--single", f"video_caption={run}")])
     assert _script().main(argv) == 0
     out = capsys.readouterr().out
     assert "0.55 (0.5-0.6)" in out and "0.8 (0.6-1)" in out  # the table shows each side's mean and range

@@ -18,8 +18,8 @@ from omni.media.base import (
 from omni.media.image import Image
 from omni.media.video import Video
 
-__all__ = ["AUDIO_SUFFIXES", "BAD_FILE_ERRORS", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "Audio", "Image", "MediaError",
-           "Video", "modality_of_path", "open_media"]
+__all__ = ["AUDIO_SUFFIXES", "BAD_FILE_ERRORS", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "Audio", "Image",
+           "MediaError", "Video", "modality_of_path", "open_media"]
 
 
 def open_media(path):

@@ -300,7 +300,8 @@ def iter_audio_windows(path: str | Path, window_s: float,
         # so window boundaries fall on the same output samples as in a full-file resample.
         unit = orig // math.gcd(orig, new)
         window = max(1, round(window_s * orig / unit)) * unit
-        margin = 0 if new == orig else unit * math.ceil((_half_width(orig, new) + 2) / unit)  # the filter's reach
+        # the filter's reach
+        margin = 0 if new == orig else unit * math.ceil((_half_width(orig, new) + 2) / unit)
         for start in range(0, total, window):
             lo, hi = max(0, start - margin), min(total, start + window + margin)
             f.seek(lo)

@@ -27,7 +27,8 @@ VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 def modality_of_path(path) -> str | None:
     """``audio`` / ``image`` / ``video`` by the file suffix; None for anything else."""
     suffix = Path(str(path)).suffix.lower()
-    for modality, suffixes in (("audio", AUDIO_SUFFIXES), ("image", IMAGE_SUFFIXES), ("video", VIDEO_SUFFIXES)):
+    for modality, suffixes in (("audio", AUDIO_SUFFIXES), ("image", IMAGE_SUFFIXES),
+                               ("video", VIDEO_SUFFIXES)):
         if suffix in suffixes:
             return modality
     return None

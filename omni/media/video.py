@@ -195,7 +195,8 @@ def sample_indices(timestamps: np.ndarray, duration: float, num_frames: int | No
     if fps is not None:
         want = min(want, max(1, round((t1 - t0) * fps)))
     if min(want, len(window)) > MAX_FRAMES:
-        raise MediaError(name, f"would sample {min(want, len(window))} frames, over the limit of {MAX_FRAMES} "
+        raise MediaError(name, f"would sample {min(want, len(window))} frames, "
+                               f"over the limit of {MAX_FRAMES} "
                                "(omni.media.video.MAX_FRAMES); lower fps or num_frames, or cut start/end")
     if want >= len(window):
         return window  # every frame once: never duplicate (see the module docstring)

@@ -25,7 +25,8 @@ PATTERNS = ("delay", "flatten")
 
 def _check_codes(codes: torch.Tensor) -> None:
     if codes.dim() != 2 or codes.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"codes must be an integer tensor of shape (K, T), got {tuple(codes.shape)} {codes.dtype}")
+        raise ValueError("codes must be an integer tensor of shape (K, T), "
+                         f"got {tuple(codes.shape)} {codes.dtype}")
 
 
 def delay_apply(codes: torch.Tensor) -> torch.Tensor:

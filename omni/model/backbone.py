@@ -68,7 +68,8 @@ class BackboneConfig:
     norm_eps: float = 1e-5
     qkv_bias: bool = False  # Qwen2 family
     attn_backend: str = "sdpa"
-    # {every: N, gated: bool, ffn: bool, media: [modalities read this way] or null for all}; None = media as tokens
+    # {every: N, gated: bool, ffn: bool, media: [modalities read this way] or null for all};
+    # None = media as tokens
     cross_attention: dict | None = None
     extra: dict = field(default_factory=dict)  # free-form provenance (e.g. imported from)
 
@@ -78,11 +79,13 @@ class BackboneConfig:
                 raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
             self.head_dim = self.dim // self.num_heads
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.mrope_section is not None and sum(self.mrope_section) != self.head_dim // 2:
-            raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}")
+            raise ValueError(f"mrope_section {self.mrope_section} must sum to "
+                             f"head_dim/2 = {self.head_dim // 2}")
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
         if self.cross_attention is not None:  # checked as a CrossAttentionConfig, kept as its dict
@@ -228,7 +231,8 @@ class Memory:
         if doc_ids is not None and self.doc is not None:
             visible = visible & (self.doc[:, None, :] == doc_ids[:, :, None])
         reads = visible.any(-1, keepdim=True)
-        return (visible | ~reads)[:, None], reads  # a query that reads nothing attends anywhere, then is zeroed
+        # a query that reads nothing attends anywhere, then is zeroed
+        return (visible | ~reads)[:, None], reads
 
 
 class CrossAttention(nn.Module):
@@ -326,7 +330,8 @@ class KVCache:
             m = self.memory
             self.memory = Memory(m.features.index_select(0, rows), m.start.index_select(0, rows),
                                  None if m.doc is None else m.doc.index_select(0, rows))
-        self.cross_kv = {i: (k.index_select(0, rows), v.index_select(0, rows)) for i, (k, v) in self.cross_kv.items()}
+        self.cross_kv = {i: (k.index_select(0, rows), v.index_select(0, rows))
+                         for i, (k, v) in self.cross_kv.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,14 +416,16 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.wqkv = nn.Linear(cfg.dim, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wqkv = nn.Linear(cfg.dim, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
+                              bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
         self.attend = _sdpa
 
     def forward(self, x, cos, sin, mask, is_causal, cache: KVCache | None):
         B, T, _ = x.shape
         hd = self.head_dim
-        q, k, v = self.wqkv(x).split([self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd], dim=-1)
+        q, k, v = self.wqkv(x).split([self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd],
+                                     dim=-1)
         q = apply_rotary(q.view(B, T, self.num_heads, hd).transpose(1, 2), cos, sin)
         k = apply_rotary(k.view(B, T, self.num_kv_heads, hd).transpose(1, 2), cos, sin)
         v = v.view(B, T, self.num_kv_heads, hd).transpose(1, 2)
@@ -540,7 +547,8 @@ class Backbone(nn.Module):
         past = cache.length if cache is not None else 0
         if cache is not None:
             if cache.length + T > cache.max_len:
-                raise ValueError(f"KV cache is full: {cache.length} + {T} tokens exceed its {cache.max_len} slots")
+                raise ValueError(f"KV cache is full: {cache.length} + {T} tokens "
+                                 f"exceed its {cache.max_len} slots")
             if key_padding is not None:
                 cache.mark_padding(key_padding)
             padded = cache.has_padding

@@ -65,10 +65,11 @@ class Blip2Config:
         cfg = from_dict(cls, raw, f"{key}.")
         for name in LOSSES:
             if getattr(cfg, name) < 0:
-                raise ValueError(f"{key}.{name} must be >= 0 (0 turns the loss off), got {getattr(cfg, name)}")
+                raise ValueError(f"{key}.{name} must be >= 0 (0 turns the loss off), "
+                                 f"got {getattr(cfg, name)}")
         if not any(getattr(cfg, name) for name in LOSSES):
-            raise ValueError(f"{key}: itc, itm and itg are all 0, so nothing would train; give at least one a "
-                             "weight > 0")
+            raise ValueError(f"{key}: itc, itm and itg are all 0, so nothing would train; "
+                             "give at least one a weight > 0")
         if cfg.embed_dim < 1 or not 0 < cfg.temperature < 1:
             raise ValueError(f"{key} needs embed_dim >= 1 and temperature in (0, 1); got {cfg.embed_dim}, "
                              f"{cfg.temperature}")
@@ -102,8 +103,8 @@ def hard_negatives(sims: torch.Tensor | None, same: torch.Tensor) -> tuple[torch
     symmetric. Returns (text index for each image (B,), image index for each text (B,))."""
     B = same.shape[0]
     if B < 2:
-        raise ValueError("the image-text matching loss (model.blip2.itm) needs at least 2 pairs per batch and "
-                         "process; raise train.batch_size")
+        raise ValueError("the image-text matching loss (model.blip2.itm) needs at least 2 pairs "
+                         "per batch and process; raise train.batch_size")
     eye = torch.eye(B, dtype=torch.bool, device=same.device)
     same = same | eye
     same = torch.where(same.all(1, keepdim=True), eye, same)
@@ -147,7 +148,8 @@ def blip2_loss(model, ids: torch.Tensor, mask: torch.Tensor, media: list):
         h = model.backbone(x, default_positions(keep, keep), key_padding=keep)
         logits = model.lm_head(h[:, M:-1]).float()  # text position t predicts token t + 1
         targets = ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE)
-        parts["itg"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+        parts["itg"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                       ignore_index=IGNORE)
     loss = sum(w[name] * value for name, value in parts.items())
     return ModelOutput(queries.new_zeros(0) if sims is None else sims, loss, B,
                        parts={name: value.detach() for name, value in parts.items()})

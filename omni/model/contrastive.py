@@ -58,7 +58,8 @@ def _head(model):
     blip2 = getattr(model, "blip2", None)
     if blip2 is not None and blip2.weights["itc"]:
         return blip2
-    raise ValueError("this model has no contrastive embeddings (model.contrastive, or model.blip2 with itc > 0)")
+    raise ValueError("this model has no contrastive embeddings "
+                     "(model.contrastive, or model.blip2 with itc > 0)")
 
 
 def text_features(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -103,7 +104,8 @@ def _gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(parts), dist.get_rank() * x.shape[0]
 
 
-def info_nce(media: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def info_nce(media: torch.Tensor, text: torch.Tensor,
+             logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE of local rows against the global batch; returns (loss, local logits).
     media: (B, E), or (B, M, E) with the similarity the best of the M (see :func:`similarity`)."""
     all_media, offset = _gather(media)

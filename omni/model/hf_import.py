@@ -41,7 +41,8 @@ _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_p
 _IGNORABLE = ("rotary_emb.inv_freq",)
 
 
-def import_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> OmniModel:
+def import_hf(path: str | Path, device: str | torch.device = "cpu",
+              dtype: torch.dtype = torch.float32) -> OmniModel:
     """A local transformers ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MistralForCausalLM``
     checkpoint directory -> an ``OmniModel`` (in eval mode) with the same logits.
 
@@ -52,7 +53,8 @@ def import_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype (torch.float32, torch.bfloat16, ...), got {dtype!r}")
+        raise ValueError("dtype must be a floating torch dtype (torch.float32, torch.bfloat16, ...), "
+                         f"got {dtype!r}")
     if not path.is_dir():
         raise ValueError(f"{path}: checkpoint directory not found")
     raw = _read_config(path)
@@ -203,10 +205,10 @@ def _weight_files(path: Path) -> dict[str, Path]:
         return {name: single for name in _keys(single)}
     pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     if pickled:
-        raise ValueError(f"{path}: only pickled weights found ({', '.join(pickled[:3])}); omni never unpickles "
-                         "files it is handed. Re-save the checkpoint as safetensors (load it in transformers and call "
-                         "model.save_pretrained(dir); transformers 4 needs safe_serialization=True) and "
-                         "import that")
+        raise ValueError(f"{path}: only pickled weights found ({', '.join(pickled[:3])}); "
+                         "omni never unpickles files it is handed. Re-save the checkpoint as safetensors "
+                         "(load it in transformers and call model.save_pretrained(dir); "
+                         "transformers 4 needs safe_serialization=True) and import that")
     raise ValueError(f"{path}: no weights found (expected {WEIGHTS_FILE} or {INDEX_FILE})")
 
 

@@ -1,7 +1,8 @@
 """Media encoders: one modality's tokenizer/encoder plus a connector to the model width.
 
 ``prepare(tensor) -> (data, grid)`` runs in the processor (``omni.processor``), after it decoded a
-media file: it preprocesses decoded pixels, frames or a waveform into the tensor a :class:`~omni.sequence.MediaSlot` carries, and says how many tokens
+media file: it preprocesses decoded pixels, frames or a waveform into the tensor a
+:class:`~omni.sequence.MediaSlot` carries, and says how many tokens
 (as a ``(t, h, w)`` grid) the encoder will produce for it, without running the network.
 ``forward(list of data) -> list of (N_i, dim)`` runs inside the model, so towers can be frozen
 or trained end to end.
@@ -11,7 +12,8 @@ Config (``OmniConfig.media[modality]``, a recipe's ``model.media.<modality>``)::
     image: {tokenizer: ImageTokenizerConfig fields, connector: ConnectorConfig fields}
     video: {tokenizer: ImageTokenizerConfig fields, video: VideoTokenizerConfig fields, connector: ...}
     audio: {encoder: {kind: whisper_style|hf_whisper, size, n_mels, path, freeze, input_mode}, connector: ...,
-            normalize: none|mean|meanvar, spec_augment: {...}, stack: int, ctc_weight: float, precompute: bool}
+            normalize: none|mean|meanvar, spec_augment: {...}, stack: int, ctc_weight: float,
+            precompute: bool}
 
 Speech recognition helpers on the audio side (what the small-data ASR recipes need):
 ``normalize: mean`` subtracts each mel band's mean over the utterance (``meanvar`` also divides by
@@ -369,5 +371,6 @@ MODALITIES = tuple(ENCODERS)
 def build_media_encoder(modality: str, section: dict, dim: int, text_size: int = 0) -> MediaEncoder:
     """The encoder for ``model.media.<modality>`` (its section checked by :func:`media_config`)."""
     if modality not in ENCODERS:
-        raise ValueError(f"unknown media modality {modality!r} in model.media; choose from {', '.join(ENCODERS)}")
+        raise ValueError(f"unknown media modality {modality!r} in model.media; "
+                         f"choose from {', '.join(ENCODERS)}")
     return ENCODERS[modality](section, dim, text_size)

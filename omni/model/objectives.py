@@ -21,7 +21,8 @@ class PairObjective(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         if model.blip2 is None and model.contrastive is None:
-            raise ValueError("this model has no contrastive head (model.contrastive or model.blip2 in the recipe)")
+            raise ValueError("this model has no contrastive head "
+                             "(model.contrastive or model.blip2 in the recipe)")
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, key_padding: torch.Tensor, media: list) -> ModelOutput:

@@ -48,12 +48,13 @@ def corpora(tmp_path, tiny_corpus, text_tokenizer):
         "codec": {"path": str(tmp_path / "codec")},
         "data": {"seq_len": 256, "mixture": [
             {"task": "text", "path": str(tiny_corpus), "weight": 1},
-            {"task": "caption", "media": "audio", "target": "text", "path": str(speech), "name": "asr", "weight": 2,
-             "loss_weight": 3},
+            {"task": "caption", "media": "audio", "target": "text", "path": str(speech), "name": "asr",
+             "weight": 2, "loss_weight": 3},
             {"task": "speak", "path": str(speech), "prompt": "Say:", "max_audio_s": 0.05, "weight": 1},
-            {"task": "continue", "path": str(speech), "prompt": "Continue:", "max_audio_s": 0.05, "weight": 1}]},
-        "train": {"out_dir": str(tmp_path / "run"), "steps": 30, "warmup_steps": 2, "batch_size": 4, "lr": 3e-3,
-                  "eval_every": 30, "eval_batches": 1, "log_every": 1, "progress": False},
+            {"task": "continue", "path": str(speech), "prompt": "Continue:", "max_audio_s": 0.05,
+             "weight": 1}]},
+        "train": {"out_dir": str(tmp_path / "run"), "steps": 30, "warmup_steps": 2, "batch_size": 4,
+                  "lr": 3e-3, "eval_every": 30, "eval_batches": 1, "log_every": 1, "progress": False},
     }
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump(recipe))
     return tmp_path
@@ -77,7 +78,8 @@ def test_samples_are_drawn_by_weight_and_packed_across_tasks(corpora, text_token
     row = mixed[0]
     asr_docs = {int(batch["doc_ids"][row, slot.start]) for r, slot in batch["media"] if r == row}
     in_asr = torch.isin(batch["doc_ids"][row], torch.tensor(sorted(asr_docs)))
-    assert (batch["loss_weights"][row][in_asr] == 3).all() and (batch["loss_weights"][row][~in_asr] == 1).all()
+    assert ((batch["loss_weights"][row][in_asr] == 3).all()
+            and (batch["loss_weights"][row][~in_asr] == 1).all())
     held_out = MixtureDataset(parts, model, text_tokenizer, 256, weighted=False)
     assert held_out.counts == {"text": 280, "asr": 6, "speak": 6, "continue": 6}
     assert "loss_weights" not in collate(held_out.rows)  # held-out losses stay comparable across recipes
@@ -90,7 +92,8 @@ def test_a_mixture_recipe_trains_one_checkpoint_scored_per_task(corpora):
     r = subprocess.run([sys.executable, "-m", "omni.cli", "train", str(corpora / "mix.yaml")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in x]
     assert losses[-1] < losses[0]
     m = evaluate(out, split="val", max_rows=2, examples=1, max_new_tokens=6)
     assert set(m["tasks"]) == {"text", "asr", "speak", "continue"}

@@ -169,7 +169,8 @@ def test_rebuilding_with_other_sizes_never_pairs_a_wav_with_another_rows_text(tm
     for row in rows:
         assert spoken[out / row["audio"]] == row["text"], row["id"]
     rendered_again = [path for path, _ in renders[6:]]
-    assert sorted(r["id"] for r in rows if out / r["audio"] in rendered_again) == ["train_000003", "val_000001"]
+    assert sorted(r["id"] for r in rows
+                  if out / r["audio"] in rendered_again) == ["train_000003", "val_000001"]
     assert len(rendered_again) == 2
     assert set((out / "audio").rglob("*.wav")) == {out / r["audio"] for r in rows}  # test_000001's is gone
 

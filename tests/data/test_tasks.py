@@ -93,7 +93,8 @@ def test_video_and_audio_rows(fake_stamps, tmp_path, text_tokenizer):
     batch = collate([ds[0]], mrope=True)
     (_, slot), = batch["media"]
     assert slot.data.shape == (80, 100) and slot.length == 50  # 16 kHz log-mel, conv stride 2
-    out = model(batch["input_ids"], positions=batch["positions"], targets=batch["targets"], media=batch["media"])
+    out = model(batch["input_ids"], positions=batch["positions"], targets=batch["targets"],
+                media=batch["media"])
     assert torch.isfinite(out.loss)
 
 
@@ -105,18 +106,21 @@ def test_caption_recipe_trains_through_the_cli_and_answers_through_the_api(image
     args = ["model.size=debug", "model.max_seq_len=64", "data.seq_len=64", f"data.path={images}",
             f"tokenizer.path={tok_dir}", f"train.out_dir={out}", "train.steps=25", "train.warmup_steps=2",
             "train.batch_size=4", "train.eval_every=25", "train.eval_batches=1", "train.log_every=1",
-            "train.progress=false", "model.media.image.tokenizer.size=debug", "model.media.image.tokenizer.image_size=32"]
-    r = subprocess.run([sys.executable, "-m", "omni.cli", "train", "llava/caption_tiny", *args], capture_output=True,
-                       text=True, timeout=300)
+            "train.progress=false", "model.media.image.tokenizer.size=debug",
+            "model.media.image.tokenizer.image_size=32"]
+    r = subprocess.run([sys.executable, "-m", "omni.cli", "train", "llava/caption_tiny", *args],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in x]
     assert losses[-1] < losses[0] - 1.0
     model = omni.load(out)
     assert set(model.encoders) == {"image"}
     rows = [json.loads(x) for x in (images / "train.jsonl").read_text().splitlines()]
     img = omni.Image(images / rows[0]["image"])
     one = model.generate([img, "Caption:"], max_new_tokens=6)
-    both = model.generate([[img, "Caption:"], [omni.Image(images / rows[1]["image"]), "Caption:"]], max_new_tokens=6)
+    both = model.generate([[img, "Caption:"], [omni.Image(images / rows[1]["image"]), "Caption:"]],
+                          max_new_tokens=6)
     assert isinstance(one, str) and both[0] == one  # a batch (left padded, 3-D positions) matches one prompt
     with pytest.raises(ValueError, match="cannot read audio; it reads: text, image"):
         model.generate([omni.Audio(torch.zeros(1600), sample_rate=16000), "Caption:"])
@@ -146,12 +150,14 @@ def test_continuation_recipe_trains_and_evaluates_against_a_unigram_model(tmp_pa
     out = tmp_path / "run"
     args = ["model.size=debug", "model.max_seq_len=96", "data.seq_len=96", f"data.path={tmp_path}",
             "data.max_audio_s=0.05", f"tokenizer.path={tmp_path / 'tok'}", f"codec.path={tmp_path / 'codec'}",
-            f"train.out_dir={out}", "train.steps=30", "train.warmup_steps=2", "train.batch_size=4", "train.lr=3e-3",
-            "train.eval_every=30", "train.eval_batches=1", "train.log_every=1", "train.progress=false"]
+            f"train.out_dir={out}", "train.steps=30", "train.warmup_steps=2", "train.batch_size=4",
+            "train.lr=3e-3", "train.eval_every=30", "train.eval_batches=1", "train.log_every=1",
+            "train.progress=false"]
     r = subprocess.run([sys.executable, "-m", "omni.cli", "train", "audiolm/continue_tiny", *args],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in x]
     assert losses[-1] < losses[0]
     m = evaluate(out, split="val", examples=1)
     assert m["codes"] == 2 * 2 * 50 and 0 <= m["code_accuracy"] <= 1 and m["unigram_code_loss"] > 0
@@ -182,7 +188,8 @@ def test_multi_image_multi_turn_dialogue_renders_trains_and_generates(text_token
     full = render(sample, text_tokenizer, vocab=model.vocab, mrope=True)
     assert [s.length for s in full.media] == [4, 4, 4]
     scored = text_tokenizer.decode(full.targets[full.targets != IGNORE].tolist())
-    assert "The first one." in scored and "It is green." in scored and "Which" not in scored  # assistant turns only
+    # assistant turns only
+    assert "The first one." in scored and "It is green." in scored and "Which" not in scored
     batch = collate([pack([full], 128, model.vocab.pad_id)[0]], mrope=True)
     assert len(batch["media"]) == 3
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -208,7 +215,8 @@ def test_fewshot_episodes_bind_made_up_names_and_train_only_the_answer(images, t
     model = _model(text_tokenizer, IMAGE_MEDIA)
     spec = TaskSpec("fewshot", "image", prompt="What is this?", ways=2, episodes=5)
     ds = TaskDataset(images / "train.jsonl", spec, model, text_tokenizer, seq_len=128)
-    assert ds.num_docs == 5 and sum(len(r.media) for r in ds.rows) == 15  # two named images and the query each
+    # two named images and the query each
+    assert ds.num_docs == 5 and sum(len(r.media) for r in ds.rows) == 15
     # training and held-out splits draw their names from disjoint halves
     assert not set(episode_names(False)) & set(episode_names(True))
     media, _ = prepare_rows(images / "train.jsonl", spec, model)
@@ -228,8 +236,8 @@ def test_fewshot_episodes_bind_made_up_names_and_train_only_the_answer(images, t
 
 
 @pytest.mark.parametrize("build", ["caption", "pairs", "fewshot"])
-def test_a_runtime_or_memory_error_preparing_a_row_skips_that_row(images, tmp_path, text_tokenizer, monkeypatch,
-                                                                  caplog, build):
+def test_a_runtime_or_memory_error_preparing_a_row_skips_that_row(images, tmp_path, text_tokenizer,
+                                                                  monkeypatch, caplog, build):
     """A decoder's RuntimeError or a MemoryError on one file is that row being bad, like a MediaError:
     skipped and logged with the file's name, or an error naming it with on_bad_sample=error."""
     import logging
@@ -260,9 +268,11 @@ def test_a_runtime_or_memory_error_preparing_a_row_skips_that_row(images, tmp_pa
 
     def run(on_bad_sample):
         if build == "caption":
-            return TaskDataset(m, spec, model, text_tokenizer, seq_len=64, on_bad_sample=on_bad_sample).num_bad
+            return TaskDataset(m, spec, model, text_tokenizer, seq_len=64,
+                               on_bad_sample=on_bad_sample).num_bad
         if build == "pairs":
-            return PairDataset(m, spec, model, text_tokenizer, seq_len=64, on_bad_sample=on_bad_sample).num_bad
+            return PairDataset(m, spec, model, text_tokenizer, seq_len=64,
+                               on_bad_sample=on_bad_sample).num_bad
         return prepare_rows(m, spec, model, on_bad_sample)[1]
 
     with caplog.at_level(logging.WARNING, logger="omni.data.tasks"):

@@ -23,7 +23,8 @@ def test_text_file_paragraphs(tmp_path):
     p.write_bytes("First paragraph,\nstill first.\r\n\r\nSecond one.\n\n\n\n  Third: café.  \n".encode())
     docs = file_documents(p)
     assert docs == [{"id": "notes.txt:0", "text": "First paragraph,\nstill first."},
-                    {"id": "notes.txt:1", "text": "Second one."}, {"id": "notes.txt:3", "text": "Third: café."}]
+                    {"id": "notes.txt:1", "text": "Second one."},
+                    {"id": "notes.txt:3", "text": "Third: café."}]
 
 
 def test_build_from_a_text_file(tmp_path, tiny_corpus):
@@ -77,9 +78,11 @@ def test_splits_are_stable_when_the_corpus_grows_or_reorders(tmp_path):
 @pytest.mark.parametrize("case", ["non_utf8_txt", "non_utf8_jsonl", "empty_txt", "blank_txt", "empty_jsonl",
                                   "missing", "no_text_field"])
 def test_bad_sources_name_the_file(tmp_path, case):
-    name = {"non_utf8_jsonl": "c.jsonl", "empty_jsonl": "c.jsonl", "no_text_field": "c.jsonl"}.get(case, "c.txt")
+    name = {"non_utf8_jsonl": "c.jsonl", "empty_jsonl": "c.jsonl",
+            "no_text_field": "c.jsonl"}.get(case, "c.txt")
     p = tmp_path / name
-    content = {"non_utf8_txt": b"caf\xe9 au lait\n", "non_utf8_jsonl": b'{"text": "ok"}\n{"text": "caf\xe9"}\n',
+    content = {"non_utf8_txt": b"caf\xe9 au lait\n",
+               "non_utf8_jsonl": b'{"text": "ok"}\n{"text": "caf\xe9"}\n',
                "empty_txt": b"", "blank_txt": b"\n  \n\n", "empty_jsonl": b"", "missing": None,
                "no_text_field": b'{"text": "ok"}\n{"body": "x"}\n'}[case]
     if content is not None:

@@ -237,7 +237,8 @@ def test_max_seconds_is_checked_from_the_header_before_decoding(tmp_path, monkey
     path = tmp_path / "three.flac"
     sf.write(path, tone(sr=8000, seconds=3.0), 8000)
     monkeypatch.setattr(sf, "read", lambda *a, **kw: pytest.fail("decoded a file over the limit"))
-    _expect(path, lambda: load_audio(path, max_seconds=2.0), "3 s long", "2 s limit", "OMNI_MAX_AUDIO_SECONDS")
+    _expect(path, lambda: load_audio(path, max_seconds=2.0), "3 s long", "2 s limit",
+            "OMNI_MAX_AUDIO_SECONDS")
     monkeypatch.setenv("OMNI_MAX_AUDIO_SECONDS", "2.5")
     _expect(path, lambda: Audio(path).waveform, "over the 2.5 s limit")
     monkeypatch.setenv("OMNI_MAX_AUDIO_SECONDS", "lots")

@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from omni.generation import generate_audio_codes, left_pad
-from omni.model.audio_codes import EMPTY, delay_apply, delay_revert, flatten_apply, flatten_revert, from_vocab, to_vocab
+from omni.model.audio_codes import (
+    EMPTY,
+    delay_apply,
+    delay_revert,
+    flatten_apply,
+    flatten_revert,
+    from_vocab,
+    to_vocab,
+)
 from omni.model.backbone import backbone_config
 from omni.model.omni_model import OmniConfig, OmniModel
 from omni.sequence import IGNORE, Message, Sample, Segment, pack, render
@@ -58,12 +66,13 @@ def test_render_delay_layout(text_tokenizer):
     assert torch.equal(delay_revert(local), codes)
     assert r.ids[a + steps] == v.eos_id
     # next-step targets on every stream, loss on the document's codes
-    assert torch.equal(r.targets[a - 1:a + steps - 1], r.ids[a:a + steps].masked_fill(r.ids[a:a + steps] == EMPTY, IGNORE))
+    assert torch.equal(r.targets[a - 1:a + steps - 1],
+                       r.ids[a:a + steps].masked_fill(r.ids[a:a + steps] == EMPTY, IGNORE))
     assert torch.equal(r.stream_targets[:, a - 1:a + steps - 1],
                        r.streams[:, a:a + steps].masked_fill(r.streams[:, a:a + steps] == EMPTY, IGNORE))
     # open end: cut at the last frame's first code, no end marker
-    o = render(Sample([Message(None, [Segment("audio", codes=codes, open_end=True)])]), text_tokenizer, vocab=v,
-               add_generation_prompt=True)
+    o = render(Sample([Message(None, [Segment("audio", codes=codes, open_end=True)])]), text_tokenizer,
+               vocab=v, add_generation_prompt=True)
     assert o.ids[-1] == v.text_size + int(codes[0, -1]) and len(o) == 2 + 6
     # packing carries the streams
     (row,) = pack([r], len(r) + 5, v.pad_id)
@@ -88,7 +97,8 @@ def test_render_flatten_layout_and_bad_codes(text_tokenizer):
 def _overfit(text_tokenizer, pattern, codes, steps):
     v = _vocab(text_tokenizer)
     torch.manual_seed(0)
-    cfg = OmniConfig(backbone_config("debug", max_seq_len=256), v, tie_embeddings=False, audio_pattern=pattern)
+    cfg = OmniConfig(backbone_config("debug", max_seq_len=256), v, tie_embeddings=False,
+                     audio_pattern=pattern)
     model = OmniModel(cfg, text_tokenizer)
     model.reset_parameters()
     sample = Sample([Message(None, [Segment(text="beep"), Segment("audio", codes=codes)])])
@@ -113,7 +123,8 @@ def test_tiny_model_learns_one_clip_exactly_and_continues_it(text_tokenizer, pat
     model, v, first, last = _overfit(text_tokenizer, pattern, codes, steps)
     assert last < 0.05 * first, (first, last)
     P = 8  # prompt: the text and the clip's first P frames, left open
-    prompt = Sample([Message(None, [Segment(text="beep"), Segment("audio", codes=codes[:, :P], open_end=True)])])
+    prompt = Sample([Message(None, [Segment(text="beep"),
+                                    Segment("audio", codes=codes[:, :P], open_end=True)])])
     r = render(prompt, text_tokenizer, vocab=v, audio_pattern=pattern, add_generation_prompt=True)
     (new,) = generate_audio_codes(model, r.ids[None], streams=None if r.streams is None else r.streams[None],
                                   prompt_codes=[codes[:, :P]], max_frames=40, temperature=0.0)
@@ -128,10 +139,11 @@ def test_batched_delay_generation_matches_single(text_tokenizer):
     model, v, _, _ = _overfit(text_tokenizer, "delay", codes, 120)
     prompts = []
     for P in (3, 7):
-        s = Sample([Message(None, [Segment(text="beep"), Segment("audio", codes=codes[:, :P], open_end=True)])])
+        s = Sample([Message(None, [Segment(text="beep"),
+                                   Segment("audio", codes=codes[:, :P], open_end=True)])])
         prompts.append((render(s, text_tokenizer, vocab=v, add_generation_prompt=True), codes[:, :P]))
-    singles = [generate_audio_codes(model, r.ids[None], streams=r.streams[None], prompt_codes=[c], max_frames=20,
-                                    temperature=0.0)[0] for r, c in prompts]
+    singles = [generate_audio_codes(model, r.ids[None], streams=r.streams[None], prompt_codes=[c],
+                                    max_frames=20, temperature=0.0)[0] for r, c in prompts]
     ids, mask = left_pad([r.ids.tolist() for r, _ in prompts], v.pad_id)
     T = ids.shape[1]
     streams = torch.full((2, 3, T), EMPTY, dtype=torch.long)

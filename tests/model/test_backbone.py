@@ -73,7 +73,8 @@ def test_left_padding_matches_unpadded_runs():
     x = torch.cat([long, torch.cat([_x(1, 4, seed=9), short], dim=1)])
     key_padding = torch.ones(2, 10, dtype=torch.bool)
     key_padding[1, :4] = False
-    positions = torch.stack([torch.arange(10), torch.cat([torch.zeros(4, dtype=torch.long), torch.arange(6)])])
+    positions = torch.stack([torch.arange(10),
+                             torch.cat([torch.zeros(4, dtype=torch.long), torch.arange(6)])])
     y = bb(x, positions, key_padding=key_padding)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y[0:1], bb(long, _pos(1, 10)), atol=ATOL, rtol=0)
@@ -111,7 +112,8 @@ def test_grouped_query_attention_equals_mha_with_repeated_kv(num_kv_heads):
         w = state[f"layers.{i}.attn.wqkv.weight"]  # rows: q (H*hd), k (Hkv*hd), v (Hkv*hd)
         q, k, v = w.split([H * hd, num_kv_heads * hd, num_kv_heads * hd])
         # query head h reads kv head h // rep
-        k, v = (t.view(num_kv_heads, hd, -1).repeat_interleave(rep, dim=0).reshape(H * hd, -1) for t in (k, v))
+        k, v = (t.view(num_kv_heads, hd, -1).repeat_interleave(rep, dim=0).reshape(H * hd, -1)
+                for t in (k, v))
         state[f"layers.{i}.attn.wqkv.weight"] = torch.cat([q, k, v])
     mha.load_state_dict(state)
     x = _x(2, 9)

@@ -58,8 +58,8 @@ def _pairs(tok, B=4, seed=0):
 @pytest.mark.parametrize("weights", [{"itc": 1, "itm": 1, "itg": 1}, {"itc": 1, "itm": 0, "itg": 0},
                                      {"itc": 0, "itm": 1, "itg": 0}, {"itc": 0, "itm": 0, "itg": 2}])
 def test_each_loss_is_computed_only_when_on_and_the_objective_is_the_weighted_sum(text_tokenizer, weights):
-    model = build_model(backbone_config("debug", max_seq_len=64), text_tokenizer.vocab, text_tokenizer, seed=0,
-                        media=IMAGE, blip2={**weights, "embed_dim": 16})
+    model = build_model(backbone_config("debug", max_seq_len=64), text_tokenizer.vocab, text_tokenizer,
+                        seed=0, media=IMAGE, blip2={**weights, "embed_dim": 16})
     ids, mask, media = _pairs(text_tokenizer)
     out = model(ids, key_padding=mask, media=media, contrastive=True)
     on = {k for k, w in weights.items() if w}
@@ -74,8 +74,8 @@ def test_each_loss_is_computed_only_when_on_and_the_objective_is_the_weighted_su
 
 def test_itg_reads_the_image_only_through_the_queries(text_tokenizer):
     """Generation loss depends on the image; text tokens never leak into the query positions."""
-    model = build_model(backbone_config("debug", max_seq_len=64), text_tokenizer.vocab, text_tokenizer, seed=0,
-                        media=IMAGE, blip2={"itc": 0, "itm": 0, "itg": 1}).eval()
+    model = build_model(backbone_config("debug", max_seq_len=64), text_tokenizer.vocab, text_tokenizer,
+                        seed=0, media=IMAGE, blip2={"itc": 0, "itm": 0, "itg": 1}).eval()
     ids, mask, media = _pairs(text_tokenizer)
     _, _, other = _pairs(text_tokenizer, seed=1)
     a = model(ids, key_padding=mask, media=media, contrastive=True).loss
@@ -113,9 +113,10 @@ def test_blip2_two_stages_through_the_cli(tmp_path, text_tokenizer, fake_stamps)
     text_tokenizer.save(tmp_path / "tok")
     lm = build_model(backbone_config("debug", max_seq_len=64), text_tokenizer.vocab, text_tokenizer, seed=3)
     lm.save_pretrained(tmp_path / "lm")  # stands in for a pre-trained language model run
-    common = ["model.size=debug", "model.max_seq_len=64", f"data.path={images}", f"tokenizer.path={tmp_path / 'tok'}",
-              "train.warmup_steps=1", "train.batch_size=4", "train.eval_batches=1", "train.progress=false",
-              "train.log_every=1", "model.media.image.tokenizer.size=debug", "model.media.image.tokenizer.image_size=32",
+    common = ["model.size=debug", "model.max_seq_len=64", f"data.path={images}",
+              f"tokenizer.path={tmp_path / 'tok'}", "train.warmup_steps=1", "train.batch_size=4",
+              "train.eval_batches=1", "train.progress=false", "train.log_every=1",
+              "model.media.image.tokenizer.size=debug", "model.media.image.tokenizer.image_size=32",
               "model.media.image.connector.num_queries=4", "model.media.image.connector.num_layers=1"]
 
     def train(recipe, out, *extra):
@@ -146,9 +147,11 @@ def test_blip2_two_stages_through_the_cli(tmp_path, text_tokenizer, fake_stamps)
     assert tower and all(torch.equal(w1[k], init[k]) and torch.equal(w2[k], init[k]) for k in tower)  # frozen
     assert not torch.equal(w1["encoders.image.connector.queries"], w2["encoders.image.connector.queries"])
     # the LM of stage 2 is the original, not stage 1's trained copy, and it stays frozen
-    assert not torch.equal(w1["backbone.layers.0.attn.wqkv.weight"], lm_w["backbone.layers.0.attn.wqkv.weight"])
+    assert not torch.equal(w1["backbone.layers.0.attn.wqkv.weight"],
+                           lm_w["backbone.layers.0.attn.wqkv.weight"])
     assert all(torch.equal(w2[k], v) for k, v in lm_w.items() if k != "embed.weight")
-    assert any(k.startswith("blip2.") for k in w1) and not any(k.startswith("blip2.") for k in w2)  # heads dropped
+    # heads dropped
+    assert any(k.startswith("blip2.") for k in w1) and not any(k.startswith("blip2.") for k in w2)
     # stage 1 is scored by zero-shot retrieval with its query embeddings, stage 2 by captioning
     from omni.eval import evaluate
 

@@ -27,7 +27,8 @@ def test_info_nce_is_low_for_aligned_pairs_and_symmetric():
     assert aligned < 0.1 < shuffled
     a, b = F.normalize(torch.randn(8, 16), dim=-1), F.normalize(torch.randn(8, 16), dim=-1)
     assert torch.allclose(info_nce(a, b, scale)[0], info_nce(b, a, scale)[0])
-    assert torch.allclose(info_nce(a, b, torch.tensor(9.0))[0], info_nce(a, b, torch.tensor(100.0))[0])  # clamped at 100
+    # clamped at 100
+    assert torch.allclose(info_nce(a, b, torch.tensor(9.0))[0], info_nce(a, b, torch.tensor(100.0))[0])
 
 
 def _rank(rank, world, port, media, text, out):
@@ -68,13 +69,15 @@ def test_clip_recipe_trains_and_scores_zero_shot(tmp_path, text_tokenizer, fake_
     text_tokenizer.save(tmp_path / "tok")
     out = tmp_path / "clip"
     args = ["model.size=debug", f"data.path={images}", f"tokenizer.path={tmp_path / 'tok'}", "train.steps=25",
-            "train.warmup_steps=2", "train.batch_size=4", "train.lr=3e-3", "train.eval_every=25", "train.eval_batches=1",
-            "train.progress=false", "train.log_every=1", "model.media.image.tokenizer.size=debug",
+            "train.warmup_steps=2", "train.batch_size=4", "train.lr=3e-3", "train.eval_every=25",
+            "train.eval_batches=1", "train.progress=false", "train.log_every=1",
+            "model.media.image.tokenizer.size=debug",
             "model.media.image.tokenizer.image_size=32", f"train.out_dir={out}"]
     r = subprocess.run([sys.executable, "-m", "omni.cli", "train", "clip/images_tiny", *args],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in x]
     assert losses[-1] < losses[0]
     r = subprocess.run([sys.executable, "-m", "omni.cli", "eval", "--ckpt", str(out), "--split", "train"],
                        capture_output=True, text=True, timeout=300)
@@ -83,7 +86,8 @@ def test_clip_recipe_trains_and_scores_zero_shot(tmp_path, text_tokenizer, fake_
     assert m["pairs"] == 6 and m["classes"] == 3 and m["chance_accuracy"] == pytest.approx(1 / 3)
     for key in ("media_to_text_r1", "text_to_media_r1", "media_to_text_r5", "zero_shot_accuracy"):
         assert 0 <= m[key] <= 1
-    assert m["media_to_text_r5"] == 1.0  # 6 pairs, two of them "A frog.": the right caption is always among the top 5
+    # 6 pairs, two of them "A frog.": the right caption is always among the top 5
+    assert m["media_to_text_r5"] == 1.0
     assert omni.load(out).contrastive is not None
 
 

@@ -19,16 +19,18 @@ def _model(text_tokenizer, **xa):
 
 
 def _sample(mel, text="turn on the light"):
-    return Sample([Message("user", [Segment("audio", data=mel, grid=(FEAT, 1, 1)), Segment(text="Transcribe.")]),
+    return Sample([Message("user", [Segment("audio", data=mel, grid=(FEAT, 1, 1)),
+                                    Segment(text="Transcribe.")]),
                    Message("assistant", [Segment(text=text)])])
 
 
 def test_config_validates_and_counts_parameters():
     cfg = backbone_config("debug", cross_attention={"every": 2, "gated": True, "ffn": True})
-    assert cfg.cross_layers() == [0] and cfg.cross_attention == {"every": 2, "gated": True, "ffn": True, "media": None}
+    assert (cfg.cross_layers() == [0]
+            and cfg.cross_attention == {"every": 2, "gated": True, "ffn": True, "media": None})
     assert cfg.num_params() == sum(p.numel() for p in Backbone(cfg).parameters())
-    assert backbone_config("debug", cross_attention={}).cross_attention == {"every": 1, "gated": False, "ffn": False,
-                                                                           "media": None}
+    assert backbone_config("debug", cross_attention={}).cross_attention == {"every": 1, "gated": False,
+                                                                           "ffn": False, "media": None}
     for bad in ({"every": 0}, {"evry": 1}, {"gated": "yes"}, [1], {"media": []}, {"media": "audio"}):
         with pytest.raises(ValueError, match="cross_attention"):
             backbone_config("debug", cross_attention=bad)
@@ -47,7 +49,8 @@ def test_video_read_through_cross_attention_must_carry_time_in_its_features(text
     # read as tokens (cross-attention for audio only), the frames keep their time positions
     media = {"video": {"tokenizer": tower, "video": {"num_frames": 4, "temporal": "mrope"}}}
     audio_only = backbone_config("debug", max_seq_len=128, cross_attention={"every": 1, "media": ["audio"]})
-    assert not build_model(audio_only, text_tokenizer.vocab, text_tokenizer, media=media).reads_by_cross_attention("video")
+    assert not build_model(audio_only, text_tokenizer.vocab, text_tokenizer,
+                           media=media).reads_by_cross_attention("video")
 
 
 def test_media_spans_hold_no_feature_tokens(text_tokenizer):
@@ -128,7 +131,8 @@ def test_cached_decoding_matches_the_full_forward_and_the_model_learns(tmp_path,
     model.save_pretrained(tmp_path / "ckpt")
     again = OmniModel.from_pretrained(tmp_path / "ckpt")
     assert again.config.backbone.cross_attention == {"every": 1, "gated": False, "ffn": False, "media": None}
-    assert torch.equal(Pipeline(again).generate(prompt.ids[None], media=[(0, s) for s in prompt.media], max_new_tokens=20), new)
+    assert torch.equal(Pipeline(again).generate(prompt.ids[None], media=[(0, s) for s in prompt.media],
+                                                max_new_tokens=20), new)
 
 
 def test_text_only_input_runs_and_a_memory_needs_cross_attention_blocks():

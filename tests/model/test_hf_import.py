@@ -153,7 +153,8 @@ def test_qwen2_unused_sliding_window_is_ignored():
 
 
 def test_unsupported_rope_type():
-    raw = {"model_type": "llama", **TINY, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}
+    raw = {"model_type": "llama", **TINY,
+           "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}
     with pytest.raises(ValueError, match="'yarn'.*default, llama3"):
         hf_config_to_omni(raw)
 

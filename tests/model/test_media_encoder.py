@@ -23,12 +23,13 @@ def _asr(tmp_path, text_tokenizer, audio: dict):
     rng = np.random.default_rng(0)
     rows = []
     for i, secs in enumerate((1.0, 0.6)):
-        sf.write(tmp_path / f"{i}.wav", (0.1 * rng.standard_normal(int(16000 * secs))).astype(np.float32), 16000)
+        sf.write(tmp_path / f"{i}.wav", (0.1 * rng.standard_normal(int(16000 * secs))).astype(np.float32),
+                 16000)
         rows.append({"audio": f"{i}.wav", "text": ["turn on the light", "what time is it"][i]})
     write_jsonl(tmp_path / "asr.jsonl", rows)
-    model = build_model(backbone_config("debug", max_seq_len=128), text_tokenizer.vocab, text_tokenizer, seed=0,
-                        media={"audio": {"encoder": {"kind": "whisper_style", "size": "debug"},
-                                         "connector": {"kind": "mlp"}, **audio}})
+    model = build_model(backbone_config("debug", max_seq_len=128), text_tokenizer.vocab, text_tokenizer,
+                        seed=0, media={"audio": {"encoder": {"kind": "whisper_style", "size": "debug"},
+                                                 "connector": {"kind": "mlp"}, **audio}})
     ds = TaskDataset(tmp_path / "asr.jsonl", TaskSpec("caption", "audio", "text"), model, text_tokenizer, 128)
     return model, ds, rows
 
@@ -91,16 +92,17 @@ def test_length_buckets_group_similar_lengths_within_the_allowed_padding():
 def test_audio_clips_encode_as_if_alone_whatever_their_batch(text_tokenizer):
     """Clips go through the encoder in length buckets, and padding never leaks into a clip's features."""
     torch.manual_seed(0)
-    model = build_model(backbone_config("debug", max_seq_len=128), text_tokenizer.vocab, text_tokenizer, seed=0,
-                        media={"audio": {"encoder": {"kind": "whisper_style", "size": "debug"},
-                                         "connector": {"kind": "mlp"}}})
+    model = build_model(backbone_config("debug", max_seq_len=128), text_tokenizer.vocab, text_tokenizer,
+                        seed=0, media={"audio": {"encoder": {"kind": "whisper_style", "size": "debug"},
+                                                 "connector": {"kind": "mlp"}}})
     enc = model.encoders["audio"].eval()
     clips = [torch.randn(80, n) - 4 for n in (100, 1000, 103, 390, 180)]  # log-mel-like: below zero
     calls = []
     enc.encoder.register_forward_hook(lambda m, args, out: calls.append(out.shape[0]))
     with torch.no_grad():
         together = enc(clips)
-        assert sorted(calls) == [1, 1, 1, 2] and len(calls) == len(length_buckets([c.shape[-1] for c in clips]))
+        assert (sorted(calls) == [1, 1, 1, 2]
+                and len(calls) == len(length_buckets([c.shape[-1] for c in clips])))
         for clip, out in zip(clips, together):
             assert torch.allclose(out, enc([clip])[0], atol=1e-5)
 
@@ -140,8 +142,8 @@ def test_ctc_covers_only_the_clips_that_carry_a_transcript(tmp_path, text_tokeni
     """A mixture's sound captions describe the clip rather than say it (``transcript: false``):
     they carry no CTC labels, and the speech clips beside them in a batch still train the head."""
     model, ds, _ = _asr(tmp_path, text_tokenizer, {"ctc_weight": 1.0})
-    sounds = TaskDataset(tmp_path / "asr.jsonl", TaskSpec("caption", "audio", "text", transcript=False), model,
-                         text_tokenizer, 128)
+    sounds = TaskDataset(tmp_path / "asr.jsonl", TaskSpec("caption", "audio", "text", transcript=False),
+                         model, text_tokenizer, 128)
     slot = collate([sounds[0]])["media"][0][1]
     assert slot.labels is None
     enc = model.encoders["audio"].eval()

@@ -197,7 +197,8 @@ def test_loss_weights_give_a_weighted_mean_over_the_targets(debug_model):
         torch.testing.assert_close(out.loss, (per_token * weights[keep]).sum() / weights[keep].sum())
         assert out.num_tokens == 17
         plain = debug_model(ids, targets=targets)
-        torch.testing.assert_close(debug_model(ids, targets=targets, loss_weights=torch.ones(2, 10)).loss, plain.loss)
+        torch.testing.assert_close(debug_model(ids, targets=targets, loss_weights=torch.ones(2, 10)).loss,
+                                   plain.loss)
 
 
 def test_logits_rejects_input_longer_than_the_context(debug_model):
