@@ -195,11 +195,13 @@ def named(text: str) -> str:
     return words[0].strip(".,!?;:") if words else ""
 
 
-def episodes(media: list[tuple[torch.Tensor, tuple]], spec: TaskSpec, held_out: bool, seed: int = 0) -> list[Episode]:
+def episodes(media: list[tuple[torch.Tensor, tuple]], spec: TaskSpec, held_out: bool,
+             seed: int = 0) -> list[Episode]:
     """Fast-binding episodes (the ``fewshot`` task) over prepared media (data, grid):
     ``spec.episodes`` for the training split, one per row for a held-out one."""
     if len(media) < spec.ways:
-        raise ValueError(f"a {spec.ways}-way episode needs at least {spec.ways} usable rows, got {len(media)}")
+        raise ValueError(f"a {spec.ways}-way episode needs at least {spec.ways} usable rows, "
+                         f"got {len(media)}")
     names = episode_names(held_out)
     rng = random.Random(seed)
     mirror = spec.media in ("image", "video")
@@ -252,7 +254,8 @@ def _render_episodes(manifest: Path, spec: TaskSpec, model, tokenizer, seq_len: 
     for ep in episodes(media, spec, held_out=manifest.stem != "train"):
         r = render(ep.sample(), tokenizer, **proc.render_options)
         if len(r) > seq_len:
-            raise ValueError(f"{manifest}: a {spec.ways}-way episode takes {len(r)} tokens, over data.seq_len={seq_len}")
+            raise ValueError(f"{manifest}: a {spec.ways}-way episode takes {len(r)} tokens, "
+                             f"over data.seq_len={seq_len}")
         rendered.append(r)
     return rendered, num_bad
 
@@ -334,7 +337,8 @@ class PairDataset(torch.utils.data.Dataset):
                 text = row.get(spec.target)
                 if not isinstance(text, str) or not text.strip():
                     raise ValueError(f"no non-empty string field {spec.target!r}")
-                ids = [tokenizer.vocab.bos_id] + tokenizer.encode(text.strip())[:seq_len - 2] + [tokenizer.vocab.eos_id]
+                body = tokenizer.encode(text.strip())[:seq_len - 2]
+                ids = [tokenizer.vocab.bos_id] + body + [tokenizer.vocab.eos_id]
                 data, _ = proc.prepare(spec.media, _media_path(row, spec.media, manifest.parent))
             except BAD_FILE_ERRORS as e:
                 _bad_row(manifest, n, row, e, on_bad_sample)
@@ -343,7 +347,8 @@ class PairDataset(torch.utils.data.Dataset):
             self.pairs.append((spec.media, data, torch.tensor(ids)))
             self.rows.append(row)
         if len(self.pairs) < 2:
-            raise ValueError(f"{manifest}: a contrastive task needs at least 2 usable rows, got {len(self.pairs)}")
+            raise ValueError(f"{manifest}: a contrastive task needs at least 2 usable rows, "
+                             f"got {len(self.pairs)}")
         self.num_docs = len(self.pairs)
         self.num_tokens = sum(len(ids) for *_, ids in self.pairs)
 
@@ -381,7 +386,8 @@ class MixtureDataset(PackedDataset):
     in the loss; else every sample once, unweighted (held-out splits). ``counts`` says how many
     samples each task put in."""
 
-    def __init__(self, parts: list[tuple[str, str | Path, TaskSpec, float, float]], model, tokenizer, seq_len: int,
+    def __init__(self, parts: list[tuple[str, str | Path, TaskSpec, float, float]], model, tokenizer,
+                 seq_len: int,
                  on_bad_sample: str = "skip", weighted: bool = True, seed: int = 0):
         proc = as_processor(model)
         per_task, num_bad = [], 0
@@ -397,7 +403,8 @@ class MixtureDataset(PackedDataset):
         chosen, self.counts = [], {}
         for (label, _, _, w, _), rendered in zip(parts, per_task):
             want = max(1, round(total * w / weight_sum)) if weighted else len(rendered)
-            idx = torch.cat([torch.randperm(len(rendered), generator=g) for _ in range(-(-want // len(rendered)))])
+            rounds = -(-want // len(rendered))
+            idx = torch.cat([torch.randperm(len(rendered), generator=g) for _ in range(rounds)])
             chosen += [rendered[i] for i in idx[:want].tolist()]
             self.counts[label] = want
         order = torch.randperm(len(chosen), generator=g).tolist() if weighted else range(len(chosen))
@@ -413,7 +420,8 @@ def dataset_for(data, split: str, model, tokenizer, seed: int = 0) -> PackedData
                    data.on_bad_sample)
     parts = [(p.label, Path(p.path) / f"{split}.jsonl", TaskSpec.of(p), p.weight, p.loss_weight)
              for p in data.mixture]
-    return MixtureDataset(parts, model, tokenizer, data.seq_len, data.on_bad_sample, weighted=split == "train",
+    return MixtureDataset(parts, model, tokenizer, data.seq_len, data.on_bad_sample,
+                          weighted=split == "train",
                           seed=seed)
 
 
@@ -430,7 +438,8 @@ def collate(rows: list[PackedRow], mrope: bool = False) -> dict:
         batch["streams"] = torch.stack([r.streams for r in rows])
         batch["stream_targets"] = torch.stack([r.stream_targets for r in rows])
     if any(r.loss_weights is not None for r in rows):
-        batch["loss_weights"] = torch.stack([torch.ones(len(r.ids)) if r.loss_weights is None else r.loss_weights
+        batch["loss_weights"] = torch.stack([torch.ones(len(r.ids)) if r.loss_weights is None
+                                              else r.loss_weights
                                              for r in rows])
     media = [(i, slot) for i, r in enumerate(rows) for slot in r.media]
     if media:

@@ -46,7 +46,8 @@ class OmniConfig:
     tie_embeddings: bool = True
     media: dict = field(default_factory=dict)
     audio_pattern: str = "delay"
-    contrastive: dict | None = None  # {embed_dim, temperature}: a contrastive head (omni/model/contrastive.py)
+    # {embed_dim, temperature}: a contrastive head (omni/model/contrastive.py)
+    contrastive: dict | None = None
     blip2: dict | None = None  # {itc, itm, itg, embed_dim, temperature}: BLIP-2 stage 1 (omni/model/blip2.py)
 
     def to_dict(self) -> dict:
@@ -61,7 +62,8 @@ class OmniConfig:
             found = d.get("model_type") if isinstance(d, dict) else type(d).__name__
             raise ValueError(f"{source}: not an omni config (model_type={found!r})")
         try:
-            return cls(BackboneConfig(**d["backbone"]), Vocab.from_dict(d["vocab"]), bool(d.get("tie_embeddings", True)),
+            return cls(BackboneConfig(**d["backbone"]), Vocab.from_dict(d["vocab"]),
+                       bool(d.get("tie_embeddings", True)),
                        dict(d.get("media", {})), str(d.get("audio_pattern", "delay")), d.get("contrastive"),
                        d.get("blip2"))
         except (KeyError, TypeError, ValueError) as e:  # ValueError: values the config classes reject
@@ -85,10 +87,10 @@ class OmniModel(nn.Module):
                 self.encoders[modality] = build_media_encoder(modality, mcfg, cfg.dim, config.vocab.text_size)
         video = getattr(self.encoders["video"], "video", None) if "video" in self.encoders else None
         if video is not None and self.reads_by_cross_attention("video") and video.temporal == "mrope":
-            raise ValueError("model.media.video: with model.cross_attention the video is read as a memory without "
-                             "positions, so `temporal: mrope` would lose the order of the frames; use "
-                             "`video: {temporal: qformer}` (learned frame positions before a video Q-Former), or keep the "
-                             "video as tokens by leaving it out of model.cross_attention.media")
+            raise ValueError("model.media.video: with model.cross_attention the video is read as a memory "
+                             "without positions, so `temporal: mrope` would lose the order of the frames; use "
+                             "`video: {temporal: qformer}` (learned frame positions before a video Q-Former), "
+                             "or keep the video as tokens by leaving it out of model.cross_attention.media")
         self.contrastive = None
         if config.contrastive is not None:
             cc = ContrastiveConfig.parse(config.contrastive)
@@ -183,13 +185,15 @@ class OmniModel(nn.Module):
         flat = logits.float().view(-1, logits.shape[-1])
         w = None if loss_weights is None else loss_weights.reshape(-1).to(flat.device, torch.float32)
 
-        def summed(logits_, tgt, wk):  # the loss summed over tgt's real targets, their weighted and plain counts
+        # the loss summed over tgt's real targets, their weighted and plain counts
+        def summed(logits_, tgt, wk):
             real = tgt != IGNORE
             n = int(real.sum())
             if wk is None:
                 return F.cross_entropy(logits_, tgt, ignore_index=IGNORE, reduction="sum"), n, n
             wk = wk * real
-            return (F.cross_entropy(logits_, tgt, ignore_index=IGNORE, reduction="none") * wk).sum(), wk.sum(), n
+            losses = F.cross_entropy(logits_, tgt, ignore_index=IGNORE, reduction="none")
+            return (losses * wk).sum(), wk.sum(), n
 
         total, mass, n = summed(flat, targets.reshape(-1), w)
         if stream_targets is not None:
@@ -198,7 +202,8 @@ class OmniModel(nn.Module):
                 keep = tgt != IGNORE
                 if keep.any():
                     r = self.vocab.codebook_range(k + 1)
-                    part, m, c = summed(flat[keep, r.start:r.stop], tgt[keep] - r.start, None if w is None else w[keep])
+                    part, m, c = summed(flat[keep, r.start:r.stop], tgt[keep] - r.start,
+                                        None if w is None else w[keep])
                     total, mass, n = total + part, mass + m, n + c
         return ModelOutput(logits, total / mass if n else total, n, aux_loss)
 
@@ -232,12 +237,14 @@ class OmniModel(nn.Module):
                                  f"{', '.join(['text', *self.encoders]) }")
             items = [(row, slot) for row, slot in media if slot.modality == modality]
             labels = [slot.labels for _, slot in items] if self.training else None
-            outs, aux = self.encoders[modality].encode([slot.data.to(self.device) for _, slot in items], labels)
+            datas = [slot.data.to(self.device) for _, slot in items]
+            outs, aux = self.encoders[modality].encode(datas, labels)
             if aux is not None:
                 aux_loss = aux if aux_loss is None else aux_loss + aux
             for (row, slot), f in zip(items, outs):
                 if f.shape[0] != slot.length:
-                    raise ValueError(f"the {modality} encoder gave {f.shape[0]} tokens for a slot of {slot.length}")
+                    raise ValueError(f"the {modality} encoder gave {f.shape[0]} tokens for a slot of "
+                                     f"{slot.length}")
                 encoded.append((row, slot, f))
         return encoded, aux_loss
 
@@ -391,7 +398,7 @@ def build_model(backbone: BackboneConfig, vocab: Vocab, tokenizer=None, tie_embe
     """A freshly initialised model (media encoders keep their own initialisation / loaded towers)."""
     if seed is not None:
         torch.manual_seed(seed)
-    model = OmniModel(OmniConfig(backbone, vocab, tie_embeddings, dict(media or {}), audio_pattern, contrastive, blip2),
-                      tokenizer, codec)
+    config = OmniConfig(backbone, vocab, tie_embeddings, dict(media or {}), audio_pattern, contrastive, blip2)
+    model = OmniModel(config, tokenizer, codec)
     model.reset_parameters()
     return model
