@@ -89,6 +89,38 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, merge: bool = False, last: str = "config.json") -> Iterator[Path]:
+    """Write the folder ``target`` all at once: ``with atomic_dir(target) as tmp:`` write into ``tmp``,
+    a fresh folder next to ``target`` (``.<name>.tmp*``, so a reader never mistakes it for the real
+    one); when the block ends without an error it takes ``target``'s place (:func:`replace_dir`: a
+    lock held on ``target`` stays held, the parent folder is fsynced). An error removes ``tmp`` and
+    leaves ``target`` as it was.
+
+    ``merge=True`` is for a folder that holds other things too (a run folder: metrics and
+    checkpoints beside the exported model). Those are kept, and each entry written into ``tmp``
+    replaces its namesake in ``target`` by its own atomic rename: folders first, then files, the
+    file named ``last`` at the very end (the one that tells readers what the folder holds)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir(target.parent, f".{target.name}.tmp")
+    try:
+        yield tmp
+        if merge and target.is_dir():
+            for entry in sorted(tmp.iterdir(), key=lambda e: (not e.is_dir(), e.name == last, e.name)):
+                if entry.is_dir():
+                    replace_dir(entry, target / entry.name)
+                else:
+                    os.replace(entry, target / entry.name)
+            fsync_dir(target)
+            tmp.rmdir()
+        else:
+            replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def read_json(path: str | Path) -> dict:
     """A JSON object from a file; invalid JSON or another top-level type is a ValueError naming it."""
     path = Path(path)

@@ -162,3 +162,60 @@ def test_a_folder_replaced_while_locked_stays_locked(tmp_path):
     with io.exclusive(final, "codec"):  # released with the holder
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["codec"]
+
+
+def test_atomic_dir_appears_whole_and_replaces_the_old_folder(tmp_path):
+    final = tmp_path / "codec"
+    with io.atomic_dir(final) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".codec.tmp") and not final.exists()
+        (tmp / "a").write_text("one")
+    assert (final / "a").read_text() == "one"
+    (final / "stale").write_text("x")
+    with io.atomic_dir(final) as tmp:
+        (tmp / "a").write_text("two")
+    assert sorted(os.listdir(final)) == ["a"] and (final / "a").read_text() == "two"
+    assert sorted(os.listdir(tmp_path)) == ["codec"]
+
+
+def test_atomic_dir_failure_leaves_the_old_folder_and_no_temp(tmp_path):
+    final = tmp_path / "ckpt"
+    with io.atomic_dir(final) as tmp:
+        (tmp / "a").write_text("old")
+    with pytest.raises(RuntimeError, match="simulated crash"), io.atomic_dir(final) as tmp:
+        (tmp / "a").write_text("new")
+        raise RuntimeError("simulated crash")
+    assert (final / "a").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_atomic_dir_keeps_a_held_lock(tmp_path):
+    final = tmp_path / "codec"
+    with io.exclusive(final, "codec"):
+        with io.atomic_dir(final) as tmp:
+            (tmp / "a").write_text("x")
+        with pytest.raises(io.LockedError, match="this codec is being written"), io.exclusive(final, "codec"):
+            pass
+
+
+def test_atomic_dir_merge_keeps_other_files_and_writes_last_at_the_end(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}")
+    (run / "tokenizer").mkdir()
+    (run / "tokenizer" / "old.model").write_text("old")
+    order = []
+    replace = io.os.replace
+    monkeypatch.setattr(io.os, "replace", lambda a, b: (order.append(os.path.basename(b)), replace(a, b)))
+    with io.atomic_dir(run, merge=True) as tmp:
+        for name in ("config.json", "model.safetensors"):
+            (tmp / name).write_text("new")
+        (tmp / "tokenizer").mkdir()
+        (tmp / "tokenizer" / "text.model").write_text("new")
+    assert sorted(os.listdir(run)) == ["checkpoints", "config.json", "metrics.jsonl", "model.safetensors",
+                                       "tokenizer"]
+    assert os.listdir(run / "tokenizer") == ["text.model"]
+    assert [n for n in order if not n.startswith(".")] == ["tokenizer", "model.safetensors", "config.json"]
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+    with io.atomic_dir(tmp_path / "fresh", merge=True) as tmp:  # no folder yet: it appears whole
+        (tmp / "config.json").write_text("{}")
+    assert os.listdir(tmp_path / "fresh") == ["config.json"]

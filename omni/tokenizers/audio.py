@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni.io import atomic_write_json, load_tensors, replace_dir, save_tensors, temp_dir
+from omni.io import atomic_dir, atomic_write_json, load_tensors, save_tensors
 from omni.media.audio import Audio
 from omni.schema import from_dict
 from omni.tokenizers.base import AUDIO_ENCODERS, CODECS, BaseAudioEncoder, BaseCodec
@@ -266,18 +266,10 @@ class AudioCodec(BaseCodec):
     def save(self, directory: str | Path) -> Path:
         """Write ``config.json`` + ``model.safetensors`` into ``directory`` (replaced atomically)."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_dir(directory.parent, f".{directory.name}.")
-        try:
+        with atomic_dir(directory) as tmp:
             save_tensors(tmp / "model.safetensors", self.model.state_dict(), metadata={"format": "pt"})
             atomic_write_json(tmp / "config.json", {"kind": "encodec", "format_version": FORMAT_VERSION,
                                                     "config": dataclasses.asdict(self.config)})
-            replace_dir(tmp, directory)
-        except BaseException:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod

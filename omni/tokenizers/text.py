@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from omni.io import atomic_write_bytes, read_jsonl
+from omni.io import atomic_dir, atomic_write_bytes, read_jsonl
 from omni.tokenizers.base import TEXT_TOKENIZERS, BaseTextTokenizer
 from omni.vocab import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID, Vocab
 
@@ -58,10 +58,11 @@ class TextTokenizer(BaseTextTokenizer):
         return cls(model.read_bytes(), source=str(model))
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path / MODEL_FILE, self._proto)
-        atomic_write_bytes(path / VOCAB_FILE, json.dumps(self.vocab.to_dict(), indent=2).encode())
+        """Write the model and its vocabulary into the folder ``path``, replaced as a whole: a crash
+        never leaves a model without its vocab.json, which the trainer would take for a tokenizer."""
+        with atomic_dir(path) as tmp:
+            atomic_write_bytes(tmp / MODEL_FILE, self._proto)
+            atomic_write_bytes(tmp / VOCAB_FILE, json.dumps(self.vocab.to_dict(), indent=2).encode())
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 4096, model_type: str = "unigram",

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omni.io import atomic_write_bytes, atomic_write_json, load_tensors, replace_dir, save_tensors, temp_dir
+from omni.io import atomic_dir, atomic_write_bytes, atomic_write_json, load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -138,19 +138,13 @@ def save_checkpoint(ckpt_root: Path, model_state: dict[str, torch.Tensor], optim
     if bad:
         raise NonFiniteError(f"{len(bad)} tensors hold NaN/inf (first: {bad[0]}); checkpoint of step {state.step} "
                              "not written")
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{state.step:08d}"
-    tmp = temp_dir(ckpt_root, f".{final.name}.tmp")
-    try:
+    with atomic_dir(final) as tmp:  # a step_* folder exists only once complete
         save_tensors(tmp / "model.safetensors", model_state)
         rng_tensors, rng_meta = _rng_to_files(rng or [rng_state()])
         save_tensors(tmp / "optimizer.safetensors", {**opt_tensors, **rng_tensors})
         atomic_write_json(tmp / STATE_FILE, {"state": state.__dict__, "optimizer": opt_meta, "rng": rng_meta,
                                              "scaler": scaler, **extra})
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write_bytes(ckpt_root / LATEST, final.name.encode())
     mine = [p for p in _complete(ckpt_root) if _run_id(p) == state.run_id]
     for old in mine[:-keep]:
