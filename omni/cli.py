@@ -168,7 +168,7 @@ def cmd_tokenizer_train(args) -> int:
     from omni.tokenizers.text import TextTokenizer, corpus_texts
 
     if read_yaml(find_tokenizer_spec(args.spec)).get("kind") == "audio_codec":
-        from omni.tokenizers.audio_codec_train import format_report, load_codec_spec, train_codec
+        from omni.train.codec import format_report, load_codec_spec, train_codec
 
         print(format_report(train_codec(load_codec_spec(args.spec, args.overrides))))
         return 0

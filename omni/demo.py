@@ -64,7 +64,7 @@ def build_corpora(data: Path, say=print, max_docs: int | None = None) -> None:
 
 
 def train_codec(data: Path, out: Path, minutes: float) -> dict:
-    from omni.tokenizers.audio_codec_train import load_codec_spec, train_codec as _train
+    from omni.train.codec import load_codec_spec, train_codec as _train
 
     spec = load_codec_spec("audio_codec_tiny", [
         f"train_manifests=[{data}/speech/train.jsonl, {data}/sounds/train.jsonl]",

@@ -1,7 +1,9 @@
-"""Metrics on held-out data: WER/CER for speech, BLEU-4 and CIDEr-D for captions.
+"""Metrics on held-out data: WER/CER for speech, BLEU-4 and CIDEr-D for captions, and the
+codec's reconstruction distances (multi-scale mel distance, SI-SDR).
 
-All take plain strings. Text is normalised the same way for every metric: lower case,
-punctuation removed (apostrophes inside words kept), whitespace collapsed.
+The text metrics take plain strings. Text is normalised the same way for every metric: lower case,
+punctuation removed (apostrophes inside words kept), whitespace collapsed. The audio ones take
+waveform tensors ``(T,)`` or ``(B, T)``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
+
+import torch
+from torch import nn
 
 _PUNCT = re.compile(r"[^\w\s']|(?<!\w)'|'(?!\w)")
 
@@ -129,3 +134,95 @@ def cider_d(references, hypotheses: Sequence[str], max_n: int = 4, sigma: float 
                 acc[i] += s
         scores.append(sum(a / len(rws) for a in acc) / max_n * 10.0)
     return sum(scores) / len(scores)
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio: the mel filter bank (shared with the log-mel front end) and reconstruction distances
+
+
+def mel_filters(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0,
+                f_max: float | None = None) -> torch.Tensor:
+    """Slaney-scale, Slaney-normalised triangular mel filters ``(n_fft // 2 + 1, n_mels)``, float32.
+
+    The same bank as librosa / Whisper / transformers' ``mel_filter_bank(norm="slaney",
+    mel_scale="slaney")``; computed in float64 so the float32 result matches theirs bit for bit or nearly.
+    """
+    f_max = sample_rate / 2 if f_max is None else f_max
+
+    def hz_to_mel(f):
+        f = torch.as_tensor(f, dtype=torch.float64)
+        log_part = 15 + 27 * torch.log(f.clamp(min=1e-10) / 1000) / math.log(6.4)
+        return torch.where(f < 1000, 3 * f / 200, log_part)
+
+    def mel_to_hz(m):
+        return torch.where(m < 15, 200 * m / 3, 1000 * torch.exp(math.log(6.4) / 27 * (m - 15)))
+
+    fft_hz = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
+    edges = mel_to_hz(torch.linspace(float(hz_to_mel(f_min)), float(hz_to_mel(f_max)), n_mels + 2,
+                                     dtype=torch.float64))
+    widths = edges.diff()  # (n_mels + 1,)
+    slopes = edges[None, :] - fft_hz[:, None]  # (n_freqs, n_mels + 2)
+    down = -slopes[:, :-2] / widths[:-1]
+    up = slopes[:, 2:] / widths[1:]
+    bank = torch.clamp(torch.minimum(down, up), min=0)
+    bank = bank * (2.0 / (edges[2:] - edges[:-2]))  # Slaney: constant energy per filter
+    return bank.float()
+
+
+class MultiScaleMel(nn.Module):
+    """Log-mel spectrograms at several STFT sizes (window ``n``, hop ``n // 4``), as in EnCodec's
+    reconstruction loss: small windows see transients, large ones pitch and formants."""
+
+    def __init__(self, sample_rate: int, n_ffts: tuple[int, ...] = (256, 512, 1024, 2048), n_mels: int = 64,
+                 floor: float = 1e-5):
+        super().__init__()
+        self.n_ffts, self.floor = tuple(n_ffts), floor
+        for n in self.n_ffts:
+            self.register_buffer(f"window_{n}", torch.hann_window(n), persistent=False)
+            filters = mel_filters(sample_rate, n, min(n_mels, n // 4)).T.contiguous()  # (n_mels, n // 2 + 1)
+            self.register_buffer(f"filters_{n}", filters, persistent=False)
+
+    def forward(self, wave: torch.Tensor) -> list[torch.Tensor]:
+        """``wave: (B, T)`` -> one ``log10`` mel ``(B, n_mels, frames)`` per scale."""
+        out = []
+        for n in self.n_ffts:
+            spec = torch.stft(wave, n, n // 4, window=getattr(self, f"window_{n}"), center=True,
+                              pad_mode="reflect", return_complex=True)
+            power = spec.real.square() + spec.imag.square()
+            out.append(torch.clamp(getattr(self, f"filters_{n}") @ power, min=self.floor).log10())
+        return out
+
+    def distance(self, estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """Mean over scales of the mean absolute log-mel difference; 0 for identical audio."""
+        pairs = zip(self(estimate), self(reference), strict=True)
+        return torch.stack([(a - b).abs().mean() for a, b in pairs]).mean()
+
+
+def multiscale_mel_distance(estimate: torch.Tensor, reference: torch.Tensor, sample_rate: int,
+                            n_ffts: tuple[int, ...] = (256, 512, 1024, 2048), n_mels: int = 64) -> float:
+    """Multi-scale log10-mel L1 distance between two waveforms ``(T,)`` or ``(B, T)`` (lower is better)."""
+    _same_shape(estimate, reference)
+    mel = MultiScaleMel(sample_rate, n_ffts, n_mels).to(reference.device)
+    est, ref = (w.reshape(-1, w.shape[-1]).float() for w in (estimate, reference))
+    return float(mel.distance(est, ref))
+
+
+def _same_shape(estimate: torch.Tensor, reference: torch.Tensor):
+    if estimate.shape != reference.shape:
+        raise ValueError(f"shapes differ: estimate {tuple(estimate.shape)}, "
+                         f"reference {tuple(reference.shape)}")
+
+
+def si_sdr(estimate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Scale-invariant signal-to-distortion ratio in dB (Le Roux et al. 2019), per item of ``(..., T)``.
+
+    Both signals are made zero-mean; the reference is scaled to best fit the estimate, so the score
+    ignores gain. Identical signals score very high (~ +100 dB); noise scores far below 0.
+    """
+    _same_shape(estimate, reference)
+    est = estimate.double() - estimate.double().mean(-1, keepdim=True)
+    ref = reference.double() - reference.double().mean(-1, keepdim=True)
+    alpha = (est * ref).sum(-1, keepdim=True) / (ref.square().sum(-1, keepdim=True) + eps)
+    target = alpha * ref
+    noise = est - target
+    return (10 * torch.log10((target.square().sum(-1) + eps) / (noise.square().sum(-1) + eps))).float()

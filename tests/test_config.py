@@ -41,7 +41,7 @@ def test_every_recipe_loads_and_validates(path):
 @pytest.mark.parametrize("path", TOKENIZER_SPECS, ids=_ids(TOKENIZER_SPECS))
 def test_every_tokenizer_spec_loads_and_validates(path):
     if yaml.safe_load(path.read_text(encoding="utf-8")).get("kind") == "audio_codec":
-        from omni.tokenizers.audio_codec_train import load_codec_spec
+        from omni.train.codec import load_codec_spec
 
         spec = load_codec_spec(str(path))
         assert load_codec_spec(path.stem) == spec

@@ -4,7 +4,7 @@
 vector quantizer) behind omni's tokenizer contract: ``encode(wave) -> codes (K, T')``,
 ``decode(codes) -> wave``, ``sample_rate``, ``frame_rate``, ``num_codebooks``, ``cardinality``.
 Its architecture is a :class:`CodecConfig` picked by name from ``CODEC_PRESETS``; weights come
-from omni's own training (``omni.tokenizers.audio_codec_train``), from a checkpoint in the encodec
+from omni's own training (``omni.train.codec``), from a checkpoint in the encodec
 package's format, or from a local transformers ``EncodecModel`` directory (weights mapped into the
 encodec package's model, codes identical to transformers').
 
@@ -32,6 +32,7 @@ from torch import nn
 
 from omni.io import atomic_dir, atomic_write_json, load_tensors, save_tensors
 from omni.media.audio import Audio
+from omni.metrics import mel_filters
 from omni.schema import from_dict
 from omni.tokenizers.base import AUDIO_ENCODERS, CODECS, BaseAudioEncoder, BaseCodec
 
@@ -432,35 +433,6 @@ def _hf_encodec_key(key: str, target: set[str], source) -> str:
 
 MEL_SAMPLE_RATE = 16000  # the waveform rate the log-mel front end (and so every audio encoder) takes
 MEL_HOP_LENGTH = 160  # samples per mel frame: 100 mel frames per second
-
-
-def mel_filters(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0,
-                f_max: float | None = None) -> torch.Tensor:
-    """Slaney-scale, Slaney-normalised triangular mel filters ``(n_fft // 2 + 1, n_mels)``, float32.
-
-    The same bank as librosa / Whisper / transformers' ``mel_filter_bank(norm="slaney",
-    mel_scale="slaney")``; computed in float64 so the float32 result matches theirs bit for bit or nearly.
-    """
-    f_max = sample_rate / 2 if f_max is None else f_max
-
-    def hz_to_mel(f):
-        f = torch.as_tensor(f, dtype=torch.float64)
-        log_part = 15 + 27 * torch.log(f.clamp(min=1e-10) / 1000) / math.log(6.4)
-        return torch.where(f < 1000, 3 * f / 200, log_part)
-
-    def mel_to_hz(m):
-        return torch.where(m < 15, 200 * m / 3, 1000 * torch.exp(math.log(6.4) / 27 * (m - 15)))
-
-    fft_hz = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
-    edges = mel_to_hz(torch.linspace(float(hz_to_mel(f_min)), float(hz_to_mel(f_max)), n_mels + 2,
-                                     dtype=torch.float64))
-    widths = edges.diff()  # (n_mels + 1,)
-    slopes = edges[None, :] - fft_hz[:, None]  # (n_freqs, n_mels + 2)
-    down = -slopes[:, :-2] / widths[:-1]
-    up = slopes[:, 2:] / widths[1:]
-    bank = torch.clamp(torch.minimum(down, up), min=0)
-    bank = bank * (2.0 / (edges[2:] - edges[:-2]))  # Slaney: constant energy per filter
-    return bank.float()
 
 
 class LogMel(nn.Module):

@@ -25,73 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni.io import atomic_write_json, exclusive, write_jsonl
-from omni.tokenizers.audio import CODEC_PRESETS, AudioCodec, CodecConfig, mel_filters
+from omni.metrics import MultiScaleMel, si_sdr
+from omni.tokenizers.audio import CODEC_PRESETS, AudioCodec, CodecConfig
 from omni.train.loop import lr_factor
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reconstruction metrics
-
-
-class MultiScaleMel(nn.Module):
-    """Log-mel spectrograms at several STFT sizes (window ``n``, hop ``n // 4``), as in EnCodec's
-    reconstruction loss: small windows see transients, large ones pitch and formants."""
-
-    def __init__(self, sample_rate: int, n_ffts: tuple[int, ...] = (256, 512, 1024, 2048), n_mels: int = 64,
-                 floor: float = 1e-5):
-        super().__init__()
-        self.n_ffts, self.floor = tuple(n_ffts), floor
-        for n in self.n_ffts:
-            self.register_buffer(f"window_{n}", torch.hann_window(n), persistent=False)
-            filters = mel_filters(sample_rate, n, min(n_mels, n // 4)).T.contiguous()  # (n_mels, n // 2 + 1)
-            self.register_buffer(f"filters_{n}", filters, persistent=False)
-
-    def forward(self, wave: torch.Tensor) -> list[torch.Tensor]:
-        """``wave: (B, T)`` -> one ``log10`` mel ``(B, n_mels, frames)`` per scale."""
-        out = []
-        for n in self.n_ffts:
-            spec = torch.stft(wave, n, n // 4, window=getattr(self, f"window_{n}"), center=True,
-                              pad_mode="reflect", return_complex=True)
-            power = spec.real.square() + spec.imag.square()
-            out.append(torch.clamp(getattr(self, f"filters_{n}") @ power, min=self.floor).log10())
-        return out
-
-    def distance(self, estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """Mean over scales of the mean absolute log-mel difference; 0 for identical audio."""
-        pairs = zip(self(estimate), self(reference), strict=True)
-        return torch.stack([(a - b).abs().mean() for a, b in pairs]).mean()
-
-
-def multiscale_mel_distance(estimate: torch.Tensor, reference: torch.Tensor, sample_rate: int,
-                            n_ffts: tuple[int, ...] = (256, 512, 1024, 2048), n_mels: int = 64) -> float:
-    """Multi-scale log10-mel L1 distance between two waveforms ``(T,)`` or ``(B, T)`` (lower is better)."""
-    _same_shape(estimate, reference)
-    mel = MultiScaleMel(sample_rate, n_ffts, n_mels).to(reference.device)
-    est, ref = (w.reshape(-1, w.shape[-1]).float() for w in (estimate, reference))
-    return float(mel.distance(est, ref))
-
-
-def _same_shape(estimate: torch.Tensor, reference: torch.Tensor):
-    if estimate.shape != reference.shape:
-        raise ValueError(f"shapes differ: estimate {tuple(estimate.shape)}, "
-                         f"reference {tuple(reference.shape)}")
-
-
-def si_sdr(estimate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Scale-invariant signal-to-distortion ratio in dB (Le Roux et al. 2019), per item of ``(..., T)``.
-
-    Both signals are made zero-mean; the reference is scaled to best fit the estimate, so the score
-    ignores gain. Identical signals score very high (~ +100 dB); noise scores far below 0.
-    """
-    _same_shape(estimate, reference)
-    est = estimate.double() - estimate.double().mean(-1, keepdim=True)
-    ref = reference.double() - reference.double().mean(-1, keepdim=True)
-    alpha = (est * ref).sum(-1, keepdim=True) / (ref.square().sum(-1, keepdim=True) + eps)
-    target = alpha * ref
-    noise = est - target
-    return (10 * torch.log10((target.square().sum(-1) + eps) / (noise.square().sum(-1) + eps))).float()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,15 +7,14 @@ import pytest
 import torch
 
 from omni.io import read_jsonl
+from omni.metrics import multiscale_mel_distance, si_sdr
 from omni.tokenizers.audio import AudioCodec
-from omni.tokenizers.audio_codec_train import (
+from omni.train.codec import (
     CodecTrainSpec,
     DeadCodeReviver,
     data_init,
     load_codec_spec,
-    multiscale_mel_distance,
     reconstruct_manifest,
-    si_sdr,
     train_codec,
 )
 
