@@ -6,6 +6,13 @@ split evenly over processes), mixed precision (bf16 on GPU by default), gradient
 warmup + cosine learning rate. Periodic eval on the validation split, metrics as JSONL, a
 progress bar with tokens/s, atomic checkpoints with exact resume, and a loss-curve PNG.
 
+Shaped like a torchtune recipe: :class:`Trainer` builds everything in :meth:`Trainer.setup` and
+runs a short :meth:`Trainer.train` over its :meth:`~Trainer.step`, :meth:`~Trainer.evaluate` and
+:meth:`~Trainer.save`. What does not depend on the model is here for every trainer (the codec's,
+``omni.train.codec``, uses it too): :class:`Schedule` (when a run ends, its learning rate on the
+way), :class:`UpdateGuard` (no update from a NaN/inf loss or gradient), :func:`set_lr` and
+:class:`MetricsLog`.
+
 What a run promises (docs/reliability.md): one process writes a run folder at a time
 (``omni.io.exclusive``); a folder holding another run is never trained over (``omni.train.run``);
 an update whose loss or gradient is NaN/inf is skipped, and ``train.max_skipped_steps`` of them
@@ -21,14 +28,23 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from tqdm.auto import tqdm
 
-from omni.config import RecipeConfig
+from omni.config import RecipeConfig, load_tokenizer_spec
+from omni.data.tasks import TaskSpec, dataset_for
 from omni.io import atomic_write_bytes, exclusive
+from omni.model.backbone import backbone_config, default_mrope_section
+from omni.model.omni_model import build_model
+from omni.model_card import write_model_card
+from omni.tokenizers.audio import AudioCodec
+from omni.tokenizers.text import MODEL_FILE, TextTokenizer, corpus_texts
 from omni.train.checkpoint import (
     NonFiniteError,
     TrainState,
@@ -38,6 +54,8 @@ from omni.train.checkpoint import (
     save_checkpoint,
 )
 from omni.train.run import StopSignals, open_run
+from omni.train.stages import apply_stages, select
+from omni.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +87,116 @@ def lr_factor(step: int, warmup: int, progress: float, min_ratio: float) -> floa
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+@dataclass
+class Schedule:
+    """When a run ends and its learning rate on the way, for every trainer: ``steps`` optimizer
+    steps or ``max_minutes`` of training time, whichever comes first; linear warmup over
+    ``warmup_steps``, then cosine from ``lr`` down to ``min_ratio * lr``, following whichever of
+    steps and time is further along (so a slow machine still ends at the low lr). The cosine
+    counts steps from the end of warmup, or from step 0 with ``cosine_from_warmup=False`` (the
+    codec trainer's schedule, kept so that its runs stay the same)."""
+
+    lr: float
+    steps: int
+    warmup_steps: int = 0
+    max_minutes: float = 0.0
+    min_ratio: float = 0.1
+    cosine_from_warmup: bool = True
+
+    @classmethod
+    def of(cls, tc) -> Schedule:
+        """The schedule of a recipe's ``train:`` section (``omni.config.TrainConfig``)."""
+        return cls(tc.lr, tc.steps, tc.warmup_steps, tc.max_minutes, tc.min_lr_ratio)
+
+    def progress(self, step: int, seconds: float = 0.0) -> float:
+        start = self.warmup_steps if self.cosine_from_warmup else 0
+        progress = (step - start) / max(1, self.steps - start)
+        if self.max_minutes:
+            progress = max(progress, seconds / (self.max_minutes * 60))
+        return progress
+
+    def factor(self, step: int, seconds: float = 0.0) -> float:
+        """The multiple of ``lr`` for ``step`` after ``seconds`` of training."""
+        return lr_factor(step, self.warmup_steps, self.progress(step, seconds), self.min_ratio)
+
+    def lr_at(self, step: int, seconds: float = 0.0) -> float:
+        return self.lr * self.factor(step, seconds)
+
+    def out_of_time(self, seconds: float) -> bool:
+        return bool(self.max_minutes) and seconds >= self.max_minutes * 60
+
+    def finished(self, step: int, seconds: float) -> bool:
+        return step >= self.steps or self.out_of_time(seconds)
+
+
 def lr_at(step: int, cfg, train_seconds: float = 0.0) -> float:
-    """``cfg.lr`` on the schedule: cosine over the steps after warmup or, with ``max_minutes`` set,
-    over the time budget, whichever is further along (so a slow machine still ends at the low lr)."""
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    if cfg.max_minutes:
-        progress = max(progress, train_seconds / (cfg.max_minutes * 60))
-    return cfg.lr * lr_factor(step, cfg.warmup_steps, progress, cfg.min_lr_ratio)
+    """``cfg.lr`` on the recipe's :class:`Schedule` (``cfg``: a ``TrainConfig``)."""
+    return Schedule.of(cfg).lr_at(step, train_seconds)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Every parameter group's lr: ``lr`` times the group's ``lr_scale`` (``train.lr_scale``)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)  # a checkpoint from before lr_scale has none
+
+
+class UpdateGuard:
+    """Applies an optimizer update only when its loss and gradient norm are finite (a NaN/inf one
+    would poison the weights); counts the updates skipped in a row, and :attr:`exhausted` says when
+    ``limit`` of them should stop the run. Under fp16 (``scaled``) the grad scaler skips inf
+    gradients itself and lowers its scale, so only the loss is checked."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row = limit, 0
+
+    def update(self, optimizer, loss: float, grad_norm: float, scaled: bool = False) -> bool:
+        """``optimizer.step()`` unless ``loss`` or ``grad_norm`` is NaN/inf; whether it stepped."""
+        if math.isfinite(loss) and (math.isfinite(grad_norm) or scaled):
+            optimizer.step()
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.in_a_row >= self.limit
+
+
+class MetricsLog:
+    """A run's ``metrics.jsonl``: one JSON object per line, appended (by the main process only:
+    ``enabled=False`` elsewhere). :func:`read_metrics` reads it back."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def truncate(self, step: int) -> None:
+        """On resume, drop the rows after ``step`` (see :func:`_truncate_metrics`)."""
+        if self.enabled:
+            _truncate_metrics(self.path, step)
+
+
+class Throughput:
+    """Tokens/s and s/step over the steps since the last :meth:`reset` (evaluations and saves reset
+    it, so they never count as training time)."""
+
+    def __init__(self):
+        self.tokens_per_s = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens, self.steps, self.start = 0, 0, time.perf_counter()
+
+    def measure(self) -> tuple[float, float]:
+        """(tokens/s, s/step) of the window so far."""
+        elapsed = time.perf_counter() - self.start
+        self.tokens_per_s = self.tokens / max(elapsed, 1e-9)
+        return self.tokens_per_s, elapsed / max(self.steps, 1)
 
 
 class RowStream:
@@ -117,8 +238,6 @@ def _peak_flops(device: torch.device) -> float | None:
 def _param_groups(model, weight_decay: float, lr_scale: dict[str, float] | None = None) -> list[dict]:
     """AdamW groups: matrices decay, vectors do not; ``lr_scale`` (``train.lr_scale``) gives the
     parameters its globs select their own multiple of the scheduled lr."""
-    from omni.train.stages import select
-
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     scales: dict[str, float] = {}
     for pattern, scale in (lr_scale or {}).items():
@@ -133,29 +252,29 @@ def _param_groups(model, weight_decay: float, lr_scale: dict[str, float] | None 
 
 def _to_device(batch: dict, device) -> dict:
     # media slots stay where they are: the model's encoders move their inputs
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
 
 
 def _forward(model, batch: dict):
     if batch.get("contrastive"):
-        return model(batch["input_ids"], key_padding=batch["key_padding"], media=batch["media"], contrastive=True)
+        return model(batch["input_ids"], key_padding=batch["key_padding"], media=batch["media"],
+                     contrastive=True)
     return model(batch["input_ids"], positions=batch["positions"], targets=batch["targets"],
-                 doc_ids=batch["doc_ids"], streams=batch.get("streams"), stream_targets=batch.get("stream_targets"),
-                 media=batch.get("media"), loss_weights=batch.get("loss_weights"))
+                 doc_ids=batch["doc_ids"], streams=batch.get("streams"),
+                 stream_targets=batch.get("stream_targets"), media=batch.get("media"),
+                 loss_weights=batch.get("loss_weights"))
 
 
 def prepare_tokenizer(cfg: RecipeConfig, accelerator):
     """Load the recipe's tokenizer; train it from ``tokenizer.spec`` on the training data if missing."""
-    from omni.config import load_tokenizer_spec
-    from omni.data.tasks import TaskSpec
-    from omni.tokenizers.text import MODEL_FILE, TextTokenizer, corpus_texts
-
     path = Path(cfg.tokenizer.path)
     with accelerator.main_process_first():
         if accelerator.is_main_process and not (path / MODEL_FILE).is_file():
             spec = load_tokenizer_spec(cfg.tokenizer.spec)
             corpora = [(Path(p.path) / "train.jsonl", TaskSpec.of(p).text_field) for p in cfg.data.tasks()]
-            log.info("training tokenizer %s on %s -> %s", cfg.tokenizer.spec, ", ".join(str(c) for c, _ in corpora), path)
+            log.info("training tokenizer %s on %s -> %s", cfg.tokenizer.spec,
+                     ", ".join(str(c) for c, _ in corpora), path)
             texts = itertools.chain.from_iterable(corpus_texts(c, field) for c, field in corpora)
             with exclusive(path, "tokenizer"):  # another run training the same tokenizer is refused
                 tok = TextTokenizer.train(texts, vocab_size=spec.vocab_size, model_type=spec.model_type,
@@ -168,14 +287,8 @@ def prepare_tokenizer(cfg: RecipeConfig, accelerator):
 def model_from_recipe(cfg: RecipeConfig, tokenizer):
     """A freshly initialised model for a recipe: backbone, media encoders, and the codec's codes
     in the vocabulary when the recipe names one (``codec.path``)."""
-    from omni.model.backbone import backbone_config, default_mrope_section
-    from omni.model.omni_model import build_model
-    from omni.vocab import Vocab
-
     codec, vocab = None, tokenizer.vocab
     if cfg.codec.path:
-        from omni.tokenizers.audio import AudioCodec
-
         codec = AudioCodec.load(cfg.codec.path)
         vocab = Vocab(vocab.text_size, vocab.specials, codec.num_codebooks, codec.cardinality)
     mc = cfg.model
@@ -186,8 +299,8 @@ def model_from_recipe(cfg: RecipeConfig, tokenizer):
     if mc.mrope:
         bcfg.mrope_section = default_mrope_section(bcfg.head_dim)
     return build_model(bcfg, vocab, tokenizer, tie_embeddings=mc.tie_embeddings, seed=cfg.train.seed,
-                       media=mc.media, audio_pattern=mc.audio_pattern, codec=codec, contrastive=mc.contrastive,
-                       blip2=mc.blip2)
+                       media=mc.media, audio_pattern=mc.audio_pattern, codec=codec,
+                       contrastive=mc.contrastive, blip2=mc.blip2)
 
 
 def _build_command(part) -> str:
@@ -218,28 +331,332 @@ def train(cfg: RecipeConfig) -> TrainResult:
     """Train ``cfg`` to completion (resuming from ``<out_dir>/checkpoints`` when asked) and export the
     model. The main process holds the run folder's lock throughout; SIGTERM/SIGINT end the run early
     with a checkpoint (``TrainResult.stopped_by``)."""
-    from accelerate import Accelerator
+    trainer = Trainer(cfg)
+    with trainer.run_folder():
+        trainer.setup()
+        return trainer.train()
 
-    tc = cfg.train
-    # cpu=True off-GPU lets accelerate run multi-process CPU (gloo) under torchrun / accelerate launch.
-    accelerator = Accelerator(mixed_precision=_mixed_precision(tc.mixed_precision), cpu=not torch.cuda.is_available())
-    if tc.batch_size % accelerator.num_processes:
-        raise ValueError(f"train.batch_size ({tc.batch_size}) must be divisible by the number of processes "
-                         f"({accelerator.num_processes})")
-    _check_data(cfg)
-    out_dir = Path(tc.out_dir)
-    with contextlib.ExitStack() as stack:
-        if accelerator.is_main_process:
-            stack.enter_context(exclusive(out_dir, "run"))
-        signals = stack.enter_context(StopSignals())
-        return _train(cfg, accelerator, signals)
+
+@dataclass
+class StepOutput:
+    """What one optimizer step reports: the loss (mean over processes), the gradient norm before
+    clipping, the lr it ran at, and the per-process auxiliary and per-part losses (reduced when logged)."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    aux_loss: torch.Tensor | None = None
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Trainer:
+    """One run of a recipe. ``Trainer(cfg)`` makes the accelerator and checks what needs no writing
+    (batch split, corpora); :meth:`run_folder` holds the folder's lock and the stop signals;
+    :meth:`setup` builds the tokenizer, model, data, optimizer and the state a resumed checkpoint
+    holds; :meth:`train` runs :meth:`step` until the schedule ends, with :meth:`evaluate` and
+    :meth:`save` on their periods, and exports the model."""
+
+    def __init__(self, cfg: RecipeConfig):
+        self.cfg, self.tc = cfg, cfg.train
+        # cpu=True off-GPU lets accelerate run multi-process CPU (gloo) under torchrun / accelerate launch.
+        self.accelerator = Accelerator(mixed_precision=_mixed_precision(self.tc.mixed_precision),
+                                       cpu=not torch.cuda.is_available())
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        if self.tc.batch_size % self.world:
+            raise ValueError(f"train.batch_size ({self.tc.batch_size}) must be divisible by the number of "
+                             f"processes ({self.world})")
+        _check_data(cfg)
+        self.out_dir = Path(self.tc.out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.accelerator.is_main_process)
+        self.schedule = Schedule.of(self.tc)
+        self.guard = UpdateGuard(self.tc.max_skipped_steps)
+        self.signals = StopSignals()
+        self.window = Throughput()
+        self.first_loss = self.last_loss = self.val_loss = None
+        self.checkpoint: Path | None = None  # the newest checkpoint this run wrote
+
+    @contextlib.contextmanager
+    def run_folder(self):
+        """Hold the run folder's lock (main process) and turn SIGTERM/SIGINT into a stop request."""
+        with contextlib.ExitStack() as stack:
+            if self.accelerator.is_main_process:
+                stack.enter_context(exclusive(self.out_dir, "run"))
+            self.signals = stack.enter_context(StopSignals())
+            yield self
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def setup(self) -> Trainer:
+        """Decide resume or start (under the lock), then build everything the loop needs, in an
+        order that keeps the random streams of a run the same."""
+        cfg, tc, acc = self.cfg, self.tc, self.accelerator
+        resume_path, run_id = _decide(cfg, acc)
+        set_seed(tc.seed)
+        self.tokenizer = prepare_tokenizer(cfg, acc)
+        model = model_from_recipe(cfg, self.tokenizer)
+        self.n_trainable = apply_stages(model, tc)
+        self.train_set, self.val_set = (dataset_for(cfg.data, split, model, self.tokenizer, tc.seed)
+                                        for split in ("train", "val"))
+        optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay, tc.lr_scale), lr=tc.lr,
+                                      betas=tuple(tc.betas), foreach=True)
+        self.state, scaler_state = self._resume(resume_path, run_id, model, optimizer)
+        self.resumed_from = resume_path
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if scaler_state and acc.scaler is not None:
+            acc.scaler.load_state_dict(scaler_state)
+        self.inner = acc.unwrap_model(self.model)
+        self.inner.backbone.set_attn_backend(cfg.model.attn_backend, acc.device)
+        self.stream = RowStream(len(self.train_set), tc.seed)
+        self.n_params = self.inner.num_params()
+        self.peak_flops = _peak_flops(acc.device)
+        if acc.is_main_process:
+            self._open_run_files()
+        return self
+
+    def _resume(self, path: Path | None, run_id: str, model, optimizer) -> tuple[TrainState, dict | None]:
+        """The train state (and fp16 grad scaler state) to start from; loads a checkpoint's weights,
+        optimizer and this process's RNG states when resuming."""
+        if path is None:
+            return TrainState(run_id=run_id), None
+        ck = load_checkpoint(path)
+        model.load_weights(ck.model_state, str(path / "model.safetensors"))
+        optimizer.load_state_dict(ck.optimizer_state)
+        ck.state.run_id = run_id
+        ck.restore_rng(self.rank % len(ck.rng))  # another number of processes needed train.resume_changed
+        return ck.state, ck.meta.get("scaler")
+
+    def _open_run_files(self) -> None:
+        cfg, state, resumed_from = self.cfg, self.state, self.resumed_from
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        recipe = yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()
+        atomic_write_bytes(self.out_dir / "recipe.yaml", recipe)
+        self.metrics.truncate(state.step if resumed_from else -1)
+        self.metrics.write({"event": "start", "step": state.step, "world_size": self.world,
+                            "params": self.n_params, "trainable_params": self.n_trainable,
+                            "resumed_from": str(resumed_from) if resumed_from else None,
+                            "run_id": state.run_id})
+        log.info("model: %.2fM parameters (%.2fM trainable); train rows: %d x %d tokens (%d docs, "
+                 "%d skipped); processes: %d%s", self.n_params / 1e6, self.n_trainable / 1e6,
+                 len(self.train_set), cfg.data.seq_len, self.train_set.num_docs, self.train_set.num_bad,
+                 self.world,
+                 f"; resumed from {resumed_from}" if resumed_from else "")
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        """Step until the schedule ends (or a signal stops every process); log, evaluate and save
+        on their periods and at the end; export the model unless stopped early."""
+        tc, state = self.tc, self.state
+        self.bar = tqdm(total=tc.steps, initial=state.step, desc=f"train {self.cfg.name}", unit="step",
+                        dynamic_ncols=True, disable=not (tc.progress and self.accelerator.is_main_process))
+        self.model.train()
+        self.window.reset()
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.accelerator.device)
+        stop, save_due = False, False
+        last = self.schedule.finished(state.step, state.train_seconds)
+        while not last:
+            out = self.step()
+            seconds, stop = self._agree(state.train_seconds, self.signals.received is not None)
+            if stop:
+                self.checkpoint = self.save("stopped by signal")
+                break
+            out_of_time = self.schedule.out_of_time(seconds)
+            last = state.step >= tc.steps or out_of_time
+            if out_of_time and self.accelerator.is_main_process:
+                log.info("train.max_minutes=%g reached at step %d of %d", tc.max_minutes, state.step,
+                         tc.steps)
+                self.metrics.write({"event": "time_budget", "step": state.step,
+                                    "train_seconds": round(state.train_seconds, 1)})
+            if state.step % tc.log_every == 0 or last:
+                self.log_metrics(out)
+            if state.step % tc.eval_every == 0 or last:
+                self._note_val_loss(self.evaluate())
+            # a periodic checkpoint waits while updates are being skipped: it would only save a bad state
+            save_due = save_due or state.step % tc.save_every == 0
+            if save_due and not self.guard.in_a_row or last:
+                self.checkpoint, save_due = self.save("final" if last else "periodic"), False
+            if state.step % tc.eval_every == 0 or state.step % tc.save_every == 0:
+                self.window.reset()  # keep eval/saving out of tokens/s
+        self.bar.close()
+        return self._finish(stop)
+
+    def step(self) -> StepOutput:
+        """One optimizer step: the schedule's lr, ``grad_accum`` micro-batches (gradients synchronised
+        on the last), clipping, and the update unless its loss or gradient is NaN/inf."""
+        tc, acc, state = self.tc, self.accelerator, self.state
+        start = time.perf_counter()
+        lr = self.schedule.lr_at(state.step, state.train_seconds)
+        set_lr(self.optimizer, lr)
+        share = tc.batch_size // self.world  # this process's rows of each global micro-batch
+        step_loss = torch.zeros((), device=acc.device)
+        step_aux, has_aux = torch.zeros((), device=acc.device), False
+        parts: dict[str, torch.Tensor] = {}
+        for micro in range(tc.grad_accum):
+            rows = self.stream.take(state.cursor, tc.batch_size)[self.rank * share:(self.rank + 1) * share]
+            state.cursor += tc.batch_size
+            samples = [self.train_set[i] for i in rows]
+            batch = _to_device(self.train_set.collate(samples, self.cfg.model.mrope), acc.device)
+            sync = micro == tc.grad_accum - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                with acc.autocast():
+                    out = _forward(self.model, batch)
+                acc.backward(out.objective / tc.grad_accum)
+            step_loss += out.loss.detach() / tc.grad_accum
+            if out.aux_loss is not None:
+                step_aux, has_aux = step_aux + out.aux_loss.detach() / tc.grad_accum, True
+            for name, value in (out.parts or {}).items():
+                parts[name] = parts.get(name, 0) + value / tc.grad_accum
+            self.window.tokens += int((batch["doc_ids"] >= 0).sum()) * self.world
+        loss = float(acc.reduce(step_loss, "mean"))
+        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
+        # the same numbers on every process (reduced loss, synchronised gradients), so all skip alike
+        if self.guard.update(self.optimizer, loss, grad_norm, scaled=acc.scaler is not None):
+            self.first_loss = loss if self.first_loss is None else self.first_loss
+            self.last_loss = loss
+        else:
+            self._skipped(loss, grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        self.window.steps += 1
+        state.tokens += int(batch["doc_ids"].numel()) * self.world * tc.grad_accum
+        self.bar.update(1)
+        # training time, without evaluations and checkpoints
+        state.train_seconds += time.perf_counter() - start
+        return StepOutput(loss, grad_norm, lr, step_aux if has_aux else None, parts)
+
+    def _skipped(self, loss: float, grad_norm: float) -> None:
+        state = self.state
+        state.skipped_steps += 1
+        self.metrics.write({"event": "skipped_step", "step": state.step + 1, "loss": str(loss),
+                            "grad_norm": str(grad_norm)})
+        log.warning("step %d: loss %s, gradient norm %s: update skipped (%d in a row)",
+                    state.step + 1, loss, grad_norm, self.guard.in_a_row)
+        if self.guard.exhausted:
+            raise TrainingError(
+                f"loss is {loss}, gradient norm {grad_norm} at step {state.step + 1}: {self.guard.in_a_row} "
+                f"updates in a row skipped (train.max_skipped_steps); stopped without saving. Last good "
+                f"checkpoint: {latest_checkpoint(self.ckpt_root) or 'none'}. Lower train.lr or check the "
+                "data.")
+
+    def _agree(self, seconds: float, stop: bool) -> tuple[float, bool]:
+        """The training time and stop request, the largest over processes: every process stops at the
+        same step, whether for the time budget or because one of them was sent SIGTERM."""
+        if self.world > 1:
+            both = torch.tensor([seconds, float(stop)], device=self.accelerator.device)
+            seconds, stop = self.accelerator.reduce(both, "max").tolist()
+        return seconds, bool(stop)
+
+    def log_metrics(self, out: StepOutput) -> None:
+        """A metrics row for the steps since the last one (and the progress bar's loss and tokens/s)."""
+        acc, state = self.accelerator, self.state
+        tok_per_s, s_per_step = self.window.measure()
+        row = {"step": state.step, "loss": round(out.loss, 5), "lr": out.lr,
+               "grad_norm": round(out.grad_norm, 4), "tokens_per_s": round(tok_per_s, 1),
+               "s_per_step": round(s_per_step, 4), "tokens": state.tokens}
+        if acc.device.type == "cuda":  # peak since the start of training, this process
+            row["max_mem_gib"] = round(torch.cuda.max_memory_allocated(acc.device) / 2**30, 2)
+        if state.skipped_steps:
+            row["skipped_steps"] = state.skipped_steps
+        if out.aux_loss is not None:  # the same on every process: it follows from the recipe
+            row["aux_loss"] = round(float(acc.reduce(out.aux_loss, "mean")), 5)
+        for name, value in out.parts.items():  # each loss of a multi-loss objective (BLIP-2), unweighted
+            row[f"{name}_loss"] = round(float(acc.reduce(value, "mean")), 5)
+        if self.peak_flops:
+            row["mfu"] = round(6 * self.n_params * tok_per_s / self.world / self.peak_flops, 4)
+        self.metrics.write(row)
+        self.bar.set_postfix(loss=f"{out.loss:.3f}", tok_s=f"{tok_per_s:,.0f}")
+        self.window.reset()
+
+    def evaluate(self) -> float:
+        """Mean loss per token over the first ``train.eval_batches`` batches of the validation split."""
+        tc, acc = self.tc, self.accelerator
+        self.model.eval()
+        total, count = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
+        n_rows = min(len(self.val_set), tc.eval_batches * tc.batch_size)
+        with torch.no_grad():
+            for start in range(0, n_rows, tc.batch_size):
+                idx = list(range(start, min(start + tc.batch_size, n_rows)))[self.rank::self.world]
+                if not idx:
+                    continue
+                batch = _to_device(self.val_set.collate([self.val_set[i] for i in idx], self.cfg.model.mrope),
+                                   acc.device)
+                with acc.autocast():
+                    out = _forward(self.model, batch)
+                total += out.loss.float() * out.num_tokens
+                count += out.num_tokens
+        self.model.train()
+        total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
+        return float(total / count.clamp(min=1))
+
+    def _note_val_loss(self, val_loss: float) -> None:
+        """Record a validation loss; with ``train.export=best`` an improvement is exported at once."""
+        state = self.state
+        self.val_loss = val_loss
+        improved = state.best_val_loss is None or val_loss < state.best_val_loss
+        state.best_val_loss = min(val_loss, state.best_val_loss or val_loss)
+        if improved and self.tc.export == "best" and self.accelerator.is_main_process:
+            self.inner.save_pretrained(self.out_dir)  # the best weights so far are the exported model
+        self.metrics.write({"step": state.step, "val_loss": round(val_loss, 5),
+                            "val_ppl": round(math.exp(min(val_loss, 50)), 3)})
+        if self.accelerator.is_main_process:
+            self.bar.write(f"step {state.step}: val loss {val_loss:.4f}")
+
+    def save(self, reason: str) -> Path | None:
+        """A checkpoint of this step (written by the main process, with every process's RNG states);
+        NaN/inf weights or optimizer state end the run on every process instead."""
+        acc, state = self.accelerator, self.state
+        acc.wait_for_everyone()
+        # every rank's RNG states, in rank order
+        rngs = gather_object([rng_state()]) if self.world > 1 else [rng_state()]
+        error, path = None, None
+        if acc.is_main_process:
+            extra = {"recipe": self.cfg.to_dict(), "reason": reason,
+                     "model_config": self.inner.config.to_dict(), "world_size": self.world}
+            scaler = acc.scaler.state_dict() if acc.scaler is not None else None
+            try:
+                path = save_checkpoint(self.ckpt_root, self.inner.export_state_dict(merge_lora=False),
+                                       self.optimizer.state_dict(), state, extra, self.tc.keep_checkpoints,
+                                       rng=rngs, scaler=scaler)
+                log.info("checkpoint: %s", path)
+            except NonFiniteError as e:
+                error = (f"{e} at step {state.step}: the weights or optimizer state went NaN/inf. Last "
+                         f"good checkpoint: {latest_checkpoint(self.ckpt_root) or 'none'}. Lower train.lr "
+                         "or check the data.")
+        if self.world > 1:
+            error = _any_error(acc, error)
+        if error:
+            raise TrainingError(error)
+        acc.wait_for_everyone()
+        return path
+
+    def _finish(self, stop: bool) -> TrainResult:
+        """End the run: stopped by a signal, it only says so (its checkpoint resumes it); else the
+        main process exports the model, the loss plot and the model card."""
+        acc, state, received = self.accelerator, self.state, self.signals.received
+        result = (self.out_dir, state.step, self.first_loss, self.last_loss, self.val_loss,
+                  self.window.tokens_per_s)
+        if received is not None or (self.world > 1 and stop):
+            if acc.is_main_process:
+                self.metrics.write({"event": "stopped", "step": state.step, "signal": received or "peer"})
+            acc.wait_for_everyone()
+            acc.end_training()
+            return TrainResult(*result, stopped_by=received or "a signal to another process",
+                               checkpoint=self.checkpoint)
+        if acc.is_main_process:
+            if self.tc.export == "last":
+                self.inner.save_pretrained(self.out_dir)
+            plot_losses(self.metrics.path, self.out_dir / "loss.png", title=self.cfg.name)
+            write_model_card(self.out_dir)
+        acc.wait_for_everyone()
+        acc.end_training()
+        return TrainResult(*result, checkpoint=self.checkpoint or latest_checkpoint(self.ckpt_root))
 
 
 def _decide(cfg: RecipeConfig, accelerator) -> tuple[Path | None, str]:
     """The main process decides (under the lock) whether to resume and under which run id; every
     process gets the same answer, or the same error."""
-    from accelerate.utils import broadcast_object_list
-
     answer: list = [None]
     if accelerator.is_main_process:
         try:
@@ -253,244 +670,8 @@ def _decide(cfg: RecipeConfig, accelerator) -> tuple[Path | None, str]:
     return answer[0]
 
 
-def _train(cfg: RecipeConfig, accelerator, signals: StopSignals) -> TrainResult:
-    from accelerate.utils import gather_object, set_seed
-
-    from omni.data.tasks import dataset_for
-
-    tc = cfg.train
-    world, rank = accelerator.num_processes, accelerator.process_index
-    local_bs = tc.batch_size // world
-    out_dir = Path(tc.out_dir)
-    ckpt_root = out_dir / "checkpoints"
-    resume_path, run_id = _decide(cfg, accelerator)
-    set_seed(tc.seed)
-
-    tokenizer = prepare_tokenizer(cfg, accelerator)
-    model = model_from_recipe(cfg, tokenizer)
-    from omni.train.stages import apply_stages
-
-    n_trainable = apply_stages(model, tc)
-    mc = cfg.model
-    train_set, val_set = (dataset_for(cfg.data, split, model, tokenizer, tc.seed) for split in ("train", "val"))
-    optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay, tc.lr_scale), lr=tc.lr,
-                                  betas=tuple(tc.betas), foreach=True)
-
-    state, scaler_state = TrainState(run_id=run_id), None
-    if resume_path is not None:
-        ck = load_checkpoint(resume_path)
-        model.load_weights(ck.model_state, str(resume_path / "model.safetensors"))
-        optimizer.load_state_dict(ck.optimizer_state)
-        state, scaler_state = ck.state, ck.meta.get("scaler")
-        state.run_id = run_id
-        ck.restore_rng(rank % len(ck.rng))  # another number of processes needed train.resume_changed
-    resumed_from = resume_path
-
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if scaler_state and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(scaler_state)
-    inner = accelerator.unwrap_model(model)
-    inner.backbone.set_attn_backend(mc.attn_backend, accelerator.device)
-    stream = RowStream(len(train_set), tc.seed)
-    n_params = inner.num_params()
-    peak = _peak_flops(accelerator.device)
-
-    metrics_file = out_dir / "metrics.jsonl"
-
-    def record(row: dict):
-        if accelerator.is_main_process:
-            with open(metrics_file, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out_dir / "recipe.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-        _truncate_metrics(metrics_file, state.step if resumed_from else -1)
-        record({"event": "start", "step": state.step, "world_size": world, "params": n_params,
-                "trainable_params": n_trainable, "resumed_from": str(resumed_from) if resumed_from else None,
-                "run_id": run_id})
-        log.info("model: %.2fM parameters (%.2fM trainable); train rows: %d x %d tokens (%d docs, %d skipped); processes: %d%s",
-                 n_params / 1e6, n_trainable / 1e6, len(train_set), cfg.data.seq_len, train_set.num_docs, train_set.num_bad, world,
-                 f"; resumed from {resumed_from}" if resumed_from else "")
-
-    def save(reason: str) -> Path | None:
-        accelerator.wait_for_everyone()
-        rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]  # every rank's, in rank order
-        error, path = None, None
-        if accelerator.is_main_process:
-            extra = {"recipe": cfg.to_dict(), "reason": reason, "model_config": inner.config.to_dict(),
-                     "world_size": world}
-            scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-            try:
-                path = save_checkpoint(ckpt_root, inner.export_state_dict(merge_lora=False), optimizer.state_dict(),
-                                       state, extra, tc.keep_checkpoints, rng=rngs, scaler=scaler)
-                log.info("checkpoint: %s", path)
-            except NonFiniteError as e:
-                error = (f"{e} at step {state.step}: the weights or optimizer state went NaN/inf. "
-                         f"Last good checkpoint: {latest_checkpoint(ckpt_root) or 'none'}. Lower train.lr or check the data.")
-        if world > 1:
-            error = _any_error(accelerator, error)
-        if error:
-            raise TrainingError(error)
-        accelerator.wait_for_everyone()
-        return path
-
-    def evaluate() -> float:
-        model.eval()
-        total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
-        n_rows = min(len(val_set), tc.eval_batches * tc.batch_size)
-        with torch.no_grad():
-            for start in range(0, n_rows, tc.batch_size):
-                idx = list(range(start, min(start + tc.batch_size, n_rows)))[rank::world]
-                if not idx:
-                    continue
-                batch = _to_device(val_set.collate([val_set[i] for i in idx], mc.mrope), accelerator.device)
-                with accelerator.autocast():
-                    out = _forward(model, batch)
-                total += out.loss.float() * out.num_tokens
-                count += out.num_tokens
-        model.train()
-        total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
-        return float(total / count.clamp(min=1))
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=tc.steps, initial=state.step, desc=f"train {cfg.name}", unit="step", dynamic_ncols=True,
-               disable=not (tc.progress and accelerator.is_main_process))
-    model.train()
-    first_loss = last_loss = val_loss = None
-    window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
-    tok_per_s = 0.0
-    on_cuda = accelerator.device.type == "cuda"
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats(accelerator.device)
-    budget = tc.max_minutes * 60
-    skipped_in_a_row, stop, save_due = 0, 0.0, False
-    checkpoint = None
-    last = state.step >= tc.steps or bool(budget) and state.train_seconds >= budget
-    while not last:
-        step_start = time.perf_counter()
-        lr = lr_at(state.step, tc, state.train_seconds)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)  # a checkpoint from before lr_scale has none
-        step_loss = torch.zeros((), device=accelerator.device)
-        step_aux, has_aux = torch.zeros((), device=accelerator.device), False
-        step_parts: dict[str, torch.Tensor] = {}
-        for micro in range(tc.grad_accum):
-            rows = stream.take(state.cursor, tc.batch_size)[rank * local_bs:(rank + 1) * local_bs]
-            state.cursor += tc.batch_size
-            batch = _to_device(train_set.collate([train_set[i] for i in rows], mc.mrope), accelerator.device)
-            sync = micro == tc.grad_accum - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                with accelerator.autocast():
-                    out = _forward(model, batch)
-                accelerator.backward(out.objective / tc.grad_accum)
-            step_loss += out.loss.detach() / tc.grad_accum
-            if out.aux_loss is not None:
-                step_aux, has_aux = step_aux + out.aux_loss.detach() / tc.grad_accum, True
-            for name, value in (out.parts or {}).items():
-                step_parts[name] = step_parts.get(name, 0) + value / tc.grad_accum
-            window_tokens += int((batch["doc_ids"] >= 0).sum()) * world
-        loss = float(accelerator.reduce(step_loss, "mean"))
-        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip))
-        # the same numbers on every process (reduced loss, synchronised gradients), so all skip alike;
-        # under fp16 the grad scaler skips inf gradients itself and lowers its scale
-        if math.isfinite(loss) and (math.isfinite(grad_norm) or accelerator.scaler is not None):
-            optimizer.step()
-            skipped_in_a_row = 0
-            first_loss = loss if first_loss is None else first_loss
-            last_loss = loss
-        else:
-            skipped_in_a_row += 1
-            state.skipped_steps += 1
-            record({"event": "skipped_step", "step": state.step + 1, "loss": str(loss), "grad_norm": str(grad_norm)})
-            log.warning("step %d: loss %s, gradient norm %s: update skipped (%d in a row)",
-                        state.step + 1, loss, grad_norm, skipped_in_a_row)
-            if skipped_in_a_row >= tc.max_skipped_steps:
-                raise TrainingError(
-                    f"loss is {loss}, gradient norm {grad_norm} at step {state.step + 1}: {skipped_in_a_row} updates "
-                    f"in a row skipped (train.max_skipped_steps); stopped without saving. Last good checkpoint: "
-                    f"{latest_checkpoint(ckpt_root) or 'none'}. Lower train.lr or check the data.")
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        window_steps += 1
-        state.tokens += int(batch["doc_ids"].numel()) * world * tc.grad_accum
-        bar.update(1)
-        # training time, without evaluations and checkpoints; every process stops at the same step,
-        # whether for the time budget or because one of them was sent SIGTERM
-        state.train_seconds += time.perf_counter() - step_start
-        seconds, stop = state.train_seconds, float(signals.received is not None)
-        if world > 1:
-            seconds, stop = accelerator.reduce(torch.tensor([seconds, stop], device=accelerator.device), "max").tolist()
-        out_of_time = bool(budget) and seconds >= budget
-        if stop:
-            checkpoint = save("stopped by signal")
-            break
-        last = state.step >= tc.steps or out_of_time
-        if out_of_time and accelerator.is_main_process:
-            log.info("train.max_minutes=%g reached at step %d of %d", tc.max_minutes, state.step, tc.steps)
-            record({"event": "time_budget", "step": state.step, "train_seconds": round(state.train_seconds, 1)})
-
-        if state.step % tc.log_every == 0 or last:
-            elapsed = time.perf_counter() - window_start
-            tok_per_s = window_tokens / max(elapsed, 1e-9)
-            row = {"step": state.step, "loss": round(loss, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
-                   "tokens_per_s": round(tok_per_s, 1), "s_per_step": round(elapsed / max(window_steps, 1), 4),
-                   "tokens": state.tokens}
-            if on_cuda:  # peak since the start of training, this process
-                row["max_mem_gib"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 2)
-            if state.skipped_steps:
-                row["skipped_steps"] = state.skipped_steps
-            if has_aux:  # the same on every process: it follows from the recipe
-                row["aux_loss"] = round(float(accelerator.reduce(step_aux, "mean")), 5)
-            for name, value in step_parts.items():  # each loss of a multi-loss objective (BLIP-2), unweighted
-                row[f"{name}_loss"] = round(float(accelerator.reduce(value, "mean")), 5)
-            if peak:
-                row["mfu"] = round(6 * n_params * tok_per_s / world / peak, 4)
-            record(row)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_per_s:,.0f}")
-            window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
-        if state.step % tc.eval_every == 0 or last:
-            val_loss = evaluate()
-            improved = state.best_val_loss is None or val_loss < state.best_val_loss
-            state.best_val_loss = min(val_loss, state.best_val_loss or val_loss)
-            if improved and tc.export == "best" and accelerator.is_main_process:
-                inner.save_pretrained(out_dir)  # the best weights so far are the exported model
-            record({"step": state.step, "val_loss": round(val_loss, 5), "val_ppl": round(math.exp(min(val_loss, 50)), 3)})
-            if accelerator.is_main_process:
-                bar.write(f"step {state.step}: val loss {val_loss:.4f}")
-        # a periodic checkpoint waits while updates are being skipped: it would only save a bad state
-        save_due = save_due or state.step % tc.save_every == 0
-        if save_due and not skipped_in_a_row or last:
-            checkpoint, save_due = save("final" if last else "periodic"), False
-        if state.step % tc.eval_every == 0 or state.step % tc.save_every == 0:
-            window_tokens, window_steps, window_start = 0, 0, time.perf_counter()  # keep eval/saving out of tokens/s
-    bar.close()
-    if signals.received is not None or (world > 1 and stop):
-        if accelerator.is_main_process:
-            record({"event": "stopped", "step": state.step, "signal": signals.received or "peer"})
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        return TrainResult(out_dir, state.step, first_loss, last_loss, val_loss, tok_per_s,
-                           stopped_by=signals.received or "a signal to another process", checkpoint=checkpoint)
-
-    if accelerator.is_main_process:
-        if tc.export == "last":
-            inner.save_pretrained(out_dir)
-        plot_losses(metrics_file, out_dir / "loss.png", title=cfg.name)
-        from omni.model_card import write_model_card
-
-        write_model_card(out_dir)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return TrainResult(out_dir, state.step, first_loss, last_loss, val_loss, tok_per_s,
-                       checkpoint=checkpoint or latest_checkpoint(ckpt_root))
-
-
 def _any_error(accelerator, error: str | None) -> str | None:
     """The main process's error, on every process (so all raise together instead of one hanging)."""
-    from accelerate.utils import broadcast_object_list
-
     box = [error]
     broadcast_object_list(box)
     return box[0]
