@@ -7,7 +7,12 @@ L1, multi-scale log-mel L1, the RVQ commitment penalty (codebooks follow the enc
 k-means init and dead-code restarts inside the encodec package) and, optionally, the MS-STFT
 discriminator's hinge + feature-matching losses. It reports held-out multi-scale mel distance and
 SI-SDR for the untrained codec (codebooks k-means initialised on the first batch) and the trained
-one, and saves the codec with :meth:`AudioCodec.save` plus ``report.json``.
+one, and saves the codec with :meth:`AudioCodec.save` plus ``report.json`` and ``metrics.jsonl`` (a
+row of losses per step).
+
+:class:`CodecTrainer` runs on the model trainer's machinery (``omni.train.loop``): the same
+schedule and time budget, the same guard against NaN/inf updates (``max_skipped_steps`` of them in
+a row stop the run), atomic saves.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omni.config import apply_overrides, find_tokenizer_spec, from_dict, read_yaml
+from omni.data.speech import manifest_audio
 from omni.io import atomic_write_json, exclusive, write_jsonl
+from omni.media.audio import Audio, load_audio, resample
 from omni.metrics import MultiScaleMel, si_sdr
 from omni.tokenizers.audio import CODEC_PRESETS, AudioCodec, CodecConfig
-from omni.train.loop import lr_factor
+from omni.train.loop import Schedule, TrainingError, UpdateGuard, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +82,7 @@ class CodecTrainSpec:
     weight_decay: float = 0.0
     warmup_steps: int = 50
     grad_clip: float = 1.0
+    max_skipped_steps: int = 10  # this many NaN/inf updates in a row stop the run, as in omni train
     init_out_rms: float = 1.0  # data_init's output level (x the batch's rms); 0 keeps encodec's own init
     dead_code_share: float = 0.2
     loss: LossWeights = field(default_factory=LossWeights)
@@ -99,11 +108,13 @@ class CodecTrainSpec:
         if self.preset not in CODEC_PRESETS:
             raise ValueError(f"preset must be one of {', '.join(CODEC_PRESETS)}; got {self.preset!r}")
         self.codec.validate("codec.")
-        for key in ("steps", "batch_size", "mel_bins", "disc_filters", "num_val_clips", "log_every"):
+        for key in ("steps", "batch_size", "mel_bins", "disc_filters", "num_val_clips", "log_every",
+                    "max_skipped_steps"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
-        for key in ("max_minutes", "weight_decay", "grad_clip", "warmup_steps", "max_train_files", "dead_code_share",
-                    "init_out_rms", "eval_every", "save_every", "threads", "disc_start_step"):
+        for key in ("max_minutes", "weight_decay", "grad_clip", "warmup_steps", "max_train_files",
+                    "dead_code_share", "init_out_rms", "eval_every", "save_every", "threads",
+                    "disc_start_step"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         for key in ("lr", "disc_lr", "segment_s", "val_max_s"):
@@ -128,8 +139,6 @@ class CodecTrainSpec:
 def load_codec_spec(name_or_path: str, overrides: list[str] | None = None) -> CodecTrainSpec:
     """Read a codec spec (by path, or by name under ``tokenizers/``), apply ``a.b=c`` overrides, merge
     ``codec:`` over the preset, validate."""
-    from omni.config import read_yaml, apply_overrides, find_tokenizer_spec, from_dict
-
     raw = apply_overrides(read_yaml(find_tokenizer_spec(name_or_path)), overrides or [])
     preset = raw.get("preset", CodecTrainSpec.preset)
     if preset not in CODEC_PRESETS:
@@ -154,8 +163,6 @@ class RandomCrops:
     def __init__(self, manifests: list[str], sample_rate: int, max_files: int = 0,
                  on_bad_sample: str = "skip", seed: int = 0):
         import soundfile as sf
-
-        from omni.data.speech import manifest_audio
 
         self.sample_rate, self.on_bad_sample = sample_rate, on_bad_sample
         self.rng = random.Random(seed)
@@ -185,8 +192,6 @@ class RandomCrops:
         """``(B, num_samples)`` float32 crops."""
         import soundfile as sf
 
-        from omni.media.audio import resample
-
         out = torch.zeros(batch_size, num_samples)
         b = 0
         while b < batch_size:
@@ -214,9 +219,6 @@ def validation_clips(manifests: list[str], sample_rate: int, num_clips: int,
                      max_s: float) -> list[torch.Tensor]:
     """The first ``num_clips`` clips of at least 0.2 s, taken in turn from each manifest, each cut to
     ``max_s`` seconds."""
-    from omni.data.speech import manifest_audio
-    from omni.media.audio import load_audio
-
     clips = []
     for path in _round_robin([[p for p, _ in manifest_audio(m)] for m in manifests]):
         wave, _ = load_audio(path, sample_rate)
@@ -265,9 +267,6 @@ def reconstruct_manifest(codec: AudioCodec, manifest: str | Path, out_dir: str |
     """Pass every clip of a manifest through the codec; writes the wavs and ``out_dir/<name>.jsonl``
     (same rows, ``audio`` pointing at the reconstruction). For intelligibility checks: run the ASR
     model on this manifest and on the original and compare WER."""
-    from omni.data.speech import manifest_audio
-    from omni.media.audio import Audio, load_audio
-
     manifest, out_dir = Path(manifest), Path(out_dir)
     rows = []
     for path, row in manifest_audio(manifest)[:limit]:
@@ -353,7 +352,8 @@ class DeadCodeReviver:
 
     @torch.no_grad()
     def __call__(self) -> int:
-        """Revive the dead entries of every codebook that saw a batch since the last call; returns how many."""
+        """Revive the dead entries of every codebook that saw a batch since the last call; returns how
+        many."""
         revived = 0
         for cb in self.codebooks:
             x = self.inputs.pop(id(cb), None)
@@ -380,128 +380,205 @@ def train_codec(spec: CodecTrainSpec) -> dict:
     other's saves and report."""
     spec.validate()
     with exclusive(spec.out, "codec"):
-        return _train_codec(spec)
+        return CodecTrainer(spec).setup().train()
 
 
-def _train_codec(spec: CodecTrainSpec) -> dict:
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    use_cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
-    torch.manual_seed(spec.seed)
-    codec = AudioCodec(spec.codec).to(device)
-    model = codec.model
-    sr, segment = codec.sample_rate, round(spec.segment_s * codec.sample_rate)
-    mel = MultiScaleMel(sr, tuple(spec.mel_scales), spec.mel_bins).to(device)
-    data = RandomCrops(spec.train_manifests, sr, spec.max_train_files, spec.on_bad_sample, spec.seed)
-    clips = validation_clips(spec.val_manifests, sr, spec.num_val_clips, spec.val_max_s)
-    num_params = sum(p.numel() for p in model.parameters())
-    log.info("codec %s: %.2fM parameters, %d Hz, %.0f frames/s x %d codebooks of %d; %d train files, "
-             "%d val clips", spec.preset, num_params / 1e6, sr, codec.frame_rate, codec.num_codebooks,
-             codec.cardinality, len(data.files), len(clips))
+class CodecTrainer:
+    """One codec training run, audiocraft's ``CompressionSolver`` in omni: what is the codec's own
+    is here (the model and its data-dependent init, the losses of one :meth:`step`, the held-out
+    :meth:`evaluate`, the report); what every trainer shares is the model trainer's
+    (``omni.train.loop``: the :class:`Schedule` of steps, time budget and learning rate, the
+    :class:`UpdateGuard` that skips NaN/inf updates, :func:`set_lr`), and :meth:`save` is the
+    codec's atomic folder write (:func:`omni.io.atomic_dir`).
 
-    first = data.batch(spec.batch_size, segment).to(device)
-    if spec.init_out_rms:
-        data_init(model, first, spec.init_out_rms)
-    model.train()
-    with torch.no_grad():  # k-means initialisation of the codebooks, as the first training step would do
-        model.quantizer.vq(model.encoder(first[:, None]), n_q=codec.num_codebooks)
-    revive = DeadCodeReviver(model.quantizer, spec.dead_code_share)
-    before = evaluate_codec(codec, clips, mel)
-    log.info("untrained (k-means codebooks): mel distance %.4f, SI-SDR %.2f dB", before["mel_distance"],
-             before["si_sdr"])
+    The time budget is wall clock from the first step, periodic evaluations and saves included;
+    the cosine counts its steps from 0 (see :class:`Schedule`)."""
 
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=tuple(spec.betas),
-                            weight_decay=spec.weight_decay)
-    disc = opt_d = None
-    if spec.discriminator:
-        from encodec.msstftd import MultiScaleSTFTDiscriminator
+    def __init__(self, spec: CodecTrainSpec):
+        self.spec = spec
+        self.schedule = Schedule(spec.lr, spec.steps, spec.warmup_steps, spec.max_minutes, min_ratio=0.1,
+                                 cosine_from_warmup=False)
+        self.guard = UpdateGuard(spec.max_skipped_steps)
+        self.steps_done, self.skipped_steps, self.seconds = 0, 0, 0.0
+        self.history: list[dict] = []  # one row per step
 
-        disc = MultiScaleSTFTDiscriminator(filters=spec.disc_filters).to(device)
-        opt_d = torch.optim.AdamW(disc.parameters(), lr=spec.disc_lr, betas=tuple(spec.betas))
-    budget = spec.max_minutes * 60
-    t0 = time.perf_counter()
-    history, step, x = [], 0, first
-    while step < spec.steps:
-        elapsed = time.perf_counter() - t0
-        progress = max(step / spec.steps, elapsed / budget if budget else 0.0)
-        if progress >= 1:
-            break
-        factor = lr_factor(step, spec.warmup_steps, progress, 0.1)
-        for g in opt.param_groups:
-            g["lr"] = spec.lr * factor
+    # -- setup ------------------------------------------------------------------------------
+
+    def setup(self) -> CodecTrainer:
+        """The codec (initialised on the first batch: LSUV-style scaling, k-means codebooks), the data,
+        the untrained codec's held-out scores, and the optimizers; in an order that keeps a seed's
+        run the same."""
+        spec = self.spec
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        use_cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
+        self.device = device = torch.device("cuda" if use_cuda else "cpu")
+        torch.manual_seed(spec.seed)
+        self.codec = codec = AudioCodec(spec.codec).to(device)
+        model = codec.model
+        sr, self.segment = codec.sample_rate, round(spec.segment_s * codec.sample_rate)
+        self.mel = MultiScaleMel(sr, tuple(spec.mel_scales), spec.mel_bins).to(device)
+        self.data = RandomCrops(spec.train_manifests, sr, spec.max_train_files, spec.on_bad_sample, spec.seed)
+        self.clips = validation_clips(spec.val_manifests, sr, spec.num_val_clips, spec.val_max_s)
+        self.num_params = sum(p.numel() for p in model.parameters())
+        log.info("codec %s: %.2fM parameters, %d Hz, %.0f frames/s x %d codebooks of %d; %d train files, "
+                 "%d val clips", spec.preset, self.num_params / 1e6, sr, codec.frame_rate,
+                 codec.num_codebooks, codec.cardinality, len(self.data.files), len(self.clips))
+
+        self.first = self.data.batch(spec.batch_size, self.segment).to(device)  # also the first step's
+        if spec.init_out_rms:
+            data_init(model, self.first, spec.init_out_rms)
+        model.train()
+        with torch.no_grad():  # k-means initialisation of the codebooks, as the first training step would do
+            model.quantizer.vq(model.encoder(self.first[:, None]), n_q=codec.num_codebooks)
+        self.revive = DeadCodeReviver(model.quantizer, spec.dead_code_share)
+        self.before = self.evaluate()
+        log.info("untrained (k-means codebooks): mel distance %.4f, SI-SDR %.2f dB",
+                 self.before["mel_distance"], self.before["si_sdr"])
+
+        self.opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=tuple(spec.betas),
+                                     weight_decay=spec.weight_decay)
+        self.disc = self.opt_d = None
+        if spec.discriminator:
+            from encodec.msstftd import MultiScaleSTFTDiscriminator
+
+            self.disc = MultiScaleSTFTDiscriminator(filters=spec.disc_filters).to(device)
+            self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=spec.disc_lr, betas=tuple(spec.betas))
+        return self
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        """Step until the schedule ends; log, evaluate and save on their periods; then the final
+        evaluation, save and report."""
+        spec = self.spec
+        self.t0 = time.perf_counter()
+        while True:
+            self.seconds = time.perf_counter() - self.t0
+            if self.schedule.finished(self.steps_done, self.seconds):
+                break
+            row = self.step()
+            step = self.steps_done
+            if step % spec.log_every == 0 or step == 1:
+                self.log_step(row)
+            if spec.eval_every and step % spec.eval_every == 0:
+                ev = self.evaluate()
+                log.info("step %d  held-out mel distance %.4f  SI-SDR %.2f dB", step, ev["mel_distance"],
+                         ev["si_sdr"])
+            if spec.save_every and step % spec.save_every == 0:
+                self.save()
+        return self._finish()
+
+    def step(self) -> dict:
+        """One update of the codec (and, from ``disc_start_step``, of the discriminator before it) on
+        a fresh batch of random crops; the row of losses it logs."""
+        spec, codec, model = self.spec, self.codec, self.codec.model
+        factor = self.schedule.factor(self.steps_done, self.seconds)
+        set_lr(self.opt, spec.lr * factor)
+        x, self.first = self.first, None
         if x is None:
-            x = data.batch(spec.batch_size, segment).to(device)
+            x = self.data.batch(spec.batch_size, self.segment).to(self.device)
         model.train()
         emb = model.encoder(x[:, None])  # (B, D, T')
         quantized, _, commit = model.quantizer.vq(emb, n_q=codec.num_codebooks)
-        y = model.decoder(quantized)[:, 0, :segment]  # (B, T)
-        parts = {"time_l1": (y - x).abs().mean(), "mel": mel.distance(y, x), "commit": commit.mean()}
-        if disc is not None and step >= spec.disc_start_step:
-            for g in opt_d.param_groups:
-                g["lr"] = spec.disc_lr * factor
-            real_logits, _ = disc(x[:, None])
-            fake_logits, _ = disc(y.detach()[:, None])
-            d_loss = _hinge_d(real_logits, fake_logits)
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-            fake_logits, fake_maps = disc(y[:, None])
-            with torch.no_grad():
-                _, real_maps = disc(x[:, None])
-            parts["adv"] = sum(F.relu(1 - f).mean() for f in fake_logits) / len(fake_logits)
-            parts["feat"] = _feature_matching(real_maps, fake_maps)
-            parts["disc"] = d_loss.detach()
+        y = model.decoder(quantized)[:, 0, :self.segment]  # (B, T)
+        parts = {"time_l1": (y - x).abs().mean(), "mel": self.mel.distance(y, x), "commit": commit.mean()}
+        if self.disc is not None and self.steps_done >= spec.disc_start_step:
+            parts.update(self._adversarial(x, y, factor))
         loss = sum(getattr(spec.loss, k) * v for k, v in parts.items() if k != "disc")
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        params = list(model.parameters())
         if spec.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-        opt.step()
-        step += 1
-        x = None
-        row = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()}, "revived": revive(),
-               "emb_rms": emb.detach().pow(2).mean().sqrt().item()}
-        history.append(row)
-        if step % spec.log_every == 0 or step == 1:
-            secs = time.perf_counter() - t0
-            log.info("step %d  loss %.4f  %s  lr %.2e  %.0f s  %.1f audio-s/s", step, row["loss"],
-                     "  ".join([f"{k} {row[k]:.4f}" for k in parts] + [f"revived {row['revived']}", f"emb_rms {row['emb_rms']:.3f}"]), spec.lr * factor, secs,
-                     step * spec.batch_size * spec.segment_s / max(secs, 1e-9))
-        if spec.eval_every and step % spec.eval_every == 0:
-            ev = evaluate_codec(codec, clips, mel)
-            log.info("step %d  held-out mel distance %.4f  SI-SDR %.2f dB", step, ev["mel_distance"],
-                     ev["si_sdr"])
-        if spec.save_every and step % spec.save_every == 0:
-            codec.save(spec.out)
-    seconds = time.perf_counter() - t0
-    after = evaluate_codec(codec, clips, mel)
-    codec.model.eval()
-    out = codec.to("cpu").save(spec.out)
-    window = max(1, min(25, len(history) // 10))  # mean of the first / last 10% of steps (at most 25)
-    head, tail = history[:window], history[-window:]
-    report = {
-        "out": str(out), "preset": spec.preset, "params": num_params, "device": str(device),
-        "sample_rate": sr, "frame_rate": codec.frame_rate, "num_codebooks": codec.num_codebooks,
-        "cardinality": codec.cardinality,
-        "bitrate_kbps": codec.frame_rate * codec.num_codebooks * math.log2(codec.cardinality) / 1000,
-        "steps": step, "seconds": round(seconds, 1), "audio_seconds_per_second":
-            round(step * spec.batch_size * spec.segment_s / max(seconds, 1e-9), 2),
-        "train_files": len(data.files), "skipped_files": data.num_bad, "val_clips": len(clips),
-        "loss_first": sum(r["loss"] for r in head) / max(1, len(head)),
-        "loss_last": sum(r["loss"] for r in tail) / max(1, len(tail)),
-        "before": before, "after": after,
-        "mel_distance_reduction": 1 - after["mel_distance"] / before["mel_distance"],
-        "si_sdr_gain_db": after["si_sdr"] - before["si_sdr"],
-        "spec": dataclasses.asdict(spec),
-    }
-    atomic_write_json(out / "report.json", report)
-    if data.num_bad:
-        log.warning("skipped %d unusable audio files (on_bad_sample=skip)", data.num_bad)
-    log.info("held-out mel distance %.4f -> %.4f (%.0f%% lower), SI-SDR %.2f -> %.2f dB; saved %s",
-             before["mel_distance"], after["mel_distance"], 100 * report["mel_distance_reduction"],
-             before["si_sdr"], after["si_sdr"], out)
-    return report
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, spec.grad_clip))
+        else:
+            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        updated = self.guard.update(self.opt, float(loss), grad_norm)
+        self.steps_done += 1
+        row = {"step": self.steps_done, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
+               "revived": self.revive(), "emb_rms": emb.detach().pow(2).mean().sqrt().item(),
+               "lr": spec.lr * factor}
+        self.history.append(row)
+        if not updated:
+            self._skipped(row, grad_norm)
+        return row
+
+    def _adversarial(self, x: torch.Tensor, y: torch.Tensor, factor: float) -> dict[str, torch.Tensor]:
+        """One discriminator update (hinge loss on real ``x`` against the detached reconstruction
+        ``y``), then the codec's adversarial and feature-matching losses against it."""
+        set_lr(self.opt_d, self.spec.disc_lr * factor)
+        real_logits, _ = self.disc(x[:, None])
+        fake_logits, _ = self.disc(y.detach()[:, None])
+        d_loss = _hinge_d(real_logits, fake_logits)
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt_d.step()
+        fake_logits, fake_maps = self.disc(y[:, None])
+        with torch.no_grad():
+            _, real_maps = self.disc(x[:, None])
+        return {"adv": sum(F.relu(1 - f).mean() for f in fake_logits) / len(fake_logits),
+                "feat": _feature_matching(real_maps, fake_maps), "disc": d_loss.detach()}
+
+    def _skipped(self, row: dict, grad_norm: float) -> None:
+        self.skipped_steps += 1
+        log.warning("step %d: loss %s, gradient norm %s: update skipped (%d in a row)", row["step"],
+                    row["loss"], grad_norm, self.guard.in_a_row)
+        if self.guard.exhausted:
+            raise TrainingError(
+                f"loss is {row['loss']}, gradient norm {grad_norm} at step {row['step']}: "
+                f"{self.guard.in_a_row} updates in a row skipped (max_skipped_steps); stopped without "
+                "saving. Lower lr or check the data.")
+
+    def log_step(self, row: dict) -> None:
+        secs = time.perf_counter() - self.t0
+        losses = [k for k in row if k not in ("step", "loss", "revived", "emb_rms", "lr")]
+        log.info("step %d  loss %.4f  %s  lr %.2e  %.0f s  %.1f audio-s/s", row["step"], row["loss"],
+                 "  ".join([f"{k} {row[k]:.4f}" for k in losses]
+                           + [f"revived {row['revived']}", f"emb_rms {row['emb_rms']:.3f}"]),
+                 row["lr"], secs, row["step"] * self.spec.batch_size * self.spec.segment_s / max(secs, 1e-9))
+
+    def evaluate(self) -> dict:
+        """Held-out multi-scale mel distance, SI-SDR and codebook use (:func:`evaluate_codec`)."""
+        return evaluate_codec(self.codec, self.clips, self.mel)
+
+    def save(self) -> Path:
+        """The codec into ``spec.out``, replaced as a whole (its lock stays held)."""
+        return self.codec.save(self.spec.out)
+
+    def _finish(self) -> dict:
+        spec, codec, step = self.spec, self.codec, self.steps_done
+        seconds = time.perf_counter() - self.t0
+        after = self.evaluate()
+        codec.model.eval()
+        codec.to("cpu")
+        out = self.save()
+        before, history = self.before, self.history
+        window = max(1, min(25, len(history) // 10))  # mean of the first / last 10% of steps (at most 25)
+        head, tail = history[:window], history[-window:]
+        report = {
+            "out": str(out), "preset": spec.preset, "params": self.num_params, "device": str(self.device),
+            "sample_rate": codec.sample_rate, "frame_rate": codec.frame_rate,
+            "num_codebooks": codec.num_codebooks, "cardinality": codec.cardinality,
+            "bitrate_kbps": codec.frame_rate * codec.num_codebooks * math.log2(codec.cardinality) / 1000,
+            "steps": step, "seconds": round(seconds, 1), "audio_seconds_per_second":
+                round(step * spec.batch_size * spec.segment_s / max(seconds, 1e-9), 2),
+            "train_files": len(self.data.files), "skipped_files": self.data.num_bad,
+            "val_clips": len(self.clips), "skipped_steps": self.skipped_steps,
+            "loss_first": sum(r["loss"] for r in head) / max(1, len(head)),
+            "loss_last": sum(r["loss"] for r in tail) / max(1, len(tail)),
+            "before": before, "after": after,
+            "mel_distance_reduction": 1 - after["mel_distance"] / before["mel_distance"],
+            "si_sdr_gain_db": after["si_sdr"] - before["si_sdr"],
+            "spec": dataclasses.asdict(spec),
+        }
+        write_jsonl(out / "metrics.jsonl", history)
+        atomic_write_json(out / "report.json", report)
+        if self.data.num_bad:
+            log.warning("skipped %d unusable audio files (on_bad_sample=skip)", self.data.num_bad)
+        log.info("held-out mel distance %.4f -> %.4f (%.0f%% lower), SI-SDR %.2f -> %.2f dB; saved %s",
+                 before["mel_distance"], after["mel_distance"], 100 * report["mel_distance_reduction"],
+                 before["si_sdr"], after["si_sdr"], out)
+        return report
 
 
 def format_report(report: dict) -> str:
@@ -513,6 +590,6 @@ def format_report(report: dict) -> str:
             f"held-out multi-scale mel distance {b['mel_distance']:.4f} -> {a['mel_distance']:.4f} "
             f"({100 * r['mel_distance_reduction']:.0f}% lower); "
             f"SI-SDR {b['si_sdr']:.2f} -> {a['si_sdr']:.2f} dB\n"
-            f"codes in use per codebook (perplexity): {' '.join(f'{x:.0f}' for x in a['codebook_perplexity'])} "
-            f"of {r['cardinality']}\n"
+            f"codes in use per codebook (perplexity): "
+            f"{' '.join(f'{x:.0f}' for x in a['codebook_perplexity'])} of {r['cardinality']}\n"
             f"saved to {r['out']} (report.json beside it)")

@@ -196,3 +196,26 @@ def test_the_codec_folder_stays_locked_while_training_and_a_second_training_is_r
                            match=rf"this codec is being written by another process \(pid {pid} "):
             train_codec(_spec(corpus, out, steps=1))
     assert folder_files(out) == before
+
+
+def test_non_finite_updates_are_skipped_and_too_many_in_a_row_stop_the_run(corpus, tmp_path, monkeypatch):
+    from omni.train import TrainingError
+
+    clip, calls = torch.nn.utils.clip_grad_norm_, [0]
+
+    def nan_norm_at(steps):
+        def clip_grad_norm_(params, max_norm):
+            calls[0] += 1
+            norm = clip(params, max_norm)
+            return norm * float("nan") if calls[0] in steps else norm
+        return clip_grad_norm_
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_norm_at({2, 3}))
+    report = train_codec(_spec(corpus, tmp_path / "codec", steps=4, num_val_clips=1))
+    assert report["steps"] == 4 and report["skipped_steps"] == 2
+    weights = AudioCodec.load(tmp_path / "codec").model.state_dict()
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    calls[0] = 0
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", nan_norm_at(range(10**6)))
+    with pytest.raises(TrainingError, match="at step 2: 2 updates in a row skipped"):
+        train_codec(_spec(corpus, tmp_path / "codec2", steps=4, num_val_clips=1, max_skipped_steps=2))
