@@ -20,6 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
+from omni.config import RecipeConfig
+from omni.io import LOCK_FILE
 from omni.train.checkpoint import LoadedCheckpoint, clean_partial, load_latest
 
 log = logging.getLogger(__name__)
@@ -46,8 +48,6 @@ def move_aside(out_dir: Path) -> Path:
         n += 1
         aside = out_dir.with_name(f"{out_dir.name}.old-{stamp}-{n}")
     aside.mkdir()
-    from omni.io import LOCK_FILE
-
     for entry in out_dir.iterdir():
         if entry.name != LOCK_FILE:
             os.replace(entry, aside / entry.name)
@@ -67,8 +67,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def recipe_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
     """``(key, old, new)`` for each recipe key whose value differs. A key the old recipe lacks (it
     predates that option) counts as changed only if the new value is not the option's default."""
-    from omni.config import RecipeConfig
-
     defaults = _flatten(dataclasses.asdict(RecipeConfig()))
     old, new = _flatten(old), _flatten(new)
     missing = object()

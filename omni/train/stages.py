@@ -23,6 +23,7 @@ import fnmatch
 import logging
 from pathlib import Path
 
+from omni.io import load_tensors
 from omni.model.lora import add_lora
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,6 @@ def init_from(model, path: str | Path) -> dict:
     """Start from another run's weights: every tensor of ``path/model.safetensors`` whose name the
     model has is loaded (names the model lacks are reported, not loaded: a stage may drop heads);
     a tensor whose shape differs is an error naming it. New modules keep their initialisation."""
-    from omni.io import load_tensors
-
     f = Path(path) / "model.safetensors"
     if not f.is_file():
         raise ValueError(f"train.init_from: {f} not found (point it at a run directory written by omni train)")
