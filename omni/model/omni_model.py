@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni.io import atomic_write_json, load_tensors, replace_dir, save_tensors, temp_dir
+from omni.io import atomic_dir, atomic_write_json, load_tensors, save_tensors
 from omni.model.backbone import NO_SLOT, Backbone, BackboneConfig, KVCache, Memory
-from omni.model.blip2 import Blip2Config, Blip2Head, blip2_loss
-from omni.model.contrastive import ContrastiveConfig, ContrastiveHead, embed_media, embed_text, info_nce
+from omni.model.blip2 import Blip2Config, Blip2Head
+from omni.model.contrastive import ContrastiveConfig, ContrastiveHead
 from omni.model.lora import merged_state_dict
 from omni.model.media_encoder import build_media_encoder
 from omni.model.outputs import ModelOutput, default_positions
@@ -148,7 +147,7 @@ class OmniModel(nn.Module):
                 targets: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
                 key_padding: torch.Tensor | None = None, cache: KVCache | None = None,
                 streams: torch.Tensor | None = None, stream_targets: torch.Tensor | None = None,
-                media: list | None = None, last_only: bool = False, contrastive: bool = False,
+                media: list | None = None, last_only: bool = False,
                 loss_weights: torch.Tensor | None = None) -> ModelOutput:
         """input_ids (B, T); targets (B, T) next-token ids or -100 (already shifted, see sequence.render).
 
@@ -158,13 +157,9 @@ class OmniModel(nn.Module):
         MediaSlot)`` pairs whose encoder outputs replace the ``<|feat|>`` embeddings, or become the
         cross-attention memory. last_only: logits for the last position only. loss_weights (B, T):
         each position's weight in the loss (a mixture's per-task ``loss_weight``); the loss is then
-        the weighted mean over the targets, codebook streams included.
-        contrastive: ``input_ids`` are right-padded texts (``key_padding`` their mask) paired row by
-        row with ``media`` (one slot each); returns the InfoNCE loss and the similarity logits, or
-        for a BLIP-2 model (``config.blip2``) its weighted stage-1 losses (omni/model/blip2.py).
+        the weighted mean over the targets, codebook streams included. (The loss on (media, text)
+        pairs is :class:`omni.model.objectives.PairObjective`'s, a module around the model.)
         """
-        if contrastive:
-            return self._contrastive(input_ids, key_padding, media)
         if positions is None:
             positions = default_positions(input_ids, key_padding, cache)
         x = self.embed_ids(input_ids, streams)
@@ -206,17 +201,6 @@ class OmniModel(nn.Module):
                                         None if w is None else w[keep])
                     total, mass, n = total + part, mass + m, n + c
         return ModelOutput(logits, total / mass if n else total, n, aux_loss)
-
-    def _contrastive(self, ids, mask, media) -> ModelOutput:
-        if self.blip2 is not None:
-            return blip2_loss(self, ids, mask, media)
-        if self.contrastive is None:
-            raise ValueError("this model has no contrastive head (model.contrastive or model.blip2 in the recipe)")
-        (modality,) = {slot.modality for _, slot in media}
-        slots = [slot for _, slot in sorted(media, key=lambda m: m[0])]
-        loss, sims = info_nce(embed_media(self, modality, [s.data for s in slots]), embed_text(self, ids, mask),
-                              self.contrastive.logit_scale)
-        return ModelOutput(sims, loss, len(slots))
 
     def embed_ids(self, input_ids: torch.Tensor, streams: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (B, T, D): stream 0 plus the delay streams, summed (EMPTY ids add nothing)."""
@@ -296,31 +280,17 @@ class OmniModel(nn.Module):
     # -- files ------------------------------------------------------------------------------
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write config.json + model.safetensors (+ tokenizer/) atomically: a temp dir renamed into place."""
+        """Write config.json + model.safetensors (+ tokenizer/, codec/) atomically (``omni.io.atomic_dir``):
+        a new folder appears whole; into an existing one (a run folder) each of ours is swapped in
+        by an atomic rename, config.json last, and what we do not own (metrics, checkpoints/) stays."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_dir(path.parent, f".{path.name}.tmp")
-        try:
+        with atomic_dir(path, merge=True, last=CONFIG_FILE) as tmp:
             atomic_write_json(tmp / CONFIG_FILE, self.standalone_config().to_dict())
             save_tensors(tmp / WEIGHTS_FILE, self.export_state_dict(), metadata={"format": "pt"})
             if self.tokenizer is not None:
                 self.tokenizer.save(tmp / TOKENIZER_DIR)
             if self.codec is not None:
                 self.codec.save(tmp / CODEC_DIR)
-            if path.exists():
-                # Keep files we do not own (metrics, plots, checkpoints/) and never delete before
-                # replacing: each of ours is swapped in by an atomic rename, config.json last.
-                for sub in (TOKENIZER_DIR, CODEC_DIR):
-                    if (tmp / sub).exists():
-                        replace_dir(tmp / sub, path / sub)
-                (tmp / WEIGHTS_FILE).replace(path / WEIGHTS_FILE)
-                (tmp / CONFIG_FILE).replace(path / CONFIG_FILE)
-                tmp.rmdir()
-            else:
-                replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     def standalone_config(self) -> OmniConfig:

@@ -38,9 +38,10 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from omni.config import RecipeConfig, load_tokenizer_spec
-from omni.data.tasks import TaskSpec, dataset_for
+from omni.data.tasks import TASKS, TaskSpec, dataset_for
 from omni.io import atomic_write_bytes, exclusive
 from omni.model.backbone import backbone_config, default_mrope_section
+from omni.model.objectives import PairObjective
 from omni.model.omni_model import build_model
 from omni.model_card import write_model_card
 from omni.tokenizers.audio import AudioCodec
@@ -257,9 +258,8 @@ def _to_device(batch: dict, device) -> dict:
 
 
 def _forward(model, batch: dict):
-    if batch.get("contrastive"):
-        return model(batch["input_ids"], key_padding=batch["key_padding"], media=batch["media"],
-                     contrastive=True)
+    if batch.get("contrastive"):  # model is the PairObjective around the model (setup)
+        return model(batch["input_ids"], batch["key_padding"], batch["media"])
     return model(batch["input_ids"], positions=batch["positions"], targets=batch["targets"],
                  doc_ids=batch["doc_ids"], streams=batch.get("streams"),
                  stream_targets=batch.get("stream_targets"), media=batch.get("media"),
@@ -402,10 +402,14 @@ class Trainer:
                                       betas=tuple(tc.betas), foreach=True)
         self.state, scaler_state = self._resume(resume_path, run_id, model, optimizer)
         self.resumed_from = resume_path
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        # pairs train through their objective's module, so DDP's forward is the one that runs
+        trained = PairObjective(model) if TASKS[cfg.data.task].pairs and not cfg.data.mixture else model
+        self.model, self.optimizer = acc.prepare(trained, optimizer)
         if scaler_state and acc.scaler is not None:
             acc.scaler.load_state_dict(scaler_state)
         self.inner = acc.unwrap_model(self.model)
+        if isinstance(self.inner, PairObjective):
+            self.inner = self.inner.model
         self.inner.backbone.set_attn_backend(cfg.model.attn_backend, acc.device)
         self.stream = RowStream(len(self.train_set), tc.seed)
         self.n_params = self.inner.num_params()

@@ -16,6 +16,7 @@ from omni.config import load_recipe
 from omni.io import load_tensors
 from omni.model.backbone import backbone_config
 from omni.model.blip2 import hard_negatives
+from omni.model.objectives import PairObjective
 from omni.model.omni_model import build_model
 from omni.sequence import MediaSlot
 
@@ -61,7 +62,7 @@ def test_each_loss_is_computed_only_when_on_and_the_objective_is_the_weighted_su
     model = build_model(backbone_config("debug", max_seq_len=64), text_tokenizer.vocab, text_tokenizer,
                         seed=0, media=IMAGE, blip2={**weights, "embed_dim": 16})
     ids, mask, media = _pairs(text_tokenizer)
-    out = model(ids, key_padding=mask, media=media, contrastive=True)
+    out = PairObjective(model)(ids, mask, media)
     on = {k for k, w in weights.items() if w}
     assert set(out.parts) == on
     assert torch.allclose(out.loss, sum(weights[k] * out.parts[k] for k in on))
@@ -78,8 +79,8 @@ def test_itg_reads_the_image_only_through_the_queries(text_tokenizer):
                         seed=0, media=IMAGE, blip2={"itc": 0, "itm": 0, "itg": 1}).eval()
     ids, mask, media = _pairs(text_tokenizer)
     _, _, other = _pairs(text_tokenizer, seed=1)
-    a = model(ids, key_padding=mask, media=media, contrastive=True).loss
-    b = model(ids, key_padding=mask, media=other, contrastive=True).loss
+    a = PairObjective(model)(ids, mask, media).loss
+    b = PairObjective(model)(ids, mask, other).loss
     assert not torch.allclose(a, b)
 
 
