@@ -35,10 +35,11 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
     import omni
     from omni.api import describe
     from omni.io import read_jsonl
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     model = omni.load(args.ckpt)
     prompt = ""

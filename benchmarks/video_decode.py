@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-
 from common import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

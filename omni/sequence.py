@@ -22,7 +22,6 @@ With the ``delay`` layout a rendered sample carries ``streams (K-1, T)``: the id
 
 from __future__ import annotations
 
-
 from dataclasses import dataclass, field, replace
 
 import torch

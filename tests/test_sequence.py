@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from omni.sequence import MediaSlot, IGNORE, Message, Rendered, Sample, Segment, pack, render
+from omni.sequence import IGNORE, MediaSlot, Message, Rendered, Sample, Segment, pack, render
 
 
 def _chat(*turns):

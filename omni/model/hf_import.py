@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from omni.io import read_json
-
 from omni.model.backbone import BackboneConfig
 from omni.model.omni_model import OmniConfig, OmniModel
 from omni.vocab import Vocab
