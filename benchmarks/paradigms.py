@@ -22,7 +22,8 @@ learned embeddings (Flamingo trains its new tokens' embeddings too).
 
 A paradigm is one or more stages; each stage gets ``--steps / stages`` steps and starts from
 ``--lm``, or from what its overrides name (``{lm}``: the LM run, ``{prev}``: the previous stage's
-run, ``{tower}``: the CLIP run); wall time and peak memory cover every stage, the other columns describe the last.
+run, ``{tower}``: the CLIP run); wall time and peak memory cover every stage, the other columns
+describe the last.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ import torch
 PARADIGMS = {
     "linear": [("llava/caption_tiny", ["model.media.image.connector.kind=linear",
                                        "train.trainable=[encoders.image, embed]"])],
-    "mlp": [("llava/caption_tiny", ["model.media.image.connector.kind=mlp", "train.trainable=[encoders.image, embed]"])],
-    "qformer": [("llava/caption_tiny", ["model.media.image.connector={kind: qformer, num_queries: 8, num_layers: 2}",
+    "mlp": [("llava/caption_tiny", ["model.media.image.connector.kind=mlp",
+                                    "train.trainable=[encoders.image, embed]"])],
+    "qformer": [("llava/caption_tiny", ["model.media.image.connector={kind: qformer, num_queries: 8, "
+                                        "num_layers: 2}",
                                         "train.trainable=[encoders.image, embed]"])],
     "flamingo": [("flamingo/caption_tiny", [])],
-    "early": [("llava/caption_tiny", ["model.media.image.tokenizer={kind: patchify, size: tiny, image_size: 64, "
-                                      "patch_size: 16}"])],
+    "early": [("llava/caption_tiny", ["model.media.image.tokenizer={kind: patchify, size: tiny, "
+                                      "image_size: 64, patch_size: 16}"])],
     "blip2": [("blip2/stage1_tiny", []), ("blip2/stage2_tiny", ["train.init_from=[{prev},{lm}]"])],
     "blip2_clip": [("blip2/stage1_tiny", ["train.init_from=[{tower},{lm}]"]),
                    ("blip2/stage2_tiny", ["train.init_from=[{prev},{lm}]"])],
@@ -91,9 +94,10 @@ def run(name: str, args, out_root: Path) -> dict:
     for i, (recipe, extra) in enumerate(stages):
         out = out_root / name if i == len(stages) - 1 else out_root / f"{name}_stage{i + 1}"
         overrides = [f"train.out_dir={out}", f"train.steps={steps}", f"train.init_from={args.lm}",
-                     f"data.path={args.data}", "train.resume=false", "train.overwrite=true", "train.progress=false",
-                     f"train.eval_every={steps}", f"train.save_every={steps}",
-                     f"train.warmup_steps={min(40, steps // 10)}", *(x.format(lm=args.lm, prev=prev, tower=args.tower) for x in extra)]
+                     f"data.path={args.data}", "train.resume=false", "train.overwrite=true",
+                     "train.progress=false", f"train.eval_every={steps}", f"train.save_every={steps}",
+                     f"train.warmup_steps={min(40, steps // 10)}",
+                     *(x.format(lm=args.lm, prev=prev, tower=args.tower) for x in extra)]
         seconds, rss = _train(name, recipe, overrides)
         wall, peak, prev = wall + seconds, max(peak, rss), out
     recipe = " + ".join(r for r, _ in stages)
@@ -105,7 +109,8 @@ def run(name: str, args, out_root: Path) -> dict:
         raise SystemExit(f"{name}: eval failed:\n{r.stderr[-3000:]}")
     m = json.loads((out / f"eval_{args.split}.json").read_text())
     tok_s = [x["tokens_per_s"] for x in rows if "tokens_per_s" in x]
-    return {"paradigm": name, "recipe": recipe, "cider_d": round(m["cider_d"], 4), "bleu4": round(m["bleu4"], 4),
+    return {"paradigm": name, "recipe": recipe, "cider_d": round(m["cider_d"], 4),
+            "bleu4": round(m["bleu4"], 4),
             "trainable_params": start["trainable_params"], "params": start["params"],
             "wall_s": round(wall, 1), "tokens_per_s": round(sum(tok_s) / max(len(tok_s), 1), 1),
             "peak_rss_mb": round(peak / 2**20) if peak else None,
@@ -115,9 +120,11 @@ def run(name: str, args, out_root: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--lm", default="runs/text_tiny", help="the pre-trained language model run every paradigm starts from")
+    ap.add_argument("--lm", default="runs/text_tiny",
+                    help="the pre-trained language model run every paradigm starts from")
     ap.add_argument("--data", default="data/images")
-    ap.add_argument("--tower", default="runs/clip_images_tiny", help="blip2_clip: the CLIP run whose image tower it freezes")
+    ap.add_argument("--tower", default="runs/clip_images_tiny",
+                    help="blip2_clip: the CLIP run whose image tower it freezes")
     ap.add_argument("--split", default="test")
     ap.add_argument("--out", default="runs/paradigms")
     ap.add_argument("--only", nargs="*", choices=list(PARADIGMS), default=list(PARADIGMS))
@@ -130,10 +137,12 @@ def main() -> None:
     print("| paradigm | CIDEr-D | BLEU-4 | trainable / all params | wall (s) | tokens/s | peak RSS (MB) |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['paradigm']} | {r['cider_d']:.3f} | {r['bleu4']:.3f} | {r['trainable_params'] / 1e6:.2f}M / "
-              f"{r['params'] / 1e6:.2f}M | {r['wall_s']:.0f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']} |")
-    print(json.dumps({"benchmark": "paradigms", "date": time.strftime("%Y-%m-%d"), "cpu": platform.processor(),
-                      "threads": torch.get_num_threads(), "torch": torch.__version__,
+        print(f"| {r['paradigm']} | {r['cider_d']:.3f} | {r['bleu4']:.3f} | "
+              f"{r['trainable_params'] / 1e6:.2f}M / {r['params'] / 1e6:.2f}M | {r['wall_s']:.0f} | "
+              f"{r['tokens_per_s']:.0f} | {r['peak_rss_mb']} |")
+    print(json.dumps({"benchmark": "paradigms", "date": time.strftime("%Y-%m-%d"),
+                      "cpu": platform.processor(), "threads": torch.get_num_threads(),
+                      "torch": torch.__version__,
                       "config": {"steps": args.steps, "lm": args.lm, "data": args.data, "split": args.split},
                       "results": results}))
 

@@ -4,8 +4,8 @@ Each recipe trains for ``--steps`` optimizer steps at its own batch size and seq
 key can be overridden with ``--set RECIPE:key=value``); the numbers are read back from the run's
 metrics.jsonl: seconds per step and tokens/s over the last logged window (the first window holds
 the warm-up), and peak GPU memory. Each recipe's row is printed as a ``RESULT {...}`` line as soon
-as it finishes, so a run cut off by a time limit keeps what it measured. One recipe failing does not stop the others; its error is
-reported in its row.
+as it finishes, so a run cut off by a time limit keeps what it measured. One recipe failing does
+not stop the others; its error is reported in its row.
 
     python benchmarks/recipe_steps.py whisper/asr_base llava/caption_base --steps 30 \\
         --set 'whisper/asr_base:data.path=.gpu/data/speech'
@@ -39,8 +39,10 @@ def measure(recipe: str, overrides: list[str], steps: int, out_root: str) -> dic
     out_dir = os.path.join(out_root, recipe.replace("/", "_"))
     log_every = max(1, steps // 3)
     cfg = load_recipe(recipe, [*overrides, f"train.steps={steps}", f"train.log_every={log_every}",
-                               f"train.eval_every={steps}", "train.eval_batches=1", f"train.warmup_steps={steps // 2}", f"train.save_every={steps}",
-                               f"train.out_dir={out_dir}", "train.resume=false", "train.overwrite=true", "train.progress=false"])
+                               f"train.eval_every={steps}", "train.eval_batches=1",
+                               f"train.warmup_steps={steps // 2}", f"train.save_every={steps}",
+                               f"train.out_dir={out_dir}", "train.resume=false", "train.overwrite=true",
+                               "train.progress=false"])
     t0 = time.perf_counter()
     train(cfg)
     wall = time.perf_counter() - t0
@@ -50,7 +52,8 @@ def measure(recipe: str, overrides: list[str], steps: int, out_root: str) -> dic
     last = rows[-1]
     return {"recipe": recipe, "params_m": round(start["params"] / 1e6, 1),
             "trainable_m": round(start["trainable_params"] / 1e6, 1), "batch": cfg.train.batch_size,
-            "seq_len": cfg.data.seq_len, "s_per_step": last["s_per_step"], "tokens_per_s": last["tokens_per_s"],
+            "seq_len": cfg.data.seq_len, "s_per_step": last["s_per_step"],
+            "tokens_per_s": last["tokens_per_s"],
             "max_mem_gib": last.get("max_mem_gib"), "mfu": last.get("mfu"), "loss_first": rows[0]["loss"],
             "loss_last": last["loss"], "wall_s": round(wall, 1)}
 
@@ -87,8 +90,8 @@ def main(argv=None) -> int:
             print(f"{r['recipe']:<34}  failed: {r['error'][:80]}")
             continue
         mem = "-" if r["max_mem_gib"] is None else f"{r['max_mem_gib']:.1f}"
-        print(f"{r['recipe']:<34}{r['params_m']:>7.1f}M{r['batch']:>7} x {r['seq_len']:<4}{r['s_per_step']:>8.3f}"
-              f"{r['tokens_per_s']:>11,.0f}{mem:>10}")
+        print(f"{r['recipe']:<34}{r['params_m']:>7.1f}M{r['batch']:>7} x {r['seq_len']:<4}"
+              f"{r['s_per_step']:>8.3f}{r['tokens_per_s']:>11,.0f}{mem:>10}")
     print(json.dumps({"benchmark": "recipe_steps",
                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                       "device": device, "versions": {"torch": torch.__version__, "omni": omni.__version__,

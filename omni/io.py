@@ -30,7 +30,8 @@ def temp_dir(parent: Path, prefix: str) -> Path:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder + rename, so readers never see half a file."""
+    """Write ``data`` to ``path`` via a temp file in the same folder + rename, so readers never see
+    half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -77,7 +77,8 @@ def test_read_jsonl_skips_blank_lines(tmp_path):
     assert [r["a"] for r in io.read_jsonl(p)] == [1, 2]
 
 
-@pytest.mark.parametrize("bad_line,expect", [(b'{"a": 1,}', "not valid JSON"), (b'{"a": "\xff\xfe"}', "not UTF-8"),
+@pytest.mark.parametrize("bad_line,expect", [(b'{"a": 1,}', "not valid JSON"),
+                                             (b'{"a": "\xff\xfe"}', "not UTF-8"),
                                              (b"[1, 2]", "expected a JSON object")])
 def test_read_jsonl_errors_name_file_and_line(tmp_path, bad_line, expect):
     p = tmp_path / "m.jsonl"
@@ -130,7 +131,8 @@ def test_exclusive_refuses_a_second_writer_and_names_the_holder(tmp_path):
         "    print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(io.LockedError, match=rf"this run is being written by another process \(pid {holder.pid} "):
+        with pytest.raises(io.LockedError,
+                           match=rf"this run is being written by another process \(pid {holder.pid} "):
             with io.exclusive(tmp_path, "run"):
                 pass
     finally:

@@ -87,9 +87,10 @@ class OmniModel(nn.Module):
         video = getattr(self.encoders["video"], "video", None) if "video" in self.encoders else None
         if video is not None and self.reads_by_cross_attention("video") and video.temporal == "mrope":
             raise ValueError("model.media.video: with model.cross_attention the video is read as a memory "
-                             "without positions, so `temporal: mrope` would lose the order of the frames; use "
-                             "`video: {temporal: qformer}` (learned frame positions before a video Q-Former), "
-                             "or keep the video as tokens by leaving it out of model.cross_attention.media")
+                             "without positions, so `temporal: mrope` would lose the order of the frames; "
+                             "use `video: {temporal: qformer}` (learned frame positions before a video "
+                             "Q-Former), or keep the video as tokens by leaving it out of "
+                             "model.cross_attention.media")
         self.contrastive = None
         if config.contrastive is not None:
             cc = ContrastiveConfig.parse(config.contrastive)

@@ -115,7 +115,8 @@ def _rng_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> list[dict]:
     for rank in range(len(meta["ranks"])):
         m = meta["ranks"][str(rank)]
         prefix = f"rng.{rank}.cuda."
-        cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith(prefix)), key=lambda k: int(k[len(prefix):]))]
+        cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith(prefix)),
+                                           key=lambda k: int(k[len(prefix):]))]
         kind, pos, has_gauss, gauss = m["numpy"]
         states.append({"torch": tensors[f"rng.{rank}.torch"], "cuda": cuda, "python": m["python"],
                        "numpy": [kind, tensors[f"rng.{rank}.numpy"], pos, has_gauss, gauss]})
@@ -136,8 +137,8 @@ def save_checkpoint(ckpt_root: Path, model_state: dict[str, torch.Tensor], optim
     opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
     bad = non_finite(model_state) + non_finite(opt_tensors)
     if bad:
-        raise NonFiniteError(f"{len(bad)} tensors hold NaN/inf (first: {bad[0]}); checkpoint of step {state.step} "
-                             "not written")
+        raise NonFiniteError(f"{len(bad)} tensors hold NaN/inf (first: {bad[0]}); "
+                             f"checkpoint of step {state.step} not written")
     final = ckpt_root / f"step_{state.step:08d}"
     with atomic_dir(final) as tmp:  # a step_* folder exists only once complete
         save_tensors(tmp / "model.safetensors", model_state)
@@ -211,7 +212,8 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
         state = TrainState(**meta["state"])
         if not isinstance(state.step, int) or not isinstance(state.cursor, int):
             raise ValueError("state.step and state.cursor must be integers")
-        if not isinstance(meta.get("optimizer"), dict) or not isinstance(meta["optimizer"].get("param_groups"), list):
+        if (not isinstance(meta.get("optimizer"), dict)
+                or not isinstance(meta["optimizer"].get("param_groups"), list)):
             raise ValueError("no 'optimizer.param_groups' list")
     except ValueError as e:
         raise ValueError(f"{meta_file}: not a trainer state ({e})") from None
@@ -244,6 +246,7 @@ def load_latest(ckpt_root: Path) -> LoadedCheckpoint | None:
             log.warning("resuming from %s, the newest checkpoint that loads", path)
         return ck
     if problems:
-        raise ValueError(f"{ckpt_root}: no checkpoint loads ({'; '.join(problems)}); move the folder aside or "
-                         "set train.overwrite=true to start a new run (the old one is kept beside it)")
+        raise ValueError(f"{ckpt_root}: no checkpoint loads ({'; '.join(problems)}); "
+                         "move the folder aside or set train.overwrite=true to start a new run "
+                         "(the old one is kept beside it)")
     return None

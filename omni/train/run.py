@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 
 # Recipe keys a resumed run may change without changing the weights it ends with: they only say
 # when to log, evaluate and save, where the run lives, and how to resume.
-SAFE_TO_CHANGE = {"description", "train.out_dir", "train.log_every", "train.eval_every", "train.eval_batches",
-                  "train.save_every", "train.keep_checkpoints", "train.progress", "train.export", "train.resume",
-                  "train.overwrite", "train.resume_changed", "train.max_skipped_steps"}
+SAFE_TO_CHANGE = {"description", "train.out_dir", "train.log_every", "train.eval_every",
+                  "train.eval_batches", "train.save_every", "train.keep_checkpoints", "train.progress",
+                  "train.export", "train.resume", "train.overwrite", "train.resume_changed",
+                  "train.max_skipped_steps"}
 
 
 def holds_run(out_dir: Path) -> bool:
@@ -96,7 +97,8 @@ def check_resume(ck: LoadedCheckpoint, recipe: dict, world_size: int, allow_chan
         more = f" and {len(breaking) - 8} more" if len(breaking) > 8 else ""
         raise ValueError(f"{ck.path}: resuming with a changed recipe would not continue the same run "
                          f"({listed}{more}); set train.resume_changed=true to resume anyway, "
-                         "train.overwrite=true to start a new run (the old one is moved aside), or use another train.out_dir")
+                         "train.overwrite=true to start a new run (the old one is moved aside), "
+                         "or use another train.out_dir")
 
 
 def open_run(out_dir: Path, tc, recipe: dict, world_size: int) -> tuple[Path | None, str]:
@@ -114,7 +116,8 @@ def open_run(out_dir: Path, tc, recipe: dict, world_size: int) -> tuple[Path | N
         if ck is not None:
             check_resume(ck, recipe, world_size, tc.resume_changed)
             return ck.path, ck.state.run_id  # "" for checkpoints from before run ids: still this run
-        why = "train.resume=false" if not tc.resume else "it has no checkpoint to resume (only an exported model)"
+        why = ("train.resume=false" if not tc.resume
+               else "it has no checkpoint to resume (only an exported model)")
         raise ValueError(f"{out_dir} already holds a run and {why}: resume it (train.resume=true), choose "
                          "another train.out_dir, or set train.overwrite=true to move the old run aside")
     return None, uuid.uuid4().hex

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 def _selects(name: str, pattern: str) -> bool:
     """Whether ``pattern`` names this module / parameter or one of the modules around it."""
-    return any(fnmatch.fnmatchcase(name, p) for p in (pattern, f"{pattern}.*", f"*.{pattern}", f"*.{pattern}.*"))
+    return any(fnmatch.fnmatchcase(name, p)
+               for p in (pattern, f"{pattern}.*", f"*.{pattern}", f"*.{pattern}.*"))
 
 
 def select(names, patterns: list[str], what: str) -> set[str]:
@@ -71,18 +72,20 @@ def init_from(model, path: str | Path) -> dict:
     a tensor whose shape differs is an error naming it. New modules keep their initialisation."""
     f = Path(path) / "model.safetensors"
     if not f.is_file():
-        raise ValueError(f"train.init_from: {f} not found (point it at a run directory written by omni train)")
+        raise ValueError(f"train.init_from: {f} not found "
+                         "(point it at a run directory written by omni train)")
     tensors = load_tensors(f)
     own = model.export_state_dict(merge_lora=False)
     for name, t in tensors.items():
         if name in own and own[name].shape != t.shape:
-            raise ValueError(f"train.init_from {path}: tensor {name} has shape {tuple(t.shape)} but this model's is "
-                             f"{tuple(own[name].shape)} (a different size or vocabulary)")
+            raise ValueError(f"train.init_from {path}: tensor {name} has shape {tuple(t.shape)} "
+                             f"but this model's is {tuple(own[name].shape)} (a different size or vocabulary)")
     loaded = sorted(set(tensors) & set(own))
     if not loaded:
         raise ValueError(f"train.init_from {path}: none of its tensors belong to this model")
     model.load_state_dict({k: tensors[k] for k in loaded}, strict=False)
-    report = {"loaded": len(loaded), "new": len(set(own) - set(tensors)), "unused": len(set(tensors) - set(own))}
+    report = {"loaded": len(loaded), "new": len(set(own) - set(tensors)),
+              "unused": len(set(tensors) - set(own))}
     log.info("init_from %s: %d tensors loaded, %d new in this model, %d of its tensors unused", path,
              report["loaded"], report["new"], report["unused"])
     return report

@@ -134,7 +134,8 @@ def test_recipe_changes_on_resume_are_listed_and_breaking_ones_refused(tmp_path,
         check_resume(ck, new.to_dict(), world_size=1, allow_changes=False)
     assert "train.eval_every: 100 -> 7" in caplog.text
     new.train.lr, new.train.batch_size = 0.5, 3
-    with pytest.raises(ValueError, match=r"train.batch_size: 16 -> 3; train.lr: 0.001 -> 0.5.*train.resume_changed=true"):
+    with pytest.raises(ValueError,
+                       match=r"train.batch_size: 16 -> 3; train.lr: 0.001 -> 0.5.*train.resume_changed=true"):
         check_resume(ck, new.to_dict(), world_size=1, allow_changes=False)
     check_resume(ck, new.to_dict(), world_size=1, allow_changes=True)
     with pytest.raises(ValueError, match=r"processes: 1 -> 2"):

@@ -21,7 +21,8 @@ IMAGE = {"image": {"tokenizer": {"kind": "siglip", "size": "debug", "image_size"
 
 
 def _model(tok, seed=0, **overrides):
-    return build_model(backbone_config("debug", max_seq_len=64, **overrides), tok.vocab, tok, seed=seed, media=IMAGE)
+    return build_model(backbone_config("debug", max_seq_len=64, **overrides), tok.vocab, tok, seed=seed,
+                       media=IMAGE)
 
 
 def test_trainable_globs_select_modules_at_any_depth(text_tokenizer):
@@ -32,7 +33,8 @@ def test_trainable_globs_select_modules_at_any_depth(text_tokenizer):
     assert n == sum(p.numel() for p in model.encoders["image"].connector.parameters())
     apply_stages(model, TrainConfig(trainable=["backbone.layers.1", "*.attn_norm.weight"]))
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert any(t.startswith("backbone.layers.1.") for t in trained) and "backbone.layers.0.attn_norm.weight" in trained
+    assert (any(t.startswith("backbone.layers.1.") for t in trained)
+            and "backbone.layers.0.attn_norm.weight" in trained)
     assert "backbone.layers.0.attn.wqkv.weight" not in trained
     with pytest.raises(ValueError, match="'projector' matches nothing; module names look like"):
         apply_stages(model, TrainConfig(trainable=["projector"]))
@@ -76,12 +78,14 @@ def test_lora_trains_adapters_only_and_saves_plain_weights(text_tokenizer, tmp_p
     assert losses[-1] < losses[0]
     merged = model.export_state_dict()
     assert set(merged) == plain_keys  # folded back: the names of a model without adapters
-    assert not torch.equal(merged["backbone.layers.0.attn.wqkv.weight"], before["backbone.layers.0.attn.wqkv.weight"])
+    assert not torch.equal(merged["backbone.layers.0.attn.wqkv.weight"],
+                           before["backbone.layers.0.attn.wqkv.weight"])
     assert torch.equal(merged["embed.weight"], before["embed.weight"])  # frozen stays put
     model.eval().save_pretrained(tmp_path / "lora")
     again = omni.load(tmp_path / "lora")
     assert torch.allclose(again(ids).logits, model(ids).logits, atol=1e-5)
-    with pytest.raises(ValueError, match="names backbone.layers.0.attn_norm, a RMSNorm; LoRA wraps nn.Linear"):
+    with pytest.raises(ValueError,
+                       match="names backbone.layers.0.attn_norm, a RMSNorm; LoRA wraps nn.Linear"):
         add_lora(_model(text_tokenizer), LoraSpec(targets=["backbone.layers.*.attn_norm"]))
     with pytest.raises(ValueError, match="'wq_proj' names no module"):
         add_lora(_model(text_tokenizer), LoraSpec(targets=["wq_proj"]))
@@ -99,9 +103,10 @@ def test_llava_two_stages_through_the_cli(tmp_path, text_tokenizer, fake_stamps)
     lm = _model(text_tokenizer, seed=3)
     lm.save_pretrained(tmp_path / "lm")  # stands in for a pre-trained language model run
     common = ["model.size=debug", "model.max_seq_len=64", "data.seq_len=64", f"data.path={images}",
-              f"tokenizer.path={tmp_path / 'tok'}", "train.steps=6", "train.warmup_steps=1", "train.batch_size=2",
-              "train.eval_every=6", "train.eval_batches=1", "train.progress=false", "train.log_every=1",
-              "model.media.image.tokenizer.size=debug", "model.media.image.tokenizer.image_size=32"]
+              f"tokenizer.path={tmp_path / 'tok'}", "train.steps=6", "train.warmup_steps=1",
+              "train.batch_size=2", "train.eval_every=6", "train.eval_batches=1", "train.progress=false",
+              "train.log_every=1", "model.media.image.tokenizer.size=debug",
+              "model.media.image.tokenizer.image_size=32"]
     for stage, src in (("stage1", tmp_path / "lm"), ("stage2", tmp_path / "llava_stage1")):
         r = subprocess.run([sys.executable, "-m", "omni.cli", "train", f"llava/{stage}_tiny", *common,
                             f"train.init_from={src}", f"train.out_dir={tmp_path / f'llava_{stage}'}"],
@@ -111,11 +116,14 @@ def test_llava_two_stages_through_the_cli(tmp_path, text_tokenizer, fake_stamps)
     s1 = load_tensors(tmp_path / "llava_stage1" / "model.safetensors")
     s2 = load_tensors(tmp_path / "llava_stage2" / "model.safetensors")
     assert all(torch.equal(s1[k], lm_w[k]) for k in lm_w if not k.startswith(("encoders.image.", "embed.")))
-    assert not torch.equal(s1["encoders.image.connector.net.0.weight"], lm_w["encoders.image.connector.net.0.weight"])
-    assert not torch.equal(s2["backbone.layers.0.attn.wqkv.weight"], s1["backbone.layers.0.attn.wqkv.weight"])
+    assert not torch.equal(s1["encoders.image.connector.net.0.weight"],
+                           lm_w["encoders.image.connector.net.0.weight"])
+    assert not torch.equal(s2["backbone.layers.0.attn.wqkv.weight"],
+                           s1["backbone.layers.0.attn.wqkv.weight"])
 
 
-def test_flamingo_starts_as_its_language_model_and_trains_only_the_new_parts(tmp_path, text_tokenizer, fake_stamps):
+def test_flamingo_starts_as_its_language_model_and_trains_only_the_new_parts(
+        tmp_path, text_tokenizer, fake_stamps):
     from omni.config import load_recipe
     from omni.data.images import build_images_corpus
     from omni.train.loop import model_from_recipe
@@ -127,9 +135,10 @@ def test_flamingo_starts_as_its_language_model_and_trains_only_the_new_parts(tmp
     lm = build_model(backbone_config("debug", max_seq_len=64), text_tokenizer.vocab, text_tokenizer, seed=3)
     lm.save_pretrained(tmp_path / "lm")
     args = ["model.size=debug", "model.max_seq_len=64", "data.seq_len=64", f"data.path={images}",
-            f"tokenizer.path={tmp_path / 'tok'}", "train.steps=8", "train.warmup_steps=1", "train.batch_size=2",
-            "train.eval_every=8", "train.eval_batches=1", "train.progress=false", "train.log_every=1",
-            "model.media.image.tokenizer.size=debug", "model.media.image.tokenizer.image_size=32",
+            f"tokenizer.path={tmp_path / 'tok'}", "train.steps=8", "train.warmup_steps=1",
+            "train.batch_size=2", "train.eval_every=8", "train.eval_batches=1", "train.progress=false",
+            "train.log_every=1", "model.media.image.tokenizer.size=debug",
+            "model.media.image.tokenizer.image_size=32",
             f"train.init_from={tmp_path / 'lm'}", f"train.out_dir={tmp_path / 'flamingo'}"]
     # at initialisation: the language model's logits, with or without images in the prompt
     model = model_from_recipe(load_recipe("flamingo/caption_tiny", args), text_tokenizer)
@@ -157,8 +166,8 @@ def test_flamingo_starts_as_its_language_model_and_trains_only_the_new_parts(tmp
     m = evaluate(tmp_path / "flamingo", split="train", shots=2, max_new_tokens=4)
     assert m["shots"] == 2 and m["rows"] == 6 and (tmp_path / "flamingo" / "eval_train_2shot.json").is_file()
     # the held-out fast-binding task: the same model trained on episodes, scored with and without examples
-    fb_args = [a for a in args if not a.startswith("train.out_dir=")] + [f"train.out_dir={tmp_path / 'fastbind'}",
-                                                                         "data.episodes=6"]
+    fb_args = ([a for a in args if not a.startswith("train.out_dir=")]
+               + [f"train.out_dir={tmp_path / 'fastbind'}", "data.episodes=6"])
     r = subprocess.run([sys.executable, "-m", "omni.cli", "train", "flamingo/fastbind_tiny", *fb_args],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

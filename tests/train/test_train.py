@@ -86,7 +86,8 @@ def test_a_missing_corpus_names_the_command_that_builds_it():
 
     assert command(task="text", path="data/text") == "`omni data build text --out data/text`"
     assert command(task="speak", path="x") == "`omni data build speech --out x`"
-    assert command(task="caption", media="audio", path="data/sounds") == "`omni data build sounds --out data/sounds`"
+    assert (command(task="caption", media="audio", path="data/sounds")
+            == "`omni data build sounds --out data/sounds`")
     assert command(task="caption", media="audio", path="c") == ("`omni data build speech --out c` or "
                                                                 "`omni data build sounds --out c`")
     assert command(task="caption", media="video", path="v") == "`omni data build video --out v`"
@@ -95,7 +96,8 @@ def test_a_missing_corpus_names_the_command_that_builds_it():
 def test_time_budget_stops_early_and_exports(run_env, tmp_path):
     out = tmp_path / "run"
     r = run(omni_cmd("train", "text/tiny", *overrides(run_env, out, **{
-        "train.steps": 100000, "train.max_minutes": 0.02, "train.save_every": 100000, "train.eval_every": 100000})))
+        "train.steps": 100000, "train.max_minutes": 0.02, "train.save_every": 100000,
+        "train.eval_every": 100000})))
     assert r.returncode == 0, r.stderr
     assert "train.max_minutes=0.02 reached at step" in r.stderr
     rows = read_metrics(out / "metrics.jsonl")
@@ -107,7 +109,8 @@ def test_time_budget_stops_early_and_exports(run_env, tmp_path):
     assert (out / "model.safetensors").is_file()
     # resuming a run whose budget is spent exports it again without training further
     r = run(omni_cmd("train", "text/tiny", *overrides(run_env, out, **{
-        "train.steps": 100000, "train.max_minutes": 0.02, "train.save_every": 100000, "train.eval_every": 100000})))
+        "train.steps": 100000, "train.max_minutes": 0.02, "train.save_every": 100000,
+        "train.eval_every": 100000})))
     assert r.returncode == 0, r.stderr
     assert "already trained" in r.stdout
     assert load_checkpoint(latest_checkpoint(out / "checkpoints")).state.step == stop["step"]
@@ -115,7 +118,8 @@ def test_time_budget_stops_early_and_exports(run_env, tmp_path):
 
 def test_train_lowers_loss_and_exports(run_env, tmp_path):
     out = tmp_path / "run"
-    r = run(omni_cmd("train", "text/tiny", *overrides(run_env, out, **{"train.steps": 40, "train.log_every": 1})))
+    r = run(omni_cmd("train", "text/tiny",
+                     *overrides(run_env, out, **{"train.steps": 40, "train.log_every": 1})))
     assert r.returncode == 0, r.stderr
     rows = read_metrics(out / "metrics.jsonl")
     losses = [r["loss"] for r in rows if "loss" in r]
@@ -164,7 +168,8 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 def patched_cmd(patch: str, *args) -> list[str]:
     """``omni`` in a process whose code ``patch`` changed first (fault injection)."""
-    return [sys.executable, "-c", f"import sys\n{patch}\nfrom omni.cli import main\nsys.exit(main(sys.argv[1:]))",
+    return [sys.executable, "-c",
+            f"import sys\n{patch}\nfrom omni.cli import main\nsys.exit(main(sys.argv[1:]))",
             *map(str, args)]
 
 
@@ -215,7 +220,8 @@ def test_sigkill_during_a_checkpoint_write_then_resume_equals_uninterrupted(run_
     assert_same_weights(reference, weights(out))
 
 
-def test_sigterm_saves_exits_0_and_resumes_exactly_and_a_second_writer_is_refused(run_env, tmp_path, reference):
+def test_sigterm_saves_exits_0_and_resumes_exactly_and_a_second_writer_is_refused(
+        run_env, tmp_path, reference):
     out = tmp_path / "run"
     proc = subprocess.Popen(omni_cmd("train", "text/tiny", *overrides(run_env, out, **LONG)), env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -309,8 +315,9 @@ def test_non_finite_gradients_skip_the_update_and_are_counted(run_env, tmp_path)
 
 def test_persistent_nan_stops_the_run_and_keeps_the_last_good_checkpoint(run_env, tmp_path):
     out = tmp_path / "nan"
-    r = run(patched_cmd(nan_gradients_at("range(5, 10**6)"), "train", "text/tiny", *overrides(run_env, out, **{
-        "train.save_every": 1, "train.keep_checkpoints": 20, "train.max_skipped_steps": 3})))
+    r = run(patched_cmd(nan_gradients_at("range(5, 10**6)"), "train", "text/tiny",
+                        *overrides(run_env, out, **{"train.save_every": 1, "train.keep_checkpoints": 20,
+                                                    "train.max_skipped_steps": 3})))
     assert r.returncode == 1
     err = r.stderr.strip().splitlines()[-1]
     assert "gradient norm nan at step 7: 3 updates in a row skipped" in err, r.stderr
@@ -354,7 +361,8 @@ def test_a_run_folder_is_never_trained_over(run_env, tmp_path):
                        if p.is_file() and p.name != ".omni.lock"}
     before = files(out)
     for args, needle in ((["train.steps=20", "model.dim=96"], "model.dim: None -> 96"),  # a changed recipe
-                         (["train.steps=20", "model.dim=96", "train.resume_changed=true"], "shape"),  # and forced
+                         # and forced
+                         (["train.steps=20", "model.dim=96", "train.resume_changed=true"], "shape"),
                          (["train.resume=false"], "already holds a run and train.resume=false")):
         r = run(omni_cmd("train", "text/tiny", *overrides(run_env, out, **{"train.steps": 10}), *args))
         assert r.returncode == 1 and "Traceback" not in r.stderr
