@@ -3,7 +3,6 @@ folder resumes from (omni/train/checkpoint.py, omni/train/run.py)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random

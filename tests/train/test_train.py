@@ -281,7 +281,9 @@ def test_ddp_two_processes_under_accelerate_launch(run_env, tmp_path):
     assert start[-1]["world_size"] == 2
     # Two processes each take half of every global batch, so the run follows the single-process
     # one up to floating-point reduction order (Adam turns that into small weight differences).
-    losses = lambda d, key: [r[key] for r in read_metrics(d / "metrics.jsonl") if key in r]
+    def losses(d, key):
+        return [r[key] for r in read_metrics(d / "metrics.jsonl") if key in r]
+
     assert losses(ddp, "loss") == pytest.approx(losses(single, "loss"), abs=1e-2)
     assert losses(ddp, "val_loss") == pytest.approx(losses(single, "val_loss"), abs=1e-2)
     assert losses(ddp, "loss")[-1] < losses(ddp, "loss")[0]
@@ -357,8 +359,9 @@ def test_a_run_folder_is_never_trained_over(run_env, tmp_path):
     out = tmp_path / "run"
     r = run(omni_cmd("train", "text/tiny", *overrides(run_env, out, **{"train.steps": 10})))
     assert r.returncode == 0, r.stderr
-    files = lambda d: {p.relative_to(d): p.read_bytes() for p in d.rglob("*")
-                       if p.is_file() and p.name != ".omni.lock"}
+    def files(d):
+        return {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file() and p.name != ".omni.lock"}
+
     before = files(out)
     for args, needle in ((["train.steps=20", "model.dim=96"], "model.dim: None -> 96"),  # a changed recipe
                          # and forced
