@@ -360,7 +360,8 @@ def test_a_run_folder_is_never_trained_over(run_env, tmp_path):
     r = run(omni_cmd("train", "text/tiny", *overrides(run_env, out, **{"train.steps": 10})))
     assert r.returncode == 0, r.stderr
     def files(d):
-        return {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file() and p.name != ".omni.lock"}
+        return {p.relative_to(d): p.read_bytes() for p in d.rglob("*")
+                if p.is_file() and p.name != ".omni.lock"}
 
     before = files(out)
     for args, needle in ((["train.steps=20", "model.dim=96"], "model.dim: None -> 96"),  # a changed recipe
