@@ -7,6 +7,7 @@ types and impossible combinations raise ``ValueError`` naming the key and what i
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -322,8 +323,8 @@ def _find(name_or_path: str, folder: str, what: str) -> Path:
     available = sorted(
         str(f.relative_to(REPO_ROOT / folder).with_suffix("")) for f in (REPO_ROOT / folder).rglob("*.yaml")
     )
-    raise ValueError(f"{what} {name_or_path!r} not found (looked for a file and under {folder}/); "
-                     f"available: {', '.join(available) or 'none'}")
+    raise ValueError(f"{what} {name_or_path!r} not found (looked for a file and under {folder}/);"
+                     f"{_did_you_mean(name_or_path, available)} available: {', '.join(available) or 'none'}")
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> RecipeConfig:
@@ -382,7 +383,8 @@ def from_dict(cls, raw: dict, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise ValueError(f"unknown key {prefix}{unknown[0]}; allowed keys in "
+        guess = _did_you_mean(unknown[0], names, prefix)
+        raise ValueError(f"unknown key {prefix}{unknown[0]};{guess} allowed keys in "
                          f"{prefix.rstrip('.') or 'the recipe'}: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in raw.items():
@@ -444,6 +446,12 @@ def _coerce(tp, value: Any, key: str):
                              f"boolean: quote it, e.g. {key.rsplit('.', 1)[-1]}: \"no\")")
         raise ValueError(f"{key} must be a string, got {value!r}")
     raise TypeError(f"unsupported config type {tp} for {key}")  # internal: a dataclass we wrote
+
+
+def _did_you_mean(name: str, choices, prefix: str = "") -> str:
+    """`` did you mean X?`` for the choice closest to a misspelled ``name``, or nothing."""
+    close = difflib.get_close_matches(str(name), sorted(choices), n=1, cutoff=0.6)
+    return f" did you mean {prefix}{close[0]}?" if close else ""
 
 
 def _choice(key: str, value, allowed):
