@@ -240,3 +240,20 @@ def test_a_second_writer_of_a_folder_gets_a_one_line_error_naming_the_first(tmp_
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and f"(pid {pid} " in err
     assert not (tmp_path / "d" / "train.jsonl").exists() and not any((tmp_path / "tok").glob("*.model"))
+
+
+def test_a_recipe_whose_tokenizer_cannot_be_trained_on_its_data_says_what_to_run_first(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """A fresh tree (no text corpus, no tokenizer): videollama/caption_tiny would train text_spm's 4,096
+    pieces on its 20 captions. One line naming the corpus size and the command to run first."""
+    monkeypatch.chdir(tmp_path)
+    captions = [f"a red truck moves {d} quickly" for d in ("left", "right", "up", "down")] * 5
+    for split in ("train", "val"):
+        write_jsonl(tmp_path / "data" / "video" / f"{split}.jsonl",
+                    [{"video": f"{i}.mp4", "caption": c} for i, c in enumerate(captions)])
+    assert main(["train", "videollama/caption_tiny", "train.steps=2", "train.warmup_steps=1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "trainer_interface" not in err
+    assert "vocab_size=4096 is too large for a corpus of 20 sentences" in err
+    assert ("`omni data build text --out data/text`, then `omni tokenizer train text_spm "
+            "out=runs/tokenizers/text_spm`") in err

@@ -158,11 +158,26 @@ def prepare_tokenizer(cfg: RecipeConfig, accelerator):
             log.info("training tokenizer %s on %s -> %s", cfg.tokenizer.spec, ", ".join(str(c) for c, _ in corpora), path)
             texts = itertools.chain.from_iterable(corpus_texts(c, field) for c, field in corpora)
             with exclusive(path, "tokenizer"):  # another run training the same tokenizer is refused
-                tok = TextTokenizer.train(texts, vocab_size=spec.vocab_size, model_type=spec.model_type,
-                                          character_coverage=spec.character_coverage,
-                                          max_sentences=spec.max_sentences, seed=spec.seed)
+                try:
+                    tok = TextTokenizer.train(texts, vocab_size=spec.vocab_size, model_type=spec.model_type,
+                                              character_coverage=spec.character_coverage,
+                                              max_sentences=spec.max_sentences, seed=spec.seed)
+                except ValueError as e:  # e.g. a caption corpus far too small for text_spm's 4,096 pieces
+                    raise ValueError(f"{path} holds no tokenizer yet, and training {cfg.tokenizer.spec} on this "
+                                     f"recipe's own training text failed: {e}. {_tokenizer_first(cfg, spec)}") from None
                 tok.save(path)
     return TextTokenizer.load(path)
+
+
+def _tokenizer_first(cfg: RecipeConfig, spec) -> str:
+    """What to run before a recipe whose tokenizer could not be trained on its own data."""
+    corpus = Path(spec.corpus)
+    build = ""
+    if not corpus.is_file() and corpus.parent.name in ("text", "speech", "sounds", "images", "video"):
+        build = f"`omni data build {corpus.parent.name} --out {corpus.parent}`, then "
+    return (f"Train the tokenizer on its own corpus ({spec.corpus}) first: {build}`omni tokenizer train "
+            f"{cfg.tokenizer.spec} out={cfg.tokenizer.path}` (vocab_size=N for fewer pieces), or set "
+            "tokenizer.path to a trained tokenizer")
 
 
 def model_from_recipe(cfg: RecipeConfig, tokenizer):
