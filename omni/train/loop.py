@@ -163,8 +163,9 @@ def prepare_tokenizer(cfg: RecipeConfig, accelerator):
                                               character_coverage=spec.character_coverage,
                                               max_sentences=spec.max_sentences, seed=spec.seed)
                 except ValueError as e:  # e.g. a caption corpus far too small for text_spm's 4,096 pieces
-                    raise ValueError(f"{path} holds no tokenizer yet, and training {cfg.tokenizer.spec} on this "
-                                     f"recipe's own training text failed: {e}. {_tokenizer_first(cfg, spec)}") from None
+                    raise ValueError(f"{path} holds no tokenizer yet, and training {cfg.tokenizer.spec} on "
+                                     f"this recipe's own training text failed: {e}. "
+                                     f"{_tokenizer_first(cfg, spec)}") from None
                 tok.save(path)
     return TextTokenizer.load(path)
 
@@ -287,7 +288,9 @@ def _train(cfg: RecipeConfig, accelerator, signals: StopSignals) -> TrainResult:
 
     n_trainable = apply_stages(model, tc)
     mc = cfg.model
-    train_set, val_set = (dataset_for(cfg.data, split, model, tokenizer, tc.seed) for split in ("train", "val"))
+    bars = None if tc.progress and accelerator.is_main_process else False  # on a terminal: rows as rendered
+    train_set, val_set = (dataset_for(cfg.data, split, model, tokenizer, tc.seed, progress=bars)
+                          for split in ("train", "val"))
     optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay, tc.lr_scale), lr=tc.lr,
                                   betas=tuple(tc.betas), foreach=True)
 
