@@ -184,12 +184,15 @@ def cmd_tokenizer_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from omni.eval import evaluate
+    from omni.eval import evaluate, headlines
 
     metrics = evaluate(args.ckpt, split=args.split, max_rows=args.max_rows, data_path=args.data,
                        through_codec=args.through_codec, task=args.task, shots=args.shots,
                        num_beams=args.num_beams, ctc_weight=args.ctc_weight)
-    print(json.dumps(metrics, indent=2))
+    for line in headlines(metrics):  # with --json stdout is the JSON alone, so the headlines go to stderr
+        print(line, file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
     return 0
 
 
@@ -255,11 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(fn=cmd_describe)
 
     e = sub.add_parser("eval", help="score a trained run on a held-out split (by its recipe's task)",
-                       epilog=EPILOG)
+                       epilog=EPILOG,
+                       description="Score a run written by `omni train` on a held-out split of its data, by "
+                                   "its recipe's task (a mixture: each task): WER/CER for speech "
+                                   "recognition, BLEU-4/CIDEr-D for captions, next-code accuracy for audio, "
+                                   "perplexity for text. Prints one headline line per task (e.g. `asr: WER "
+                                   "0.853 (200 rows)`); every metric is written to <ckpt>/eval_<split>.json "
+                                   "(and with --json printed too), the predictions to "
+                                   "<ckpt>/eval_<split>.jsonl.")
     e.add_argument("--ckpt", required=True, help="a run directory written by `omni train`")
     e.add_argument("--split", default="test", help="which manifest of the run's data to use (default: test)")
     e.add_argument("--data", default=None, help="another data directory holding <split>.jsonl")
-    e.add_argument("--max-rows", type=int, default=None, help="evaluate only the first N rows")
+    e.add_argument("--max-rows", type=int, default=None,
+                   help="score only the first N rows of each task's split (the result's 'rows' says so)")
+    e.add_argument("--json", action="store_true",
+                   help="print every metric as JSON on stdout (the headline lines then go to stderr)")
     e.add_argument("--through-codec", metavar="DIR", default=None,
                    help="pass audio inputs through this codec (encode + decode) first: its intelligibility "
                         "as the run's WER on reconstructions (results in eval_<split>_codec.json)")

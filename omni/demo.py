@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omni.eval import HEADLINE, headline, headlines  # noqa: F401  (the demo's scores are omni eval's)
 from omni.io import atomic_write_bytes, read_jsonl
 
 RECIPE = "any2any/tiny"
@@ -137,21 +138,6 @@ def show_directions(model, data: Path, media_dir: Path) -> list[Shown]:
     return shown
 
 
-# the number per task the report leads with
-HEADLINE = {"caption": ("cider_d", "CIDEr-D"), "continue": ("code_accuracy", "next-code accuracy"),
-            "speak": ("code_accuracy", "next-code accuracy"), "text": ("ppl", "perplexity")}
-
-
-def headline(task: str, metrics: dict) -> str:
-    """The numbers a task is judged by, as text: a transcript by its word error rate, anything else by
-    its task's metric."""
-    key, name = ("wer", "WER") if "wer" in metrics else HEADLINE.get(task, (None, None))
-    parts = [f"{name} {metrics[key]:.3f}"] if key in metrics else []
-    if "unigram_code_accuracy" in metrics:
-        parts.append(f"(unigram {metrics['unigram_code_accuracy']:.3f})")
-    return " ".join(parts)
-
-
 def write_report(out: Path, run: Path, scores: dict, shown: list[Shown], timings: dict, codec: dict) -> Path:
     def link(p: str) -> str:
         rel = Path(p).resolve().relative_to(out.resolve()) if Path(p).resolve().is_relative_to(out.resolve()) else p
@@ -232,8 +218,8 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, 
     t = time.perf_counter()
     say("[4/5] scoring every task on its test split")
     scores = evaluate(run, split="test", max_rows=eval_rows)
-    for label, m in scores["tasks"].items():
-        say(f"      {label}: {headline(m.get('task', ''), m)}")
+    for line in headlines(scores):
+        say(f"      {line}")
     timings["eval"] = time.perf_counter() - t
 
     t = time.perf_counter()

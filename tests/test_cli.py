@@ -257,3 +257,43 @@ def test_a_recipe_whose_tokenizer_cannot_be_trained_on_its_data_says_what_to_run
     assert "vocab_size=4096 is too large for a corpus of 20 sentences" in err
     assert ("`omni data build text --out data/text`, then `omni tokenizer train text_spm "
             "out=runs/tokenizers/text_spm`") in err
+
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """text/tiny trained for 4 steps through the CLI (debug size), logging every 2nd step."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("text_run")
+    docs = wiki_documents()[:120]
+    write_jsonl(root / "data" / "train.jsonl", docs[:100])
+    write_jsonl(root / "data" / "val.jsonl", docs[100:110])
+    write_jsonl(root / "data" / "test.jsonl", docs[110:])
+    TextTokenizer.train([d["text"] for d in docs], vocab_size=600).save(root / "tok")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["train", "text/tiny", "model.size=debug", "model.max_seq_len=64", "data.seq_len=64",
+                     f"data.path={root / 'data'}", f"tokenizer.path={root / 'tok'}",
+                     f"train.out_dir={root / 'run'}",
+                     "train.steps=4", "train.warmup_steps=1", "train.batch_size=2", "train.log_every=2",
+                     "train.eval_every=4", "train.eval_batches=1", "train.progress=false"]) == 0
+    return root / "run", out.getvalue()
+
+
+
+def test_eval_prints_a_headline_per_task_and_the_json_only_when_asked(text_run, capsys):
+    import json
+
+    run, _ = text_run
+    assert main(["eval", "--ckpt", str(run), "--max-rows", "4"]) == 0
+    out, _ = capsys.readouterr()
+    assert re.fullmatch(r"text: perplexity [\d.]+ \(4 rows\)\n", out), out
+    written = json.loads((run / "eval_test.json").read_text())
+    assert written["rows"] == 4 and written["label"] == "text"
+    assert main(["eval", "--ckpt", str(run), "--max-rows", "4", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == json.loads((run / "eval_test.json").read_text()) and "text: perplexity" in err
+    assert main(["eval", "--ckpt", str(run)]) == 0
+    assert "(10 rows)" in capsys.readouterr().out
