@@ -217,7 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override recipe values with dotted keys, e.g. train.steps=100 model.size=debug")
     t.set_defaults(fn=cmd_train)
 
-    g = sub.add_parser("generate", help="generate from a prompt with a trained checkpoint", epilog=EPILOG)
+    g = sub.add_parser("generate", help="generate from a prompt with a trained checkpoint", epilog=EPILOG,
+                       description="Generate from a prompt with a trained checkpoint: text by default, or "
+                                   "audio (--output audio -o FILE.wav) from a checkpoint with a codec. The "
+                                   "prompt is the INPUTs in order, each one text or a media file (by its "
+                                   "suffix), e.g. `omni generate --ckpt runs/text_tiny \"The history "
+                                   "of\"` or `omni generate --ckpt runs/audiolm_continue_tiny --output "
+                                   "audio -o out.wav Continue: prompt.wav`.")
     g.add_argument("--ckpt", required=True, help="checkpoint directory (config.json + model.safetensors)")
     g.add_argument("--output", default="text", choices=["text", "audio"],
                    help="modality to generate (default: text); audio needs a checkpoint with a codec and -o FILE.wav")
@@ -234,13 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt pieces joined in order: text, or media files (.wav .png .mp4 ...) by suffix")
     g.set_defaults(fn=cmd_generate)
 
-    for name, what in (("transcribe", "speech to text: transcribe audio files"),
-                       ("caption", "describe image, video or audio files in text")):
+    for name, what, which in (
+            ("transcribe", "speech to text: transcribe audio files",
+             ("Audio files only, with a speech recognition checkpoint (e.g. runs/whisper_asr_tiny or "
+              "runs/any2any_tiny); files longer than --window seconds are transcribed window by window and "
+              "joined.")),
+            ("caption", "describe image, video or audio files in text",
+             ("The checkpoint must read each file's modality: runs/llava_caption_tiny reads images, "
+              "runs/videollama_caption_tiny videos, runs/audiocaps_sounds_tiny sounds, runs/any2any_tiny "
+              "all three."))):
         c = sub.add_parser(name, help=what, epilog=EPILOG,
-                           description=f"{what[0].upper()}{what[1:]}. Prints FILE<TAB>text per file on stdout. A file "
-                                       "that cannot be read gets FILE<TAB>ERROR: problem on stderr (and an "
-                                       "'error' field in the -o rows) while the others are still done; the "
-                                       "exit status is 1 if any file failed, else 0.")
+                           description=f"{what[0].upper()}{what[1:]}. {which} Prints FILE<TAB>text per "
+                                       "file on stdout. A file that cannot be read gets FILE<TAB>ERROR: "
+                                       "problem on stderr (and an 'error' field in the -o rows) while the "
+                                       "others are still done; the exit status is 1 if any file failed, "
+                                       "else 0.")
         c.add_argument("--ckpt", required=True, help="checkpoint directory (config.json + model.safetensors)")
         c.add_argument("--prompt", default=None,
                        help="text after the media in the user turn (default: the run's recipe data.prompt)")

@@ -260,6 +260,15 @@ def test_a_recipe_whose_tokenizer_cannot_be_trained_on_its_data_says_what_to_run
 
 
 
+def test_generate_transcribe_caption_and_eval_each_have_their_own_description():
+    subs = dict(_subparsers(build_parser()))
+    for name in ("generate", "transcribe", "caption", "eval"):
+        assert len(subs[name].description or "") > 80, f"omni {name} --help has no description"
+    assert subs["transcribe"].description != subs["caption"].description
+    assert "audio" in subs["transcribe"].description and "image" in subs["caption"].description
+
+
+
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
     """text/tiny trained for 4 steps through the CLI (debug size), logging every 2nd step."""
