@@ -269,6 +269,19 @@ def test_generate_transcribe_caption_and_eval_each_have_their_own_description():
 
 
 
+def test_data_build_text_says_wrote_once(tmp_path, capsys, caplog):
+    import logging
+
+    src = tmp_path / "corpus.txt"
+    src.write_text("\n\n".join(f"Paragraph number {i} about things." for i in range(50)), encoding="utf-8")
+    with caplog.at_level(logging.INFO):
+        assert main(["data", "build", "text", "--out", str(tmp_path / "d"), "--source", str(src)]) == 0
+    out, err = capsys.readouterr()
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert (out + err + "\n".join(logged)).count("wrote") == 1
+
+
+
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
     """text/tiny trained for 4 steps through the CLI (debug size), logging every 2nd step."""

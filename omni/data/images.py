@@ -174,5 +174,5 @@ def build_images_corpus(out: str | Path, stamps_dir: str | Path = STAMPS_DIR, ma
                  "bad": len(bad), "with_sound": sum(s.sound is not None for s in chosen),
                  "categories": len({s.category for s in chosen}), "max_size": max_size, **counts}
         atomic_write_json(out / "corpus.json", stats)
-        log.info("wrote %s to %s", stats, out)
+        log.debug("wrote %s to %s", stats, out)  # `omni data build` prints it
         return stats

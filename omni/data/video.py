@@ -176,5 +176,5 @@ def build_video_corpus(out: str | Path, stamps_dir: str | Path = STAMPS_DIR, siz
                  "clips": sum(counts.values()), "size": size, "fps": fps, "duration": duration,
                  "frames_per_clip": num_frames, **counts}
         atomic_write_json(out / "corpus.json", stats)
-        log.info("wrote %s to %s", stats, out)
+        log.debug("wrote %s to %s", stats, out)  # `omni data build` prints it
         return stats
