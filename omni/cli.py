@@ -36,8 +36,14 @@ def cmd_train(args) -> int:
     if _rank() == 0 and res.first_loss is None:  # resumed a run that had already ended
         print(f"{cfg.name}: already trained ({res.steps} steps); model in {res.out_dir}")
     elif _rank() == 0:
-        print(f"trained {cfg.name}: {res.steps} steps, loss {res.first_loss:.3f} -> {res.final_loss:.3f}, "
-              f"val loss {res.val_loss:.3f}; model in {res.out_dir}")
+        from omni.model_card import loss_span
+        from omni.train.loop import read_metrics
+
+        metrics = Path(res.out_dir) / "metrics.jsonl"  # the logged losses, as the run's README.md gives them
+        span = loss_span(read_metrics(metrics)) if metrics.is_file() else None
+        span = span or f"{res.first_loss:.3f} -> {res.final_loss:.3f}"
+        print(f"trained {cfg.name}: {res.steps} steps, loss {span}, val loss {res.val_loss:.3f}; "
+              f"model in {res.out_dir}")
     return 0
 
 

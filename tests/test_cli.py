@@ -259,14 +259,12 @@ def test_a_recipe_whose_tokenizer_cannot_be_trained_on_its_data_says_what_to_run
             "out=runs/tokenizers/text_spm`") in err
 
 
-
 def test_generate_transcribe_caption_and_eval_each_have_their_own_description():
     subs = dict(_subparsers(build_parser()))
     for name in ("generate", "transcribe", "caption", "eval"):
         assert len(subs[name].description or "") > 80, f"omni {name} --help has no description"
     assert subs["transcribe"].description != subs["caption"].description
     assert "audio" in subs["transcribe"].description and "image" in subs["caption"].description
-
 
 
 def test_data_build_text_says_wrote_once(tmp_path, capsys, caplog):
@@ -279,7 +277,6 @@ def test_data_build_text_says_wrote_once(tmp_path, capsys, caplog):
     out, err = capsys.readouterr()
     logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert (out + err + "\n".join(logged)).count("wrote") == 1
-
 
 
 @pytest.fixture(scope="module")
@@ -303,6 +300,13 @@ def text_run(tmp_path_factory):
                      "train.eval_every=4", "train.eval_batches=1", "train.progress=false"]) == 0
     return root / "run", out.getvalue()
 
+
+def test_the_end_of_run_line_and_the_model_card_give_the_same_logged_losses(text_run):
+    run, printed = text_run
+    card = (run / "README.md").read_text()
+    span = re.search(r"train loss (.+\(step 2\) -> .+\(step 4\))", card)
+    assert span, card
+    assert f"loss {span[1]}, val loss" in printed
 
 
 def test_eval_prints_a_headline_per_task_and_the_json_only_when_asked(text_run, capsys):
