@@ -29,6 +29,7 @@ import torch
 from omni.io import atomic_write_json, exclusive, write_jsonl
 from omni.media import MediaError
 from omni.media.image import Image, fit_within, resize
+from omni.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def build_images_corpus(out: str | Path, stamps_dir: str | Path = STAMPS_DIR, ma
         rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
         skipped_svg, bad = 0, []
         white = torch.full((3, 1, 1), 255.0)
-        for stamp in chosen:
+        for stamp in progress_bar(chosen, desc=f"rasterising stamps into {out}", unit="stamp"):
             if stamp.image.suffix == ".svg" and not can_svg:
                 skipped_svg += 1
                 continue
