@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni.io import atomic_write_json, exclusive, write_jsonl
+from omni.progress import progress as progress_bar
 from omni.tokenizers.audio import CODEC_PRESETS, AudioCodec, CodecConfig, mel_filters
 from omni.train.loop import lr_factor
 
@@ -308,7 +309,7 @@ def evaluate_codec(codec: AudioCodec, clips: list[torch.Tensor], mel: MultiScale
     device = next(codec.model.parameters()).device
     mel = (mel or MultiScaleMel(codec.sample_rate)).to(device)
     dist, sdr, counts = [], [], torch.zeros(codec.num_codebooks, codec.cardinality)
-    for clip in clips:
+    for clip in progress_bar(clips, desc=f"scoring the codec on {len(clips)} held-out clips", unit="clip"):
         clip = clip.to(device)
         codes = codec.encode(clip)
         counts += F.one_hot(codes.cpu().long(), codec.cardinality).sum(1)
