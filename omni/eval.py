@@ -19,8 +19,26 @@ from pathlib import Path
 import torch
 
 from omni.config import RecipeConfig, from_dict, read_yaml, split_name
+from omni.data.tasks import (
+    PairDataset,
+    TaskDataset,
+    TaskSpec,
+    collate,
+    episodes,
+    named,
+    prepare_rows,
+    right_pad,
+)
+from omni.data.video import OPPOSITE, direction_of
 from omni.io import atomic_write_json, read_jsonl, write_jsonl
+from omni.media.audio import Audio
 from omni.metrics import bleu, cer, cider_d, wer
+from omni.model.contrastive import embed_media, embed_text, similarity
+from omni.model_card import write_model_card
+from omni.pipeline import Pipeline
+from omni.processor import as_processor
+from omni.progress import progress as progress_bar
+from omni.tokenizers.audio import AudioCodec
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +53,17 @@ def run_recipe(ckpt: Path) -> RecipeConfig:
 def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None, batch_size: int = 16,
              max_new_tokens: int = 48, data_path: str | None = None, examples: int = 4,
              through_codec: str | None = None, task: str | None = None, shots: int = 0, num_beams: int = 1,
-             ctc_weight: float = 0.0) -> dict:
+             ctc_weight: float = 0.0, progress: bool | None = None) -> dict:
     """Score run ``ckpt`` on ``<data>/<split>.jsonl``. ``through_codec``: a codec directory; audio
     inputs are encoded and decoded by it first (a codec's intelligibility: ASR WER on its
     reconstructions vs on the originals). A mixture run scores each of its tasks (or the one
     labelled ``task``) and returns ``{"tasks": {label: metrics}}``. ``shots``: captioning prompts
     first show that many training examples (results in ``eval_<split>_<k>shot.json``). ``num_beams``,
     ``ctc_weight``: captions by beam search, optionally joint CTC/attention decoding of speech (see
-    :func:`omni.generation.beam_search`; results in ``eval_<split>_beam<N>[_ctc<W>].json``)."""
-    import omni
-
+    :func:`omni.generation.beam_search`; results in ``eval_<split>_beam<N>[_ctc<W>].json``).
+    ``max_rows``: only the first N rows of each task's split are scored (its ``rows``). ``progress``:
+    bars counting rows as they are prepared and scored (:func:`omni.progress.progress`; None: on a
+    terminal). :func:`headlines` turns the result into one line per task."""
     split = split_name(split)  # it names the manifest read and the files written into the run
     ckpt = Path(ckpt)
     cfg = run_recipe(ckpt)
@@ -55,7 +74,7 @@ def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None,
             raise ValueError(f"{ckpt}: no task {task!r}; its tasks: {', '.join(p.label for p in cfg.data.tasks())}")
     if data_path and len(parts) > 1:
         raise ValueError("a data path applies to one task; name it with task=")
-    model = omni.load(ckpt)
+    model = Pipeline.from_pretrained(ckpt)
     suffix = ("_codec" if through_codec else "") + (f"_{shots}shot" if shots else "")
     decoding = {}
     if num_beams > 1 or ctc_weight:
@@ -67,18 +86,44 @@ def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None,
         manifest = Path(data_path or d.path) / f"{split}.jsonl"
         start = time.perf_counter()
         metrics, preds = _evaluate_task(model, d, cfg.data.seq_len, manifest, max_rows, batch_size, max_new_tokens,
-                                        examples, through_codec, ckpt / f"examples_{name[5:]}", shots, decoding)
-        metrics.update(split=split, checkpoint=str(ckpt), task=d.task, seconds=round(time.perf_counter() - start, 1),
-                       **decoding)
+                                        examples, through_codec, ckpt / f"examples_{name[5:]}", shots,
+                                        decoding, progress)
+        metrics.update(split=split, checkpoint=str(ckpt), task=d.task, label=d.label,
+                       seconds=round(time.perf_counter() - start, 1), **decoding)
         if preds:
             write_jsonl(ckpt / f"{name}.jsonl", preds)
         results[d.label] = metrics
     out = {"tasks": results, "split": split, "checkpoint": str(ckpt)} if cfg.data.mixture else results[parts[0].label]
-    atomic_write_json(ckpt / f"eval_{split}{suffix}.json" if task is None else ckpt / f"{name}.json", out)
-    from omni.model_card import write_model_card
-
+    written = ckpt / f"eval_{split}{suffix}.json" if task is None else ckpt / f"{name}.json"
+    atomic_write_json(written, out)
+    log.info("every metric: %s", written)
     write_model_card(ckpt)
     return out
+
+
+# the number per task that a score leads with (omni eval's first lines, the demo's report)
+HEADLINE = {"caption": ("cider_d", "CIDEr-D"), "continue": ("code_accuracy", "next-code accuracy"),
+            "speak": ("code_accuracy", "next-code accuracy"), "text": ("ppl", "perplexity"),
+            "contrastive": ("media_to_text_r1", "media-to-text R@1"),
+            "fewshot": ("accuracy", "few-shot accuracy")}
+
+
+def headline(task: str, metrics: dict) -> str:
+    """The numbers a task is judged by, as text: a transcript by its word error rate, anything else by
+    its task's metric."""
+    key, name = ("wer", "WER") if "wer" in metrics else HEADLINE.get(task, (None, None))
+    parts = [f"{name} {metrics[key]:.3f}"] if key in metrics else []
+    if "unigram_code_accuracy" in metrics:
+        parts.append(f"(unigram {metrics['unigram_code_accuracy']:.3f})")
+    return " ".join(parts)
+
+
+def headlines(result: dict) -> list[str]:
+    """One line per task of an :func:`evaluate` result: its label, its headline number and the rows
+    scored, e.g. ``asr: WER 0.853 (200 rows)``."""
+    tasks = result["tasks"] if "tasks" in result else {result.get("label") or result.get("task", "?"): result}
+    return [f"{label}: {headline(m.get('task', ''), m) or 'scored'} ({m.get('rows', '?')} rows)"
+            for label, m in tasks.items()]
 
 
 def _file_label(label: str) -> str:
@@ -86,7 +131,10 @@ def _file_label(label: str) -> str:
 
 
 def _evaluate_task(model, d, seq_len: int, manifest: Path, max_rows, batch_size, max_new_tokens, examples,
-                   through_codec, examples_dir: Path, shots: int = 0, decoding: dict | None = None) -> tuple[dict, list]:
+                   through_codec, examples_dir: Path, shots: int = 0, decoding: dict | None = None,
+                   progress: bool | None = False) -> tuple[dict, list]:
+    """One task scored on the first ``max_rows`` rows of ``manifest``: every task reads only those,
+    so the metrics' ``rows`` is what was scored."""
     rows = list(read_jsonl(manifest))[:max_rows]
     if not rows:
         raise ValueError(f"{manifest}: no rows to evaluate")
@@ -94,41 +142,38 @@ def _evaluate_task(model, d, seq_len: int, manifest: Path, max_rows, batch_size,
     if d.task == "caption":
         codec = None
         if through_codec:
-            from omni.tokenizers.audio import AudioCodec
-
             codec = AudioCodec.load(through_codec)
         metrics, preds = _eval_caption(model, d, rows, manifest.parent, batch_size, max_new_tokens, codec, shots,
-                                       decoding)
+                                       decoding, progress)
         metrics["shots"] = shots
         if codec is not None:
             metrics["through_codec"] = str(through_codec)
     elif d.task == "contrastive":
-        metrics = _eval_contrastive(model, d, seq_len, manifest, batch_size)
+        metrics = _eval_contrastive(model, d, seq_len, manifest, batch_size, max_rows, progress)
     elif d.task == "fewshot":
-        metrics, preds = _eval_fewshot(model, d, manifest, max_rows, batch_size)
+        metrics, preds = _eval_fewshot(model, d, manifest, max_rows, batch_size, progress)
     elif d.task in ("continue", "speak"):
-        metrics = _eval_codes(model, d, seq_len, manifest, rows, batch_size)
+        metrics = _eval_codes(model, d, seq_len, manifest, rows, batch_size, progress=progress)
         write = write_continuations if d.task == "continue" else write_speech
-        metrics["examples"] = write(model, d, rows[:examples], manifest.parent, examples_dir) if examples else []
+        metrics["examples"] = write(model, d, rows[:examples], manifest.parent, examples_dir,
+                                    progress=progress) if examples else []
     else:
-        metrics = _eval_loss(model, d, seq_len, manifest, batch_size)
+        metrics = _eval_loss(model, d, seq_len, manifest, batch_size, max_rows, progress)
     metrics["rows"] = len(rows)
     return metrics, preds
 
 
 def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: int, codec=None, shots: int = 0,
-                  decoding: dict | None = None):
+                  decoding: dict | None = None, progress: bool | None = False):
     """Greedy captions for ``rows`` (or by ``decoding``: ``num_beams``, ``ctc_weight``). ``shots``:
     each prompt is a conversation that first shows the model that many (media, caption) examples
     from the training split (Flamingo-style few-shot)."""
-    from omni.api import media_for
-
     def turn(media):
         return {"role": "user", "content": [media] + ([d.prompt] if d.prompt else [])}
 
     context = []
     for ex in list(read_jsonl(root / "train.jsonl"))[:shots] if shots else []:
-        context += [turn(media_for(model, root / ex[d.media])), {"role": "assistant", "content": ex[d.target].strip()}]
+        context += [turn(as_processor(model).media_for(root / ex[d.media])), {"role": "assistant", "content": ex[d.target].strip()}]
 
     def captions(medias: list) -> list[str]:
         outs = model.generate([context + [turn(m)] for m in medias], max_new_tokens=max_new_tokens, **(decoding or {}))
@@ -138,11 +183,13 @@ def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: i
     # show whether the model reads their order (it should then name the opposite direction)
     backwards = d.media == "video" and all(row.get("direction") for row in rows)
     done, hyps, reversed_hyps, skipped = [], [], [], 0
+    bar = progress_bar(total=len(rows), desc=f"{d.label}: captioning {root}", unit="row", enabled=progress)
     for start in range(0, len(rows), batch_size):
+        bar.update(start - bar.n)  # the rows before this batch are done
         chunk, medias = [], []
         for row in rows[start:start + batch_size]:
             try:
-                media = media_for(model, root / row[d.media])
+                media = as_processor(model).media_for(root / row[d.media])
                 medias.append(_reconstruct(codec, media) if codec is not None else media)
                 chunk.append(row)
             except (ValueError, KeyError) as e:
@@ -154,6 +201,8 @@ def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: i
         if backwards:
             reversed_hyps += captions([m.reversed() for m in medias])
         done += chunk
+    bar.update(len(rows) - bar.n)
+    bar.close()
     if not hyps:
         raise ValueError(f"{root}: no row could be evaluated")
     refs = [row[d.target] for row in done]
@@ -163,8 +212,6 @@ def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: i
         metrics.update(wer=wer(refs, hyps), cer=cer(refs, hyps))
     directions = [row.get("direction") for row in done]
     if all(directions):
-        from omni.data.video import OPPOSITE, direction_of
-
         metrics["direction_accuracy"] = sum(direction_of(h) == r for h, r in zip(hyps, directions)) / len(hyps)
         if reversed_hyps:
             metrics["reversed_direction_accuracy"] = sum(
@@ -173,19 +220,19 @@ def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: i
     return metrics, preds
 
 
-def _eval_fewshot(model, d, manifest: Path, max_rows, batch_size: int) -> tuple[dict, list]:
+def _eval_fewshot(model, d, manifest: Path, max_rows, batch_size: int,
+                  progress: bool | None = False) -> tuple[dict, list]:
     """Fast binding on a split: each episode answered greedily with its named examples (few-shot)
     and from the query turn alone (zero-shot, where the made-up name cannot be known). An answer
     is right when it gives the name (:func:`~omni.data.tasks.named`); picking any of the episode's names at random would
     be right 1 / ways of the time (``chance_with_examples``)."""
-    from omni.data.tasks import TaskSpec, episodes, named, prepare_rows
-
     spec = TaskSpec.of(d)
-    media, skipped = prepare_rows(manifest, spec, model)
+    media, skipped = prepare_rows(manifest, spec, model, progress=progress)
     eps = episodes(media, spec, held_out=manifest.stem != "train")[:max_rows]
 
     preds, few_hits, zero_hits, in_context = [], 0, 0, 0
-    for start in range(0, len(eps), batch_size):
+    for start in progress_bar(range(0, len(eps), batch_size), unit="batch", enabled=progress,
+                              desc=f"{d.label}: answering {len(eps)} episodes"):
         chunk = eps[start:start + batch_size]
         few = model.generate([e.sample(answer=False) for e in chunk], max_new_tokens=12)
         zero = model.generate([e.sample(shots=False, answer=False) for e in chunk], max_new_tokens=12)
@@ -201,12 +248,13 @@ def _eval_fewshot(model, d, manifest: Path, max_rows, batch_size: int) -> tuple[
 
 
 @torch.no_grad()
-def _eval_loss(model, d, seq_len: int, manifest: Path, batch_size: int) -> dict:
-    from omni.data.tasks import TaskDataset, TaskSpec, collate
-
-    ds = TaskDataset(manifest, TaskSpec.of(d), model, model.tokenizer, seq_len)
+def _eval_loss(model, d, seq_len: int, manifest: Path, batch_size: int, max_rows: int | None = None,
+               progress: bool | None = False) -> dict:
+    ds = TaskDataset(manifest, TaskSpec.of(d), model, model.tokenizer, seq_len, progress=progress,
+                     max_rows=max_rows)
     total = count = correct = 0.0
-    for start in range(0, len(ds), batch_size):
+    for start in progress_bar(range(0, len(ds), batch_size), desc=f"{d.label}: scoring {len(ds)} packed rows",
+                              unit="batch", enabled=progress):
         batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))], model.uses_mrope)
         out = model(batch["input_ids"], positions=batch["positions"], targets=batch["targets"],
                     doc_ids=batch["doc_ids"], streams=batch.get("streams"),
@@ -220,19 +268,19 @@ def _eval_loss(model, d, seq_len: int, manifest: Path, batch_size: int) -> dict:
 
 
 @torch.no_grad()
-def _eval_contrastive(model, d, seq_len: int, manifest: Path, batch_size: int) -> dict:
+def _eval_contrastive(model, d, seq_len: int, manifest: Path, batch_size: int, max_rows: int | None = None,
+                      progress: bool | None = False) -> dict:
     """Zero-shot retrieval over the split (media -> text and text -> media recall@1/@5; a
     retrieved caption counts when its text equals the row's, so duplicate captions are not
     punished) and zero-shot classification into the rows' ``category`` values with the prompt
     "A picture of <category>." Chance levels are reported beside each. A BLIP-2 stage-1 model
     (``model.blip2`` with itc) is scored the same way with its query embeddings."""
-    from omni.data.tasks import PairDataset, TaskSpec, right_pad
-    from omni.model.contrastive import embed_media, embed_text, similarity
-
     model.eval()
-    ds = PairDataset(manifest, TaskSpec.of(d), model, model.tokenizer, seq_len)
+    ds = PairDataset(manifest, TaskSpec.of(d), model, model.tokenizer, seq_len, progress=progress,
+                     max_rows=max_rows)
     media, text = [], []
-    for start in range(0, len(ds), batch_size):
+    for start in progress_bar(range(0, len(ds), batch_size), desc=f"{d.label}: embedding {len(ds)} pairs",
+                              unit="batch", enabled=progress):
         batch = ds.collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
         media.append(embed_media(model, d.media, [slot.data for _, slot in batch["media"]]))
         text.append(embed_text(model, batch["input_ids"].to(model.device), batch["key_padding"].to(model.device)))
@@ -264,8 +312,6 @@ def _eval_contrastive(model, d, seq_len: int, manifest: Path, batch_size: int) -
 
 @torch.no_grad()
 def _reconstruct(codec, audio):
-    from omni.media.audio import Audio
-
     wave = audio.resample(codec.sample_rate).waveform
     out = codec.decode(codec.encode(wave), length=wave.shape[-1]).reshape(-1)
     return Audio(out, sample_rate=codec.sample_rate)
@@ -273,29 +319,29 @@ def _reconstruct(codec, audio):
 
 @torch.no_grad()
 def _eval_codes(model, d, seq_len: int, manifest: Path, rows: list[dict], batch_size: int,
-                unigram_rows: int = 400) -> dict:
+                unigram_rows: int = 400, progress: bool | None = False) -> dict:
     """Next-code loss and accuracy over every codebook (each code scored within its own codebook,
     as generation samples it) on held-out clips, and the same for a unigram model of the codes
     of (up to ``unigram_rows``) training clips, add-one smoothed per codebook."""
-    from omni.data.tasks import TaskDataset, TaskSpec, collate
-    from omni.processor import as_processor
-
     vocab = model.vocab
     K, C = vocab.num_codebooks, vocab.codebook_size
     counts = torch.ones(K, C)
     train_manifest = manifest.parent / "train.jsonl"
-    for row in list(read_jsonl(train_manifest))[:unigram_rows]:
+    for row in progress_bar(list(read_jsonl(train_manifest))[:unigram_rows], unit="row", enabled=progress,
+                            desc=f"{d.label}: codec-encoding {train_manifest} (the unigram baseline)"):
         try:
             codes = as_processor(model).encode_audio(manifest.parent / row["audio"], d.max_audio_s)
         except (ValueError, KeyError):
             continue
         counts += torch.nn.functional.one_hot(codes, C).sum(1)
     log_unigram = (counts / counts.sum(1, keepdim=True)).log()  # (K, C)
-    ds = TaskDataset(manifest, TaskSpec.of(d), model, model.tokenizer, seq_len)
+    ds = TaskDataset(manifest, TaskSpec.of(d), model, model.tokenizer, seq_len, progress=progress,
+                     max_rows=len(rows))
     nll = correct = uni_nll = uni_correct = n = 0.0
     per_book = torch.zeros(K)
     per_book_n = torch.zeros(K)
-    for start in range(0, len(ds), batch_size):
+    for start in progress_bar(range(0, len(ds), batch_size), desc=f"{d.label}: scoring {len(ds)} packed rows",
+                              unit="batch", enabled=progress):
         batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))], model.uses_mrope)
         logits = model(batch["input_ids"], positions=batch["positions"], doc_ids=batch["doc_ids"],
                        streams=batch.get("streams")).logits.float()
@@ -327,15 +373,15 @@ def _eval_codes(model, d, seq_len: int, manifest: Path, rows: list[dict], batch_
 
 
 def write_continuations(model, d, rows: list[dict], root: Path, out: Path, prompt_s: float = 1.5,
-                        max_seconds: float = 3.0, temperature: float = 0.8, top_k: int = 50) -> list[str]:
+                        max_seconds: float = 3.0, temperature: float = 0.8, top_k: int = 50,
+                        progress: bool | None = False) -> list[str]:
     """For each row: the first ``prompt_s`` of the clip as the prompt and the model's continuation
     (sampled, seeded), written as ``<id>_prompt.wav``, ``<id>_continuation.wav`` (prompt +
     continuation) and ``<id>_original.wav``."""
-    from omni.media.audio import Audio
-
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for n, row in enumerate(rows):
+    for n, row in enumerate(progress_bar(rows, desc=f"{d.label}: continuing clips into {out}", unit="clip",
+                                         enabled=progress)):
         clip = Audio(root / row["audio"]).resample(model.codec.sample_rate)
         cut = int(prompt_s * clip.sample_rate)
         prompt = Audio(clip.waveform[:cut], sample_rate=clip.sample_rate)
@@ -352,14 +398,13 @@ def write_continuations(model, d, rows: list[dict], root: Path, out: Path, promp
 
 
 def write_speech(model, d, rows: list[dict], root: Path, out: Path, max_seconds: float = 4.0,
-                 temperature: float = 0.8, top_k: int = 50) -> list[str]:
+                 temperature: float = 0.8, top_k: int = 50, progress: bool | None = False) -> list[str]:
     """For each row: the model speaking the row's text (sampled, seeded) as ``<id>_spoken.wav``,
     next to ``<id>_original.wav``."""
-    from omni.media.audio import Audio
-
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for n, row in enumerate(rows):
+    for n, row in enumerate(progress_bar(rows, desc=f"{d.label}: speaking into {out}", unit="clip",
+                                         enabled=progress)):
         said = f"{d.prompt} {row['text'].strip()}" if d.prompt else row["text"].strip()
         spoken = model.generate(said, output="audio", max_seconds=max_seconds, temperature=temperature,
                                 top_k=top_k, seed=n)

@@ -28,6 +28,16 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def loss_span(rows: list[dict]) -> str | None:
+    """The first and last logged training losses of ``metrics.jsonl`` rows with their steps, e.g.
+    ``6.565 (step 10) -> 3.21 (step 300)``: what the model card and ``omni train``'s last line both say."""
+    train = [r for r in rows if "event" not in r and isinstance(r.get("loss"), (int, float))]
+    if not train:
+        return None
+    first, last = train[0], train[-1]
+    return f"{_fmt(first['loss'])} (step {first['step']}) -> {_fmt(last['loss'])} (step {last['step']})"
+
+
 def _scores(metrics: dict) -> list[tuple[str, dict]]:
     """(task label, scalar metrics) pairs from one eval_*.json (single task or a mixture)."""
     if "tasks" in metrics:
@@ -75,7 +85,7 @@ def write_model_card(run_dir: str | Path) -> Path:
             lines += ["", "## Training", "",
                       f"- {train[-1]['step']} steps of {t.get('batch_size', '?')} rows x {data.get('seq_len', '?')} tokens, "
                       f"lr {t.get('lr', '?')}; {_fmt(start.get('params', 0) / 1e6)}M parameters",
-                      f"- train loss {_fmt(train[0]['loss'])} -> {_fmt(train[-1]['loss'])}"
+                      f"- train loss {loss_span(rows)}"
                       + (f"; validation loss {_fmt(val[-1]['val_loss'])}" if val else "")]
             if (run / "loss.png").is_file():
                 lines.append("- loss curves: ![loss](loss.png)")

@@ -9,6 +9,7 @@ codec spec all read their sections through it, so a key is checked the same way 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from typing import Any
@@ -22,8 +23,9 @@ def from_dict(cls, raw: dict, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
+        guess = did_you_mean(unknown[0], names, prefix)
         raise ValueError(
-            f"unknown key {prefix}{unknown[0]}; allowed keys in "
+            f"unknown key {prefix}{unknown[0]};{guess} allowed keys in "
             f"{prefix.rstrip('.') or 'the recipe'}: {', '.join(sorted(names))}"
         )
     kwargs = {}
@@ -98,3 +100,9 @@ def choice(key: str, value, allowed):
 def positive(key: str, value: int):
     if value <= 0:
         raise ValueError(f"{key} must be > 0, got {value}")
+
+
+def did_you_mean(name: str, choices, prefix: str = "") -> str:
+    """`` did you mean X?`` for the choice closest to a misspelled ``name``, or nothing."""
+    close = difflib.get_close_matches(str(name), sorted(choices), n=1, cutoff=0.6)
+    return f" did you mean {prefix}{close[0]}?" if close else ""

@@ -240,3 +240,91 @@ def test_a_second_writer_of_a_folder_gets_a_one_line_error_naming_the_first(tmp_
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and f"(pid {pid} " in err
     assert not (tmp_path / "d" / "train.jsonl").exists() and not any((tmp_path / "tok").glob("*.model"))
+
+
+def test_a_recipe_whose_tokenizer_cannot_be_trained_on_its_data_says_what_to_run_first(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """A fresh tree (no text corpus, no tokenizer): videollama/caption_tiny would train text_spm's 4,096
+    pieces on its 20 captions. One line naming the corpus size and the command to run first."""
+    monkeypatch.chdir(tmp_path)
+    captions = [f"a red truck moves {d} quickly" for d in ("left", "right", "up", "down")] * 5
+    for split in ("train", "val"):
+        write_jsonl(tmp_path / "data" / "video" / f"{split}.jsonl",
+                    [{"video": f"{i}.mp4", "caption": c} for i, c in enumerate(captions)])
+    assert main(["train", "videollama/caption_tiny", "train.steps=2", "train.warmup_steps=1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "trainer_interface" not in err
+    assert "vocab_size=4096 is too large for a corpus of 20 sentences" in err
+    assert ("`omni data build text --out data/text`, then `omni tokenizer train text_spm "
+            "out=runs/tokenizers/text_spm`") in err
+
+
+def test_generate_transcribe_caption_and_eval_each_have_their_own_description():
+    subs = dict(_subparsers(build_parser()))
+    for name in ("generate", "transcribe", "caption", "eval"):
+        assert len(subs[name].description or "") > 80, f"omni {name} --help has no description"
+    assert subs["transcribe"].description != subs["caption"].description
+    assert "audio" in subs["transcribe"].description and "image" in subs["caption"].description
+
+
+def test_data_build_text_says_wrote_once(tmp_path, capsys, caplog):
+    import logging
+
+    src = tmp_path / "corpus.txt"
+    src.write_text("\n\n".join(f"Paragraph number {i} about things." for i in range(50)), encoding="utf-8")
+    with caplog.at_level(logging.INFO):
+        assert main(["data", "build", "text", "--out", str(tmp_path / "d"), "--source", str(src)]) == 0
+    out, err = capsys.readouterr()
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert (out + err + "\n".join(logged)).count("wrote") == 1
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """text/tiny trained for 4 steps through the CLI (debug size), logging every 2nd step."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("text_run")
+    docs = wiki_documents()[:120]
+    write_jsonl(root / "data" / "train.jsonl", docs[:100])
+    write_jsonl(root / "data" / "val.jsonl", docs[100:110])
+    write_jsonl(root / "data" / "test.jsonl", docs[110:])
+    TextTokenizer.train([d["text"] for d in docs], vocab_size=600).save(root / "tok")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["train", "text/tiny", "model.size=debug", "model.max_seq_len=64", "data.seq_len=64",
+                     f"data.path={root / 'data'}", f"tokenizer.path={root / 'tok'}",
+                     f"train.out_dir={root / 'run'}",
+                     "train.steps=4", "train.warmup_steps=1", "train.batch_size=2", "train.log_every=2",
+                     "train.eval_every=4", "train.eval_batches=1", "train.progress=false"]) == 0
+    return root / "run", out.getvalue()
+
+
+def test_the_end_of_run_line_and_the_model_card_give_the_same_logged_losses(text_run):
+    run, printed = text_run
+    card = (run / "README.md").read_text()
+    span = re.search(r"train loss (.+\(step 2\) -> .+\(step 4\))", card)
+    assert span, card
+    assert f"loss {span[1]}, val loss" in printed
+
+
+def test_eval_prints_a_headline_per_task_and_the_json_only_when_asked(text_run, capsys):
+    import json
+
+    run, _ = text_run
+    assert main(["eval", "--ckpt", str(run), "--max-rows", "4"]) == 0
+    out, _ = capsys.readouterr()
+    assert re.fullmatch(r"text: perplexity [\d.]+ \(4 rows\)\n", out), out
+    written = json.loads((run / "eval_test.json").read_text())
+    assert written["rows"] == 4 and written["label"] == "text"
+    assert main(["eval", "--ckpt", str(run), "--max-rows", "4", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == json.loads((run / "eval_test.json").read_text()) and "text: perplexity" in err
+    assert main(["eval", "--ckpt", str(run)]) == 0
+    assert "(10 rows)" in capsys.readouterr().out
+
+
+def test_data_build_speech_max_docs_is_a_quick_look(tmp_path, capsys):
+    assert main(["data", "build", "speech", "--out", str(tmp_path / "speech"), "--max-docs", "8"]) == 0
+    assert '{"train": 8, "val": 4, "test": 4, "test_piper": 2}' in capsys.readouterr().out

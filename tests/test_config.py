@@ -162,6 +162,26 @@ def test_unknown_recipe_lists_available_ones():
         assert str(p.relative_to(REPO_ROOT / "recipes").with_suffix("")) in msg
 
 
+@pytest.mark.parametrize("name, meant", [("text/tinny", "text/tiny"), ("llava/caption", "llava/caption_tiny"),
+                                         ("whisper/asr_tine", "whisper/asr_tiny")])
+def test_a_misspelled_recipe_name_gets_a_did_you_mean(name, meant):
+    with pytest.raises(ValueError, match=f"did you mean {meant}\\?"):
+        load_recipe(name)
+    with pytest.raises(ValueError, match="did you mean text_spm\\?"):
+        load_tokenizer_spec("text_sp")
+
+
+@pytest.mark.parametrize("override, meant", [("train.step=3", "train.steps"), ("trian.steps=3", "train"),
+                                             ("data.seqlen=64", "data.seq_len"),
+                                             ("model.szie=debug", "model.size")])
+def test_a_misspelled_override_key_gets_a_did_you_mean(tmp_path, override, meant):
+    with pytest.raises(ValueError, match=f"did you mean {meant}\\?"):
+        load_recipe(_write(tmp_path, {}), [override])
+    with pytest.raises(ValueError) as e:  # nothing close: no guess
+        load_recipe(_write(tmp_path, {}), ["train.xyzzy=1"])
+    assert "did you mean" not in str(e.value)
+
+
 def test_recipe_file_must_be_a_mapping(tmp_path):
     with pytest.raises(ValueError, match="expected a mapping"):
         load_recipe(_write(tmp_path, "- a\n- b\n"))

@@ -77,3 +77,54 @@ def test_plain_split_names_pass():
 
     for split in ("test", "test_piper", "val-2", "v1.0", "2024"):
         assert split_name(split) == split
+
+
+def _run_of(recipe: str, overrides: list[str], tokenizer, run):
+    cfg = load_recipe(recipe, ["model.size=debug", *overrides])
+    model_from_recipe(cfg, tokenizer).save_pretrained(run)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    return run
+
+
+@pytest.mark.parametrize("recipe", ["text/tiny", "audiolm/continue_tiny", "audiolm/speak_tiny"])
+def test_max_rows_scores_only_the_first_rows_and_says_so(tmp_path, text_tokenizer, tiny_corpus, recipe):
+    """``omni eval --max-rows N`` on a loss-scored task: the scores are those of the first N rows alone,
+    and ``rows`` says N (it used to score every row while saying N)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    overrides = [f"data.path={data}"]
+    if recipe == "text/tiny":
+        rows = [json.loads(x) for x in (tiny_corpus / "val.jsonl").read_text().splitlines()][:8]
+        key = "loss"
+    else:
+        torch.manual_seed(0)
+        AudioCodec("debug").save(tmp_path / "codec")
+        rows = []
+        for i in range(8):
+            wave = 0.2 * np.sin(np.arange(960) * (0.05 + 0.02 * i))
+            sf.write(data / f"{i}.wav", wave.astype(np.float32), 16000)
+            rows.append({"audio": f"{i}.wav", "text": f"turn on light {i}"})
+        overrides += [f"codec.path={tmp_path / 'codec'}", "data.max_audio_s=0.05", "data.seq_len=96",
+                      "model.max_seq_len=96"]
+        key = "code_loss"
+    write_jsonl(data / "test.jsonl", rows)
+    write_jsonl(data / "first.jsonl", rows[:3])
+    write_jsonl(data / "train.jsonl", rows)  # the codes tasks' unigram baseline
+    run = _run_of(recipe, overrides, text_tokenizer, tmp_path / "run")
+    some = evaluate(run, split="test", max_rows=3, examples=0)
+    first = evaluate(run, split="first", examples=0)
+    every = evaluate(run, split="test", examples=0)
+    assert some["rows"] == first["rows"] == 3 and every["rows"] == 8
+    assert some[key] == pytest.approx(first[key]) and some[key] != pytest.approx(every[key])
+
+
+def test_max_rows_limits_contrastive_pairs(tmp_path, text_tokenizer, fake_stamps):
+    from omni.data.images import build_images_corpus
+
+    build_images_corpus(tmp_path / "images", stamps_dir=fake_stamps, max_size=48, val_fraction=0.0,
+                        test_fraction=0.0)
+    overrides = [f"data.path={tmp_path / 'images'}", "model.media.image.tokenizer.size=debug"]
+    run = _run_of("clip/images_tiny", overrides, text_tokenizer, tmp_path / "run")
+    every = evaluate(run, split="train")
+    some = evaluate(run, split="train", max_rows=2)
+    assert every["pairs"] == every["rows"] > 2 and some["pairs"] == some["rows"] == 2

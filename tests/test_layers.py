@@ -42,43 +42,9 @@ MODULE_LAYER = {
     "model.audio_codes": "vocab",
 }
 
-# Imports that still go against the order, each to be removed (issue 23); the test fails when
-# one of them is gone, so this list only shrinks.
-KNOWN = {
-    ("omni.cli", "omni", "inside a function"),
-    ("omni.cli", "omni.api", "inside a function"),
-    ("omni.cli", "omni.config", "inside a function"),
-    ("omni.cli", "omni.data.images", "inside a function"),
-    ("omni.cli", "omni.data.speech", "inside a function"),
-    ("omni.cli", "omni.data.text", "inside a function"),
-    ("omni.cli", "omni.data.video", "inside a function"),
-    ("omni.cli", "omni.demo", "inside a function"),
-    ("omni.cli", "omni.eval", "inside a function"),
-    ("omni.cli", "omni.io", "inside a function"),
-    ("omni.cli", "omni.media", "inside a function"),
-    ("omni.cli", "omni.tokenizers.text", "inside a function"),
-    ("omni.cli", "omni.train", "inside a function"),
-    ("omni.cli", "omni.train.codec", "inside a function"),
-    ("omni.demo", "omni", "inside a function"),
-    ("omni.demo", "omni.api", "inside a function"),
-    ("omni.demo", "omni.config", "inside a function"),
-    ("omni.demo", "omni.data.images", "inside a function"),
-    ("omni.demo", "omni.data.speech", "inside a function"),
-    ("omni.demo", "omni.data.text", "inside a function"),
-    ("omni.demo", "omni.data.video", "inside a function"),
-    ("omni.demo", "omni.eval", "inside a function"),
-    ("omni.demo", "omni.train", "inside a function"),
-    ("omni.demo", "omni.train.codec", "inside a function"),
-    ("omni.eval", "omni", "inside a function"),
-    ("omni.eval", "omni.api", "inside a function"),
-    ("omni.eval", "omni.data.tasks", "inside a function"),
-    ("omni.eval", "omni.data.video", "inside a function"),
-    ("omni.eval", "omni.media.audio", "inside a function"),
-    ("omni.eval", "omni.model.contrastive", "inside a function"),
-    ("omni.eval", "omni.model_card", "inside a function"),
-    ("omni.eval", "omni.processor", "inside a function"),
-    ("omni.eval", "omni.tokenizers.audio", "inside a function"),
-}
+# Imports that go against the order on purpose, each with its reason (none today); the test
+# fails when one of them is gone, so this set only shrinks.
+KNOWN: set[tuple[str, str, str]] = set()
 
 
 def layer_of(module: str) -> int:

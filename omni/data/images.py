@@ -29,6 +29,7 @@ import torch
 from omni.io import atomic_write_json, exclusive, write_jsonl
 from omni.media import MediaError
 from omni.media.image import Image, fit_within, resize
+from omni.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def build_images_corpus(out: str | Path, stamps_dir: str | Path = STAMPS_DIR, ma
         rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
         skipped_svg, bad = 0, []
         white = torch.full((3, 1, 1), 255.0)
-        for stamp in chosen:
+        for stamp in progress_bar(chosen, desc=f"rasterising stamps into {out}", unit="stamp"):
             if stamp.image.suffix == ".svg" and not can_svg:
                 skipped_svg += 1
                 continue
@@ -174,5 +175,5 @@ def build_images_corpus(out: str | Path, stamps_dir: str | Path = STAMPS_DIR, ma
                  "bad": len(bad), "with_sound": sum(s.sound is not None for s in chosen),
                  "categories": len({s.category for s in chosen}), "max_size": max_size, **counts}
         atomic_write_json(out / "corpus.json", stats)
-        log.info("wrote %s to %s", stats, out)
+        log.debug("wrote %s to %s", stats, out)  # `omni data build` prints it
         return stats

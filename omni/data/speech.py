@@ -33,6 +33,7 @@ from omni.data.images import STAMPS_DIR, STAMPS_INSTALL, english_caption
 from omni.data.text import wiki_documents
 from omni.io import exclusive, read_jsonl, write_jsonl
 from omni.media.audio import Audio
+from omni.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,8 @@ def build_speech_corpus(out: str | Path, size: str = "tiny", seed: int = 0, work
     with exclusive(out, "speech corpus"):  # a second build of this folder is refused, not interleaved
         (out / "audio").mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(max(1, workers)) as pool:  # the engines run as subprocesses: threads suffice
-            rows = list(pool.map(run, jobs))
+            rows = list(progress_bar(pool.map(run, jobs), total=len(jobs), unit="utterance",
+                                     desc=f"speaking into {out}"))
         result = {}
         for split in plan:
             split_rows = [r for r in rows if r["split"] == split]

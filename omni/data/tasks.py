@@ -42,6 +42,7 @@ import torch
 from omni.io import read_jsonl
 from omni.media import BAD_FILE_ERRORS
 from omni.processor import Processor, as_processor
+from omni.progress import progress as progress_bar
 from omni.sequence import MediaSlot, Message, PackedRow, Sample, Segment, pack, render
 
 log = logging.getLogger(__name__)
@@ -219,13 +220,24 @@ def episodes(media: list[tuple[torch.Tensor, tuple]], spec: TaskSpec, held_out: 
     return out
 
 
-def prepare_rows(manifest: Path, spec: TaskSpec, model, on_bad_sample: str = "skip") -> tuple[list, int]:
+def _manifest_rows(manifest: Path, spec: TaskSpec, progress: bool | None = False,
+                   max_rows: int | None = None):
+    """The manifest's rows (the first ``max_rows``) under a progress bar counting rows, named for
+    the work each row takes (``progress``: see :func:`omni.progress.progress`)."""
+    rows = list(read_jsonl(manifest))[:max_rows]
+    work = {"text": "tokenizing", "continue": "codec-encoding", "speak": "codec-encoding"}
+    desc = f"{work.get(spec.task, f'preparing {spec.media} of')} {manifest}"
+    return progress_bar(rows, desc=desc, unit="row", enabled=progress)
+
+
+def prepare_rows(manifest: Path, spec: TaskSpec, model, on_bad_sample: str = "skip",
+                 progress: bool | None = False) -> tuple[list, int]:
     """Every usable row's media prepared by the model's encoder, and how many rows were skipped."""
     proc = as_processor(model)
     if spec.media not in proc.encoders:
         raise ValueError(f"the model has no {spec.media} encoder (model.media.{spec.media})")
     media, num_bad = [], 0
-    for n, row in enumerate(read_jsonl(manifest)):
+    for n, row in enumerate(_manifest_rows(manifest, spec, progress)):
         try:
             media.append(proc.prepare(spec.media, _media_path(row, spec.media, manifest.parent)))
         except BAD_FILE_ERRORS as e:
@@ -247,9 +259,10 @@ def _bad_row(manifest: Path, n: int, row: dict, error: Exception, on_bad_sample:
     log.warning("%s: row %d skipped: %s", manifest, n + 1, problem)
 
 
-def _render_episodes(manifest: Path, spec: TaskSpec, model, tokenizer, seq_len: int, on_bad_sample: str):
+def _render_episodes(manifest: Path, spec: TaskSpec, model, tokenizer, seq_len: int, on_bad_sample: str,
+                     progress: bool | None = False):
     proc = as_processor(model)
-    media, num_bad = prepare_rows(manifest, spec, model, on_bad_sample)
+    media, num_bad = prepare_rows(manifest, spec, proc, on_bad_sample, progress)
     rendered = []
     for ep in episodes(media, spec, held_out=manifest.stem != "train"):
         r = render(ep.sample(), tokenizer, **proc.render_options)
@@ -261,18 +274,20 @@ def _render_episodes(manifest: Path, spec: TaskSpec, model, tokenizer, seq_len: 
 
 
 def render_manifest(manifest: str | Path, spec: TaskSpec, model, tokenizer, seq_len: int,
-                    on_bad_sample: str = "skip") -> tuple[list, int]:
-    """Every usable row of a manifest rendered for ``spec``, and how many rows were skipped."""
+                    on_bad_sample: str = "skip", progress: bool | None = False,
+                    max_rows: int | None = None) -> tuple[list, int]:
+    """Every usable row of a manifest (of its first ``max_rows``) rendered for ``spec``, and how many
+    rows were skipped; ``progress``: a bar counting the rows (:func:`omni.progress.progress`)."""
     proc = as_processor(model)
     manifest = Path(manifest)
     if task(spec.task).episodes:
-        return _render_episodes(manifest, spec, model, tokenizer, seq_len, on_bad_sample)
+        return _render_episodes(manifest, spec, proc, tokenizer, seq_len, on_bad_sample, progress)
     root = manifest.parent
     # speech: the transcript rides along with the audio slot for the encoder's CTC head
     ctc = (spec.task == "caption" and spec.transcript and spec.media in proc.encoders
            and getattr(proc.encoders[spec.media], "ctc_head", None) is not None)
     rendered, num_bad = [], 0
-    for n, row in enumerate(read_jsonl(manifest)):
+    for n, row in enumerate(_manifest_rows(manifest, spec, progress, max_rows)):
         try:
             r = render(sample_for(row, spec, proc, root), tokenizer, **proc.render_options)
             if r.media and len(r) > seq_len:
@@ -326,13 +341,13 @@ class PairDataset(torch.utils.data.Dataset):
     ``<bos> text <eos>`` ids. ``rows`` keeps the manifest rows that were used."""
 
     def __init__(self, manifest: str | Path, spec: TaskSpec, model, tokenizer, seq_len: int,
-                 on_bad_sample: str = "skip"):
+                 on_bad_sample: str = "skip", progress: bool | None = False, max_rows: int | None = None):
         proc = as_processor(model)
         manifest = Path(manifest)
         if spec.media not in proc.encoders:
             raise ValueError(f"the model has no {spec.media} encoder (model.media.{spec.media})")
         self.pairs, self.rows, self.num_bad = [], [], 0
-        for n, row in enumerate(read_jsonl(manifest)):
+        for n, row in enumerate(_manifest_rows(manifest, spec, progress, max_rows)):
             try:
                 text = row.get(spec.target)
                 if not isinstance(text, str) or not text.strip():
@@ -371,10 +386,11 @@ class TaskDataset(PackedDataset):
     """A manifest rendered for one task and packed into rows of ``seq_len`` tokens."""
 
     def __init__(self, manifest: str | Path, spec: TaskSpec, model, tokenizer, seq_len: int,
-                 on_bad_sample: str = "skip"):
+                 on_bad_sample: str = "skip", progress: bool | None = False, max_rows: int | None = None):
         proc = as_processor(model)
         self.manifest, self.spec = Path(manifest), spec
-        rendered, num_bad = render_manifest(manifest, spec, model, tokenizer, seq_len, on_bad_sample)
+        rendered, num_bad = render_manifest(manifest, spec, model, tokenizer, seq_len, on_bad_sample,
+                                            progress, max_rows)
         # Pre-training text and audio documents may flow across rows; a turn structure stays whole.
         super().__init__(rendered, seq_len, proc.vocab.pad_id, task(spec.task).documents, num_bad)
 
@@ -387,12 +403,13 @@ class MixtureDataset(PackedDataset):
     samples each task put in."""
 
     def __init__(self, parts: list[tuple[str, str | Path, TaskSpec, float, float]], model, tokenizer,
-                 seq_len: int,
-                 on_bad_sample: str = "skip", weighted: bool = True, seed: int = 0):
+                 seq_len: int, on_bad_sample: str = "skip", weighted: bool = True, seed: int = 0,
+                 progress: bool | None = False):
         proc = as_processor(model)
         per_task, num_bad = [], 0
         for _, manifest, spec, _, loss_weight in parts:
-            rendered, bad = render_manifest(manifest, spec, model, tokenizer, seq_len, on_bad_sample)
+            rendered, bad = render_manifest(manifest, spec, model, tokenizer, seq_len, on_bad_sample,
+                                            progress)
             if weighted:
                 for r in rendered:
                     r.loss_weight = loss_weight
@@ -412,17 +429,18 @@ class MixtureDataset(PackedDataset):
         super().__init__([chosen[i] for i in order], seq_len, proc.vocab.pad_id, False, num_bad)
 
 
-def dataset_for(data, split: str, model, tokenizer, seed: int = 0) -> PackedDataset:
-    """The recipe's ``data`` section (:class:`omni.config.DataConfig`) for one split."""
+def dataset_for(data, split: str, model, tokenizer, seed: int = 0,
+                progress: bool | None = False) -> PackedDataset:
+    """The recipe's ``data`` section (:class:`omni.config.DataConfig`) for one split; ``progress``: a
+    bar per manifest counting its rows as they are rendered (:func:`omni.progress.progress`)."""
     if not data.mixture:
         cls = PairDataset if task(data.task).pairs else TaskDataset
         return cls(Path(data.path) / f"{split}.jsonl", TaskSpec.of(data), model, tokenizer, data.seq_len,
-                   data.on_bad_sample)
+                   data.on_bad_sample, progress)
     parts = [(p.label, Path(p.path) / f"{split}.jsonl", TaskSpec.of(p), p.weight, p.loss_weight)
              for p in data.mixture]
     return MixtureDataset(parts, model, tokenizer, data.seq_len, data.on_bad_sample,
-                          weighted=split == "train",
-                          seed=seed)
+                          weighted=split == "train", seed=seed, progress=progress)
 
 
 def collate(rows: list[PackedRow], mrope: bool = False) -> dict:

@@ -79,5 +79,5 @@ def build_text_corpus(out: str | Path, source: str = "wiki", val_fraction: float
         raise ValueError(f"{source}: no documents left for the train split")
     with exclusive(out, "text corpus"):  # a second build of this folder is refused, not interleaved
         counts = {s: write_jsonl(out / f"{s}.jsonl", rows) for s, rows in by_split.items()}
-    log.info("wrote %s to %s", counts, out)
+    log.debug("wrote %s to %s", counts, out)  # `omni data build` prints it
     return counts

@@ -37,6 +37,7 @@ from omni.data.images import STAMPS_DIR, SVG_INSTALL, Stamp, find_stamps, stamp_
 from omni.io import atomic_write_json, exclusive, write_jsonl
 from omni.media import MediaError
 from omni.media.video import read_audio, write_video
+from omni.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,8 @@ def build_video_corpus(out: str | Path, stamps_dir: str | Path = STAMPS_DIR, siz
         bad: list[str] = []
         stamp_px = max(4, int(stamp_scale * size))
         i = 0  # stamps rendered so far: the held-out rotation skips bad stamps
-        for stamp in chosen:
+        clips = len(DIRECTIONS) * len(SPEEDS)
+        for stamp in progress_bar(chosen, desc=f"rendering {clips} clips a stamp into {out}", unit="stamp"):
             try:
                 rgb, alpha = stamp_rgba(stamp, stamp_px)
                 sound = _sound(stamp, duration) if with_audio else None
@@ -176,5 +178,5 @@ def build_video_corpus(out: str | Path, stamps_dir: str | Path = STAMPS_DIR, siz
                  "clips": sum(counts.values()), "size": size, "fps": fps, "duration": duration,
                  "frames_per_clip": num_frames, **counts}
         atomic_write_json(out / "corpus.json", stats)
-        log.info("wrote %s to %s", stats, out)
+        log.debug("wrote %s to %s", stats, out)  # `omni data build` prints it
         return stats

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import re
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -18,6 +21,8 @@ from omni.vocab import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID, Vocab
 
 MODEL_FILE = "text.model"
 VOCAB_FILE = "vocab.json"
+
+log = logging.getLogger(__name__)
 
 
 class TextTokenizer(BaseTextTokenizer):
@@ -79,6 +84,10 @@ class TextTokenizer(BaseTextTokenizer):
             raise ValueError("cannot train a tokenizer on an empty corpus")
         spm.set_random_generator_seed(seed)
         out = io.BytesIO()
+        sample = f" (a sample of {max_sentences:,})" if len(texts) > max_sentences else ""
+        log.info("training a %s SentencePiece tokenizer of %d pieces on %s sentences%s...", model_type,
+                 vocab_size, f"{len(texts):,}", sample)
+        start = time.perf_counter()
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(texts), model_writer=out, vocab_size=vocab_size,
@@ -92,7 +101,14 @@ class TextTokenizer(BaseTextTokenizer):
                 hard_vocab_limit=model_type != "word",
             )
         except RuntimeError as e:
+            limit = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", str(e))
+            if limit:  # the corpus is too small for that many pieces: say so, not SentencePiece's internals
+                raise ValueError(f"vocab_size={vocab_size} is too large for a corpus of {len(texts):,} "
+                                 f"sentences ({sum(map(len, texts)):,} characters): SentencePiece can make "
+                                 f"at most {limit[1]} pieces from it; train on more text or lower vocab_size "
+                                 f"(<= {limit[1]})") from None
             raise ValueError(f"SentencePiece training failed: {e}") from None
+        log.info("trained the tokenizer in %.1f s", time.perf_counter() - start)
         return cls(out.getvalue())
 
     # -- text -------------------------------------------------------------------------------

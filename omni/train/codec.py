@@ -34,6 +34,7 @@ from omni.data.speech import manifest_audio
 from omni.io import atomic_write_json, exclusive, write_jsonl
 from omni.media.audio import Audio, load_audio, resample
 from omni.metrics import MultiScaleMel, si_sdr
+from omni.progress import progress as progress_bar
 from omni.tokenizers.audio import CODEC_PRESETS, AudioCodec, CodecConfig
 from omni.train.loop import Schedule, TrainingError, UpdateGuard, set_lr
 
@@ -248,7 +249,7 @@ def evaluate_codec(codec: AudioCodec, clips: list[torch.Tensor], mel: MultiScale
     device = next(codec.model.parameters()).device
     mel = (mel or MultiScaleMel(codec.sample_rate)).to(device)
     dist, sdr, counts = [], [], torch.zeros(codec.num_codebooks, codec.cardinality)
-    for clip in clips:
+    for clip in progress_bar(clips, desc=f"scoring the codec on {len(clips)} held-out clips", unit="clip"):
         clip = clip.to(device)
         codes = codec.encode(clip)
         counts += F.one_hot(codes.cpu().long(), codec.cardinality).sum(1)

@@ -277,11 +277,27 @@ def prepare_tokenizer(cfg: RecipeConfig, accelerator):
                      ", ".join(str(c) for c, _ in corpora), path)
             texts = itertools.chain.from_iterable(corpus_texts(c, field) for c, field in corpora)
             with exclusive(path, "tokenizer"):  # another run training the same tokenizer is refused
-                tok = TextTokenizer.train(texts, vocab_size=spec.vocab_size, model_type=spec.model_type,
-                                          character_coverage=spec.character_coverage,
-                                          max_sentences=spec.max_sentences, seed=spec.seed)
+                try:
+                    tok = TextTokenizer.train(texts, vocab_size=spec.vocab_size, model_type=spec.model_type,
+                                              character_coverage=spec.character_coverage,
+                                              max_sentences=spec.max_sentences, seed=spec.seed)
+                except ValueError as e:  # e.g. a caption corpus far too small for text_spm's 4,096 pieces
+                    raise ValueError(f"{path} holds no tokenizer yet, and training {cfg.tokenizer.spec} on "
+                                     f"this recipe's own training text failed: {e}. "
+                                     f"{_tokenizer_first(cfg, spec)}") from None
                 tok.save(path)
     return TextTokenizer.load(path)
+
+
+def _tokenizer_first(cfg: RecipeConfig, spec) -> str:
+    """What to run before a recipe whose tokenizer could not be trained on its own data."""
+    corpus = Path(spec.corpus)
+    build = ""
+    if not corpus.is_file() and corpus.parent.name in ("text", "speech", "sounds", "images", "video"):
+        build = f"`omni data build {corpus.parent.name} --out {corpus.parent}`, then "
+    return (f"Train the tokenizer on its own corpus ({spec.corpus}) first: {build}`omni tokenizer train "
+            f"{cfg.tokenizer.spec} out={cfg.tokenizer.path}` (vocab_size=N for fewer pieces), or set "
+            "tokenizer.path to a trained tokenizer")
 
 
 def model_from_recipe(cfg: RecipeConfig, tokenizer):
@@ -396,8 +412,9 @@ class Trainer:
         self.tokenizer = prepare_tokenizer(cfg, acc)
         model = model_from_recipe(cfg, self.tokenizer)
         self.n_trainable = apply_stages(model, tc)
-        self.train_set, self.val_set = (dataset_for(cfg.data, split, model, self.tokenizer, tc.seed)
-                                        for split in ("train", "val"))
+        bars = None if tc.progress and acc.is_main_process else False  # on a terminal: rows as rendered
+        self.train_set, self.val_set = (dataset_for(cfg.data, split, model, self.tokenizer, tc.seed,
+                                                    progress=bars) for split in ("train", "val"))
         optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay, tc.lr_scale), lr=tc.lr,
                                       betas=tuple(tc.betas), foreach=True)
         self.state, scaler_state = self._resume(resume_path, run_id, model, optimizer)

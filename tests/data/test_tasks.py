@@ -281,3 +281,27 @@ def test_a_runtime_or_memory_error_preparing_a_row_skips_that_row(images, tmp_pa
     assert "huge.png" in caplog.text and "MemoryError" in caplog.text
     with pytest.raises(ValueError, match=r"row 4: .*decoder_bug.png: RuntimeError: decoder crashed"):
         run("error")
+
+
+def test_codec_encoding_a_manifest_counts_its_rows_on_a_bar_and_max_rows_keeps_the_first(
+        tmp_path, text_tokenizer, capsys):
+    """The minutes before an audio recipe's first step are the corpus going through the codec: on a
+    terminal they show as a bar of rows, named for that work (issue 30)."""
+    from omni.tokenizers.audio import AudioCodec
+    from omni.vocab import Vocab
+
+    torch.manual_seed(0)
+    codec = AudioCodec("debug")
+    v = text_tokenizer.vocab
+    vocab = Vocab(v.text_size, v.specials, codec.num_codebooks, codec.cardinality)
+    model = build_model(backbone_config("debug", max_seq_len=128), vocab, text_tokenizer, seed=0, codec=codec)
+    for i in range(5):
+        sf.write(tmp_path / f"{i}.wav", (0.1 * np.sin(np.arange(480) / (3 + i))).astype(np.float32), 16000)
+    write_jsonl(tmp_path / "train.jsonl", [{"audio": f"{i}.wav"} for i in range(5)])
+    spec = TaskSpec("continue", prompt="Continue:")
+    ds = TaskDataset(tmp_path / "train.jsonl", spec, model, text_tokenizer, seq_len=96, progress=True)
+    err = capsys.readouterr().err
+    assert ds.num_docs == 5 and f"codec-encoding {tmp_path / 'train.jsonl'}" in err
+    assert "5/5" in err and "row" in err
+    first = TaskDataset(tmp_path / "train.jsonl", spec, model, text_tokenizer, seq_len=96, max_rows=2)
+    assert first.num_docs == 2 and capsys.readouterr().err == ""  # no bar unless asked (or on a terminal)

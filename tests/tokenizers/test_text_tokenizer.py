@@ -150,3 +150,19 @@ def test_decode_continuation_keeps_the_leading_space(text_tokenizer):
     assert text_tokenizer.decode(new) == "the world"  # a whole-text decode drops the space
     assert text_tokenizer.decode_continuation(new, prompt_ids) == rest
     assert text_tokenizer.decode_continuation(new) == "the world"
+
+
+def test_a_vocabulary_too_large_for_the_corpus_is_one_line_naming_the_corpus_and_the_limit(caplog):
+    """Not SentencePiece's internals ("trainer_interface.cc ... Vocabulary size too high")."""
+    import logging
+
+    captions = [f"a red truck moves {d} quickly" for d in ("left", "right", "up", "down")] * 10
+    with caplog.at_level(logging.INFO, logger="omni.tokenizers.text"), \
+            pytest.raises(ValueError) as e:
+        TextTokenizer.train(captions, vocab_size=4096)
+    msg = str(e.value)
+    assert "\n" not in msg and "trainer_interface" not in msg and "INTERNAL" not in msg
+    assert "vocab_size=4096 is too large for a corpus of 40 sentences" in msg
+    limit = int(msg.split("(<= ")[1].rstrip(")"))
+    assert 40 < limit < 4096
+    assert "training a unigram SentencePiece tokenizer of 4096 pieces on 40 sentences" in caplog.text
