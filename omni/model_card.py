@@ -48,7 +48,8 @@ def _scores(metrics: dict) -> list[tuple[str, dict]]:
 def write_model_card(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     config = json.loads((run / "config.json").read_text(encoding="utf-8"))
-    recipe = yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8")) if (run / "recipe.yaml").is_file() else {}
+    recipe = (yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8"))
+              if (run / "recipe.yaml").is_file() else {})
     cfg = OmniConfig.from_dict(config, str(run / "config.json"))
     bb = cfg.backbone
     reads = ["text", *cfg.media] + (["audio codes"] if cfg.vocab.num_codebooks else [])
@@ -58,11 +59,13 @@ def write_model_card(run_dir: str | Path) -> Path:
         lines += [recipe["description"], ""]
     lines += ["An omni checkpoint: load it with `omni.load(\"<this directory>\")`.", "",
               f"- reads: {', '.join(reads)}; writes: {', '.join(writes)}",
-              f"- backbone: {bb.num_layers} layers, width {bb.dim}, {bb.num_heads} heads, context {bb.max_seq_len}"
+              f"- backbone: {bb.num_layers} layers, width {bb.dim}, {bb.num_heads} heads, "
+              f"context {bb.max_seq_len}"
               + (f", cross-attention {bb.cross_attention}" if bb.cross_attention else "")
               + (", M-RoPE" if bb.mrope_section else ""),
               f"- vocabulary: {cfg.vocab.text_size} text pieces"
-              + (f" + {cfg.vocab.num_codebooks} x {cfg.vocab.codebook_size} audio codes" if cfg.vocab.num_codebooks else "")]
+              + (f" + {cfg.vocab.num_codebooks} x {cfg.vocab.codebook_size} audio codes"
+                 if cfg.vocab.num_codebooks else "")]
     for modality, m in cfg.media.items():
         enc = m.get("encoder") or m.get("tokenizer") or {}
         lines.append(f"- {modality} encoder: {enc.get('kind', 'vit')} {enc.get('size', '')}".rstrip()
@@ -83,7 +86,8 @@ def write_model_card(run_dir: str | Path) -> Path:
         if train:
             t = recipe.get("train") or {}
             lines += ["", "## Training", "",
-                      f"- {train[-1]['step']} steps of {t.get('batch_size', '?')} rows x {data.get('seq_len', '?')} tokens, "
+                      f"- {train[-1]['step']} steps of {t.get('batch_size', '?')} rows x "
+                      f"{data.get('seq_len', '?')} tokens, "
                       f"lr {t.get('lr', '?')}; {_fmt(start.get('params', 0) / 1e6)}M parameters",
                       f"- train loss {loss_span(rows)}"
                       + (f"; validation loss {_fmt(val[-1]['val_loss'])}" if val else "")]
@@ -99,7 +103,8 @@ def write_model_card(run_dir: str | Path) -> Path:
                 continue
             for label, m in _scores(metrics):
                 for key, value in m.items():
-                    if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("rows", "seconds"):
+                    if (isinstance(value, (int, float)) and not isinstance(value, bool)
+                            and key not in ("rows", "seconds")):
                         lines.append(f"| {f.name} | {label} | {key} | {_fmt(value)} |")
     lines += ["", "## Files", "",
               "`config.json` (backbone, vocabulary, media encoders), `model.safetensors` (weights), "

@@ -81,7 +81,8 @@ def test_tokenizer_train_from_spec(tmp_path, capsys):
 
 def test_generate_prints_and_writes(ckpt, tmp_path, capsys):
     out_file = tmp_path / "out.txt"
-    assert main(["generate", "--ckpt", str(ckpt), "--max-new-tokens", "6", "-o", str(out_file), "The", "history"]) == 0
+    assert main(["generate", "--ckpt", str(ckpt), "--max-new-tokens", "6", "-o", str(out_file),
+                 "The", "history"]) == 0
     printed = capsys.readouterr().out.rstrip("\n")
     assert out_file.read_text(encoding="utf-8").rstrip("\n") == printed
     assert main(["generate", "--ckpt", str(ckpt), "--max-new-tokens", "6", "--stream", "The", "history"]) == 0
@@ -155,23 +156,25 @@ def test_transcribe_caption_and_audio_generation(tmp_path, capsys):
     wav = tmp_path / "speech.wav"
     sf.write(wav, (0.1 * np.random.default_rng(0).standard_normal(16000)).astype("float32"), 16000)
     rows = tmp_path / "out.jsonl"
-    assert main(["transcribe", "--ckpt", str(ckpt), "--window", "0.5", "--max-new-tokens", "3", "-o", str(rows),
-                 str(wav), str(wav)]) == 0
+    assert main(["transcribe", "--ckpt", str(ckpt), "--window", "0.5", "--max-new-tokens", "3",
+                 "-o", str(rows), str(wav), str(wav)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"{wav}\t")
     assert [json.loads(x)["file"] for x in rows.read_text().splitlines()] == [str(wav)] * 2
     assert main(["caption", "--ckpt", str(ckpt), "--max-new-tokens", "3", str(wav)]) == 0
     assert capsys.readouterr().out.startswith(f"{wav}\t")
-    assert main(["transcribe", "--ckpt", str(ckpt), "--num-beams", "2", "--max-new-tokens", "3", str(wav)]) == 0
+    assert main(["transcribe", "--ckpt", str(ckpt), "--num-beams", "2", "--max-new-tokens", "3",
+                 str(wav)]) == 0
     assert capsys.readouterr().out.startswith(f"{wav}\t")
     assert main(["transcribe", "--ckpt", str(ckpt), "--num-beams", "2", "--ctc-weight", "0.5", str(wav)]) == 1
     assert "CTC head" in capsys.readouterr().err  # this checkpoint has none
     assert main(["transcribe", "--ckpt", str(ckpt), str(tmp_path / "photo.png")]) == 1
     assert "not an audio file" in capsys.readouterr().err
     out, clip = tmp_path / "cont.wav", tmp_path / "clip.ogg"
-    sf.write(clip, (0.1 * np.random.default_rng(1).standard_normal(800)).astype("float32"), 16000)  # 50 codec frames
-    assert main(["generate", "--ckpt", str(ckpt), "--output", "audio", "--max-seconds", "0.01", "--temperature",
-                 "0.9", "--seed", "0", "-o", str(out), "Continue:", str(clip)]) == 0
+    # 50 codec frames
+    sf.write(clip, (0.1 * np.random.default_rng(1).standard_normal(800)).astype("float32"), 16000)
+    assert main(["generate", "--ckpt", str(ckpt), "--output", "audio", "--max-seconds", "0.01",
+                 "--temperature", "0.9", "--seed", "0", "-o", str(out), "Continue:", str(clip)]) == 0
     assert "wrote" in capsys.readouterr().out and sf.info(str(out)).samplerate == 16000
     assert main(["generate", "--ckpt", str(ckpt), "--output", "audio", "Continue:", str(wav)]) == 1
     assert "needs -o FILE.wav" in capsys.readouterr().err
@@ -213,14 +216,16 @@ def test_transcribe_reports_each_bad_file_and_transcribes_the_rest(tmp_path, cap
     out, err = capsys.readouterr()
     assert [line.split("\t")[0] for line in out.splitlines()] == [str(good), str(good)]
     errors = [line for line in err.splitlines() if "\tERROR: " in line]
-    assert errors == [f"{missing}\tERROR: file not found", f"{corrupt}\tERROR: " + errors[1].split("ERROR: ")[1],
+    assert errors == [f"{missing}\tERROR: file not found",
+                      f"{corrupt}\tERROR: " + errors[1].split("ERROR: ")[1],
                       f"{odd_rate}\tERROR: sample rate 9999991 Hz is outside the supported 1000-384000 Hz"]
     assert "not a readable audio file" in errors[1]
     assert "3 of 5 files failed" in err
     written = [json.loads(x) for x in rows.read_text().splitlines()]
     assert [r["file"] for r in written] == list(map(str, files))
     assert ["error" in r for r in written] == [False, True, True, True, False]
-    assert written[1] == {"file": str(missing), "error": "file not found"} and isinstance(written[0]["text"], str)
+    assert (written[1] == {"file": str(missing), "error": "file not found"}
+            and isinstance(written[0]["text"], str))
     assert main(["transcribe", "--ckpt", str(ckpt), "--max-new-tokens", "2", str(good)]) == 0  # all good: 0
 
 

@@ -103,7 +103,8 @@ def test_bad_choice_lists_allowed_values(tmp_path):
 
 
 def test_precedence_override_beats_file_beats_default(tmp_path):
-    path = _write(tmp_path, {"train": {"steps": 5, "lr": 0.01, "warmup_steps": 1}, "model": {"size": "debug"}})
+    path = _write(tmp_path, {"train": {"steps": 5, "lr": 0.01, "warmup_steps": 1},
+                             "model": {"size": "debug"}})
     cfg = load_recipe(path, ["train.steps=7", "model.dim=128", "train.lr=3e-4", "train.betas=[0.8, 0.9]"])
     assert cfg.train.steps == 7  # override over file
     assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)  # "3e-4" is a str to YAML
@@ -204,6 +205,7 @@ def test_tokenizer_spec_validation(tmp_path):
 def test_a_bare_yaml_no_is_explained():
     from omni.config import load_recipe
 
-    with pytest.raises(ValueError, match=r'mixed_precision must be a string, got False .*quote it, e.g. mixed_precision: "no"'):
+    with pytest.raises(ValueError, match=r'mixed_precision must be a string, got False '
+                                         r'.*quote it, e.g. mixed_precision: "no"'):
         load_recipe("text/tiny", ["train.mixed_precision=no"])
     assert load_recipe("text/tiny", ['train.mixed_precision="no"']).train.mixed_precision == "no"

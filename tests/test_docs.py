@@ -29,8 +29,9 @@ def test_api_doc_examples_run(tmp_path, text_tokenizer, capsys):
                        "connector": {"kind": "mlp"}},
              "audio": {"encoder": {"kind": "whisper_style", "size": "debug", "subsample": 4},
                        "connector": {"kind": "mlp"}}}
-    model = build_model(backbone_config("debug", max_seq_len=1024), Vocab(v.text_size, v.specials, codec.num_codebooks,
-                        codec.cardinality), text_tokenizer, seed=0, media=media, codec=codec)
+    model = build_model(backbone_config("debug", max_seq_len=1024),
+                        Vocab(v.text_size, v.specials, codec.num_codebooks, codec.cardinality),
+                        text_tokenizer, seed=0, media=media, codec=codec)
     model.save_pretrained(tmp_path / "ckpt")
     PILImage.fromarray(np.full((40, 40, 3), (0, 160, 0), np.uint8)).save(tmp_path / "frog.png")
     sf.write(tmp_path / "speech.wav", (0.1 * np.sin(np.arange(8000) / 5)).astype(np.float32), 16000)
@@ -61,7 +62,8 @@ def test_every_test_reliability_md_names_exists():
     for file, name in refs:
         candidates = [p for p in tests.rglob(Path(file).name) if str(p).endswith(file)]
         assert len(candidates) == 1, f"{file}: {len(candidates)} files match"
-        assert re.search(rf"^def {name}\(", candidates[0].read_text(encoding="utf-8"), re.M), f"{file}::{name} not found"
+        assert re.search(rf"^def {name}\(", candidates[0].read_text(encoding="utf-8"), re.M), (
+            f"{file}::{name} not found")
 
 
 README = DOC.parents[1] / "README.md"

@@ -19,8 +19,8 @@ from omni.train.loop import model_from_recipe
 def test_asr_eval_on_originals_and_through_a_codec(tmp_path, text_tokenizer):
     rows = []
     for i in range(3):
-        sf.write(tmp_path / f"{i}.wav", (0.1 * np.random.default_rng(i).standard_normal(8000)).astype(np.float32),
-                 16000)
+        sf.write(tmp_path / f"{i}.wav",
+                 (0.1 * np.random.default_rng(i).standard_normal(8000)).astype(np.float32), 16000)
         rows.append({"audio": f"{i}.wav", "text": "turn on the light"})
     write_jsonl(tmp_path / "test.jsonl", rows)
     cfg = load_recipe("whisper/asr_tiny", ["model.size=debug", "model.media.audio.encoder.size=debug",
