@@ -21,6 +21,7 @@ import torch
 
 from omni.config import RecipeConfig, from_dict, read_yaml, split_name
 from omni.data.tasks import (
+    TASKS,
     PairDataset,
     TaskDataset,
     TaskSpec,
@@ -142,7 +143,8 @@ def _evaluate_task(model, d, seq_len: int, manifest: Path, max_rows, batch_size,
     if not rows:
         raise ValueError(f"{manifest}: no rows to evaluate")
     preds = []
-    if d.task == "caption":
+    scorer = TASKS[d.task].scored_by  # what the task declares (omni.data.tasks.TASKS)
+    if scorer == "caption":
         codec = None
         if through_codec:
             codec = AudioCodec.load(through_codec)
@@ -151,11 +153,11 @@ def _evaluate_task(model, d, seq_len: int, manifest: Path, max_rows, batch_size,
         metrics["shots"] = shots
         if codec is not None:
             metrics["through_codec"] = str(through_codec)
-    elif d.task == "contrastive":
+    elif scorer == "contrastive":
         metrics = _eval_contrastive(model, d, seq_len, manifest, batch_size, max_rows, progress)
-    elif d.task == "fewshot":
+    elif scorer == "fewshot":
         metrics, preds = _eval_fewshot(model, d, manifest, max_rows, batch_size, progress)
-    elif d.task in ("continue", "speak"):
+    elif scorer == "codes":
         metrics = _eval_codes(model, d, seq_len, manifest, rows, batch_size, progress=progress)
         write = write_continuations if d.task == "continue" else write_speech
         metrics["examples"] = write(model, d, rows[:examples], manifest.parent, examples_dir,
