@@ -41,8 +41,9 @@ def main(argv=None) -> dict:
     from omni.config import load_recipe
     from omni.data.tasks import TaskDataset, TaskSpec, collate
     from omni.io import read_jsonl, write_jsonl
+    from omni.model.build import model_from_recipe
     from omni.tokenizers.text import TextTokenizer, corpus_texts
-    from omni.train.loop import _forward, _param_groups, model_from_recipe
+    from omni.train.loop import _forward, _param_groups
 
     cfg = load_recipe(args.recipe, [f"data.path={args.data}"])
     data = Path(args.data).resolve()

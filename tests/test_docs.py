@@ -82,8 +82,8 @@ def _tiny_runs(root: Path, text_tokenizer) -> None:
     from PIL import Image as PILImage
 
     from omni.config import load_recipe
+    from omni.model.build import model_from_recipe
     from omni.tokenizers.audio import AudioCodec
-    from omni.train.loop import model_from_recipe
 
     torch.manual_seed(0)
     AudioCodec("tiny").save(root / "codec")  # 50 frames/s: three seconds fit the recipe's context

@@ -12,8 +12,8 @@ import yaml
 from omni.config import load_recipe
 from omni.eval import evaluate
 from omni.io import write_jsonl
+from omni.model.build import model_from_recipe
 from omni.tokenizers.audio import AudioCodec
-from omni.train.loop import model_from_recipe
 
 
 def test_asr_eval_on_originals_and_through_a_codec(tmp_path, text_tokenizer):

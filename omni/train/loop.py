@@ -40,11 +40,9 @@ from tqdm.auto import tqdm
 from omni.config import RecipeConfig, load_tokenizer_spec
 from omni.data.tasks import TASKS, TaskSpec, dataset_for
 from omni.io import atomic_write_bytes, exclusive
-from omni.model.backbone import backbone_config, default_mrope_section
+from omni.model.build import model_from_recipe
 from omni.model.objectives import PairObjective
-from omni.model.omni_model import build_model
 from omni.model_card import write_model_card
-from omni.tokenizers.audio import AudioCodec
 from omni.tokenizers.text import MODEL_FILE, TextTokenizer, corpus_texts
 from omni.train.checkpoint import (
     NonFiniteError,
@@ -56,7 +54,6 @@ from omni.train.checkpoint import (
 )
 from omni.train.run import StopSignals, open_run
 from omni.train.stages import apply_stages, select
-from omni.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -298,25 +295,6 @@ def _tokenizer_first(cfg: RecipeConfig, spec) -> str:
     return (f"Train the tokenizer on its own corpus ({spec.corpus}) first: {build}`omni tokenizer train "
             f"{cfg.tokenizer.spec} out={cfg.tokenizer.path}` (vocab_size=N for fewer pieces), or set "
             "tokenizer.path to a trained tokenizer")
-
-
-def model_from_recipe(cfg: RecipeConfig, tokenizer):
-    """A freshly initialised model for a recipe: backbone, media encoders, and the codec's codes
-    in the vocabulary when the recipe names one (``codec.path``)."""
-    codec, vocab = None, tokenizer.vocab
-    if cfg.codec.path:
-        codec = AudioCodec.load(cfg.codec.path)
-        vocab = Vocab(vocab.text_size, vocab.specials, codec.num_codebooks, codec.cardinality)
-    mc = cfg.model
-    bcfg = backbone_config(mc.size, dim=mc.dim, num_layers=mc.num_layers, num_heads=mc.num_heads,
-                           num_kv_heads=mc.num_kv_heads, ffn_dim=mc.ffn_dim, max_seq_len=mc.max_seq_len,
-                           rope_theta=mc.rope_theta, attn_backend=mc.attn_backend,
-                           cross_attention=mc.cross_attention)
-    if mc.mrope:
-        bcfg.mrope_section = default_mrope_section(bcfg.head_dim)
-    return build_model(bcfg, vocab, tokenizer, tie_embeddings=mc.tie_embeddings, seed=cfg.train.seed,
-                       media=mc.media, audio_pattern=mc.audio_pattern, codec=codec,
-                       contrastive=mc.contrastive, blip2=mc.blip2)
 
 
 def _build_command(part) -> str:

@@ -15,7 +15,7 @@ import omni
 from omni.config import load_recipe
 from omni.data.tasks import MixtureDataset, TaskSpec, collate
 from omni.io import write_jsonl
-from omni.train.loop import model_from_recipe
+from omni.model.build import model_from_recipe
 
 WORDS = ["turn on the light", "what time is it", "open the door", "play some music", "stop", "go left"]
 

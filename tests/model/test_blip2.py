@@ -139,7 +139,7 @@ def test_blip2_two_stages_through_the_cli(tmp_path, text_tokenizer, fake_stamps)
         assert r["loss"] == pytest.approx(r["itc_loss"] + 0.5 * r["itg_loss"], abs=1e-3)
 
     s2 = train("blip2/stage2_tiny", "s2", "data.seq_len=64", f"train.init_from=[{s1},{tmp_path / 'lm'}]")
-    from omni.train.loop import model_from_recipe
+    from omni.model.build import model_from_recipe
 
     init = model_from_recipe(load_recipe("blip2/stage1_tiny", common), text_tokenizer).export_state_dict()
     lm_w = load_tensors(tmp_path / "lm" / "model.safetensors")

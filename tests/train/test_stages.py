@@ -126,7 +126,7 @@ def test_flamingo_starts_as_its_language_model_and_trains_only_the_new_parts(
         tmp_path, text_tokenizer, fake_stamps):
     from omni.config import load_recipe
     from omni.data.images import build_images_corpus
-    from omni.train.loop import model_from_recipe
+    from omni.model.build import model_from_recipe
 
     images = tmp_path / "images"
     build_images_corpus(images, stamps_dir=fake_stamps, max_size=48, val_fraction=0.0, test_fraction=0.0)
