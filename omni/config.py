@@ -149,30 +149,51 @@ class DataConfig(TaskData):
 
 
 @dataclass
-class TrainConfig:
-    out_dir: str = "runs/text_tiny"
+class Optimization:
+    """The knobs both trainers read, declared once: the model's ``train:`` section
+    (:class:`TrainConfig`) and a codec spec (:class:`omni.train.codec.CodecTrainSpec`). Training
+    stops after ``steps`` or ``max_minutes`` (> 0; evaluations excluded), the learning rate warms
+    up over ``warmup_steps`` then decays, AdamW takes ``betas`` and ``weight_decay``, gradients are
+    clipped to ``grad_clip``, ``max_skipped_steps`` updates in a row skipped for a NaN/inf loss or
+    gradient stop the run, and a line is logged every ``log_every`` steps."""
+
     seed: int = 0
     steps: int = 1000
-    max_minutes: float = 0.0  # > 0: also stop after this much training time (evaluations excluded)
+    max_minutes: float = 0.0
     batch_size: int = 16
-    grad_accum: int = 1
     lr: float = 1e-3
-    min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
+    max_skipped_steps: int = 10
+    log_every: int = 10
+
+    def validate_optimization(self, prefix: str = "") -> None:
+        """The checks both trainers make; ``prefix`` names the section (``train.``)."""
+        for key in ("steps", "batch_size", "log_every", "max_skipped_steps"):
+            positive(f"{prefix}{key}", getattr(self, key))
+        if self.lr <= 0:
+            raise ValueError(f"{prefix}lr must be > 0, got {self.lr}")
+        if self.max_minutes < 0:
+            raise ValueError(f"{prefix}max_minutes must be >= 0 (0: no time budget), got {self.max_minutes}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"{prefix}betas must be two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass
+class TrainConfig(Optimization):
+    out_dir: str = "runs/text_tiny"
+    grad_accum: int = 1
+    min_lr_ratio: float = 0.1
     mixed_precision: str = "auto"
     eval_every: int = 100
     eval_batches: int = 20
     save_every: int = 200
     keep_checkpoints: int = 2
-    log_every: int = 10
     resume: bool = True
     overwrite: bool = False  # a new run in a folder that holds one moves the old run aside (never deletes it)
     resume_changed: bool = False  # resume although the recipe changed in a way that breaks exactness
-    # this many updates in a row skipped for a NaN/inf loss or gradient stop the run
-    max_skipped_steps: int = 10
     progress: bool = True
     export: str = "last"  # the model written to out_dir: the last weights, or those with the best val loss
     # stages (omni/train/stages.py): globs over module names that train (None: all), a run whose
@@ -187,23 +208,17 @@ class TrainConfig:
     lr_scale: dict[str, float] | None = None
 
     def validate(self):
-        for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
-                    "keep_checkpoints", "log_every", "max_skipped_steps"):
+        self.validate_optimization("train.")
+        for key in ("grad_accum", "eval_every", "eval_batches", "save_every", "keep_checkpoints"):
             positive(f"train.{key}", getattr(self, key))
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
         for pattern, scale in (self.lr_scale or {}).items():
             if scale <= 0:
                 raise ValueError(f"train.lr_scale.{pattern} must be > 0, got {scale}")
-        if self.max_minutes < 0:
-            raise ValueError(f"train.max_minutes must be >= 0 (0: no time budget), got {self.max_minutes}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
             raise ValueError(f"train.warmup_steps must be in [0, train.steps={self.steps}], "
                              f"got {self.warmup_steps}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         choice("train.export", self.export, ("last", "best"))
         if isinstance(self.init_from, list) and not self.init_from:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni.config import apply_overrides, find_tokenizer_spec, from_dict, read_yaml
+from omni.config import Optimization, apply_overrides, find_tokenizer_spec, from_dict, read_yaml
 from omni.data.speech import manifest_audio
 from omni.io import atomic_write_json, exclusive, write_jsonl
 from omni.media.audio import Audio, load_audio, resample
@@ -57,7 +57,7 @@ class LossWeights:
 
 
 @dataclass
-class CodecTrainSpec:
+class CodecTrainSpec(Optimization):
     """``tokenizers/audio_codec_*.yaml``: which codec to train, on what, for how long.
 
     ``codec`` starts from ``CODEC_PRESETS[preset]``; keys given under ``codec:`` override it.
@@ -73,17 +73,13 @@ class CodecTrainSpec:
     val_manifests: list[str] = field(default_factory=lambda: ["data/speech/val.jsonl",
                                                                "data/sounds/val.jsonl"])
     out: str = "runs/tokenizers/audio_codec_tiny"
-    seed: int = 0
+    # the shared knobs (omni.config.Optimization) whose codec defaults differ from the model's
     steps: int = 3000
-    max_minutes: float = 0.0
     batch_size: int = 8
-    segment_s: float = 1.0
-    lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
     weight_decay: float = 0.0
-    warmup_steps: int = 50
-    grad_clip: float = 1.0
-    max_skipped_steps: int = 10  # this many NaN/inf updates in a row stop the run, as in omni train
+    log_every: int = 25
+    segment_s: float = 1.0
     init_out_rms: float = 1.0  # data_init's output level (x the batch's rms); 0 keeps encodec's own init
     dead_code_share: float = 0.2
     loss: LossWeights = field(default_factory=LossWeights)
@@ -99,7 +95,6 @@ class CodecTrainSpec:
     val_max_s: float = 3.0
     eval_every: int = 0
     save_every: int = 0
-    log_every: int = 25
     threads: int = 0
     device: str = "auto"
 
@@ -109,20 +104,18 @@ class CodecTrainSpec:
         if self.preset not in CODEC_PRESETS:
             raise ValueError(f"preset must be one of {', '.join(CODEC_PRESETS)}; got {self.preset!r}")
         self.codec.validate("codec.")
-        for key in ("steps", "batch_size", "mel_bins", "disc_filters", "num_val_clips", "log_every",
-                    "max_skipped_steps"):
+        self.validate_optimization()
+        for key in ("mel_bins", "disc_filters", "num_val_clips"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
-        for key in ("max_minutes", "weight_decay", "grad_clip", "warmup_steps", "max_train_files",
+        for key in ("weight_decay", "grad_clip", "warmup_steps", "max_train_files",
                     "dead_code_share", "init_out_rms", "eval_every", "save_every", "threads",
                     "disc_start_step"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
-        for key in ("lr", "disc_lr", "segment_s", "val_max_s"):
+        for key in ("disc_lr", "segment_s", "val_max_s"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if not self.train_manifests or not self.val_manifests:
             raise ValueError("train_manifests and val_manifests must each list at least one manifest")
         if self.device not in ("auto", "cpu", "cuda"):
