@@ -27,6 +27,7 @@ from omni.media.image import Image
 from omni.media.video import Video
 from omni.model.audio_codes import EMPTY
 from omni.model.media_encoder import AUDIO_SAMPLE_RATE
+from omni.model.omni_model import check_length
 from omni.sequence import Message, Sample, Segment, render
 
 MEDIA_TYPES = {"audio": Audio, "image": Image, "video": Video}
@@ -95,11 +96,7 @@ class Processor:
         return ["text"] + (["audio"] if self.codec is not None and self.vocab.num_codebooks else [])
 
     def check_length(self, n: int, what: str = "input") -> None:
-        if self.max_seq_len is not None and n > self.max_seq_len:
-            raise ValueError(
-                f"{what} is {n} tokens but the model's context is {self.max_seq_len} "
-                "(config backbone.max_seq_len); shorten it"
-            )
+        check_length(n, self.max_seq_len, what)
 
     # -- media -> tensors -------------------------------------------------------------------
 

@@ -38,10 +38,11 @@ from torch import nn
 from omni.model.connectors import ConnectorConfig
 from omni.schema import choice, from_dict, positive
 from omni.tokenizers.audio import LogMel, WhisperStyleEncoder, audio_encoder, standalone_encoder_config
+from omni.tokenizers.base import MEL_SAMPLE_RATE
 from omni.tokenizers.image import ImageTokenizerConfig, build_image_tokenizer, standalone_config
 from omni.tokenizers.video import VideoTokenizerConfig, build_video_tokenizer
 
-AUDIO_SAMPLE_RATE = 16000  # the log-mel front end's rate (Whisper)
+AUDIO_SAMPLE_RATE = MEL_SAMPLE_RATE  # the log-mel front end's rate (Whisper)
 
 
 @dataclass

@@ -274,9 +274,7 @@ class OmniModel(nn.Module):
         return self(input_ids).logits
 
     def _check_length(self, n: int, what: str = "input") -> None:
-        if n > self.max_seq_len:
-            raise ValueError(f"{what} is {n} tokens but the model's context is {self.max_seq_len} "
-                             "(config backbone.max_seq_len); shorten it")
+        check_length(n, self.max_seq_len, what)
 
     # -- files ------------------------------------------------------------------------------
 
@@ -361,6 +359,13 @@ class OmniModel(nn.Module):
         model.load_weights(load_tensors(weights), str(weights))
         model.backbone.set_attn_backend(config.backbone.attn_backend, torch.device(device))
         return model.eval()
+
+
+def check_length(n: int, max_seq_len: int | None, what: str = "input") -> None:
+    """Refuse ``n`` tokens over the model's context, naming the config key that sets it."""
+    if max_seq_len is not None and n > max_seq_len:
+        raise ValueError(f"{what} is {n} tokens but the model's context is {max_seq_len} "
+                         "(config backbone.max_seq_len); shorten it")
 
 
 def build_model(backbone: BackboneConfig, vocab: Vocab, tokenizer=None, tie_embeddings: bool = True,

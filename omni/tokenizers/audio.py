@@ -34,7 +34,14 @@ from omni.io import atomic_dir, atomic_write_json, load_tensors, save_tensors
 from omni.media.audio import Audio
 from omni.metrics import mel_filters
 from omni.schema import from_dict
-from omni.tokenizers.base import AUDIO_ENCODERS, CODECS, BaseAudioEncoder, BaseCodec
+from omni.tokenizers.base import (
+    AUDIO_ENCODERS,
+    CODECS,
+    MEL_HOP_LENGTH,
+    MEL_SAMPLE_RATE,
+    BaseAudioEncoder,
+    BaseCodec,
+)
 
 FORMAT_VERSION = 1
 ENCODEC_INSTALL = "pip install encodec"
@@ -187,11 +194,6 @@ class AudioCodec(BaseCodec):
         return self.config.hop_length
 
     @property
-    def frame_rate(self) -> float:
-        """Codec frames (code columns) per second."""
-        return self.config.sample_rate / self.config.hop_length
-
-    @property
     def num_codebooks(self) -> int:
         return self.config.num_codebooks
 
@@ -199,10 +201,6 @@ class AudioCodec(BaseCodec):
     def cardinality(self) -> int:
         """Ids per codebook."""
         return self.config.codebook_size
-
-    def num_frames(self, num_samples: int) -> int:
-        """Code columns ``T'`` for ``num_samples`` samples."""
-        return math.ceil(num_samples / self.hop_length)
 
     # -- tokenizer --------------------------------------------------------------------------
     def _as_batch(self, wave) -> tuple[torch.Tensor, bool]:
@@ -431,8 +429,6 @@ def _hf_encodec_key(key: str, target: set[str], source) -> str:
 # ---------------------------------------------------------------------------------------------
 # Log-mel front end (Whisper)
 
-MEL_SAMPLE_RATE = 16000  # the waveform rate the log-mel front end (and so every audio encoder) takes
-MEL_HOP_LENGTH = 160  # samples per mel frame: 100 mel frames per second
 
 
 class LogMel(nn.Module):
@@ -606,10 +602,6 @@ class WhisperStyleEncoder(BaseAudioEncoder):
         self._out_dim = dim
 
     @property
-    def sample_rate(self) -> int:
-        return MEL_SAMPLE_RATE
-
-    @property
     def n_mels(self) -> int:
         return self._n_mels
 
@@ -702,10 +694,6 @@ class HFWhisperEncoder(BaseAudioEncoder):
         if freeze:
             self.encoder.requires_grad_(False)
             self.encoder.eval()
-
-    @property
-    def sample_rate(self) -> int:
-        return MEL_SAMPLE_RATE
 
     @property
     def n_mels(self) -> int:

@@ -241,6 +241,10 @@ class BaseVideoTokenizer(nn.Module, abc.ABC):
 # audio in
 
 
+MEL_SAMPLE_RATE = 16000  # the waveform rate the log-mel front end (and so every audio encoder) takes
+MEL_HOP_LENGTH = 160  # samples per mel frame: 100 mel frames per second
+
+
 class BaseAudioEncoder(nn.Module, abc.ABC):
     """Audio in: log-mel features ``(B, n_mels, F)`` -> encoder features ``(B, N, out_dim)``.
 
@@ -252,9 +256,9 @@ class BaseAudioEncoder(nn.Module, abc.ABC):
     frozen: bool = False  # a frozen tower's features can be computed once per clip (``precompute``)
 
     @property
-    @abc.abstractmethod
     def sample_rate(self) -> int:
-        """Waveform samples per second the log-mel front end takes."""
+        """Waveform samples per second the log-mel front end takes (the same for every encoder)."""
+        return MEL_SAMPLE_RATE
 
     @property
     @abc.abstractmethod
@@ -311,9 +315,9 @@ class BaseCodec(nn.Module, abc.ABC):
         """Samples per code column."""
 
     @property
-    @abc.abstractmethod
     def frame_rate(self) -> float:
-        """Code columns per second: ``sample_rate / hop_length``."""
+        """Code columns per second."""
+        return self.sample_rate / self.hop_length
 
     @property
     @abc.abstractmethod
