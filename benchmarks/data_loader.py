@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
     from omni.config import load_recipe
     from omni.data.tasks import TaskDataset, TaskSpec, collate
     from omni.io import read_jsonl, write_jsonl
-    from omni.model.build import model_from_recipe
+    from omni.pipeline import pipeline_from_recipe
     from omni.tokenizers.text import TextTokenizer, corpus_texts
     from omni.train.loop import _forward, _param_groups
 
@@ -57,10 +57,10 @@ def main(argv=None) -> dict:
     texts = corpus_texts(data / "train.jsonl", TaskSpec.of(cfg.data).text_field)
     tok = (TextTokenizer.load(tok_path) if (tok_path / "text.model").is_file() else
            TextTokenizer.train(texts, vocab_size=1024, model_type="word"))
-    model = model_from_recipe(cfg, tok)
+    model = pipeline_from_recipe(cfg, tok)
 
     t0 = time.perf_counter()
-    ds = TaskDataset(tmp / "train.jsonl", TaskSpec.of(cfg.data), model, tok, cfg.data.seq_len)
+    ds = TaskDataset(tmp / "train.jsonl", TaskSpec.of(cfg.data), model, cfg.data.seq_len)
     prepare_s = time.perf_counter() - t0
     docs_per_row = ds.num_docs / len(ds)
     bs = cfg.train.batch_size

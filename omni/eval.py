@@ -260,7 +260,7 @@ def _eval_fewshot(model, d, manifest: Path, max_rows, batch_size: int,
 @torch.no_grad()
 def _eval_loss(model, d, seq_len: int, manifest: Path, batch_size: int, max_rows: int | None = None,
                progress: bool | None = False) -> dict:
-    ds = TaskDataset(manifest, TaskSpec.of(d), model, model.tokenizer, seq_len, progress=progress,
+    ds = TaskDataset(manifest, TaskSpec.of(d), model, seq_len, progress=progress,
                      max_rows=max_rows)
     total = count = correct = 0.0
     for start in progress_bar(range(0, len(ds), batch_size), desc=f"{d.label}: scoring {len(ds)} packed rows",
@@ -286,7 +286,7 @@ def _eval_contrastive(model, d, seq_len: int, manifest: Path, batch_size: int, m
     "A picture of <category>." Chance levels are reported beside each. A BLIP-2 stage-1 model
     (``model.blip2`` with itc) is scored the same way with its query embeddings."""
     model.eval()
-    ds = PairDataset(manifest, TaskSpec.of(d), model, model.tokenizer, seq_len, progress=progress,
+    ds = PairDataset(manifest, TaskSpec.of(d), model, seq_len, progress=progress,
                      max_rows=max_rows)
     media, text = [], []
     for start in progress_bar(range(0, len(ds), batch_size), desc=f"{d.label}: embedding {len(ds)} pairs",
@@ -346,7 +346,7 @@ def _eval_codes(model, d, seq_len: int, manifest: Path, rows: list[dict], batch_
             continue
         counts += torch.nn.functional.one_hot(codes, C).sum(1)
     log_unigram = (counts / counts.sum(1, keepdim=True)).log()  # (K, C)
-    ds = TaskDataset(manifest, TaskSpec.of(d), model, model.tokenizer, seq_len, progress=progress,
+    ds = TaskDataset(manifest, TaskSpec.of(d), model, seq_len, progress=progress,
                      max_rows=len(rows))
     nll = correct = uni_nll = uni_correct = n = 0.0
     per_book = torch.zeros(K)

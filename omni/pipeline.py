@@ -18,29 +18,50 @@ import torch
 from tqdm.auto import tqdm
 
 from omni.generation import beam_search, generate, generate_audio_codes, iter_generate, left_pad
+from omni.io import atomic_dir
 from omni.media import BAD_FILE_ERRORS
 from omni.media.audio import Audio
-from omni.model.omni_model import OmniModel
+from omni.model.build import model_from_recipe
+from omni.model.omni_model import CONFIG_FILE, OmniModel, read_config
 from omni.processor import Processor
 from omni.sequence import Sample
+from omni.tokenizers.audio import load_codec
 
 log = logging.getLogger(__name__)
 
 
 class Pipeline:
-    def __init__(self, model: OmniModel, processor: Processor | None = None):
+    """``Pipeline(model, tokenizer=tok, codec=codec)`` or ``Pipeline(model, processor)``."""
+
+    def __init__(self, model: OmniModel, processor: Processor | None = None, *, tokenizer=None, codec=None):
+        if not isinstance(model, OmniModel):
+            raise TypeError(f"a Pipeline wraps an OmniModel, got {type(model).__name__}")
+        if processor is not None and (tokenizer is not None or codec is not None):
+            raise ValueError("pass a processor, or the tokenizer and codec to make one, not both")
         self.model = model
-        self.processor = processor or Processor.for_model(model)
+        self.processor = processor or Processor.for_model(model, tokenizer, codec)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Pipeline:
-        """An omni checkpoint directory (config.json + model.safetensors + tokenizer/ + codec/)."""
-        return cls(OmniModel.from_pretrained(path, device=device))
+        """An omni checkpoint directory: the model's config.json + model.safetensors, and the
+        processor's tokenizer/ and codec/."""
+        tokenizer, codec = Processor.read_files(path, read_config(path).vocab)
+        return cls(OmniModel.from_pretrained(path, device=device), tokenizer=tokenizer, codec=codec)
 
     # -- the model's, for code written against a model --------------------------------------
 
     def __getattr__(self, name: str):
         return getattr(self.__dict__["model"], name)
+
+    @property
+    def tokenizer(self):
+        """The processor's text tokenizer (None: the model takes ids)."""
+        return self.processor.tokenizer
+
+    @property
+    def codec(self):
+        """The processor's audio codec (None: the model writes no audio)."""
+        return self.processor.codec
 
     def __call__(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -70,7 +91,13 @@ class Pipeline:
         return self.model.logits(input_ids)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        return self.model.save_pretrained(path)
+        """The model's files and the processor's, swapped in together (``omni.io.atomic_dir``,
+        config.json last; see :meth:`OmniModel.save_pretrained`)."""
+        path = Path(path)
+        with atomic_dir(path, merge=True, last=CONFIG_FILE) as tmp:
+            self.model.write_files(tmp)
+            self.processor.write_files(tmp)
+        return path
 
     def generate(self, prompts, **kwargs):
         """ids in, new ids out (a LongTensor (B, T), like transformers, see
@@ -265,6 +292,13 @@ class Pipeline:
                     texts[i].append(text.strip())
                 bar.update(len(batch))
         return [e if e is not None else " ".join(t for t in parts if t) for e, parts in zip(errors, texts)]
+
+
+def pipeline_from_recipe(cfg, tokenizer) -> Pipeline:
+    """A freshly initialised model for the recipe ``cfg`` (:func:`omni.model.build.model_from_recipe`)
+    with its processor: ``tokenizer`` and the recipe's codec (``codec.path``), if it names one."""
+    codec = load_codec(cfg.codec.path) if cfg.codec.path else None
+    return Pipeline(model_from_recipe(cfg, tokenizer, codec), tokenizer=tokenizer, codec=codec)
 
 
 def is_batch(prompts) -> bool:

@@ -9,7 +9,9 @@ into a batch. Out: new ids to text, codec codes to a waveform.
 One processor object serves datasets, generation, eval, the API and the CLI (torchtune's model
 transforms are the pattern): the model itself takes tensors only. A processor is made for a
 model with :meth:`Processor.for_model`; it holds no weights that train (a frozen audio tower's
-features may be computed here, see ``model.media.audio.precompute``).
+features may be computed here, see ``model.media.audio.precompute``). Its files sit beside the
+model's in a checkpoint folder: ``tokenizer/`` and ``codec/`` (:meth:`Processor.write_files`,
+:meth:`Processor.read_files`).
 """
 
 from __future__ import annotations
@@ -29,8 +31,12 @@ from omni.model.audio_codes import EMPTY
 from omni.model.media_encoder import AUDIO_SAMPLE_RATE
 from omni.model.omni_model import check_length
 from omni.sequence import Message, Sample, Segment, render
+from omni.tokenizers.audio import load_codec
+from omni.tokenizers.text import load_text_tokenizer
 
 MEDIA_TYPES = {"audio": Audio, "image": Image, "video": Video}
+TOKENIZER_DIR = "tokenizer"
+CODEC_DIR = "codec"
 
 # codec -> {(file, mtime, max_seconds): codes}; dropped with the codec
 _CODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -72,17 +78,45 @@ class Processor:
         self.max_seq_len = max_seq_len
 
     @classmethod
-    def for_model(cls, model) -> Processor:
-        """The processor of an :class:`~omni.model.omni_model.OmniModel`: its tokenizer and codec,
-        and its media encoders' preprocessing (the encoders are shared, not copied)."""
+    def for_model(cls, model, tokenizer=None, codec=None) -> Processor:
+        """The processor of an :class:`~omni.model.omni_model.OmniModel` with this text tokenizer
+        and audio codec (None: the model takes ids, or writes no audio): the model's vocabulary,
+        rendering options and media encoders' preprocessing (the encoders are shared, not copied).
+        The tokenizer's size must be the model's text vocabulary."""
+        if tokenizer is not None and tokenizer.vocab.text_size != model.vocab.text_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab.text_size} pieces but the model's text "
+                             f"vocabulary has {model.vocab.text_size} (config vocab.text_size)")
         return cls(
             model.vocab,
-            model.tokenizer,
-            model.codec,
+            tokenizer,
+            codec,
             dict(model.encoders),
             model.render_options(),
             model.max_seq_len,
         )
+
+    @staticmethod
+    def read_files(path: str | Path, vocab) -> tuple:
+        """The ``(tokenizer, codec)`` saved in the checkpoint folder ``path`` (``tokenizer/`` and
+        ``codec/``, each optional, None when absent); the tokenizer must fit ``vocab``, the
+        model's (its config.json's)."""
+        path = Path(path)
+        tokenizer = codec = None
+        if (path / TOKENIZER_DIR).is_dir():
+            tokenizer = load_text_tokenizer(path / TOKENIZER_DIR)
+            if tokenizer.vocab.text_size != vocab.text_size:
+                raise ValueError(f"{path}: tokenizer has {tokenizer.vocab.text_size} pieces but config.json "
+                                 f"says {vocab.text_size}")
+        if (path / CODEC_DIR).is_dir():
+            codec = load_codec(path / CODEC_DIR)
+        return tokenizer, codec
+
+    def write_files(self, folder: Path) -> None:
+        """``tokenizer/`` and ``codec/`` (those the processor has) into ``folder``."""
+        if self.tokenizer is not None:
+            self.tokenizer.save(folder / TOKENIZER_DIR)
+        if self.codec is not None:
+            self.codec.save(folder / CODEC_DIR)
 
     # -- what the model reads and writes ----------------------------------------------------
 

@@ -56,8 +56,8 @@ def debug_model(text_tokenizer):
     from omni.model.omni_model import build_model
     from omni.pipeline import Pipeline
 
-    return Pipeline(build_model(backbone_config("debug"), text_tokenizer.vocab, text_tokenizer,
-                                seed=0).eval())
+    return Pipeline(build_model(backbone_config("debug"), text_tokenizer.vocab, seed=0),
+                    tokenizer=text_tokenizer).eval()
 
 
 @pytest.fixture(scope="session")
@@ -68,8 +68,8 @@ def sampling_model(text_tokenizer):
     from omni.model.omni_model import build_model
     from omni.pipeline import Pipeline
 
-    return Pipeline(build_model(backbone_config("debug"), text_tokenizer.vocab, text_tokenizer,
-                                tie_embeddings=False, seed=0).eval())
+    return Pipeline(build_model(backbone_config("debug"), text_tokenizer.vocab, tie_embeddings=False, seed=0),
+                    tokenizer=text_tokenizer).eval()
 
 
 # --- another process writing a folder (omni.io.exclusive held elsewhere) ------------------------

@@ -6,6 +6,7 @@ from omni import api, pipeline, processor
 from omni.generation import generate
 from omni.model.backbone import backbone_config
 from omni.model.omni_model import build_model
+from omni.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +127,8 @@ def speaking_model(text_tokenizer):
     codec = AudioCodec("debug")
     v = text_tokenizer.vocab
     vocab = Vocab(v.text_size, v.specials, codec.num_codebooks, codec.cardinality)
-    return pipeline.Pipeline(build_model(backbone_config("debug", max_seq_len=256), vocab, text_tokenizer,
-                                         seed=0, codec=codec).eval())
+    return Pipeline(build_model(backbone_config("debug", max_seq_len=256), vocab, seed=0),
+                    tokenizer=text_tokenizer, codec=codec).eval()
 
 
 def test_output_audio_continues_a_clip(speaking_model, tmp_path):
@@ -162,10 +163,10 @@ def test_audio_the_model_ends_at_once_is_an_empty_audio(speaking_model, tmp_path
 @pytest.fixture(scope="module")
 def listening_model(text_tokenizer):
     """A debug model with a (debug) audio encoder: it reads audio files. Do not modify it."""
-    return pipeline.Pipeline(build_model(
-        backbone_config("debug", max_seq_len=128), text_tokenizer.vocab, text_tokenizer, seed=0,
+    return Pipeline(build_model(
+        backbone_config("debug", max_seq_len=128), text_tokenizer.vocab, seed=0,
         media={"audio": {"encoder": {"kind": "whisper_style", "size": "debug"}, "connector": {"kind": "mlp"},
-                         "stack": 4}}).eval())
+                         "stack": 4}}), tokenizer=text_tokenizer).eval()
 
 
 def _noise_wav(path, seconds: float, rate: int = 8000):

@@ -12,6 +12,7 @@ from omni.demo import headline
 from omni.io import write_jsonl
 from omni.model.backbone import backbone_config
 from omni.model.omni_model import build_model
+from omni.pipeline import Pipeline
 from omni.tokenizers.text import TextTokenizer
 
 
@@ -20,7 +21,7 @@ def ckpt(tmp_path_factory):
     """A small saved checkpoint with a real tokenizer (untrained weights are enough for the CLI)."""
     root = tmp_path_factory.mktemp("cli")
     tok = TextTokenizer.train([d["text"] for d in wiki_documents()[:200]], vocab_size=800)
-    model = build_model(backbone_config("debug", max_seq_len=48), tok.vocab, tok, seed=0)
+    model = Pipeline(build_model(backbone_config("debug", max_seq_len=48), tok.vocab, seed=0), tokenizer=tok)
     return model.save_pretrained(root / "ckpt")
 
 
@@ -151,8 +152,8 @@ def test_transcribe_caption_and_audio_generation(tmp_path, capsys):
     codec = AudioCodec("debug")
     vocab = Vocab(tok.vocab.text_size, tok.vocab.specials, codec.num_codebooks, codec.cardinality)
     media = {"audio": {"encoder": {"kind": "whisper_style", "size": "debug"}, "connector": {"kind": "mlp"}}}
-    ckpt = build_model(backbone_config("debug", max_seq_len=256), vocab, tok, seed=0, media=media,
-                       codec=codec).save_pretrained(tmp_path / "ckpt")
+    ckpt = Pipeline(build_model(backbone_config("debug", max_seq_len=256), vocab, seed=0, media=media),
+                    tokenizer=tok, codec=codec).save_pretrained(tmp_path / "ckpt")
     wav = tmp_path / "speech.wav"
     sf.write(wav, (0.1 * np.random.default_rng(0).standard_normal(16000)).astype("float32"), 16000)
     rows = tmp_path / "out.jsonl"
@@ -198,8 +199,8 @@ def test_transcribe_reports_each_bad_file_and_transcribes_the_rest(tmp_path, cap
 
     tok = TextTokenizer.train([d["text"] for d in wiki_documents()[:200]], vocab_size=800)
     media = {"audio": {"encoder": {"kind": "whisper_style", "size": "debug"}, "connector": {"kind": "mlp"}}}
-    ckpt = build_model(backbone_config("debug", max_seq_len=128), tok.vocab, tok, seed=0,
-                       media=media).save_pretrained(tmp_path / "ckpt")
+    ckpt = Pipeline(build_model(backbone_config("debug", max_seq_len=128), tok.vocab, seed=0,
+                       media=media), tokenizer=tok).save_pretrained(tmp_path / "ckpt")
     good = tmp_path / "good.wav"
     sf.write(good, (0.1 * np.random.default_rng(0).standard_normal(8000)).astype("float32"), 16000)
     corrupt = tmp_path / "corrupt.flac"

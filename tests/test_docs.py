@@ -12,6 +12,7 @@ import torch
 
 from omni.model.backbone import backbone_config
 from omni.model.omni_model import build_model
+from omni.pipeline import Pipeline
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
@@ -29,9 +30,9 @@ def test_api_doc_examples_run(tmp_path, text_tokenizer, capsys):
                        "connector": {"kind": "mlp"}},
              "audio": {"encoder": {"kind": "whisper_style", "size": "debug", "subsample": 4},
                        "connector": {"kind": "mlp"}}}
-    model = build_model(backbone_config("debug", max_seq_len=1024),
-                        Vocab(v.text_size, v.specials, codec.num_codebooks, codec.cardinality),
-                        text_tokenizer, seed=0, media=media, codec=codec)
+    vocab = Vocab(v.text_size, v.specials, codec.num_codebooks, codec.cardinality)
+    model = Pipeline(build_model(backbone_config("debug", max_seq_len=1024), vocab, seed=0, media=media),
+                     tokenizer=text_tokenizer, codec=codec)
     model.save_pretrained(tmp_path / "ckpt")
     PILImage.fromarray(np.full((40, 40, 3), (0, 160, 0), np.uint8)).save(tmp_path / "frog.png")
     sf.write(tmp_path / "speech.wav", (0.1 * np.sin(np.arange(8000) / 5)).astype(np.float32), 16000)
@@ -82,7 +83,7 @@ def _tiny_runs(root: Path, text_tokenizer) -> None:
     from PIL import Image as PILImage
 
     from omni.config import load_recipe
-    from omni.model.build import model_from_recipe
+    from omni.pipeline import pipeline_from_recipe
     from omni.tokenizers.audio import AudioCodec
 
     torch.manual_seed(0)
@@ -93,7 +94,7 @@ def _tiny_runs(root: Path, text_tokenizer) -> None:
                               ("llava/caption_tiny", ["model.media.image.tokenizer.size=debug"])):
         cfg = load_recipe(recipe, ["model.size=debug", *overrides])
         run = root / cfg.train.out_dir
-        model_from_recipe(cfg, text_tokenizer).save_pretrained(run)
+        pipeline_from_recipe(cfg, text_tokenizer).save_pretrained(run)
         (run / "recipe.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     for name, seconds in (("speech.wav", 1.0), ("prompt.wav", 0.5)):
         sf.write(root / name, (0.1 * np.sin(np.arange(int(16000 * seconds)) / 5)).astype(np.float32), 16000)

@@ -12,7 +12,7 @@ import yaml
 from omni.config import load_recipe
 from omni.eval import evaluate
 from omni.io import write_jsonl
-from omni.model.build import model_from_recipe
+from omni.pipeline import pipeline_from_recipe
 from omni.tokenizers.audio import AudioCodec
 
 
@@ -26,7 +26,7 @@ def test_asr_eval_on_originals_and_through_a_codec(tmp_path, text_tokenizer):
     cfg = load_recipe("whisper/asr_tiny", ["model.size=debug", "model.media.audio.encoder.size=debug",
                                            f"data.path={tmp_path}"])
     run = tmp_path / "run"
-    model_from_recipe(cfg, text_tokenizer).save_pretrained(run)
+    pipeline_from_recipe(cfg, text_tokenizer).save_pretrained(run)
     (run / "recipe.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     torch.manual_seed(0)
     AudioCodec("debug").save(tmp_path / "codec")
@@ -50,7 +50,7 @@ def test_video_eval_also_captions_each_clip_backwards(tmp_path, text_tokenizer, 
     build_video_corpus(tmp_path / "clips", stamps_dir=fake_stamps, size=32, fps=4, duration=1.0)
     cfg = load_recipe("videollama/caption_tiny", ["model.size=debug", f"data.path={tmp_path / 'clips'}"])
     run = tmp_path / "run"
-    model_from_recipe(cfg, text_tokenizer).save_pretrained(run)
+    pipeline_from_recipe(cfg, text_tokenizer).save_pretrained(run)
     (run / "recipe.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     played_backwards = []
     reversed_ = Video.reversed
@@ -81,7 +81,7 @@ def test_plain_split_names_pass():
 
 def _run_of(recipe: str, overrides: list[str], tokenizer, run):
     cfg = load_recipe(recipe, ["model.size=debug", *overrides])
-    model_from_recipe(cfg, tokenizer).save_pretrained(run)
+    pipeline_from_recipe(cfg, tokenizer).save_pretrained(run)
     (run / "recipe.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     return run
 

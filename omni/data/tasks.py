@@ -43,7 +43,7 @@ from omni.io import read_jsonl
 from omni.media import BAD_FILE_ERRORS
 from omni.processor import Processor, as_processor
 from omni.progress import progress as progress_bar
-from omni.sequence import MediaSlot, Message, PackedRow, Sample, Segment, pack, render
+from omni.sequence import MediaSlot, Message, PackedRow, Sample, Segment, pack
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,16 @@ def prepare_rows(manifest: Path, spec: TaskSpec, model, on_bad_sample: str = "sk
     return media, num_bad
 
 
+def text_processor(obj) -> Processor:
+    """The processor datasets render with (``obj``: a Processor or a Pipeline,
+    :func:`omni.processor.as_processor`); it must have a text tokenizer."""
+    proc = as_processor(obj)
+    if proc.tokenizer is None:
+        raise ValueError("rendering a dataset needs a text tokenizer: pass a processor or pipeline that has "
+                         "one (omni.Pipeline(model, tokenizer=...))")
+    return proc
+
+
 def _bad_row(manifest: Path, n: int, row: dict, error: Exception, on_bad_sample: str) -> None:
     """Row ``n`` (0-based) could not be prepared: raise a ValueError naming the manifest, the row and
     its media file when ``on_bad_sample`` is ``error``, else log the same and return (skip it)."""
@@ -259,13 +269,12 @@ def _bad_row(manifest: Path, n: int, row: dict, error: Exception, on_bad_sample:
     log.warning("%s: row %d skipped: %s", manifest, n + 1, problem)
 
 
-def _render_episodes(manifest: Path, spec: TaskSpec, model, tokenizer, seq_len: int, on_bad_sample: str,
+def _render_episodes(manifest: Path, spec: TaskSpec, proc, seq_len: int, on_bad_sample: str,
                      progress: bool | None = False):
-    proc = as_processor(model)
     media, num_bad = prepare_rows(manifest, spec, proc, on_bad_sample, progress)
     rendered = []
     for ep in episodes(media, spec, held_out=manifest.stem != "train"):
-        r = render(ep.sample(), tokenizer, **proc.render_options)
+        r = proc.render(ep.sample())
         if len(r) > seq_len:
             raise ValueError(f"{manifest}: a {spec.ways}-way episode takes {len(r)} tokens, "
                              f"over data.seq_len={seq_len}")
@@ -273,15 +282,16 @@ def _render_episodes(manifest: Path, spec: TaskSpec, model, tokenizer, seq_len: 
     return rendered, num_bad
 
 
-def render_manifest(manifest: str | Path, spec: TaskSpec, model, tokenizer, seq_len: int,
+def render_manifest(manifest: str | Path, spec: TaskSpec, processor, seq_len: int,
                     on_bad_sample: str = "skip", progress: bool | None = False,
                     max_rows: int | None = None) -> tuple[list, int]:
-    """Every usable row of a manifest (of its first ``max_rows``) rendered for ``spec``, and how many
-    rows were skipped; ``progress``: a bar counting the rows (:func:`omni.progress.progress`)."""
-    proc = as_processor(model)
+    """Every usable row of a manifest (of its first ``max_rows``) rendered for ``spec`` by
+    ``processor`` (:func:`text_processor`), and how many rows were skipped; ``progress``: a bar
+    counting the rows (:func:`omni.progress.progress`)."""
+    proc = text_processor(processor)
     manifest = Path(manifest)
     if task(spec.task).episodes:
-        return _render_episodes(manifest, spec, proc, tokenizer, seq_len, on_bad_sample, progress)
+        return _render_episodes(manifest, spec, proc, seq_len, on_bad_sample, progress)
     root = manifest.parent
     # speech: the transcript rides along with the audio slot for the encoder's CTC head
     ctc = (spec.task == "caption" and spec.transcript and spec.media in proc.encoders
@@ -289,11 +299,11 @@ def render_manifest(manifest: str | Path, spec: TaskSpec, model, tokenizer, seq_
     rendered, num_bad = [], 0
     for n, row in enumerate(_manifest_rows(manifest, spec, progress, max_rows)):
         try:
-            r = render(sample_for(row, spec, proc, root), tokenizer, **proc.render_options)
+            r = proc.render(sample_for(row, spec, proc, root))
             if r.media and len(r) > seq_len:
                 raise ValueError(f"{len(r)} tokens do not fit data.seq_len={seq_len}")
             if ctc:
-                r.media[0].labels = torch.tensor(tokenizer.encode(row[spec.target].strip()))
+                r.media[0].labels = torch.tensor(proc.tokenizer.encode(row[spec.target].strip()))
         except BAD_FILE_ERRORS as e:
             _bad_row(manifest, n, row, e, on_bad_sample)
             num_bad += 1
@@ -340,9 +350,10 @@ class PairDataset(torch.utils.data.Dataset):
     """(media, text) pairs for a contrastive loss: each row's media prepared once, its text as
     ``<bos> text <eos>`` ids. ``rows`` keeps the manifest rows that were used."""
 
-    def __init__(self, manifest: str | Path, spec: TaskSpec, model, tokenizer, seq_len: int,
+    def __init__(self, manifest: str | Path, spec: TaskSpec, processor, seq_len: int,
                  on_bad_sample: str = "skip", progress: bool | None = False, max_rows: int | None = None):
-        proc = as_processor(model)
+        proc = text_processor(processor)
+        tokenizer = proc.tokenizer
         manifest = Path(manifest)
         if spec.media not in proc.encoders:
             raise ValueError(f"the model has no {spec.media} encoder (model.media.{spec.media})")
@@ -385,12 +396,11 @@ class PairDataset(torch.utils.data.Dataset):
 class TaskDataset(PackedDataset):
     """A manifest rendered for one task and packed into rows of ``seq_len`` tokens."""
 
-    def __init__(self, manifest: str | Path, spec: TaskSpec, model, tokenizer, seq_len: int,
+    def __init__(self, manifest: str | Path, spec: TaskSpec, processor, seq_len: int,
                  on_bad_sample: str = "skip", progress: bool | None = False, max_rows: int | None = None):
-        proc = as_processor(model)
+        proc = text_processor(processor)
         self.manifest, self.spec = Path(manifest), spec
-        rendered, num_bad = render_manifest(manifest, spec, model, tokenizer, seq_len, on_bad_sample,
-                                            progress, max_rows)
+        rendered, num_bad = render_manifest(manifest, spec, proc, seq_len, on_bad_sample, progress, max_rows)
         # Pre-training text and audio documents may flow across rows; a turn structure stays whole.
         super().__init__(rendered, seq_len, proc.vocab.pad_id, task(spec.task).documents, num_bad)
 
@@ -402,14 +412,13 @@ class MixtureDataset(PackedDataset):
     in the loss; else every sample once, unweighted (held-out splits). ``counts`` says how many
     samples each task put in."""
 
-    def __init__(self, parts: list[tuple[str, str | Path, TaskSpec, float, float]], model, tokenizer,
+    def __init__(self, parts: list[tuple[str, str | Path, TaskSpec, float, float]], processor,
                  seq_len: int, on_bad_sample: str = "skip", weighted: bool = True, seed: int = 0,
                  progress: bool | None = False):
-        proc = as_processor(model)
+        proc = text_processor(processor)
         per_task, num_bad = [], 0
         for _, manifest, spec, _, loss_weight in parts:
-            rendered, bad = render_manifest(manifest, spec, model, tokenizer, seq_len, on_bad_sample,
-                                            progress)
+            rendered, bad = render_manifest(manifest, spec, proc, seq_len, on_bad_sample, progress)
             if weighted:
                 for r in rendered:
                     r.loss_weight = loss_weight
@@ -429,17 +438,17 @@ class MixtureDataset(PackedDataset):
         super().__init__([chosen[i] for i in order], seq_len, proc.vocab.pad_id, False, num_bad)
 
 
-def dataset_for(data, split: str, model, tokenizer, seed: int = 0,
+def dataset_for(data, split: str, processor, seed: int = 0,
                 progress: bool | None = False) -> PackedDataset:
     """The recipe's ``data`` section (:class:`omni.config.DataConfig`) for one split; ``progress``: a
     bar per manifest counting its rows as they are rendered (:func:`omni.progress.progress`)."""
     if not data.mixture:
         cls = PairDataset if task(data.task).pairs else TaskDataset
-        return cls(Path(data.path) / f"{split}.jsonl", TaskSpec.of(data), model, tokenizer, data.seq_len,
+        return cls(Path(data.path) / f"{split}.jsonl", TaskSpec.of(data), processor, data.seq_len,
                    data.on_bad_sample, progress)
     parts = [(p.label, Path(p.path) / f"{split}.jsonl", TaskSpec.of(p), p.weight, p.loss_weight)
              for p in data.mixture]
-    return MixtureDataset(parts, model, tokenizer, data.seq_len, data.on_bad_sample,
+    return MixtureDataset(parts, processor, data.seq_len, data.on_bad_sample,
                           weighted=split == "train", seed=seed, progress=progress)
 
 

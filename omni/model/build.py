@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from omni.model.backbone import backbone_config, default_mrope_section
 from omni.model.omni_model import OmniModel, build_model
-from omni.tokenizers.audio import load_codec
-from omni.vocab import Vocab
 
 
-def model_from_recipe(cfg, tokenizer) -> OmniModel:
-    """A freshly initialised model for a recipe: backbone, media encoders, and the codec's codes
-    in the vocabulary when the recipe names one (``codec.path``). ``cfg`` is a recipe
-    (:class:`omni.config.RecipeConfig`); its ``model``, ``codec`` and ``train.seed`` are read."""
-    codec, vocab = None, tokenizer.vocab
-    if cfg.codec.path:
-        codec = load_codec(cfg.codec.path)
-        vocab = Vocab(vocab.text_size, vocab.specials, codec.num_codebooks, codec.cardinality)
+def model_from_recipe(cfg, tokenizer, codec=None) -> OmniModel:
+    """A freshly initialised model for a recipe: backbone, media encoders, the tokenizer's text
+    vocabulary and, with the recipe's codec (loaded from ``codec.path``), its codes. ``cfg`` is a
+    recipe (:class:`omni.config.RecipeConfig`); its ``model`` and ``train.seed`` are read."""
+    vocab = tokenizer.vocab
+    if codec is not None:
+        vocab = replace(vocab, num_codebooks=codec.num_codebooks, codebook_size=codec.cardinality)
     mc = cfg.model
     bcfg = backbone_config(mc.size, dim=mc.dim, num_layers=mc.num_layers, num_heads=mc.num_heads,
                            num_kv_heads=mc.num_kv_heads, ffn_dim=mc.ffn_dim, max_seq_len=mc.max_seq_len,
@@ -23,6 +22,6 @@ def model_from_recipe(cfg, tokenizer) -> OmniModel:
                            cross_attention=mc.cross_attention)
     if mc.mrope:
         bcfg.mrope_section = default_mrope_section(bcfg.head_dim)
-    return build_model(bcfg, vocab, tokenizer, tie_embeddings=mc.tie_embeddings, seed=cfg.train.seed,
-                       media=mc.media, audio_pattern=mc.audio_pattern, codec=codec,
+    return build_model(bcfg, vocab, tie_embeddings=mc.tie_embeddings, seed=cfg.train.seed,
+                       media=mc.media, audio_pattern=mc.audio_pattern,
                        contrastive=mc.contrastive, blip2=mc.blip2)

@@ -45,7 +45,7 @@ def import_hf(path: str | Path, device: str | torch.device = "cpu",
     """A local transformers ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MistralForCausalLM``
     checkpoint directory -> an ``OmniModel`` (in eval mode) with the same logits.
 
-    The model has no text tokenizer (``model.tokenizer is None``): it takes and returns token ids.
+    It comes without a text tokenizer: it takes and returns token ids.
     ``config.backbone.extra`` records where it came from, including the checkpoint's bos/eos ids.
     """
     path = Path(path)
@@ -61,7 +61,7 @@ def import_hf(path: str | Path, device: str | torch.device = "cpu",
     files = _weight_files(path)  # tensor name -> file
 
     with torch.device("meta"):
-        model = OmniModel(config, tokenizer=None)
+        model = OmniModel(config)
     model.to(dtype)
     model.to_empty(device=device)
     # inv_freq is not in the file and must stay float32 (it was cast by .to(dtype) above).

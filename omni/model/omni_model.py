@@ -1,8 +1,9 @@
 """``OmniModel``: token embeddings + backbone + output head, with save/load.
 
-A checkpoint directory holds ``config.json`` (backbone + vocabulary layout + media encoders),
-``model.safetensors`` (every weight, pretrained media towers included) and, when the model has
-them, ``tokenizer/`` (the SentencePiece model) and ``codec/``: the folder travels on its own.
+A checkpoint directory holds ``config.json`` (backbone + vocabulary layout + media encoders) and
+``model.safetensors`` (every weight, pretrained media towers included), the model's files; beside
+them the processor's (``tokenizer/``, ``codec/``, see :mod:`omni.processor`): the folder travels
+on its own.
 """
 
 from __future__ import annotations
@@ -24,14 +25,10 @@ from omni.model.lora import merged_state_dict
 from omni.model.media_encoder import build_media_encoder
 from omni.model.outputs import ModelOutput, default_positions
 from omni.sequence import IGNORE
-from omni.tokenizers.audio import load_codec
-from omni.tokenizers.text import TextTokenizer
 from omni.vocab import Vocab
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_DIR = "tokenizer"
-CODEC_DIR = "codec"
 FORMAT_VERSION = 1
 
 
@@ -70,7 +67,7 @@ class OmniConfig:
 
 
 class OmniModel(nn.Module):
-    def __init__(self, config: OmniConfig, tokenizer=None, codec=None):
+    def __init__(self, config: OmniConfig):
         super().__init__()
         self.config = config
         self.vocab = config.vocab
@@ -98,14 +95,6 @@ class OmniModel(nn.Module):
         self.blip2 = None
         if config.blip2 is not None:
             self.blip2 = Blip2Head(cfg.dim, Blip2Config.parse(config.blip2))
-        self.tokenizer = tokenizer
-        self.set_codec(codec)
-
-    def set_codec(self, codec) -> None:
-        """The audio codec (``omni.tokenizers.audio.AudioCodec``) whose codes the model reads and writes.
-        Kept out of the module tree on purpose: it is frozen, not trained with the model, and saved
-        under ``codec/`` rather than in model.safetensors."""
-        self.__dict__["codec"] = codec
 
     # -- construction -----------------------------------------------------------------------
 
@@ -279,18 +268,19 @@ class OmniModel(nn.Module):
     # -- files ------------------------------------------------------------------------------
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write config.json + model.safetensors (+ tokenizer/, codec/) atomically (``omni.io.atomic_dir``):
-        a new folder appears whole; into an existing one (a run folder) each of ours is swapped in
-        by an atomic rename, config.json last, and what we do not own (metrics, checkpoints/) stays."""
+        """Write config.json + model.safetensors atomically (``omni.io.atomic_dir``): a new folder
+        appears whole; into an existing one (a run folder) each of ours is swapped in by an atomic
+        rename, config.json last, and what we do not own (metrics, checkpoints/) stays. A
+        pipeline's ``save_pretrained`` adds the processor's files in the same swap."""
         path = Path(path)
         with atomic_dir(path, merge=True, last=CONFIG_FILE) as tmp:
-            atomic_write_json(tmp / CONFIG_FILE, self.standalone_config().to_dict())
-            save_tensors(tmp / WEIGHTS_FILE, self.export_state_dict(), metadata={"format": "pt"})
-            if self.tokenizer is not None:
-                self.tokenizer.save(tmp / TOKENIZER_DIR)
-            if self.codec is not None:
-                self.codec.save(tmp / CODEC_DIR)
+            self.write_files(tmp)
         return path
+
+    def write_files(self, folder: Path) -> None:
+        """config.json + model.safetensors into ``folder`` (a staging folder of ``atomic_dir``)."""
+        atomic_write_json(folder / CONFIG_FILE, self.standalone_config().to_dict())
+        save_tensors(folder / WEIGHTS_FILE, self.export_state_dict(), metadata={"format": "pt"})
 
     def standalone_config(self) -> OmniConfig:
         """The config ``save_pretrained`` writes: a media tower loaded from a local folder (a
@@ -327,31 +317,12 @@ class OmniModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> OmniModel:
         path = Path(path)
-        if not path.is_dir():
-            raise ValueError(f"{path}: checkpoint directory not found")
-        cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
-        for f in (cfg_file, weights):
-            if not f.is_file():
-                raise ValueError(f"{path}: incomplete checkpoint, {f.name} is missing")
-        try:
-            raw = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
-        config = OmniConfig.from_dict(raw, source=str(cfg_file))
-        tokenizer = None
-        if (path / TOKENIZER_DIR).is_dir():
-            tokenizer = TextTokenizer.load(path / TOKENIZER_DIR)
-            if tokenizer.vocab.text_size != config.vocab.text_size:
-                raise ValueError(f"{path}: tokenizer has {tokenizer.vocab.text_size} pieces but config.json "
-                                 f"says {config.vocab.text_size}")
-        codec = None
-        if (path / CODEC_DIR).is_dir():
-            codec = load_codec(path / CODEC_DIR)
+        config, weights = read_config(path), path / WEIGHTS_FILE
         if config.media:  # media towers have their own buffers and loaders: build them for real
-            model = cls(config, tokenizer, codec).to(device)
+            model = cls(config).to(device)
         else:
             with torch.device("meta"):
-                model = cls(config, tokenizer, codec)
+                model = cls(config)
             model.to_empty(device=device)
             model.backbone.rotary.reset_buffers()  # non-persistent: not in the file, garbage after to_empty
             if config.tie_embeddings:
@@ -361,6 +332,23 @@ class OmniModel(nn.Module):
         return model.eval()
 
 
+def read_config(path: str | Path) -> OmniConfig:
+    """The config of the checkpoint folder ``path``; a missing folder or file, or a config that is
+    not valid, is a ``ValueError`` naming the file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: checkpoint directory not found")
+    cfg_file = path / CONFIG_FILE
+    for f in (cfg_file, path / WEIGHTS_FILE):
+        if not f.is_file():
+            raise ValueError(f"{path}: incomplete checkpoint, {f.name} is missing")
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+    return OmniConfig.from_dict(raw, source=str(cfg_file))
+
+
 def check_length(n: int, max_seq_len: int | None, what: str = "input") -> None:
     """Refuse ``n`` tokens over the model's context, naming the config key that sets it."""
     if max_seq_len is not None and n > max_seq_len:
@@ -368,13 +356,13 @@ def check_length(n: int, max_seq_len: int | None, what: str = "input") -> None:
                          "(config backbone.max_seq_len); shorten it")
 
 
-def build_model(backbone: BackboneConfig, vocab: Vocab, tokenizer=None, tie_embeddings: bool = True,
+def build_model(backbone: BackboneConfig, vocab: Vocab, tie_embeddings: bool = True,
                 seed: int | None = None, media: dict | None = None, audio_pattern: str = "delay",
-                codec=None, contrastive: dict | None = None, blip2: dict | None = None) -> OmniModel:
+                contrastive: dict | None = None, blip2: dict | None = None) -> OmniModel:
     """A freshly initialised model (media encoders keep their own initialisation / loaded towers)."""
     if seed is not None:
         torch.manual_seed(seed)
     config = OmniConfig(backbone, vocab, tie_embeddings, dict(media or {}), audio_pattern, contrastive, blip2)
-    model = OmniModel(config, tokenizer, codec)
+    model = OmniModel(config)
     model.reset_parameters()
     return model

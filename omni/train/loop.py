@@ -40,9 +40,9 @@ from tqdm.auto import tqdm
 from omni.config import RecipeConfig, load_tokenizer_spec
 from omni.data.tasks import TASKS, TaskSpec, dataset_for
 from omni.io import atomic_write_bytes, exclusive
-from omni.model.build import model_from_recipe
 from omni.model.objectives import PairObjective
 from omni.model_card import write_model_card
+from omni.pipeline import Pipeline, pipeline_from_recipe
 from omni.tokenizers.text import MODEL_FILE, TextTokenizer, corpus_texts
 from omni.train.checkpoint import (
     NonFiniteError,
@@ -387,11 +387,11 @@ class Trainer:
         cfg, tc, acc = self.cfg, self.tc, self.accelerator
         resume_path, run_id = _decide(cfg, acc)
         set_seed(tc.seed)
-        self.tokenizer = prepare_tokenizer(cfg, acc)
-        model = model_from_recipe(cfg, self.tokenizer)
+        built = pipeline_from_recipe(cfg, prepare_tokenizer(cfg, acc))
+        model, self.processor = built.model, built.processor
         self.n_trainable = apply_stages(model, tc)
         bars = None if tc.progress and acc.is_main_process else False  # on a terminal: rows as rendered
-        self.train_set, self.val_set = (dataset_for(cfg.data, split, model, self.tokenizer, tc.seed,
+        self.train_set, self.val_set = (dataset_for(cfg.data, split, self.processor, tc.seed,
                                                     progress=bars) for split in ("train", "val"))
         optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay, tc.lr_scale), lr=tc.lr,
                                       betas=tuple(tc.betas), foreach=True)
@@ -596,11 +596,15 @@ class Trainer:
         improved = state.best_val_loss is None or val_loss < state.best_val_loss
         state.best_val_loss = min(val_loss, state.best_val_loss or val_loss)
         if improved and self.tc.export == "best" and self.accelerator.is_main_process:
-            self.inner.save_pretrained(self.out_dir)  # the best weights so far are the exported model
+            self.export()  # the best weights so far are the exported model
         self.metrics.write({"step": state.step, "val_loss": round(val_loss, 5),
                             "val_ppl": round(math.exp(min(val_loss, 50)), 3)})
         if self.accelerator.is_main_process:
             self.bar.write(f"step {state.step}: val loss {val_loss:.4f}")
+
+    def export(self) -> None:
+        """The model and its processor's files (tokenizer, codec) into the run folder."""
+        Pipeline(self.inner, self.processor).save_pretrained(self.out_dir)
 
     def save(self, reason: str) -> Path | None:
         """A checkpoint of this step (written by the main process, with every process's RNG states);
@@ -645,7 +649,7 @@ class Trainer:
                                checkpoint=self.checkpoint)
         if acc.is_main_process:
             if self.tc.export == "last":
-                self.inner.save_pretrained(self.out_dir)
+                self.export()
             plot_losses(self.metrics.path, self.out_dir / "loss.png", title=self.cfg.name)
             write_model_card(self.out_dir)
         acc.wait_for_everyone()

@@ -22,6 +22,7 @@ from omni.data.text import wiki_documents
 from omni.generation import left_pad
 from omni.model.backbone import backbone_config, default_mrope_section
 from omni.model.omni_model import build_model
+from omni.pipeline import Pipeline
 from omni.tokenizers.audio import AudioCodec
 from omni.tokenizers.text import TextTokenizer
 from omni.vocab import Vocab
@@ -53,7 +54,7 @@ media = {
 bcfg = backbone_config("debug", max_seq_len=1024,
                        cross_attention={"every": 1, "gated": False, "ffn": False, "media": ["audio"]})
 bcfg.mrope_section = default_mrope_section(bcfg.head_dim)
-build_model(bcfg, vocab, tok, seed=0, media=media, codec=codec).save_pretrained(OUT)
+Pipeline(build_model(bcfg, vocab, seed=0, media=media), tokenizer=tok, codec=codec).save_pretrained(OUT)
 model = omni.load(OUT)
 
 g = torch.Generator().manual_seed(1)

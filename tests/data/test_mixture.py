@@ -15,7 +15,7 @@ import omni
 from omni.config import load_recipe
 from omni.data.tasks import MixtureDataset, TaskSpec, collate
 from omni.io import write_jsonl
-from omni.model.build import model_from_recipe
+from omni.pipeline import pipeline_from_recipe
 
 WORDS = ["turn on the light", "what time is it", "open the door", "play some music", "stop", "go left"]
 
@@ -62,10 +62,10 @@ def corpora(tmp_path, tiny_corpus, text_tokenizer):
 
 def test_samples_are_drawn_by_weight_and_packed_across_tasks(corpora, text_tokenizer):
     cfg = load_recipe(str(corpora / "mix.yaml"))
-    model = model_from_recipe(cfg, text_tokenizer)
+    model = pipeline_from_recipe(cfg, text_tokenizer)
     parts = [(p.label, f"{p.path}/train.jsonl", TaskSpec.of(p), p.weight, 3.0 if p.label == "asr" else 1.0)
              for p in cfg.data.mixture]
-    ds = MixtureDataset(parts, model, text_tokenizer, 256, seed=0)
+    ds = MixtureDataset(parts, model, 256, seed=0)
     total = 280 + 3 * len(WORDS)  # the text corpus' documents and three tasks over six clips
     assert ds.counts == {"text": round(total / 5), "asr": round(2 * total / 5), "speak": round(total / 5),
                          "continue": round(total / 5)}
@@ -80,7 +80,7 @@ def test_samples_are_drawn_by_weight_and_packed_across_tasks(corpora, text_token
     in_asr = torch.isin(batch["doc_ids"][row], torch.tensor(sorted(asr_docs)))
     assert ((batch["loss_weights"][row][in_asr] == 3).all()
             and (batch["loss_weights"][row][~in_asr] == 1).all())
-    held_out = MixtureDataset(parts, model, text_tokenizer, 256, weighted=False)
+    held_out = MixtureDataset(parts, model, 256, weighted=False)
     assert held_out.counts == {"text": 280, "asr": 6, "speak": 6, "continue": 6}
     assert "loss_weights" not in collate(held_out.rows)  # held-out losses stay comparable across recipes
 

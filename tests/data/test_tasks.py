@@ -18,6 +18,7 @@ from omni.data.video import build_video_corpus
 from omni.io import write_jsonl
 from omni.model.backbone import backbone_config, default_mrope_section
 from omni.model.omni_model import build_model
+from omni.pipeline import Pipeline
 
 IMAGE_MEDIA = {"image": {"tokenizer": {"kind": "siglip", "size": "debug", "image_size": 32, "patch_size": 16},
                          "connector": {"kind": "mlp"}}}
@@ -27,7 +28,7 @@ def _model(tok, media, mrope=True):
     cfg = backbone_config("debug", max_seq_len=128)
     if mrope:
         cfg.mrope_section = default_mrope_section(cfg.head_dim)
-    return build_model(cfg, tok.vocab, tok, seed=0, media=media)
+    return Pipeline(build_model(cfg, tok.vocab, seed=0, media=media), tokenizer=tok)
 
 
 @pytest.fixture
@@ -39,8 +40,8 @@ def images(fake_stamps, tmp_path):
 
 def test_caption_rows_render_with_image_slots(images, text_tokenizer):
     model = _model(text_tokenizer, IMAGE_MEDIA)
-    ds = TaskDataset(images / "train.jsonl", TaskSpec("caption", "image", "caption", "Caption:"), model,
-                     text_tokenizer, seq_len=64)
+    ds = TaskDataset(images / "train.jsonl", TaskSpec("caption", "image", "caption", "Caption:"),
+                     model, seq_len=64)
     assert ds.num_bad == 0 and ds.num_docs >= 4
     batch = collate([ds[i] for i in range(len(ds))], mrope=True)
     assert batch["positions"].shape == (3, len(ds), 64)
@@ -67,10 +68,10 @@ def test_bad_media_rows_are_skipped_and_counted(images, tmp_path, text_tokenizer
     m = tmp_path / "train.jsonl"
     write_jsonl(m, [{**r, "image": str(images / r["image"])} for r in rows] + bad)
     model = _model(text_tokenizer, IMAGE_MEDIA)
-    ds = TaskDataset(m, TaskSpec("caption", "image", "caption"), model, text_tokenizer, seq_len=64)
+    ds = TaskDataset(m, TaskSpec("caption", "image", "caption"), model, seq_len=64)
     assert ds.num_docs == 2 and ds.num_bad == 3
     with pytest.raises(ValueError, match=r"row 3: .*broken.png"):
-        TaskDataset(m, TaskSpec("caption", "image", "caption"), model, text_tokenizer, seq_len=64,
+        TaskDataset(m, TaskSpec("caption", "image", "caption"), model, seq_len=64,
                     on_bad_sample="error")
 
 
@@ -81,15 +82,15 @@ def test_video_and_audio_rows(fake_stamps, tmp_path, text_tokenizer):
                        "video": {"num_frames": 4}, "connector": {"kind": "linear"}},
              "audio": {"encoder": {"kind": "whisper_style", "size": "tiny"}, "connector": {"kind": "mlp"}}}
     model = _model(text_tokenizer, media)
-    ds = TaskDataset(tmp_path / "video" / "train.jsonl", TaskSpec("caption", "video", "caption"), model,
-                     text_tokenizer, seq_len=64)
+    ds = TaskDataset(tmp_path / "video" / "train.jsonl", TaskSpec("caption", "video", "caption"),
+                     model, seq_len=64)
     (row, slot) = collate([ds[0]], mrope=True)["media"][0]
     assert slot.data.shape[0] == 4 and slot.length == 4 * 2 * 2
     wav = tmp_path / "a.wav"
     sf.write(wav, (0.1 * np.sin(np.arange(8000) / 5)).astype(np.float32), 8000)  # 1 s at 8 kHz
     write_jsonl(tmp_path / "asr.jsonl", [{"audio": "a.wav", "text": "turn on the light"}])
-    ds = TaskDataset(tmp_path / "asr.jsonl", TaskSpec("caption", "audio", "text", "Transcribe."), model,
-                     text_tokenizer, seq_len=128)
+    ds = TaskDataset(tmp_path / "asr.jsonl", TaskSpec("caption", "audio", "text", "Transcribe."),
+                     model, seq_len=128)
     batch = collate([ds[0]], mrope=True)
     (_, slot), = batch["media"]
     assert slot.data.shape == (80, 100) and slot.length == 50  # 16 kHz log-mel, conv stride 2
@@ -170,7 +171,6 @@ def test_continuation_recipe_trains_and_evaluates_against_a_unigram_model(tmp_pa
 
 def test_multi_image_multi_turn_dialogue_renders_trains_and_generates(text_tokenizer):
     """GLM-4V-style dialogue: several images over several user/assistant turns in one sample."""
-    from omni.pipeline import Pipeline
     from omni.sequence import IGNORE, Message, Sample, Segment, pack, render
 
     def solid(rgb):
@@ -182,7 +182,7 @@ def test_multi_image_multi_turn_dialogue_renders_trains_and_generates(text_token
                     {"role": "assistant", "content": "The first one."},
                     {"role": "user", "content": [green, "And this one?"]},
                     {"role": "assistant", "content": "It is green."}]
-    prompt = Pipeline(model).processor.sample(conversation[:3])
+    prompt = model.processor.sample(conversation[:3])
     assert [m.role for m in prompt.messages] == ["user", "assistant", "user"]
     sample = Sample(prompt.messages + [Message("assistant", [Segment(text="It is green.")])])
     full = render(sample, text_tokenizer, vocab=model.vocab, mrope=True)
@@ -203,10 +203,10 @@ def test_multi_image_multi_turn_dialogue_renders_trains_and_generates(text_token
         opt.step()
         losses.append(out.loss.item())
     assert losses[-1] < 0.05 * losses[0]
-    answer = Pipeline(model.eval()).generate(conversation[:3], max_new_tokens=8)
+    answer = model.eval().generate(conversation[:3], max_new_tokens=8)
     assert answer.strip() == "It is green."
     with pytest.raises(ValueError, match="must end with a user turn"):
-        Pipeline(model).generate(conversation, max_new_tokens=2)
+        model.generate(conversation, max_new_tokens=2)
 
 
 def test_fewshot_episodes_bind_made_up_names_and_train_only_the_answer(images, text_tokenizer, tmp_path):
@@ -214,7 +214,7 @@ def test_fewshot_episodes_bind_made_up_names_and_train_only_the_answer(images, t
 
     model = _model(text_tokenizer, IMAGE_MEDIA)
     spec = TaskSpec("fewshot", "image", prompt="What is this?", ways=2, episodes=5)
-    ds = TaskDataset(images / "train.jsonl", spec, model, text_tokenizer, seq_len=128)
+    ds = TaskDataset(images / "train.jsonl", spec, model, seq_len=128)
     # two named images and the query each
     assert ds.num_docs == 5 and sum(len(r.media) for r in ds.rows) == 15
     # training and held-out splits draw their names from disjoint halves
@@ -268,10 +268,10 @@ def test_a_runtime_or_memory_error_preparing_a_row_skips_that_row(images, tmp_pa
 
     def run(on_bad_sample):
         if build == "caption":
-            return TaskDataset(m, spec, model, text_tokenizer, seq_len=64,
+            return TaskDataset(m, spec, model, seq_len=64,
                                on_bad_sample=on_bad_sample).num_bad
         if build == "pairs":
-            return PairDataset(m, spec, model, text_tokenizer, seq_len=64,
+            return PairDataset(m, spec, model, seq_len=64,
                                on_bad_sample=on_bad_sample).num_bad
         return prepare_rows(m, spec, model, on_bad_sample)[1]
 
@@ -294,14 +294,15 @@ def test_codec_encoding_a_manifest_counts_its_rows_on_a_bar_and_max_rows_keeps_t
     codec = AudioCodec("debug")
     v = text_tokenizer.vocab
     vocab = Vocab(v.text_size, v.specials, codec.num_codebooks, codec.cardinality)
-    model = build_model(backbone_config("debug", max_seq_len=128), vocab, text_tokenizer, seed=0, codec=codec)
+    model = Pipeline(build_model(backbone_config("debug", max_seq_len=128), vocab, seed=0),
+                     tokenizer=text_tokenizer, codec=codec)
     for i in range(5):
         sf.write(tmp_path / f"{i}.wav", (0.1 * np.sin(np.arange(480) / (3 + i))).astype(np.float32), 16000)
     write_jsonl(tmp_path / "train.jsonl", [{"audio": f"{i}.wav"} for i in range(5)])
     spec = TaskSpec("continue", prompt="Continue:")
-    ds = TaskDataset(tmp_path / "train.jsonl", spec, model, text_tokenizer, seq_len=96, progress=True)
+    ds = TaskDataset(tmp_path / "train.jsonl", spec, model, seq_len=96, progress=True)
     err = capsys.readouterr().err
     assert ds.num_docs == 5 and f"codec-encoding {tmp_path / 'train.jsonl'}" in err
     assert "5/5" in err and "row" in err
-    first = TaskDataset(tmp_path / "train.jsonl", spec, model, text_tokenizer, seq_len=96, max_rows=2)
+    first = TaskDataset(tmp_path / "train.jsonl", spec, model, seq_len=96, max_rows=2)
     assert first.num_docs == 2 and capsys.readouterr().err == ""  # no bar unless asked (or on a terminal)

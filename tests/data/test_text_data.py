@@ -107,7 +107,7 @@ BAD_ROWS = [{"id": "a", "text": "Zero is a number."}, {"id": "b"}, {"id": "c", "
 
 def test_packed_dataset_skips_bad_rows(tmp_path, text_tokenizer, debug_model):
     m = _write_manifest(tmp_path / "train.jsonl", BAD_ROWS)
-    ds = TaskDataset(m, TaskSpec("text"), debug_model, text_tokenizer, seq_len=8)
+    ds = TaskDataset(m, TaskSpec("text"), debug_model, seq_len=8)
     assert ds.num_bad == 3 and ds.num_docs == 2
     samples = [render(Sample.document(t), text_tokenizer) for t in ("Zero is a number.", "One follows zero.")]
     assert ds.num_tokens == sum(len(s) for s in samples)
@@ -119,19 +119,19 @@ def test_packed_dataset_skips_bad_rows(tmp_path, text_tokenizer, debug_model):
 def test_packed_dataset_error_mode_names_manifest_and_row(tmp_path, text_tokenizer, debug_model):
     m = _write_manifest(tmp_path / "train.jsonl", BAD_ROWS)
     with pytest.raises(ValueError, match="row 2: no non-empty string field 'text'") as e:
-        TaskDataset(m, TaskSpec("text"), debug_model, text_tokenizer, seq_len=8, on_bad_sample="error")
+        TaskDataset(m, TaskSpec("text"), debug_model, seq_len=8, on_bad_sample="error")
     assert str(m) in str(e.value)
 
 
 def test_packed_dataset_with_no_usable_rows(tmp_path, text_tokenizer, debug_model):
     m = _write_manifest(tmp_path / "train.jsonl", BAD_ROWS[1:4])
     with pytest.raises(ValueError, match="no usable rows") as e:
-        TaskDataset(m, TaskSpec("text"), debug_model, text_tokenizer, seq_len=8)
+        TaskDataset(m, TaskSpec("text"), debug_model, seq_len=8)
     assert str(m) in str(e.value)
 
 
 def test_packed_dataset_on_the_corpus_and_collate(tiny_corpus, text_tokenizer, debug_model):
-    ds = TaskDataset(tiny_corpus / "val.jsonl", TaskSpec("text"), debug_model, text_tokenizer, seq_len=64)
+    ds = TaskDataset(tiny_corpus / "val.jsonl", TaskSpec("text"), debug_model, seq_len=64)
     assert ds.num_docs == 20 and ds.num_bad == 0 and len(ds) == -(-ds.num_tokens // 64)
     batch = collate([ds[0], ds[1], ds[len(ds) - 1]])
     assert set(batch) == {"input_ids", "targets", "positions", "doc_ids"}

@@ -99,7 +99,7 @@ def _overfit(text_tokenizer, pattern, codes, steps):
     torch.manual_seed(0)
     cfg = OmniConfig(backbone_config("debug", max_seq_len=256), v, tie_embeddings=False,
                      audio_pattern=pattern)
-    model = OmniModel(cfg, text_tokenizer)
+    model = OmniModel(cfg)
     model.reset_parameters()
     sample = Sample([Message(None, [Segment(text="beep"), Segment("audio", codes=codes)])])
     r = render(sample, text_tokenizer, vocab=v, audio_pattern=pattern)

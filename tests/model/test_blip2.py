@@ -18,6 +18,7 @@ from omni.model.backbone import backbone_config
 from omni.model.blip2 import hard_negatives
 from omni.model.objectives import PairObjective
 from omni.model.omni_model import build_model
+from omni.pipeline import Pipeline
 from omni.sequence import MediaSlot
 
 IMAGE = {"image": {"tokenizer": {"kind": "siglip", "size": "debug", "image_size": 32, "patch_size": 16},
@@ -59,8 +60,8 @@ def _pairs(tok, B=4, seed=0):
 @pytest.mark.parametrize("weights", [{"itc": 1, "itm": 1, "itg": 1}, {"itc": 1, "itm": 0, "itg": 0},
                                      {"itc": 0, "itm": 1, "itg": 0}, {"itc": 0, "itm": 0, "itg": 2}])
 def test_each_loss_is_computed_only_when_on_and_the_objective_is_the_weighted_sum(text_tokenizer, weights):
-    model = build_model(backbone_config("debug", max_seq_len=64), text_tokenizer.vocab, text_tokenizer,
-                        seed=0, media=IMAGE, blip2={**weights, "embed_dim": 16})
+    model = Pipeline(build_model(backbone_config("debug", max_seq_len=64), text_tokenizer.vocab,
+                        seed=0, media=IMAGE, blip2={**weights, "embed_dim": 16}), tokenizer=text_tokenizer)
     ids, mask, media = _pairs(text_tokenizer)
     out = PairObjective(model)(ids, mask, media)
     on = {k for k, w in weights.items() if w}
@@ -75,8 +76,9 @@ def test_each_loss_is_computed_only_when_on_and_the_objective_is_the_weighted_su
 
 def test_itg_reads_the_image_only_through_the_queries(text_tokenizer):
     """Generation loss depends on the image; text tokens never leak into the query positions."""
-    model = build_model(backbone_config("debug", max_seq_len=64), text_tokenizer.vocab, text_tokenizer,
-                        seed=0, media=IMAGE, blip2={"itc": 0, "itm": 0, "itg": 1}).eval()
+    model = Pipeline(build_model(backbone_config("debug", max_seq_len=64), text_tokenizer.vocab,
+                        seed=0, media=IMAGE, blip2={"itc": 0, "itm": 0, "itg": 1}),
+                     tokenizer=text_tokenizer).eval()
     ids, mask, media = _pairs(text_tokenizer)
     _, _, other = _pairs(text_tokenizer, seed=1)
     a = PairObjective(model)(ids, mask, media).loss
@@ -112,7 +114,8 @@ def test_blip2_two_stages_through_the_cli(tmp_path, text_tokenizer, fake_stamps)
     build_images_corpus(images, stamps_dir=fake_stamps, max_size=48, val_fraction=0.0, test_fraction=0.0)
     (images / "val.jsonl").write_text((images / "train.jsonl").read_text())
     text_tokenizer.save(tmp_path / "tok")
-    lm = build_model(backbone_config("debug", max_seq_len=64), text_tokenizer.vocab, text_tokenizer, seed=3)
+    lm = Pipeline(build_model(backbone_config("debug", max_seq_len=64), text_tokenizer.vocab, seed=3),
+                  tokenizer=text_tokenizer)
     lm.save_pretrained(tmp_path / "lm")  # stands in for a pre-trained language model run
     common = ["model.size=debug", "model.max_seq_len=64", f"data.path={images}",
               f"tokenizer.path={tmp_path / 'tok'}", "train.warmup_steps=1", "train.batch_size=4",

@@ -15,7 +15,7 @@ FEAT = 24  # 48 mel frames through the conv stem (stride 2)
 def _model(text_tokenizer, **xa):
     cfg = backbone_config("debug", max_seq_len=128, cross_attention={"every": 1, **xa})
     media = {"audio": {"encoder": {"kind": "whisper_style", "size": "debug"}, "connector": {"kind": "mlp"}}}
-    return build_model(cfg, text_tokenizer.vocab, text_tokenizer, seed=0, media=media)
+    return Pipeline(build_model(cfg, text_tokenizer.vocab, seed=0, media=media), tokenizer=text_tokenizer)
 
 
 def _sample(mel, text="turn on the light"):
@@ -42,15 +42,15 @@ def test_video_read_through_cross_attention_must_carry_time_in_its_features(text
     for temporal, ok in (("mrope", False), ("qformer", True)):
         media = {"video": {"tokenizer": tower, "video": {"num_frames": 4, "temporal": temporal}}}
         if ok:
-            build_model(cfg, text_tokenizer.vocab, text_tokenizer, media=media)
+            Pipeline(build_model(cfg, text_tokenizer.vocab, media=media), tokenizer=text_tokenizer)
         else:
             with pytest.raises(ValueError, match="temporal: qformer"):
-                build_model(cfg, text_tokenizer.vocab, text_tokenizer, media=media)
+                Pipeline(build_model(cfg, text_tokenizer.vocab, media=media), tokenizer=text_tokenizer)
     # read as tokens (cross-attention for audio only), the frames keep their time positions
     media = {"video": {"tokenizer": tower, "video": {"num_frames": 4, "temporal": "mrope"}}}
     audio_only = backbone_config("debug", max_seq_len=128, cross_attention={"every": 1, "media": ["audio"]})
-    assert not build_model(audio_only, text_tokenizer.vocab, text_tokenizer,
-                           media=media).reads_by_cross_attention("video")
+    assert not Pipeline(build_model(audio_only, text_tokenizer.vocab,
+                           media=media), tokenizer=text_tokenizer).reads_by_cross_attention("video")
 
 
 def test_media_spans_hold_no_feature_tokens(text_tokenizer):
@@ -120,7 +120,7 @@ def test_cached_decoding_matches_the_full_forward_and_the_model_learns(tmp_path,
     model.eval()
     prompt = render(Sample(_sample(mel).messages[:1]), text_tokenizer, **model.render_options(),
                     add_generation_prompt=True)
-    new = Pipeline(model).generate(prompt.ids[None], media=[(0, s) for s in prompt.media], max_new_tokens=20)
+    new = model.generate(prompt.ids[None], media=[(0, s) for s in prompt.media], max_new_tokens=20)
     assert text_tokenizer.decode(new[0].tolist()).startswith("turn on the light")
     # each cached step picked what a full forward over prompt + the tokens so far picks
     ids = torch.cat([prompt.ids, new[0]])[None]
@@ -150,7 +150,7 @@ def test_per_modality_fusion_reads_audio_by_cross_attention_and_places_images_as
     media = {"audio": {"encoder": {"kind": "whisper_style", "size": "debug"}, "connector": {"kind": "mlp"}},
              "image": {"tokenizer": {"kind": "siglip", "size": "debug", "image_size": 32, "patch_size": 16},
                        "connector": {"kind": "mlp"}}}
-    model = build_model(cfg, text_tokenizer.vocab, text_tokenizer, seed=0, media=media)
+    model = Pipeline(build_model(cfg, text_tokenizer.vocab, seed=0, media=media), tokenizer=text_tokenizer)
     assert model.reads_by_cross_attention("audio") and not model.reads_by_cross_attention("image")
     pixels = torch.rand(3, 32, 32)
     sample = Sample([Message("user", [Segment("audio", data=torch.randn(80, 48), grid=(FEAT, 1, 1)),

@@ -27,10 +27,11 @@ def _asr(tmp_path, text_tokenizer, audio: dict):
                  16000)
         rows.append({"audio": f"{i}.wav", "text": ["turn on the light", "what time is it"][i]})
     write_jsonl(tmp_path / "asr.jsonl", rows)
-    model = build_model(backbone_config("debug", max_seq_len=128), text_tokenizer.vocab, text_tokenizer,
+    model = Pipeline(build_model(backbone_config("debug", max_seq_len=128), text_tokenizer.vocab,
                         seed=0, media={"audio": {"encoder": {"kind": "whisper_style", "size": "debug"},
-                                                 "connector": {"kind": "mlp"}, **audio}})
-    ds = TaskDataset(tmp_path / "asr.jsonl", TaskSpec("caption", "audio", "text"), model, text_tokenizer, 128)
+                                                 "connector": {"kind": "mlp"}, **audio}}),
+                     tokenizer=text_tokenizer)
+    ds = TaskDataset(tmp_path / "asr.jsonl", TaskSpec("caption", "audio", "text"), model, 128)
     return model, ds, rows
 
 
@@ -69,7 +70,7 @@ def test_ctc_learns_to_read_a_clip(tmp_path, text_tokenizer):
     from omni.media.audio import Audio
 
     clips = [[Audio(tmp_path / r["audio"])] for r in rows]
-    model = Pipeline(model.eval())
+    model = model.eval()
     assert model.generate(clips, num_beams=3, ctc_weight=1.0, max_new_tokens=12) == [r["text"] for r in rows]
     assert model.generate(clips[0], num_beams=2, max_new_tokens=4) == model.generate(clips[0], num_beams=2,
                                                                                        max_new_tokens=4)
@@ -92,9 +93,9 @@ def test_length_buckets_group_similar_lengths_within_the_allowed_padding():
 def test_audio_clips_encode_as_if_alone_whatever_their_batch(text_tokenizer):
     """Clips go through the encoder in length buckets, and padding never leaks into a clip's features."""
     torch.manual_seed(0)
-    model = build_model(backbone_config("debug", max_seq_len=128), text_tokenizer.vocab, text_tokenizer,
+    model = Pipeline(build_model(backbone_config("debug", max_seq_len=128), text_tokenizer.vocab,
                         seed=0, media={"audio": {"encoder": {"kind": "whisper_style", "size": "debug"},
-                                                 "connector": {"kind": "mlp"}}})
+                                                 "connector": {"kind": "mlp"}}}), tokenizer=text_tokenizer)
     enc = model.encoders["audio"].eval()
     clips = [torch.randn(80, n) - 4 for n in (100, 1000, 103, 390, 180)]  # log-mel-like: below zero
     calls = []
@@ -143,7 +144,7 @@ def test_ctc_covers_only_the_clips_that_carry_a_transcript(tmp_path, text_tokeni
     they carry no CTC labels, and the speech clips beside them in a batch still train the head."""
     model, ds, _ = _asr(tmp_path, text_tokenizer, {"ctc_weight": 1.0})
     sounds = TaskDataset(tmp_path / "asr.jsonl", TaskSpec("caption", "audio", "text", transcript=False),
-                         model, text_tokenizer, 128)
+                         model, 128)
     slot = collate([sounds[0]])["media"][0][1]
     assert slot.labels is None
     enc = model.encoders["audio"].eval()

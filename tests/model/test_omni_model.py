@@ -10,12 +10,13 @@ from omni.model import omni_model
 from omni.model.backbone import KVCache, backbone_config
 from omni.model.omni_model import (
     CONFIG_FILE,
-    TOKENIZER_DIR,
     WEIGHTS_FILE,
     OmniModel,
     build_model,
     default_positions,
 )
+from omni.pipeline import Pipeline
+from omni.processor import TOKENIZER_DIR
 from omni.sequence import IGNORE
 
 
@@ -32,12 +33,12 @@ def saved(tmp_path, debug_model):
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_save_load_round_trip_gives_identical_logits(tmp_path, text_tokenizer, tie):
-    model = build_model(backbone_config("debug"), text_tokenizer.vocab, text_tokenizer, tie_embeddings=tie,
-                        seed=3).eval()
+    model = Pipeline(build_model(backbone_config("debug"), text_tokenizer.vocab, tie_embeddings=tie, seed=3),
+                     tokenizer=text_tokenizer).eval()
     path = model.save_pretrained(tmp_path / "ckpt")
     assert {p.name for p in path.iterdir()} == {CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR}
     assert ("lm_head.weight" in load_tensors(path / WEIGHTS_FILE)) is not tie  # no alias stored when tied
-    back = OmniModel.from_pretrained(path)
+    back = Pipeline.from_pretrained(path)
     assert not back.training
     assert back.config.to_dict() == model.config.to_dict()
     assert (back.lm_head.weight is back.embed.weight) is tie
@@ -52,12 +53,13 @@ def test_save_without_tokenizer(tmp_path, text_tokenizer):
     model = build_model(backbone_config("debug"), text_tokenizer.vocab, seed=0)
     model.save_pretrained(tmp_path / "ckpt")
     assert not (tmp_path / "ckpt" / TOKENIZER_DIR).exists()
-    assert OmniModel.from_pretrained(tmp_path / "ckpt").tokenizer is None
+    assert Pipeline.from_pretrained(tmp_path / "ckpt").tokenizer is None
 
 
 def test_saving_over_a_checkpoint_replaces_it_and_keeps_other_files(saved, text_tokenizer):
     (saved / "metrics.jsonl").write_text("{}\n")
-    new = build_model(backbone_config("debug"), text_tokenizer.vocab, text_tokenizer, seed=7).eval()
+    new = Pipeline(build_model(backbone_config("debug"), text_tokenizer.vocab, seed=7),
+                   tokenizer=text_tokenizer).eval()
     new.save_pretrained(saved)
     ids = _ids(new.vocab.size)
     with torch.no_grad():
@@ -72,7 +74,8 @@ def test_a_failing_save_leaves_the_old_checkpoint_intact(saved, debug_model, tex
             f.write(b"half a safetensors file")
         raise OSError("disk full")
 
-    new = build_model(backbone_config("debug"), text_tokenizer.vocab, text_tokenizer, seed=7)
+    new = Pipeline(build_model(backbone_config("debug"), text_tokenizer.vocab, seed=7),
+                   tokenizer=text_tokenizer)
     monkeypatch.setattr(omni_model, "save_tensors", crash_mid_save)
     with pytest.raises(OSError, match="disk full"):
         new.save_pretrained(saved)
@@ -161,7 +164,7 @@ def test_tokenizer_that_does_not_match_the_config(saved):
     cfg["vocab"]["text_size"] = 600
     (saved / CONFIG_FILE).write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="tokenizer has 512 pieces but config.json says 600"):
-        OmniModel.from_pretrained(saved)
+        Pipeline.from_pretrained(saved)
 
 
 def test_loss_ignores_minus_100(debug_model):
@@ -294,7 +297,8 @@ def test_a_checkpoint_on_pretrained_towers_loads_without_their_folders(tmp_path,
                        "connector": {"kind": "mlp"}},
              "audio": {"encoder": {"kind": "hf_whisper", "path": str(weights / "whisper"), "freeze": True,
                                    "input_mode": "slice"}, "connector": {"kind": "mlp"}}}
-    model = build_model(backbone_config("debug"), text_tokenizer.vocab, text_tokenizer, seed=0, media=media)
+    model = Pipeline(build_model(backbone_config("debug"), text_tokenizer.vocab, seed=0, media=media),
+                     tokenizer=text_tokenizer)
     model.eval()
     g = torch.Generator().manual_seed(0)
     inputs = {"image": torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8, generator=g),

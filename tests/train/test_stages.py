@@ -14,6 +14,7 @@ from omni.config import LoraSpec, TrainConfig
 from omni.io import load_tensors
 from omni.model.backbone import backbone_config
 from omni.model.omni_model import build_model
+from omni.pipeline import Pipeline
 from omni.train.stages import add_lora, apply_stages, init_from
 
 IMAGE = {"image": {"tokenizer": {"kind": "siglip", "size": "debug", "image_size": 32, "patch_size": 16},
@@ -21,8 +22,8 @@ IMAGE = {"image": {"tokenizer": {"kind": "siglip", "size": "debug", "image_size"
 
 
 def _model(tok, seed=0, **overrides):
-    return build_model(backbone_config("debug", max_seq_len=64, **overrides), tok.vocab, tok, seed=seed,
-                       media=IMAGE)
+    return Pipeline(build_model(backbone_config("debug", max_seq_len=64, **overrides), tok.vocab, seed=seed,
+                       media=IMAGE), tokenizer=tok)
 
 
 def test_trainable_globs_select_modules_at_any_depth(text_tokenizer):
@@ -126,13 +127,14 @@ def test_flamingo_starts_as_its_language_model_and_trains_only_the_new_parts(
         tmp_path, text_tokenizer, fake_stamps):
     from omni.config import load_recipe
     from omni.data.images import build_images_corpus
-    from omni.model.build import model_from_recipe
+    from omni.pipeline import pipeline_from_recipe
 
     images = tmp_path / "images"
     build_images_corpus(images, stamps_dir=fake_stamps, max_size=48, val_fraction=0.0, test_fraction=0.0)
     (images / "val.jsonl").write_text((images / "train.jsonl").read_text())
     text_tokenizer.save(tmp_path / "tok")
-    lm = build_model(backbone_config("debug", max_seq_len=64), text_tokenizer.vocab, text_tokenizer, seed=3)
+    lm = Pipeline(build_model(backbone_config("debug", max_seq_len=64), text_tokenizer.vocab, seed=3),
+                  tokenizer=text_tokenizer)
     lm.save_pretrained(tmp_path / "lm")
     args = ["model.size=debug", "model.max_seq_len=64", "data.seq_len=64", f"data.path={images}",
             f"tokenizer.path={tmp_path / 'tok'}", "train.steps=8", "train.warmup_steps=1",
@@ -141,8 +143,8 @@ def test_flamingo_starts_as_its_language_model_and_trains_only_the_new_parts(
             "model.media.image.tokenizer.image_size=32",
             f"train.init_from={tmp_path / 'lm'}", f"train.out_dir={tmp_path / 'flamingo'}"]
     # at initialisation: the language model's logits, with or without images in the prompt
-    model = model_from_recipe(load_recipe("flamingo/caption_tiny", args), text_tokenizer)
-    apply_stages(model, load_recipe("flamingo/caption_tiny", args).train)
+    model = pipeline_from_recipe(load_recipe("flamingo/caption_tiny", args), text_tokenizer)
+    apply_stages(model.model, load_recipe("flamingo/caption_tiny", args).train)
     img = omni.Image(next(images.rglob("*.png")))
     from omni.api import render_prompts
 
