@@ -22,9 +22,12 @@ With the ``delay`` layout a rendered sample carries ``streams (K-1, T)``: the id
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
+import jinja2
 import torch
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from omni.model.audio_codes import EMPTY, PATTERNS, delay_apply, flatten_apply, to_vocab
 from omni.vocab import Vocab
@@ -155,12 +158,21 @@ def render(sample: Sample, tokenizer, *, vocab: Vocab | None = None, audio_patte
     vocab = vocab or tokenizer.vocab
     K = vocab.num_codebooks
     delay = audio_pattern == "delay" and K > 1
-    ids: list[int] = [vocab.bos_id]
-    extra: list[list[int]] = [[EMPTY] * (K - 1)] if delay else []  # per step: ids of streams 1..K-1
-    train: list[bool] = [False]
-    pos: list[tuple[int, int, int]] = [(0, 0, 0)]
+    template = getattr(tokenizer, "chat_template", None)
+    roles = [m.role for m in sample.messages]
+    frames = None
+    if template and any(roles):  # a chat in the tokenizer's own template (an imported model's)
+        if not all(roles):
+            raise ValueError("a sample mixing plain documents with chat turns cannot be rendered in a "
+                             "chat template; make every message a turn")
+        frames = [tokenizer.encode_special(f) for f in chat_frames(template, roles, add_generation_prompt,
+                                                                   tokenizer)]
+    ids: list[int] = []
+    extra: list[list[int]] = []  # per step: ids of streams 1..K-1 (delay layout)
+    train: list[bool] = []
+    pos: list[tuple[int, int, int]] = []
     media: list[MediaSlot] = []
-    nxt = 1  # next free position on every axis
+    nxt = 0  # next free position on every axis
 
     def put(token_ids, trainable, streams=None):
         nonlocal nxt
@@ -172,9 +184,13 @@ def render(sample: Sample, tokenizer, *, vocab: Vocab | None = None, audio_patte
             pos.append((nxt, nxt, nxt))
             nxt += 1
 
-    for msg in sample.messages:
+    if frames is not None:
+        put(frames[0], False)
+    elif getattr(tokenizer, "add_bos", True):
+        put([vocab.bos_id], False)
+    for n, msg in enumerate(sample.messages):
         trainable = msg.role is None or loss_on == "all" or msg.role == "assistant"
-        if msg.role is not None:
+        if msg.role is not None and frames is None:
             put([vocab.id(f"<|{msg.role}|>")], False)
         for seg in msg.segments:
             if seg.modality == "text":
@@ -201,10 +217,19 @@ def render(sample: Sample, tokenizer, *, vocab: Vocab | None = None, audio_patte
                         pos.append((nxt + ti, nxt + hi, nxt + wi) if mrope else (nxt + ti,) * 3)
             nxt += max(t, h, w)
             put([vocab.id(end)], False)
-        if msg.role is not None:
+        if frames is not None:
+            # the template's text up to its end of turn is learned with an assistant turn
+            after = frames[n + 1]
+            ends = [i for i, t in enumerate(after) if t in (vocab.eos_id, vocab.specials.get("<|eot|>"))]
+            learned = ends[0] + 1 if ends else 0
+            put(after[:learned], trainable)
+            put(after[learned:], False)
+        elif msg.role is not None:
             put([vocab.id("<|eot|>")], trainable)
     last_is_doc = bool(sample.messages) and sample.messages[-1].role is None
-    if add_generation_prompt:
+    if frames is not None:
+        pass  # the template wrote the generation prompt and any end of sequence
+    elif add_generation_prompt:
         if not last_is_doc:
             put([vocab.id("<|assistant|>")], False)
     elif add_eos if add_eos is not None else True:
@@ -220,6 +245,39 @@ def render(sample: Sample, tokenizer, *, vocab: Vocab | None = None, audio_patte
         stream_targets = torch.stack([_shift_targets(row, train_t) for row in streams])
     return Rendered(ids_t, targets, torch.tensor(pos, dtype=torch.long).T.contiguous(), media, streams,
                     stream_targets)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str):
+    # transformers' settings, so a checkpoint's template renders as it does there
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message):
+        raise ValueError(f"the chat template refused the conversation: {message}")
+
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
+
+def chat_frames(template: str, roles: list[str], add_generation_prompt: bool, tokenizer=None) -> list[str]:
+    """The text a Jinja chat template (a Hugging Face checkpoint's ``chat_template``) writes around
+    each message: ``frames[i]`` before message ``i``, ``frames[-1]`` after the last. Each message's
+    content is rendered as a placeholder and cut out, so user text is never parsed for special
+    tokens and media pieces keep their place."""
+    marks = [f"\x00{i}\x00" for i in range(len(roles))]
+    special = {k: getattr(tokenizer, k, None) or "" for k in ("bos_token", "eos_token")}
+    try:
+        text = _compiled(template).render(messages=[{"role": r, "content": m} for r, m in zip(roles, marks)],
+                                          add_generation_prompt=add_generation_prompt, **special)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"the chat template failed to render: {e}") from None
+    frames = []
+    for i, mark in enumerate(marks):
+        before, found, text = text.partition(mark)
+        if not found:
+            raise ValueError(f"the chat template dropped message {i} ({roles[i]}) or changed its order")
+        frames.append(before)
+    return frames + [text]
 
 
 def _shift_targets(ids: torch.Tensor, train: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import abc
 import math
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -107,6 +108,9 @@ class BaseTextTokenizer(abc.ABC):
     Special tokens (:data:`omni.vocab.SPECIAL_TOKENS`) are the vocabulary's: user text never
     encodes to them and ``decode`` drops them, as it drops ids outside the text range."""
 
+    chat_template: str | None = None  # a Jinja chat template (an imported checkpoint's); None: omni's own
+    add_bos: bool = True  # a plain document starts with vocab.bos_id
+
     @property
     @abc.abstractmethod
     def vocab(self) -> Vocab:
@@ -123,6 +127,22 @@ class BaseTextTokenizer(abc.ABC):
     @abc.abstractmethod
     def decode_continuation(self, new_ids: Iterable[int], context_ids: Iterable[int] = ()) -> str:
         """The text ``new_ids`` add after ``context_ids`` (a leading space kept where it belongs)."""
+
+    def encode_special(self, text: str) -> list[int]:
+        """Text a chat template wrote -> ids, its special tokens parsed (never call it on user
+        text). Here: the vocabulary's ``specials``; a backend with special tokens of its own
+        (an imported checkpoint's ``<|im_start|>``) parses those too."""
+        specials = self.vocab.specials
+        if not specials:
+            return self.encode(text)
+        names = sorted(specials, key=len, reverse=True)
+        ids: list[int] = []
+        for i, part in enumerate(re.split("(" + "|".join(map(re.escape, names)) + ")", text)):
+            if i % 2:
+                ids.append(specials[part])
+            elif part:
+                ids += self.encode(part)
+        return ids
 
     @abc.abstractmethod
     def save(self, path: str | Path) -> None:
