@@ -26,6 +26,11 @@ from omni.vocab import SPECIAL_TOKENS
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+# what a pretrained checkpoint decides (ModelConfig.pretrained)
+PRETRAINED_OWNS = ("size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "rope_theta",
+                   "tie_embeddings")
+
+
 @dataclass
 class ModelConfig:
     """The backbone: a named size (``omni.model.backbone.SIZES``) plus per-field overrides."""
@@ -52,8 +57,21 @@ class ModelConfig:
     # {itc, itm, itg: loss weights (0 = off), embed_dim, temperature}: BLIP-2 stage 1 on data.task=contrastive
     # pairs, a Q-Former connector trained with three losses (omni/model/blip2.py)
     blip2: dict | None = None
+    # an omni checkpoint folder (e.g. `omni import smollm2 --out weights/smollm2-135m`): the backbone,
+    # vocabulary, tokenizer and weights start from it; max_seq_len caps its context; media,
+    # cross_attention and mrope add to it
+    pretrained: str | None = None
 
     def validate(self):
+        if self.pretrained is not None:
+            owned = [f.name for f in dataclasses.fields(self) if f.name in PRETRAINED_OWNS
+                     and getattr(self, f.name) != f.default]
+            if owned:
+                raise ValueError(f"model.pretrained takes {', '.join(owned)} from {self.pretrained}; "
+                                 f"leave model.{owned[0]} out")
+            if not (Path(self.pretrained) / "config.json").is_file():
+                raise ValueError(f"model.pretrained: {self.pretrained} is not an omni checkpoint folder "
+                                 "(no config.json); import one with `omni import`")
         choice("model.size", self.size, SIZES)
         choice("model.attn_backend", self.attn_backend, ATTN_BACKENDS)
         choice("model.audio_pattern", self.audio_pattern, PATTERNS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from omni.model.backbone import backbone_config, default_mrope_section
-from omni.model.omni_model import OmniModel, build_model
+from omni.model.omni_model import OmniModel, build_model, read_config
 
 
 def model_from_recipe(cfg, tokenizer, codec=None) -> OmniModel:
@@ -16,12 +16,22 @@ def model_from_recipe(cfg, tokenizer, codec=None) -> OmniModel:
     if codec is not None:
         vocab = replace(vocab, num_codebooks=codec.num_codebooks, codebook_size=codec.cardinality)
     mc = cfg.model
-    bcfg = backbone_config(mc.size, dim=mc.dim, num_layers=mc.num_layers, num_heads=mc.num_heads,
-                           num_kv_heads=mc.num_kv_heads, ffn_dim=mc.ffn_dim, max_seq_len=mc.max_seq_len,
-                           rope_theta=mc.rope_theta, attn_backend=mc.attn_backend,
-                           cross_attention=mc.cross_attention)
+    tie = mc.tie_embeddings
+    if mc.pretrained:  # its backbone, capped at this recipe's context; the weights load in training
+        base = read_config(mc.pretrained)
+        if base.vocab.text_size != vocab.text_size:
+            raise ValueError(f"model.pretrained {mc.pretrained}: its vocabulary has {base.vocab.text_size} "
+                             f"text ids but the tokenizer has {vocab.text_size}")
+        bcfg = replace(base.backbone, max_seq_len=min(mc.max_seq_len, base.backbone.max_seq_len),
+                       attn_backend=mc.attn_backend, cross_attention=mc.cross_attention)
+        tie = base.tie_embeddings
+    else:
+        bcfg = backbone_config(mc.size, dim=mc.dim, num_layers=mc.num_layers, num_heads=mc.num_heads,
+                               num_kv_heads=mc.num_kv_heads, ffn_dim=mc.ffn_dim, max_seq_len=mc.max_seq_len,
+                               rope_theta=mc.rope_theta, attn_backend=mc.attn_backend,
+                               cross_attention=mc.cross_attention)
     if mc.mrope:
         bcfg.mrope_section = default_mrope_section(bcfg.head_dim)
-    return build_model(bcfg, vocab, tie_embeddings=mc.tie_embeddings, seed=cfg.train.seed,
+    return build_model(bcfg, vocab, tie_embeddings=tie, seed=cfg.train.seed,
                        media=mc.media, audio_pattern=mc.audio_pattern,
                        contrastive=mc.contrastive, blip2=mc.blip2)

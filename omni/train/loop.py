@@ -43,7 +43,8 @@ from omni.io import atomic_write_bytes, exclusive
 from omni.model.objectives import PairObjective
 from omni.model_card import write_model_card
 from omni.pipeline import Pipeline, pipeline_from_recipe
-from omni.tokenizers.text import MODEL_FILE, TextTokenizer, corpus_texts
+from omni.processor import TOKENIZER_DIR
+from omni.tokenizers.text import MODEL_FILE, TextTokenizer, corpus_texts, load_text_tokenizer
 from omni.train.checkpoint import (
     NonFiniteError,
     TrainState,
@@ -53,7 +54,7 @@ from omni.train.checkpoint import (
     save_checkpoint,
 )
 from omni.train.run import StopSignals, open_run
-from omni.train.stages import apply_stages, select
+from omni.train.stages import apply_stages, init_from, select
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +265,13 @@ def _forward(model, batch: dict):
 
 
 def prepare_tokenizer(cfg: RecipeConfig, accelerator):
-    """Load the recipe's tokenizer; train it from ``tokenizer.spec`` on the training data if missing."""
+    """Load the recipe's tokenizer; train it from ``tokenizer.spec`` on the training data if missing.
+    A model started from ``model.pretrained`` takes that checkpoint's tokenizer."""
+    if cfg.model.pretrained:
+        path = Path(cfg.model.pretrained) / TOKENIZER_DIR
+        if not path.is_dir():
+            raise ValueError(f"model.pretrained: {cfg.model.pretrained} has no tokenizer ({TOKENIZER_DIR}/)")
+        return load_text_tokenizer(path)
     path = Path(cfg.tokenizer.path)
     with accelerator.main_process_first():
         if accelerator.is_main_process and not (path / MODEL_FILE).is_file():
@@ -389,6 +396,8 @@ class Trainer:
         set_seed(tc.seed)
         built = pipeline_from_recipe(cfg, prepare_tokenizer(cfg, acc))
         model, self.processor = built.model, built.processor
+        if cfg.model.pretrained:
+            init_from(model, cfg.model.pretrained)
         self.n_trainable = apply_stages(model, tc)
         bars = None if tc.progress and acc.is_main_process else False  # on a terminal: rows as rendered
         self.train_set, self.val_set = (dataset_for(cfg.data, split, self.processor, tc.seed,

@@ -199,3 +199,28 @@ def test_lr_scale_gives_the_selected_modules_their_own_learning_rate(text_tokeni
     assert cfg.lr_scale == {"encoders.audio": 0.5}
     with pytest.raises(ValueError, match="train.lr_scale.backbone must be > 0"):
         TrainConfig(lr_scale={"backbone": 0.0}).validate()
+
+
+def test_model_pretrained_starts_from_a_checkpoint_with_its_tokenizer(tmp_path, text_tokenizer, tiny_corpus):
+    """``model.pretrained``: the backbone, vocabulary, tokenizer and weights come from the folder; the
+    recipe caps the context, and may not also name a size."""
+    from omni.config import load_recipe
+    from omni.train.loop import Trainer
+
+    base = Pipeline(build_model(backbone_config("debug", max_seq_len=256), text_tokenizer.vocab, seed=5,
+                                tie_embeddings=False), tokenizer=text_tokenizer)
+    base.save_pretrained(tmp_path / "lm")
+    args = [f"model.pretrained={tmp_path / 'lm'}", "model.max_seq_len=64", "data.seq_len=64",
+            f"data.path={tiny_corpus}", "tokenizer.path=/nonexistent", f"train.out_dir={tmp_path / 'run'}",
+            "train.progress=false"]
+    trainer = Trainer(load_recipe("text/tiny", args))
+    with trainer.run_folder():
+        trainer.setup()
+    assert trainer.inner.max_seq_len == 64 and not trainer.inner.config.tie_embeddings
+    assert trainer.processor.tokenizer.encode("Hello there") == text_tokenizer.encode("Hello there")
+    mine = trainer.inner.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in base.model.state_dict().items())
+    with pytest.raises(ValueError, match="model.pretrained takes size.*leave model.size out"):
+        load_recipe("text/tiny", [*args, "model.size=small"])
+    with pytest.raises(ValueError, match="not an omni checkpoint folder"):
+        load_recipe("text/tiny", [f"model.pretrained={tmp_path}"])
