@@ -102,10 +102,12 @@ class Registry:
 
 
 class BaseTextTokenizer(abc.ABC):
-    """Text <-> ids in the unified vocabulary (SentencePiece today, a Hugging Face BPE next).
+    """Text <-> ids in the unified vocabulary (SentencePiece, or a Hugging Face BPE for imported models).
 
     Special tokens (:data:`omni.vocab.SPECIAL_TOKENS`) are the vocabulary's: user text never
     encodes to them and ``decode`` drops them, as it drops ids outside the text range."""
+
+    marker_file: str = ""  # the file ``save`` writes that tells this backend's folders apart
 
     @property
     @abc.abstractmethod
