@@ -114,8 +114,10 @@ class GGUFFile:
                 reader = GGUFReader(file)
                 meta = {k: f.contents() for k, f in reader.fields.items()} if i == 0 else {}
             except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad bytes
-                raise ValueError(f"{file}: not a readable GGUF file, truncated or corrupt "
-                                 f"({type(e).__name__}: {e})") from None
+                unknown = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(e))
+                problem = (f"a tensor has unknown quantisation type {unknown[1]}" if unknown else
+                           f"not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})")
+                raise ValueError(f"{file}: {problem}") from None
             self.meta = self.meta or meta
             self.tensors.update({t.name: (t, file) for t in reader.tensors})
         expected = self.meta.get("split.tensors.count")
