@@ -60,6 +60,7 @@ class BPETokenizer(BaseTextTokenizer):
                  pad_id: int | None = None, unk_id: int | None = None, chat_template: str | None = None,
                  add_bos: bool = False, source: str = "<memory>"):
         self.source, self.chat_template, self.add_bos = source, chat_template, bool(add_bos)
+        tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: the caller's stays as it was
         tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
         ids = tokenizer.get_vocab(with_added_tokens=True).values()
         text_size = max(ids) + 1
@@ -191,9 +192,10 @@ class BPETokenizer(BaseTextTokenizer):
         return self._text.decode([int(i) for i in ids if 0 <= int(i) < n], skip_special_tokens=True)
 
     def decode_continuation(self, new_ids: Iterable[int], context_ids: Iterable[int] = ()) -> str:
-        """The text ``new_ids`` add after ``context_ids``: decoded behind the last context ids, so a
-        character whose bytes started in the context comes out whole."""
+        """The text ``new_ids`` add after ``context_ids``. A character is byte pieces that may span
+        several ids: one still incomplete at the end is held back (it comes out whole with the id
+        that completes it), so decode behind the last context ids (a character is <= 4 bytes)."""
         ctx = [int(i) for i in context_ids][-4:]
         new = [int(i) for i in new_ids]
-        base, full = self.decode(ctx), self.decode(ctx + new)
+        base, full = self.decode(ctx).rstrip("\ufffd"), self.decode(ctx + new).rstrip("\ufffd")
         return full[len(base):] if full.startswith(base) else self.decode(new)
