@@ -23,27 +23,20 @@ TOKENIZER_FILE = "tokenizer.json"
 BPE_FILE = "bpe.json"
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types (tokenizer.ggml.token_type)
 
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def _split(regex: str) -> list:
-    return [pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-
-
 # tokenizer.ggml.pre -> how llama.cpp splits text before BPE (llama-vocab.cpp); ByteLevel's own
-# regex is GPT-2's. "smollm" isolates every digit first, as SmolLM's tokenizer.json does.
+# regex is GPT-2's. "smollm" isolates every digit first, as SmolLM's tokenizer.json does. Others
+# (llama-bpe, ...) need more than a split regex (llama.cpp's ignore_merges): add them with a test.
 PRE_TOKENIZERS = {
     "gpt2": lambda: [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)],
     "smollm": lambda: [pre_tokenizers.Digits(individual_digits=True),
                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)],
-    "llama-bpe": lambda: _split(_LLAMA3_SPLIT),
-    "qwen2": lambda: _split(_QWEN2_SPLIT),
+    "qwen2": lambda: [pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)],
 }
-PRE_TOKENIZERS["starcoder"] = PRE_TOKENIZERS["smollm"]
 
 
 class BPETokenizer(BaseTextTokenizer):
