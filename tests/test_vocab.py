@@ -52,3 +52,17 @@ def test_dict_round_trip_through_json():
     assert back == v
     assert back.codebook_range(3) == v.codebook_range(3)
     assert Vocab.from_dict({"text_size": 20}) == Vocab(20)
+
+
+def test_special_ids_are_per_instance_and_travel_through_json():
+    v = Vocab(100, {"<|user|>": 99}, pad_id=7, unk_id=0, bos_id=1, eos_id=2)
+    assert (v.pad_id, v.unk_id, v.bos_id, v.eos_id) == (7, 0, 1, 2)
+    assert Vocab.from_dict(json.loads(json.dumps(v.to_dict()))) == v
+    assert Vocab(100).bos_id == BOS_ID  # untouched callers keep SentencePiece's layout
+    old = {"text_size": 100, "specials": {}}  # a config.json written before the ids were fields
+    assert (Vocab.from_dict(old).pad_id, Vocab.from_dict(old).eos_id) == (PAD_ID, EOS_ID)
+
+
+def test_special_ids_must_be_text_ids():
+    with pytest.raises(ValueError, match=r"eos_id.*\[0, 10\)"):
+        Vocab(10, eos_id=10)

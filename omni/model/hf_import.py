@@ -12,7 +12,8 @@ HF projections are fused into the backbone's layout while loading:
     post_attention_layernorm -> ffn_norm
 
 The model is built on the meta device and filled tensor by tensor, so there is no random-init
-cost and no second full copy of the weights in memory.
+cost and no second full copy of the weights in memory. :func:`model_from_tensors` does that for any
+source of transformers-named tensors: the safetensors files here, a GGUF file in ``omni.model.gguf``.
 """
 
 from __future__ import annotations
@@ -49,17 +50,28 @@ def import_hf(path: str | Path, device: str | torch.device = "cpu",
     ``config.backbone.extra`` records where it came from, including the checkpoint's bos/eos ids.
     """
     path = Path(path)
+    dtype = check_dtype(dtype)
+    if not path.is_dir():
+        raise ValueError(f"{path}: checkpoint directory not found")
+    raw = _read_config(path)
+    config = hf_config_to_omni(raw, source=str(path / CONFIG_FILE))
+    return model_from_tensors(config, _Reader(_weight_files(path), path), device, dtype)
+
+
+def check_dtype(dtype) -> torch.dtype:
+    """``dtype`` (a torch dtype or its name) as a floating torch dtype; anything else is a ValueError."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError("dtype must be a floating torch dtype (torch.float32, torch.bfloat16, ...), "
                          f"got {dtype!r}")
-    if not path.is_dir():
-        raise ValueError(f"{path}: checkpoint directory not found")
-    raw = _read_config(path)
-    config = hf_config_to_omni(raw, source=str(path / CONFIG_FILE))
-    files = _weight_files(path)  # tensor name -> file
+    return dtype
 
+
+def model_from_tensors(config: OmniConfig, source: TensorSource, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32) -> OmniModel:
+    """The ``OmniModel`` of ``config`` (in eval mode), filled from ``source``'s transformers-named
+    tensors; a missing, misshapen or unexpected tensor is a ``ValueError`` naming its file."""
     with torch.device("meta"):
         model = OmniModel(config)
     model.to(dtype)
@@ -69,9 +81,18 @@ def import_hf(path: str | Path, device: str | torch.device = "cpu",
     model.backbone.rotary.reset_buffers()
     if config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    _load_weights(model, files, path)
+    _load_weights(model, source)
     model.backbone.set_attn_backend(config.backbone.attn_backend, torch.device(device))
     return model.eval()
+
+
+def with_appended_rows(weight: torch.Tensor, base: int, size: int) -> torch.Tensor:
+    """An embedding (or lm_head) matrix for a vocabulary of ``size`` ids whose first ``base`` are the
+    model's own: rows ``base..size-1`` (ids appended to the tokenizer) are the mean of rows ``0..base-1``."""
+    out = weight.new_empty(max(size, weight.shape[0]), *weight.shape[1:])
+    out[:weight.shape[0]] = weight
+    out[base:size] = weight[:base].mean(0)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,24 +242,34 @@ def _keys(file: Path) -> list[str]:
         raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from None
 
 
-class _Reader:
+class TensorSource:
+    """Where the tensors of a checkpoint come from, under transformers' names (``model.layers.0....``)."""
+
+    names: set[str]  # every tensor the source holds
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name``; a missing or unreadable one is a ``ValueError`` naming the file."""
+        raise NotImplementedError
+
+    def where(self, name: str) -> Path:
+        """The file that holds ``name`` (or would), for error messages."""
+        raise NotImplementedError
+
+
+class _Reader(TensorSource):
     """Opens each safetensors file once (memory-mapped) and reads tensors on demand."""
 
     def __init__(self, files: dict[str, Path], root: Path):
         self.files, self.root = files, root
-        self.used: set[str] = set()
+        self.names = set(files)
         self._open: dict[Path, object] = {}
-
-    def has(self, name: str) -> bool:
-        return name in self.files
 
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
         file = self.files.get(name)
         if file is None:
-            where = self.root / (INDEX_FILE if (self.root / INDEX_FILE).is_file() else WEIGHTS_FILE)
-            raise ValueError(f"{where}: tensor {name!r} is missing")
+            raise ValueError(f"{self.where(name)}: tensor {name!r} is missing")
         try:
             if file not in self._open:
                 if not file.is_file():
@@ -247,43 +278,48 @@ class _Reader:
             handle = self._open[file]
             if name not in handle.keys():
                 raise ValueError(f"{file}: tensor {name!r} is missing")
-            tensor = handle.get_tensor(name)
+            return handle.get_tensor(name)
         except ValueError:
             raise
         except Exception as e:
             raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from None
-        self.used.add(name)
-        return tensor
 
     def where(self, name: str) -> Path:
-        return self.files.get(name, self.root / WEIGHTS_FILE)
+        if name in self.files:
+            return self.files[name]
+        return self.root / (INDEX_FILE if (self.root / INDEX_FILE).is_file() else WEIGHTS_FILE)
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, name: str, where: Path) -> None:
     if tuple(src.shape) != tuple(dst.shape):
-        raise ValueError(f"{where}: tensor {name!r} has shape {tuple(src.shape)}, config.json implies "
+        raise ValueError(f"{where}: tensor {name!r} has shape {tuple(src.shape)}, the config implies "
                          f"{tuple(dst.shape)}")
     dst.copy_(src)
 
 
 @torch.no_grad()
-def _load_weights(model: OmniModel, files: dict[str, Path], root: Path) -> None:
-    r = _Reader(files, root)
+def _load_weights(model: OmniModel, r: TensorSource) -> None:
+    used: set[str] = set()
+
+    def get(name: str) -> torch.Tensor:
+        used.add(name)
+        return r.get(name)
+
     # Checkpoints saved from the bare LlamaModel have no "model." prefix.
-    pre = "model." if r.has("model.embed_tokens.weight") or not r.has("embed_tokens.weight") else ""
+    pre = "model." if "model.embed_tokens.weight" in r.names or "embed_tokens.weight" not in r.names else ""
 
     def load(dst: torch.Tensor, name: str) -> None:
-        _copy(dst, r.get(name), name, r.where(name))
+        _copy(dst, get(name), name, r.where(name))
 
     def load_rows(dst: torch.Tensor, names: list[str]) -> None:
         """Fill dst's rows (dim 0) from several tensors in order: the fused projections."""
         start = 0
-        tensors = [(n, r.get(n)) for n in names]
+        tensors = [(n, get(n)) for n in names]
         total = sum(t.shape[0] for _, t in tensors)
         if total != dst.shape[0]:
             shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in tensors)
             raise ValueError(f"{r.where(names[0])}: {shapes} do not add up to the {tuple(dst.shape)} that "
-                             "config.json implies")
+                             "the config implies")
         for n, t in tensors:
             _copy(dst[start:start + t.shape[0]], t, n, r.where(n))
             start += t.shape[0]
@@ -296,9 +332,8 @@ def _load_weights(model: OmniModel, files: dict[str, Path], root: Path) -> None:
         if block.attn.wqkv.bias is not None:
             load_rows(block.attn.wqkv.bias, [f"{attn}{x}_proj.bias" for x in "qkv"])
         load(block.attn.wo.weight, f"{attn}o_proj.weight")
-        if r.has(f"{attn}o_proj.bias"):  # llama attention_bias=true also biases o_proj
-            b = r.get(f"{attn}o_proj.bias")
-            if bool(b.any()):
+        if f"{attn}o_proj.bias" in r.names:  # llama attention_bias=true also biases o_proj
+            if bool(get(f"{attn}o_proj.bias").any()):
                 raise ValueError(f"{r.where(attn + 'o_proj.bias')}: {attn}o_proj.bias is non-zero; omni's "
                                  "backbone has no output-projection bias")
         load_rows(block.ffn.w13.weight, [f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight"])
@@ -308,10 +343,10 @@ def _load_weights(model: OmniModel, files: dict[str, Path], root: Path) -> None:
     load(model.backbone.norm.weight, f"{pre}norm.weight")
     if not model.config.tie_embeddings:
         load(model.lm_head.weight, "lm_head.weight")
-    elif r.has("lm_head.weight"):
-        r.used.add("lm_head.weight")  # some tied checkpoints store the alias anyway
+    elif "lm_head.weight" in r.names:
+        used.add("lm_head.weight")  # some tied checkpoints store the alias anyway
 
-    unexpected = sorted(n for n in set(files) - r.used if not n.endswith(_IGNORABLE))
+    unexpected = sorted(n for n in r.names - used if not n.endswith(_IGNORABLE))
     if unexpected:
-        raise ValueError(f"{root}: the weights do not match config.json; unexpected tensors: "
-                         f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        raise ValueError(f"{r.where(unexpected[0])}: the weights do not match the config; unexpected "
+                         f"tensors: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")

@@ -103,13 +103,14 @@ class Registry:
 
 
 class BaseTextTokenizer(abc.ABC):
-    """Text <-> ids in the unified vocabulary (SentencePiece today, a Hugging Face BPE next).
+    """Text <-> ids in the unified vocabulary (SentencePiece, or a Hugging Face BPE for imported models).
 
     Special tokens (:data:`omni.vocab.SPECIAL_TOKENS`) are the vocabulary's: user text never
     encodes to them and ``decode`` drops them, as it drops ids outside the text range."""
 
     chat_template: str | None = None  # a Jinja chat template (an imported checkpoint's); None: omni's own
     add_bos: bool = True  # a plain document starts with vocab.bos_id
+    marker_file: str = ""  # the file ``save`` writes that tells this backend's folders apart
 
     @property
     @abc.abstractmethod

@@ -2,7 +2,8 @@
 
 A trained tokenizer is a directory with ``text.model`` (SentencePiece) and ``vocab.json``
 (the :class:`~omni.vocab.Vocab` layout). Special tokens are control symbols: user text can
-never encode to them, and ``decode`` drops them.
+never encode to them, and ``decode`` drops them. :func:`load_text_tokenizer` also finds the BPE
+backend (``bpe``, :mod:`omni.tokenizers.bpe`) by the file its saved folders hold.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from omni.io import atomic_dir, atomic_write_bytes, read_jsonl
 from omni.tokenizers.base import TEXT_TOKENIZERS, BaseTextTokenizer
+from omni.tokenizers.bpe import BPETokenizer
 from omni.vocab import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID, Vocab
 
 MODEL_FILE = "text.model"
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 
 class TextTokenizer(BaseTextTokenizer):
     """Encode/decode text with a SentencePiece model; ``vocab`` gives the special-token ids."""
+
+    marker_file = MODEL_FILE
 
     def __init__(self, model_proto: bytes, source: str = "<memory>"):
         import sentencepiece as spm
@@ -137,10 +141,15 @@ class TextTokenizer(BaseTextTokenizer):
 
 
 TEXT_TOKENIZERS.register("sentencepiece", TextTokenizer)
+TEXT_TOKENIZERS.register("bpe", BPETokenizer)
 
 
-def load_text_tokenizer(path: str | Path, kind: str = "sentencepiece") -> BaseTextTokenizer:
-    """The text tokenizer of backend ``kind`` (a :data:`TEXT_TOKENIZERS` name) saved at ``path``."""
+def load_text_tokenizer(path: str | Path, kind: str | None = None) -> BaseTextTokenizer:
+    """The text tokenizer of backend ``kind`` (a :data:`TEXT_TOKENIZERS` name) saved at ``path``;
+    ``None``: the backend whose ``marker_file`` the folder holds (SentencePiece when none does)."""
+    if kind is None:
+        saved = [k for k in TEXT_TOKENIZERS if (Path(path) / TEXT_TOKENIZERS.get(k).marker_file).is_file()]
+        kind = saved[0] if saved else "sentencepiece"
     return TEXT_TOKENIZERS.get(kind, "text tokenizer kind").load(path)
 
 

@@ -22,6 +22,7 @@ from omni.tokenizers.base import (
     BaseVideoTokenizer,
     Registry,
 )
+from omni.tokenizers.bpe import BPETokenizer
 from omni.tokenizers.image import ImageTokenizer, ImageTokenizerConfig, build_image_tokenizer
 from omni.tokenizers.text import load_text_tokenizer
 from omni.tokenizers.video import VideoTokenizerConfig, build_video_tokenizer
@@ -45,7 +46,7 @@ AUDIO_ENCODER_BUILDS = {
     "hf_whisper": [{"whisper_config": TINY_WHISPER}, {"whisper_config": TINY_WHISPER, "input_mode": "slice"}],
 }
 CODEC_BUILDS = {"encodec": [lambda: AudioCodec("debug")]}
-TEXT_BUILDS = {"sentencepiece": None}  # the session's tiny SentencePiece (conftest.text_tokenizer)
+TEXT_BUILDS = {"sentencepiece": "text_tokenizer", "bpe": "bpe_text_tokenizer"}  # fixtures (conftest, below)
 
 
 def _cases(builds: dict) -> list:
@@ -63,9 +64,17 @@ def test_every_registered_backend_is_built_here(registry, builds):
 # -- text ------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def bpe_text_tokenizer(bpe_tokenizer):
+    """The tiny byte-level BPE of conftest, eos ``<|im_end|>``."""
+    return BPETokenizer(bpe_tokenizer, eos_id=bpe_tokenizer.token_to_id("<|im_end|>"))
+
+
 @pytest.mark.parametrize("kind", TEXT_TOKENIZERS.names())
-def test_text_tokenizer_contract(kind, text_tokenizer, tmp_path):
+def test_text_tokenizer_contract(kind, request, tmp_path):
+    text_tokenizer = request.getfixturevalue(TEXT_BUILDS[kind])
     text_tokenizer.save(tmp_path)
+    assert type(load_text_tokenizer(tmp_path)) is TEXT_TOKENIZERS.get(kind)  # found by its files
     tok = load_text_tokenizer(tmp_path, kind)
     assert isinstance(tok, BaseTextTokenizer) and type(tok) is TEXT_TOKENIZERS.get(kind)
     assert len(tok) == tok.vocab.text_size == len(text_tokenizer)
