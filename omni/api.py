@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from omni.model.gguf_import import import_gguf
 from omni.model.hf_import import import_hf as _import_hf
 from omni.pipeline import Pipeline, is_batch
 from omni.processor import Processor
@@ -38,8 +39,15 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Pipeline:
 def import_hf(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> Pipeline:
-    """A local transformers Llama- or Qwen2-family checkpoint -> an omni model with the same logits."""
-    return Pipeline(_import_hf(path, device=device, dtype=dtype))
+    """A local Llama- or Qwen2-family checkpoint -> an omni model with the same logits, with its
+    tokenizer and chat template when it has them: a transformers folder (config.json + safetensors
+    + tokenizer.json), or a ``.gguf`` file (or a folder holding one; weights dequantized)."""
+    path = Path(path)
+    is_gguf = path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").is_file()
+                                        and any(path.glob("*.gguf")))
+    load = import_gguf if is_gguf else _import_hf
+    model, tokenizer = load(path, device=device, dtype=dtype)
+    return Pipeline(model, tokenizer=tokenizer)
 
 
 def pipeline(model) -> Pipeline:

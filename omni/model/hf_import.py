@@ -18,6 +18,7 @@ source of transformers-named tensors: the safetensors files here, a GGUF file in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 from omni.io import read_json
 from omni.model.backbone import BackboneConfig
 from omni.model.omni_model import OmniConfig, OmniModel
+from omni.tokenizers.bpe import BPETokenizer
 from omni.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -42,11 +44,11 @@ _IGNORABLE = ("rotary_emb.inv_freq",)
 
 
 def import_hf(path: str | Path, device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.float32) -> OmniModel:
+              dtype: torch.dtype = torch.float32) -> tuple[OmniModel, BPETokenizer | None]:
     """A local transformers ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MistralForCausalLM``
-    checkpoint directory -> an ``OmniModel`` (in eval mode) with the same logits.
-
-    It comes without a text tokenizer: it takes and returns token ids.
+    checkpoint directory -> an ``OmniModel`` (in eval mode) with the same logits, and its tokenizer
+    when the folder has ``tokenizer.json`` (omni's markers appended as new ids, their embedding rows
+    the mean of the model's; ``config.vocab`` is the tokenizer's), else None: ids in, ids out.
     ``config.backbone.extra`` records where it came from, including the checkpoint's bos/eos ids.
     """
     path = Path(path)
@@ -55,7 +57,15 @@ def import_hf(path: str | Path, device: str | torch.device = "cpu",
         raise ValueError(f"{path}: checkpoint directory not found")
     raw = _read_config(path)
     config = hf_config_to_omni(raw, source=str(path / CONFIG_FILE))
-    return model_from_tensors(config, _Reader(_weight_files(path), path), device, dtype)
+    source: TensorSource = _Reader(_weight_files(path), path)
+    tokenizer = BPETokenizer.from_transformers(path, text_size=config.vocab.text_size)
+    if tokenizer is not None:
+        if tokenizer.model_ids > config.vocab.text_size:
+            raise ValueError(f"{path}: tokenizer.json has {tokenizer.model_ids} ids but the embedding "
+                             f"{config.vocab.text_size} rows (config vocab_size)")
+        source = _WithMarkerRows(source, tokenizer.model_ids, tokenizer.vocab.text_size)
+        config = dataclasses.replace(config, vocab=tokenizer.vocab)
+    return model_from_tensors(config, source, device, dtype), tokenizer
 
 
 def check_dtype(dtype) -> torch.dtype:
@@ -254,6 +264,23 @@ class TensorSource:
     def where(self, name: str) -> Path:
         """The file that holds ``name`` (or would), for error messages."""
         raise NotImplementedError
+
+
+class _WithMarkerRows(TensorSource):
+    """``source`` with the embedding and lm_head grown to ``size`` rows for ids appended after its
+    ``base`` (:func:`with_appended_rows`)."""
+
+    def __init__(self, source: TensorSource, base: int, size: int):
+        self.source, self.base, self.size, self.names = source, base, size, source.names
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self.source.get(name)
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            t = with_appended_rows(t, self.base, self.size)
+        return t
+
+    def where(self, name: str) -> Path:
+        return self.source.where(name)
 
 
 class _Reader(TensorSource):

@@ -51,14 +51,20 @@ class BPETokenizer(BaseTextTokenizer):
 
     def __init__(self, tokenizer: Tokenizer, *, eos_id: int, bos_id: int | None = None,
                  pad_id: int | None = None, unk_id: int | None = None, chat_template: str | None = None,
-                 add_bos: bool = False, source: str = "<memory>"):
+                 add_bos: bool = False, text_size: int | None = None, source: str = "<memory>"):
+        """``text_size``: the model's embedding rows when it has more than the tokenizer has ids (a
+        checkpoint padded for speed); the ids in between are never encoded and decode drops them.
+        ``model_ids``: how many ids the model's own tokenizer has (omni's markers follow)."""
         self.source, self.chat_template, self.add_bos = source, chat_template, bool(add_bos)
         tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: the caller's stays as it was
+        self.model_ids = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1  # before the markers
         tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
         ids = tokenizer.get_vocab(with_added_tokens=True).values()
-        text_size = max(ids) + 1
-        if len(set(ids)) != text_size:
-            raise ValueError(f"{source}: the vocabulary's ids are not 0..{text_size - 1} (duplicate tokens?)")
+        self._num_ids = max(ids) + 1
+        if len(set(ids)) != self._num_ids:
+            raise ValueError(f"{source}: the vocabulary's ids are not 0..{self._num_ids - 1} "
+                             "(duplicate tokens?)")
+        text_size = max(text_size or 0, self._num_ids)
         specials = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
         pad_id = eos_id if pad_id is None else pad_id
         self._vocab = Vocab(text_size, specials, pad_id=pad_id, unk_id=pad_id if unk_id is None else unk_id,
@@ -109,7 +115,7 @@ class BPETokenizer(BaseTextTokenizer):
                    source=source)
 
     @classmethod
-    def from_transformers(cls, path: str | Path) -> BPETokenizer | None:
+    def from_transformers(cls, path: str | Path, text_size: int | None = None) -> BPETokenizer | None:
         """From a transformers folder's ``tokenizer.json`` (special tokens and chat template from
         ``tokenizer_config.json`` / ``chat_template.jinja``); ``None`` when it has no tokenizer.json."""
         path = Path(path)
@@ -140,7 +146,7 @@ class BPETokenizer(BaseTextTokenizer):
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         return cls(tok, eos_id=token_id("eos_token"), bos_id=token_id("bos_token"),
                    pad_id=token_id("pad_token"), unk_id=token_id("unk_token"), chat_template=template,
-                   add_bos=cfg.get("add_bos_token", False), source=str(file))
+                   add_bos=cfg.get("add_bos_token", False), text_size=text_size, source=str(file))
 
     # -- files -------------------------------------------------------------------------------
 
@@ -164,7 +170,7 @@ class BPETokenizer(BaseTextTokenizer):
             raise ValueError(f"{path}: corrupt BPE tokenizer ({e})") from None
         loaded = cls(tok, eos_id=vocab.eos_id, bos_id=vocab.bos_id, pad_id=vocab.pad_id, unk_id=vocab.unk_id,
                      chat_template=fields.get("chat_template"), add_bos=fields.get("add_bos", False),
-                     source=str(path))
+                     text_size=vocab.text_size, source=str(path))
         if loaded.vocab != vocab:
             raise ValueError(f"{path}: {TOKENIZER_FILE} does not match the vocabulary in {BPE_FILE}")
         return loaded
@@ -189,7 +195,7 @@ class BPETokenizer(BaseTextTokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         """Decode text ids; the model's control tokens, omni's markers and ids outside the text range
         are dropped."""
-        n = self.vocab.text_size
+        n = self._num_ids
         return self._text.decode([int(i) for i in ids if 0 <= int(i) < n], skip_special_tokens=True)
 
     def decode_continuation(self, new_ids: Iterable[int], context_ids: Iterable[int] = ()) -> str:

@@ -144,12 +144,16 @@ TEXT_TOKENIZERS.register("sentencepiece", TextTokenizer)
 TEXT_TOKENIZERS.register("bpe", BPETokenizer)
 
 
+def saved_kind(path: str | Path) -> str | None:
+    """The backend whose ``marker_file`` the folder ``path`` holds; None when it holds no tokenizer."""
+    saved = [k for k in TEXT_TOKENIZERS if (Path(path) / TEXT_TOKENIZERS.get(k).marker_file).is_file()]
+    return saved[0] if saved else None
+
+
 def load_text_tokenizer(path: str | Path, kind: str | None = None) -> BaseTextTokenizer:
     """The text tokenizer of backend ``kind`` (a :data:`TEXT_TOKENIZERS` name) saved at ``path``;
-    ``None``: the backend whose ``marker_file`` the folder holds (SentencePiece when none does)."""
-    if kind is None:
-        saved = [k for k in TEXT_TOKENIZERS if (Path(path) / TEXT_TOKENIZERS.get(k).marker_file).is_file()]
-        kind = saved[0] if saved else "sentencepiece"
+    ``None``: the backend whose files the folder holds (SentencePiece when none does)."""
+    kind = kind or saved_kind(path) or "sentencepiece"
     return TEXT_TOKENIZERS.get(kind, "text tokenizer kind").load(path)
 
 

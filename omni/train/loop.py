@@ -44,7 +44,7 @@ from omni.model.objectives import PairObjective
 from omni.model_card import write_model_card
 from omni.pipeline import Pipeline, pipeline_from_recipe
 from omni.processor import TOKENIZER_DIR
-from omni.tokenizers.text import MODEL_FILE, TextTokenizer, corpus_texts, load_text_tokenizer
+from omni.tokenizers.text import TextTokenizer, corpus_texts, load_text_tokenizer, saved_kind
 from omni.train.checkpoint import (
     NonFiniteError,
     TrainState,
@@ -274,7 +274,7 @@ def prepare_tokenizer(cfg: RecipeConfig, accelerator):
         return load_text_tokenizer(path)
     path = Path(cfg.tokenizer.path)
     with accelerator.main_process_first():
-        if accelerator.is_main_process and not (path / MODEL_FILE).is_file():
+        if accelerator.is_main_process and saved_kind(path) is None:
             spec = load_tokenizer_spec(cfg.tokenizer.spec)
             corpora = [(Path(p.path) / "train.jsonl", TaskSpec.of(p).text_field) for p in cfg.data.tasks()]
             log.info("training tokenizer %s on %s -> %s", cfg.tokenizer.spec,
@@ -290,7 +290,7 @@ def prepare_tokenizer(cfg: RecipeConfig, accelerator):
                                      f"this recipe's own training text failed: {e}. "
                                      f"{_tokenizer_first(cfg, spec)}") from None
                 tok.save(path)
-    return TextTokenizer.load(path)
+    return load_text_tokenizer(path)
 
 
 def _tokenizer_first(cfg: RecipeConfig, spec) -> str:
