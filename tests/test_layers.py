@@ -16,7 +16,7 @@ OMNI = Path(__file__).resolve().parents[1] / "omni"
 # Lowest first. A module is placed by its first name under omni (omni.model.backbone -> model),
 # unless MODULE_LAYER places it on its own.
 LAYERS = [
-    {"io", "metrics", "vocab", "schema", "progress"},
+    {"io", "metrics", "vocab", "schema", "progress", "weights"},
     {"media"},
     {"tokenizers"},
     {"sequence"},
