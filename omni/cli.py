@@ -88,6 +88,71 @@ def cmd_generate(args) -> int:
     return 0
 
 
+CHAT_COMMANDS = "/attach FILE, /system TEXT, /reset, /save FILE, /exit (or Ctrl-D)"
+
+
+def cmd_chat(args) -> int:
+    """``--message`` / ``--attach`` in order: each message one user turn (after the files attached
+    before it), each answer printed; without them a REPL on stdin (see CHAT_COMMANDS)."""
+    if args.script and args.script[-1][0] == "attach":
+        raise ValueError("--attach FILE goes before the --message it belongs to")
+    chat = omni.Chat(omni.load(args.ckpt), system=args.system)
+    sampling = dict(_sampling(args), repetition_penalty=args.repetition_penalty, stop=args.stop)
+    if not args.script:
+        return _chat_repl(chat, sampling)
+    for kind, value in args.script:
+        if kind == "attach":
+            chat.attach(value)
+        else:
+            _answer(chat, value, sampling)
+    return 0
+
+
+def _answer(chat, text: str, sampling: dict) -> None:
+    """One user turn, its answer printed as it is decoded."""
+    started = False
+    for piece in chat(text, stream=True, **sampling):
+        piece = piece if started else piece.lstrip()
+        started = started or bool(piece)
+        print(piece, end="", flush=True)
+    print()
+
+
+def _chat_repl(chat, sampling: dict) -> int:
+    tty = sys.stdin.isatty()
+    if tty:
+        print(f"omni chat: type a message, or {CHAT_COMMANDS}", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if tty else "").strip()
+        except EOFError:
+            return 0
+        command, _, arg = line.partition(" ") if line.startswith("/") else ("", "", line)
+        arg = arg.strip()
+        try:
+            if command in ("/exit", "/quit"):
+                return 0
+            if command == "/reset":
+                chat.reset()
+            elif command == "/system":
+                chat = omni.Chat(chat.model, system=arg or None)
+            elif command in ("/save", "/attach") and not arg:
+                raise ValueError(f"{command} needs a FILE")
+            elif command == "/save":
+                print(f"saved {len(chat.messages)} messages to {chat.save(arg)}", file=sys.stderr)
+            elif command == "/attach":
+                chat.attach(arg)
+                print(f"attached {arg} to the next message", file=sys.stderr)
+            elif command:
+                raise ValueError(f"unknown command {command}; commands: {CHAT_COMMANDS}")
+            elif arg:
+                _answer(chat, arg, sampling)
+        except (ValueError, OSError) as e:
+            print(f"omni chat: error: {' '.join(str(e).split())}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("\n(answer interrupted; the turn is not kept)", file=sys.stderr)
+
+
 def _run_prompt(ckpt: str) -> str:
     """The prompt a run was trained with (its recipe's ``data.prompt``), if it was written by omni train."""
     try:
@@ -226,6 +291,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="prompt pieces joined in order: text, or media files (.wav .png .mp4 ...) by suffix")
     g.set_defaults(fn=cmd_generate)
+
+    ch = sub.add_parser("chat", help="chat with a checkpoint: an interactive REPL, or --message for scripts",
+                        epilog=EPILOG,
+                        description="Chat with a checkpoint. Without --message: a REPL on stdin that "
+                                    "streams each answer and keeps the conversation; a line is a user "
+                                    f"turn, or one of {CHAT_COMMANDS}. With --message (repeatable): each "
+                                    "message is one user turn and each answer is printed, for scripts.")
+    ch.add_argument("--ckpt", required=True, help="checkpoint directory (config.json + model.safetensors)")
+    ch.add_argument("--system", default=None, help="the system prompt")
+    ch.add_argument("--message", dest="script", action="append", type=lambda text: ("message", text),
+                    metavar="TEXT", help="a user turn (repeatable): answer each in order, then exit")
+    ch.add_argument("--attach", dest="script", action="append", type=lambda path: ("attach", path),
+                    metavar="FILE", help="an image, audio or video file for the next --message (repeatable)")
+    ch.add_argument("--max-new-tokens", type=int, default=256,
+                    help="most new tokens per answer (default: 256)")
+    ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    ch.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    ch.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
+    ch.add_argument("--repetition-penalty", type=float, default=1.0,
+                    help="divide the logits of tokens already in the conversation by this (CTRL's; "
+                         "default 1.0 = off, e.g. 1.2)")
+    ch.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                    help="end an answer where it contains TEXT, which is cut (repeatable)")
+    ch.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    ch.set_defaults(fn=cmd_chat, script=None)
 
     for name, what, which in (
             ("transcribe", "speech to text: transcribe audio files",
