@@ -144,7 +144,7 @@ class Pipeline:
             )
         single = not is_batch(prompts)
         batch = [prompts] if single else list(prompts)
-        stop = stop_strings(stop)
+        stop = _stop_strings(stop)
         if output == "audio":
             if stream or stop:
                 raise ValueError("stream=True and stop strings are for text output")
@@ -318,7 +318,7 @@ def pipeline_from_recipe(cfg, tokenizer) -> Pipeline:
     return Pipeline(model_from_recipe(cfg, tokenizer, codec), tokenizer=tokenizer, codec=codec)
 
 
-def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
     """``stop`` (a string, a list of them or None) as a tuple of non-empty strings."""
     stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if not all(isinstance(s, str) and s for s in stop):
