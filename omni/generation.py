@@ -1,5 +1,5 @@
-"""Decoding with a KV cache: greedy, temperature, top-k, top-p, stop tokens, left-padded batches,
-streaming, and constraining the sampled ids to one modality's span of the vocabulary."""
+"""Decoding with a KV cache: greedy, temperature, top-k, top-p, a repetition penalty, stop tokens,
+left-padded batches, streaming, and constraining the sampled ids to one modality's span of the vocabulary."""
 
 from __future__ import annotations
 
@@ -31,7 +31,17 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p):
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The repetition penalty of CTRL (Keskar et al., 2019), as transformers applies it: the logits
+    (B, V) of ids already seen (a (B, V) bool mask) are divided by ``penalty`` where positive and
+    multiplied by it where negative; 1.0 leaves them as they are."""
+    if penalty == 1.0:
+        return logits
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
+           repetition_penalty=1.0):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError("input_ids must be a LongTensor of shape (B, T)")
     if input_ids.shape[1] == 0:
@@ -44,6 +54,8 @@ def _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k,
     if temperature < 0 or (top_k is not None and top_k < 0) or (top_p is not None and not 0 < top_p <= 1):
         raise ValueError(f"bad sampling settings: temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
                          f"top_p={top_p} (in (0, 1])")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty}")
     if (input_ids < 0).any() or (input_ids >= model.vocab.size).any():
         raise ValueError(f"input ids must be in [0, {model.vocab.size}) for this model's vocabulary")
     model._check_length(input_ids.shape[1], "the prompt")
@@ -64,7 +76,8 @@ def default_stop_ids(model) -> list[int]:
 @torch.inference_mode()
 def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                   max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
-                  top_p: float | None = None, stop_ids: Sequence[int] | None = None,
+                  top_p: float | None = None, repetition_penalty: float = 1.0,
+                  stop_ids: Sequence[int] | None = None,
                   allowed: range | Callable[[int], range] | None = None,
                   seed: int | None = None, positions: torch.Tensor | None = None,
                   media: list | None = None, streams: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
@@ -72,12 +85,13 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
 
     attention_mask (B, T): 1 for real tokens, 0 for left padding. allowed: restrict sampling to
     this id range (a modality span), or a function of the step giving the range. stop_ids default
-    to end-of-sequence and end-of-turn.
+    to end-of-sequence and end-of-turn. repetition_penalty: see :func:`penalize_repeats`; it counts
+    each row's prompt (not its padding) and what it generated.
     Generation also stops at the model's context length. positions ((B, T) or (3, B, T)) and
     media (``(row, MediaSlot)`` pairs) come from rendered prompts that hold media; streams
     (B, K-1, T) from prompts that hold audio codes in the delay layout.
     """
-    _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
+    _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     vocab = model.vocab
     if stop_ids is None:
         stop_ids = default_stop_ids(model)
@@ -103,13 +117,19 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
                    last_only=True).logits[:, -1]
     next_pos = _next_positions(positions)
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
+    seen = torch.zeros(B, vocab.size, dtype=torch.bool, device=model.device)
+    real = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    rows, cols = real.to(model.device).nonzero(as_tuple=True)
+    seen[rows, input_ids.to(model.device)[rows, cols]] = True  # each row's prompt, not its padding
     for step in range(max_new_tokens):
+        logits = penalize_repeats(logits, seen, repetition_penalty)
         bias = bias_at(step) if callable(allowed) else fixed_bias
         if bias is not None:
             logits = logits + bias
         nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         nxt = torch.where(done, torch.full_like(nxt, vocab.pad_id), nxt)
         yield nxt
+        seen[torch.arange(B, device=seen.device), nxt] = True
         done = done | torch.isin(nxt, stops)
         if bool(done.all()) or step == max_new_tokens - 1:
             return

@@ -105,7 +105,9 @@ class Pipeline:
         or a batch (a list of such lists) in, text or audio out.
 
         ``output="text"``: a str for one prompt, a list of str for a batch; with ``stream=True`` an
-        iterator of text pieces (one prompt) or of lists of pieces (a batch). ``num_beams > 1`` or
+        iterator of text pieces (one prompt) or of lists of pieces (a batch). ``stop``: a string or
+        a list of them; a prompt's generation ends when its text contains one, which is cut off
+        with what follows (a stream holds back text that may be the start of one). ``num_beams > 1`` or
         ``ctc_weight > 0``: beam search, each prompt on its own; ``ctc_weight`` joins the scores of
         the audio encoder's CTC head to the decoder's (joint CTC/attention decoding of a
         transcript, see :func:`omni.generation.beam_search`).
@@ -124,6 +126,7 @@ class Pipeline:
         output: str = "text",
         max_new_tokens: int = 64,
         stream: bool = False,
+        stop: str | list[str] | None = None,
         max_seconds: float | None = None,
         num_beams: int = 1,
         ctc_weight: float = 0.0,
@@ -141,9 +144,10 @@ class Pipeline:
             )
         single = not is_batch(prompts)
         batch = [prompts] if single else list(prompts)
+        stop = _stop_strings(stop)
         if output == "audio":
-            if stream:
-                raise ValueError("stream=True is for text output")
+            if stream or stop:
+                raise ValueError("stream=True and stop strings are for text output")
             frames = round(max_seconds * proc.codec.frame_rate) if max_seconds else max_new_tokens
             audio = self._generate_audio(batch, frames, **sampling)
             return audio[0] if single else audio
@@ -165,17 +169,21 @@ class Pipeline:
                     allowed=proc.vocab.span(output),
                     **inputs,
                 )
-                texts.append(proc.decode_text(new, r.ids.tolist()))
+                text = proc.decode_text(new, r.ids.tolist())
+                texts.append(text[: _stop_at(text, stop)])
             return texts[0] if single else texts
         rendered, inputs = proc.batch(batch)
         ids = left_pad([r.ids for r in rendered], proc.vocab.pad_id)[0]
         kwargs = dict(max_new_tokens=max_new_tokens, allowed=proc.vocab.span(output), **inputs, **sampling)
         prompt_ids = [r.ids.tolist() for r in rendered]
         if stream:
-            pieces = self._stream_text(ids, prompt_ids, kwargs)
+            pieces = self._stream_text(ids, prompt_ids, kwargs, stop)
             return (p[0] for p in pieces) if single else pieces
-        new = generate(self.model, ids, **kwargs)
-        texts = [proc.decode_text(row.tolist(), prompt) for row, prompt in zip(new, prompt_ids)]
+        if stop:  # each row's text is checked as it grows, so a row can end at its stop string
+            texts = ["".join(row) for row in zip(*self._stream_text(ids, prompt_ids, kwargs, stop))]
+        else:
+            new = generate(self.model, ids, **kwargs)
+            texts = [proc.decode_text(row.tolist(), prompt) for row, prompt in zip(new, prompt_ids)]
         return texts[0] if single else texts
 
     def _generate_audio(self, batch: list, max_frames: int, **sampling) -> list[Audio]:
@@ -207,11 +215,13 @@ class Pipeline:
                 out.append(Audio.empty(proc.codec.sample_rate))
         return out
 
-    def _stream_text(self, ids, prompts: list[list[int]], kwargs) -> Iterator[list[str]]:
+    def _stream_text(self, ids, prompts: list[list[int]], kwargs, stop: tuple[str, ...]) -> Iterator[list]:
         """Yield, per step, the newly decoded text of each row (decoded incrementally so pieces join up).
 
         A character spelled by several byte-fallback pieces decodes to U+FFFD until its last byte
-        arrives, so a trailing U+FFFD is held back until more text follows or the row ends.
+        arrives, so a trailing U+FFFD is held back until more text follows or the row ends. A row
+        ends at its first stop string, which is cut with what follows; text that may be the start of
+        one is held back until it is not (or the row ends). Decoding ends when every row has.
         """
         proc, B = self.processor, ids.shape[0]
         produced: list[list[int]] = [[] for _ in range(B)]
@@ -220,20 +230,27 @@ class Pipeline:
 
         def new_text(i: int, final: bool) -> str:
             text = proc.decode_text(produced[i], prompts[i], final)
-            piece = text[len(shown[i]) :]
-            shown[i] = text
+            cut = _stop_at(text, stop)
+            if cut is not None:
+                finished[i] = True
+            elif not final:
+                cut = len(text) - _partial_stop(text, stop)
+            piece = text[len(shown[i]) : cut]
+            shown[i] += piece
             return piece
 
         for step in iter_generate(self.model, ids, **kwargs):
-            out = []
+            out = [""] * B
             for i, t in enumerate(step.tolist()):
                 if not finished[i]:
                     if proc.until_stop([t]):
                         produced[i].append(t)
                     else:
                         finished[i] = True
-                out.append(new_text(i, finished[i]))
+                    out[i] = new_text(i, finished[i])
             yield out
+            if all(finished):
+                break
         rest = [new_text(i, True) for i in range(B)]  # rows cut by max_new_tokens: flush what was held back
         if any(rest):
             yield rest
@@ -299,6 +316,28 @@ def pipeline_from_recipe(cfg, tokenizer) -> Pipeline:
     with its processor: ``tokenizer`` and the recipe's codec (``codec.path``), if it names one."""
     codec = load_codec(cfg.codec.path) if cfg.codec.path else None
     return Pipeline(model_from_recipe(cfg, tokenizer, codec), tokenizer=tokenizer, codec=codec)
+
+
+def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    """``stop`` (a string, a list of them or None) as a tuple of non-empty strings."""
+    stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
+    return stop
+
+
+def _stop_at(text: str, stop: tuple[str, ...]) -> int | None:
+    """Where the first stop string in ``text`` begins (None: there is none)."""
+    return min((i for i in (text.find(s) for s in stop) if i >= 0), default=None)
+
+
+def _partial_stop(text: str, stop: tuple[str, ...]) -> int:
+    """The length of the longest end of ``text`` that begins a stop string (0: none does)."""
+    longest = max((len(s) for s in stop), default=1)
+    for k in range(min(longest - 1, len(text)), 0, -1):
+        if any(s.startswith(text[-k:]) for s in stop):
+            return k
+    return 0
 
 
 def is_batch(prompts) -> bool:

@@ -75,6 +75,52 @@ def test_streaming_does_not_break_multibyte_characters(model, monkeypatch):
     assert tok.decode(new).startswith("ab\ufffd")
 
 
+def _scripted(monkeypatch, rows: list[list[int]], pad: int):
+    """iter_generate replaced by these rows' ids (padded; a batch of B takes the first B rows);
+    returns the list of steps taken."""
+    taken = []
+
+    def scripted(model_, ids, **kwargs):
+        for step in range(max(len(r) for r in rows)):
+            taken.append(step)
+            yield torch.tensor([r[step] if step < len(r) else pad for r in rows[: ids.shape[0]]])
+
+    monkeypatch.setattr(pipeline, "iter_generate", scripted)
+    return taken
+
+
+def test_stop_string_ends_its_row_and_is_cut_while_the_others_go_on(model, monkeypatch):
+    tok = model.tokenizer
+    rows = [tok.encode("hello\n\nUser: more words"), tok.encode("one two three four five")]
+    taken = _scripted(monkeypatch, rows, tok.vocab.pad_id)
+    out = model.generate([["a"], ["b"]], stop=["\n\nUser:", "zzz"])
+    assert out == [" hello", " one two three four five"]
+    pieces = list(model.generate([["a"], ["b"]], stream=True, stop=["\n\nUser:"]))
+    assert ["".join(col) for col in zip(*pieces)] == out
+    assert not any("\n" in p[0] for p in pieces)  # the stop string's start was held back, never shown
+    # one prompt: decoding ends at the stop string, not at max_new_tokens
+    taken.clear()
+    assert model.generate("a", stop="User") == " hello\n\n" and len(taken) == 9
+    # a prefix of a stop string that turns out not to be one is held back, then shown
+    _scripted(monkeypatch, [tok.encode("hello\n\nUs us")], tok.vocab.pad_id)
+    pieces = list(model.generate("a", stream=True, stop=["\n\nUser:"]))
+    assert "".join(pieces) == " hello\n\nUs us" and [p for p in pieces if "\n" in p] == ["\n\nUs "]
+
+
+def test_stop_strings_on_the_model_s_own_text(model):
+    full = model.generate([["Zero is"], ["The integers"]], max_new_tokens=12)
+    stop = full[0][4:7]
+    assert stop.strip() and stop not in full[1]
+    out = model.generate([["Zero is"], ["The integers"]], max_new_tokens=12, stop=[stop])
+    assert out == [full[0][: full[0].index(stop)], full[1]]
+    assert model.generate("Zero is", max_new_tokens=12, stop=stop) == out[0]
+    beam = model.generate("Zero is", max_new_tokens=12, num_beams=2)  # cut after the search
+    stop = beam[3:6]
+    assert model.generate("Zero is", max_new_tokens=12, num_beams=2, stop=stop) == beam[: beam.index(stop)]
+    with pytest.raises(ValueError, match="stop strings must be non-empty"):
+        model.generate("Zero is", stop=[""])
+
+
 def test_output_audio_is_refused_naming_what_the_checkpoint_produces(model):
     with pytest.raises(ValueError, match="output='audio'.*can produce: text"):
         model.generate("Hello", output="audio")
@@ -144,8 +190,9 @@ def test_output_audio_continues_a_clip(speaking_model, tmp_path):
                                    max_new_tokens=8, temperature=0.9, seed=0)
     assert len(both) == 2 and all(isinstance(a, omni.Audio) for a in both)
     assert out.save(tmp_path / "c.wav").stat().st_size > 44
-    with pytest.raises(ValueError, match="stream=True is for text output"):
-        speaking_model.generate(["Continue:", clip], output="audio", stream=True)
+    for bad in (dict(stream=True), dict(stop="x")):
+        with pytest.raises(ValueError, match="stream=True and stop strings are for text output"):
+            speaking_model.generate(["Continue:", clip], output="audio", **bad)
 
 
 def test_audio_the_model_ends_at_once_is_an_empty_audio(speaking_model, tmp_path, monkeypatch, caplog):

@@ -5,6 +5,7 @@ A task is declared once, in ``TASKS`` (a :class:`Task`: its sample builder, what
 the model, how ``omni eval`` scores it). Each is a template and which segments carry loss:
 
 ``text``       ``{"text"}`` -> a document (loss on all of it)
+``chat``       ``{"messages": [{"role", "content"}, ...]}`` -> the conversation (loss on assistant turns)
 ``caption``    ``{<media>: path, <target>: str}`` -> user: [media, prompt]; assistant: target.
                Speech recognition is this task with ``media=audio``, ``target=text``.
 ``continue``   ``{"audio": path}`` -> a document of [prompt text] + the clip's codec codes (loss on
@@ -75,6 +76,16 @@ def _text_sample(row: dict, spec: TaskSpec, proc: Processor, root: Path) -> Samp
     return Sample.document(_text(row, "text"))
 
 
+def _chat_sample(row: dict, spec: TaskSpec, proc: Processor, root: Path) -> Sample:
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ValueError("no 'messages' list of {'role', 'content'} objects")
+    sample = Sample([Message(_text(m, "role"), [Segment(text=_text(m, "content"))]) for m in messages])
+    if not any(m.role == "assistant" for m in sample.messages):
+        raise ValueError("no assistant turn to learn from")
+    return sample
+
+
 def _caption_sample(row: dict, spec: TaskSpec, proc: Processor, root: Path) -> Sample:
     target = _text(row, spec.target)
     data, grid = proc.prepare(spec.media, _media_path(row, spec.media, root))
@@ -125,6 +136,7 @@ class Task:
 
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("text", "loss", _text_sample, documents=True),
+    Task("chat", "loss", _chat_sample),
     Task("caption", "caption", _caption_sample, reads_media=True),
     Task("continue", "codes", _continue_sample, documents=True, writes_audio=True),
     Task("speak", "codes", _speak_sample, documents=True, writes_audio=True),
@@ -225,7 +237,8 @@ def _manifest_rows(manifest: Path, spec: TaskSpec, progress: bool | None = False
     """The manifest's rows (the first ``max_rows``) under a progress bar counting rows, named for
     the work each row takes (``progress``: see :func:`omni.progress.progress`)."""
     rows = list(read_jsonl(manifest))[:max_rows]
-    work = {"text": "tokenizing", "continue": "codec-encoding", "speak": "codec-encoding"}
+    work = {"text": "tokenizing", "chat": "tokenizing", "continue": "codec-encoding",
+            "speak": "codec-encoding"}
     desc = f"{work.get(spec.task, f'preparing {spec.media} of')} {manifest}"
     return progress_bar(rows, desc=desc, unit="row", enabled=progress)
 
