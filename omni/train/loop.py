@@ -320,6 +320,11 @@ def _build_command(part) -> str:
 
 
 def _check_data(cfg: RecipeConfig) -> None:
+    """What the run reads exists: the pretrained checkpoint, the manifests."""
+    pretrained = cfg.model.pretrained
+    if pretrained and not (Path(pretrained) / "config.json").is_file():
+        raise ValueError(f"model.pretrained: {pretrained} is not an omni checkpoint folder (no config.json); "
+                         "import one, e.g. `omni import smollm2 --out weights/smollm2-135m`")
     for part in cfg.data.tasks():
         for split in ("train", "val"):
             f = Path(part.path) / f"{split}.jsonl"
