@@ -36,6 +36,7 @@ from omni.io import atomic_write_json, read_jsonl, write_jsonl
 from omni.media.audio import Audio
 from omni.metrics import bleu, cer, cider_d, wer
 from omni.model.contrastive import embed_media, embed_text, similarity
+from omni.model.omni_model import read_config
 from omni.model_card import write_model_card
 from omni.pipeline import Pipeline
 from omni.processor import as_processor
@@ -45,11 +46,18 @@ from omni.tokenizers.audio import AudioCodec
 log = logging.getLogger(__name__)
 
 
-def run_recipe(ckpt: Path) -> RecipeConfig:
+def run_recipe(ckpt: Path, task: str | None = None, data_path: str | None = None) -> RecipeConfig:
+    """The recipe a run was trained with; for a checkpoint that has none (an imported one), the
+    ``task`` on ``data_path`` it is to be scored on, in rows of up to its context (at most 2,048)."""
     f = Path(ckpt) / "recipe.yaml"
-    if not f.is_file():
-        raise ValueError(f"{ckpt}: no recipe.yaml (is this a directory written by `omni train`?)")
-    return from_dict(RecipeConfig, read_yaml(f))
+    if f.is_file():
+        return from_dict(RecipeConfig, read_yaml(f))
+    if task is None or data_path is None:
+        raise ValueError(f"{ckpt}: no recipe.yaml (not a directory written by `omni train`); to score it, "
+                         "name the task and its data (omni eval --task chat --data data/chat)")
+    seq_len = min(read_config(ckpt).backbone.max_seq_len, 2048)
+    return from_dict(RecipeConfig, {"data": {"task": task, "path": str(data_path), "seq_len": seq_len},
+                                    "model": {"max_seq_len": seq_len}})
 
 
 def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None, batch_size: int = 16,
@@ -68,7 +76,7 @@ def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None,
     terminal). :func:`headlines` turns the result into one line per task."""
     split = split_name(split)  # it names the manifest read and the files written into the run
     ckpt = Path(ckpt)
-    cfg = run_recipe(ckpt)
+    cfg = run_recipe(ckpt, task, data_path)
     parts = cfg.data.tasks()
     if task is not None:
         parts = [p for p in parts if p.label == task]

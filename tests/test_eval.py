@@ -128,3 +128,19 @@ def test_max_rows_limits_contrastive_pairs(tmp_path, text_tokenizer, fake_stamps
     every = evaluate(run, split="train")
     some = evaluate(run, split="train", max_rows=2)
     assert every["pairs"] == every["rows"] > 2 and some["pairs"] == some["rows"] == 2
+
+
+def test_a_checkpoint_without_a_recipe_is_scored_on_the_task_and_data_named(tmp_path, write_gguf):
+    """An imported checkpoint has no recipe.yaml: ``task`` and ``data_path`` say what to score."""
+    import omni
+
+    ckpt = tmp_path / "ckpt"
+    omni.import_hf(write_gguf(tmp_path / "tiny.gguf")).save_pretrained(ckpt)
+    rows = [{"messages": [{"role": "user", "content": f"Tell me about {w}."},
+                          {"role": "assistant", "content": f"{w} is a word."}]}
+            for w in ("cats", "dogs", "mats")]
+    write_jsonl(tmp_path / "chat" / "val.jsonl", rows)
+    with pytest.raises(ValueError, match="no recipe.yaml.*--task chat --data"):
+        evaluate(ckpt, split="val")
+    metrics = evaluate(ckpt, split="val", task="chat", data_path=str(tmp_path / "chat"))
+    assert metrics["task"] == "chat" and metrics["ppl"] > 1
