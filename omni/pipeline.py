@@ -174,6 +174,7 @@ class Pipeline:
             return texts[0] if single else texts
         rendered, inputs = proc.batch(batch)
         ids = left_pad([r.ids for r in rendered], proc.vocab.pad_id)[0]
+        sampling = {**proc.generation_defaults(), **sampling}
         kwargs = dict(max_new_tokens=max_new_tokens, allowed=proc.vocab.span(output), **inputs, **sampling)
         prompt_ids = [r.ids.tolist() for r in rendered]
         if stream:

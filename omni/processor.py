@@ -30,9 +30,11 @@ from omni.media.video import Video
 from omni.model.audio_codes import EMPTY
 from omni.model.media_encoder import AUDIO_SAMPLE_RATE
 from omni.model.omni_model import check_length
+from omni.model.whisper import render_whisper
 from omni.sequence import Message, Sample, Segment, render
 from omni.tokenizers.audio import load_codec
 from omni.tokenizers.text import load_text_tokenizer
+from omni.tokenizers.whisper import WhisperTokenizer
 
 MEDIA_TYPES = {"audio": Audio, "image": Image, "video": Video}
 TOKENIZER_DIR = "tokenizer"
@@ -265,8 +267,18 @@ class Processor:
 
     def render(self, sample: Sample, **kwargs):
         """One sample -> ids, targets, positions, streams and media slots (``omni.sequence.render``
-        with this model's vocabulary, audio layout, positions and which media are tokens)."""
+        with this model's vocabulary, audio layout, positions and which media are tokens); a
+        Whisper tokenizer's samples are laid out as Whisper's decoder reads them (``render_whisper``)."""
+        if isinstance(self.tokenizer, WhisperTokenizer):
+            return render_whisper(sample, self.tokenizer, **kwargs)
         return render(sample, self.tokenizer, **self.render_options, **kwargs)
+
+    def generation_defaults(self) -> dict:
+        """Decoding rules the tokenizer brings (Whisper's suppressed ids) for ``omni.generation``."""
+        if isinstance(self.tokenizer, WhisperTokenizer):
+            return dict(suppress_ids=self.tokenizer.suppress_ids(),
+                        begin_suppress_ids=self.tokenizer.begin_suppress_ids())
+        return {}
 
     def batch(self, prompts: list, output: str = "text") -> tuple[list, dict]:
         """Render and left-pad a batch of prompts: the rendered samples and the generation inputs

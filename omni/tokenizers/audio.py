@@ -365,7 +365,7 @@ class AudioCodec(BaseCodec):
                           dilation_base=hf.dilation_growth_rate, compress=hf.compress,
                           true_skip=not hf.use_conv_shortcut, pad_mode=hf.pad_mode,
                           trim_right_ratio=hf.trim_right_ratio)
-        hf_state = _load_safetensors_dir(path)
+        hf_state = load_safetensors_dir(path)
         target = set(build_encodec(cfg).state_dict())
         state = {_hf_encodec_key(k, target, path): v for k, v in hf_state.items()}
         return cls._with_state(cfg, state, path)
@@ -393,7 +393,7 @@ def load_codec(directory: str | Path, num_codebooks: int | None = None) -> BaseC
     return CODECS.get(kind, f"{directory / 'config.json'}: kind").load(directory, num_codebooks=num_codebooks)
 
 
-def _load_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+def load_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a transformers checkpoint directory (single or sharded safetensors)."""
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
@@ -568,11 +568,13 @@ class WhisperStyleEncoder(BaseAudioEncoder):
     excites the same filters, which voices of other pitches need. ``conv_kernel > 0`` follows
     each layer with a Conformer convolution module of that kernel (local patterns a from-scratch
     encoder otherwise learns slowly through attention alone). Inputs of any length up to
-    ``max_frames``."""
+    ``max_frames``. ``stored_positions``: the position table is saved with the weights (a Whisper
+    checkpoint's own, as it was trained) instead of computed."""
 
     def __init__(self, n_mels: int = 80, dim: int = 192, num_layers: int = 4, num_heads: int = 3,
                  ffn_dim: int | None = None, max_frames: int = 3000, dropout: float = 0.0, subsample: int = 2,
-                 conv_kernel: int = 0, stem: str = "conv1d", stem_channels: int = 32):
+                 conv_kernel: int = 0, stem: str = "conv1d", stem_channels: int = 32,
+                 stored_positions: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
@@ -592,7 +594,7 @@ class WhisperStyleEncoder(BaseAudioEncoder):
             self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
             self.conv3 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1) if subsample == 4 else None
         self.register_buffer("positions", sinusoids(_conv_stem_tokens(max_frames, subsample), dim),
-                             persistent=False)
+                             persistent=stored_positions)
         layer = nn.TransformerEncoderLayer(dim, num_heads, ffn_dim or 4 * dim, dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
@@ -615,9 +617,17 @@ class WhisperStyleEncoder(BaseAudioEncoder):
 
     @classmethod
     def build(cls, size: str = "tiny", n_mels: int = 80, subsample: int = 2, conv_kernel: int = 0,
-              stem: str = "conv1d", stem_channels: int = 32, **_) -> WhisperStyleEncoder:
-        """``size`` from :data:`ENCODER_SIZES`; ``path``, ``freeze``, ``input_mode`` and
-        ``whisper_config`` are Whisper checkpoints' options, not this encoder's."""
+              stem: str = "conv1d", stem_channels: int = 32, whisper_config: dict | None = None,
+              **_) -> WhisperStyleEncoder:
+        """``size`` from :data:`ENCODER_SIZES`, or the encoder of a Whisper checkpoint whose
+        transformers config (``whisper_config``) gives the sizes (its weights, position table
+        included, are loaded by the importer, :mod:`omni.model.whisper`); ``path``, ``freeze`` and
+        ``input_mode`` are transformers towers' options, not this encoder's."""
+        if whisper_config is not None:
+            c = whisper_config
+            return cls(n_mels=c.get("num_mel_bins", n_mels), dim=c["d_model"], num_layers=c["encoder_layers"],
+                       num_heads=c["encoder_attention_heads"], ffn_dim=c["encoder_ffn_dim"],
+                       max_frames=2 * c.get("max_source_positions", 1500), stored_positions=True)
         return cls.from_size(size, n_mels=n_mels, subsample=subsample, conv_kernel=conv_kernel, stem=stem,
                              stem_channels=stem_channels)
 
@@ -742,7 +752,7 @@ class HFWhisperEncoder(BaseAudioEncoder):
         cfg = WhisperConfig.from_pretrained(str(path))
         if cfg.model_type != "whisper":
             raise ValueError(f"{path}: model_type is {cfg.model_type!r}, expected 'whisper'")
-        state = _load_safetensors_dir(path)
+        state = load_safetensors_dir(path)
         for prefix in ("model.encoder.", "encoder.", ""):
             enc = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if "conv1.weight" in enc:

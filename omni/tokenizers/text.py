@@ -19,6 +19,7 @@ from pathlib import Path
 from omni.io import atomic_dir, atomic_write_bytes, read_jsonl
 from omni.tokenizers.base import TEXT_TOKENIZERS, BaseTextTokenizer
 from omni.tokenizers.bpe import BPETokenizer
+from omni.tokenizers.whisper import WhisperTokenizer
 from omni.vocab import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID, Vocab
 
 MODEL_FILE = "text.model"
@@ -142,6 +143,7 @@ class TextTokenizer(BaseTextTokenizer):
 
 TEXT_TOKENIZERS.register("sentencepiece", TextTokenizer)
 TEXT_TOKENIZERS.register("bpe", BPETokenizer)
+TEXT_TOKENIZERS.register("whisper", WhisperTokenizer)
 
 
 def saved_kind(path: str | Path) -> str | None:

@@ -225,3 +225,31 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append(torch.cat([p.grad.flatten() for p in bb.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
     assert grads[0].abs().sum() > 0
+
+
+WHISPER_OPTIONS = dict(norm="layer", mlp="gelu", positions="learned", qkv_bias=True, out_bias=True)
+
+
+@torch.no_grad()
+def test_whisper_options_build_count_and_decode_like_the_full_forward():
+    """LayerNorm, GELU MLP, learned positions and biases: parameters as counted, modules as named,
+    the KV-cached decode equal to the full forward; left out of the saved config at their defaults."""
+    bb = _backbone(**WHISPER_OPTIONS)
+    cfg = bb.config
+    assert cfg.num_params() == sum(p.numel() for p in bb.parameters())
+    assert isinstance(bb.norm, torch.nn.LayerNorm) and bb.pos_embed.weight.shape == (cfg.max_seq_len, 64)
+    assert {n for n, _ in bb.layers[0].named_parameters()} >= {"ffn.w1.bias", "ffn.w2.bias", "attn.wqkv.bias",
+                                                               "attn.wo.bias", "attn_norm.bias"}
+    x = _x(2, 9)
+    full = bb(x, _pos(2, 9))
+    cache = KVCache(cfg, 2, 9)
+    steps = [bb(x[:, :4], _pos(2, 4), cache=cache)] + [bb(x[:, t:t + 1], _pos(2, 1) + t, cache=cache)
+                                                       for t in range(4, 9)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
+    assert bb(x, _pos(2, 9) + 1).sub(full).abs().max() > 1e-3  # positions matter
+    saved = cfg.to_dict()
+    assert {k: saved[k] for k in WHISPER_OPTIONS} == WHISPER_OPTIONS
+    assert not {"norm", "mlp", "positions", "out_bias"} & set(backbone_config("debug").to_dict())
+    assert BackboneConfig(**saved) == cfg
+    with pytest.raises(ValueError, match="norm must be one of rms, layer"):
+        BackboneConfig(norm="batch")

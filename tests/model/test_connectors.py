@@ -10,9 +10,18 @@ KW = {"linear": {}, "mlp": {"hidden_dim": 24},
       "qformer": {"num_queries": 5, "num_layers": 2, "num_heads": 2, "hidden_dim": 16},
       "attnpool": {"num_queries": 5, "num_heads": 2, "hidden_dim": 16}}
 RESAMPLERS = ("perceiver", "qformer", "attnpool")
+LEARNED = [k for k in CONNECTORS if k != "identity"]
 
 
-@pytest.mark.parametrize("kind", CONNECTORS)
+def test_identity_passes_features_through_at_the_same_width():
+    x = torch.randn(2, 7, 12)
+    c = build_connector("identity", 12, 12)
+    assert c(x) is x and c.grid((7, 1, 1)) == (7, 1, 1) and not list(c.parameters())
+    with pytest.raises(ValueError, match="identity needs"):
+        build_connector("identity", 12, 20)
+
+
+@pytest.mark.parametrize("kind", LEARNED)
 def test_shapes_and_grids(kind):
     torch.manual_seed(0)
     c = build_connector(kind, 12, 20, **KW[kind])
@@ -44,7 +53,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("kind", CONNECTORS)
+@pytest.mark.parametrize("kind", LEARNED)
 def test_each_connector_learns(kind, one_thread):
     """Regress fixed random targets from fixed inputs: the loss falls by more than 90% in 150 steps."""
     torch.manual_seed(0)
@@ -63,7 +72,7 @@ def test_each_connector_learns(kind, one_thread):
 
 
 def test_bad_options_are_named():
-    with pytest.raises(ValueError, match="one of linear, mlp, perceiver, qformer, attnpool; got 'conv'"):
+    with pytest.raises(ValueError, match="one of identity, linear, mlp, perceiver, qformer, attnpool; got"):
         build_connector("conv", 4, 4)
     with pytest.raises(ValueError, match="connector 'linear' has no option 'num_queries'; allowed: none"):
         build_connector("linear", 4, 4, num_queries=3)

@@ -27,10 +27,10 @@ def _sample(mel, text="turn on the light"):
 def test_config_validates_and_counts_parameters():
     cfg = backbone_config("debug", cross_attention={"every": 2, "gated": True, "ffn": True})
     assert (cfg.cross_layers() == [0]
-            and cfg.cross_attention == {"every": 2, "gated": True, "ffn": True, "media": None})
+            and cfg.to_dict()["cross_attention"] == {"every": 2, "gated": True, "ffn": True, "media": None})
     assert cfg.num_params() == sum(p.numel() for p in Backbone(cfg).parameters())
-    assert backbone_config("debug", cross_attention={}).cross_attention == {"every": 1, "gated": False,
-                                                                           "ffn": False, "media": None}
+    assert backbone_config("debug", cross_attention={}).to_dict()["cross_attention"] == {
+        "every": 1, "gated": False, "ffn": False, "media": None}
     for bad in ({"every": 0}, {"evry": 1}, {"gated": "yes"}, [1], {"media": []}, {"media": "audio"}):
         with pytest.raises(ValueError, match="cross_attention"):
             backbone_config("debug", cross_attention=bad)
@@ -130,7 +130,8 @@ def test_cached_decoding_matches_the_full_forward_and_the_model_learns(tmp_path,
     # saved and loaded, it is the same model
     model.save_pretrained(tmp_path / "ckpt")
     again = OmniModel.from_pretrained(tmp_path / "ckpt")
-    assert again.config.backbone.cross_attention == {"every": 1, "gated": False, "ffn": False, "media": None}
+    assert again.config.backbone.to_dict()["cross_attention"] == {"every": 1, "gated": False, "ffn": False,
+                                                                  "media": None}
     assert torch.equal(Pipeline(again).generate(prompt.ids[None], media=[(0, s) for s in prompt.media],
                                                 max_new_tokens=20), new)
 

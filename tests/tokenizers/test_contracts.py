@@ -26,6 +26,7 @@ from omni.tokenizers.bpe import BPETokenizer
 from omni.tokenizers.image import ImageTokenizer, ImageTokenizerConfig, build_image_tokenizer
 from omni.tokenizers.text import load_text_tokenizer
 from omni.tokenizers.video import VideoTokenizerConfig, build_video_tokenizer
+from omni.tokenizers.whisper import WhisperTokenizer
 from omni.vocab import SPECIAL_TOKENS
 
 TINY_WHISPER = {"d_model": 64, "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 128,
@@ -46,7 +47,8 @@ AUDIO_ENCODER_BUILDS = {
     "hf_whisper": [{"whisper_config": TINY_WHISPER}, {"whisper_config": TINY_WHISPER, "input_mode": "slice"}],
 }
 CODEC_BUILDS = {"encodec": [lambda: AudioCodec("debug")]}
-TEXT_BUILDS = {"sentencepiece": "text_tokenizer", "bpe": "bpe_text_tokenizer"}  # fixtures (conftest, below)
+TEXT_BUILDS = {"sentencepiece": "text_tokenizer", "bpe": "bpe_text_tokenizer",  # fixtures (conftest, below)
+               "whisper": "whisper_text_tokenizer"}
 
 
 def _cases(builds: dict) -> list:
@@ -68,6 +70,12 @@ def test_every_registered_backend_is_built_here(registry, builds):
 def bpe_text_tokenizer(bpe_tokenizer):
     """The tiny byte-level BPE of conftest, eos ``<|im_end|>``."""
     return BPETokenizer(bpe_tokenizer, eos_id=bpe_tokenizer.token_to_id("<|im_end|>"))
+
+
+@pytest.fixture(scope="module")
+def whisper_text_tokenizer(whisper_tokenizer_json):
+    """conftest's tiny Whisper-shaped BPE, multilingual."""
+    return WhisperTokenizer.from_file(whisper_tokenizer_json, multilingual=True)
 
 
 @pytest.mark.parametrize("kind", TEXT_TOKENIZERS.names())
