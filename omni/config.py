@@ -27,8 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # what a pretrained checkpoint decides (ModelConfig.pretrained)
-PRETRAINED_OWNS = ("size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "rope_theta",
-                   "tie_embeddings")
+PRETRAINED_OWNS = ("size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "max_seq_len",
+                   "rope_theta", "tie_embeddings")
 
 
 @dataclass
@@ -57,9 +57,9 @@ class ModelConfig:
     # {itc, itm, itg: loss weights (0 = off), embed_dim, temperature}: BLIP-2 stage 1 on data.task=contrastive
     # pairs, a Q-Former connector trained with three losses (omni/model/blip2.py)
     blip2: dict | None = None
-    # an omni checkpoint folder (e.g. `omni import smollm2 --out weights/smollm2-135m`): the backbone,
-    # vocabulary, tokenizer and weights start from it; max_seq_len caps its context; media,
-    # cross_attention and mrope add to it
+    # an omni checkpoint folder (e.g. `omni import smollm2 --out weights/smollm2-135m`): the backbone
+    # (its context included), vocabulary, tokenizer and weights start from it; media, cross_attention
+    # and mrope add to it
     pretrained: str | None = None
 
     def validate(self):
@@ -258,7 +258,7 @@ class RecipeConfig:
     def validate(self):
         for part in (self.model, self.data, self.train):
             part.validate()
-        if self.data.seq_len > self.model.max_seq_len:
+        if self.data.seq_len > self.model.max_seq_len and not self.model.pretrained:  # else: checked on build
             raise ValueError(
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
             )

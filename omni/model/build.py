@@ -17,13 +17,15 @@ def model_from_recipe(cfg, tokenizer, codec=None) -> OmniModel:
         vocab = replace(vocab, num_codebooks=codec.num_codebooks, codebook_size=codec.cardinality)
     mc = cfg.model
     tie = mc.tie_embeddings
-    if mc.pretrained:  # its backbone, capped at this recipe's context; the weights load in training
+    if mc.pretrained:  # its backbone; the weights load in training
         base = read_config(mc.pretrained)
         if base.vocab.text_size != vocab.text_size:
             raise ValueError(f"model.pretrained {mc.pretrained}: its vocabulary has {base.vocab.text_size} "
                              f"text ids but the tokenizer has {vocab.text_size}")
-        bcfg = replace(base.backbone, max_seq_len=min(mc.max_seq_len, base.backbone.max_seq_len),
-                       attn_backend=mc.attn_backend, cross_attention=mc.cross_attention)
+        if cfg.data.seq_len > base.backbone.max_seq_len:
+            raise ValueError(f"data.seq_len ({cfg.data.seq_len}) exceeds the context of model.pretrained "
+                             f"{mc.pretrained} ({base.backbone.max_seq_len})")
+        bcfg = replace(base.backbone, attn_backend=mc.attn_backend, cross_attention=mc.cross_attention)
         tie = base.tie_embeddings
     else:
         bcfg = backbone_config(mc.size, dim=mc.dim, num_layers=mc.num_layers, num_heads=mc.num_heads,

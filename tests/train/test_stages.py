@@ -202,25 +202,30 @@ def test_lr_scale_gives_the_selected_modules_their_own_learning_rate(text_tokeni
 
 
 def test_model_pretrained_starts_from_a_checkpoint_with_its_tokenizer(tmp_path, text_tokenizer, tiny_corpus):
-    """``model.pretrained``: the backbone, vocabulary, tokenizer and weights come from the folder; the
-    recipe caps the context, and may not also name a size."""
+    """``model.pretrained``: the backbone (its context too), vocabulary, tokenizer and weights come
+    from the folder; the recipe may not also name a size."""
     from omni.config import load_recipe
     from omni.train.loop import Trainer
 
     base = Pipeline(build_model(backbone_config("debug", max_seq_len=256), text_tokenizer.vocab, seed=5,
                                 tie_embeddings=False), tokenizer=text_tokenizer)
     base.save_pretrained(tmp_path / "lm")
-    args = [f"model.pretrained={tmp_path / 'lm'}", "model.max_seq_len=64", "data.seq_len=64",
-            f"data.path={tiny_corpus}", "tokenizer.path=/nonexistent", f"train.out_dir={tmp_path / 'run'}",
-            "train.progress=false"]
-    trainer = Trainer(load_recipe("text/tiny", args))
+    recipe = tmp_path / "recipe.yaml"  # as recipes/text/smollm_lora.yaml: no backbone keys
+    recipe.write_text(f"model: {{pretrained: {tmp_path / 'lm'}}}\n"
+                      f"data: {{seq_len: 64, path: {tiny_corpus}}}\n")
+    args = [f"train.out_dir={tmp_path / 'run'}", "train.progress=false"]
+    trainer = Trainer(load_recipe(str(recipe), args))
     with trainer.run_folder():
         trainer.setup()
-    assert trainer.inner.max_seq_len == 64 and not trainer.inner.config.tie_embeddings
+    assert trainer.inner.max_seq_len == 256 and not trainer.inner.config.tie_embeddings  # the checkpoint's
     assert trainer.processor.tokenizer.encode("Hello there") == text_tokenizer.encode("Hello there")
     mine = trainer.inner.state_dict()
     assert all(torch.equal(mine[k], v) for k, v in base.model.state_dict().items())
     with pytest.raises(ValueError, match="model.pretrained takes size.*leave model.size out"):
-        load_recipe("text/tiny", [*args, "model.size=small"])
+        load_recipe(str(recipe), [*args, "model.size=small"])
+    with pytest.raises(ValueError, match="model.pretrained takes max_seq_len"):
+        load_recipe(str(recipe), [*args, "model.max_seq_len=128"])
+    with pytest.raises(ValueError, match=r"data.seq_len \(512\) exceeds the context of model.pretrained"):
+        Trainer(load_recipe(str(recipe), [*args, "data.seq_len=512"])).setup()
     with pytest.raises(ValueError, match="not an omni checkpoint folder.*omni import smollm2"):
-        Trainer(load_recipe("text/tiny", [*args, f"model.pretrained={tmp_path}"]))
+        Trainer(load_recipe(str(recipe), [*args, f"model.pretrained={tmp_path}"]))
