@@ -206,7 +206,7 @@ def cmd_transcribe_whisper(model, args) -> int:
         raise ValueError(f"--format {args.format} writes a file per input: give --output-dir DIR")
     files = args.files
     results = model.transcribe(files, language=args.language, task=args.task, format=None,
-                               batch_size=args.batch_size, return_exceptions=True,
+                               batch_size=args.batch_size, beam_size=args.beam_size, return_exceptions=True,
                                condition_on_previous_text=args.condition_on_previous_text)
     rows = []
     for f, result in zip(files, results):
@@ -412,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
             w.add_argument("--format", default="txt", choices=FORMATS,
                            help="what --output-dir gets per file (default: txt)")
             w.add_argument("--output-dir", default=None, metavar="DIR", help="write DIR/<name>.<format>")
+            w.add_argument("--beam-size", type=int, default=1,
+                           help="beam search of this width at temperature 0 (default: 1, greedy)")
             w.add_argument("--condition-on-previous-text", action="store_true",
                            help="give each window the text decoded so far as its prompt (default: off)")
         c.add_argument("files", nargs="+", metavar="FILE", help="media files")

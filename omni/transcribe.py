@@ -6,7 +6,8 @@ decoded with timestamp tokens under Whisper's timestamp rules (:func:`timestamp_
 consecutive timestamp pairs close segments, and the next window starts at the last complete
 timestamp (or after the window when the text ran to its end). A decode whose text repeats itself
 (gzip compression ratio > 2.4) or whose mean log-probability is < -1 is redone at the next
-temperature (0.0, 0.2, ... 1.0; one sample each, not openai's best of 5); a window whose
+temperature (0.0, 0.2, ... 1.0; one sample each, not openai's best of 5; beam search at 0.0 with
+``beam_size > 1``); a window whose
 ``<|nospeech|>`` probability is > 0.6 with a low log-probability is skipped as silence.
 The current windows of several files are decoded together, one row each.
 """
@@ -107,51 +108,116 @@ def timestamp_rules(logits: torch.Tensor, sampled: list[list[int]], tok: Whisper
 
 @torch.inference_mode()
 def decode(model, tok: WhisperTokenizer, ids: torch.Tensor, inputs: dict, *, temperature: float = 0.0,
-           memory=None, max_new_tokens: int = 224, generator: torch.Generator | None = None):
+           beam_size: int = 1, memory=None, max_new_tokens: int = 224,
+           generator: torch.Generator | None = None):
     """Decode a batch of rendered prompts (``Processor.batch``) with timestamps -> ``[Decoded]`` and
     the audio memory the prompt pass encoded (pass it back as ``memory`` to decode the same
-    windows again without running the encoder: ``inputs`` then need no ``media``)."""
+    windows again without running the encoder: ``inputs`` then need no ``media``). At temperature
+    0, ``beam_size > 1`` searches that many beams per row."""
     B, T = ids.shape
     steps = max(1, min(max_new_tokens, model.max_seq_len - T))
     cache = KVCache(model.config.backbone, B, T + steps, device=model.device,
                     dtype=next(model.parameters()).dtype)
     cache.memory = memory
-    key_padding = inputs["attention_mask"].bool().to(model.device)
     positions = inputs["positions"].to(model.device)
-    media = None if memory is not None else inputs["media"]
-    logits = model(ids.to(model.device), positions=positions, key_padding=key_padding, cache=cache,
-                   media=media).logits
+    logits = model(ids.to(model.device), positions=positions, cache=cache,
+                   key_padding=inputs["attention_mask"].bool().to(model.device),
+                   media=None if memory is not None else inputs["media"]).logits
     memory = cache.memory
     sot = (ids == tok.sot).long().argmax(1)
     nospeech = no_speech_id(tok)
     at_sot = logits[torch.arange(B), sot.to(model.device)].float().softmax(-1)
     no_speech = at_sot[:, nospeech].tolist() if nospeech is not None else [0.0] * B
-    logits = logits[:, -1]
-    suppress = torch.tensor(tok.suppress_ids(), dtype=torch.long, device=model.device)
-    begin_suppress = torch.tensor(tok.begin_suppress_ids(), dtype=torch.long, device=model.device)
-    next_pos = positions.amax(-1) + 1
-    sampled: list[list[int]] = [[] for _ in range(B)]
-    sum_logprob = torch.zeros(B, dtype=torch.float64)
-    done = torch.zeros(B, dtype=torch.bool)
-    for step in range(steps):
-        for bad in (suppress, begin_suppress) if step == 0 else (suppress,):
-            logits = logits.index_fill(-1, bad, float("-inf"))
-        logits = timestamp_rules(logits, sampled, tok)
-        nxt = sample_next(logits, temperature=temperature, generator=generator)
-        nxt = torch.where(done.to(nxt.device), tok.eot, nxt)
-        logprob = logits.float().log_softmax(-1).gather(-1, nxt[:, None])[:, 0].cpu().double()
-        sum_logprob += torch.where(done, 0.0, logprob)
-        for k, t in enumerate(nxt.tolist()):
-            if not done[k] and t != tok.eot:
-                sampled[k].append(t)
-        done |= (nxt == tok.eot).cpu()
-        if bool(done.all()):
-            break
-        logits = model(nxt[:, None], cache=cache, positions=(next_pos + step)[:, None]).logits[:, -1]
-    out = [Decoded(seq, float(lp) / (len(seq) + 1), p, temperature,
+
+    def step_logits(nxt: torch.Tensor, step: int) -> torch.Tensor:
+        pos = (positions.amax(-1) + 1 + step).repeat_interleave(len(nxt) // B)
+        return model(nxt[:, None], cache=cache, positions=pos[:, None]).logits[:, -1]
+
+    rules = _Rules(tok, model.device)
+    if beam_size > 1 and temperature == 0:
+        seqs, sums = _beam_search(logits[:, -1], step_logits, rules, cache, beam_size, steps)
+    else:
+        seqs, sums = _sample(logits[:, -1], step_logits, rules, temperature, steps, generator)
+    out = [Decoded(seq, lp / (len(seq) + 1), p, temperature,
                    compression_ratio(tok.decode([t for t in seq if t < tok.eot])))
-           for seq, lp, p in zip(sampled, sum_logprob, no_speech)]
+           for seq, lp, p in zip(seqs, sums, no_speech)]
     return out, memory
+
+
+class _Rules:
+    """Suppressed ids (the checkpoint's, and its begin list at the first step) and the timestamp rules."""
+
+    def __init__(self, tok: WhisperTokenizer, device):
+        self.tok = tok
+        self.suppress = torch.tensor(tok.suppress_ids(), dtype=torch.long, device=device)
+        self.begin = torch.tensor(tok.begin_suppress_ids(), dtype=torch.long, device=device)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[list[int]], step: int) -> torch.Tensor:
+        for bad in (self.suppress, self.begin) if step == 0 else (self.suppress,):
+            logits = logits.index_fill(-1, bad, float("-inf"))
+        return timestamp_rules(logits, seqs, self.tok)
+
+
+def _sample(logits, step_logits, rules: _Rules, temperature: float, steps: int, generator):
+    """Greedy (temperature 0) or sampled decoding -> each row's ids and summed log-probability."""
+    eot, B = rules.tok.eot, logits.shape[0]
+    seqs: list[list[int]] = [[] for _ in range(B)]
+    sums = [0.0] * B
+    done = [False] * B
+    for step in range(steps):
+        logits = rules(logits, seqs, step)
+        nxt = sample_next(logits, temperature=temperature, generator=generator)
+        nxt = torch.where(torch.tensor(done, device=nxt.device), eot, nxt)
+        logprob = logits.float().log_softmax(-1).gather(-1, nxt[:, None])[:, 0].tolist()
+        for k, t in enumerate(nxt.tolist()):
+            if not done[k]:
+                sums[k] += logprob[k]
+                seqs[k] += [t] if t != eot else []
+                done[k] = t == eot
+        if all(done):
+            break
+        logits = step_logits(nxt, step)
+    return seqs, sums
+
+
+def _beam_search(logits, step_logits, rules: _Rules, cache: KVCache, K: int, steps: int):
+    """openai-whisper's beam search (patience 1): each row keeps ``K`` beams, a beam that ends goes
+    to the row's finished list, a row is done with ``K`` finished; the best by summed
+    log-probability over length -> each row's ids and summed log-probability."""
+    eot, B = rules.tok.eot, logits.shape[0]
+    cache.reorder(torch.arange(B).repeat_interleave(K))
+    logits = logits.repeat_interleave(K, 0)
+    seqs: list[list[int]] = [[] for _ in range(B * K)]
+    scores = [0.0 if i % K == 0 else float("-inf") for i in range(B * K)]  # the beams start as one
+    finished: list[list[tuple[list[int], float]]] = [[] for _ in range(B)]
+    for step in range(steps):
+        logprobs = rules(logits, seqs, step).float().log_softmax(-1)
+        total = logprobs + torch.tensor(scores, device=logprobs.device)[:, None]
+        rows, new_seqs, new_scores = [], [], []
+        for b in range(B):
+            top = total[b * K:(b + 1) * K].reshape(-1).topk(2 * K)
+            kept = 0
+            for score, idx in zip(top.values.tolist(), top.indices.tolist()):
+                src, t = b * K + idx // total.shape[1], idx % total.shape[1]
+                if t == eot:
+                    if len(finished[b]) < K and score > float("-inf"):
+                        finished[b].append((seqs[src], score))
+                elif kept < K:
+                    rows.append(src)
+                    new_seqs.append(seqs[src] + [t])
+                    new_scores.append(score)
+                    kept += 1
+        if all(len(f) >= K for f in finished) or step == steps - 1:
+            break
+        cache.reorder(torch.tensor(rows))
+        seqs, scores = new_seqs, new_scores
+        logits = step_logits(torch.tensor([s[-1] for s in seqs], device=logits.device), step)
+    best = []
+    for b in range(B):
+        row = slice(b * K, (b + 1) * K)
+        pool = finished[b] or list(zip(new_seqs[row], new_scores[row]))  # none ended: the live beams
+        best.append(max(pool, key=lambda h: h[1] / max(1, len(h[0]))))
+    return [s for s, _ in best], [sc for _, sc in best]
 
 
 def needs_fallback(d: Decoded) -> bool:
@@ -166,7 +232,7 @@ def is_silence(d: Decoded) -> bool:
 
 
 def decode_with_fallback(model, tok: WhisperTokenizer, ids, inputs, *, temperatures=TEMPERATURES,
-                         seed: int = 0, max_new_tokens: int = 224) -> list[Decoded]:
+                         beam_size: int = 1, seed: int = 0, max_new_tokens: int = 224) -> list[Decoded]:
     """:func:`decode` at each temperature in turn for the rows that still need it (the windows
     are encoded once); a row keeps its last decode when none passes."""
     generator = torch.Generator(device=model.device).manual_seed(seed)
@@ -179,7 +245,7 @@ def decode_with_fallback(model, tok: WhisperTokenizer, ids, inputs, *, temperatu
                 "media": inputs["media"]}
         mem = None if memory is None else _rows(memory, sel)
         decoded, new_memory = decode(model, tok, ids[sel], part, temperature=temperature, memory=mem,
-                                     max_new_tokens=max_new_tokens, generator=generator)
+                                     beam_size=beam_size, max_new_tokens=max_new_tokens, generator=generator)
         if memory is None:
             memory = new_memory
         for r, d in zip(rows, decoded):
@@ -264,16 +330,19 @@ class AudioStream:
 
 def transcribe_files(model, processor: Processor, paths, *, language: str | None = None,
                      task: str = "transcribe", condition_on_previous_text: bool = False,
-                     batch_size: int = 8, temperatures=TEMPERATURES, progress_bar: bool | None = None
+                     batch_size: int = 8, beam_size: int = 1, temperatures=TEMPERATURES,
+                     progress_bar: bool | None = None
                      ) -> list[list[Segment] | Exception]:
     """Each file's segments, or the exception that stopped reading it (a file that cannot be read:
     :data:`omni.media.BAD_FILE_ERRORS`). The current windows of up to ``batch_size`` files are
-    decoded together."""
+    decoded together; ``beam_size`` beams each at temperature 0."""
     tok = processor.tokenizer
     if not isinstance(tok, WhisperTokenizer):
         raise ValueError("transcribe needs a Whisper checkpoint (omni import whisper); this one's "
                          f"tokenizer is {type(tok).__name__}")
     tok.prompt(language, task)  # a bad language or task fails here, before any file is read
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     paths = [str(p) for p in paths]
     results: list = [[] for _ in paths]
     files = iter(range(len(paths)))
@@ -308,7 +377,8 @@ def transcribe_files(model, processor: Processor, paths, *, language: str | None
                        for i, w in batch]
             rendered, inputs = processor.batch(prompts, language=language, task=task, timestamps=True)
             ids = left_pad([r.ids for r in rendered], processor.vocab.pad_id)[0]
-            decoded = decode_with_fallback(model, tok, ids, inputs, temperatures=temperatures)
+            decoded = decode_with_fallback(model, tok, ids, inputs, temperatures=temperatures,
+                                           beam_size=beam_size)
             for (i, wave), d in zip(batch, decoded):
                 state = active[i][1]
                 offset, duration = state[0] / SAMPLE_RATE, len(wave) / SAMPLE_RATE

@@ -14,6 +14,7 @@ import torch
 import omni
 import omni.transcribe as T
 from omni.cli import main
+from omni.media.audio import Audio
 from omni.model.backbone import Memory
 from omni.transcribe import Decoded, Segment, format_segments, timestamp_rules
 
@@ -126,14 +127,44 @@ def test_timestamp_rules(pipe):
 
 def test_real_decoding_streams_a_75_s_file_and_batches_files(pipe, tmp_path):
     a, b = _wav(tmp_path / "a.wav", 75, seed=1), _wav(tmp_path / "b.wav", 20, rate=8000, seed=2)
-    one = [pipe.transcribe(p, format=None, temperatures=(0.0,), progress=False) for p in (a, b)]
-    both = pipe.transcribe([a, b], format=None, temperatures=(0.0,), batch_size=2, progress=False)
+    opts = dict(format=None, temperatures=(0.0,), beam_size=2, progress=False)
+    one = [pipe.transcribe(p, **opts) for p in (a, b)]
+    both = pipe.transcribe([a, b], batch_size=2, **opts)
     assert both == one  # several files' windows decoded together = one at a time
     for segments, seconds in zip(both, (75, 20)):
         assert all(0 <= s.start < s.end <= seconds + 30 for s in segments)
         assert [s.start for s in segments] == sorted(s.start for s in segments)
     stream = T.AudioStream(b)  # 8 kHz is resampled to 16 kHz
     assert len(stream.window(0)) == 20 * 16000 and len(stream.window(20 * 16000)) == 0
+
+
+def _forced_logprob(pipe, ids, inputs, tokens):
+    """The summed log-probability of ``tokens`` + the end, teacher-forced without a cache, under the
+    same suppression and timestamp rules."""
+    tok = pipe.tokenizer
+    full = torch.cat([ids[0], torch.tensor(tokens + [tok.eot])])[None]
+    logits = pipe.model(full, positions=torch.arange(full.shape[1])[None], media=inputs["media"]).logits[0]
+    rules = T._Rules(tok, "cpu")
+    return sum(float(rules(logits[ids.shape[1] - 1 + i][None], [tokens[:i]], i).float().log_softmax(-1)[0, t])
+               for i, t in enumerate(tokens + [tok.eot]))
+
+
+@torch.no_grad()
+def test_greedy_and_beam_scores_are_their_tokens_log_probabilities_and_rows_do_not_mix(pipe):
+    tok = pipe.tokenizer
+    noise = [0.1 * torch.randn(16000 * s, generator=torch.Generator().manual_seed(s)) for s in (7, 12)]
+    waves = [Audio(w, sample_rate=16000) for w in noise]
+    rendered, inputs = pipe.processor.batch([[w] for w in waves], timestamps=True)
+    ids = torch.stack([r.ids for r in rendered])
+    for beam in (1, 3):
+        both, _ = T.decode(pipe.model, tok, ids, inputs, beam_size=beam, max_new_tokens=20)
+        for row, d in enumerate(both):
+            one_r, one_in = pipe.processor.batch([[waves[row]]], timestamps=True)
+            alone, _ = T.decode(pipe.model, tok, one_r[0].ids[None], one_in, beam_size=beam,
+                                max_new_tokens=20)
+            assert alone[0].tokens == d.tokens and abs(alone[0].avg_logprob - d.avg_logprob) < 1e-4
+            forced = _forced_logprob(pipe, one_r[0].ids[None], one_in, d.tokens)
+            assert abs(forced - d.avg_logprob * (len(d.tokens) + 1)) < 1e-3, (beam, row)
 
 
 def test_formats():
@@ -167,7 +198,7 @@ def test_cli_writes_each_good_file_and_an_error_line_for_a_corrupt_one(pipe, tmp
     files = [good[0], corrupt, good[1]]
     out_dir = tmp_path / "out"
     assert main(["transcribe", "--ckpt", str(ckpt), "--format", "srt", "--output-dir", str(out_dir),
-                 "--language", "de", *map(str, files)]) == 1
+                 "--language", "de", "--beam-size", "2", *map(str, files)]) == 1
     out, err = capsys.readouterr()
     assert [line.split("\t")[0] for line in out.splitlines()] == [str(good[0]), str(good[1])]
     assert f"{corrupt}\tERROR: " in err and "1 of 3 files failed" in err
