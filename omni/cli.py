@@ -24,9 +24,11 @@ from omni.io import LockedError, atomic_write_bytes, exclusive, write_jsonl
 from omni.media import MediaError, modality_of_path
 from omni.model_card import loss_span
 from omni.tokenizers.text import TextTokenizer, corpus_texts
+from omni.tokenizers.whisper import WhisperTokenizer
 from omni.train import TrainingError, train
 from omni.train.codec import format_report, load_codec_spec, train_codec
 from omni.train.loop import read_metrics
+from omni.transcribe import FORMATS, format_segments
 from omni.weights import BUNDLED, bundled
 
 EPILOG = "Set OMNI_DEBUG=1 to see full tracebacks."
@@ -172,6 +174,8 @@ def cmd_describe(args) -> int:
         if not_audio:
             raise ValueError(f"{not_audio[0]}: not an audio file (transcribe reads .wav .flac .ogg .mp3 ...)")
     model = omni.load(args.ckpt)
+    if args.command == "transcribe" and isinstance(model.tokenizer, WhisperTokenizer):
+        return cmd_transcribe_whisper(model, args)
     prompt = args.prompt if args.prompt is not None else _run_prompt(args.ckpt)
     t0 = time.perf_counter()
     results = describe(model, args.files, prompt=prompt, batch_size=args.batch_size,
@@ -191,6 +195,36 @@ def cmd_describe(args) -> int:
     logging.getLogger("omni").info("%d files in %.1f s", len(args.files), time.perf_counter() - t0)
     if failed:
         print(f"omni {args.command}: {failed} of {len(args.files)} files failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_transcribe_whisper(model, args) -> int:
+    """A Whisper checkpoint: long-form transcripts (:meth:`Pipeline.transcribe`), ``FILE<TAB>text``
+    on stdout and, with ``--output-dir``, ``DIR/<name>.<format>`` per file; a file that cannot be
+    read gets ``FILE<TAB>ERROR: problem`` on stderr. Exit status 1 when any file failed."""
+    if args.format != "txt" and not args.output_dir:
+        raise ValueError(f"--format {args.format} writes a file per input: give --output-dir DIR")
+    files = args.files
+    results = model.transcribe(files, language=args.language, task=args.task, format=None,
+                               batch_size=args.batch_size, beam_size=args.beam_size, return_exceptions=True,
+                               condition_on_previous_text=args.condition_on_previous_text)
+    rows = []
+    for f, result in zip(files, results):
+        if isinstance(result, Exception):
+            rows.append({"file": f, "error": _problem(result)})
+            print(f"{f}\tERROR: {rows[-1]['error']}", file=sys.stderr)
+            continue
+        rows.append({"file": f, "text": format_segments(result, "txt").strip()})
+        print(f"{f}\t{rows[-1]['text']}")
+        if args.output_dir:
+            out = Path(args.output_dir) / f"{Path(f).stem}.{args.format}"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out, format_segments(result, args.format).encode("utf-8"))
+    if args.o:
+        write_jsonl(args.o, rows)
+    failed = sum("error" in r for r in rows)
+    if failed:
+        print(f"omni transcribe: {failed} of {len(files)} files failed", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -369,6 +403,19 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("-o", metavar="FILE.jsonl",
                        help="also write {file, text} rows ({file, error} for a file that failed) "
                             "to FILE.jsonl")
+        if name == "transcribe":
+            w = c.add_argument_group("Whisper checkpoints (omni import whisper): long-form, Whisper's own "
+                                     "algorithm (30-s windows, timestamps, temperature fallback)")
+            w.add_argument("--language", default=None, help="spoken language code, e.g. de (default: en)")
+            w.add_argument("--task", default="transcribe", choices=("transcribe", "translate"),
+                           help="translate: English text from speech in another language")
+            w.add_argument("--format", default="txt", choices=FORMATS,
+                           help="what --output-dir gets per file (default: txt)")
+            w.add_argument("--output-dir", default=None, metavar="DIR", help="write DIR/<name>.<format>")
+            w.add_argument("--beam-size", type=int, default=1,
+                           help="beam search of this width at temperature 0 (default: 1, greedy)")
+            w.add_argument("--condition-on-previous-text", action="store_true",
+                           help="give each window the text decoded so far as its prompt (default: off)")
         c.add_argument("files", nargs="+", metavar="FILE", help="media files")
         c.set_defaults(fn=cmd_describe)
 

@@ -26,6 +26,7 @@ from omni.model.omni_model import CONFIG_FILE, OmniModel, read_config
 from omni.processor import Processor
 from omni.sequence import Sample
 from omni.tokenizers.audio import load_codec
+from omni.transcribe import FORMATS, TEMPERATURES, format_segments, transcribe_files
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +311,40 @@ class Pipeline:
                     texts[i].append(text.strip())
                 bar.update(len(batch))
         return [e if e is not None else " ".join(t for t in parts if t) for e, parts in zip(errors, texts)]
+
+    def transcribe(
+        self,
+        paths,
+        *,
+        language: str | None = None,
+        task: str = "transcribe",
+        format: str | None = "txt",
+        condition_on_previous_text: bool = False,
+        temperatures=TEMPERATURES,
+        beam_size: int = 1,
+        batch_size: int = 8,
+        progress: bool | None = None,
+        return_exceptions: bool = False,
+    ):
+        """Long-form transcripts of audio files with an imported Whisper (:mod:`omni.transcribe`):
+        for each file its text in ``format`` (txt, json, srt, vtt, tsv), or with ``format=None`` its
+        :class:`~omni.transcribe.Segment` list; one path gives one result. ``language=None``: English
+        (no detection yet). The current windows of ``batch_size`` files are decoded together;
+        ``beam_size > 1``: beam search at temperature 0 (the fallback samples). A file
+        that cannot be read raises, or with ``return_exceptions=True`` its exception takes its place."""
+        if format is not None and format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)} (or None); got {format!r}")
+        single = isinstance(paths, (str, Path))
+        results = transcribe_files(self.model, self.processor, [paths] if single else paths,
+                                   language=language, task=task, batch_size=batch_size, beam_size=beam_size,
+                                   condition_on_previous_text=condition_on_previous_text,
+                                   temperatures=temperatures, progress_bar=progress)
+        out = []
+        for r in results:
+            if isinstance(r, Exception) and not return_exceptions:
+                raise r
+            out.append(r if isinstance(r, Exception) or format is None else format_segments(r, format))
+        return out[0] if single else out
 
 
 def pipeline_from_recipe(cfg, tokenizer) -> Pipeline:

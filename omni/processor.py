@@ -280,11 +280,12 @@ class Processor:
                         begin_suppress_ids=self.tokenizer.begin_suppress_ids())
         return {}
 
-    def batch(self, prompts: list, output: str = "text") -> tuple[list, dict]:
+    def batch(self, prompts: list, output: str = "text", **render_options) -> tuple[list, dict]:
         """Render and left-pad a batch of prompts: the rendered samples and the generation inputs
-        (``attention_mask``, and ``streams``, ``positions`` and ``media`` when they have them)."""
+        (``attention_mask``, and ``streams``, ``positions`` and ``media`` when they have them).
+        ``render_options`` go to :meth:`render` (a Whisper prompt's language, task, timestamps)."""
         samples = [self.sample(p, output) for p in prompts]
-        rendered = [self.render(s, add_generation_prompt=True) for s in samples]
+        rendered = [self.render(s, add_generation_prompt=True, **render_options) for s in samples]
         for r in rendered:
             self.check_length(len(r), "the prompt")
         ids, mask = left_pad([r.ids for r in rendered], self.vocab.pad_id)

@@ -23,7 +23,7 @@ LAYERS = [
     {"model"},
     {"generation"},
     {"processor"},
-    {"pipeline"},
+    {"pipeline", "transcribe"},  # transcribe: Whisper long-form decoding, which Pipeline.transcribe calls
     {"data"},
     {"config"},  # recipes: validated against the model's and the data's registries
     {"train", "model_card"},  # the model card is written by the trainer

@@ -312,11 +312,13 @@ def _read_ct2(dirs: list[Path]) -> tuple[dict, dict[str, torch.Tensor], dict]:
 
 
 def render_whisper(sample: Sample, tokenizer: WhisperTokenizer, *, add_generation_prompt: bool = False,
-                   language: str | None = None, task: str = "transcribe", **_) -> Rendered:
+                   language: str | None = None, task: str = "transcribe", timestamps: bool = False,
+                   **_) -> Rendered:
     """``[<|startofprev|> prompt] <|startoftranscript|> [<|lang|> <|task|>] <|notimestamps|>
     transcript <|endoftext|>``: the user turn's text is the previous-text prompt, the assistant
     turn's (or a document's) the transcript, learned with its end; the one audio clip is the
-    memory every token reads. ``add_generation_prompt``: stop before the transcript."""
+    memory every token reads. ``add_generation_prompt``: stop before the transcript;
+    ``timestamps``: no ``<|notimestamps|>`` (the transcript is decoded with timestamp tokens)."""
     audio = [s for m in sample.messages for s in m.segments if s.modality == "audio"]
     if len(audio) != 1 or audio[0].data is None:
         raise ValueError(f"a Whisper prompt holds exactly one audio clip, this one has {len(audio)}")
@@ -327,7 +329,7 @@ def render_whisper(sample: Sample, tokenizer: WhisperTokenizer, *, add_generatio
 
     prev = text(("system", "user"))
     ids = [tokenizer.sot_prev, *tokenizer.encode(" " + prev)] if prev else []
-    ids += tokenizer.prompt(language, task)
+    ids += tokenizer.prompt(language, task, timestamps)
     n_prompt = len(ids)
     if not add_generation_prompt:
         ids += tokenizer.encode(" " + text(("assistant", None))) + [tokenizer.eot]
