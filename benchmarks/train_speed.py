@@ -1,6 +1,8 @@
 """Training step time of omni against transformers on the same weights (issue 24): SmolLM2-135M's
 shape (``decode_speed.SHAPE``), random weights, fp32, full fine-tuning and LoRA (omni's
-``add_lora`` against peft's ``get_peft_model``, the same rank, scale and projections).
+``add_lora`` against peft's ``get_peft_model``, the same rank, scale and projections; omni's
+q/k/v and gate/up are fused, so one adapter each); omni eager and with its blocks compiled
+(``omni.model.compiled.compile_blocks``; the compile is the untimed warm-up).
 
     python benchmarks/train_speed.py                        # batch 4 x 256 tokens, 2 threads
     python benchmarks/train_speed.py --repeats 2 --seq 64   # a quick check
@@ -13,6 +15,7 @@ are reported too. Goal: omni <= 0.9x transformers' time. Ends with one JSON line
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,7 +39,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def step_fns(hf, ours, x: torch.Tensor, losses: dict) -> dict:
+def step_fns(hf, ours, compiled, x: torch.Tensor, losses: dict) -> dict:
     inp = x[:, :-1]
     tgt = torch.cat([inp[:, 1:], torch.full_like(inp[:, :1], -100)], dim=1)  # transformers' targets
 
@@ -46,13 +49,16 @@ def step_fns(hf, ours, x: torch.Tensor, losses: dict) -> dict:
         loss.backward()
         losses["hf"] = loss.item()
 
-    def omni_step():
-        ours.zero_grad(set_to_none=True)
-        loss = ours(inp, targets=tgt).loss
-        loss.backward()
-        losses["omni"] = loss.item()
+    def omni_step(name, model):
+        def step():
+            model.zero_grad(set_to_none=True)
+            loss = model(inp, targets=tgt).loss
+            loss.backward()
+            losses[name] = loss.item()
+        return step
 
-    return {"omni": omni_step, "hf": hf_step}
+    return {"omni": omni_step("omni", ours), "omni_compiled": omni_step("omni_compiled", compiled),
+            "hf": hf_step}
 
 
 def main(argv=None):
@@ -60,6 +66,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     from peft import LoraConfig, get_peft_model
 
+    from omni.model.compiled import compile_blocks
     from omni.model.lora import LoraSpec, add_lora
 
     x = torch.randint(0, SHAPE["vocab_size"], (args.batch, args.seq + 1),
@@ -73,16 +80,20 @@ def main(argv=None):
             add_lora(ours, spec)
             hf = get_peft_model(hf, LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                                                target_modules=HF_LORA_TARGETS))
-        hf.train()
-        ours.train()
+        compiled = copy.deepcopy(ours)
+        compile_blocks(compiled)
+        for m in (hf, ours, compiled):
+            m.train()
         losses: dict = {}
-        times = interleaved(step_fns(hf, ours, x, losses), args.repeats, warmup=1)
+        times = interleaved(step_fns(hf, ours, compiled, x, losses), args.repeats, warmup=1)
         best = {k: min(v) for k, v in times.items()}
-        results[mode] = {"step_s": best, "ratio": best["omni"] / best["hf"], "loss": losses,
+        ratio = {k: best[k] / best["hf"] for k in ("omni", "omni_compiled")}
+        results[mode] = {"step_s": best, "ratio": ratio, "loss": losses,
                          "trainable": {"omni": sum(p.numel() for p in ours.parameters() if p.requires_grad),
                                        "hf": sum(p.numel() for p in hf.parameters() if p.requires_grad)}}
-        print(f"{mode:<6} step omni {best['omni']:.3f} s  transformers {best['hf']:.3f} s  "
-              f"{best['omni'] / best['hf']:.2f}x time  (loss {losses['omni']:.5f} / {losses['hf']:.5f})")
+        print(f"{mode:<6} step (s): omni {best['omni']:.3f}, compiled {best['omni_compiled']:.3f}, "
+              f"transformers {best['hf']:.3f}: {best['omni'] / best['hf']:.2f}x / "
+              f"{best['omni_compiled'] / best['hf']:.2f}x time; loss {losses}")
     config = {"shape": SHAPE, "batch": args.batch, "seq": args.seq, "repeats": args.repeats,
               "dtype": "float32", "goal_ratio_max": 0.9}
     return json_line("train_speed", args.threads, config, results)
