@@ -9,6 +9,7 @@ import torch
 
 from omni.model.audio_codes import EMPTY
 from omni.model.backbone import KVCache
+from omni.model.compiled import compiled_step, static_cache_len
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None,
@@ -81,7 +82,8 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
                   allowed: range | Callable[[int], range] | None = None,
                   suppress_ids: Sequence[int] = (), begin_suppress_ids: Sequence[int] = (),
                   seed: int | None = None, positions: torch.Tensor | None = None,
-                  media: list | None = None, streams: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+                  media: list | None = None, streams: torch.Tensor | None = None,
+                  compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next ids ``(B,)`` step by step; finished rows yield ``pad_id``.
 
     attention_mask (B, T): 1 for real tokens, 0 for left padding. allowed: restrict sampling to
@@ -92,7 +94,9 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
     each row's prompt (not its padding) and what it generated.
     Generation also stops at the model's context length. positions ((B, T) or (3, B, T)) and
     media (``(row, MediaSlot)`` pairs) come from rendered prompts that hold media; streams
-    (B, K-1, T) from prompts that hold audio codes in the delay layout.
+    (B, K-1, T) from prompts that hold audio codes in the delay layout. compile: decode through
+    the compiled static-shape step (:mod:`omni.model.compiled`; its first call compiles, tens of
+    seconds), the same ids faster; not for cross-attention backbones.
     """
     _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     vocab = model.vocab
@@ -113,13 +117,15 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
                        for ids in (suppress_ids, begin_suppress_ids))
 
     dtype = next(model.parameters()).dtype
-    cache = KVCache(model.config.backbone, B, T + max_new_tokens, device=model.device, dtype=dtype)
+    size = static_cache_len(T + max_new_tokens, model.max_seq_len) if compile else T + max_new_tokens
+    cache = KVCache(model.config.backbone, B, size, device=model.device, dtype=dtype)
     key_padding = attention_mask.bool().to(model.device) if attention_mask is not None else None
     if positions is not None:
         positions = positions.to(model.device)
     logits = model(input_ids.to(model.device), positions=positions, key_padding=key_padding, cache=cache,
                    media=media, streams=None if streams is None else streams.to(model.device),
                    last_only=True).logits[:, -1]
+    decode = _decoder(model, cache, compile)
     next_pos = _next_positions(positions)
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
     seen = torch.zeros(B, vocab.size, dtype=torch.bool, device=model.device)
@@ -141,8 +147,23 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
         done = done | torch.isin(nxt, stops)
         if bool(done.all()) or step == max_new_tokens - 1:
             return
-        logits = model(nxt[:, None], cache=cache,
-                       positions=_step_positions(next_pos, positions, step)).logits[:, -1]
+        logits = decode(nxt[:, None], _step_positions(next_pos, positions, step))
+
+
+def _decoder(model, cache: KVCache, compile: bool):
+    """A decoding step's model call, ``(ids (B, 1), positions or None: counted by the cache) ->
+    logits (B, V)``: the eager forward, or the compiled step on the cache made static."""
+    if not compile:
+        return lambda ids, pos: model(ids, cache=cache, positions=pos).logits[:, -1]
+    step = compiled_step()
+    cache.make_static()
+
+    def run(ids, pos):
+        logits = step(model.decode_step, ids, cache.num_valid if pos is None else pos, cache)
+        cache.advance(1, None)
+        return logits
+
+    return run
 
 
 def _span_bias(size: int, span: range, device) -> torch.Tensor:

@@ -72,6 +72,17 @@ def test_left_padded_batch_equals_each_prompt_alone(model, text_tokenizer):
     assert len({tuple(r) for r in batch.tolist()}) == 3
 
 
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_eager_ids(model, text_tokenizer):
+    """compile=True (a compiled static-shape step; one row takes the one-row matmul path) decodes
+    the same greedy ids as the eager loop, a left-padded batch included."""
+    ids, mask = left_pad([_prompt(text_tokenizer, p) for p in PROMPTS], text_tokenizer.vocab.pad_id)
+    for rows in (slice(2, 3), slice(0, 3)):
+        args = dict(attention_mask=mask[rows], max_new_tokens=12, stop_ids=[])
+        eager = generate(model, ids[rows], **args)
+        assert torch.equal(generate(model, ids[rows], compile=True, **args), eager)
+
+
 def test_top_k_1_and_tiny_top_p_equal_greedy(model, text_tokenizer):
     ids, mask = left_pad([_prompt(text_tokenizer, p) for p in PROMPTS], text_tokenizer.vocab.pad_id)
     kw = dict(attention_mask=mask, max_new_tokens=10, stop_ids=[])

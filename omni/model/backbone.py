@@ -321,26 +321,38 @@ class CrossBlock(nn.Module):
 class KVCache:
     """Preallocated keys/values for every layer plus which cached positions are real (not padding).
 
-    ``k, v: (L, B, Hkv, S_max, hd)``; ``valid: (B, S_max)``; ``length``: positions filled so far.
+    ``k[layer], v[layer]: (B, Hkv, S_max, hd)``, one tensor per layer (a compiled step updates
+    each in place); ``valid: (B, S_max)``; ``length``: positions filled so far. After
+    ``make_static``, ``slot`` is ``length`` as a tensor and :meth:`Backbone.decode` steps run on it.
     """
 
     def __init__(self, cfg: BackboneConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.num_valid = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # real tokens per row
         self.max_len = max_len
         self.length = 0
+        self.slot: torch.Tensor | None = None  # (1,): where a static step writes its keys/values
         self.has_padding = False
         self.memory: Memory | None = None  # cross-attention memory, set by the prompt pass
         self.cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> memory keys/values
 
+    def make_static(self) -> None:
+        """From now on, write at ``slot`` and attend over all ``max_len`` slots (a mask hides the
+        unfilled ones): the same shapes at every step, for :meth:`Backbone.decode`."""
+        self.slot = torch.tensor([self.length], device=self.valid.device)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.slot is not None:
+            self.k[layer].index_copy_(2, self.slot, k)
+            self.v[layer].index_copy_(2, self.slot, v)
+            return self.k[layer], self.v[layer]
         start, end = self.length, self.length + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def mark_padding(self, key_padding: torch.Tensor) -> None:
         """Record which of the next ``key_padding.shape[1]`` positions are real (True) or padding."""
@@ -352,11 +364,14 @@ class KVCache:
         """Count ``n`` new positions (``key_padding`` says which are real) once every layer has them."""
         self.length += n
         self.num_valid += n if key_padding is None else key_padding.sum(-1, keepdim=True)
+        if self.slot is not None:
+            self.slot += n
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep, repeat or permute the batch rows (beam search): row ``i`` becomes old row ``rows[i]``."""
-        rows = rows.to(self.k.device)
-        self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+        rows = rows.to(self.valid.device)
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
         self.valid, self.num_valid = self.valid.index_select(0, rows), self.num_valid.index_select(0, rows)
         if self.memory is not None:
             m = self.memory
@@ -577,6 +592,21 @@ class Backbone(nn.Module):
             x = self._run(layer, x, cos, sin, mask, is_causal, cache, xa if inside else None)
         if cache is not None:
             cache.advance(T, key_padding)
+        return self.norm(x)
+
+    def decode(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per row, ``x (B, 1, D)``, on a static cache (``KVCache.make_static``):
+        keys/values go to ``cache.slot`` and a mask (real, filled slots) stands in for slicing, so
+        every step has the same shapes and ``torch.compile`` traces it once. The caller advances
+        the cache. Cross-attention blocks are not supported here."""
+        if len(self.cross):
+            raise ValueError("static decoding does not support cross-attention blocks")
+        cos, sin = self.rotary(positions)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        filled = torch.arange(cache.max_len, device=x.device) <= cache.slot
+        mask = (cache.valid & filled)[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, False, cache)
         return self.norm(x)
 
     def _run(self, block, *args):

@@ -192,6 +192,12 @@ class OmniModel(nn.Module):
                     total, mass, n = total + part, mass + m, n + c
         return ModelOutput(logits, total / mass if n else total, n, aux_loss)
 
+    def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The logits ``(B, V)`` after one new id per row, ``ids (B, 1)`` at ``positions``, on a
+        static cache (:meth:`Backbone.decode`, what ``generate(..., compile=True)`` compiles);
+        the caller advances the cache."""
+        return self.lm_head(self.backbone.decode(self.embed(ids), positions, cache))[:, -1]
+
     def embed_ids(self, input_ids: torch.Tensor, streams: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (B, T, D): stream 0 plus the delay streams, summed (EMPTY ids add nothing)."""
         x = self._embed_ids(input_ids)

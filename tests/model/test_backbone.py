@@ -102,6 +102,27 @@ def test_kv_cache_matches_full_forward(prefill):
 
 
 @torch.no_grad()
+def test_static_decode_steps_match_full_forward():
+    """``decode`` on a static cache (written at a slot, a mask instead of slicing, room to spare)
+    gives what the full forward gives, for a left-padded row too; it advances nothing itself."""
+    bb = _backbone()
+    x = _x(2, 9)
+    padding = torch.tensor([[True] * 9, [False, False] + [True] * 7])
+    pos = (padding.cumsum(-1) - 1).clamp(min=0)
+    full = bb(x, pos, key_padding=padding)
+    cache = KVCache(bb.config, 2, 16)
+    outs = [bb(x[:, :5], pos[:, :5], key_padding=padding[:, :5], cache=cache)]
+    cache.make_static()
+    for t in range(5, 9):
+        outs.append(bb.decode(x[:, t:t + 1], cache.num_valid.clone(), cache))
+        assert cache.length == t and int(cache.slot) == t
+        cache.advance(1, None)
+    torch.testing.assert_close(torch.cat(outs, dim=1)[padding], full[padding], atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="cross-attention"):
+        _backbone(cross_attention={"every": 1}).decode(x[:, :1], _pos(2, 1), cache)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("num_kv_heads", [1, 2])
 def test_grouped_query_attention_equals_mha_with_repeated_kv(num_kv_heads):
     gqa = _backbone(num_heads=4, num_kv_heads=num_kv_heads)
