@@ -23,6 +23,7 @@ step with a checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -201,7 +202,9 @@ class Throughput:
 class RowStream:
     """Deterministic, resumable order over dataset rows: a fresh seeded permutation per epoch.
 
-    ``cursor`` counts rows consumed so far; it is the data position saved in checkpoints.
+    ``cursor`` counts rows consumed so far; it is the data position saved in checkpoints. The
+    rows of a packed dataset are planned from its samples' lengths when it is built, so the
+    cursor alone restores the exact stream, mixtures included (``omni.data.tasks``).
     """
 
     def __init__(self, num_rows: int, seed: int):
@@ -217,6 +220,34 @@ class RowStream:
                 self._perm, self._epoch = torch.randperm(self.num_rows, generator=g).tolist(), epoch
             out.append(self._perm[i])
         return out
+
+
+class MicroBatches:
+    """This process's rows of every global micro-batch of ``batch_size`` rows, from ``cursor`` on,
+    forever: a DataLoader's ``batch_sampler``. Each micro-batch is split evenly over the ``world``
+    processes, so each row is read once per epoch by one process; the loader's workers read and
+    pack the rows, in order."""
+
+    def __init__(self, stream: RowStream, cursor: int, batch_size: int, rank: int = 0, world: int = 1):
+        self.stream, self.cursor, self.batch_size = stream, cursor, batch_size
+        self.rank, self.world = rank, world
+
+    def __iter__(self):
+        share = self.batch_size // self.world
+        for cursor in itertools.count(self.cursor, self.batch_size):
+            yield self.stream.take(cursor, self.batch_size)[self.rank * share:(self.rank + 1) * share]
+
+
+def batches(dataset, stream: RowStream, cursor: int, batch_size: int, rank: int = 0, world: int = 1,
+            num_workers: int = 0, mrope: bool = False):
+    """This process's collated micro-batches from ``cursor`` on (:class:`MicroBatches`), read by
+    ``num_workers`` DataLoader processes (0: in this one, as each is asked for). The loader's own
+    seed comes from a generator of its own, so the global RNG streams stay those of a run without it."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=MicroBatches(stream, cursor, batch_size, rank, world),
+        collate_fn=functools.partial(type(dataset).collate, mrope=mrope), num_workers=num_workers,
+        generator=torch.Generator())
+    return iter(loader)
 
 
 def _mixed_precision(choice: str) -> str:
@@ -376,6 +407,7 @@ class Trainer:
         self.window = Throughput()
         self.first_loss = self.last_loss = self.val_loss = None
         self.checkpoint: Path | None = None  # the newest checkpoint this run wrote
+        self.batches = None  # this process's micro-batches (batches()), made at the first step
 
     @contextlib.contextmanager
     def run_folder(self):
@@ -400,8 +432,9 @@ class Trainer:
             init_from(model, cfg.model.pretrained)
         self.n_trainable = apply_stages(model, tc)
         bars = None if tc.progress and acc.is_main_process else False  # on a terminal: rows as rendered
-        self.train_set, self.val_set = (dataset_for(cfg.data, split, self.processor, tc.seed,
-                                                    progress=bars) for split in ("train", "val"))
+        with acc.main_process_first():  # the main process builds missing sample caches, the others read them
+            self.train_set, self.val_set = (dataset_for(cfg.data, split, self.processor, tc.seed,
+                                                        progress=bars) for split in ("train", "val"))
         optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay, tc.lr_scale), lr=tc.lr,
                                       betas=tuple(tc.betas), foreach=True)
         self.state, scaler_state = self._resume(resume_path, run_id, model, optimizer)
@@ -497,15 +530,15 @@ class Trainer:
         start = time.perf_counter()
         lr = self.schedule.lr_at(state.step, state.train_seconds)
         set_lr(self.optimizer, lr)
-        share = tc.batch_size // self.world  # this process's rows of each global micro-batch
+        if self.batches is None:
+            self.batches = batches(self.train_set, self.stream, state.cursor, tc.batch_size, self.rank,
+                                   self.world, tc.num_workers, self.cfg.model.mrope)
         step_loss = torch.zeros((), device=acc.device)
         step_aux, has_aux = torch.zeros((), device=acc.device), False
         parts: dict[str, torch.Tensor] = {}
         for micro in range(tc.grad_accum):
-            rows = self.stream.take(state.cursor, tc.batch_size)[self.rank * share:(self.rank + 1) * share]
+            batch = _to_device(next(self.batches), acc.device)
             state.cursor += tc.batch_size
-            samples = [self.train_set[i] for i in rows]
-            batch = _to_device(self.train_set.collate(samples, self.cfg.model.mrope), acc.device)
             sync = micro == tc.grad_accum - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
                 with acc.autocast():
@@ -647,6 +680,7 @@ class Trainer:
         """End the run: stopped by a signal, it only says so (its checkpoint resumes it); else the
         main process exports the model, the loss plot and the model card."""
         acc, state, received = self.accelerator, self.state, self.signals.received
+        self.batches = None  # ends the loader's workers
         result = (self.out_dir, state.step, self.first_loss, self.last_loss, self.val_loss,
                   self.window.tokens_per_s)
         if received is not None or (self.world > 1 and stop):
