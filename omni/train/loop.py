@@ -359,6 +359,27 @@ def _check_data(cfg: RecipeConfig) -> None:
                                  "(kinds: `omni data build --help`)")
 
 
+def build_pipeline(cfg: RecipeConfig, accelerator) -> Pipeline:
+    """The recipe's freshly built model and processor (seeded; the tokenizer trained first when
+    missing; started from ``model.pretrained``): what training and ``omni data prepare`` prepare
+    samples with."""
+    set_seed(cfg.train.seed)
+    built = pipeline_from_recipe(cfg, prepare_tokenizer(cfg, accelerator))
+    if cfg.model.pretrained:
+        init_from(built.model, cfg.model.pretrained)
+    return built
+
+
+def prepare_data(cfg: RecipeConfig) -> dict:
+    """``omni data prepare``: the recipe's prepared-sample caches built ahead of training (what
+    ``omni train`` builds where missing before its first step), with a bar per manifest; returns
+    the train and val datasets."""
+    _check_data(cfg)
+    processor = build_pipeline(cfg, Accelerator(cpu=True)).processor
+    return {split: dataset_for(cfg.data, split, processor, cfg.train.seed, progress=None)
+            for split in ("train", "val")}
+
+
 def train(cfg: RecipeConfig) -> TrainResult:
     """Train ``cfg`` to completion (resuming from ``<out_dir>/checkpoints`` when asked) and export the
     model. The main process holds the run folder's lock throughout; SIGTERM/SIGINT end the run early
@@ -425,11 +446,8 @@ class Trainer:
         order that keeps the random streams of a run the same."""
         cfg, tc, acc = self.cfg, self.tc, self.accelerator
         resume_path, run_id = _decide(cfg, acc)
-        set_seed(tc.seed)
-        built = pipeline_from_recipe(cfg, prepare_tokenizer(cfg, acc))
+        built = build_pipeline(cfg, acc)
         model, self.processor = built.model, built.processor
-        if cfg.model.pretrained:
-            init_from(model, cfg.model.pretrained)
         self.n_trainable = apply_stages(model, tc)
         bars = None if tc.progress and acc.is_main_process else False  # on a terminal: rows as rendered
         with acc.main_process_first():  # the main process builds missing sample caches, the others read them
