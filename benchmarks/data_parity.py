@@ -2,7 +2,7 @@
 prepared-sample caches (issue 26), compared loss by loss.
 
     python benchmarks/data_parity.py                                  # text/tiny, llava/caption_tiny
-    python benchmarks/data_parity.py --recipes text/tiny --steps 10
+    python benchmarks/data_parity.py --recipes llava/caption_tiny --warmup-steps 10   # warmup <= steps
 
 Each recipe trains ``--steps`` steps twice through ``omni train`` on the built corpora (``data/``),
 once with the code at ``--old-rev`` (``git archive``) and once with this tree (its cache built on
@@ -30,6 +30,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipes", nargs="*", default=["text/tiny", "llava/caption_tiny"])
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup-steps", type=int, help="train.warmup_steps (default: the recipe's)")
     p.add_argument("--old-rev", default="218c701")
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
@@ -59,6 +60,8 @@ def main(argv=None) -> dict:
             cmd = [sys.executable, "-m", "omni.cli", "train", recipe, f"train.out_dir={out}",
                    f"train.steps={args.steps}", "train.log_every=1", f"train.eval_every={args.steps}",
                    f"train.save_every={args.steps}", "train.progress=false", *extra]
+            if args.warmup_steps is not None:
+                cmd.append(f"train.warmup_steps={args.warmup_steps}")
             env = {**os.environ, "PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1",
                    "OMP_NUM_THREADS": str(args.threads)}
             p = subprocess.run(cmd, cwd=str(ROOT), env=env, capture_output=True, text=True)
@@ -70,7 +73,8 @@ def main(argv=None) -> dict:
         same = all(r == runs["old"] for r in runs.values())
         results[recipe] = {**runs, "identical": same}
         print(f"{recipe}: identical losses in all runs: {same}", flush=True)
-    return json_line("data_parity", args.threads, {"steps": args.steps, "old_rev": args.old_rev}, results)
+    config = {"steps": args.steps, "warmup_steps": args.warmup_steps, "old_rev": args.old_rev}
+    return json_line("data_parity", args.threads, config, results)
 
 
 if __name__ == "__main__":

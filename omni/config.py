@@ -151,12 +151,16 @@ class DataConfig(TaskData):
     mixture: list[TaskData] = field(default_factory=list)
     # prepared samples (omni.data.cache): "" keeps each task's in a `cache` folder beside its manifests
     cache_dir: str = ""
+    cache_workers: int = 0  # processes that build a cache's shards (0: the training process)
 
     def tasks(self) -> list[TaskData]:
         return list(self.mixture) or [self]
 
     def validate(self):
         choice("data.on_bad_sample", self.on_bad_sample, ("skip", "error"))
+        if self.cache_workers < 0:
+            raise ValueError(f"data.cache_workers must be >= 0 (0: build in the training process), "
+                             f"got {self.cache_workers}")
         positive("data.seq_len", self.seq_len)
         if not self.mixture:
             return super().validate()

@@ -17,9 +17,13 @@ task and the processor, see ``omni.data.tasks``)::
     index.json          written last: what the cache was built from, the shards, the counts
 
 A build holds the folder's lock (``omni.io.exclusive``: a second builder is refused), shows a bar
-counting rows, and writes each shard atomically, so a killed build resumes at its first missing
-shard. Opening a cache checks every shard; a damaged one (truncated, unreadable, the wrong number
-of samples) is rebuilt alone.
+counting rows and writes each shard atomically, so a killed build resumes at its first missing
+shard; it may spread the shards over forked processes (``data.cache_workers``). Opening a cache
+checks every shard; a damaged one (truncated, unreadable, the wrong number of samples) is
+rebuilt alone.
+
+A frozen tower's output features are cached when its encoder computes them in ``prepare``
+(``model.media.audio.precompute``); other towers' inputs are cached, their outputs are not.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ import hashlib
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -185,58 +191,85 @@ def _write_shard(path: Path, examples: Iterable[dict]) -> int:
     return n
 
 
+_JOB: tuple = ()  # (render, on_bad) of the build in progress: forked build workers inherit it
+
+
+def _build_shard(folder: Path, k: int, chunk: list, tick: Callable[[int], object] | None = None) -> int:
+    """Shard ``k`` from its manifest rows ``chunk`` ((n, row) pairs) through ``_JOB``, then its
+    ``.json`` (which marks it done); returns the rows done. ``tick(1)`` after each row."""
+    render, on_bad = _JOB
+    bad, streams = [], [0]
+
+    def examples():
+        for n, row in chunk:
+            try:
+                r = render(row)
+            except BAD_FILE_ERRORS as e:
+                bad.append(on_bad(n, row, e))
+            else:
+                streams[0] = max(streams[0], 0 if r.streams is None else r.streams.shape[0])
+                yield to_example(n, r)
+            if tick is not None:
+                tick(1)
+
+    n = _write_shard(_shard(folder, k), examples())
+    atomic_write_json(_shard(folder, k).with_suffix(".json"),
+                      {"rows": len(chunk), "samples": n, "bad": bad, "num_streams": streams[0]})
+    return len(chunk)
+
+
+def _single_threaded() -> None:
+    torch.set_num_threads(1)  # a build worker: the processes share the cores
+
+
 def build(folder: Path, rows: Iterable[dict], render: Callable[[dict], Rendered],
           on_bad: Callable[[int, dict, Exception], dict], meta: dict, total: int | None = None,
-          desc: str = "", progress: bool | None = False) -> CachedSamples:
+          desc: str = "", progress: bool | None = False, workers: int = 0) -> CachedSamples:
     """The cache in ``folder`` for the manifest ``rows``, built where missing: each row through
     ``render`` (a ``BAD_FILE_ERRORS`` error makes it a bad row: ``on_bad(n, row, error)`` logs it
     and returns its entry for ``bad_samples.jsonl``, or raises to stop the build). ``meta``
-    (what the cache was built from) goes into ``index.json``."""
+    (what the cache was built from) goes into ``index.json``. ``workers`` > 0: shards are built by
+    that many forked processes (each single-threaded), else in this one."""
+    global _JOB
     folder = Path(folder)
     try:
         return CachedSamples(folder)
     except Incomplete:
         pass
     with exclusive(folder, "sample cache"):
-        try:  # another builder may have finished while this one waited for the manifest
+        try:  # read again under the lock: another builder may have just finished
             return CachedSamples(folder)
         except Incomplete:
             pass
         for tmp in folder.glob(".tmp-*"):
             tmp.unlink()
         bar = progress_bar(total=total, desc=desc, unit="row", enabled=progress)
-        samples, bad, num_streams = [], [], 0
-        numbered = enumerate(rows)
-        for k in itertools.count():
-            chunk = list(itertools.islice(numbered, SHARD_ROWS))
-            if not chunk:
-                break
-            done = _shard(folder, k).with_suffix(".json")
-            if not done.is_file():
-                shard_bad, streams = [], [0]
-
-                def examples():
-                    for n, row in chunk:
-                        try:
-                            r = render(row)
-                        except BAD_FILE_ERRORS as e:
-                            shard_bad.append(on_bad(n, row, e))
-                        else:
-                            streams[0] = max(streams[0], 0 if r.streams is None else r.streams.shape[0])
-                            yield to_example(n, r)
-                        bar.update(1)
-
-                n = _write_shard(_shard(folder, k), examples())
-                atomic_write_json(done, {"rows": len(chunk), "samples": n, "bad": shard_bad,
-                                         "num_streams": streams[0]})
-            else:
-                bar.update(len(chunk))
-            info = read_json(done)
-            samples.append(info["samples"])
-            bad += info["bad"]
-            num_streams = max(num_streams, info["num_streams"])
+        _JOB = (render, on_bad)
+        pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                    initializer=_single_threaded) if workers else None)
+        pending, numbered, shards = [], enumerate(rows), 0
+        try:
+            while chunk := list(itertools.islice(numbered, SHARD_ROWS)):
+                k, shards = shards, shards + 1
+                if _shard(folder, k).with_suffix(".json").is_file():
+                    bar.update(len(chunk))
+                elif pool is None:
+                    _build_shard(folder, k, chunk, bar.update)
+                else:
+                    pending.append(pool.submit(_build_shard, folder, k, chunk))
+                    while len(pending) > 2 * workers:  # a bounded number of shards' rows in flight
+                        bar.update(pending.pop(0).result())
+            for job in pending:
+                bar.update(job.result())
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+            _JOB = ()
         bar.close()
+        infos = [read_json(_shard(folder, k).with_suffix(".json")) for k in range(shards)]
+        bad = [b for info in infos for b in info["bad"]]
         atomic_write_bytes(folder / BAD, "".join(json.dumps(b) + "\n" for b in bad).encode())
-        atomic_write_json(folder / INDEX, {**meta, "version": VERSION, "samples": samples,
-                                           "num_bad": len(bad), "num_streams": num_streams})
+        atomic_write_json(folder / INDEX, {
+            **meta, "version": VERSION, "samples": [i["samples"] for i in infos], "num_bad": len(bad),
+            "num_streams": max((i["num_streams"] for i in infos), default=0)})
     return CachedSamples(folder)

@@ -387,11 +387,12 @@ def cache_key(manifest: Path, spec: TaskSpec, proc: Processor, max_rows: int | N
 
 def manifest_samples(manifest: str | Path, spec: TaskSpec, processor, seq_len: int,
                      on_bad_sample: str = "skip", progress: bool | None = False, max_rows: int | None = None,
-                     cache_dir: str | Path | None = None):
+                     cache_dir: str | Path | None = None, workers: int = 0):
     """Every usable row of ``manifest`` rendered: read from (or first written to) a prepared-sample
     cache under ``cache_dir`` (:class:`omni.data.cache.CachedSamples`), or in memory without one
-    (:class:`RenderedSamples`). Bad rows are skipped and counted (``num_bad``) or, with
-    ``on_bad_sample=error``, raise naming the row, also when a cache lists them."""
+    (:class:`RenderedSamples`); ``workers`` processes build a cache (0: this one). Bad rows are
+    skipped and counted (``num_bad``) or, with ``on_bad_sample=error``, raise naming the row, also
+    when a cache lists them."""
     proc, manifest = text_processor(processor), Path(manifest)
     if cache_dir is None:
         return RenderedSamples(*render_manifest(manifest, spec, proc, seq_len, on_bad_sample, progress,
@@ -405,7 +406,7 @@ def manifest_samples(manifest: str | Path, spec: TaskSpec, processor, seq_len: i
                           _renderer(spec, proc, manifest.parent),
                           lambda n, row, e: _bad_row(manifest, n, row, e, on_bad_sample), meta,
                           total=_count_lines(manifest) if max_rows is None else max_rows,
-                          desc=_work(manifest, spec), progress=progress)
+                          desc=_work(manifest, spec), progress=progress, workers=workers)
     if samples.num_bad:
         first = samples.bad_rows()[0]
         if on_bad_sample == "error":
@@ -583,11 +584,11 @@ class TaskDataset(PackedDataset):
 
     def __init__(self, manifest: str | Path, spec: TaskSpec, processor, seq_len: int,
                  on_bad_sample: str = "skip", progress: bool | None = False, max_rows: int | None = None,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, cache_workers: int = 0):
         proc = text_processor(processor)
         self.manifest, self.spec = Path(manifest), spec
         samples = manifest_samples(manifest, spec, proc, seq_len, on_bad_sample, progress, max_rows,
-                                   cache_dir)
+                                   cache_dir, cache_workers)
         usable = _usable(samples, seq_len, self.manifest, spec, on_bad_sample)
         # Pre-training text and audio documents may flow across rows; a turn structure stays whole.
         super().__init__([samples], (np.zeros(len(usable)), usable), seq_len, proc.vocab.pad_id,
@@ -603,13 +604,14 @@ class MixtureDataset(PackedDataset):
 
     def __init__(self, parts: list[tuple[str, str | Path, TaskSpec, float, float]], processor,
                  seq_len: int, on_bad_sample: str = "skip", weighted: bool = True, seed: int = 0,
-                 progress: bool | None = False, cache_dir: str | Path | list | None = None):
+                 progress: bool | None = False, cache_dir: str | Path | list | None = None,
+                 cache_workers: int = 0):
         proc = text_processor(processor)
         dirs = cache_dir if isinstance(cache_dir, list) else [cache_dir] * len(parts)
         sources, usable, num_bad = [], [], 0
         for (_, manifest, spec, _, _), folder in zip(parts, dirs):
             samples = manifest_samples(manifest, spec, proc, seq_len, on_bad_sample, progress,
-                                       cache_dir=folder)
+                                       cache_dir=folder, workers=cache_workers)
             usable.append(_usable(samples, seq_len, Path(manifest), spec, on_bad_sample))
             sources.append(samples)
             num_bad += samples.num_bad + len(samples) - len(usable[-1])
@@ -648,11 +650,12 @@ def dataset_for(data, split: str, processor, seed: int = 0, progress: bool | Non
             return PairDataset(Path(data.path) / f"{split}.jsonl", TaskSpec.of(data), processor, data.seq_len,
                                data.on_bad_sample, progress)
         return TaskDataset(Path(data.path) / f"{split}.jsonl", TaskSpec.of(data), processor, data.seq_len,
-                           data.on_bad_sample, progress, cache_dir=dirs[0])
+                           data.on_bad_sample, progress, cache_dir=dirs[0], cache_workers=data.cache_workers)
     parts = [(p.label, Path(p.path) / f"{split}.jsonl", TaskSpec.of(p), p.weight, p.loss_weight)
              for p in data.mixture]
     return MixtureDataset(parts, processor, data.seq_len, data.on_bad_sample,
-                          weighted=split == "train", seed=seed, progress=progress, cache_dir=dirs)
+                          weighted=split == "train", seed=seed, progress=progress, cache_dir=dirs,
+                          cache_workers=data.cache_workers)
 
 
 def collate(rows: list[PackedRow], mrope: bool = False) -> dict:

@@ -164,3 +164,13 @@ def test_bad_rows_are_listed_beside_the_cache_and_raise_under_on_bad_sample_erro
     with pytest.raises(ValueError, match=r"train.jsonl: row 3: no non-empty string field 'text'"):
         TaskDataset(m, TaskSpec("text"), debug_model, seq_len=32, cache_dir=tmp_path / "cache",
                     on_bad_sample="error")
+
+
+def test_shards_built_by_several_processes_are_the_ones_one_process_builds(tiny_corpus, debug_model, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(cache, "SHARD_ROWS", 7)
+    spec, m = TaskSpec("text"), tiny_corpus / "train.jsonl"
+    one = TaskDataset(m, spec, debug_model, seq_len=64, cache_dir=tmp_path / "one")
+    several = TaskDataset(m, spec, debug_model, seq_len=64, cache_dir=tmp_path / "several", cache_workers=2)
+    assert len(list((tmp_path / "several").glob("*/shard-*.arrow"))) > 2
+    _same_rows(list(several), list(one))
