@@ -27,7 +27,7 @@ from omni.tokenizers.text import TextTokenizer, corpus_texts
 from omni.tokenizers.whisper import WhisperTokenizer
 from omni.train import TrainingError, train
 from omni.train.codec import format_report, load_codec_spec, train_codec
-from omni.train.loop import read_metrics
+from omni.train.loop import prepare_data, read_metrics
 from omni.transcribe import FORMATS, format_segments
 from omni.weights import BUNDLED, bundled
 
@@ -59,6 +59,14 @@ def cmd_train(args) -> int:
         span = span or f"{res.first_loss:.3f} -> {res.final_loss:.3f}"
         print(f"trained {cfg.name}: {res.steps} steps, loss {span}, val loss {res.val_loss:.3f}; "
               f"model in {res.out_dir}")
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    cfg = load_recipe(args.recipe, args.overrides)
+    for split, ds in prepare_data(cfg).items():
+        print(f"{cfg.name} {split}: {ds.num_docs} samples ({ds.num_bad} bad), {len(ds)} rows of "
+              f"{cfg.data.seq_len} tokens")
     return 0
 
 
@@ -448,8 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "encoder's CTC head (e.g. 0.3; results in eval_<split>_beam<N>_ctc<W>.json)")
     e.set_defaults(fn=cmd_eval)
 
-    d = sub.add_parser("data", help="build corpora").add_subparsers(dest="data_command", required=True,
-                                                                     metavar="ACTION", help="data action")
+    d = sub.add_parser("data", help="build corpora, prepare samples").add_subparsers(
+        dest="data_command", required=True, metavar="ACTION", help="data action")
     b = d.add_parser("build", help="build a corpus (media + JSONL manifests with train/val/test splits)",
                      epilog=EPILOG)
     b.add_argument("kind", choices=["text", "chat", "images", "video", "speech", "sounds"],
@@ -473,6 +481,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chat only: answers are the lead paragraph's first sentences within N characters "
                         "(default: 600)")
     b.set_defaults(fn=cmd_data_build)
+    dp = d.add_parser(
+        "prepare", epilog=EPILOG,
+        help="prepare a recipe's samples ahead of training (what `omni train` does where missing)",
+        description="Render every row of a recipe's train and val manifests once (media decoded and "
+                    "preprocessed, audio codec-encoded) into a prepared-sample cache that training reads "
+                    "memory-mapped: data.cache_dir, or a `cache` folder beside the manifests. A killed run "
+                    "resumes; a finished cache is reused.")
+    dp.add_argument("recipe", help="a recipe name under recipes/ (e.g. llava/caption_tiny) or a YAML path")
+    dp.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe values, as for train")
+    dp.set_defaults(fn=cmd_data_prepare)
 
     k = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(
         dest="tok_command", required=True, metavar="ACTION", help="tokenizer action")

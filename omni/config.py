@@ -146,12 +146,18 @@ class DataConfig(TaskData):
     seq_len: int = 256
     on_bad_sample: str = "skip"
     mixture: list[TaskData] = field(default_factory=list)
+    # prepared samples (omni.data.cache): "" keeps each task's in a `cache` folder beside its manifests
+    cache_dir: str = ""
+    cache_workers: int = 0  # processes that build a cache's shards (0: the training process)
 
     def tasks(self) -> list[TaskData]:
         return list(self.mixture) or [self]
 
     def validate(self):
         choice("data.on_bad_sample", self.on_bad_sample, ("skip", "error"))
+        if self.cache_workers < 0:
+            raise ValueError(f"data.cache_workers must be >= 0 (0: build in the training process), "
+                             f"got {self.cache_workers}")
         positive("data.seq_len", self.seq_len)
         if not self.mixture:
             return super().validate()
@@ -210,6 +216,7 @@ class TrainConfig(Optimization):
     overwrite: bool = False  # a new run in a folder that holds one moves the old run aside (never deletes it)
     resume_changed: bool = False  # resume although the recipe changed in a way that breaks exactness
     progress: bool = True
+    num_workers: int = 0  # DataLoader worker processes reading and packing rows (0: in the training process)
     export: str = "last"  # the model written to out_dir: the last weights, or those with the best val loss
     # stages (omni/train/stages.py): globs over module names that train (None: all), a run whose
     # weights to start from (a list: each run in turn, a later one's tensors over an earlier's), and
@@ -226,6 +233,9 @@ class TrainConfig(Optimization):
         self.validate_optimization("train.")
         for key in ("grad_accum", "eval_every", "eval_batches", "save_every", "keep_checkpoints"):
             positive(f"train.{key}", getattr(self, key))
+        if self.num_workers < 0:
+            raise ValueError(f"train.num_workers must be >= 0 (0: read data in the training process), "
+                             f"got {self.num_workers}")
         for pattern, scale in (self.lr_scale or {}).items():
             if scale <= 0:
                 raise ValueError(f"train.lr_scale.{pattern} must be > 0, got {scale}")

@@ -16,6 +16,10 @@ model's in a checkpoint folder: ``tokenizer/`` and ``codec/`` (:meth:`Processor.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import tempfile
 import weakref
 from dataclasses import replace
 from pathlib import Path
@@ -119,6 +123,28 @@ class Processor:
             self.tokenizer.save(folder / TOKENIZER_DIR)
         if self.codec is not None:
             self.codec.save(folder / CODEC_DIR)
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides what :meth:`prepare`, :meth:`encode_audio` and
+        :meth:`render` produce: the tokenizer's files, the codec's files (its weights), each media
+        encoder's preprocessing config (and a frozen tower's weights when it ``precompute``s its
+        features here) and the rendering options. A prepared-sample cache is keyed by it
+        (``omni.data.cache``), so a changed tokenizer, codec or tower never reuses one."""
+        h = hashlib.sha256()
+        with tempfile.TemporaryDirectory(prefix="omni_fingerprint.") as tmp:
+            self.write_files(Path(tmp))
+            for f in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
+                h.update(f.relative_to(tmp).as_posix().encode() + b"\0" + f.read_bytes())
+        options = {k: sorted(v) if isinstance(v, set) else dataclasses.asdict(v) if k == "vocab" else v
+                   for k, v in self.render_options.items()}
+        encoders = {m: [type(e).__name__, e.standalone_config()] for m, e in sorted(self.encoders.items())}
+        h.update(json.dumps([options, encoders], sort_keys=True, default=repr).encode())
+        for m, e in sorted(self.encoders.items()):
+            if getattr(e, "precompute", False):  # the slot's data are the frozen tower's features
+                for name, t in sorted(e.encoder.state_dict().items()):
+                    h.update(name.encode())
+                    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return h.hexdigest()
 
     # -- what the model reads and writes ----------------------------------------------------
 

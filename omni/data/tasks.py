@@ -24,27 +24,37 @@ the model, how ``omni eval`` scores it). Each is a template and which segments c
 A recipe may mix tasks (``data.mixture``): :class:`MixtureDataset` draws each task's samples by
 weight and packs samples of different tasks into the same rows, attention kept per document.
 
-Media files are decoded and preprocessed once, when the dataset is built. A row that cannot be
-used (a missing or corrupt file, an empty target, a decoder's RuntimeError or a MemoryError while
-preparing it) is skipped, logged with its media file and counted, or raises a ValueError naming
-the row and the file with ``data.on_bad_sample=error``.
+Each row is prepared and rendered once: in memory, or (``cache_dir``, what training uses) into a
+prepared-sample cache on disk (:mod:`omni.data.cache`) keyed by the manifest, the task and the
+processor, which later runs read memory-mapped without decoding any media. A dataset holds only its
+packing plan, a few integers per sample; a packed row's samples are read and packed when the row is
+asked for. A row that cannot be used (a missing or corrupt file, an empty target, a decoder's
+RuntimeError or a MemoryError while preparing it, media that do not fit ``seq_len``) is skipped,
+logged with its media file and counted (and listed in the cache's ``bad_samples.jsonl``), or
+raises a ValueError naming the row and the file with ``data.on_bad_sample=error``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from omni.data import cache
 from omni.io import read_jsonl
 from omni.media import BAD_FILE_ERRORS
+from omni.model.audio_codes import EMPTY
 from omni.processor import Processor, as_processor
 from omni.progress import progress as progress_bar
-from omni.sequence import MediaSlot, Message, PackedRow, Sample, Segment, pack
+from omni.sequence import IGNORE, MediaSlot, Message, PackedRow, Rendered, Sample, Segment, pack
 
 log = logging.getLogger(__name__)
 
@@ -232,15 +242,26 @@ def episodes(media: list[tuple[torch.Tensor, tuple]], spec: TaskSpec, held_out: 
     return out
 
 
+_WORK = {"text": "tokenizing", "chat": "tokenizing", "continue": "codec-encoding", "speak": "codec-encoding"}
+
+
 def _manifest_rows(manifest: Path, spec: TaskSpec, progress: bool | None = False,
                    max_rows: int | None = None):
-    """The manifest's rows (the first ``max_rows``) under a progress bar counting rows, named for
-    the work each row takes (``progress``: see :func:`omni.progress.progress`)."""
-    rows = list(read_jsonl(manifest))[:max_rows]
-    work = {"text": "tokenizing", "chat": "tokenizing", "continue": "codec-encoding",
-            "speak": "codec-encoding"}
-    desc = f"{work.get(spec.task, f'preparing {spec.media} of')} {manifest}"
-    return progress_bar(rows, desc=desc, unit="row", enabled=progress)
+    """The manifest's rows (the first ``max_rows``), read as they are used, under a progress bar
+    counting rows, named for the work each row takes (``progress``: see
+    :func:`omni.progress.progress`)."""
+    total = _count_lines(manifest) if max_rows is None else max_rows
+    return progress_bar(itertools.islice(read_jsonl(manifest), max_rows), total=total,
+                        desc=_work(manifest, spec), unit="row", enabled=progress)
+
+
+def _work(manifest: Path, spec: TaskSpec) -> str:
+    return f"{_WORK.get(spec.task, f'preparing {spec.media} of')} {manifest}"
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
 
 
 def prepare_rows(manifest: Path, spec: TaskSpec, model, on_bad_sample: str = "skip",
@@ -269,9 +290,10 @@ def text_processor(obj) -> Processor:
     return proc
 
 
-def _bad_row(manifest: Path, n: int, row: dict, error: Exception, on_bad_sample: str) -> None:
+def _bad_row(manifest: Path, n: int, row: dict, error: Exception, on_bad_sample: str) -> dict:
     """Row ``n`` (0-based) could not be prepared: raise a ValueError naming the manifest, the row and
-    its media file when ``on_bad_sample`` is ``error``, else log the same and return (skip it)."""
+    its media file when ``on_bad_sample`` is ``error``, else log the same and return its entry for a
+    cache's ``bad_samples.jsonl`` (skip it)."""
     problem = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
     files = [row[k] for k in ("image", "video", "audio") if isinstance(row.get(k), str)]
     unnamed = [f for f in files if Path(f).name not in problem]  # a MediaError names its file already
@@ -280,6 +302,7 @@ def _bad_row(manifest: Path, n: int, row: dict, error: Exception, on_bad_sample:
     if on_bad_sample == "error":
         raise ValueError(f"{manifest}: row {n + 1}: {problem}") from error
     log.warning("%s: row %d skipped: %s", manifest, n + 1, problem)
+    return {"row": n + 1, "files": files, "error": problem}
 
 
 def _render_episodes(manifest: Path, spec: TaskSpec, proc, seq_len: int, on_bad_sample: str,
@@ -295,54 +318,203 @@ def _render_episodes(manifest: Path, spec: TaskSpec, proc, seq_len: int, on_bad_
     return rendered, num_bad
 
 
+def _renderer(spec: TaskSpec, proc: Processor, root: Path) -> Callable[[dict], Rendered]:
+    """row -> its rendered sample (raises a ``BAD_FILE_ERRORS`` error for an unusable row)."""
+    # speech: the transcript rides along with the audio slot for the encoder's CTC head
+    ctc = _ctc(spec, proc)
+
+    def render_row(row: dict) -> Rendered:
+        r = proc.render(sample_for(row, spec, proc, root))
+        if ctc:
+            r.media[0].labels = torch.tensor(proc.tokenizer.encode(row[spec.target].strip()))
+        return r
+    return render_row
+
+
+def _ctc(spec: TaskSpec, proc: Processor) -> bool:
+    return (spec.task == "caption" and spec.transcript and spec.media in proc.encoders
+            and getattr(proc.encoders[spec.media], "ctc_head", None) is not None)
+
+
 def render_manifest(manifest: str | Path, spec: TaskSpec, processor, seq_len: int,
                     on_bad_sample: str = "skip", progress: bool | None = False,
                     max_rows: int | None = None) -> tuple[list, int]:
     """Every usable row of a manifest (of its first ``max_rows``) rendered for ``spec`` by
-    ``processor`` (:func:`text_processor`), and how many rows were skipped; ``progress``: a bar
-    counting the rows (:func:`omni.progress.progress`)."""
+    ``processor`` (:func:`text_processor`), in memory, and how many rows were skipped;
+    ``progress``: a bar counting the rows (:func:`omni.progress.progress`). Samples with media
+    longer than ``seq_len`` are dropped by the datasets (:class:`PackedDataset`), not here."""
     proc = text_processor(processor)
     manifest = Path(manifest)
     if task(spec.task).episodes:
         return _render_episodes(manifest, spec, proc, seq_len, on_bad_sample, progress)
-    root = manifest.parent
-    # speech: the transcript rides along with the audio slot for the encoder's CTC head
-    ctc = (spec.task == "caption" and spec.transcript and spec.media in proc.encoders
-           and getattr(proc.encoders[spec.media], "ctc_head", None) is not None)
+    render_row = _renderer(spec, proc, manifest.parent)
     rendered, num_bad = [], 0
     for n, row in enumerate(_manifest_rows(manifest, spec, progress, max_rows)):
         try:
-            r = proc.render(sample_for(row, spec, proc, root))
-            if r.media and len(r) > seq_len:
-                raise ValueError(f"{len(r)} tokens do not fit data.seq_len={seq_len}")
-            if ctc:
-                r.media[0].labels = torch.tensor(proc.tokenizer.encode(row[spec.target].strip()))
+            rendered.append(render_row(row))
         except BAD_FILE_ERRORS as e:
             _bad_row(manifest, n, row, e, on_bad_sample)
             num_bad += 1
-            continue
-        rendered.append(r)
-    if num_bad:
-        log.warning("%s: skipped %d bad rows (data.on_bad_sample=skip)", manifest, num_bad)
-    if not rendered:
-        raise ValueError(f"{manifest}: no usable rows for task {spec.task!r}")
     return rendered, num_bad
 
 
-class PackedDataset(torch.utils.data.Dataset):
-    """Rendered samples packed into rows of ``seq_len`` tokens."""
+class RenderedSamples:
+    """Rendered samples in memory, offered as :class:`omni.data.cache.CachedSamples` offers a cache's."""
 
-    def __init__(self, rendered: list, seq_len: int, pad_id: int, split_across_rows: bool, num_bad: int = 0):
-        self.num_bad = num_bad
-        self.num_docs = len(rendered)
-        self.num_tokens = sum(len(r) for r in rendered)
-        self.rows: list[PackedRow] = pack(rendered, seq_len, pad_id, split_across_rows=split_across_rows)
+    def __init__(self, samples: list[Rendered], num_bad: int = 0):
+        self.samples, self.num_bad = samples, num_bad
+        self.lengths = np.array([len(r) for r in samples], dtype=np.int64)
+        self.has_media = np.array([bool(r.media) for r in samples], dtype=bool)
+        self.rows = np.arange(len(samples))  # the sample's number (the manifest's rows, less the bad ones)
+        self.num_streams = max((r.streams.shape[0] for r in samples if r.streams is not None), default=0)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.samples)
+
+    def get(self, indices: list[int]) -> list[Rendered]:
+        return [self.samples[i] for i in indices]
+
+
+def cache_key(manifest: Path, spec: TaskSpec, proc: Processor, max_rows: int | None = None) -> str:
+    """What a prepared-sample cache of ``manifest`` depends on, hashed: the manifest's bytes, the
+    task, the processor (:meth:`omni.processor.Processor.fingerprint`: tokenizer, codec, encoders'
+    preprocessing, rendering) and the cache format. Media files are named by the manifest: a file
+    changed in place under the same name is not noticed (delete the cache folder)."""
+    parts = {"version": cache.VERSION, "manifest": cache.file_digest(manifest), "task": asdict(spec),
+             "processor": proc.fingerprint(), "ctc": _ctc(spec, proc), "max_rows": max_rows}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def manifest_samples(manifest: str | Path, spec: TaskSpec, processor, seq_len: int,
+                     on_bad_sample: str = "skip", progress: bool | None = False, max_rows: int | None = None,
+                     cache_dir: str | Path | None = None, workers: int = 0):
+    """Every usable row of ``manifest`` rendered: read from (or first written to) a prepared-sample
+    cache under ``cache_dir`` (:class:`omni.data.cache.CachedSamples`), or in memory without one
+    (:class:`RenderedSamples`); ``workers`` processes build a cache (0: this one). Bad rows are
+    skipped and counted (``num_bad``) or, with ``on_bad_sample=error``, raise naming the row, also
+    when a cache lists them."""
+    proc, manifest = text_processor(processor), Path(manifest)
+    if cache_dir is None:
+        return RenderedSamples(*render_manifest(manifest, spec, proc, seq_len, on_bad_sample, progress,
+                                                max_rows))
+    if task(spec.task).sample is None:
+        raise ValueError(f"task {spec.task!r} builds its own dataset; it has no prepared-sample cache")
+    key = cache_key(manifest, spec, proc, max_rows)
+    folder = Path(cache_dir) / f"{manifest.stem}-{key[:16]}"
+    meta = {"manifest": str(manifest), "key": key, "task": asdict(spec), "max_rows": max_rows}
+    samples = cache.build(folder, itertools.islice(read_jsonl(manifest), max_rows),
+                          _renderer(spec, proc, manifest.parent),
+                          lambda n, row, e: _bad_row(manifest, n, row, e, on_bad_sample), meta,
+                          total=_count_lines(manifest) if max_rows is None else max_rows,
+                          desc=_work(manifest, spec), progress=progress, workers=workers)
+    if samples.num_bad:
+        first = samples.bad_rows()[0]
+        if on_bad_sample == "error":
+            more = f" (and {samples.num_bad - 1} more in {folder / cache.BAD})" if samples.num_bad > 1 else ""
+            raise ValueError(f"{manifest}: row {first['row']}: {first['error']}{more}")
+        log.warning("%s: skipped %d bad rows (data.on_bad_sample=skip), listed in %s", manifest,
+                    samples.num_bad, folder / cache.BAD)
+    return samples
+
+
+def _usable(samples, seq_len: int, manifest: Path, spec: TaskSpec, on_bad_sample: str) -> np.ndarray:
+    """The indices of ``samples`` that fit: a sample with media is never cut, so one longer than
+    ``seq_len`` is a bad row (skipped, or an error under ``on_bad_sample=error``)."""
+    too_long = np.flatnonzero(samples.has_media & (samples.lengths > seq_len))
+    for i in too_long:
+        problem = (f"{manifest}: row {samples.rows[i] + 1}: {samples.lengths[i]} tokens do not fit "
+                   f"data.seq_len={seq_len}")
+        if on_bad_sample == "error":
+            raise ValueError(problem)
+        log.warning("%s; skipped", problem)
+    usable = np.setdiff1d(np.arange(len(samples)), too_long)
+    if not len(usable):
+        raise ValueError(f"{manifest}: no usable rows for task {spec.task!r}")
+    return usable
+
+
+def plan_rows(lengths: np.ndarray, whole: np.ndarray, seq_len: int, split_across_rows: bool):
+    """Which pieces of which samples fill each packed row: exactly the choices of
+    :func:`omni.sequence.pack` (a sample continues in the next row when ``split_across_rows``,
+    else starts a new one and is cut at ``seq_len``; a ``whole`` one, with media, is never split),
+    made from the lengths alone. Returns ``starts`` (rows + 1 offsets into the pieces) and the
+    pieces as (sample, begin, end) arrays."""
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be > 0, got {seq_len}")
+    starts, docs, begins, ends = [0], [], [], []
+    used = 0
+    for j, (n, keep) in enumerate(zip(lengths.tolist(), whole.tolist())):
+        start, keep = 0, keep or not split_across_rows
+        if keep and n > seq_len - used and used:
+            starts.append(len(docs))
+            used = 0
+        while start < n:
+            take = min(n - start, seq_len - used)
+            docs.append(j), begins.append(start), ends.append(start + take)
+            used += take
+            start += take
+            if used == seq_len:
+                starts.append(len(docs))
+                used = 0
+            if start < n and keep:
+                break
+    if used:
+        starts.append(len(docs))
+    return (np.array(starts, dtype=np.int64), np.array(docs, dtype=np.int64),
+            np.array(begins, dtype=np.int64), np.array(ends, dtype=np.int64))
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Samples packed into rows of ``seq_len`` tokens, in ``order`` (a source in ``sources`` and a
+    sample's index there, per sample; a source is :class:`RenderedSamples` or a cache's
+    :class:`~omni.data.cache.CachedSamples`). The rows are planned from the samples' lengths
+    (:func:`plan_rows`); row ``i``'s samples are read and packed by :func:`omni.sequence.pack`
+    when it is asked for, so the dataset holds a few integers per sample. ``loss_weights``: each
+    source's weight on its targets (a mixture's ``loss_weight``)."""
+
+    def __init__(self, sources: list, order: tuple, seq_len: int, pad_id: int, split_across_rows: bool,
+                 num_bad: int = 0, loss_weights: list[float] | None = None):
+        self.sources, self.seq_len, self.pad_id = sources, seq_len, pad_id
+        self.source, self.index = (np.asarray(a, dtype=np.int64) for a in order)
+        self.loss_weights = loss_weights or [1.0] * len(sources)
+        self.num_bad, self.num_docs = num_bad, len(self.index)
+        lengths = np.zeros(len(self.index), dtype=np.int64)
+        whole = np.zeros(len(self.index), dtype=bool)
+        for s, src in enumerate(sources):
+            at = self.source == s
+            lengths[at], whole[at] = src.lengths[self.index[at]], src.has_media[self.index[at]]
+        self.num_tokens = int(lengths.sum())
+        self.num_streams = max((src.num_streams for src in sources), default=0)
+        self.starts, self.docs, self.begins, self.ends = plan_rows(lengths, whole, seq_len, split_across_rows)
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
 
     def __getitem__(self, i: int) -> PackedRow:
-        return self.rows[i]
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} of {len(self)}")
+        pieces = range(self.starts[i], self.starts[i + 1])
+        docs = self.docs[pieces.start:pieces.stop]
+        samples: dict[int, Rendered] = {}
+        for s, src in enumerate(self.sources):  # one read per source
+            wanted = sorted({int(d) for d in docs if self.source[d] == s})
+            if wanted:
+                samples.update(zip(wanted, src.get([int(self.index[d]) for d in wanted])))
+        return pack([self._piece(samples[int(self.docs[p])], int(self.docs[p]), p) for p in pieces],
+                    self.seq_len, self.pad_id, split_across_rows=True)[0]
+
+    def _piece(self, r: Rendered, doc: int, p: int) -> Rendered:
+        """Tokens ``begins[p]:ends[p]`` of sample ``r``, with empty code streams when others have some."""
+        a, b = int(self.begins[p]), int(self.ends[p])
+        streams, stream_targets = r.streams, r.stream_targets
+        if streams is None and self.num_streams:
+            streams = torch.full((self.num_streams, len(r)), EMPTY, dtype=torch.long)
+            stream_targets = torch.full((self.num_streams, len(r)), IGNORE, dtype=torch.long)
+        return Rendered(r.ids[a:b], r.targets[a:b], r.positions[:, a:b],
+                        [replace(m, start=m.start - a) for m in r.media],
+                        None if streams is None else streams[:, a:b],
+                        None if stream_targets is None else stream_targets[:, a:b],
+                        self.loss_weights[self.source[doc]])
 
     @staticmethod
     def collate(rows: list[PackedRow], mrope: bool = False) -> dict:
@@ -407,15 +579,20 @@ class PairDataset(torch.utils.data.Dataset):
 
 
 class TaskDataset(PackedDataset):
-    """A manifest rendered for one task and packed into rows of ``seq_len`` tokens."""
+    """A manifest rendered for one task (through a prepared-sample cache under ``cache_dir``, or in
+    memory) and packed into rows of ``seq_len`` tokens."""
 
     def __init__(self, manifest: str | Path, spec: TaskSpec, processor, seq_len: int,
-                 on_bad_sample: str = "skip", progress: bool | None = False, max_rows: int | None = None):
+                 on_bad_sample: str = "skip", progress: bool | None = False, max_rows: int | None = None,
+                 cache_dir: str | Path | None = None, cache_workers: int = 0):
         proc = text_processor(processor)
         self.manifest, self.spec = Path(manifest), spec
-        rendered, num_bad = render_manifest(manifest, spec, proc, seq_len, on_bad_sample, progress, max_rows)
+        samples = manifest_samples(manifest, spec, proc, seq_len, on_bad_sample, progress, max_rows,
+                                   cache_dir, cache_workers)
+        usable = _usable(samples, seq_len, self.manifest, spec, on_bad_sample)
         # Pre-training text and audio documents may flow across rows; a turn structure stays whole.
-        super().__init__(rendered, seq_len, proc.vocab.pad_id, task(spec.task).documents, num_bad)
+        super().__init__([samples], (np.zeros(len(usable)), usable), seq_len, proc.vocab.pad_id,
+                         task(spec.task).documents, samples.num_bad + len(samples) - len(usable))
 
 
 class MixtureDataset(PackedDataset):
@@ -423,46 +600,62 @@ class MixtureDataset(PackedDataset):
     ``weight / sum(weights)`` of the samples, its own repeated or subsampled to that count (the
     total stays the tasks' combined size), shuffled together, its targets counting ``loss_weight``
     in the loss; else every sample once, unweighted (held-out splits). ``counts`` says how many
-    samples each task put in."""
+    samples each task put in. ``cache_dir``: one folder for every task's cache, or one per task."""
 
     def __init__(self, parts: list[tuple[str, str | Path, TaskSpec, float, float]], processor,
                  seq_len: int, on_bad_sample: str = "skip", weighted: bool = True, seed: int = 0,
-                 progress: bool | None = False):
+                 progress: bool | None = False, cache_dir: str | Path | list | None = None,
+                 cache_workers: int = 0):
         proc = text_processor(processor)
-        per_task, num_bad = [], 0
-        for _, manifest, spec, _, loss_weight in parts:
-            rendered, bad = render_manifest(manifest, spec, proc, seq_len, on_bad_sample, progress)
-            if weighted:
-                for r in rendered:
-                    r.loss_weight = loss_weight
-            per_task.append(rendered)
-            num_bad += bad
+        dirs = cache_dir if isinstance(cache_dir, list) else [cache_dir] * len(parts)
+        sources, usable, num_bad = [], [], 0
+        for (_, manifest, spec, _, _), folder in zip(parts, dirs):
+            samples = manifest_samples(manifest, spec, proc, seq_len, on_bad_sample, progress,
+                                       cache_dir=folder, workers=cache_workers)
+            usable.append(_usable(samples, seq_len, Path(manifest), spec, on_bad_sample))
+            sources.append(samples)
+            num_bad += samples.num_bad + len(samples) - len(usable[-1])
         g = torch.Generator().manual_seed(seed)
-        total, weight_sum = sum(len(r) for r in per_task), sum(w for _, _, _, w, _ in parts)
+        total, weight_sum = sum(len(u) for u in usable), sum(w for _, _, _, w, _ in parts)
         chosen, self.counts = [], {}
-        for (label, _, _, w, _), rendered in zip(parts, per_task):
-            want = max(1, round(total * w / weight_sum)) if weighted else len(rendered)
-            rounds = -(-want // len(rendered))
-            idx = torch.cat([torch.randperm(len(rendered), generator=g) for _ in range(rounds)])
-            chosen += [rendered[i] for i in idx[:want].tolist()]
+        for t, ((label, _, _, w, _), ok) in enumerate(zip(parts, usable)):
+            want = max(1, round(total * w / weight_sum)) if weighted else len(ok)
+            rounds = -(-want // len(ok))
+            idx = torch.cat([torch.randperm(len(ok), generator=g) for _ in range(rounds)])
+            chosen.append(np.stack([np.full(want, t), ok[idx[:want].numpy()]]))
             self.counts[label] = want
-        order = torch.randperm(len(chosen), generator=g).tolist() if weighted else range(len(chosen))
+        chosen = np.concatenate(chosen, axis=1)
+        if weighted:
+            chosen = chosen[:, torch.randperm(chosen.shape[1], generator=g).numpy()]
         # Samples stay whole: a document cut across rows would lose its task's context.
-        super().__init__([chosen[i] for i in order], seq_len, proc.vocab.pad_id, False, num_bad)
+        super().__init__(sources, (chosen[0], chosen[1]), seq_len, proc.vocab.pad_id, False, num_bad,
+                         [lw if weighted else 1.0 for *_, lw in parts])
 
 
-def dataset_for(data, split: str, processor, seed: int = 0,
-                progress: bool | None = False) -> PackedDataset:
-    """The recipe's ``data`` section (:class:`omni.config.DataConfig`) for one split; ``progress``: a
-    bar per manifest counting its rows as they are rendered (:func:`omni.progress.progress`)."""
+def cache_dirs(data) -> list[Path]:
+    """Where each of the recipe's tasks keeps its prepared samples: ``data.cache_dir`` when set,
+    else a ``cache`` folder beside the task's manifests."""
+    return [Path(data.cache_dir) if data.cache_dir else Path(p.path) / "cache" for p in data.tasks()]
+
+
+def dataset_for(data, split: str, processor, seed: int = 0, progress: bool | None = False,
+                cache: bool = True):
+    """The recipe's ``data`` section (:class:`omni.config.DataConfig`) for one split, its samples
+    read from prepared-sample caches (:func:`cache_dirs`, built where missing; the contrastive and
+    fewshot tasks keep theirs in memory) unless ``cache`` is False (all in memory); ``progress``: a
+    bar per manifest counting its rows as they are prepared (:func:`omni.progress.progress`)."""
+    dirs = [d if cache and task(p.task).sample else None for p, d in zip(data.tasks(), cache_dirs(data))]
     if not data.mixture:
-        cls = PairDataset if task(data.task).pairs else TaskDataset
-        return cls(Path(data.path) / f"{split}.jsonl", TaskSpec.of(data), processor, data.seq_len,
-                   data.on_bad_sample, progress)
+        if task(data.task).pairs:
+            return PairDataset(Path(data.path) / f"{split}.jsonl", TaskSpec.of(data), processor, data.seq_len,
+                               data.on_bad_sample, progress)
+        return TaskDataset(Path(data.path) / f"{split}.jsonl", TaskSpec.of(data), processor, data.seq_len,
+                           data.on_bad_sample, progress, cache_dir=dirs[0], cache_workers=data.cache_workers)
     parts = [(p.label, Path(p.path) / f"{split}.jsonl", TaskSpec.of(p), p.weight, p.loss_weight)
              for p in data.mixture]
     return MixtureDataset(parts, processor, data.seq_len, data.on_bad_sample,
-                          weighted=split == "train", seed=seed, progress=progress)
+                          weighted=split == "train", seed=seed, progress=progress, cache_dir=dirs,
+                          cache_workers=data.cache_workers)
 
 
 def collate(rows: list[PackedRow], mrope: bool = False) -> dict:

@@ -23,6 +23,7 @@ step with a checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -201,7 +202,9 @@ class Throughput:
 class RowStream:
     """Deterministic, resumable order over dataset rows: a fresh seeded permutation per epoch.
 
-    ``cursor`` counts rows consumed so far; it is the data position saved in checkpoints.
+    ``cursor`` counts rows consumed so far; it is the data position saved in checkpoints. The
+    rows of a packed dataset are planned from its samples' lengths when it is built, so the
+    cursor alone restores the exact stream, mixtures included (``omni.data.tasks``).
     """
 
     def __init__(self, num_rows: int, seed: int):
@@ -217,6 +220,34 @@ class RowStream:
                 self._perm, self._epoch = torch.randperm(self.num_rows, generator=g).tolist(), epoch
             out.append(self._perm[i])
         return out
+
+
+class MicroBatches:
+    """This process's rows of every global micro-batch of ``batch_size`` rows, from ``cursor`` on,
+    forever: a DataLoader's ``batch_sampler``. Each micro-batch is split evenly over the ``world``
+    processes, so each row is read once per epoch by one process; the loader's workers read and
+    pack the rows, in order."""
+
+    def __init__(self, stream: RowStream, cursor: int, batch_size: int, rank: int = 0, world: int = 1):
+        self.stream, self.cursor, self.batch_size = stream, cursor, batch_size
+        self.rank, self.world = rank, world
+
+    def __iter__(self):
+        share = self.batch_size // self.world
+        for cursor in itertools.count(self.cursor, self.batch_size):
+            yield self.stream.take(cursor, self.batch_size)[self.rank * share:(self.rank + 1) * share]
+
+
+def batches(dataset, stream: RowStream, cursor: int, batch_size: int, rank: int = 0, world: int = 1,
+            num_workers: int = 0, mrope: bool = False):
+    """This process's collated micro-batches from ``cursor`` on (:class:`MicroBatches`), read by
+    ``num_workers`` DataLoader processes (0: in this one, as each is asked for). The loader's own
+    seed comes from a generator of its own, so the global RNG streams stay those of a run without it."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=MicroBatches(stream, cursor, batch_size, rank, world),
+        collate_fn=functools.partial(type(dataset).collate, mrope=mrope), num_workers=num_workers,
+        generator=torch.Generator())
+    return iter(loader)
 
 
 def _mixed_precision(choice: str) -> str:
@@ -333,6 +364,27 @@ def _check_data(cfg: RecipeConfig) -> None:
                                  "(kinds: `omni data build --help`)")
 
 
+def build_pipeline(cfg: RecipeConfig, accelerator) -> Pipeline:
+    """The recipe's freshly built model and processor (seeded; the tokenizer trained first when
+    missing; started from ``model.pretrained``): what training and ``omni data prepare`` prepare
+    samples with."""
+    set_seed(cfg.train.seed)
+    built = pipeline_from_recipe(cfg, prepare_tokenizer(cfg, accelerator))
+    if cfg.model.pretrained:
+        init_from(built.model, cfg.model.pretrained)
+    return built
+
+
+def prepare_data(cfg: RecipeConfig) -> dict:
+    """``omni data prepare``: the recipe's prepared-sample caches built ahead of training (what
+    ``omni train`` builds where missing before its first step), with a bar per manifest; returns
+    the train and val datasets."""
+    _check_data(cfg)
+    processor = build_pipeline(cfg, Accelerator(cpu=True)).processor
+    return {split: dataset_for(cfg.data, split, processor, cfg.train.seed, progress=None)
+            for split in ("train", "val")}
+
+
 def train(cfg: RecipeConfig) -> TrainResult:
     """Train ``cfg`` to completion (resuming from ``<out_dir>/checkpoints`` when asked) and export the
     model. The main process holds the run folder's lock throughout; SIGTERM/SIGINT end the run early
@@ -381,6 +433,7 @@ class Trainer:
         self.window = Throughput()
         self.first_loss = self.last_loss = self.val_loss = None
         self.checkpoint: Path | None = None  # the newest checkpoint this run wrote
+        self.batches = None  # this process's micro-batches (batches()), made at the first step
 
     @contextlib.contextmanager
     def run_folder(self):
@@ -398,15 +451,13 @@ class Trainer:
         order that keeps the random streams of a run the same."""
         cfg, tc, acc = self.cfg, self.tc, self.accelerator
         resume_path, run_id = _decide(cfg, acc)
-        set_seed(tc.seed)
-        built = pipeline_from_recipe(cfg, prepare_tokenizer(cfg, acc))
+        built = build_pipeline(cfg, acc)
         model, self.processor = built.model, built.processor
-        if cfg.model.pretrained:
-            init_from(model, cfg.model.pretrained)
         self.n_trainable = apply_stages(model, tc)
         bars = None if tc.progress and acc.is_main_process else False  # on a terminal: rows as rendered
-        self.train_set, self.val_set = (dataset_for(cfg.data, split, self.processor, tc.seed,
-                                                    progress=bars) for split in ("train", "val"))
+        with acc.main_process_first():  # the main process builds missing sample caches, the others read them
+            self.train_set, self.val_set = (dataset_for(cfg.data, split, self.processor, tc.seed,
+                                                        progress=bars) for split in ("train", "val"))
         optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay, tc.lr_scale), lr=tc.lr,
                                       betas=tuple(tc.betas), foreach=True)
         self.state, scaler_state = self._resume(resume_path, run_id, model, optimizer)
@@ -502,15 +553,15 @@ class Trainer:
         start = time.perf_counter()
         lr = self.schedule.lr_at(state.step, state.train_seconds)
         set_lr(self.optimizer, lr)
-        share = tc.batch_size // self.world  # this process's rows of each global micro-batch
+        if self.batches is None:
+            self.batches = batches(self.train_set, self.stream, state.cursor, tc.batch_size, self.rank,
+                                   self.world, tc.num_workers, self.cfg.model.mrope)
         step_loss = torch.zeros((), device=acc.device)
         step_aux, has_aux = torch.zeros((), device=acc.device), False
         parts: dict[str, torch.Tensor] = {}
         for micro in range(tc.grad_accum):
-            rows = self.stream.take(state.cursor, tc.batch_size)[self.rank * share:(self.rank + 1) * share]
+            batch = _to_device(next(self.batches), acc.device)
             state.cursor += tc.batch_size
-            samples = [self.train_set[i] for i in rows]
-            batch = _to_device(self.train_set.collate(samples, self.cfg.model.mrope), acc.device)
             sync = micro == tc.grad_accum - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
                 with acc.autocast():
@@ -652,6 +703,7 @@ class Trainer:
         """End the run: stopped by a signal, it only says so (its checkpoint resumes it); else the
         main process exports the model, the loss plot and the model card."""
         acc, state, received = self.accelerator, self.state, self.signals.received
+        self.batches = None  # ends the loader's workers
         result = (self.out_dir, state.step, self.first_loss, self.last_loss, self.val_loss,
                   self.window.tokens_per_s)
         if received is not None or (self.world > 1 and stop):

@@ -70,7 +70,7 @@ def test_samples_are_drawn_by_weight_and_packed_across_tasks(corpora, text_token
     assert ds.counts == {"text": round(total / 5), "asr": round(2 * total / 5), "speak": round(total / 5),
                          "continue": round(total / 5)}
     assert ds.num_docs == sum(ds.counts.values())
-    batch = collate(ds.rows)
+    batch = collate(list(ds))
     mixed = [r for r in range(len(ds)) if any(row == r for row, _ in batch["media"])
              and (batch["streams"][r] >= 0).any()]
     assert mixed  # a row holding an utterance to transcribe and audio codes to predict
@@ -82,7 +82,7 @@ def test_samples_are_drawn_by_weight_and_packed_across_tasks(corpora, text_token
             and (batch["loss_weights"][row][~in_asr] == 1).all())
     held_out = MixtureDataset(parts, model, 256, weighted=False)
     assert held_out.counts == {"text": 280, "asr": 6, "speak": 6, "continue": 6}
-    assert "loss_weights" not in collate(held_out.rows)  # held-out losses stay comparable across recipes
+    assert "loss_weights" not in collate(list(held_out))  # held-out losses stay comparable across recipes
 
 
 def test_a_mixture_recipe_trains_one_checkpoint_scored_per_task(corpora):

@@ -216,7 +216,7 @@ def test_fewshot_episodes_bind_made_up_names_and_train_only_the_answer(images, t
     spec = TaskSpec("fewshot", "image", prompt="What is this?", ways=2, episodes=5)
     ds = TaskDataset(images / "train.jsonl", spec, model, seq_len=128)
     # two named images and the query each
-    assert ds.num_docs == 5 and sum(len(r.media) for r in ds.rows) == 15
+    assert ds.num_docs == 5 and sum(len(r.media) for r in ds) == 15
     # training and held-out splits draw their names from disjoint halves
     assert not set(episode_names(False)) & set(episode_names(True))
     media, _ = prepare_rows(images / "train.jsonl", spec, model)

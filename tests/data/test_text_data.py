@@ -111,7 +111,7 @@ def test_packed_dataset_skips_bad_rows(tmp_path, text_tokenizer, debug_model):
     assert ds.num_bad == 3 and ds.num_docs == 2
     samples = [render(Sample.document(t), text_tokenizer) for t in ("Zero is a number.", "One follows zero.")]
     assert ds.num_tokens == sum(len(s) for s in samples)
-    real = torch.cat([r.ids[r.doc_ids >= 0] for r in ds.rows])
+    real = torch.cat([r.ids[r.doc_ids >= 0] for r in ds])
     assert real.tolist() == torch.cat([s.ids for s in samples]).tolist()
     assert len(ds) == -(-ds.num_tokens // 8)
 

@@ -1,0 +1,81 @@
+"""Same recipe, same seed: today's in-memory data path (the code at ``--old-rev``) against
+prepared-sample caches (issue 26), compared loss by loss.
+
+    python benchmarks/data_parity.py                                  # text/tiny, llava/caption_tiny
+    python benchmarks/data_parity.py --recipes llava/caption_tiny --warmup-steps 10   # warmup <= steps
+
+Each recipe trains ``--steps`` steps twice through ``omni train`` on the built corpora (``data/``),
+once with the code at ``--old-rev`` (``git archive``) and once with this tree (its cache built on
+the way), logging every step, then once more with this tree reading the cache it built, with 2
+DataLoader workers. Reports every logged training loss and the held-out loss of each run, and
+whether they are identical. Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import json_line  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipes", nargs="*", default=["text/tiny", "llava/caption_tiny"])
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup-steps", type=int, help="train.warmup_steps (default: the recipe's)")
+    p.add_argument("--old-rev", default="218c701")
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def losses(out: Path) -> tuple[list[float], float | None]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    return [r["loss"] for r in rows if "loss" in r], (val[-1] if val else None)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="omni_data_parity."))
+    old = tmp / "old"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.old_rev, "omni", "recipes",
+                              "tokenizers"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+    results = {}
+    for recipe in args.recipes:
+        runs = {}
+        for side, src, extra in (("old", old, []), ("cached", ROOT, [f"data.cache_dir={tmp / 'cache'}"]),
+                                 ("cached_warm_2_workers", ROOT,
+                                  [f"data.cache_dir={tmp / 'cache'}", "train.num_workers=2"])):
+            out = tmp / "runs" / f"{recipe.replace('/', '_')}_{side}"
+            cmd = [sys.executable, "-m", "omni.cli", "train", recipe, f"train.out_dir={out}",
+                   f"train.steps={args.steps}", "train.log_every=1", f"train.eval_every={args.steps}",
+                   f"train.save_every={args.steps}", "train.progress=false", *extra]
+            if args.warmup_steps is not None:
+                cmd.append(f"train.warmup_steps={args.warmup_steps}")
+            env = {**os.environ, "PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1",
+                   "OMP_NUM_THREADS": str(args.threads)}
+            p = subprocess.run(cmd, cwd=str(ROOT), env=env, capture_output=True, text=True)
+            if p.returncode:
+                raise RuntimeError(f"{recipe} {side} failed:\n{p.stderr[-3000:]}")
+            train, val = losses(out)
+            runs[side] = {"losses": train, "val_loss": val}
+            print(f"{recipe} {side:>22}: first {train[0]:.5f} last {train[-1]:.5f} val {val}", flush=True)
+        same = all(r == runs["old"] for r in runs.values())
+        results[recipe] = {**runs, "identical": same}
+        print(f"{recipe}: identical losses in all runs: {same}", flush=True)
+    config = {"steps": args.steps, "warmup_steps": args.warmup_steps, "old_rev": args.old_rev}
+    return json_line("data_parity", args.threads, config, results)
+
+
+if __name__ == "__main__":
+    main()
