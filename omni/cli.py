@@ -108,8 +108,9 @@ def cmd_chat(args) -> int:
     before it), each answer printed; without them a REPL on stdin (see CHAT_COMMANDS)."""
     if args.script and args.script[-1][0] == "attach":
         raise ValueError("--attach FILE goes before the --message it belongs to")
-    chat = omni.Chat(omni.load(args.ckpt), system=args.system)
-    sampling = dict(_sampling(args), repetition_penalty=args.repetition_penalty, stop=args.stop)
+    chat = omni.Chat(omni.load(args.ckpt, quantize="int8" if args.int8 else None), system=args.system)
+    sampling = dict(_sampling(args), repetition_penalty=args.repetition_penalty, stop=args.stop,
+                    compile=args.compile)
     if not args.script:
         return _chat_repl(chat, sampling)
     for kind, value in args.script:
@@ -380,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--stop", action="append", default=None, metavar="TEXT",
                     help="end an answer where it contains TEXT, which is cut (repeatable)")
     ch.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    ch.add_argument("--int8", action="store_true",
+                    help="int8 weights for the language model's linear layers (faster decoding on a CPU)")
+    ch.add_argument("--compile", action="store_true",
+                    help="decode through a compiled step (torch.compile): faster once the first answer "
+                         "has compiled it, which takes tens of seconds")
     ch.set_defaults(fn=cmd_chat, script=None)
 
     for name, what, which in (

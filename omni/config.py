@@ -217,6 +217,9 @@ class TrainConfig(Optimization):
     resume_changed: bool = False  # resume although the recipe changed in a way that breaks exactness
     progress: bool = True
     num_workers: int = 0  # DataLoader worker processes reading and packing rows (0: in the training process)
+    # the backbone's blocks through torch.compile (omni/model/compiled.py): the same losses, a faster step
+    # once the first one has compiled (tens of seconds)
+    compile: bool = False
     export: str = "last"  # the model written to out_dir: the last weights, or those with the best val loss
     # stages (omni/train/stages.py): globs over module names that train (None: all), a run whose
     # weights to start from (a list: each run in turn, a later one's tensors over an earlier's), and

@@ -66,6 +66,11 @@ def test_sampling_flags_reach_generation(ckpt, capsys):
                        dict(temperature=1.0, top_k=20, top_p=0.9, seed=3))):
         assert main(base + flags) == 0
         assert capsys.readouterr().out == _printed([omni.Chat(model)("Zero is", max_new_tokens=8, **kw)])
+    int8 = omni.load(ckpt, quantize="int8")  # --int8 answers as the int8 model does
+    assert main(base + ["--int8"]) == 0
+    assert capsys.readouterr().out == _printed([omni.Chat(int8)("Zero is", max_new_tokens=8)])
+    with pytest.raises(ValueError, match="quantize='int4'"):
+        omni.load(ckpt, quantize="int4")
 
 
 def test_repl_streams_answers_and_takes_commands(ckpt, tmp_path, monkeypatch, capsys):

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from omni.config import RecipeConfig, load_tokenizer_spec
 from omni.data.tasks import TASKS, TaskSpec, dataset_for
 from omni.io import atomic_write_bytes, exclusive
+from omni.model.compiled import compile_blocks
 from omni.model.objectives import PairObjective
 from omni.model_card import write_model_card
 from omni.pipeline import Pipeline, pipeline_from_recipe
@@ -454,6 +455,8 @@ class Trainer:
         built = build_pipeline(cfg, acc)
         model, self.processor = built.model, built.processor
         self.n_trainable = apply_stages(model, tc)
+        if tc.compile:
+            compile_blocks(model)
         bars = None if tc.progress and acc.is_main_process else False  # on a terminal: rows as rendered
         with acc.main_process_first():  # the main process builds missing sample caches, the others read them
             self.train_set, self.val_set = (dataset_for(cfg.data, split, self.processor, tc.seed,

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 SAFE_TO_CHANGE = {"description", "train.out_dir", "train.log_every", "train.eval_every",
                   "train.eval_batches", "train.save_every", "train.keep_checkpoints", "train.progress",
                   "train.export", "train.resume", "train.overwrite", "train.resume_changed",
-                  "train.max_skipped_steps", "train.num_workers", "data.cache_dir",
+                  "train.max_skipped_steps", "train.num_workers", "train.compile", "data.cache_dir",
                   "data.cache_workers"}
 
 

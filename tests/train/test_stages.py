@@ -229,3 +229,9 @@ def test_model_pretrained_starts_from_a_checkpoint_with_its_tokenizer(tmp_path, 
         Trainer(load_recipe(str(recipe), [*args, "data.seq_len=512"])).setup()
     with pytest.raises(ValueError, match="not an omni checkpoint folder.*omni import smollm2"):
         Trainer(load_recipe(str(recipe), [*args, f"model.pretrained={tmp_path}"]))
+    compiled = Trainer(load_recipe(str(recipe), ["train.compile=true", f"train.out_dir={tmp_path / 'run2'}",
+                                                 "train.progress=false"]))
+    with compiled.run_folder():
+        compiled.setup()  # train.compile: every block compiled in place (slow test: the same gradients)
+    assert all(block._compiled_call_impl is not None for block in compiled.inner.backbone.layers)
+    assert compiled.inner.state_dict().keys() == mine.keys()
