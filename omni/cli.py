@@ -26,8 +26,9 @@ from omni.model_card import loss_span
 from omni.tokenizers.text import TextTokenizer, corpus_texts
 from omni.tokenizers.whisper import WhisperTokenizer
 from omni.train import TrainingError, train
+from omni.train.checkpoint import STATE_FILE, latest_checkpoint
 from omni.train.codec import format_report, load_codec_spec, train_codec
-from omni.train.loop import prepare_data, read_metrics
+from omni.train.loop import export_checkpoint, prepare_data, read_metrics
 from omni.transcribe import FORMATS, format_segments
 from omni.weights import BUNDLED, bundled
 
@@ -312,6 +313,19 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    path = Path(args.checkpoint)
+    if not (path / STATE_FILE).is_file():  # a run folder: its newest checkpoint
+        newest = latest_checkpoint(path / "checkpoints")
+        if newest is None:
+            raise ValueError(f"{path}: neither a checkpoint folder ({STATE_FILE}) nor a run folder with "
+                             "checkpoints/step_N")
+        path = newest
+    out = export_checkpoint(path, args.out)
+    print(f"exported {path} -> {out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     run_demo(args.out, args.overrides, codec_minutes=args.codec_minutes, eval_rows=args.eval_rows,
              max_docs=args.max_docs)
@@ -523,6 +537,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights are dequantized to this dtype (default: float32)")
     i.set_defaults(fn=cmd_import)
+
+    x = sub.add_parser("export", help="a training checkpoint -> a model folder, LoRA adapters merged",
+                       epilog=EPILOG,
+                       description="Write a training checkpoint (RUN/checkpoints/step_N, whose LoRA "
+                                   "adapters are kept apart so the run can resume) as an omni checkpoint "
+                                   "folder with the adapters folded into their weights, as the run writes "
+                                   "its model at the end; omni.load, omni chat and model.pretrained read it.")
+    x.add_argument("checkpoint",
+                   help="a checkpoint folder (RUN/checkpoints/step_N), or a run folder: its newest")
+    x.add_argument("--out", required=True, help="the omni checkpoint folder to write")
+    x.set_defaults(fn=cmd_export)
 
     m = sub.add_parser("demo",
                        help="the main job: build the corpora, train any2any/tiny, show every direction",

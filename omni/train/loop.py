@@ -46,8 +46,10 @@ from omni.model.objectives import PairObjective
 from omni.model_card import write_model_card
 from omni.pipeline import Pipeline, pipeline_from_recipe
 from omni.processor import TOKENIZER_DIR
+from omni.schema import from_dict
 from omni.tokenizers.text import TextTokenizer, corpus_texts, load_text_tokenizer, saved_kind
 from omni.train.checkpoint import (
+    STATE_FILE,
     NonFiniteError,
     TrainState,
     latest_checkpoint,
@@ -384,6 +386,24 @@ def prepare_data(cfg: RecipeConfig) -> dict:
     processor = build_pipeline(cfg, Accelerator(cpu=True)).processor
     return {split: dataset_for(cfg.data, split, processor, cfg.train.seed, progress=None)
             for split in ("train", "val")}
+
+
+def export_checkpoint(path: str | Path, out: str | Path) -> Path:
+    """``omni export``: a training checkpoint (``RUN/checkpoints/step_N``, whose LoRA adapters are
+    kept apart so the run can resume) -> an omni checkpoint folder with the adapters folded into
+    their base weights, the processor's files beside them, as a run exports at its end. The model is
+    rebuilt the way resuming rebuilds it; ``out`` is written atomically, after the checkpoint loads."""
+    path = Path(path)
+    ck = load_checkpoint(path)
+    if not isinstance(ck.meta.get("recipe"), dict):
+        raise ValueError(f"{path / STATE_FILE}: no recipe in the trainer state (not written by omni train)")
+    cfg = from_dict(RecipeConfig, ck.meta["recipe"])
+    built = build_pipeline(cfg, Accelerator(cpu=True))
+    apply_stages(built.model, cfg.train)
+    built.model.load_weights(ck.model_state, str(path / "model.safetensors"))
+    with exclusive(out, "export"):
+        built.save_pretrained(out)
+    return Path(out)
 
 
 def train(cfg: RecipeConfig) -> TrainResult:
