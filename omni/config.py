@@ -111,12 +111,16 @@ class CodecRef:
 @dataclass
 class TaskData(TaskSpec):
     """One task's data: the task (the fields of :class:`omni.data.tasks.TaskSpec`, what turns the
-    rows into samples) and a directory ``path`` holding ``train.jsonl`` and ``val.jsonl``
-    manifests. In a mixture, ``weight`` is the task's share of the training samples (relative to
-    the others), ``loss_weight`` how much each of its training targets counts in the loss (a
-    weighted mean over the step's targets; held-out losses stay unweighted) and ``name`` labels it."""
+    rows into samples) and a directory ``path`` holding each split's manifest, ``files``
+    (``train.jsonl`` and ``val.jsonl`` by default; a glob of JSONL, Parquet or Arrow shards, see
+    :mod:`omni.data.manifest`). In a mixture, ``weight`` is the task's share of the training
+    samples (relative to the others), ``loss_weight`` how much each of its training targets counts
+    in the loss (a weighted mean over the step's targets; held-out losses stay unweighted) and
+    ``name`` labels it."""
 
     path: str = "data/text"
+    # each split's manifest under `path`: a file or a glob of .jsonl/.parquet/.arrow shards
+    files: str = "{split}.jsonl"
     weight: float = 1.0
     loss_weight: float = 1.0
     name: str = ""
@@ -129,6 +133,9 @@ class TaskData(TaskSpec):
     def validate(self, key: str = "data"):
         choice(f"{key}.task", self.task, TASKS)
         choice(f"{key}.media", self.media, MODALITIES)
+        if "{split}" not in self.files or not self.files.endswith((".jsonl", ".parquet", ".arrow")):
+            raise ValueError(f"{key}.files must name each split's manifest with {{split}} and end in .jsonl, "
+                             f".parquet or .arrow (e.g. {{split}}/*.parquet), got {self.files!r}")
         if not self.weight > 0:
             raise ValueError(f"{key}.weight must be > 0, got {self.weight}")
         if not self.loss_weight > 0:

@@ -39,7 +39,7 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from omni.config import RecipeConfig, load_tokenizer_spec
-from omni.data.tasks import TASKS, TaskSpec, dataset_for
+from omni.data.tasks import TASKS, TaskSpec, dataset_for, split_manifest
 from omni.io import atomic_write_bytes, exclusive
 from omni.model.compiled import compile_blocks
 from omni.model.objectives import PairObjective
@@ -308,7 +308,7 @@ def prepare_tokenizer(cfg: RecipeConfig, accelerator):
     with accelerator.main_process_first():
         if accelerator.is_main_process and saved_kind(path) is None:
             spec = load_tokenizer_spec(cfg.tokenizer.spec)
-            corpora = [(Path(p.path) / "train.jsonl", TaskSpec.of(p).text_field) for p in cfg.data.tasks()]
+            corpora = [(split_manifest(p, "train"), TaskSpec.of(p).text_field) for p in cfg.data.tasks()]
             log.info("training tokenizer %s on %s -> %s", cfg.tokenizer.spec,
                      ", ".join(str(c) for c, _ in corpora), path)
             texts = itertools.chain.from_iterable(corpus_texts(c, field) for c, field in corpora)
@@ -359,10 +359,11 @@ def _check_data(cfg: RecipeConfig) -> None:
                          "import one, e.g. `omni import smollm2 --out weights/smollm2-135m`")
     for part in cfg.data.tasks():
         for split in ("train", "val"):
-            f = Path(part.path) / f"{split}.jsonl"
-            if not f.is_file():
-                raise ValueError(f"{f}: manifest not found; build the corpus with {_build_command(part)} "
-                                 "(kinds: `omni data build --help`)")
+            try:
+                split_manifest(part, split)
+            except ValueError as e:
+                raise ValueError(f"{e}; build the corpus with {_build_command(part)} "
+                                 "(kinds: `omni data build --help`)") from None
 
 
 def build_pipeline(cfg: RecipeConfig, accelerator) -> Pipeline:
