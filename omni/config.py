@@ -156,6 +156,9 @@ class DataConfig(TaskData):
     # prepared samples (omni.data.cache): "" keeps each task's in a `cache` folder beside its manifests
     cache_dir: str = ""
     cache_workers: int = 0  # processes that build a cache's shards (0: the training process)
+    # > 0: training samples grouped into this many length buckets, each packed into rows of its own,
+    # and each micro-batch drawn from one bucket (less padding for audio clips of mixed lengths)
+    length_buckets: int = 0
 
     def tasks(self) -> list[TaskData]:
         return list(self.mixture) or [self]
@@ -166,6 +169,11 @@ class DataConfig(TaskData):
             raise ValueError(f"data.cache_workers must be >= 0 (0: build in the training process), "
                              f"got {self.cache_workers}")
         positive("data.seq_len", self.seq_len)
+        if self.length_buckets < 0:
+            raise ValueError(f"data.length_buckets must be >= 0 (0: off), got {self.length_buckets}")
+        if self.length_buckets and any(TASKS[p.task].pairs for p in self.tasks() if p.task in TASKS):
+            raise ValueError("data.length_buckets groups packed rows; the contrastive task's pairs are "
+                             "not packed")
         if not self.mixture:
             return super().validate()
         for i, part in enumerate(self.mixture):

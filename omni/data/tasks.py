@@ -466,16 +466,32 @@ def plan_rows(lengths: np.ndarray, whole: np.ndarray, seq_len: int, split_across
             np.array(begins, dtype=np.int64), np.array(ends, dtype=np.int64))
 
 
+def length_buckets(lengths: np.ndarray, buckets: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Samples grouped by length (Lhotse's bucketing): ``buckets`` buckets of about equal counts,
+    their edges the length quantiles. Returns an order of the samples (a permutation: bucket by
+    bucket, shortest first, shuffled within each bucket under ``seed``) and each position's bucket."""
+    g = torch.Generator().manual_seed(seed)
+    shuffled = torch.randperm(len(lengths), generator=g).numpy()
+    edges = np.quantile(lengths, np.linspace(0, 1, buckets + 1)[1:-1]) if len(lengths) else np.array([])
+    bucket = np.searchsorted(edges, lengths[shuffled], side="right")
+    by_bucket = np.argsort(bucket, kind="stable")  # the shuffled order kept within a bucket
+    return shuffled[by_bucket], bucket[by_bucket]
+
+
 class PackedDataset(torch.utils.data.Dataset):
     """Samples packed into rows of ``seq_len`` tokens, in ``order`` (a source in ``sources`` and a
     sample's index there, per sample; a source is :class:`RenderedSamples` or a cache's
     :class:`~omni.data.cache.CachedSamples`). The rows are planned from the samples' lengths
     (:func:`plan_rows`); row ``i``'s samples are read and packed by :func:`omni.sequence.pack`
     when it is asked for, so the dataset holds a few integers per sample. ``loss_weights``: each
-    source's weight on its targets (a mixture's ``loss_weight``)."""
+    source's weight on its targets (a mixture's ``loss_weight``). ``buckets`` (> 0): the samples are
+    first grouped into that many length buckets (:func:`length_buckets`, shuffled under ``seed``)
+    and each bucket is packed into rows of its own; ``row_buckets`` then says each row's bucket
+    (else it is None), for a sampler that draws each micro-batch from one bucket
+    (``omni.train.loop.RowStream``)."""
 
     def __init__(self, sources: list, order: tuple, seq_len: int, pad_id: int, split_across_rows: bool,
-                 num_bad: int = 0, loss_weights: list[float] | None = None):
+                 num_bad: int = 0, loss_weights: list[float] | None = None, buckets: int = 0, seed: int = 0):
         self.sources, self.seq_len, self.pad_id = sources, seq_len, pad_id
         self.source, self.index = (np.asarray(a, dtype=np.int64) for a in order)
         self.loss_weights = loss_weights or [1.0] * len(sources)
@@ -487,7 +503,25 @@ class PackedDataset(torch.utils.data.Dataset):
             lengths[at], whole[at] = src.lengths[self.index[at]], src.has_media[self.index[at]]
         self.num_tokens = int(lengths.sum())
         self.num_streams = max((src.num_streams for src in sources), default=0)
-        self.starts, self.docs, self.begins, self.ends = plan_rows(lengths, whole, seq_len, split_across_rows)
+        self.row_buckets = None
+        if not buckets:
+            self.starts, self.docs, self.begins, self.ends = plan_rows(lengths, whole, seq_len,
+                                                                       split_across_rows)
+            return
+        perm, bucket = length_buckets(lengths, buckets, seed)
+        self.source, self.index = self.source[perm], self.index[perm]
+        lengths, whole = lengths[perm], whole[perm]
+        starts, pieces, row_buckets = [np.zeros(1, dtype=np.int64)], [], []
+        for b in np.unique(bucket):  # each bucket (a contiguous run of the order) packed on its own
+            at = np.flatnonzero(bucket == b)
+            a, z = int(at[0]), int(at[-1]) + 1
+            s, d, bg, e = plan_rows(lengths[a:z], whole[a:z], seq_len, split_across_rows)
+            starts.append(s[1:] + sum(len(p[0]) for p in pieces))
+            pieces.append((d + a, bg, e))
+            row_buckets.append(np.full(len(s) - 1, b, dtype=np.int64))
+        self.starts = np.concatenate(starts)
+        self.docs, self.begins, self.ends = (np.concatenate([p[k] for p in pieces]) for k in range(3))
+        self.row_buckets = np.concatenate(row_buckets)
 
     def __len__(self) -> int:
         return len(self.starts) - 1
@@ -586,7 +620,8 @@ class TaskDataset(PackedDataset):
 
     def __init__(self, manifest: str | Path | Manifest, spec: TaskSpec, processor, seq_len: int,
                  on_bad_sample: str = "skip", progress: bool | None = False, max_rows: int | None = None,
-                 cache_dir: str | Path | None = None, cache_workers: int = 0):
+                 cache_dir: str | Path | None = None, cache_workers: int = 0, length_buckets: int = 0,
+                 seed: int = 0):
         proc = text_processor(processor)
         self.manifest, self.spec = Manifest.of(manifest), spec
         samples = manifest_samples(self.manifest, spec, proc, seq_len, on_bad_sample, progress, max_rows,
@@ -594,7 +629,8 @@ class TaskDataset(PackedDataset):
         usable = _usable(samples, seq_len, self.manifest, spec, on_bad_sample)
         # Pre-training text and audio documents may flow across rows; a turn structure stays whole.
         super().__init__([samples], (np.zeros(len(usable)), usable), seq_len, proc.vocab.pad_id,
-                         task(spec.task).documents, samples.num_bad + len(samples) - len(usable))
+                         task(spec.task).documents, samples.num_bad + len(samples) - len(usable),
+                         buckets=length_buckets, seed=seed)
 
 
 class MixtureDataset(PackedDataset):
@@ -607,7 +643,7 @@ class MixtureDataset(PackedDataset):
     def __init__(self, parts: list[tuple[str, str | Path | Manifest, TaskSpec, float, float]], processor,
                  seq_len: int, on_bad_sample: str = "skip", weighted: bool = True, seed: int = 0,
                  progress: bool | None = False, cache_dir: str | Path | list | None = None,
-                 cache_workers: int = 0):
+                 cache_workers: int = 0, length_buckets: int = 0):
         proc = text_processor(processor)
         dirs = cache_dir if isinstance(cache_dir, list) else [cache_dir] * len(parts)
         sources, usable, num_bad = [], [], 0
@@ -632,7 +668,7 @@ class MixtureDataset(PackedDataset):
             chosen = chosen[:, torch.randperm(chosen.shape[1], generator=g).numpy()]
         # Samples stay whole: a document cut across rows would lose its task's context.
         super().__init__(sources, (chosen[0], chosen[1]), seq_len, proc.vocab.pad_id, False, num_bad,
-                         [lw if weighted else 1.0 for *_, lw in parts])
+                         [lw if weighted else 1.0 for *_, lw in parts], buckets=length_buckets, seed=seed)
 
 
 def split_manifest(part, split: str) -> Manifest:
@@ -654,17 +690,19 @@ def dataset_for(data, split: str, processor, seed: int = 0, progress: bool | Non
     fewshot tasks keep theirs in memory) unless ``cache`` is False (all in memory); ``progress``: a
     bar per manifest counting its rows as they are prepared (:func:`omni.progress.progress`)."""
     dirs = [d if cache and task(p.task).sample else None for p, d in zip(data.tasks(), cache_dirs(data))]
+    buckets = data.length_buckets if split == "train" else 0  # held-out rows keep the manifest's order
     if not data.mixture:
         if task(data.task).pairs:
             return PairDataset(split_manifest(data, split), TaskSpec.of(data), processor, data.seq_len,
                                data.on_bad_sample, progress)
         return TaskDataset(split_manifest(data, split), TaskSpec.of(data), processor, data.seq_len,
-                           data.on_bad_sample, progress, cache_dir=dirs[0], cache_workers=data.cache_workers)
+                           data.on_bad_sample, progress, cache_dir=dirs[0], cache_workers=data.cache_workers,
+                           length_buckets=buckets, seed=seed)
     parts = [(p.label, split_manifest(p, split), TaskSpec.of(p), p.weight, p.loss_weight)
              for p in data.mixture]
     return MixtureDataset(parts, processor, data.seq_len, data.on_bad_sample,
                           weighted=split == "train", seed=seed, progress=progress, cache_dir=dirs,
-                          cache_workers=data.cache_workers)
+                          cache_workers=data.cache_workers, length_buckets=buckets)
 
 
 def collate(rows: list[PackedRow], mrope: bool = False) -> dict:

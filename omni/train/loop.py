@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
@@ -206,10 +207,18 @@ class RowStream:
     ``cursor`` counts rows consumed so far; it is the data position saved in checkpoints. The
     rows of a packed dataset are planned from its samples' lengths when it is built, so the
     cursor alone restores the exact stream, mixtures included (``omni.data.tasks``).
+
+    ``groups`` (a length bucket per row, ``PackedDataset.row_buckets``) with ``batch_size``: each
+    global micro-batch of ``batch_size`` rows is drawn from one group, the micro-batches of an
+    epoch in a seeded order. A group's rows that do not fill a micro-batch (at most
+    ``batch_size - 1`` per group) are pooled into mixed micro-batches, placed where the epoch's
+    rows meet the micro-batch grid (its first and last, which an epoch shares with its neighbours)
+    and after the single-group ones; every row is still taken once per epoch.
     """
 
-    def __init__(self, num_rows: int, seed: int):
-        self.num_rows, self.seed = num_rows, seed
+    def __init__(self, num_rows: int, seed: int, groups=None, batch_size: int = 1):
+        self.num_rows, self.seed, self.batch_size = num_rows, seed, batch_size
+        self.groups = None if groups is None else np.asarray(groups)
         self._epoch, self._perm = -1, None
 
     def take(self, cursor: int, n: int) -> list[int]:
@@ -217,10 +226,29 @@ class RowStream:
         for c in range(cursor, cursor + n):
             epoch, i = divmod(c, self.num_rows)
             if epoch != self._epoch:
-                g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-                self._perm, self._epoch = torch.randperm(self.num_rows, generator=g).tolist(), epoch
+                self._perm, self._epoch = self._order(epoch), epoch
             out.append(self._perm[i])
         return out
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        if self.groups is None:
+            return torch.randperm(self.num_rows, generator=g).tolist()
+        B, N = self.batch_size, self.num_rows
+        chunks, pool = [], []
+        for b in np.unique(self.groups):
+            rows = np.flatnonzero(self.groups == b)
+            rows = rows[torch.randperm(len(rows), generator=g).numpy()].tolist()
+            full = len(rows) // B * B
+            chunks += [rows[k:k + B] for k in range(0, full, B)]
+            pool += rows[full:]
+        chunks = [chunks[k] for k in torch.randperm(len(chunks), generator=g).tolist()]
+        head = (B - epoch * N % B) % B  # rows that complete the micro-batch the last epoch began
+        whole = max(N - head, 0) // B  # micro-batches wholly inside this epoch
+        while len(chunks) > whole:  # the grid has room for fewer single-group micro-batches
+            pool = chunks.pop() + pool
+        pool = [pool[k] for k in torch.randperm(len(pool), generator=g).tolist()]
+        return pool[:head] + [r for c in chunks for r in c] + pool[head:]
 
 
 class MicroBatches:
@@ -475,7 +503,8 @@ class Trainer:
         if isinstance(self.inner, PairObjective):
             self.inner = self.inner.model
         self.inner.backbone.set_attn_backend(cfg.model.attn_backend, acc.device)
-        self.stream = RowStream(len(self.train_set), tc.seed)
+        self.stream = RowStream(len(self.train_set), tc.seed, getattr(self.train_set, "row_buckets", None),
+                                tc.batch_size)
         self.n_params = self.inner.num_params()
         self.peak_flops = _peak_flops(acc.device)
         if acc.is_main_process:
