@@ -57,6 +57,8 @@ from omni.sequence import IGNORE, MediaSlot, Message, PackedRow, Rendered, Sampl
 
 log = logging.getLogger(__name__)
 
+MAX_MIXTURE_SAMPLES = 2_000_000  # a mixture epoch's samples at most (its plan: ~50 bytes a sample)
+
 @dataclass
 class TaskSpec:
     """What a dataset needs to know about its task (from the recipe's ``data`` section)."""
@@ -634,11 +636,15 @@ class TaskDataset(PackedDataset):
 
 
 class MixtureDataset(PackedDataset):
-    """Several tasks' samples in shared rows. ``weighted`` (training): each task contributes
-    ``weight / sum(weights)`` of the samples, its own repeated or subsampled to that count (the
-    total stays the tasks' combined size), shuffled together, its targets counting ``loss_weight``
-    in the loss; else every sample once, unweighted (held-out splits). ``counts`` says how many
-    samples each task put in. ``cache_dir``: one folder for every task's cache, or one per task."""
+    """Several tasks' samples in shared rows. ``weighted`` (training): each task draws from a stream
+    of its own (its samples in one seeded permutation after another) ``weight / sum(weights)`` of
+    the samples of a cycle (a cycle holds as many samples as the tasks together), the cycle's
+    draws shuffled together, its targets counting ``loss_weight`` in the loss. An epoch is
+    ``cycles`` cycles: the fewest in which every task's every sample is drawn at least once (a
+    task whose share is smaller than its corpus goes on through its stream instead of seeing the
+    same subset every epoch), at most :data:`MAX_MIXTURE_SAMPLES` samples in all. Else (held-out
+    splits) every sample once, unweighted. ``counts`` says how many samples each task puts in a
+    cycle. ``cache_dir``: one folder for every task's cache, or one per task."""
 
     def __init__(self, parts: list[tuple[str, str | Path | Manifest, TaskSpec, float, float]], processor,
                  seq_len: int, on_bad_sample: str = "skip", weighted: bool = True, seed: int = 0,
@@ -656,16 +662,28 @@ class MixtureDataset(PackedDataset):
             num_bad += samples.num_bad + len(samples) - len(usable[-1])
         g = torch.Generator().manual_seed(seed)
         total, weight_sum = sum(len(u) for u in usable), sum(w for _, _, _, w, _ in parts)
-        chosen, self.counts = [], {}
-        for t, ((label, _, _, w, _), ok) in enumerate(zip(parts, usable)):
-            want = max(1, round(total * w / weight_sum)) if weighted else len(ok)
-            rounds = -(-want // len(ok))
-            idx = torch.cat([torch.randperm(len(ok), generator=g) for _ in range(rounds)])
-            chosen.append(np.stack([np.full(want, t), ok[idx[:want].numpy()]]))
+        wants = [max(1, round(total * w / weight_sum)) if weighted else len(ok)
+                 for (_, _, _, w, _), ok in zip(parts, usable)]
+        need = max(-(-len(ok) // want) for ok, want in zip(usable, wants))
+        self.cycles = max(1, min(need, MAX_MIXTURE_SAMPLES // sum(wants)))
+        if self.cycles < need:
+            log.warning("a mixture epoch holds %d cycles of %d samples (at most %d samples): the tasks "
+                        "with the smallest shares of their corpora see part of them per epoch",
+                        self.cycles, sum(wants), MAX_MIXTURE_SAMPLES)
+        streams, self.counts = [], {}
+        for (label, *_), ok, want in zip(parts, usable, wants):
+            n = self.cycles * want
+            idx = torch.cat([torch.randperm(len(ok), generator=g) for _ in range(-(-n // len(ok)))])
+            streams.append(ok[idx[:n].numpy()])
             self.counts[label] = want
-        chosen = np.concatenate(chosen, axis=1)
-        if weighted:
-            chosen = chosen[:, torch.randperm(chosen.shape[1], generator=g).numpy()]
+        cycles = []
+        for c in range(self.cycles):
+            chosen = np.concatenate([np.stack([np.full(want, t), stream[c * want:(c + 1) * want]])
+                                     for t, (stream, want) in enumerate(zip(streams, wants))], axis=1)
+            if weighted:
+                chosen = chosen[:, torch.randperm(chosen.shape[1], generator=g).numpy()]
+            cycles.append(chosen)
+        chosen = np.concatenate(cycles, axis=1)
         # Samples stay whole: a document cut across rows would lose its task's context.
         super().__init__(sources, (chosen[0], chosen[1]), seq_len, proc.vocab.pad_id, False, num_bad,
                          [lw if weighted else 1.0 for *_, lw in parts], buckets=length_buckets, seed=seed)
