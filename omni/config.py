@@ -403,7 +403,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {p!r} is not a section")
-        node[leaf] = yaml.safe_load(value) if value != "" else ""
+        try:
+            node[leaf] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:  # not YAML, so a string: data.files={split}/*.parquet
+            node[leaf] = value
     return raw
 
 
