@@ -138,3 +138,15 @@ def test_a_recipe_names_its_shards_with_data_files(tiny_corpus, debug_model, tmp
     for bad in ("train/*.parquet", "{split}.csv"):
         with pytest.raises(ValueError, match=r"data.files must name each split's manifest"):
             TaskData(files=bad).validate()
+
+
+def test_a_tokenizer_corpus_may_be_shards(tmp_path):
+    from omni.tokenizers.text import corpus_texts
+
+    _write(tmp_path / "train-0.parquet", [{"text": "one"}, {"text": "two"}])
+    _write(tmp_path / "train-1.jsonl", [{"text": "three"}])
+    _write(tmp_path / "train-2.arrow", [{"caption": "four"}])
+    assert list(corpus_texts(tmp_path / "train-[01].*")) == ["one", "two", "three"]
+    assert list(corpus_texts(Manifest.of(tmp_path / "train-2.arrow"), "caption")) == ["four"]
+    with pytest.raises(ValueError, match=r"train-2.arrow: row 1 has no string field 'text'"):
+        list(corpus_texts(tmp_path / "train-*"))
