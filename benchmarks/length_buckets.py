@@ -8,7 +8,8 @@ Sample lengths come from each row's ``duration`` and transcript, for two layouts
 ``cross`` (whisper/asr_tiny: the clip is read by cross-attention, a row holds the transcripts:
 words + 4 template tokens, seq_len 64, 12 rows a micro-batch) and ``tokens`` (whisper/asr_base:
 the clip is 25 tokens a second in the row, then 1.3 tokens a word + 6, seq_len 256, 64 rows).
-Reported per layout and bucket count: the rows' padding (1 - tokens / (rows x seq_len)), the
+Buckets are made by the clips' size (their log-mel's bytes), as training makes them for samples
+with media. Reported per layout and bucket count: the rows' padding (1 - tokens / (rows x seq_len)), the
 audio encoder's padding when each micro-batch's clips go through in one call padded to the
 longest (mel frames, 100 a second), the same with the encoder's own length groups
 (``AudioEncoder``: calls of at most 25% padding) and how many encoder calls that takes.
@@ -37,8 +38,12 @@ LAYOUTS = {  # name: (seq_len, batch_size, tokens of a clip of d seconds with w 
 
 
 class Lengths:
-    def __init__(self, lengths):
+    """Samples known by their lengths and their clips' log-mel bytes (80 mels x frames, float32),
+    what the plan and the buckets are made from."""
+
+    def __init__(self, lengths, frames):
         self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.media_bytes = 80 * 4 * np.asarray(frames, dtype=np.int64)
         self.has_media = np.ones(len(lengths), dtype=bool)
         self.num_streams = 0
 
@@ -47,8 +52,8 @@ def measure(durations, words, layout: str, buckets: int, seed: int = 0) -> dict:
     seq_len, batch, tokens = LAYOUTS[layout]
     lengths = [tokens(d, w) for d, w in zip(durations, words)]
     frames = np.array([round(100 * d) for d in durations])
-    ds = PackedDataset([Lengths(lengths)], (np.zeros(len(lengths)), np.arange(len(lengths))), seq_len, 0,
-                       False, buckets=buckets, seed=seed)
+    order = (np.zeros(len(lengths)), np.arange(len(lengths)))
+    ds = PackedDataset([Lengths(lengths, frames)], order, seq_len, 0, False, buckets=buckets, seed=seed)
     stream = RowStream(len(ds), seed, ds.row_buckets, batch)
     real = padded_one = padded_groups = calls = 0
     for cursor in range(0, len(ds) - len(ds) % batch, batch):  # the epoch's whole micro-batches

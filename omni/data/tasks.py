@@ -364,6 +364,8 @@ class RenderedSamples:
         self.samples, self.num_bad = samples, num_bad
         self.lengths = np.array([len(r) for r in samples], dtype=np.int64)
         self.has_media = np.array([bool(r.media) for r in samples], dtype=bool)
+        self.media_bytes = np.array([sum(m.data.numel() * m.data.element_size() for m in r.media)
+                                     for r in samples], dtype=np.int64)
         self.rows = np.arange(len(samples))  # the sample's number (the manifest's rows, less the bad ones)
         self.num_streams = max((r.streams.shape[0] for r in samples if r.streams is not None), default=0)
 
@@ -487,7 +489,8 @@ class PackedDataset(torch.utils.data.Dataset):
     (:func:`plan_rows`); row ``i``'s samples are read and packed by :func:`omni.sequence.pack`
     when it is asked for, so the dataset holds a few integers per sample. ``loss_weights``: each
     source's weight on its targets (a mixture's ``loss_weight``). ``buckets`` (> 0): the samples are
-    first grouped into that many length buckets (:func:`length_buckets`, shuffled under ``seed``)
+    first grouped into that many length buckets (:func:`length_buckets`, shuffled under ``seed``;
+    by the bytes of their media's encoder inputs when any sample has media, else by tokens)
     and each bucket is packed into rows of its own; ``row_buckets`` then says each row's bucket
     (else it is None), for a sampler that draws each micro-batch from one bucket
     (``omni.train.loop.RowStream``)."""
@@ -500,9 +503,12 @@ class PackedDataset(torch.utils.data.Dataset):
         self.num_bad, self.num_docs = num_bad, len(self.index)
         lengths = np.zeros(len(self.index), dtype=np.int64)
         whole = np.zeros(len(self.index), dtype=bool)
+        media = np.zeros(len(self.index), dtype=np.int64)
         for s, src in enumerate(sources):
             at = self.source == s
             lengths[at], whole[at] = src.lengths[self.index[at]], src.has_media[self.index[at]]
+            if getattr(src, "media_bytes", None) is not None:
+                media[at] = src.media_bytes[self.index[at]]
         self.num_tokens = int(lengths.sum())
         self.num_streams = max((src.num_streams for src in sources), default=0)
         self.row_buckets = None
@@ -510,7 +516,8 @@ class PackedDataset(torch.utils.data.Dataset):
             self.starts, self.docs, self.begins, self.ends = plan_rows(lengths, whole, seq_len,
                                                                        split_across_rows)
             return
-        perm, bucket = length_buckets(lengths, buckets, seed)
+        # audio clips by their encoder input's size (a cross-attended clip takes no tokens), else tokens
+        perm, bucket = length_buckets(media if media.any() else lengths, buckets, seed)
         self.source, self.index = self.source[perm], self.index[perm]
         lengths, whole = lengths[perm], whole[perm]
         starts, pieces, row_buckets = [np.zeros(1, dtype=np.int64)], [], []

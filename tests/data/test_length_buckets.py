@@ -4,9 +4,12 @@ and exact on resume; padding falls on clips of mixed lengths."""
 
 import numpy as np
 import pytest
+import torch
 
 from omni.config import DataConfig
-from omni.data.tasks import PackedDataset, dataset_for, length_buckets
+from omni.data import cache
+from omni.data.tasks import PackedDataset, RenderedSamples, dataset_for, length_buckets
+from omni.sequence import MediaSlot, Rendered
 from omni.train.loop import RowStream
 
 
@@ -82,3 +85,24 @@ def test_the_recipe_key_buckets_training_rows_only(tiny_corpus, debug_model):
         DataConfig(length_buckets=-1).validate()
     with pytest.raises(ValueError, match="contrastive task's pairs are not packed"):
         DataConfig(task="contrastive", length_buckets=2).validate()
+
+
+def test_clips_are_bucketed_by_their_encoder_inputs_size_read_from_the_cache_without_the_bytes(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "SHARD_ROWS", 7)  # several shards: several Arrow chunks
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for j in range(30):  # cross-attended clips: one token each, their log-mel as long as the clip
+        frames = int(torch.randint(10, 300, (1,), generator=g)) if j % 3 else 0
+        media = [MediaSlot(0, 0, "audio", torch.randn(8, frames, generator=g))] if frames else []
+        samples.append(Rendered(torch.ones(4, dtype=torch.long), torch.ones(4, dtype=torch.long),
+                                torch.zeros(3, 4, dtype=torch.long), media))
+    cached = cache.build(tmp_path, range(30), lambda j: samples[j], lambda *a: {}, {})
+    in_memory = RenderedSamples(samples)
+    assert (cached.media_bytes == in_memory.media_bytes).all()
+    assert in_memory.media_bytes.tolist() == [sum(m.data.numel() * 4 for m in r.media) for r in samples]
+    ds = PackedDataset([cached], (np.zeros(30), np.arange(30)), 16, 0, False, buckets=3, seed=0)
+    frames = cached.media_bytes[ds.index]
+    edges = [frames[[d for r in range(len(ds)) if ds.row_buckets[r] == b
+                     for d in ds.docs[ds.starts[r]:ds.starts[r + 1]]]] for b in range(3)]
+    assert edges[0].max() <= edges[1].min() and edges[1].max() <= edges[2].min()  # by clip, not tokens
