@@ -7,8 +7,9 @@ prepared-sample caches (issue 26), compared loss by loss.
 Each recipe trains ``--steps`` steps twice through ``omni train`` on the built corpora (``data/``),
 once with the code at ``--old-rev`` (``git archive``) and once with this tree (its cache built on
 the way), logging every step, then once more with this tree reading the cache it built, with 2
-DataLoader workers. Reports every logged training loss and the held-out loss of each run, and
-whether they are identical. Ends with one JSON line.
+DataLoader workers, and once from the same manifests cut into Parquet shards (``data.files:
+{split}/*.parquet``, media paths made absolute). Reports every logged training loss and the
+held-out loss of each run, and whether they are identical. Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -42,6 +43,34 @@ def losses(out: Path) -> tuple[list[float], float | None]:
     return [r["loss"] for r in rows if "loss" in r], (val[-1] if val else None)
 
 
+def parquet_shards(recipe: str, out: Path, shards: int = 3) -> list[str]:
+    """The recipe's train and val manifests cut into ``shards`` Parquet files each under ``out``
+    (media paths made absolute, as a shard's folder is not the manifest's); the overrides that
+    read them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, str(ROOT))
+    from omni.config import load_recipe
+
+    data = load_recipe(recipe).data
+    if data.mixture:
+        raise ValueError(f"{recipe}: --sharded handles one-task recipes")
+    for split in ("train", "val"):
+        manifest = ROOT / data.path / f"{split}.jsonl"
+        rows = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
+        for row in rows:
+            for key in ("image", "audio", "video"):
+                if isinstance(row.get(key), str) and not Path(row[key]).is_absolute():
+                    row[key] = str(manifest.parent.resolve() / row[key])
+        (out / split).mkdir(parents=True, exist_ok=True)
+        size = -(-len(rows) // shards)
+        for k in range(shards):
+            part = pa.Table.from_pylist(rows[k * size:(k + 1) * size])
+            pq.write_table(part, out / split / f"{k:05d}.parquet")
+    return [f"data.path={out}", "data.files={split}/*.parquet"]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="omni_data_parity."))
@@ -53,9 +82,11 @@ def main(argv=None) -> dict:
     results = {}
     for recipe in args.recipes:
         runs = {}
+        sharded = parquet_shards(recipe, tmp / "shards" / recipe.replace("/", "_"))
         for side, src, extra in (("old", old, []), ("cached", ROOT, [f"data.cache_dir={tmp / 'cache'}"]),
                                  ("cached_warm_2_workers", ROOT,
-                                  [f"data.cache_dir={tmp / 'cache'}", "train.num_workers=2"])):
+                                  [f"data.cache_dir={tmp / 'cache'}", "train.num_workers=2"]),
+                                 ("parquet_shards", ROOT, [*sharded, f"data.cache_dir={tmp / 'cache'}"])):
             out = tmp / "runs" / f"{recipe.replace('/', '_')}_{side}"
             cmd = [sys.executable, "-m", "omni.cli", "train", recipe, f"train.out_dir={out}",
                    f"train.steps={args.steps}", "train.log_every=1", f"train.eval_every={args.steps}",

@@ -111,12 +111,16 @@ class CodecRef:
 @dataclass
 class TaskData(TaskSpec):
     """One task's data: the task (the fields of :class:`omni.data.tasks.TaskSpec`, what turns the
-    rows into samples) and a directory ``path`` holding ``train.jsonl`` and ``val.jsonl``
-    manifests. In a mixture, ``weight`` is the task's share of the training samples (relative to
-    the others), ``loss_weight`` how much each of its training targets counts in the loss (a
-    weighted mean over the step's targets; held-out losses stay unweighted) and ``name`` labels it."""
+    rows into samples) and a directory ``path`` holding each split's manifest, ``files``
+    (``train.jsonl`` and ``val.jsonl`` by default; a glob of JSONL, Parquet or Arrow shards, see
+    :mod:`omni.data.manifest`). In a mixture, ``weight`` is the task's share of the training
+    samples (relative to the others), ``loss_weight`` how much each of its training targets counts
+    in the loss (a weighted mean over the step's targets; held-out losses stay unweighted) and
+    ``name`` labels it."""
 
     path: str = "data/text"
+    # each split's manifest under `path`: a file or a glob of .jsonl/.parquet/.arrow shards
+    files: str = "{split}.jsonl"
     weight: float = 1.0
     loss_weight: float = 1.0
     name: str = ""
@@ -129,6 +133,9 @@ class TaskData(TaskSpec):
     def validate(self, key: str = "data"):
         choice(f"{key}.task", self.task, TASKS)
         choice(f"{key}.media", self.media, MODALITIES)
+        if "{split}" not in self.files or not self.files.endswith((".jsonl", ".parquet", ".arrow")):
+            raise ValueError(f"{key}.files must name each split's manifest with {{split}} and end in .jsonl, "
+                             f".parquet or .arrow (e.g. {{split}}/*.parquet), got {self.files!r}")
         if not self.weight > 0:
             raise ValueError(f"{key}.weight must be > 0, got {self.weight}")
         if not self.loss_weight > 0:
@@ -149,6 +156,9 @@ class DataConfig(TaskData):
     # prepared samples (omni.data.cache): "" keeps each task's in a `cache` folder beside its manifests
     cache_dir: str = ""
     cache_workers: int = 0  # processes that build a cache's shards (0: the training process)
+    # > 0: training samples grouped into this many length buckets, each packed into rows of its own,
+    # and each micro-batch drawn from one bucket (less padding for audio clips of mixed lengths)
+    length_buckets: int = 0
 
     def tasks(self) -> list[TaskData]:
         return list(self.mixture) or [self]
@@ -159,6 +169,11 @@ class DataConfig(TaskData):
             raise ValueError(f"data.cache_workers must be >= 0 (0: build in the training process), "
                              f"got {self.cache_workers}")
         positive("data.seq_len", self.seq_len)
+        if self.length_buckets < 0:
+            raise ValueError(f"data.length_buckets must be >= 0 (0: off), got {self.length_buckets}")
+        if self.length_buckets and any(TASKS[p.task].pairs for p in self.tasks() if p.task in TASKS):
+            raise ValueError("data.length_buckets groups packed rows; the contrastive task's pairs are "
+                             "not packed")
         if not self.mixture:
             return super().validate()
         for i, part in enumerate(self.mixture):
@@ -388,7 +403,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {p!r} is not a section")
-        node[leaf] = yaml.safe_load(value) if value != "" else ""
+        try:
+            node[leaf] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:  # not YAML, so a string: data.files={split}/*.parquet
+            node[leaf] = value
     return raw
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from omni.config import RecipeConfig, from_dict, read_yaml, split_name
+from omni.data.manifest import Manifest
 from omni.data.tasks import (
     TASKS,
     PairDataset,
@@ -32,7 +33,7 @@ from omni.data.tasks import (
     right_pad,
 )
 from omni.data.video import OPPOSITE, direction_of
-from omni.io import atomic_write_json, read_jsonl, write_jsonl
+from omni.io import atomic_write_json, write_jsonl
 from omni.media.audio import Audio
 from omni.metrics import bleu, cer, cider_d, wer
 from omni.model.contrastive import embed_media, embed_text, similarity
@@ -94,11 +95,13 @@ def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None,
     results = {}
     for d in parts:
         name = f"eval_{split}" + (f"_{_file_label(d.label)}" if cfg.data.mixture else "") + suffix
-        manifest = Path(data_path or d.path) / f"{split}.jsonl"
+        folder = data_path or d.path
+        manifest = Manifest.split(folder, d.files, split)
         start = time.perf_counter()
         metrics, preds = _evaluate_task(model, d, cfg.data.seq_len, manifest, max_rows, batch_size,
                                         max_new_tokens, examples, through_codec,
-                                        ckpt / f"examples_{name[5:]}", shots, decoding, progress)
+                                        ckpt / f"examples_{name[5:]}", shots, decoding, progress,
+                                        train=lambda: Manifest.split(folder, d.files, "train"))
         metrics.update(split=split, checkpoint=str(ckpt), task=d.task, label=d.label,
                        seconds=round(time.perf_counter() - start, 1), **decoding)
         if preds:
@@ -143,22 +146,29 @@ def _file_label(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
 
 
-def _evaluate_task(model, d, seq_len: int, manifest: Path, max_rows, batch_size, max_new_tokens, examples,
+def _evaluate_task(model, d, seq_len: int, manifest, max_rows, batch_size, max_new_tokens, examples,
                    through_codec, examples_dir: Path, shots: int = 0, decoding: dict | None = None,
-                   progress: bool | None = False) -> tuple[dict, list]:
-    """One task scored on the first ``max_rows`` rows of ``manifest``: every task reads only those,
-    so the metrics' ``rows`` is what was scored."""
-    rows = list(read_jsonl(manifest))[:max_rows]
+                   progress: bool | None = False, train=None) -> tuple[dict, list]:
+    """One task scored on the first ``max_rows`` rows of ``manifest`` (a path or a
+    :class:`~omni.data.manifest.Manifest`, its media paths relative to each file's folder): every
+    task reads only those, so the metrics' ``rows`` is what was scored. ``train()``: the task's
+    training manifest (few-shot examples, the unigram baseline of codes)."""
+    manifest = Manifest.of(manifest)
+    root = manifest.files[0].parent
+    # shards in several folders: each row's media paths made absolute against its own
+    several = len({f.parent for f in manifest.files}) > 1
+    rows = [_rooted(row, f.parent) if several else row for f, _, row in manifest.rows(max_rows)]
     if not rows:
         raise ValueError(f"{manifest}: no rows to evaluate")
+    train = train or (lambda: Manifest.of(root / "train.jsonl"))
     preds = []
     scorer = TASKS[d.task].scored_by  # what the task declares (omni.data.tasks.TASKS)
     if scorer == "caption":
         codec = None
         if through_codec:
             codec = AudioCodec.load(through_codec)
-        metrics, preds = _eval_caption(model, d, rows, manifest.parent, batch_size, max_new_tokens, codec,
-                                       shots, decoding, progress)
+        metrics, preds = _eval_caption(model, d, rows, root, batch_size, max_new_tokens, codec,
+                                       shots, decoding, progress, train)
         metrics["shots"] = shots
         if codec is not None:
             metrics["through_codec"] = str(through_codec)
@@ -167,9 +177,9 @@ def _evaluate_task(model, d, seq_len: int, manifest: Path, max_rows, batch_size,
     elif scorer == "fewshot":
         metrics, preds = _eval_fewshot(model, d, manifest, max_rows, batch_size, progress)
     elif scorer == "codes":
-        metrics = _eval_codes(model, d, seq_len, manifest, rows, batch_size, progress=progress)
+        metrics = _eval_codes(model, d, seq_len, manifest, rows, batch_size, progress=progress, train=train)
         write = write_continuations if d.task == "continue" else write_speech
-        metrics["examples"] = write(model, d, rows[:examples], manifest.parent, examples_dir,
+        metrics["examples"] = write(model, d, rows[:examples], root, examples_dir,
                                     progress=progress) if examples else []
     else:
         metrics = _eval_loss(model, d, seq_len, manifest, batch_size, max_rows, progress)
@@ -177,8 +187,14 @@ def _evaluate_task(model, d, seq_len: int, manifest: Path, max_rows, batch_size,
     return metrics, preds
 
 
+def _rooted(row: dict, root: Path) -> dict:
+    """``row`` with its media paths made absolute against ``root`` (its manifest file's folder)."""
+    return {k: str(root / v) if k in ("image", "audio", "video") and isinstance(v, str) and v else v
+            for k, v in row.items()}
+
+
 def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: int, codec=None,
-                  shots: int = 0, decoding: dict | None = None, progress: bool | None = False):
+                  shots: int = 0, decoding: dict | None = None, progress: bool | None = False, train=None):
     """Greedy captions for ``rows`` (or by ``decoding``: ``num_beams``, ``ctc_weight``). ``shots``:
     each prompt is a conversation that first shows the model that many (media, caption) examples
     from the training split (Flamingo-style few-shot)."""
@@ -186,8 +202,9 @@ def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: i
         return {"role": "user", "content": [media] + ([d.prompt] if d.prompt else [])}
 
     context = []
-    for ex in list(read_jsonl(root / "train.jsonl"))[:shots] if shots else []:
-        context += [turn(as_processor(model).media_for(root / ex[d.media])),
+    train = train or (lambda: Manifest.of(root / "train.jsonl"))
+    for f, _, ex in train().rows(shots) if shots else []:
+        context += [turn(as_processor(model).media_for(f.parent / ex[d.media])),
                     {"role": "assistant", "content": ex[d.target].strip()}]
 
     def captions(medias: list) -> list[str]:
@@ -246,7 +263,7 @@ def _eval_fewshot(model, d, manifest: Path, max_rows, batch_size: int,
     names at random would be right 1 / ways of the time (``chance_with_examples``)."""
     spec = TaskSpec.of(d)
     media, skipped = prepare_rows(manifest, spec, model, progress=progress)
-    eps = episodes(media, spec, held_out=manifest.stem != "train")[:max_rows]
+    eps = episodes(media, spec, held_out=manifest.held_out)[:max_rows]
 
     preds, few_hits, zero_hits, in_context = [], 0, 0, 0
     for start in progress_bar(range(0, len(eps), batch_size), unit="batch", enabled=progress,
@@ -338,19 +355,19 @@ def _reconstruct(codec, audio):
 
 
 @torch.no_grad()
-def _eval_codes(model, d, seq_len: int, manifest: Path, rows: list[dict], batch_size: int,
-                unigram_rows: int = 400, progress: bool | None = False) -> dict:
+def _eval_codes(model, d, seq_len: int, manifest, rows: list[dict], batch_size: int,
+                unigram_rows: int = 400, progress: bool | None = False, train=None) -> dict:
     """Next-code loss and accuracy over every codebook (each code scored within its own codebook,
     as generation samples it) on held-out clips, and the same for a unigram model of the codes
     of (up to ``unigram_rows``) training clips, add-one smoothed per codebook."""
     vocab = model.vocab
     K, C = vocab.num_codebooks, vocab.codebook_size
     counts = torch.ones(K, C)
-    train_manifest = manifest.parent / "train.jsonl"
-    for row in progress_bar(list(read_jsonl(train_manifest))[:unigram_rows], unit="row", enabled=progress,
-                            desc=f"{d.label}: codec-encoding {train_manifest} (the unigram baseline)"):
+    train_manifest = train() if train else Manifest.of(manifest.files[0].parent / "train.jsonl")
+    for f, _, row in progress_bar(list(train_manifest.rows(unigram_rows)), unit="row", enabled=progress,
+                                  desc=f"{d.label}: codec-encoding {train_manifest} (the unigram baseline)"):
         try:
-            codes = as_processor(model).encode_audio(manifest.parent / row["audio"], d.max_audio_s)
+            codes = as_processor(model).encode_audio(f.parent / row["audio"], d.max_audio_s)
         except (ValueError, KeyError):
             continue
         counts += torch.nn.functional.one_hot(codes, C).sum(1)

@@ -121,6 +121,11 @@ def test_overrides_do_not_mutate_input():
     assert out == {"train": {"steps": 9}, "data": {"pack": False}}
 
 
+def test_an_override_that_is_not_yaml_is_a_string():
+    out = apply_overrides({}, ["data.files={split}/*.parquet", "data.path=[a"])
+    assert out == {"data": {"files": "{split}/*.parquet", "path": "[a"}}
+
+
 @pytest.mark.parametrize("bad", ["train.steps", "=3", "train.steps:3"])
 def test_bad_override_syntax(tmp_path, bad):
     with pytest.raises(ValueError, match="key=value"):

@@ -144,3 +144,31 @@ def test_a_checkpoint_without_a_recipe_is_scored_on_the_task_and_data_named(tmp_
         evaluate(ckpt, split="val")
     metrics = evaluate(ckpt, split="val", task="chat", data_path=str(tmp_path / "chat"))
     assert metrics["task"] == "chat" and metrics["ppl"] > 1
+
+
+def test_a_split_in_shards_in_several_folders_scores_as_the_file_it_was_cut_from(tmp_path, text_tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "clips").mkdir()
+    rows = []
+    for i in range(4):
+        sf.write(tmp_path / "clips" / f"{i}.wav",
+                 (0.1 * np.random.default_rng(i).standard_normal(8000)).astype(np.float32), 16000)
+        rows.append({"audio": f"clips/{i}.wav", "text": "turn on the light"})
+    write_jsonl(tmp_path / "test.jsonl", rows)
+    for k in range(2):  # data/test/<k>/rows.parquet, media paths relative to each shard's folder
+        (tmp_path / "test" / str(k)).mkdir(parents=True)
+        shard = [{**r, "audio": f"../../{r['audio']}"} for r in rows[2 * k:2 * k + 2]]
+        pq.write_table(pa.Table.from_pylist(shard), tmp_path / "test" / str(k) / "rows.parquet")
+    scores = {}
+    for name, files in (("one", "{split}.jsonl"), ("shards", "{split}/*/rows.parquet")):
+        cfg = load_recipe("whisper/asr_tiny", ["model.size=debug", "model.media.audio.encoder.size=debug",
+                                               f"data.path={tmp_path}", f"data.files={files}"])
+        run = tmp_path / name
+        torch.manual_seed(0)
+        pipeline_from_recipe(cfg, text_tokenizer).save_pretrained(run)
+        (run / "recipe.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+        scores[name] = evaluate(run, split="test", max_new_tokens=4, examples=0)
+    assert scores["one"]["rows"] == scores["shards"]["rows"] == 4
+    assert scores["one"]["wer"] == scores["shards"]["wer"]

@@ -37,7 +37,6 @@ raises a ValueError naming the row and the file with ``data.on_bad_sample=error`
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import random
@@ -49,7 +48,7 @@ import numpy as np
 import torch
 
 from omni.data import cache
-from omni.io import read_jsonl
+from omni.data.manifest import Manifest
 from omni.media import BAD_FILE_ERRORS
 from omni.model.audio_codes import EMPTY
 from omni.processor import Processor, as_processor
@@ -57,6 +56,8 @@ from omni.progress import progress as progress_bar
 from omni.sequence import IGNORE, MediaSlot, Message, PackedRow, Rendered, Sample, Segment, pack
 
 log = logging.getLogger(__name__)
+
+MAX_MIXTURE_SAMPLES = 2_000_000  # a mixture epoch's samples at most (its plan: ~50 bytes a sample)
 
 @dataclass
 class TaskSpec:
@@ -245,37 +246,32 @@ def episodes(media: list[tuple[torch.Tensor, tuple]], spec: TaskSpec, held_out: 
 _WORK = {"text": "tokenizing", "chat": "tokenizing", "continue": "codec-encoding", "speak": "codec-encoding"}
 
 
-def _manifest_rows(manifest: Path, spec: TaskSpec, progress: bool | None = False,
+def _manifest_rows(manifest: Manifest, spec: TaskSpec, progress: bool | None = False,
                    max_rows: int | None = None):
-    """The manifest's rows (the first ``max_rows``), read as they are used, under a progress bar
-    counting rows, named for the work each row takes (``progress``: see
-    :func:`omni.progress.progress`)."""
-    total = _count_lines(manifest) if max_rows is None else max_rows
-    return progress_bar(itertools.islice(read_jsonl(manifest), max_rows), total=total,
-                        desc=_work(manifest, spec), unit="row", enabled=progress)
+    """The manifest's rows (the first ``max_rows``) as (file, row number there, row), read as they
+    are used, under a progress bar counting rows, named for the work each row takes (``progress``:
+    see :func:`omni.progress.progress`)."""
+    total = manifest.count() if max_rows is None else max_rows
+    return progress_bar(manifest.rows(max_rows), total=total, desc=_work(manifest, spec), unit="row",
+                        enabled=progress)
 
 
-def _work(manifest: Path, spec: TaskSpec) -> str:
+def _work(manifest: Manifest, spec: TaskSpec) -> str:
     return f"{_WORK.get(spec.task, f'preparing {spec.media} of')} {manifest}"
 
 
-def _count_lines(path: Path) -> int:
-    with open(path, "rb") as f:
-        return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
-
-
-def prepare_rows(manifest: Path, spec: TaskSpec, model, on_bad_sample: str = "skip",
+def prepare_rows(manifest: str | Path | Manifest, spec: TaskSpec, model, on_bad_sample: str = "skip",
                  progress: bool | None = False) -> tuple[list, int]:
     """Every usable row's media prepared by the model's encoder, and how many rows were skipped."""
-    proc = as_processor(model)
+    proc, manifest = as_processor(model), Manifest.of(manifest)
     if spec.media not in proc.encoders:
         raise ValueError(f"the model has no {spec.media} encoder (model.media.{spec.media})")
     media, num_bad = [], 0
-    for n, row in enumerate(_manifest_rows(manifest, spec, progress)):
+    for f, n, row in _manifest_rows(manifest, spec, progress):
         try:
-            media.append(proc.prepare(spec.media, _media_path(row, spec.media, manifest.parent)))
+            media.append(proc.prepare(spec.media, _media_path(row, spec.media, f.parent)))
         except BAD_FILE_ERRORS as e:
-            _bad_row(manifest, n, row, e, on_bad_sample)
+            _bad_row(f, n, row, e, on_bad_sample)
             num_bad += 1
     return media, num_bad
 
@@ -291,9 +287,10 @@ def text_processor(obj) -> Processor:
 
 
 def _bad_row(manifest: Path, n: int, row: dict, error: Exception, on_bad_sample: str) -> dict:
-    """Row ``n`` (0-based) could not be prepared: raise a ValueError naming the manifest, the row and
-    its media file when ``on_bad_sample`` is ``error``, else log the same and return its entry for a
-    cache's ``bad_samples.jsonl`` (skip it)."""
+    """Row ``n`` (0-based) of the manifest file ``manifest`` (one shard of a sharded manifest) could
+    not be prepared: raise a ValueError naming the file, the row and its media file when
+    ``on_bad_sample`` is ``error``, else log the same and return its entry for a cache's
+    ``bad_samples.jsonl`` (skip it)."""
     problem = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
     files = [row[k] for k in ("image", "video", "audio") if isinstance(row.get(k), str)]
     unnamed = [f for f in files if Path(f).name not in problem]  # a MediaError names its file already
@@ -302,14 +299,14 @@ def _bad_row(manifest: Path, n: int, row: dict, error: Exception, on_bad_sample:
     if on_bad_sample == "error":
         raise ValueError(f"{manifest}: row {n + 1}: {problem}") from error
     log.warning("%s: row %d skipped: %s", manifest, n + 1, problem)
-    return {"row": n + 1, "files": files, "error": problem}
+    return {"manifest": str(manifest), "row": n + 1, "files": files, "error": problem}
 
 
-def _render_episodes(manifest: Path, spec: TaskSpec, proc, seq_len: int, on_bad_sample: str,
+def _render_episodes(manifest: Manifest, spec: TaskSpec, proc, seq_len: int, on_bad_sample: str,
                      progress: bool | None = False):
     media, num_bad = prepare_rows(manifest, spec, proc, on_bad_sample, progress)
     rendered = []
-    for ep in episodes(media, spec, held_out=manifest.stem != "train"):
+    for ep in episodes(media, spec, held_out=manifest.held_out):
         r = proc.render(ep.sample())
         if len(r) > seq_len:
             raise ValueError(f"{manifest}: a {spec.ways}-way episode takes {len(r)} tokens, "
@@ -318,13 +315,15 @@ def _render_episodes(manifest: Path, spec: TaskSpec, proc, seq_len: int, on_bad_
     return rendered, num_bad
 
 
-def _renderer(spec: TaskSpec, proc: Processor, root: Path) -> Callable[[dict], Rendered]:
-    """row -> its rendered sample (raises a ``BAD_FILE_ERRORS`` error for an unusable row)."""
+def _renderer(spec: TaskSpec, proc: Processor) -> Callable[[tuple], Rendered]:
+    """(file, row number, row) -> the row's rendered sample, its media paths taken relative to the
+    file's folder (raises a ``BAD_FILE_ERRORS`` error for an unusable row)."""
     # speech: the transcript rides along with the audio slot for the encoder's CTC head
     ctc = _ctc(spec, proc)
 
-    def render_row(row: dict) -> Rendered:
-        r = proc.render(sample_for(row, spec, proc, root))
+    def render_row(item: tuple) -> Rendered:
+        f, _, row = item
+        r = proc.render(sample_for(row, spec, proc, f.parent))
         if ctc:
             r.media[0].labels = torch.tensor(proc.tokenizer.encode(row[spec.target].strip()))
         return r
@@ -336,7 +335,7 @@ def _ctc(spec: TaskSpec, proc: Processor) -> bool:
             and getattr(proc.encoders[spec.media], "ctc_head", None) is not None)
 
 
-def render_manifest(manifest: str | Path, spec: TaskSpec, processor, seq_len: int,
+def render_manifest(manifest: str | Path | Manifest, spec: TaskSpec, processor, seq_len: int,
                     on_bad_sample: str = "skip", progress: bool | None = False,
                     max_rows: int | None = None) -> tuple[list, int]:
     """Every usable row of a manifest (of its first ``max_rows``) rendered for ``spec`` by
@@ -344,16 +343,16 @@ def render_manifest(manifest: str | Path, spec: TaskSpec, processor, seq_len: in
     ``progress``: a bar counting the rows (:func:`omni.progress.progress`). Samples with media
     longer than ``seq_len`` are dropped by the datasets (:class:`PackedDataset`), not here."""
     proc = text_processor(processor)
-    manifest = Path(manifest)
+    manifest = Manifest.of(manifest)
     if task(spec.task).episodes:
         return _render_episodes(manifest, spec, proc, seq_len, on_bad_sample, progress)
-    render_row = _renderer(spec, proc, manifest.parent)
+    render_row = _renderer(spec, proc)
     rendered, num_bad = [], 0
-    for n, row in enumerate(_manifest_rows(manifest, spec, progress, max_rows)):
+    for f, n, row in _manifest_rows(manifest, spec, progress, max_rows):
         try:
-            rendered.append(render_row(row))
+            rendered.append(render_row((f, n, row)))
         except BAD_FILE_ERRORS as e:
-            _bad_row(manifest, n, row, e, on_bad_sample)
+            _bad_row(f, n, row, e, on_bad_sample)
             num_bad += 1
     return rendered, num_bad
 
@@ -365,6 +364,8 @@ class RenderedSamples:
         self.samples, self.num_bad = samples, num_bad
         self.lengths = np.array([len(r) for r in samples], dtype=np.int64)
         self.has_media = np.array([bool(r.media) for r in samples], dtype=bool)
+        self.media_bytes = np.array([sum(m.data.numel() * m.data.element_size() for m in r.media)
+                                     for r in samples], dtype=np.int64)
         self.rows = np.arange(len(samples))  # the sample's number (the manifest's rows, less the bad ones)
         self.num_streams = max((r.streams.shape[0] for r in samples if r.streams is not None), default=0)
 
@@ -375,17 +376,21 @@ class RenderedSamples:
         return [self.samples[i] for i in indices]
 
 
-def cache_key(manifest: Path, spec: TaskSpec, proc: Processor, max_rows: int | None = None) -> str:
-    """What a prepared-sample cache of ``manifest`` depends on, hashed: the manifest's bytes, the
-    task, the processor (:meth:`omni.processor.Processor.fingerprint`: tokenizer, codec, encoders'
-    preprocessing, rendering) and the cache format. Media files are named by the manifest: a file
-    changed in place under the same name is not noticed (delete the cache folder)."""
-    parts = {"version": cache.VERSION, "manifest": cache.file_digest(manifest), "task": asdict(spec),
+def cache_key(manifest: str | Path | Manifest, spec: TaskSpec, proc: Processor, max_rows: int | None = None,
+              memo_dir: str | Path | None = None) -> str:
+    """What a prepared-sample cache of ``manifest`` depends on, hashed: the bytes of each of the
+    manifest's files, in order (:meth:`Manifest.digest`; ``memo_dir`` remembers each file's digest
+    while its size and modification time hold), the task, the processor
+    (:meth:`omni.processor.Processor.fingerprint`: tokenizer, codec, encoders' preprocessing,
+    rendering) and the cache format. Media files are named by the manifest: a file changed in place
+    under the same name is not noticed (delete the cache folder)."""
+    digest = Manifest.of(manifest).digest(memo_dir)
+    parts = {"version": cache.VERSION, "manifest": digest, "task": asdict(spec),
              "processor": proc.fingerprint(), "ctc": _ctc(spec, proc), "max_rows": max_rows}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def manifest_samples(manifest: str | Path, spec: TaskSpec, processor, seq_len: int,
+def manifest_samples(manifest: str | Path | Manifest, spec: TaskSpec, processor, seq_len: int,
                      on_bad_sample: str = "skip", progress: bool | None = False, max_rows: int | None = None,
                      cache_dir: str | Path | None = None, workers: int = 0):
     """Every usable row of ``manifest`` rendered: read from (or first written to) a prepared-sample
@@ -393,36 +398,37 @@ def manifest_samples(manifest: str | Path, spec: TaskSpec, processor, seq_len: i
     (:class:`RenderedSamples`); ``workers`` processes build a cache (0: this one). Bad rows are
     skipped and counted (``num_bad``) or, with ``on_bad_sample=error``, raise naming the row, also
     when a cache lists them."""
-    proc, manifest = text_processor(processor), Path(manifest)
+    proc, manifest = text_processor(processor), Manifest.of(manifest)
     if cache_dir is None:
         return RenderedSamples(*render_manifest(manifest, spec, proc, seq_len, on_bad_sample, progress,
                                                 max_rows))
     if task(spec.task).sample is None:
         raise ValueError(f"task {spec.task!r} builds its own dataset; it has no prepared-sample cache")
-    key = cache_key(manifest, spec, proc, max_rows)
+    key = cache_key(manifest, spec, proc, max_rows, memo_dir=cache_dir)
     folder = Path(cache_dir) / f"{manifest.stem}-{key[:16]}"
-    meta = {"manifest": str(manifest), "key": key, "task": asdict(spec), "max_rows": max_rows}
-    samples = cache.build(folder, itertools.islice(read_jsonl(manifest), max_rows),
-                          _renderer(spec, proc, manifest.parent),
-                          lambda n, row, e: _bad_row(manifest, n, row, e, on_bad_sample), meta,
-                          total=_count_lines(manifest) if max_rows is None else max_rows,
+    meta = {"manifest": str(manifest), "files": [str(f) for f in manifest.files], "key": key,
+            "task": asdict(spec), "max_rows": max_rows}
+    samples = cache.build(folder, manifest.rows(max_rows), _renderer(spec, proc),
+                          lambda n, item, e: _bad_row(item[0], item[1], item[2], e, on_bad_sample), meta,
+                          total=manifest.count() if max_rows is None else max_rows,
                           desc=_work(manifest, spec), progress=progress, workers=workers)
     if samples.num_bad:
         first = samples.bad_rows()[0]
         if on_bad_sample == "error":
             more = f" (and {samples.num_bad - 1} more in {folder / cache.BAD})" if samples.num_bad > 1 else ""
-            raise ValueError(f"{manifest}: row {first['row']}: {first['error']}{more}")
+            raise ValueError(f"{first.get('manifest', manifest)}: row {first['row']}: {first['error']}{more}")
         log.warning("%s: skipped %d bad rows (data.on_bad_sample=skip), listed in %s", manifest,
                     samples.num_bad, folder / cache.BAD)
     return samples
 
 
-def _usable(samples, seq_len: int, manifest: Path, spec: TaskSpec, on_bad_sample: str) -> np.ndarray:
+def _usable(samples, seq_len: int, manifest: Manifest, spec: TaskSpec, on_bad_sample: str) -> np.ndarray:
     """The indices of ``samples`` that fit: a sample with media is never cut, so one longer than
     ``seq_len`` is a bad row (skipped, or an error under ``on_bad_sample=error``)."""
     too_long = np.flatnonzero(samples.has_media & (samples.lengths > seq_len))
     for i in too_long:
-        problem = (f"{manifest}: row {samples.rows[i] + 1}: {samples.lengths[i]} tokens do not fit "
+        f, n = manifest.locate(int(samples.rows[i]))
+        problem = (f"{f}: row {n + 1}: {samples.lengths[i]} tokens do not fit "
                    f"data.seq_len={seq_len}")
         if on_bad_sample == "error":
             raise ValueError(problem)
@@ -464,28 +470,67 @@ def plan_rows(lengths: np.ndarray, whole: np.ndarray, seq_len: int, split_across
             np.array(begins, dtype=np.int64), np.array(ends, dtype=np.int64))
 
 
+def length_buckets(lengths: np.ndarray, buckets: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Samples grouped by length (Lhotse's bucketing): ``buckets`` buckets of about equal counts,
+    their edges the length quantiles. Returns an order of the samples (a permutation: bucket by
+    bucket, shortest first, shuffled within each bucket under ``seed``) and each position's bucket."""
+    g = torch.Generator().manual_seed(seed)
+    shuffled = torch.randperm(len(lengths), generator=g).numpy()
+    edges = np.quantile(lengths, np.linspace(0, 1, buckets + 1)[1:-1]) if len(lengths) else np.array([])
+    bucket = np.searchsorted(edges, lengths[shuffled], side="right")
+    by_bucket = np.argsort(bucket, kind="stable")  # the shuffled order kept within a bucket
+    return shuffled[by_bucket], bucket[by_bucket]
+
+
 class PackedDataset(torch.utils.data.Dataset):
     """Samples packed into rows of ``seq_len`` tokens, in ``order`` (a source in ``sources`` and a
     sample's index there, per sample; a source is :class:`RenderedSamples` or a cache's
     :class:`~omni.data.cache.CachedSamples`). The rows are planned from the samples' lengths
     (:func:`plan_rows`); row ``i``'s samples are read and packed by :func:`omni.sequence.pack`
     when it is asked for, so the dataset holds a few integers per sample. ``loss_weights``: each
-    source's weight on its targets (a mixture's ``loss_weight``)."""
+    source's weight on its targets (a mixture's ``loss_weight``). ``buckets`` (> 0): the samples are
+    first grouped into that many length buckets (:func:`length_buckets`, shuffled under ``seed``;
+    by the bytes of their media's encoder inputs when any sample has media, else by tokens)
+    and each bucket is packed into rows of its own; ``row_buckets`` then says each row's bucket
+    (else it is None), for a sampler that draws each micro-batch from one bucket
+    (``omni.train.loop.RowStream``)."""
 
     def __init__(self, sources: list, order: tuple, seq_len: int, pad_id: int, split_across_rows: bool,
-                 num_bad: int = 0, loss_weights: list[float] | None = None):
+                 num_bad: int = 0, loss_weights: list[float] | None = None, buckets: int = 0, seed: int = 0):
         self.sources, self.seq_len, self.pad_id = sources, seq_len, pad_id
         self.source, self.index = (np.asarray(a, dtype=np.int64) for a in order)
         self.loss_weights = loss_weights or [1.0] * len(sources)
         self.num_bad, self.num_docs = num_bad, len(self.index)
         lengths = np.zeros(len(self.index), dtype=np.int64)
         whole = np.zeros(len(self.index), dtype=bool)
+        media = np.zeros(len(self.index), dtype=np.int64)
         for s, src in enumerate(sources):
             at = self.source == s
             lengths[at], whole[at] = src.lengths[self.index[at]], src.has_media[self.index[at]]
+            if getattr(src, "media_bytes", None) is not None:
+                media[at] = src.media_bytes[self.index[at]]
         self.num_tokens = int(lengths.sum())
         self.num_streams = max((src.num_streams for src in sources), default=0)
-        self.starts, self.docs, self.begins, self.ends = plan_rows(lengths, whole, seq_len, split_across_rows)
+        self.row_buckets = None
+        if not buckets:
+            self.starts, self.docs, self.begins, self.ends = plan_rows(lengths, whole, seq_len,
+                                                                       split_across_rows)
+            return
+        # audio clips by their encoder input's size (a cross-attended clip takes no tokens), else tokens
+        perm, bucket = length_buckets(media if media.any() else lengths, buckets, seed)
+        self.source, self.index = self.source[perm], self.index[perm]
+        lengths, whole = lengths[perm], whole[perm]
+        starts, pieces, row_buckets = [np.zeros(1, dtype=np.int64)], [], []
+        for b in np.unique(bucket):  # each bucket (a contiguous run of the order) packed on its own
+            at = np.flatnonzero(bucket == b)
+            a, z = int(at[0]), int(at[-1]) + 1
+            s, d, bg, e = plan_rows(lengths[a:z], whole[a:z], seq_len, split_across_rows)
+            starts.append(s[1:] + sum(len(p[0]) for p in pieces))
+            pieces.append((d + a, bg, e))
+            row_buckets.append(np.full(len(s) - 1, b, dtype=np.int64))
+        self.starts = np.concatenate(starts)
+        self.docs, self.begins, self.ends = (np.concatenate([p[k] for p in pieces]) for k in range(3))
+        self.row_buckets = np.concatenate(row_buckets)
 
     def __len__(self) -> int:
         return len(self.starts) - 1
@@ -535,24 +580,24 @@ class PairDataset(torch.utils.data.Dataset):
     """(media, text) pairs for a contrastive loss: each row's media prepared once, its text as
     ``<bos> text <eos>`` ids. ``rows`` keeps the manifest rows that were used."""
 
-    def __init__(self, manifest: str | Path, spec: TaskSpec, processor, seq_len: int,
+    def __init__(self, manifest: str | Path | Manifest, spec: TaskSpec, processor, seq_len: int,
                  on_bad_sample: str = "skip", progress: bool | None = False, max_rows: int | None = None):
         proc = text_processor(processor)
         tokenizer = proc.tokenizer
-        manifest = Path(manifest)
+        manifest = Manifest.of(manifest)
         if spec.media not in proc.encoders:
             raise ValueError(f"the model has no {spec.media} encoder (model.media.{spec.media})")
         self.pairs, self.rows, self.num_bad = [], [], 0
-        for n, row in enumerate(_manifest_rows(manifest, spec, progress, max_rows)):
+        for f, n, row in _manifest_rows(manifest, spec, progress, max_rows):
             try:
                 text = row.get(spec.target)
                 if not isinstance(text, str) or not text.strip():
                     raise ValueError(f"no non-empty string field {spec.target!r}")
                 body = tokenizer.encode(text.strip())[:seq_len - 2]
                 ids = [tokenizer.vocab.bos_id] + body + [tokenizer.vocab.eos_id]
-                data, _ = proc.prepare(spec.media, _media_path(row, spec.media, manifest.parent))
+                data, _ = proc.prepare(spec.media, _media_path(row, spec.media, f.parent))
             except BAD_FILE_ERRORS as e:
-                _bad_row(manifest, n, row, e, on_bad_sample)
+                _bad_row(f, n, row, e, on_bad_sample)
                 self.num_bad += 1
                 continue
             self.pairs.append((spec.media, data, torch.tensor(ids)))
@@ -582,54 +627,79 @@ class TaskDataset(PackedDataset):
     """A manifest rendered for one task (through a prepared-sample cache under ``cache_dir``, or in
     memory) and packed into rows of ``seq_len`` tokens."""
 
-    def __init__(self, manifest: str | Path, spec: TaskSpec, processor, seq_len: int,
+    def __init__(self, manifest: str | Path | Manifest, spec: TaskSpec, processor, seq_len: int,
                  on_bad_sample: str = "skip", progress: bool | None = False, max_rows: int | None = None,
-                 cache_dir: str | Path | None = None, cache_workers: int = 0):
+                 cache_dir: str | Path | None = None, cache_workers: int = 0, length_buckets: int = 0,
+                 seed: int = 0):
         proc = text_processor(processor)
-        self.manifest, self.spec = Path(manifest), spec
-        samples = manifest_samples(manifest, spec, proc, seq_len, on_bad_sample, progress, max_rows,
+        self.manifest, self.spec = Manifest.of(manifest), spec
+        samples = manifest_samples(self.manifest, spec, proc, seq_len, on_bad_sample, progress, max_rows,
                                    cache_dir, cache_workers)
         usable = _usable(samples, seq_len, self.manifest, spec, on_bad_sample)
         # Pre-training text and audio documents may flow across rows; a turn structure stays whole.
         super().__init__([samples], (np.zeros(len(usable)), usable), seq_len, proc.vocab.pad_id,
-                         task(spec.task).documents, samples.num_bad + len(samples) - len(usable))
+                         task(spec.task).documents, samples.num_bad + len(samples) - len(usable),
+                         buckets=length_buckets, seed=seed)
 
 
 class MixtureDataset(PackedDataset):
-    """Several tasks' samples in shared rows. ``weighted`` (training): each task contributes
-    ``weight / sum(weights)`` of the samples, its own repeated or subsampled to that count (the
-    total stays the tasks' combined size), shuffled together, its targets counting ``loss_weight``
-    in the loss; else every sample once, unweighted (held-out splits). ``counts`` says how many
-    samples each task put in. ``cache_dir``: one folder for every task's cache, or one per task."""
+    """Several tasks' samples in shared rows. ``weighted`` (training): each task draws from a stream
+    of its own (its samples in one seeded permutation after another) ``weight / sum(weights)`` of
+    the samples of a cycle (a cycle holds as many samples as the tasks together), the cycle's
+    draws shuffled together, its targets counting ``loss_weight`` in the loss. An epoch is
+    ``cycles`` cycles: the fewest in which every task's every sample is drawn at least once (a
+    task whose share is smaller than its corpus goes on through its stream instead of seeing the
+    same subset every epoch), at most :data:`MAX_MIXTURE_SAMPLES` samples in all. Else (held-out
+    splits) every sample once, unweighted. ``counts`` says how many samples each task puts in a
+    cycle. ``cache_dir``: one folder for every task's cache, or one per task."""
 
-    def __init__(self, parts: list[tuple[str, str | Path, TaskSpec, float, float]], processor,
+    def __init__(self, parts: list[tuple[str, str | Path | Manifest, TaskSpec, float, float]], processor,
                  seq_len: int, on_bad_sample: str = "skip", weighted: bool = True, seed: int = 0,
                  progress: bool | None = False, cache_dir: str | Path | list | None = None,
-                 cache_workers: int = 0):
+                 cache_workers: int = 0, length_buckets: int = 0):
         proc = text_processor(processor)
         dirs = cache_dir if isinstance(cache_dir, list) else [cache_dir] * len(parts)
         sources, usable, num_bad = [], [], 0
         for (_, manifest, spec, _, _), folder in zip(parts, dirs):
+            manifest = Manifest.of(manifest)
             samples = manifest_samples(manifest, spec, proc, seq_len, on_bad_sample, progress,
                                        cache_dir=folder, workers=cache_workers)
-            usable.append(_usable(samples, seq_len, Path(manifest), spec, on_bad_sample))
+            usable.append(_usable(samples, seq_len, manifest, spec, on_bad_sample))
             sources.append(samples)
             num_bad += samples.num_bad + len(samples) - len(usable[-1])
         g = torch.Generator().manual_seed(seed)
         total, weight_sum = sum(len(u) for u in usable), sum(w for _, _, _, w, _ in parts)
-        chosen, self.counts = [], {}
-        for t, ((label, _, _, w, _), ok) in enumerate(zip(parts, usable)):
-            want = max(1, round(total * w / weight_sum)) if weighted else len(ok)
-            rounds = -(-want // len(ok))
-            idx = torch.cat([torch.randperm(len(ok), generator=g) for _ in range(rounds)])
-            chosen.append(np.stack([np.full(want, t), ok[idx[:want].numpy()]]))
+        wants = [max(1, round(total * w / weight_sum)) if weighted else len(ok)
+                 for (_, _, _, w, _), ok in zip(parts, usable)]
+        need = max(-(-len(ok) // want) for ok, want in zip(usable, wants))
+        self.cycles = max(1, min(need, MAX_MIXTURE_SAMPLES // sum(wants)))
+        if self.cycles < need:
+            log.warning("a mixture epoch holds %d cycles of %d samples (at most %d samples): the tasks "
+                        "with the smallest shares of their corpora see part of them per epoch",
+                        self.cycles, sum(wants), MAX_MIXTURE_SAMPLES)
+        streams, self.counts = [], {}
+        for (label, *_), ok, want in zip(parts, usable, wants):
+            n = self.cycles * want
+            idx = torch.cat([torch.randperm(len(ok), generator=g) for _ in range(-(-n // len(ok)))])
+            streams.append(ok[idx[:n].numpy()])
             self.counts[label] = want
-        chosen = np.concatenate(chosen, axis=1)
-        if weighted:
-            chosen = chosen[:, torch.randperm(chosen.shape[1], generator=g).numpy()]
+        cycles = []
+        for c in range(self.cycles):
+            chosen = np.concatenate([np.stack([np.full(want, t), stream[c * want:(c + 1) * want]])
+                                     for t, (stream, want) in enumerate(zip(streams, wants))], axis=1)
+            if weighted:
+                chosen = chosen[:, torch.randperm(chosen.shape[1], generator=g).numpy()]
+            cycles.append(chosen)
+        chosen = np.concatenate(cycles, axis=1)
         # Samples stay whole: a document cut across rows would lose its task's context.
         super().__init__(sources, (chosen[0], chosen[1]), seq_len, proc.vocab.pad_id, False, num_bad,
-                         [lw if weighted else 1.0 for *_, lw in parts])
+                         [lw if weighted else 1.0 for *_, lw in parts], buckets=length_buckets, seed=seed)
+
+
+def split_manifest(part, split: str) -> Manifest:
+    """One task's (:class:`omni.config.TaskData`) manifest for ``split``: ``part.files`` (a file
+    name or a glob, ``{split}`` replaced) under ``part.path``."""
+    return Manifest.split(part.path, part.files, split)
 
 
 def cache_dirs(data) -> list[Path]:
@@ -645,17 +715,19 @@ def dataset_for(data, split: str, processor, seed: int = 0, progress: bool | Non
     fewshot tasks keep theirs in memory) unless ``cache`` is False (all in memory); ``progress``: a
     bar per manifest counting its rows as they are prepared (:func:`omni.progress.progress`)."""
     dirs = [d if cache and task(p.task).sample else None for p, d in zip(data.tasks(), cache_dirs(data))]
+    buckets = data.length_buckets if split == "train" else 0  # held-out rows keep the manifest's order
     if not data.mixture:
         if task(data.task).pairs:
-            return PairDataset(Path(data.path) / f"{split}.jsonl", TaskSpec.of(data), processor, data.seq_len,
+            return PairDataset(split_manifest(data, split), TaskSpec.of(data), processor, data.seq_len,
                                data.on_bad_sample, progress)
-        return TaskDataset(Path(data.path) / f"{split}.jsonl", TaskSpec.of(data), processor, data.seq_len,
-                           data.on_bad_sample, progress, cache_dir=dirs[0], cache_workers=data.cache_workers)
-    parts = [(p.label, Path(p.path) / f"{split}.jsonl", TaskSpec.of(p), p.weight, p.loss_weight)
+        return TaskDataset(split_manifest(data, split), TaskSpec.of(data), processor, data.seq_len,
+                           data.on_bad_sample, progress, cache_dir=dirs[0], cache_workers=data.cache_workers,
+                           length_buckets=buckets, seed=seed)
+    parts = [(p.label, split_manifest(p, split), TaskSpec.of(p), p.weight, p.loss_weight)
              for p in data.mixture]
     return MixtureDataset(parts, processor, data.seq_len, data.on_bad_sample,
                           weighted=split == "train", seed=seed, progress=progress, cache_dir=dirs,
-                          cache_workers=data.cache_workers)
+                          cache_workers=data.cache_workers, length_buckets=buckets)
 
 
 def collate(rows: list[PackedRow], mrope: bool = False) -> dict:

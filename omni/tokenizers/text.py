@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from omni.io import atomic_dir, atomic_write_bytes, read_jsonl
+from omni.io import atomic_dir, atomic_write_bytes
 from omni.tokenizers.base import TEXT_TOKENIZERS, BaseTextTokenizer
 from omni.tokenizers.bpe import BPETokenizer
 from omni.tokenizers.whisper import WhisperTokenizer
@@ -159,15 +159,18 @@ def load_text_tokenizer(path: str | Path, kind: str | None = None) -> BaseTextTo
     return TEXT_TOKENIZERS.get(kind, "text tokenizer kind").load(path)
 
 
-def corpus_texts(path: str | Path, field: str = "text") -> Iterator[str]:
-    """Texts from a JSONL manifest (one object with ``field`` per line) or a plain UTF-8 text file."""
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        for row in read_jsonl(path):
+def corpus_texts(path, field: str = "text") -> Iterator[str]:
+    """Texts from a manifest (:class:`omni.data.manifest.Manifest`, or a JSONL, Parquet or Arrow
+    file or a glob of them: rows with a string ``field``) or a plain UTF-8 text file."""
+    from omni.data.manifest import SUFFIXES, Manifest, has_glob
+
+    if isinstance(path, Manifest) or has_glob(str(path)) or Path(path).suffix in SUFFIXES:
+        for f, n, row in Manifest.of(path).rows():
             if field not in row or not isinstance(row[field], str):
-                raise ValueError(f"{path}: a row has no string field {field!r}")
+                raise ValueError(f"{f}: row {n + 1} has no string field {field!r}")
             yield row[field]
         return
+    path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: corpus not found; build one with `omni data build text --out DIR`")
     try:

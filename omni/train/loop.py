@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
@@ -39,7 +40,7 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from omni.config import RecipeConfig, load_tokenizer_spec
-from omni.data.tasks import TASKS, TaskSpec, dataset_for
+from omni.data.tasks import TASKS, TaskSpec, dataset_for, split_manifest
 from omni.io import atomic_write_bytes, exclusive
 from omni.model.compiled import compile_blocks
 from omni.model.objectives import PairObjective
@@ -208,10 +209,18 @@ class RowStream:
     ``cursor`` counts rows consumed so far; it is the data position saved in checkpoints. The
     rows of a packed dataset are planned from its samples' lengths when it is built, so the
     cursor alone restores the exact stream, mixtures included (``omni.data.tasks``).
+
+    ``groups`` (a length bucket per row, ``PackedDataset.row_buckets``) with ``batch_size``: each
+    global micro-batch of ``batch_size`` rows is drawn from one group, the micro-batches of an
+    epoch in a seeded order. A group's rows that do not fill a micro-batch (at most
+    ``batch_size - 1`` per group) are pooled into mixed micro-batches, placed where the epoch's
+    rows meet the micro-batch grid (its first and last, which an epoch shares with its neighbours)
+    and after the single-group ones; every row is still taken once per epoch.
     """
 
-    def __init__(self, num_rows: int, seed: int):
-        self.num_rows, self.seed = num_rows, seed
+    def __init__(self, num_rows: int, seed: int, groups=None, batch_size: int = 1):
+        self.num_rows, self.seed, self.batch_size = num_rows, seed, batch_size
+        self.groups = None if groups is None else np.asarray(groups)
         self._epoch, self._perm = -1, None
 
     def take(self, cursor: int, n: int) -> list[int]:
@@ -219,10 +228,29 @@ class RowStream:
         for c in range(cursor, cursor + n):
             epoch, i = divmod(c, self.num_rows)
             if epoch != self._epoch:
-                g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-                self._perm, self._epoch = torch.randperm(self.num_rows, generator=g).tolist(), epoch
+                self._perm, self._epoch = self._order(epoch), epoch
             out.append(self._perm[i])
         return out
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        if self.groups is None:
+            return torch.randperm(self.num_rows, generator=g).tolist()
+        B, N = self.batch_size, self.num_rows
+        chunks, pool = [], []
+        for b in np.unique(self.groups):
+            rows = np.flatnonzero(self.groups == b)
+            rows = rows[torch.randperm(len(rows), generator=g).numpy()].tolist()
+            full = len(rows) // B * B
+            chunks += [rows[k:k + B] for k in range(0, full, B)]
+            pool += rows[full:]
+        chunks = [chunks[k] for k in torch.randperm(len(chunks), generator=g).tolist()]
+        head = (B - epoch * N % B) % B  # rows that complete the micro-batch the last epoch began
+        whole = max(N - head, 0) // B  # micro-batches wholly inside this epoch
+        while len(chunks) > whole:  # the grid has room for fewer single-group micro-batches
+            pool = chunks.pop() + pool
+        pool = [pool[k] for k in torch.randperm(len(pool), generator=g).tolist()]
+        return pool[:head] + [r for c in chunks for r in c] + pool[head:]
 
 
 class MicroBatches:
@@ -310,7 +338,7 @@ def prepare_tokenizer(cfg: RecipeConfig, accelerator):
     with accelerator.main_process_first():
         if accelerator.is_main_process and saved_kind(path) is None:
             spec = load_tokenizer_spec(cfg.tokenizer.spec)
-            corpora = [(Path(p.path) / "train.jsonl", TaskSpec.of(p).text_field) for p in cfg.data.tasks()]
+            corpora = [(split_manifest(p, "train"), TaskSpec.of(p).text_field) for p in cfg.data.tasks()]
             log.info("training tokenizer %s on %s -> %s", cfg.tokenizer.spec,
                      ", ".join(str(c) for c, _ in corpora), path)
             texts = itertools.chain.from_iterable(corpus_texts(c, field) for c, field in corpora)
@@ -361,10 +389,11 @@ def _check_data(cfg: RecipeConfig) -> None:
                          "import one, e.g. `omni import smollm2 --out weights/smollm2-135m`")
     for part in cfg.data.tasks():
         for split in ("train", "val"):
-            f = Path(part.path) / f"{split}.jsonl"
-            if not f.is_file():
-                raise ValueError(f"{f}: manifest not found; build the corpus with {_build_command(part)} "
-                                 "(kinds: `omni data build --help`)")
+            try:
+                split_manifest(part, split)
+            except ValueError as e:
+                raise ValueError(f"{e}; build the corpus with {_build_command(part)} "
+                                 "(kinds: `omni data build --help`)") from None
 
 
 def build_pipeline(cfg: RecipeConfig, accelerator) -> Pipeline:
@@ -494,7 +523,8 @@ class Trainer:
         if isinstance(self.inner, PairObjective):
             self.inner = self.inner.model
         self.inner.backbone.set_attn_backend(cfg.model.attn_backend, acc.device)
-        self.stream = RowStream(len(self.train_set), tc.seed)
+        self.stream = RowStream(len(self.train_set), tc.seed, getattr(self.train_set, "row_buckets", None),
+                                tc.batch_size)
         self.n_params = self.inner.num_params()
         self.peak_flops = _peak_flops(acc.device)
         if acc.is_main_process:

@@ -69,7 +69,8 @@ def test_samples_are_drawn_by_weight_and_packed_across_tasks(corpora, text_token
     total = 280 + 3 * len(WORDS)  # the text corpus' documents and three tasks over six clips
     assert ds.counts == {"text": round(total / 5), "asr": round(2 * total / 5), "speak": round(total / 5),
                          "continue": round(total / 5)}
-    assert ds.num_docs == sum(ds.counts.values())
+    # text's share (60 of its 280 documents a cycle) goes on through its own stream: five cycles an epoch
+    assert ds.cycles == 5 and ds.num_docs == 5 * sum(ds.counts.values())
     batch = collate(list(ds))
     mixed = [r for r in range(len(ds)) if any(row == r for row, _ in batch["media"])
              and (batch["streams"][r] >= 0).any()]

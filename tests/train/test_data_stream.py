@@ -3,13 +3,18 @@ workers, each once per epoch over processes, and the same losses as rendering in
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
 import omni.train.loop as loop
 from omni.config import load_recipe
-from omni.data.tasks import TaskDataset, TaskSpec, collate
+from omni.data.tasks import MixtureDataset, PackedDataset, RenderedSamples, TaskDataset, TaskSpec, collate
+from omni.io import write_jsonl
 from omni.processor import Processor
+from omni.sequence import Rendered
 from omni.train.loop import RowStream, batches, read_metrics, train
 
 
@@ -61,3 +66,59 @@ def test_cached_rows_train_to_the_losses_of_in_memory_rows_with_or_without_worke
         m.setattr(loop, "dataset_for", lambda *a, **k: cached(*a, **k, cache=False))
         in_memory = run("memory")
     assert len(cold) == 6 and cold == warm == in_memory
+
+
+def _numbered(n, seed=0):
+    """``n`` samples, sample j all token j + 1 (0 pads), of random lengths."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for j in range(n):
+        T = int(torch.randint(2, 30, (1,), generator=g))
+        ids = torch.full((T,), j + 1)
+        out.append(Rendered(ids, ids.clone(), torch.arange(T).expand(3, T), []))
+    return out
+
+
+def _epoch_rows(ds, stream, batch_size, world=2, workers=2):
+    """One epoch's packed rows as ``world`` processes, each reading with ``workers`` DataLoader
+    workers, take them: every process's share of each global micro-batch, in order."""
+    ranks = [batches(ds, stream, 0, batch_size, rank=r, world=world, num_workers=workers)
+             for r in range(world)]
+    rows = []
+    for _ in range(-(-len(ds) // batch_size)):
+        for r in ranks:
+            rows += list(next(r)["input_ids"])
+    return rows[:len(ds)]
+
+
+@pytest.mark.parametrize("buckets", [0, 3])
+def test_every_sample_is_read_once_per_epoch_over_two_processes_with_two_workers_each(buckets):
+    samples = _numbered(90)
+    ds = PackedDataset([RenderedSamples(samples)], (np.zeros(90), np.arange(90)), 32, 0, False,
+                       buckets=buckets, seed=1)
+    stream = RowStream(len(ds), seed=2, groups=ds.row_buckets, batch_size=4)
+    tokens = torch.cat(_epoch_rows(ds, stream, 4))
+    counts = torch.bincount(tokens, minlength=91)[1:]
+    assert counts.tolist() == [len(s) for s in samples]  # each sample whole, once, over 2 x 2 readers
+
+
+def test_a_mixture_draws_by_weight_and_a_subsampled_task_goes_on_through_its_own_stream(
+        tiny_corpus, debug_model, tmp_path):
+    rows = [json.loads(x) for x in (tiny_corpus / "train.jsonl").read_text().splitlines()]
+    write_jsonl(tmp_path / "a.jsonl", rows[:200])
+    write_jsonl(tmp_path / "b.jsonl", rows[200:240])
+    parts = [("a", tmp_path / "a.jsonl", TaskSpec("text"), 1.0, 1.0),
+             ("b", tmp_path / "b.jsonl", TaskSpec("text"), 3.0, 1.0)]
+    ds = MixtureDataset(parts, debug_model, 64, seed=0)
+    assert ds.counts == {"a": 60, "b": 180} and ds.cycles == 4  # 60 of a's 200 a cycle: 4 cover them
+    drawn = ds.source[ds.docs], ds.index[ds.docs]
+    assert set(drawn[1][drawn[0] == 0].tolist()) == set(range(200))  # each of a's samples this epoch
+    assert set(drawn[1][drawn[0] == 1].tolist()) == set(range(40))
+    for c in range(4):  # the weights hold in every cycle of the draw, and so along the epoch's stream
+        cycle = ds.source[240 * c:240 * (c + 1)]
+        assert (cycle == 1).sum() == 180
+    stream = RowStream(len(ds), seed=0)
+    order = stream.take(0, len(ds))
+    half = [int(ds.source[d]) for r in order[:len(ds) // 2] for d in ds.docs[ds.starts[r]:ds.starts[r + 1]]]
+    assert abs(np.mean(half) - 0.75) < 0.06
+    assert sorted(order) == list(range(len(ds)))
