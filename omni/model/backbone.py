@@ -249,11 +249,25 @@ class Memory:
     features: torch.Tensor
     start: torch.Tensor
     doc: torch.Tensor | None = None
+    _one_start: int | None = field(default=None, init=False, repr=False)
 
-    def mask(self, past: int, T: int, doc_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def one_start(self) -> int:
+        """The start every column shares (one span per row, all starting at the same index), or -1
+        when they differ; computed once (one device sync), then kept."""
+        if self._one_start is None:
+            lo, hi = self.start.aminmax()
+            self._one_start = int(lo) if int(lo) == int(hi) and int(lo) != NO_SLOT else -1
+        return self._one_start
+
+    def mask(self, past: int, T: int, doc_ids: torch.Tensor | None) \
+            -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """For the query indices ``past .. past+T-1``: the attention mask (B, 1, T, M), True =
         attend, and which queries read anything at all (B, T, 1). A query reads the columns of the
-        latest span that starts at or before it, in its own document."""
+        latest span that starts at or before it, in its own document. (None, None) when every query
+        reads every column (one span that starts at or before ``past``, no documents: Whisper's
+        decoding steps), so attention runs unmasked."""
+        if (doc_ids is None or self.doc is None) and 0 <= self.one_start() <= past:
+            return None, None
         q = torch.arange(past, past + T, device=self.start.device)[None, :, None]
         starts = self.start[:, None, :]
         reached = starts <= q  # (B, T, M)
@@ -306,10 +320,15 @@ class CrossBlock(nn.Module):
         return self.attn.memory_kv(self.memory_norm(memory))
 
     def forward(self, x, kv, mask, reads):
-        h = self.attn(self.norm(x), kv, mask) * reads.to(x.dtype)
+        """``mask``, ``reads``: :meth:`Memory.mask`'s (None, None: every query reads everything)."""
+        h = self.attn(self.norm(x), kv, mask)
+        if reads is not None:
+            h = h * reads.to(x.dtype)
         x = x + (h if self.attn_gate is None else torch.tanh(self.attn_gate).to(x.dtype) * h)
         if self.ffn is not None:
-            h = self.ffn(self.ffn_norm(x)) * reads.to(x.dtype)
+            h = self.ffn(self.ffn_norm(x))
+            if reads is not None:
+                h = h * reads.to(x.dtype)
             x = x + (h if self.ffn_gate is None else torch.tanh(self.ffn_gate).to(x.dtype) * h)
         return x
 

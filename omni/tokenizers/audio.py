@@ -649,6 +649,8 @@ class WhisperStyleEncoder(BaseAudioEncoder):
             raise ValueError(f"{mel.shape[2]} mel frames exceed max_frames={self.max_frames}; "
                              "process long audio in windows")
         lengths = None if mel_lengths is None else torch.as_tensor(mel_lengths, device=mel.device)
+        if lengths is not None and bool((lengths >= mel.shape[-1]).all()):
+            lengths = None  # no padding: no masks, and attention keeps its fused (flash) kernel
         if lengths is not None:  # padding frames read as zeros, as the stem's own padding does alone
             mel = mel * (torch.arange(mel.shape[-1], device=mel.device) < lengths[:, None])[:, None, :]
 

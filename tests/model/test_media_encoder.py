@@ -153,3 +153,19 @@ def test_ctc_covers_only_the_clips_that_carry_a_transcript(tmp_path, text_tokeni
     _, beside = enc.encode([speech[0].data, slot.data], [speech[0].labels, None])
     assert alone is not None and torch.allclose(alone, beside, atol=1e-4)
     assert enc.encode([slot.data], [None])[1] is None
+
+
+def test_whisper_style_encoder_with_no_padding_runs_unmasked_with_the_same_features():
+    """Lengths that cover every frame (Whisper's 30-s window) mask nothing: the encoder drops them
+    and runs its fused unmasked attention, with the features of the masked path."""
+    from omni.tokenizers.audio import WhisperStyleEncoder
+
+    torch.manual_seed(0)
+    enc = WhisperStyleEncoder(n_mels=16, dim=32, num_layers=2, num_heads=4, max_frames=64).eval()
+    mel = torch.randn(2, 16, 40)
+    with torch.inference_mode():
+        plain = enc(mel)
+        torch.testing.assert_close(enc(mel, mel_lengths=torch.tensor([40, 40])), plain)
+        short = enc(mel, mel_lengths=torch.tensor([40, 20]))  # padding still masked
+    torch.testing.assert_close(short[0], plain[0])
+    assert not torch.allclose(short[1, :10], plain[1, :10])
