@@ -96,7 +96,7 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
     media (``(row, MediaSlot)`` pairs) come from rendered prompts that hold media; streams
     (B, K-1, T) from prompts that hold audio codes in the delay layout. compile: decode through
     the compiled static-shape step (:mod:`omni.model.compiled`; its first call compiles, tens of
-    seconds), the same ids faster; not for cross-attention backbones.
+    seconds), the same ids faster.
     """
     _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     vocab = model.vocab

@@ -357,11 +357,14 @@ class KVCache:
         self.has_padding = False
         self.memory: Memory | None = None  # cross-attention memory, set by the prompt pass
         self.cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> memory keys/values
+        self.cross_mask: tuple | None = None  # Memory.mask of the decoding steps, set by make_static
 
     def make_static(self) -> None:
         """From now on, write at ``slot`` and attend over all ``max_len`` slots (a mask hides the
         unfilled ones): the same shapes at every step, for :meth:`Backbone.decode`."""
         self.slot = torch.tensor([self.length], device=self.valid.device)
+        if self.memory is not None:  # every media span lies in the prompt: one mask for every step
+            self.cross_mask = self.memory.mask(self.length, 1, None)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.slot is not None:
@@ -617,15 +620,26 @@ class Backbone(nn.Module):
         """One new token per row, ``x (B, 1, D)``, on a static cache (``KVCache.make_static``):
         keys/values go to ``cache.slot`` and a mask (real, filled slots) stands in for slicing, so
         every step has the same shapes and ``torch.compile`` traces it once. The caller advances
-        the cache. Cross-attention blocks are not supported here."""
-        if len(self.cross):
-            raise ValueError("static decoding does not support cross-attention blocks")
-        cos, sin = self.rotary(positions)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        the cache. Cross-attention blocks read the prompt's memory through the keys/values the
+        prompt pass cached (``cache.cross_kv``) and the mask ``make_static`` fixed."""
+        cos = sin = None
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions if positions.dim() == 2 else positions[0])
+        else:
+            cos, sin = self.rotary(positions)
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         filled = torch.arange(cache.max_len, device=x.device) <= cache.slot
         mask = (cache.valid & filled)[:, None, None, :]
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, False, cache)
+        xa_cfg = self.config.cross_attention
+        inside = xa_cfg is not None and xa_cfg["placement"] == "after_attn"
+        reading = len(self.cross) and cache.memory is not None
+        for i, layer in enumerate(self.layers):
+            xa = None
+            if reading and str(i) in self.cross:
+                xa = (self.cross[str(i)], cache.cross_kv[i], *cache.cross_mask)
+                if not inside:
+                    x = xa[0](x, *xa[1:])
+            x = layer(x, cos, sin, mask, False, cache, xa if inside else None)
         return self.norm(x)
 
     def _run(self, block, *args):
