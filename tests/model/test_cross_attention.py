@@ -192,3 +192,14 @@ def test_one_span_read_from_the_start_attends_unmasked_with_the_same_outputs():
     forced = Memory(memory.features, torch.zeros(2, 5, dtype=torch.long))
     forced._one_start = -1  # as if the starts differed: the masked path
     torch.testing.assert_close(full, bb(x, pos, memory=forced))
+
+
+def test_memory_keys_and_values_are_contiguous_heads():
+    """Cached once, read at every decoding step: (B, H, M, hd), contiguous (SDPA's fast read)."""
+    bb = Backbone(backbone_config("debug", cross_attention={"every": 1}))
+    memory = torch.randn(2, 7, 64)
+    k, v = bb.cross["0"].memory_kv(memory)
+    assert k.shape == v.shape == (2, 4, 7, 16) and k.is_contiguous() and v.is_contiguous()
+    kv = bb.cross["0"].attn.wkv(bb.cross["0"].memory_norm(memory)).view(2, 7, 2, 4, 16)
+    torch.testing.assert_close(k, kv[:, :, 0].transpose(1, 2))
+    torch.testing.assert_close(v, kv[:, :, 1].transpose(1, 2))
