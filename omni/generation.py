@@ -96,7 +96,7 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
     media (``(row, MediaSlot)`` pairs) come from rendered prompts that hold media; streams
     (B, K-1, T) from prompts that hold audio codes in the delay layout. compile: decode through
     the compiled static-shape step (:mod:`omni.model.compiled`; its first call compiles, tens of
-    seconds), the same ids faster; not for cross-attention backbones.
+    seconds), the same ids faster.
     """
     _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     vocab = model.vocab
@@ -112,9 +112,15 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
         span = allowed(step) if callable(allowed) else allowed
         return None if span is None else _span_bias(vocab.size, span, model.device)
 
-    fixed_bias = None if callable(allowed) else bias_at(0)
     suppress, begin = (torch.tensor(list(ids), dtype=torch.long, device=model.device)
                        for ids in (suppress_ids, begin_suppress_ids))
+    fixed_bias = None
+    if not callable(allowed):  # the span and the suppressed ids in one bias, added once a step
+        fixed_bias = bias_at(0)
+        if len(suppress):
+            fixed_bias = (torch.zeros(vocab.size, device=model.device) if fixed_bias is None
+                          else fixed_bias).index_fill(0, suppress, float("-inf"))
+        suppress = suppress[:0]
 
     dtype = next(model.parameters()).dtype
     size = static_cache_len(T + max_new_tokens, model.max_seq_len) if compile else T + max_new_tokens
@@ -128,12 +134,15 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
     decode = _decoder(model, cache, compile)
     next_pos = _next_positions(positions)
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
-    seen = torch.zeros(B, vocab.size, dtype=torch.bool, device=model.device)
-    real = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    rows, cols = real.to(model.device).nonzero(as_tuple=True)
-    seen[rows, input_ids.to(model.device)[rows, cols]] = True  # each row's prompt, not its padding
+    seen = None  # ids seen per row (B, V), kept for the repetition penalty only
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(B, vocab.size, dtype=torch.bool, device=model.device)
+        real = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        rows, cols = real.to(model.device).nonzero(as_tuple=True)
+        seen[rows, input_ids.to(model.device)[rows, cols]] = True  # each row's prompt, not its padding
     for step in range(max_new_tokens):
-        logits = penalize_repeats(logits, seen, repetition_penalty)
+        if seen is not None:
+            logits = penalize_repeats(logits, seen, repetition_penalty)
         bias = bias_at(step) if callable(allowed) else fixed_bias
         if bias is not None:
             logits = logits + bias
@@ -143,7 +152,8 @@ def iter_generate(model, input_ids: torch.Tensor, *, attention_mask: torch.Tenso
         nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         nxt = torch.where(done, torch.full_like(nxt, vocab.pad_id), nxt)
         yield nxt
-        seen[torch.arange(B, device=seen.device), nxt] = True
+        if seen is not None:
+            seen[torch.arange(B, device=seen.device), nxt] = True
         done = done | torch.isin(nxt, stops)
         if bool(done.all()) or step == max_new_tokens - 1:
             return

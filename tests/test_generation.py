@@ -272,3 +272,22 @@ def test_ctc_prefix_scores_are_consistent_probabilities():
     nll = F.ctc_loss(x[:, None], torch.tensor([y]), torch.tensor([T]), torch.tensor([len(y)]), blank=0,
                      reduction="sum")
     torch.testing.assert_close(scorer.final(state)[0], -nll, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("allowed", [None, "text"])
+def test_suppressed_ids_never_come_out_and_begin_suppressed_not_first(model, text_tokenizer, allowed):
+    """The span, the suppress list (folded into one bias) and the first step's begin list."""
+    ids = torch.tensor([_prompt(text_tokenizer, PROMPTS[1])])
+    span = text_tokenizer.vocab.span("text") if allowed else None
+    free = generate(model, ids, max_new_tokens=6, stop_ids=[], allowed=span)[0].tolist()
+    suppress, begin = free[1:3], free[:1]
+    out = generate(model, ids, max_new_tokens=6, stop_ids=[], allowed=span, suppress_ids=suppress,
+                   begin_suppress_ids=begin)[0].tolist()
+    assert not set(out) & set(suppress) and out[0] not in begin
+    if span is not None:
+        assert all(i in span for i in out)
+    logits = model(ids).logits[0, -1]
+    if span is not None:
+        logits[:span.start], logits[span.stop:] = -float("inf"), -float("inf")
+    logits[suppress + begin] = -float("inf")
+    assert out[0] == int(logits.argmax())

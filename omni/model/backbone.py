@@ -249,11 +249,25 @@ class Memory:
     features: torch.Tensor
     start: torch.Tensor
     doc: torch.Tensor | None = None
+    _one_start: int | None = field(default=None, init=False, repr=False)
 
-    def mask(self, past: int, T: int, doc_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def one_start(self) -> int:
+        """The start every column shares (one span per row, all starting at the same index), or -1
+        when they differ; computed once (one device sync), then kept."""
+        if self._one_start is None:
+            lo, hi = self.start.aminmax()
+            self._one_start = int(lo) if int(lo) == int(hi) and int(lo) != NO_SLOT else -1
+        return self._one_start
+
+    def mask(self, past: int, T: int, doc_ids: torch.Tensor | None) \
+            -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """For the query indices ``past .. past+T-1``: the attention mask (B, 1, T, M), True =
         attend, and which queries read anything at all (B, T, 1). A query reads the columns of the
-        latest span that starts at or before it, in its own document."""
+        latest span that starts at or before it, in its own document. (None, None) when every query
+        reads every column (one span that starts at or before ``past``, no documents: Whisper's
+        decoding steps), so attention runs unmasked."""
+        if (doc_ids is None or self.doc is None) and 0 <= self.one_start() <= past:
+            return None, None
         q = torch.arange(past, past + T, device=self.start.device)[None, :, None]
         starts = self.start[:, None, :]
         reached = starts <= q  # (B, T, M)
@@ -276,9 +290,11 @@ class CrossAttention(nn.Module):
         self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=bias)
 
     def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, M, hd), contiguous: computed once per prompt and read at every
+        decoding step, where SDPA on CPU reads the strided views about 3x slower."""
         B, M, _ = memory.shape
         k, v = self.wkv(memory).view(B, M, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return k, v
+        return k.contiguous(), v.contiguous()
 
     def forward(self, x, kv, mask):
         B, T, _ = x.shape
@@ -306,10 +322,15 @@ class CrossBlock(nn.Module):
         return self.attn.memory_kv(self.memory_norm(memory))
 
     def forward(self, x, kv, mask, reads):
-        h = self.attn(self.norm(x), kv, mask) * reads.to(x.dtype)
+        """``mask``, ``reads``: :meth:`Memory.mask`'s (None, None: every query reads everything)."""
+        h = self.attn(self.norm(x), kv, mask)
+        if reads is not None:
+            h = h * reads.to(x.dtype)
         x = x + (h if self.attn_gate is None else torch.tanh(self.attn_gate).to(x.dtype) * h)
         if self.ffn is not None:
-            h = self.ffn(self.ffn_norm(x)) * reads.to(x.dtype)
+            h = self.ffn(self.ffn_norm(x))
+            if reads is not None:
+                h = h * reads.to(x.dtype)
             x = x + (h if self.ffn_gate is None else torch.tanh(self.ffn_gate).to(x.dtype) * h)
         return x
 
@@ -338,11 +359,14 @@ class KVCache:
         self.has_padding = False
         self.memory: Memory | None = None  # cross-attention memory, set by the prompt pass
         self.cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> memory keys/values
+        self.cross_mask: tuple | None = None  # Memory.mask of the decoding steps, set by make_static
 
     def make_static(self) -> None:
         """From now on, write at ``slot`` and attend over all ``max_len`` slots (a mask hides the
         unfilled ones): the same shapes at every step, for :meth:`Backbone.decode`."""
         self.slot = torch.tensor([self.length], device=self.valid.device)
+        if self.memory is not None:  # every media span lies in the prompt: one mask for every step
+            self.cross_mask = self.memory.mask(self.length, 1, None)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.slot is not None:
@@ -598,15 +622,26 @@ class Backbone(nn.Module):
         """One new token per row, ``x (B, 1, D)``, on a static cache (``KVCache.make_static``):
         keys/values go to ``cache.slot`` and a mask (real, filled slots) stands in for slicing, so
         every step has the same shapes and ``torch.compile`` traces it once. The caller advances
-        the cache. Cross-attention blocks are not supported here."""
-        if len(self.cross):
-            raise ValueError("static decoding does not support cross-attention blocks")
-        cos, sin = self.rotary(positions)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        the cache. Cross-attention blocks read the prompt's memory through the keys/values the
+        prompt pass cached (``cache.cross_kv``) and the mask ``make_static`` fixed."""
+        cos = sin = None
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions if positions.dim() == 2 else positions[0])
+        else:
+            cos, sin = self.rotary(positions)
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         filled = torch.arange(cache.max_len, device=x.device) <= cache.slot
         mask = (cache.valid & filled)[:, None, None, :]
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, False, cache)
+        xa_cfg = self.config.cross_attention
+        inside = xa_cfg is not None and xa_cfg["placement"] == "after_attn"
+        reading = len(self.cross) and cache.memory is not None
+        for i, layer in enumerate(self.layers):
+            xa = None
+            if reading and str(i) in self.cross:
+                xa = (self.cross[str(i)], cache.cross_kv[i], *cache.cross_mask)
+                if not inside:
+                    x = xa[0](x, *xa[1:])
+            x = layer(x, cos, sin, mask, False, cache, xa if inside else None)
         return self.norm(x)
 
     def _run(self, block, *args):

@@ -649,6 +649,8 @@ class WhisperStyleEncoder(BaseAudioEncoder):
             raise ValueError(f"{mel.shape[2]} mel frames exceed max_frames={self.max_frames}; "
                              "process long audio in windows")
         lengths = None if mel_lengths is None else torch.as_tensor(mel_lengths, device=mel.device)
+        if lengths is not None and bool((lengths >= mel.shape[-1]).all()):
+            lengths = None  # no padding: no masks, and attention keeps its fused (flash) kernel
         if lengths is not None:  # padding frames read as zeros, as the stem's own padding does alone
             mel = mel * (torch.arange(mel.shape[-1], device=mel.device) < lengths[:, None])[:, None, :]
 
@@ -673,12 +675,30 @@ class WhisperStyleEncoder(BaseAudioEncoder):
         pad_mask = None
         if lengths is not None:  # the stem has brought them to features per row
             pad_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None]  # True: pad
-        if self.convs is None:
+        if self.convs is None and self.training:
             return self.norm(self.layers(x, src_key_padding_mask=pad_mask))
-        for layer, conv in zip(self.layers.layers, self.convs):
-            x = layer(x, src_key_padding_mask=pad_mask)
-            x = x + conv(x, pad_mask)
+        for i, layer in enumerate(self.layers.layers):
+            x = layer(x, src_key_padding_mask=pad_mask) if self.training else _layer_sdpa(layer, x, pad_mask)
+            if self.convs is not None:
+                x = x + self.convs[i](x, pad_mask)
         return self.norm(x)
+
+
+def _layer_sdpa(layer: nn.TransformerEncoderLayer, x: torch.Tensor, pad_mask: torch.Tensor | None):
+    """A pre-norm GELU ``TransformerEncoderLayer`` without dropout (eval), its attention through
+    ``scaled_dot_product_attention``: the fused (flash) kernel, which never holds the (N, N) scores
+    that ``nn.MultiheadAttention``'s CPU path writes out; what transformers' Whisper encoder runs.
+    ``pad_mask (B, N)``: True marks padding keys."""
+    B, N, D = x.shape
+    attn = layer.self_attn
+    H = attn.num_heads
+    h = layer.norm1(x)
+    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)
+    mask = None if pad_mask is None else ~pad_mask[:, None, None, :]
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    x = x + attn.out_proj(a.transpose(1, 2).reshape(B, N, D))
+    return x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
 
 
 class HFWhisperEncoder(BaseAudioEncoder):

@@ -172,3 +172,34 @@ def test_per_modality_fusion_reads_audio_by_cross_attention_and_places_images_as
         from omni.config import ModelConfig
 
         ModelConfig(media=media, cross_attention={"media": ["video"]}).validate()
+
+
+def test_one_span_read_from_the_start_attends_unmasked_with_the_same_outputs():
+    """Whisper's memory (one span, visible from the first token): Memory.mask gives (None, None)
+    once every query is at or after the span's start, and the blocks compute what the mask would."""
+    memory = Memory(torch.randn(2, 5, 64), torch.full((2, 5), 3, dtype=torch.long))
+    assert memory.mask(3, 4, None) == (None, None)
+    assert memory.mask(2, 4, None)[0] is not None  # query 2 comes before the span
+    packed = Memory(memory.features, memory.start, torch.zeros(2, 5, dtype=torch.long))
+    assert packed.mask(3, 1, torch.zeros(2, 1, dtype=torch.long))[0] is not None  # documents: masked
+    assert Memory(memory.features, torch.tensor([[0, 0, 2, 2, 2]] * 2)).mask(4, 1, None)[0] is not None
+    torch.manual_seed(0)
+    bb = Backbone(backbone_config("debug", cross_attention={"every": 1})).eval()
+    bb.reset_parameters()
+    x, pos = torch.randn(2, 6, 64), torch.arange(6).expand(2, 6)
+    zero = Memory(memory.features, torch.zeros(2, 5, dtype=torch.long))
+    full = bb(x, pos, memory=zero)
+    forced = Memory(memory.features, torch.zeros(2, 5, dtype=torch.long))
+    forced._one_start = -1  # as if the starts differed: the masked path
+    torch.testing.assert_close(full, bb(x, pos, memory=forced))
+
+
+def test_memory_keys_and_values_are_contiguous_heads():
+    """Cached once, read at every decoding step: (B, H, M, hd), contiguous (SDPA's fast read)."""
+    bb = Backbone(backbone_config("debug", cross_attention={"every": 1}))
+    memory = torch.randn(2, 7, 64)
+    k, v = bb.cross["0"].memory_kv(memory)
+    assert k.shape == v.shape == (2, 4, 7, 16) and k.is_contiguous() and v.is_contiguous()
+    kv = bb.cross["0"].attn.wkv(bb.cross["0"].memory_norm(memory)).view(2, 7, 2, 4, 16)
+    torch.testing.assert_close(k, kv[:, :, 0].transpose(1, 2))
+    torch.testing.assert_close(v, kv[:, :, 1].transpose(1, 2))

@@ -153,3 +153,36 @@ def test_ctc_covers_only_the_clips_that_carry_a_transcript(tmp_path, text_tokeni
     _, beside = enc.encode([speech[0].data, slot.data], [speech[0].labels, None])
     assert alone is not None and torch.allclose(alone, beside, atol=1e-4)
     assert enc.encode([slot.data], [None])[1] is None
+
+
+def test_whisper_style_encoder_with_no_padding_runs_unmasked_with_the_same_features():
+    """Lengths that cover every frame (Whisper's 30-s window) mask nothing: the encoder drops them
+    and runs its fused unmasked attention, with the features of the masked path."""
+    from omni.tokenizers.audio import WhisperStyleEncoder
+
+    torch.manual_seed(0)
+    enc = WhisperStyleEncoder(n_mels=16, dim=32, num_layers=2, num_heads=4, max_frames=64).eval()
+    mel = torch.randn(2, 16, 40)
+    with torch.inference_mode():
+        plain = enc(mel)
+        torch.testing.assert_close(enc(mel, mel_lengths=torch.tensor([40, 40])), plain)
+        short = enc(mel, mel_lengths=torch.tensor([40, 20]))  # padding still masked
+    torch.testing.assert_close(short[0], plain[0])
+    assert not torch.allclose(short[1, :10], plain[1, :10])
+
+
+@pytest.mark.parametrize("conv_kernel", [0, 3])
+def test_whisper_style_encoder_in_eval_attends_through_sdpa_like_the_torch_layers(conv_kernel):
+    """Eval runs each layer's attention through scaled_dot_product_attention; training (dropout 0
+    here) runs nn.TransformerEncoder's own: the same features, padded rows included."""
+    from omni.tokenizers.audio import WhisperStyleEncoder
+
+    torch.manual_seed(0)
+    enc = WhisperStyleEncoder(n_mels=16, dim=32, num_layers=2, num_heads=4, max_frames=64,
+                              conv_kernel=conv_kernel)
+    mel, lengths = torch.randn(2, 16, 40), torch.tensor([40, 23])
+    with torch.no_grad():
+        torch_layers = enc.train()(mel, mel_lengths=lengths)
+        fused = enc.eval()(mel, mel_lengths=lengths)
+    torch.testing.assert_close(fused[0], torch_layers[0])
+    torch.testing.assert_close(fused[1, :12], torch_layers[1, :12])  # the real features of the short clip

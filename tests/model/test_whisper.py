@@ -191,3 +191,41 @@ def test_bundled_tiny_en_matches_transformers_on_its_own_weights():
     ids = torch.tensor([tok.prompt() + tok.encode(" Hello world.")])
     ours = pipe(ids, media=[(0, MediaSlot(0, 1500, "audio", mel))]).logits[..., :raw["vocab_size"]]
     assert (ours - hf(input_features=mel[None], decoder_input_ids=ids).logits).abs().max() < 1e-3
+
+
+def _static_steps(model, prompt, media, steps):
+    """Greedy ids and logits through ``decode_step`` on a static cache, eager (what
+    ``generate(..., compile=True)`` compiles)."""
+    from omni.model.backbone import KVCache
+
+    cache = KVCache(model.config.backbone, 1, 64)
+    logits = model(prompt, cache=cache, media=media, last_only=True).logits[:, -1]
+    cache.make_static()
+    ids, out = [], []
+    for _ in range(steps):
+        ids.append(int(logits.argmax()))
+        logits = model.decode_step(torch.tensor([[ids[-1]]]), cache.num_valid, cache)
+        out.append(logits)
+        cache.advance(1, None)
+    return ids, torch.cat(out)
+
+
+@torch.no_grad()
+def test_static_decoding_step_reads_the_memory_like_the_eager_forward(hf_whisper_dir):
+    """Backbone.decode with cross-attention and learned positions: the logits of the full forward."""
+    pipe = omni.import_hf(hf_whisper_dir)
+    model, tok = pipe.model, pipe.tokenizer
+    media = [(0, MediaSlot(0, 1500, "audio", _mel(2)))]
+    prompt = torch.tensor([tok.prompt()])
+    ids, logits = _static_steps(model, prompt, media, 6)
+    full = model(torch.tensor([tok.prompt() + ids]), media=media).logits[0, len(tok.prompt()):]
+    torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_decoding_gives_the_eager_transcript(hf_whisper_dir):
+    pipe = omni.import_hf(hf_whisper_dir)
+    wave = torch.randn(16000 * 3, generator=torch.Generator().manual_seed(1)) * 0.1
+    text = pipe.generate([Audio(wave, sample_rate=16000)], max_new_tokens=12)
+    assert pipe.generate([Audio(wave, sample_rate=16000)], max_new_tokens=12, compile=True) == text
