@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import json_line  # noqa: E402
 from whisper_parity import ASTERISK, asterisk_prompts, wer  # noqa: E402
+
+from common import json_line  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def parse_args(argv=None):

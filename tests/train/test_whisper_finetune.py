@@ -45,8 +45,9 @@ def _recipe(tmp_path, ckpt, data, extra=""):
     f.write_text(f"model:\n  pretrained: {ckpt}\n  media:\n    audio:\n"
                  f"      spec_augment: {{freq_masks: 1, freq_width: 4, time_masks: 1, time_width: 0.02}}\n"
                  f"data: {{task: caption, media: audio, target: text, path: {data}, seq_len: 24}}\n"
-                 f"train: {{out_dir: {tmp_path / 'run'}, steps: 6, batch_size: 2, lr: 3.0e-3, warmup_steps: 1,"
-                 f" eval_every: 6, eval_batches: 1, save_every: 6, log_every: 1, progress: false{extra}}}\n")
+                 f"train: {{out_dir: {tmp_path / 'run'}, steps: 6, batch_size: 2, lr: 3.0e-3,"
+                 f" warmup_steps: 1, eval_every: 6, eval_batches: 1, save_every: 6, log_every: 1,"
+                 f" progress: false{extra}}}\n")
     return f
 
 
@@ -60,7 +61,8 @@ def test_pretrained_whisper_sets_up_from_its_checkpoint(tmp_path, whisper_ckpt, 
     audio = model.config.media["audio"]
     assert audio["encoder"]["kind"] == "whisper_style" and audio["connector"] == {"kind": "identity"}
     assert audio["pad_to_s"] == 30.0 and audio["spec_augment"]["freq_width"] == 4  # the recipe's, added
-    assert model.backbone.config.positions == "learned" and model.backbone.config.cross_attention["every"] == 1
+    backbone = model.backbone.config
+    assert backbone.positions == "learned" and backbone.cross_attention["every"] == 1
     base = omni.load(whisper_ckpt).model.state_dict()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in base.items())
 
@@ -75,7 +77,8 @@ def test_pretrained_whisper_trains_saves_and_transcribes(tmp_path, whisper_ckpt,
     after = pipe.model.state_dict()
     enc = [k for k in before if k.startswith("encoders.audio")]
     assert enc and all(torch.equal(before[k], after[k]) for k in enc)  # the encoder was frozen
-    assert not torch.equal(before["backbone.layers.0.attn.wqkv.weight"], after["backbone.layers.0.attn.wqkv.weight"])
+    qkv = "backbone.layers.0.attn.wqkv.weight"
+    assert not torch.equal(before[qkv], after[qkv])  # the decoder trained
     assert isinstance(pipe.tokenizer, WhisperTokenizer)
     assert pipe.model.config.backbone.extra.get("imported_from") == "whisper"  # omni transcribe takes it
     text = pipe.generate([Audio(speech / "0.wav")], max_new_tokens=8)
