@@ -153,3 +153,24 @@ def test_ctc_covers_only_the_clips_that_carry_a_transcript(tmp_path, text_tokeni
     _, beside = enc.encode([speech[0].data, slot.data], [speech[0].labels, None])
     assert alone is not None and torch.allclose(alone, beside, atol=1e-4)
     assert enc.encode([slot.data], [None])[1] is None
+
+
+def test_a_checkpoint_with_the_old_hf_whisper_tower_gives_the_same_features():
+    """tests/data/ckpt_hf_whisper was saved by main with the transformers-based hf_whisper tower
+    (tests/data/make_ckpt_hf_whisper.py); the tower rebuilt on omni's Whisper encoder reads its config
+    and renamed weights and gives the same features; saved again, it loads under today's names."""
+    from pathlib import Path
+
+    from omni.io import load_tensors
+    from omni.model.omni_model import OmniModel
+    from omni.tokenizers.audio import WhisperStyleEncoder
+
+    data = Path(__file__).parents[1] / "data"
+    ref = load_tensors(data / "ckpt_hf_whisper_reference.safetensors")
+    model = OmniModel.from_pretrained(data / "ckpt_hf_whisper")
+    tower = model.encoders["audio"]
+    assert isinstance(tower.encoder, WhisperStyleEncoder) and tower.encoder.input_mode == "pad"
+    with torch.no_grad():
+        for i in (0, 1):
+            assert torch.allclose(tower([ref[f"mel{i}"]])[0], ref[f"feat{i}"], atol=1e-5)
+    assert not any(p.requires_grad for p in tower.encoder.parameters())  # freeze: true, as saved
