@@ -95,3 +95,16 @@ def test_pretrained_whisper_with_lora_trains_adapters_of_its_decoder(tmp_path, w
     trained = {n for n, p in trainer.inner.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n for n in trained)
     assert any(".cross." in n for n in trained) and any("ffn.w1" in n for n in trained)
+
+
+def test_default_lora_targets_take_whispers_gelu_mlp(whisper_ckpt):
+    """The default train.lora targets name both MLP layouts (SwiGLU's w13, GELU's w1) and take
+    whichever the model has; a pattern a recipe names itself must still match."""
+    from omni.model.lora import LoraSpec, add_lora
+
+    model = omni.load(whisper_ckpt).model
+    add_lora(model, LoraSpec(r=2))
+    trained = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert {"backbone.layers.0.ffn.w1", "backbone.layers.0.ffn.w2", "backbone.layers.0.attn.wqkv"} <= trained
+    with pytest.raises(ValueError, match="'backbone.layers.*.ffn.w13' names no module"):
+        add_lora(omni.load(whisper_ckpt).model, LoraSpec(r=2, targets=["backbone.layers.*.ffn.w13"]))
