@@ -111,9 +111,9 @@ def main(argv=None) -> dict:
     splits = [s for s in args.splits.split(",") if s]
     for side, ckpt in [(s, c) for s, c in (("before", args.before), ("after", args.after)) if s in sides]:
         if not args.rescore:
+            real_wer(ckpt, files)
             for split in splits:
                 corpus_wer(ckpt, args.data, split, args.rows)
-            real_wer(ckpt, files)
         for name in [*splits, "asterisk"]:
             w, w_spelled = kept_wer(ckpt, name)
             results[f"wer_{name}_{side}"] = round(w, 4)
