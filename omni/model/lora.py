@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+# the backbone's attention and feed-forward projections: w13 of a gated (SwiGLU) MLP, w1 of a plain
+# GELU one (an imported Whisper's decoder); the default takes whichever the model has
+DEFAULT_TARGETS = ("backbone.layers.*.attn.wqkv", "backbone.layers.*.attn.wo",
+                   "backbone.layers.*.ffn.w13", "backbone.layers.*.ffn.w1", "backbone.layers.*.ffn.w2")
+
 
 @dataclass
 class LoraSpec:
@@ -22,14 +27,7 @@ class LoraSpec:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: list[str] = field(
-        default_factory=lambda: [
-            "backbone.layers.*.attn.wqkv",
-            "backbone.layers.*.attn.wo",
-            "backbone.layers.*.ffn.w13",
-            "backbone.layers.*.ffn.w2",
-        ]
-    )
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
 
     def validate(self) -> None:
         if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
@@ -53,6 +51,8 @@ def add_lora(model: nn.Module, spec: LoraSpec) -> int:
         named = [
             n for n in modules if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, f"*.{pattern}")
         ]
+        if not named and pattern in DEFAULT_TARGETS and list(spec.targets) == list(DEFAULT_TARGETS):
+            continue  # the default names both MLP layouts
         if not named:
             linears = sorted(n for n, m in modules.items() if isinstance(m, nn.Linear))
             raise ValueError(

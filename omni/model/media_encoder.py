@@ -11,7 +11,7 @@ Config (``OmniConfig.media[modality]``, a recipe's ``model.media.<modality>``)::
 
     image: {tokenizer: ImageTokenizerConfig fields, connector: ConnectorConfig fields}
     video: {tokenizer: ImageTokenizerConfig fields, video: VideoTokenizerConfig fields, connector: ...}
-    audio: {encoder: {kind: whisper_style|hf_whisper, size, n_mels, path, freeze, input_mode}, connector: ...,
+    audio: {encoder: {kind: whisper_style, size, n_mels, path, freeze, input_mode}, connector: ...,
             normalize: none|mean|meanvar, spec_augment: {...}, stack: int, ctc_weight: float,
             precompute: bool, pad_to_s: float}
 
@@ -39,7 +39,7 @@ from torch import nn
 
 from omni.model.connectors import ConnectorConfig
 from omni.schema import choice, from_dict, positive
-from omni.tokenizers.audio import LogMel, WhisperStyleEncoder, audio_encoder, standalone_encoder_config
+from omni.tokenizers.audio import LogMel, audio_encoder, standalone_encoder_config
 from omni.tokenizers.base import MEL_SAMPLE_RATE
 from omni.tokenizers.image import ImageTokenizerConfig, build_image_tokenizer, standalone_config
 from omni.tokenizers.video import VideoTokenizerConfig, build_video_tokenizer
@@ -82,7 +82,7 @@ class AudioEncoderConfig:
     n_mels: int = 80
     path: str | None = None
     freeze: bool = False
-    input_mode: str = "pad"
+    input_mode: str | None = None  # pad | slice; None: pad for a tower from `path`, else slice
     whisper_config: dict | None = None
     subsample: int = 2
     conv_kernel: int = 0
@@ -288,8 +288,8 @@ class AudioEncoder(MediaEncoder):
             datas = [self.spec_augment(d) for d in datas]
         lengths = [d.shape[-1] for d in datas]
         n = torch.tensor([self.encoder.num_tokens(f) for f in lengths])
-        if not isinstance(self.encoder, WhisperStyleEncoder):  # transformers' pads to 30 s itself
-            return self.encoder(_pad_mels(datas)), n
+        if getattr(self.encoder, "input_mode", "slice") == "pad":  # every clip in a 30-s window anyway
+            return self.encoder(_pad_mels(datas), mel_lengths=torch.tensor(lengths)), n
         # Ours masks padding frames out of attention, but still computes them: clips of similar
         # length go through together, so a 10 s sound does not pad twenty 2 s utterances to 10 s.
         order, parts = [], []

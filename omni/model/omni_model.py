@@ -307,7 +307,12 @@ class OmniModel(nn.Module):
         return sd
 
     def load_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        """Strict load that names the missing, unexpected or mis-shaped tensor."""
+        """Strict load that names the missing, unexpected or mis-shaped tensor. An audio tower saved
+        under transformers' names (the old ``hf_whisper`` encoder) is renamed to omni's first."""
+        for name, enc in self.encoders.items():
+            upgrade = getattr(getattr(enc, "encoder", None), "upgrade_state", None)
+            if upgrade is not None:
+                tensors = upgrade(tensors, f"encoders.{name}.encoder.")
         own = self.export_state_dict(merge_lora=False)
         missing = sorted(set(own) - set(tensors))
         unexpected = sorted(set(tensors) - set(own))

@@ -574,8 +574,14 @@ class WhisperStyleEncoder(BaseAudioEncoder):
     def __init__(self, n_mels: int = 80, dim: int = 192, num_layers: int = 4, num_heads: int = 3,
                  ffn_dim: int | None = None, max_frames: int = 3000, dropout: float = 0.0, subsample: int = 2,
                  conv_kernel: int = 0, stem: str = "conv1d", stem_channels: int = 32,
-                 stored_positions: bool = False):
+                 stored_positions: bool = False, input_mode: str = "slice"):
         super().__init__()
+        if input_mode not in ("pad", "slice"):
+            raise ValueError(f"input_mode must be one of pad, slice; got {input_mode!r}")
+        if input_mode == "pad" and (subsample != 2 or stem != "conv1d"):
+            raise ValueError("input_mode pad reads Whisper's 30-s window: a Whisper layout (conv1d stem, "
+                             "subsample 2) only")
+        self.input_mode, self.frozen, self.whisper_config = input_mode, False, None
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         if subsample not in (2, 4):
@@ -618,18 +624,107 @@ class WhisperStyleEncoder(BaseAudioEncoder):
     @classmethod
     def build(cls, size: str = "tiny", n_mels: int = 80, subsample: int = 2, conv_kernel: int = 0,
               stem: str = "conv1d", stem_channels: int = 32, whisper_config: dict | None = None,
+              path: str | None = None, freeze: bool = False, input_mode: str | None = None,
               **_) -> WhisperStyleEncoder:
-        """``size`` from :data:`ENCODER_SIZES`, or the encoder of a Whisper checkpoint whose
+        """``size`` from :data:`ENCODER_SIZES`; or the encoder of a Whisper checkpoint whose
         transformers config (``whisper_config``) gives the sizes (its weights, position table
-        included, are loaded by the importer, :mod:`omni.model.whisper`); ``path``, ``freeze`` and
-        ``input_mode`` are transformers towers' options, not this encoder's."""
-        if whisper_config is not None:
+        included, are loaded by the importer, :mod:`omni.model.whisper`, or from the checkpoint
+        file); or, with ``path``, the encoder of a Whisper checkpoint folder with its weights: an
+        omni checkpoint (``omni import whisper --out DIR``) or a transformers / CTranslate2 Whisper
+        folder (imported on the fly). ``freeze``: its weights do not train. ``input_mode``: ``pad``
+        reads every clip in Whisper's 30-s window (padded with the log-mel floor, the features of the
+        real frames returned: what pretrained weights expect), ``slice`` only the clip's frames
+        (default, and what from-scratch encoders always do); a tower from ``path`` pads unless told."""
+        if path:
+            encoder = cls.from_checkpoint(path, input_mode=input_mode or "pad")
+        elif whisper_config is not None:
             c = whisper_config
-            return cls(n_mels=c.get("num_mel_bins", n_mels), dim=c["d_model"], num_layers=c["encoder_layers"],
-                       num_heads=c["encoder_attention_heads"], ffn_dim=c["encoder_ffn_dim"],
-                       max_frames=2 * c.get("max_source_positions", 1500), stored_positions=True)
-        return cls.from_size(size, n_mels=n_mels, subsample=subsample, conv_kernel=conv_kernel, stem=stem,
-                             stem_channels=stem_channels)
+            encoder = cls(n_mels=c.get("num_mel_bins", n_mels), dim=c["d_model"],
+                          num_layers=c["encoder_layers"], num_heads=c["encoder_attention_heads"],
+                          ffn_dim=c["encoder_ffn_dim"],
+                          max_frames=2 * c.get("max_source_positions", 1500), stored_positions=True,
+                          input_mode=input_mode or "slice")
+            encoder.whisper_config = {k: c[k] for k in WHISPER_ENCODER_KEYS if k in c}
+        else:
+            encoder = cls.from_size(size, n_mels=n_mels, subsample=subsample, conv_kernel=conv_kernel,
+                                    stem=stem, stem_channels=stem_channels, input_mode=input_mode or "slice")
+        if freeze:
+            encoder.freeze()
+        return encoder
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, input_mode: str = "pad") -> WhisperStyleEncoder:
+        """The audio encoder of a Whisper checkpoint folder, weights loaded: omni's own (``config.json``
+        with an audio ``whisper_config``, ``model.safetensors``: ``omni import whisper --out DIR``), a
+        transformers one (``WhisperForConditionalGeneration`` or ``WhisperModel``, safetensors; the
+        decoder's weights are not read) or a CTranslate2 one (imported whole, its encoder kept)."""
+        from omni.model.whisper import import_whisper, is_whisper  # (it builds on this module)
+
+        path = Path(path)
+        cfg_file = path / "config.json"
+        raw = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else None
+        if raw is not None and raw.get("model_type") == "whisper":  # transformers
+            config = complete_whisper_config(raw)
+            tensors = load_safetensors_dir(path)
+            for prefix in ("model.encoder.", "encoder.", ""):
+                src = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                if "conv1.weight" in src:
+                    break
+            else:
+                raise ValueError(f"{path}: no Whisper encoder weights (conv1.weight) found")
+            try:
+                state = whisper_encoder_tensors(src.__getitem__, src)
+            except KeyError as e:
+                raise ValueError(f"{path}: encoder weights missing: {e}") from None
+        elif is_whisper(path):  # CTranslate2
+            model, _ = import_whisper(path)
+            config = model.config.media["audio"]["encoder"]["whisper_config"]
+            state = dict(model.encoders["audio"].encoder.state_dict())
+        elif raw is not None:  # omni's
+            enc = ((raw.get("media") or {}).get("audio") or {}).get("encoder") or {}
+            config = enc.get("whisper_config")
+            if config is None:
+                raise ValueError(f"{path}: its audio encoder is not a Whisper encoder (no "
+                                 "media.audio.encoder.whisper_config in config.json)")
+            prefix = "encoders.audio.encoder."
+            tensors = load_safetensors_dir(path)
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if enc.get("kind") == "hf_whisper":  # a checkpoint saved with the old transformers tower
+                config = complete_whisper_config(config)
+                state = WhisperStyleEncoder.upgrade_state(state, "")
+        else:
+            raise ValueError(f"{path}: no config.json; give an omni checkpoint of a Whisper (omni import "
+                             "whisper --out DIR) or a transformers / CTranslate2 Whisper folder")
+        encoder = cls.build(whisper_config=config, input_mode=input_mode)
+        own = set(encoder.state_dict())
+        missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+        if missing or unexpected:
+            raise ValueError(f"{path}: the audio encoder's weights do not match its config (missing: "
+                             f"{missing[:5]}, unexpected: {unexpected[:5]})")
+        encoder.load_state_dict(state)
+        return encoder
+
+    @staticmethod
+    def upgrade_state(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        """``tensors`` with a Whisper encoder under transformers' names at ``prefix + "encoder."`` (how
+        checkpoints of the old ``hf_whisper`` tower stored it) renamed to this encoder's, at
+        ``prefix``; other tensors unchanged."""
+        old = prefix + "encoder."
+        if old + "conv1.weight" not in tensors:
+            return tensors
+        out = {k: v for k, v in tensors.items() if not k.startswith(old)}
+        src = {k[len(old):]: v for k, v in tensors.items() if k.startswith(old)}
+        out.update({prefix + k: v for k, v in whisper_encoder_tensors(src.__getitem__, src).items()})
+        return out
+
+    def freeze(self) -> WhisperStyleEncoder:
+        """Its weights stop training (and it stays in eval mode)."""
+        self.frozen = True
+        self.requires_grad_(False)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True):
+        return super().train(mode and not self.frozen)
 
     @classmethod
     def from_size(cls, size: str, n_mels: int = 80, **overrides) -> WhisperStyleEncoder:
@@ -648,6 +743,9 @@ class WhisperStyleEncoder(BaseAudioEncoder):
         if mel.shape[2] > self.max_frames:
             raise ValueError(f"{mel.shape[2]} mel frames exceed max_frames={self.max_frames}; "
                              "process long audio in windows")
+        frames = mel.shape[2]
+        if self.input_mode == "pad":  # the whole window is real frames; the clip's features are returned
+            mel, mel_lengths = self._window(mel, mel_lengths), None
         lengths = None if mel_lengths is None else torch.as_tensor(mel_lengths, device=mel.device)
         if lengths is not None and bool((lengths >= mel.shape[-1]).all()):
             lengths = None  # no padding: no masks, and attention keeps its fused (flash) kernel
@@ -676,12 +774,25 @@ class WhisperStyleEncoder(BaseAudioEncoder):
         if lengths is not None:  # the stem has brought them to features per row
             pad_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None]  # True: pad
         if self.convs is None and self.training:
-            return self.norm(self.layers(x, src_key_padding_mask=pad_mask))
+            return self.norm(self.layers(x, src_key_padding_mask=pad_mask))[:, :self.num_tokens(frames)]
         for i, layer in enumerate(self.layers.layers):
             x = layer(x, src_key_padding_mask=pad_mask) if self.training else _layer_sdpa(layer, x, pad_mask)
             if self.convs is not None:
                 x = x + self.convs[i](x, pad_mask)
-        return self.norm(x)
+        return self.norm(x)[:, :self.num_tokens(frames)]
+
+    def _window(self, mel: torch.Tensor, mel_lengths: torch.Tensor | None) -> torch.Tensor:
+        """``input_mode="pad"``: each clip's real frames in a ``max_frames`` window, the rest its log-mel
+        floor (silence is log10(1e-10), clamped to max - 8, scaled: max(max - 2, -1.5)), as Whisper
+        reads a clip zero-padded to 30 s."""
+        B, _, frames = mel.shape
+        lengths = (torch.full((B,), frames) if mel_lengths is None else torch.as_tensor(mel_lengths)).tolist()
+        window = torch.empty(B, self.n_mels, self.max_frames, dtype=mel.dtype, device=mel.device)
+        for i, n in enumerate(lengths):
+            real = mel[i, :, :n]
+            window[i] = torch.clamp(real.amax() - 2.0, min=-1.5)
+            window[i, :, :n] = real
+        return window
 
 
 def _layer_sdpa(layer: nn.TransformerEncoderLayer, x: torch.Tensor, pad_mask: torch.Tensor | None):
@@ -701,147 +812,80 @@ def _layer_sdpa(layer: nn.TransformerEncoderLayer, x: torch.Tensor, pad_mask: to
     return x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
 
 
-class HFWhisperEncoder(BaseAudioEncoder):
-    """transformers' ``WhisperEncoder`` as an omni audio encoder, optionally frozen.
+WHISPER_ENCODER_KEYS = ("num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads",
+                        "encoder_ffn_dim", "max_source_positions")
+# transformers' WhisperConfig defaults: a config saved as its diff (to_diff_dict) leaves these out
+WHISPER_CONFIG_DEFAULTS = {"num_mel_bins": 80, "d_model": 384, "encoder_layers": 4,
+                           "encoder_attention_heads": 6, "encoder_ffn_dim": 1536,
+                           "max_source_positions": 1500}
 
-    transformers insists on exactly ``2 * max_source_positions`` mel frames (3000 = 30 s).
-    ``input_mode="pad"`` (default) pads shorter mels the way Whisper's zero-padded 30-s waveform
-    looks (the per-example log-mel floor, ``max - 2`` after scaling) and returns only the features of
-    the real frames: the distribution pretrained Whisper weights were trained on. ``"slice"`` runs
-    only the real frames with the first N learned positions: much cheaper for short clips and fine
-    for a tower trained from scratch, but off-distribution for pretrained weights.
-    """
 
-    def __init__(self, encoder, input_mode: str = "pad", freeze: bool = False):
-        super().__init__()
-        if input_mode not in ("pad", "slice"):
-            raise ValueError(f"input_mode must be one of pad, slice; got {input_mode!r}")
-        self.encoder, self.input_mode = encoder, input_mode
-        cfg = encoder.config
-        self._n_mels, self._out_dim = cfg.num_mel_bins, cfg.d_model
-        self.max_frames = cfg.max_source_positions * 2
-        self.frozen = freeze
-        if freeze:
-            self.encoder.requires_grad_(False)
-            self.encoder.eval()
+def complete_whisper_config(config: dict | None) -> dict:
+    """A transformers Whisper config (or its diff against the defaults) -> the encoder's sizes."""
+    return {k: (config or {}).get(k, WHISPER_CONFIG_DEFAULTS[k]) for k in WHISPER_ENCODER_KEYS}
 
-    @property
-    def n_mels(self) -> int:
-        return self._n_mels
 
-    @property
-    def frame_rate(self) -> float:
-        return MEL_SAMPLE_RATE / MEL_HOP_LENGTH / 2
+def whisper_encoder_tensors(get, names) -> dict[str, torch.Tensor]:
+    """A Whisper encoder's tensors under transformers' names (``get(name)``; ``names``: every name
+    there is, for the layer count) -> :class:`WhisperStyleEncoder`'s: q, k, v fused into the
+    attention's in-projection, k without a bias (a zero slot)."""
+    layers = 1 + max(int(m[1]) for k in names if (m := re.match(r"layers\.(\d+)\.", k)))
+    out: dict[str, torch.Tensor] = {}
 
-    @property
-    def out_dim(self) -> int:
-        return self._out_dim
+    def linear(dst, src):
+        out[f"{dst}.weight"], out[f"{dst}.bias"] = get(f"{src}.weight").float(), get(f"{src}.bias").float()
 
-    @classmethod
-    def build(cls, n_mels: int = 80, path: str | None = None, freeze: bool = False, input_mode: str = "pad",
-              whisper_config: dict | None = None, subsample: int = 2, conv_kernel: int = 0,
-              stem: str = "conv1d", **_) -> HFWhisperEncoder:
-        """From a local Whisper checkpoint (``path``), else built from ``whisper_config``."""
-        if subsample != 2 or conv_kernel or stem != "conv1d":
-            raise ValueError("subsample, conv_kernel and stem apply to kind=whisper_style; "
-                             "a Whisper checkpoint's layout is fixed")
-        if path:
-            return cls.from_pretrained(path, freeze=freeze, input_mode=input_mode)
-        return cls.from_config({"num_mel_bins": n_mels, **(whisper_config or {})}, freeze=freeze,
-                               input_mode=input_mode)
-
-    @classmethod
-    def from_config(cls, config, **kwargs) -> HFWhisperEncoder:
-        """A randomly initialised encoder from a ``WhisperConfig`` or a dict of its fields."""
-        from transformers import WhisperConfig
-        from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
-        cfg = WhisperConfig(**config) if isinstance(config, dict) else config
-        return cls(WhisperEncoder(cfg), **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> HFWhisperEncoder:
-        """The encoder of a local ``WhisperForConditionalGeneration`` / ``WhisperModel`` directory
-        (safetensors only; the decoder's weights are not loaded)."""
-        from transformers import WhisperConfig
-        from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{path}: not a transformers model directory (no config.json)")
-        cfg = WhisperConfig.from_pretrained(str(path))
-        if cfg.model_type != "whisper":
-            raise ValueError(f"{path}: model_type is {cfg.model_type!r}, expected 'whisper'")
-        state = load_safetensors_dir(path)
-        for prefix in ("model.encoder.", "encoder.", ""):
-            enc = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            if "conv1.weight" in enc:
-                break
-        else:
-            raise ValueError(f"{path}: no Whisper encoder weights (conv1.weight) found")
-        encoder = WhisperEncoder(cfg)
-        own = set(encoder.state_dict())
-        missing = sorted(own - set(enc))
-        if missing:
-            raise ValueError(f"{path}: encoder weights missing: {missing[:5]}")
-        encoder.load_state_dict({k: v for k, v in enc.items() if k in own})
-        return cls(encoder, **kwargs)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.frozen:
-            self.encoder.eval()  # a frozen tower keeps dropout off
-        return self
-
-    def num_tokens(self, num_frames: int) -> int:
-        return _conv_stem_tokens(num_frames)
-
-    def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        """``mel: (B, n_mels, F)``, ``F <= max_frames`` -> ``(B, ceil(F/2), D)``."""
-        if mel.dim() != 3 or mel.shape[1] != self.n_mels:
-            raise ValueError(f"expected mel (B, {self.n_mels}, F), got {tuple(mel.shape)}")
-        num_frames = mel.shape[2]
-        if num_frames > self.max_frames:
-            raise ValueError(f"{num_frames} mel frames exceed this Whisper encoder's {self.max_frames}; "
-                             "process long audio in windows")
-        n = self.num_tokens(num_frames)
-        if self.input_mode == "pad":
-            if num_frames < self.max_frames:
-                # silence is log10(1e-10) = -10, clamped to max - 8: (x + 4) / 4 -> max(max - 2, -1.5)
-                floor = torch.clamp(mel.amax(dim=(1, 2), keepdim=True) - 2.0, min=-1.5)
-                mel = torch.cat([mel, floor.expand(-1, self.n_mels, self.max_frames - num_frames)], dim=2)
-            return self.encoder(input_features=mel).last_hidden_state[:, :n]
-        enc = self.encoder
-        x = F.gelu(enc.conv1(mel))
-        x = F.gelu(enc.conv2(x)).transpose(1, 2)
-        x = x + enc.embed_positions.weight[:n]
-        x = F.dropout(x, p=enc.dropout, training=enc.training)
-        for layer in enc.layers:
-            x = layer(x, None)
-        return enc.layer_norm(x)
+    linear("conv1", "conv1")
+    linear("conv2", "conv2")
+    out["positions"] = get("embed_positions.weight").float()
+    for i in range(layers):
+        src, dst = f"layers.{i}", f"layers.layers.{i}"
+        out[f"{dst}.self_attn.in_proj_weight"] = torch.cat(
+            [get(f"{src}.self_attn.{x}_proj.weight").float() for x in "qkv"])
+        v_bias = get(f"{src}.self_attn.v_proj.bias").float()
+        out[f"{dst}.self_attn.in_proj_bias"] = torch.cat(
+            [get(f"{src}.self_attn.q_proj.bias").float(), torch.zeros_like(v_bias), v_bias])
+        linear(f"{dst}.self_attn.out_proj", f"{src}.self_attn.out_proj")
+        linear(f"{dst}.norm1", f"{src}.self_attn_layer_norm")
+        linear(f"{dst}.linear1", f"{src}.fc1")
+        linear(f"{dst}.linear2", f"{src}.fc2")
+        linear(f"{dst}.norm2", f"{src}.final_layer_norm")
+    linear("norm", "layer_norm")
+    return out
 
 
 def standalone_encoder_config(section: dict, encoder: nn.Module) -> dict:
     """An audio ``encoder`` section as a checkpoint records it: a Whisper tower loaded from
-    ``path`` is described by its transformers config (``whisper_config``) instead, so the
+    ``path`` is described by its sizes (``whisper_config``) and input mode instead, so the
     checkpoint loads without that folder (the tower's weights are in its model.safetensors)."""
     if not section.get("path"):
         return section
     rest = {k: v for k, v in section.items() if k != "path"}
-    return {**rest, "whisper_config": encoder.encoder.config.to_diff_dict()}
+    return {**rest, "kind": "whisper_style", "whisper_config": encoder.whisper_config,
+            "input_mode": encoder.input_mode}
 
 
 AUDIO_ENCODERS.register("whisper_style", WhisperStyleEncoder)
-AUDIO_ENCODERS.register("hf_whisper", HFWhisperEncoder)
 
 
 def audio_encoder(kind: str = "whisper_style", size: str = "tiny", n_mels: int = 80, path: str | None = None,
-                  freeze: bool = False, input_mode: str = "pad", whisper_config: dict | None = None,
+                  freeze: bool = False, input_mode: str | None = None, whisper_config: dict | None = None,
                   subsample: int = 2, conv_kernel: int = 0, stem: str = "conv1d",
                   stem_channels: int = 32) -> BaseAudioEncoder:
     """The recipe-facing builder: the :data:`AUDIO_ENCODERS` backend ``kind`` names, built from the
-    rest: ``"whisper_style"`` (ours, ``size`` from ``ENCODER_SIZES``) or ``"hf_whisper"`` (``path``
-    to a local Whisper checkpoint, else built from ``whisper_config``)."""
+    rest: ``"whisper_style"`` (ours: ``size`` from ``ENCODER_SIZES``, a Whisper checkpoint's sizes
+    ``whisper_config``, or a Whisper checkpoint folder's encoder with its weights, ``path``).
+    ``"hf_whisper"``, the transformers-based tower checkpoints saved before, reads as the same
+    encoder (its transformers ``whisper_config`` completed with transformers' defaults, 30-s
+    windows unless ``input_mode`` says otherwise; the weights are renamed on load,
+    :meth:`WhisperStyleEncoder.upgrade_state`)."""
+    if kind == "hf_whisper":
+        if subsample != 2 or conv_kernel or stem != "conv1d":
+            raise ValueError("subsample, conv_kernel and stem do not apply to a Whisper checkpoint's "
+                             "encoder; its layout is fixed")
+        kind, input_mode = "whisper_style", input_mode or "pad"
+        if not path:
+            whisper_config = complete_whisper_config({"num_mel_bins": n_mels, **(whisper_config or {})})
     return AUDIO_ENCODERS.get(kind).build(size=size, n_mels=n_mels, path=path, freeze=freeze,
                                           input_mode=input_mode, whisper_config=whisper_config,
                                           subsample=subsample, conv_kernel=conv_kernel, stem=stem,

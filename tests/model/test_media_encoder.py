@@ -186,3 +186,24 @@ def test_whisper_style_encoder_in_eval_attends_through_sdpa_like_the_torch_layer
         fused = enc.eval()(mel, mel_lengths=lengths)
     torch.testing.assert_close(fused[0], torch_layers[0])
     torch.testing.assert_close(fused[1, :12], torch_layers[1, :12])  # the real features of the short clip
+
+
+def test_a_checkpoint_with_the_old_hf_whisper_tower_gives_the_same_features():
+    """tests/data/ckpt_hf_whisper was saved by main with the transformers-based hf_whisper tower
+    (tests/data/make_ckpt_hf_whisper.py); the tower rebuilt on omni's Whisper encoder reads its config
+    and renamed weights and gives the same features; saved again, it loads under today's names."""
+    from pathlib import Path
+
+    from omni.io import load_tensors
+    from omni.model.omni_model import OmniModel
+    from omni.tokenizers.audio import WhisperStyleEncoder
+
+    data = Path(__file__).parents[1] / "data"
+    ref = load_tensors(data / "ckpt_hf_whisper_reference.safetensors")
+    model = OmniModel.from_pretrained(data / "ckpt_hf_whisper")
+    tower = model.encoders["audio"]
+    assert isinstance(tower.encoder, WhisperStyleEncoder) and tower.encoder.input_mode == "pad"
+    with torch.no_grad():
+        for i in (0, 1):
+            assert torch.allclose(tower([ref[f"mel{i}"]])[0], ref[f"feat{i}"], atol=1e-5)
+    assert not any(p.requires_grad for p in tower.encoder.parameters())  # freeze: true, as saved

@@ -1,9 +1,10 @@
-"""Audio encoders: our Whisper-style encoder, and transformers' WhisperEncoder from a local checkpoint."""
+"""Audio encoders: our Whisper-style encoder, from scratch or as a pretrained Whisper's encoder read
+from a local checkpoint (transformers', CTranslate2's or an omni import), frozen or not."""
 
 import pytest
 import torch
 
-from omni.tokenizers.audio import HFWhisperEncoder, LogMel, WhisperStyleEncoder, audio_encoder
+from omni.tokenizers.audio import LogMel, WhisperStyleEncoder, audio_encoder
 
 TINY_WHISPER = dict(d_model=64, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=128,
                     decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=128, num_mel_bins=80,
@@ -71,31 +72,35 @@ def reference(whisper_dir):
     return WhisperForConditionalGeneration.from_pretrained(whisper_dir).model.encoder.eval()
 
 
-def test_hf_tower_features_equal_transformers_whisper_encoder(whisper_dir, reference):
+def test_whisper_tower_features_equal_transformers_whisper_encoder(whisper_dir, reference):
     torch.manual_seed(1)
-    tower = HFWhisperEncoder.from_pretrained(whisper_dir, freeze=True)
-    assert tower.out_dim == 64 and tower.max_frames == 300
+    tower = audio_encoder("whisper_style", path=str(whisper_dir), freeze=True)
+    assert tower.out_dim == 64 and tower.max_frames == 300 and tower.input_mode == "pad"
     mel = torch.randn(2, 80, 300)
     with torch.no_grad():
         ref = reference(mel).last_hidden_state
-        assert torch.equal(tower(mel), ref)
-        sliced = HFWhisperEncoder.from_pretrained(whisper_dir, input_mode="slice")
+        assert torch.allclose(tower(mel), ref, atol=1e-5)
+        sliced = audio_encoder("whisper_style", path=str(whisper_dir), input_mode="slice")
         assert torch.allclose(sliced(mel), ref, atol=1e-5)
 
 
-def test_hf_tower_short_inputs(whisper_dir, reference):
+def test_whisper_tower_short_inputs(whisper_dir, reference):
     torch.manual_seed(2)
-    tower = HFWhisperEncoder.from_pretrained(whisper_dir, freeze=True)
+    tower = audio_encoder("whisper_style", path=str(whisper_dir), freeze=True)
     mel = torch.rand(2, 80, 121) - 0.2  # floor max - 2 > -1.5: the clamp for very quiet audio stays out of it
     floor = mel.amax(dim=(1, 2), keepdim=True) - 2.0
     padded = torch.cat([mel, floor.expand(-1, 80, 300 - 121)], dim=2)
     with torch.no_grad():
         out = tower(mel)
         assert out.shape == (2, tower.num_tokens(121), 64) == (2, 61, 64)
-        assert torch.equal(out, reference(padded).last_hidden_state[:, :61])
-        fast = HFWhisperEncoder.from_pretrained(whisper_dir, input_mode="slice")(mel)
+        assert torch.allclose(out, reference(padded).last_hidden_state[:, :61], atol=1e-5)
+        # a batch: each clip in its own window, as alone
+        both = tower(torch.stack([mel[0], torch.nn.functional.pad(mel[1, :, :100], (0, 21))]),
+                     mel_lengths=torch.tensor([121, 100]))
+        assert torch.allclose(both[1, :50], tower(mel[1:, :, :100])[0], atol=1e-5)
+        fast = audio_encoder("whisper_style", path=str(whisper_dir), input_mode="slice")(mel)
     assert fast.shape == (2, 61, 64)
-    with pytest.raises(ValueError, match="exceed this Whisper encoder's 300"):
+    with pytest.raises(ValueError, match="exceed max_frames=300"):
         tower(torch.randn(1, 80, 301))
 
 
@@ -110,12 +115,12 @@ def test_pad_mode_reproduces_whispers_padded_waveform():
 
 
 def test_frozen_tower_stays_frozen_and_in_eval(whisper_dir):
-    tower = HFWhisperEncoder.from_pretrained(whisper_dir, freeze=True)
+    tower = audio_encoder("whisper_style", path=str(whisper_dir), freeze=True)
     tower.train()
-    assert not tower.encoder.training
+    assert not tower.training
     assert not any(p.requires_grad for p in tower.parameters())
-    trainable = HFWhisperEncoder.from_pretrained(whisper_dir)
-    assert all(p.requires_grad for n, p in trainable.named_parameters() if "embed_positions" not in n)
+    trainable = audio_encoder("whisper_style", path=str(whisper_dir))
+    assert all(p.requires_grad for p in trainable.parameters())
 
 
 def test_whisper_model_dir_and_builders(tmp_path):
@@ -124,15 +129,31 @@ def test_whisper_model_dir_and_builders(tmp_path):
     torch.manual_seed(0)
     ref = WhisperModel(WhisperConfig(**TINY_WHISPER)).eval()
     ref.save_pretrained(tmp_path / "wm")
-    tower = audio_encoder("hf_whisper", path=str(tmp_path / "wm"))
+    tower = audio_encoder("hf_whisper", path=str(tmp_path / "wm"))  # the old kind: the same encoder
+    assert isinstance(tower, WhisperStyleEncoder)
     mel = torch.randn(1, 80, 300)
     with torch.no_grad():
-        assert torch.equal(tower.eval()(mel), ref.encoder(mel).last_hidden_state)
+        assert torch.allclose(tower.eval()(mel), ref.encoder(mel).last_hidden_state, atol=1e-5)
     keys = ("d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "max_source_positions")
     built = audio_encoder("hf_whisper", whisper_config={k: TINY_WHISPER[k] for k in keys})
     assert built.out_dim == 64 and built(torch.randn(1, 80, 50)).shape == (1, 25, 64)
     assert audio_encoder("whisper_style", size="debug").out_dim == 64
-    with pytest.raises(ValueError, match="whisper_style, hf_whisper"):
+    with pytest.raises(ValueError, match="one of whisper_style; got 'wav2vec'"):
         audio_encoder("wav2vec")
     with pytest.raises(ValueError, match="no config.json"):
-        HFWhisperEncoder.from_pretrained(tmp_path / "missing")
+        audio_encoder("whisper_style", path=str(tmp_path / "missing"))
+
+
+def test_tower_from_an_imported_whisper_checkpoint_gives_its_encoders_features(hf_whisper_dir, tmp_path):
+    """``{kind: whisper_style, path: DIR}`` on ``omni import whisper --out DIR``: the same weights,
+    the same features as the whole imported model's encoder."""
+    import omni
+
+    pipe = omni.import_hf(hf_whisper_dir)
+    pipe.save_pretrained(tmp_path / "w")
+    tower = audio_encoder("whisper_style", path=str(tmp_path / "w"), freeze=True)
+    whole = pipe.model.encoders["audio"].encoder
+    mel = torch.randn(1, 80, whole.max_frames)
+    with torch.no_grad():
+        assert torch.equal(tower(mel), whole(mel))
+    assert tower.whisper_config == pipe.model.config.media["audio"]["encoder"]["whisper_config"]

@@ -43,8 +43,10 @@ IMAGE_BUILDS = {
 }
 AUDIO_ENCODER_BUILDS = {
     "whisper_style": [{"size": "debug"},
-                      {"size": "debug", "subsample": 4, "stem": "conv2d", "stem_channels": 4}],
-    "hf_whisper": [{"whisper_config": TINY_WHISPER}, {"whisper_config": TINY_WHISPER, "input_mode": "slice"}],
+                      {"size": "debug", "subsample": 4, "stem": "conv2d", "stem_channels": 4},
+                      # a Whisper's encoder: also what checkpoints of the old tower (kind hf_whisper) build
+                      {"whisper_config": TINY_WHISPER},
+                      {"whisper_config": TINY_WHISPER, "input_mode": "pad"}],
 }
 CODEC_BUILDS = {"encodec": [lambda: AudioCodec("debug")]}
 TEXT_BUILDS = {"sentencepiece": "text_tokenizer", "bpe": "bpe_text_tokenizer",  # fixtures (conftest, below)
@@ -295,7 +297,7 @@ def test_a_backend_is_one_class_plus_one_registry_line(tmp_path):
     with pytest.raises(ValueError, match="image_tokenizer.kind must be one of patchify, siglip, clip, vit; "
                                          "got 'meanpool'"):
         build_image_tokenizer(ImageTokenizerConfig(kind="meanpool"))
-    with pytest.raises(ValueError, match="audio encoder kind must be one of whisper_style, hf_whisper; "
+    with pytest.raises(ValueError, match="audio encoder kind must be one of whisper_style; "
                                          "got 'energy'"):
         audio_encoder("energy")
 
