@@ -40,6 +40,9 @@ MODULE_LAYER = {
     # The audio-code layouts (delay, flatten) are how codes are laid out in a sequence: the
     # sequence renderer uses them, the model's heads read their vocabulary ranges.
     "model.audio_codes": "vocab",
+    # Reading manifests (a JSONL, Parquet or Arrow file, or a glob of shards) is file I/O on omni.io
+    # alone: the tokenizer trainer reads its corpus through it as the datasets do.
+    "data.manifest": "io",
 }
 
 # Imports that go against the order on purpose, each with its reason (none today); the test

@@ -28,7 +28,6 @@ A frozen tower's output features are cached when its encoder computes them in ``
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -66,15 +65,6 @@ FEATURES = Features({
                    "data": Value("binary"), "dtype": Value("string"), "shape": _INTS,
                    "labels": _INTS}),  # labels: empty for None
 })
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _bytes(t: torch.Tensor) -> bytes:

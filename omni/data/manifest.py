@@ -13,6 +13,7 @@ default; ``{split}/*.parquet`` or ``{split}-*.jsonl`` for shards).
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,15 @@ DIGESTS = "digests.json"  # beside the caches: each shard's sha256, reused while
 def has_glob(text: str) -> bool:
     return any(c in text for c in "*?[")
 
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 @dataclass(frozen=True)
 class Manifest:
@@ -102,8 +112,6 @@ class Manifest:
         caches keep the key they had). With ``memo_dir``, a digest is remembered there with the
         file's size and modification time and reused while both hold, so a warm start over a large
         sharded corpus stats its files instead of reading them again."""
-        from omni.data.cache import file_digest
-
         memo_file = Path(memo_dir) / DIGESTS if memo_dir is not None else None
         memo = _read_memo(memo_file)
         out, changed = [], False

@@ -630,8 +630,8 @@ class WhisperStyleEncoder(BaseAudioEncoder):
         transformers config (``whisper_config``) gives the sizes (its weights, position table
         included, are loaded by the importer, :mod:`omni.model.whisper`, or from the checkpoint
         file); or, with ``path``, the encoder of a Whisper checkpoint folder with its weights: an
-        omni checkpoint (``omni import whisper --out DIR``) or a transformers / CTranslate2 Whisper
-        folder (imported on the fly). ``freeze``: its weights do not train. ``input_mode``: ``pad``
+        omni checkpoint (``omni import whisper --out DIR``) or a transformers Whisper
+        folder. ``freeze``: its weights do not train. ``input_mode``: ``pad``
         reads every clip in Whisper's 30-s window (padded with the log-mel floor, the features of the
         real frames returned: what pretrained weights expect), ``slice`` only the clip's frames
         (default, and what from-scratch encoders always do); a tower from ``path`` pads unless told."""
@@ -657,9 +657,8 @@ class WhisperStyleEncoder(BaseAudioEncoder):
         """The audio encoder of a Whisper checkpoint folder, weights loaded: omni's own (``config.json``
         with an audio ``whisper_config``, ``model.safetensors``: ``omni import whisper --out DIR``), a
         transformers one (``WhisperForConditionalGeneration`` or ``WhisperModel``, safetensors; the
-        decoder's weights are not read) or a CTranslate2 one (imported whole, its encoder kept)."""
-        from omni.model.whisper import import_whisper, is_whisper  # (it builds on this module)
-
+        decoder's weights are not read). A CTranslate2 folder is imported first (``omni import
+        whisper SRC --out DIR``): the importer builds on this module."""
         path = Path(path)
         cfg_file = path / "config.json"
         raw = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else None
@@ -676,10 +675,9 @@ class WhisperStyleEncoder(BaseAudioEncoder):
                 state = whisper_encoder_tensors(src.__getitem__, src)
             except KeyError as e:
                 raise ValueError(f"{path}: encoder weights missing: {e}") from None
-        elif is_whisper(path):  # CTranslate2
-            model, _ = import_whisper(path)
-            config = model.config.media["audio"]["encoder"]["whisper_config"]
-            state = dict(model.encoders["audio"].encoder.state_dict())
+        elif any(path.glob("model.bin*")):  # model.bin, or its parts model.bin.partN
+            raise ValueError(f"{path}: a CTranslate2 Whisper; import it first (omni import whisper {path} "
+                             "--out DIR) and name DIR")
         elif raw is not None:  # omni's
             enc = ((raw.get("media") or {}).get("audio") or {}).get("encoder") or {}
             config = enc.get("whisper_config")
@@ -694,7 +692,7 @@ class WhisperStyleEncoder(BaseAudioEncoder):
                 state = WhisperStyleEncoder.upgrade_state(state, "")
         else:
             raise ValueError(f"{path}: no config.json; give an omni checkpoint of a Whisper (omni import "
-                             "whisper --out DIR) or a transformers / CTranslate2 Whisper folder")
+                             "whisper --out DIR) or a transformers Whisper folder")
         encoder = cls.build(whisper_config=config, input_mode=input_mode)
         own = set(encoder.state_dict())
         missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)

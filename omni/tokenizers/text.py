@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from omni.data.manifest import SUFFIXES, Manifest, has_glob
 from omni.io import atomic_dir, atomic_write_bytes
 from omni.tokenizers.base import TEXT_TOKENIZERS, BaseTextTokenizer
 from omni.tokenizers.bpe import BPETokenizer
@@ -162,8 +163,6 @@ def load_text_tokenizer(path: str | Path, kind: str | None = None) -> BaseTextTo
 def corpus_texts(path, field: str = "text") -> Iterator[str]:
     """Texts from a manifest (:class:`omni.data.manifest.Manifest`, or a JSONL, Parquet or Arrow
     file or a glob of them: rows with a string ``field``) or a plain UTF-8 text file."""
-    from omni.data.manifest import SUFFIXES, Manifest, has_glob
-
     if isinstance(path, Manifest) or has_glob(str(path)) or Path(path).suffix in SUFFIXES:
         for f, n, row in Manifest.of(path).rows():
             if field not in row or not isinstance(row[field], str):

@@ -67,10 +67,10 @@ def test_the_key_covers_every_shard_and_reuses_a_digest_while_size_and_mtime_hol
     write_jsonl(one, rows)
     proc, spec, glob = debug_model.processor, TaskSpec("text"), str(tmp_path / "train-*.parquet")
     # one file: the key it had before manifests could be sharded (its caches stay valid)
-    assert Manifest.of(one).digest() == cache.file_digest(one)
+    assert Manifest.of(one).digest() == manifest.file_digest(one)
     key = cache_key(glob, spec, proc, memo_dir=tmp_path / "memo")
     assert (tmp_path / "memo" / manifest.DIGESTS).is_file()
-    monkeypatch.setattr(cache, "file_digest", lambda f: pytest.fail(f"{f} read again"))
+    monkeypatch.setattr(manifest, "file_digest", lambda f: pytest.fail(f"{f} read again"))
     assert cache_key(glob, spec, proc, memo_dir=tmp_path / "memo") == key
     monkeypatch.undo()
     _write(tmp_path / "train-1.parquet", rows[10:19])  # one shard changed: a new size or mtime
