@@ -42,5 +42,5 @@ def json_line(benchmark: str, threads: int, config: dict, results: dict) -> dict
     line = {"benchmark": benchmark, "date": datetime.date.today().isoformat(), "cpu": cpu_model(),
             "threads": threads, "python": platform.python_version(), "torch": torch.__version__,
             "config": config, "results": results}
-    print(json.dumps(line))
+    print(json.dumps(line, default=lambda x: x.item()))  # numpy / torch scalars as Python numbers
     return line
