@@ -48,6 +48,7 @@ class BPETokenizer(BaseTextTokenizer):
     model expects its bos id in front of a text."""
 
     marker_file = BPE_FILE
+    family = "BPE"  # in error messages
 
     def __init__(self, tokenizer: Tokenizer, *, eos_id: int, bos_id: int | None = None,
                  pad_id: int | None = None, unk_id: int | None = None, chat_template: str | None = None,
@@ -151,18 +152,27 @@ class BPETokenizer(BaseTextTokenizer):
     # -- files -------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        """Write ``tokenizer.json`` and ``bpe.json`` into the folder ``path``, replaced as a whole."""
-        fields = {"vocab": self.vocab.to_dict(), "chat_template": self.chat_template, "add_bos": self.add_bos}
+        """Write ``tokenizer.json`` and the backend's ``marker_file`` (its settings, ``_settings``)
+        into the folder ``path``, replaced as a whole."""
         with atomic_dir(path) as tmp:
             atomic_write_bytes(tmp / TOKENIZER_FILE, self._with_specials.to_str().encode())
-            atomic_write_bytes(tmp / BPE_FILE, json.dumps(fields, indent=2).encode())
+            atomic_write_bytes(tmp / self.marker_file, json.dumps(self._settings(), indent=2).encode())
+
+    def _settings(self) -> dict:
+        return {"vocab": self.vocab.to_dict(), "chat_template": self.chat_template, "add_bos": self.add_bos}
+
+    @classmethod
+    def _read_settings(cls, path: Path) -> dict:
+        """The settings ``save`` wrote into ``path``; a folder without both files is a ValueError."""
+        if not (path / cls.marker_file).is_file() or not (path / TOKENIZER_FILE).is_file():
+            raise ValueError(f"{path}: not a saved {cls.family} tokenizer ({TOKENIZER_FILE} and "
+                             f"{cls.marker_file} expected)")
+        return read_json(path / cls.marker_file)
 
     @classmethod
     def load(cls, path: str | Path) -> BPETokenizer:
         path = Path(path)
-        if not (path / BPE_FILE).is_file() or not (path / TOKENIZER_FILE).is_file():
-            raise ValueError(f"{path}: not a saved BPE tokenizer ({TOKENIZER_FILE} and {BPE_FILE} expected)")
-        fields = read_json(path / BPE_FILE)
+        fields = cls._read_settings(path)
         try:
             vocab = Vocab.from_dict(fields["vocab"])
             tok = Tokenizer.from_file(str(path / TOKENIZER_FILE))

@@ -11,13 +11,11 @@ checkpoint's lists; omni's markers are suppressed too). A saved tokenizer is a f
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer
 
-from omni.io import atomic_dir, atomic_write_bytes, read_json
 from omni.tokenizers.bpe import TOKENIZER_FILE, BPETokenizer
 from omni.vocab import Vocab
 
@@ -30,6 +28,7 @@ class WhisperTokenizer(BPETokenizer):
     """Whisper's BPE with its special tokens; ``multilingual`` models take language and task tokens."""
 
     marker_file = WHISPER_FILE
+    family = "Whisper"
 
     def __init__(self, tokenizer: Tokenizer, *, multilingual: bool, suppress: Sequence[int] = (),
                  begin_suppress: Sequence[int] | None = None, text_size: int | None = None,
@@ -98,21 +97,14 @@ class WhisperTokenizer(BPETokenizer):
 
     # -- files -------------------------------------------------------------------------------
 
-    def save(self, path: str | Path) -> None:
-        """Write ``tokenizer.json`` and ``whisper.json`` into the folder ``path``, replaced as a whole."""
-        fields = {"vocab": self.vocab.to_dict(), "multilingual": self.multilingual, "suppress": self.suppress,
-                  "begin_suppress": self.begin_suppress}
-        with atomic_dir(path) as tmp:
-            atomic_write_bytes(tmp / TOKENIZER_FILE, self._with_specials.to_str().encode())
-            atomic_write_bytes(tmp / WHISPER_FILE, json.dumps(fields, indent=2).encode())
+    def _settings(self) -> dict:
+        return {"vocab": self.vocab.to_dict(), "multilingual": self.multilingual, "suppress": self.suppress,
+                "begin_suppress": self.begin_suppress}
 
     @classmethod
     def load(cls, path: str | Path) -> WhisperTokenizer:
         path = Path(path)
-        if not (path / WHISPER_FILE).is_file() or not (path / TOKENIZER_FILE).is_file():
-            raise ValueError(f"{path}: not a saved Whisper tokenizer ({TOKENIZER_FILE} and {WHISPER_FILE} "
-                             "expected)")
-        fields = read_json(path / WHISPER_FILE)
+        fields = cls._read_settings(path)
         try:
             vocab = Vocab.from_dict(fields["vocab"])
             loaded = cls.from_file(path / TOKENIZER_FILE, multilingual=fields["multilingual"],
