@@ -73,13 +73,19 @@ def test_a_cached_dataset_has_the_in_memory_rows_and_a_warm_one_prepares_nothing
                                                            len(in_memory))
 
 
-def test_media_rows_round_trip_exactly_and_too_long_ones_are_bad(fake_stamps, tmp_path, text_tokenizer):
+def image_corpus_and_model(tmp_path, fake_stamps, text_tokenizer) -> Pipeline:
+    """An images corpus (every row in train) under ``tmp_path / "images"`` and a debug M-RoPE model
+    that reads images."""
     build_images_corpus(tmp_path / "images", stamps_dir=fake_stamps, max_size=48, val_fraction=0.0,
                         test_fraction=0.0)
     cfg = backbone_config("debug", max_seq_len=128)
     cfg.mrope_section = default_mrope_section(cfg.head_dim)
     model = Pipeline(build_model(cfg, text_tokenizer.vocab, seed=0, media=IMAGE_MEDIA),
                      tokenizer=text_tokenizer)
+    return model
+
+def test_media_rows_round_trip_exactly_and_too_long_ones_are_bad(fake_stamps, tmp_path, text_tokenizer):
+    model = image_corpus_and_model(tmp_path, fake_stamps, text_tokenizer)
     m = tmp_path / "images" / "train.jsonl"
     spec = TaskSpec("caption", "image", "caption", "Caption:")
     in_memory = TaskDataset(m, spec, model, seq_len=64)

@@ -12,14 +12,10 @@ import pytest
 
 from omni.config import DataConfig, TaskData
 from omni.data import cache, manifest
-from omni.data.images import build_images_corpus
 from omni.data.manifest import Manifest
 from omni.data.tasks import TaskDataset, TaskSpec, cache_key, dataset_for, split_manifest
 from omni.io import write_jsonl
-from omni.model.backbone import backbone_config, default_mrope_section
-from omni.model.omni_model import build_model
-from omni.pipeline import Pipeline
-from tests.data.test_cache import IMAGE_MEDIA, _same_rows
+from tests.data.test_cache import _same_rows, image_corpus_and_model
 
 
 def _rows(path, n=None):
@@ -83,12 +79,7 @@ def test_the_key_covers_every_shard_and_reuses_a_digest_while_size_and_mtime_hol
 
 def test_media_paths_are_relative_to_each_shard_and_bad_rows_name_their_shard(fake_stamps, tmp_path,
                                                                               text_tokenizer):
-    build_images_corpus(tmp_path / "images", stamps_dir=fake_stamps, max_size=48, val_fraction=0.0,
-                        test_fraction=0.0)
-    cfg = backbone_config("debug", max_seq_len=128)
-    cfg.mrope_section = default_mrope_section(cfg.head_dim)
-    model = Pipeline(build_model(cfg, text_tokenizer.vocab, seed=0, media=IMAGE_MEDIA),
-                     tokenizer=text_tokenizer)
+    model = image_corpus_and_model(tmp_path, fake_stamps, text_tokenizer)
     spec = TaskSpec("caption", "image", "caption", "Caption:")
     rows = _rows(tmp_path / "images" / "train.jsonl")
     moved = [{**r, "image": f"../../images/{r['image']}"} for r in rows]  # from shards/<k>/ back to images/
