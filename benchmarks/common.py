@@ -44,3 +44,17 @@ def json_line(benchmark: str, threads: int, config: dict, results: dict) -> dict
             "config": config, "results": results}
     print(json.dumps(line, default=lambda x: x.item()))  # numpy / torch scalars as Python numbers
     return line
+
+
+def old_tree(rev: str, dest):
+    """omni's code, recipes and tokenizer specs at git revision ``rev`` extracted into ``dest``
+    (created): "today's path" for benchmarks that compare against an earlier commit."""
+    import subprocess
+    from pathlib import Path
+
+    root, dest = Path(__file__).resolve().parents[1], Path(dest)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(root), "archive", rev, "omni", "recipes", "tokenizers"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import json_line  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from common import json_line, old_tree  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,11 +74,7 @@ def parquet_shards(recipe: str, out: Path, shards: int = 3) -> list[str]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="omni_data_parity."))
-    old = tmp / "old"
-    old.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.old_rev, "omni", "recipes",
-                              "tokenizers"], capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+    old = old_tree(args.old_rev, tmp / "old")
     results = {}
     for recipe in args.recipes:
         runs = {}

@@ -145,14 +145,10 @@ def main(argv=None) -> dict:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return {}
-    from common import json_line  # benchmarks/ is on sys.path when run as a script
+    from common import json_line, old_tree  # benchmarks/ is on sys.path when run as a script
 
     tmp = Path(tempfile.mkdtemp(prefix="omni_data_scale."))
-    old = tmp / "old"
-    old.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.old_rev, "omni", "recipes",
-                              "tokenizers"], capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+    old = old_tree(args.old_rev, tmp / "old")
     results = []
     cases = [("text", n) for n in args.text_sizes] + [("image", n) for n in args.image_sizes]
     for kind, n in cases:
