@@ -7,7 +7,14 @@ q/k/v and gate/up are fused, so one adapter each); omni eager and with its block
     python benchmarks/train_speed.py                        # batch 4 x 256 tokens, 2 threads
     python benchmarks/train_speed.py --repeats 2 --seq 64   # a quick check
 
+    python benchmarks/train_speed.py --sft text/smollm_lora  # also the recipe's own SFT rows
+
 A step is forward, next-token loss, backward (no optimizer: both sides would run the same AdamW).
+The default rows are random tokens with a target at every position (pre-training). ``--sft
+RECIPE`` adds the first ``--batch`` packed rows of that recipe's training set (it needs the
+recipe's weights and data: ``omni import smollm2``, ``omni data build chat``), where only the
+assistant turns carry targets: omni runs its head at those positions only, transformers over
+every position (its loss ignores the rest); both read the same ids and targets.
 Interleaved, best of ``--repeats`` after a warm-up; the losses of both sides on the same batch
 are reported too. Goal: omni <= 0.9x transformers' time. Also each side's achieved FLOP/s (the
 step's matmul FLOPs: 6 x parameters read per token x tokens for full fine-tuning, 4x the frozen
@@ -19,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+import torch.nn.functional as F
 from decode_speed import SHAPE, build  # noqa: E402
 
 from common import interleaved, json_line  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
@@ -40,23 +49,45 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--modes", default="full,lora")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sft", metavar="RECIPE", help="also time the first --batch rows of this SFT recipe")
     return p.parse_args(argv)
 
 
-def step_fns(hf, ours, compiled, x: torch.Tensor, losses: dict) -> dict:
+def sft_rows(recipe: str, batch: int, seq: int) -> dict:
+    """The first ``batch`` packed training rows of ``recipe`` (ids, targets, doc ids, positions)."""
+    import omni
+    from omni.config import load_recipe
+    from omni.data.tasks import collate, dataset_for
+
+    cfg = load_recipe(recipe, [f"data.seq_len={seq}"])
+    rows = dataset_for(cfg.data, "train", omni.load(cfg.model.pretrained).processor, cfg.train.seed)
+    b = collate([rows[i] for i in range(batch)])
+    if int(b["input_ids"].max()) >= SHAPE["vocab_size"]:
+        raise ValueError(f"{recipe}: its rows use ids past the benchmark's {SHAPE['vocab_size']}-id vocabulary")
+    return {"inp": b["input_ids"], "tgt": b["targets"], "doc_ids": b["doc_ids"], "positions": b["positions"]}
+
+
+def dense_rows(x: torch.Tensor) -> dict:
+    """Random tokens ``x`` (B, T+1) as rows with a target at every position but the last."""
     inp = x[:, :-1]
-    tgt = torch.cat([inp[:, 1:], torch.full_like(inp[:, :1], -100)], dim=1)  # transformers' targets
+    return {"inp": inp, "tgt": torch.cat([inp[:, 1:], torch.full_like(inp[:, :1], -100)], dim=1)}
+
+
+def step_fns(hf, ours, compiled, rows: dict, losses: dict) -> dict:
+    inp, tgt = rows["inp"], rows["tgt"]
+    kw = {k: rows[k] for k in ("doc_ids", "positions") if k in rows}
 
     def hf_step():
         hf.zero_grad(set_to_none=True)
-        loss = hf(input_ids=inp, labels=inp).loss  # transformers shifts the labels itself
+        logits = hf(input_ids=inp).logits  # what its loss_function does with labels: fp32, -100 ignored
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-100)
         loss.backward()
         losses["hf"] = loss.item()
 
     def omni_step(name, model):
         def step():
             model.zero_grad(set_to_none=True)
-            loss = model(inp, targets=tgt).loss
+            loss = model(inp, targets=tgt, **kw).loss
             loss.backward()
             losses[name] = loss.item()
         return step
@@ -105,8 +136,11 @@ def main(argv=None):
 
     x = torch.randint(0, SHAPE["vocab_size"], (args.batch, args.seq + 1),
                       generator=torch.Generator().manual_seed(args.seed + 1))
+    workloads = {"dense": dense_rows(x)}
+    if args.sft:
+        workloads["sft"] = sft_rows(args.sft, args.batch, args.seq)
     results: dict = {}
-    for mode in args.modes.split(","):
+    for mode, (workload, rows) in itertools.product(args.modes.split(","), workloads.items()):
         hf, ours = build(torch.float32, args.seed)
         ours = ours.model
         if mode == "lora":
@@ -119,21 +153,22 @@ def main(argv=None):
         for m in (hf, ours, compiled):
             m.train()
         losses: dict = {}
-        times = interleaved(step_fns(hf, ours, compiled, x, losses), args.repeats, warmup=1)
+        times = interleaved(step_fns(hf, ours, compiled, rows, losses), args.repeats, warmup=1)
         best = {k: min(v) for k, v in times.items()}
         ratio = {k: best[k] / best["hf"] for k in ("omni", "omni_compiled")}
         flops = step_flops(args.batch * args.seq, args.seq, mode == "lora")
         peak = gemm_peak()
         achieved = {k: flops / v / 1e9 for k, v in best.items()}
-        results[mode] = {"step_s": best, "ratio": ratio, "loss": losses, "step_gflop": flops / 1e9,
+        name = mode if workload == "dense" else f"{mode}/{workload}"
+        results[name] = {"step_s": best, "ratio": ratio, "loss": losses, "step_gflop": flops / 1e9,
                          "gemm_peak_gflop_s": peak, "achieved_gflop_s": achieved,
                          "fraction_of_gemm_peak": {k: v / peak for k, v in achieved.items()},
                          "trainable": {"omni": sum(p.numel() for p in ours.parameters() if p.requires_grad),
                                        "hf": sum(p.numel() for p in hf.parameters() if p.requires_grad)}}
-        print(f"{mode:<6} step (s): omni {best['omni']:.3f}, compiled {best['omni_compiled']:.3f}, "
+        print(f"{name:<8} step (s): omni {best['omni']:.3f}, compiled {best['omni_compiled']:.3f}, "
               f"transformers {best['hf']:.3f}: {best['omni'] / best['hf']:.2f}x / "
               f"{best['omni_compiled'] / best['hf']:.2f}x time; loss {losses}")
-        print(f"       {flops / 1e9:.0f} GFLOP a step; GEMM peak {peak:.0f} GFLOP/s; achieved: "
+        print(f"         {flops / 1e9:.0f} GFLOP a step; GEMM peak {peak:.0f} GFLOP/s; achieved: "
               + ", ".join(f"{k} {v:.0f} ({v / peak:.0%})" for k, v in achieved.items()))
     config = {"shape": SHAPE, "batch": args.batch, "seq": args.seq, "repeats": args.repeats,
               "dtype": "float32", "goal_ratio_max": 0.9}

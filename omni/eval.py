@@ -301,8 +301,8 @@ def _eval_loss(model, d, seq_len: int, manifest: Path, batch_size: int, max_rows
                     stream_targets=batch.get("stream_targets"))
         total += float(out.loss) * out.num_tokens
         count += out.num_tokens
-        keep = batch["targets"] != -100
-        correct += int((out.logits.argmax(-1)[keep] == batch["targets"][keep]).sum())
+        tgt = batch["targets"][out.kept]  # out.logits are the kept positions' (text or stream targets)
+        correct += int((out.logits.argmax(-1) == tgt)[tgt != -100].sum())
     loss = total / max(count, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "next_token_accuracy": correct / max(count, 1)}
 

@@ -145,7 +145,9 @@ class OmniModel(nn.Module):
         tokens when ``key_padding`` marks left padding. streams / stream_targets (B, K-1, T): the
         delay layout's codebooks 1..K-1 (EMPTY / -100 where a step has none). media: ``(row,
         MediaSlot)`` pairs whose encoder outputs replace the ``<|feat|>`` embeddings, or become the
-        cross-attention memory. last_only: logits for the last position only. loss_weights (B, T):
+        cross-attention memory. last_only: logits for the last position only. With ``targets``
+        the logits are those of the positions that carry one, ``(N, V)`` (``ModelOutput.kept``
+        marks them). loss_weights (B, T):
         each position's weight in the loss (a mixture's per-task ``loss_weight``); the loss is then
         the weighted mean over the targets, codebook streams included. (The loss on (media, text)
         pairs is :class:`omni.model.objectives.PairObjective`'s, a module around the model.)
@@ -164,11 +166,16 @@ class OmniModel(nn.Module):
                 memory = self._memory(read, input_ids.shape[0], doc_ids)
         h = self.backbone(x, positions, doc_ids=doc_ids, key_padding=key_padding, cache=cache, memory=memory)
         assert not (last_only and targets is not None), "last_only is for inference"
-        logits = self.lm_head(h[:, -1:] if last_only else h)  # last_only: a prompt pass needs one row
         if targets is None:
-            return ModelOutput(logits)
-        flat = logits.float().view(-1, logits.shape[-1])
-        w = None if loss_weights is None else loss_weights.reshape(-1).to(flat.device, torch.float32)
+            return ModelOutput(self.lm_head(h[:, -1:] if last_only else h))  # a prompt pass needs one row
+        # the head runs only where a target is (text or any codebook stream): in SFT the prompt and
+        # padding carry none, and the head over a 49k vocabulary is a fifth of the model's FLOPs
+        kept = targets != IGNORE
+        if stream_targets is not None:
+            kept = kept | (stream_targets != IGNORE).any(1)
+        logits = self.lm_head(h[kept])  # (N, V)
+        flat = logits.float()
+        w = None if loss_weights is None else loss_weights[kept].to(flat.device, torch.float32)
 
         # the loss summed over tgt's real targets, their weighted and plain counts
         def summed(logits_, tgt, wk):
@@ -180,17 +187,17 @@ class OmniModel(nn.Module):
             losses = F.cross_entropy(logits_, tgt, ignore_index=IGNORE, reduction="none")
             return (losses * wk).sum(), wk.sum(), n
 
-        total, mass, n = summed(flat, targets.reshape(-1), w)
+        total, mass, n = summed(flat, targets[kept], w)
         if stream_targets is not None:
             for k in range(stream_targets.shape[1]):  # codebook k+1: a softmax over its own range
-                tgt = stream_targets[:, k].reshape(-1)
+                tgt = stream_targets[:, k][kept]
                 keep = tgt != IGNORE
                 if keep.any():
                     r = self.vocab.codebook_range(k + 1)
                     part, m, c = summed(flat[keep, r.start:r.stop], tgt[keep] - r.start,
                                         None if w is None else w[keep])
                     total, mass, n = total + part, mass + m, n + c
-        return ModelOutput(logits, total / mass if n else total, n, aux_loss)
+        return ModelOutput(logits, total / mass if n else total, n, aux_loss, kept=kept)
 
     def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """The logits ``(B, V)`` after one new id per row, ``ids (B, 1)`` at ``positions``, on a

@@ -11,13 +11,14 @@ from omni.model.backbone import KVCache
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor  # (B, T, V); (N, V) at the N positions ``kept`` marks when targets were given
     loss: torch.Tensor | None = None  # next-token cross-entropy per loss-carrying token
     num_tokens: int = 0  # tokens that carried loss
     aux_loss: torch.Tensor | None = None  # media encoders' weighted auxiliary losses (CTC), when training
     parts: dict | None = (
         None  # name -> unweighted loss (detached) of a multi-loss objective (BLIP-2), for the log
     )
+    kept: torch.Tensor | None = None  # (B, T) bool: the positions with a target, whose logits these are
 
     @property
     def objective(self) -> torch.Tensor:

@@ -176,7 +176,11 @@ def test_loss_ignores_minus_100(debug_model):
     with torch.no_grad():
         out = debug_model(ids, targets=targets)
         keep = targets != IGNORE
-        expect = F.cross_entropy(out.logits[keep], targets[keep])
+        full = debug_model(ids).logits
+        # the head runs only at the positions with a target: their logits, in row-major order
+        assert torch.equal(out.kept, keep) and out.logits.shape == (13, V)
+        torch.testing.assert_close(out.logits, full[keep], atol=1e-5, rtol=0)
+        expect = F.cross_entropy(full[keep], targets[keep])
         assert out.num_tokens == int(keep.sum()) == 13
         torch.testing.assert_close(out.loss, expect)
         # what sits at ignored positions does not matter
@@ -196,7 +200,7 @@ def test_loss_weights_give_a_weighted_mean_over_the_targets(debug_model):
     with torch.no_grad():
         out = debug_model(ids, targets=targets, loss_weights=weights)
         keep = targets != IGNORE
-        per_token = F.cross_entropy(out.logits[keep], targets[keep], reduction="none")
+        per_token = F.cross_entropy(debug_model(ids).logits[keep], targets[keep], reduction="none")
         torch.testing.assert_close(out.loss, (per_token * weights[keep]).sum() / weights[keep].sum())
         assert out.num_tokens == 17
         plain = debug_model(ids, targets=targets)
