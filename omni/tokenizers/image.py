@@ -368,8 +368,8 @@ class TowerImageTokenizer(ImageTokenizer):
             tower = tower_from_config(cfg.kind, cfg.tower)
         else:
             tower = build_tower(cfg.kind, cfg.size, cfg.image_size, cfg.patch_size)
-        image_size = cfg.image_size or (_DEFAULT_IMAGE_SIZE if cfg.kind in RESIZABLE and (cfg.path or cfg.tower)
-                                        else None)
+        loaded = cfg.path or cfg.tower
+        image_size = cfg.image_size or (_DEFAULT_IMAGE_SIZE if cfg.kind in RESIZABLE and loaded else None)
         return cls(cfg.kind, tower, freeze=cfg.frozen, image_size=image_size, mean=cfg.mean or mean,
                    std=cfg.std or std, merge=cfg.merge, merge_mode=cfg.merge_mode)
 

