@@ -185,10 +185,10 @@ class MediaEncoder(nn.Module):
         return None
 
     @torch.no_grad()
-    def _precompute(self, tower: nn.Module, run):
-        """``run(device)`` on ``tower``'s device without gradients; the result on the CPU (a slot's data)."""
-        device = next(tower.parameters()).device
-        return run(device).cpu()
+    def _precompute(self, run, x: torch.Tensor) -> torch.Tensor:
+        """``run(x)`` through the precomputed tower, on its device and without gradients; the result
+        on the CPU, as a slot's data."""
+        return run(x.to(next(self.precomputed().parameters()).device)).cpu()
 
     def encode(self, datas: list[torch.Tensor], labels: list | None = None):
         """``forward`` plus this encoder's weighted auxiliary loss on ``labels`` (None without one)."""
@@ -218,7 +218,7 @@ class ImageEncoder(MediaEncoder):
         tower's features ``(h*w, D)`` with ``precompute``) and the grid."""
         pixels, grid = self.tokenizer.preprocess(obj)  # (3, H', W'), (1, h, w)
         if self.precomputed():
-            pixels = self._precompute(self.tokenizer, lambda dev: self.tokenizer(pixels[None].to(dev))[0])
+            pixels = self._precompute(lambda x: self.tokenizer(x[None])[0], pixels)
         return pixels, self.connector.grid(grid)
 
     def forward(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -255,7 +255,7 @@ class VideoEncoder(MediaEncoder):
         (``omni.processor`` samples a video's frames as ``self.video.load``)."""
         pixels, grid = self.video.preprocess(frames)  # resized and normalised once, here
         if self.precomputed():
-            pixels = self._precompute(self.precomputed(), lambda dev: self.video.frame_features([pixels])[0])
+            pixels = self._precompute(lambda x: self.video.frame_features([x])[0], pixels)
         return pixels, self.connector.grid(grid)
 
     def forward(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -305,7 +305,7 @@ class AudioEncoder(MediaEncoder):
             mel = mel / (mel.std(dim=-1, keepdim=True) + 1e-5)
         grid = self.connector.grid((self.num_tokens(mel.shape[-1]), 1, 1))
         if self.precompute:  # the frozen tower's features (N, D) are the slot's data
-            return self._precompute(self.encoder, lambda dev: self.encoder(mel[None].to(dev))[0]), grid
+            return self._precompute(lambda x: self.encoder(x[None])[0], mel), grid
         return mel, grid
 
     def _features(self, datas: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
