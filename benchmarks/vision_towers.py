@@ -13,8 +13,10 @@
    (16), split by caption (stamps that share a caption stay on one side) into train and a held-out
    test. Towers: the imported DINOv2 (CLS and mean of the patch tokens), the same ViT-S/14 randomly
    initialised, EfficientNet-Lite0 (mean of its 7 x 7 map) and the from-scratch ``patchify`` tower
-   of the tiny recipes at initialisation (mean of its patch features). Also the feature time per
-   image of each, measured in the same run. Ends with one JSON line.
+   of the tiny recipes at initialisation (mean of its patch features).
+3. **Feature time per image** of each tower (its forward pass on a batch of ``--time-batch`` stamps),
+   the towers interleaved (``common.interleaved``) so they see the same load on a shared machine.
+   Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import argparse
 import importlib.util
 import os
 import tempfile
-import time
 from collections import Counter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,7 +36,7 @@ from omni.model.tower_import import import_dinov2, import_efficientnet_lite0, on
 from omni.tokenizers.image import ImageTokenizerConfig, build_image_tokenizer  # noqa: E402
 from omni.weights import bundled  # noqa: E402
 
-from common import json_line  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from common import interleaved, json_line  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 SIZE = 224
 
@@ -46,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--test-fraction", type=float, default=0.25, help="captions held out for the probe")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=300, help="probe optimisation steps (full batch)")
+    p.add_argument("--time-batch", type=int, default=8, help="images per timed forward pass")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per tower")
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
 
@@ -70,10 +73,9 @@ def stamp_images(max_stamps: int | None):
     return torch.stack(images), keep
 
 
-def features(tok, images: torch.Tensor, batch: int, cls: bool) -> tuple[dict, float]:
-    """{"mean": (N, D)[, "cls": (N, D)]} of a tower over ``images``, and seconds per image."""
+def features(tok, images: torch.Tensor, batch: int, cls: bool) -> dict:
+    """{"mean": (N, D)[, "cls": (N, D)]} of a tower over ``images``."""
     out = {"mean": [], "cls": []}
-    start = time.perf_counter()
     with torch.no_grad():
         for chunk in images.split(batch):
             pixels = tok.preprocess(chunk)[0]
@@ -83,8 +85,7 @@ def features(tok, images: torch.Tensor, batch: int, cls: bool) -> tuple[dict, fl
                 out["mean"].append(hidden[:, 1:].mean(1))
             else:
                 out["mean"].append(tok(pixels).mean(1))
-    per_image = (time.perf_counter() - start) / len(images)
-    return {k: torch.cat(v) for k, v in out.items() if v}, per_image
+    return {k: torch.cat(v) for k, v in out.items() if v}
 
 
 def probe(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, steps: int) -> tuple[float, float]:
@@ -147,17 +148,27 @@ def main(argv=None) -> dict:
                "stamps": len(stamps), "categories": len(cats), "train": n_train, "test": n_test,
                "majority_class_test": max(Counter(y[~train].tolist()).values()) / n_test,
                "probe": {}}
+    toks = {}
     for name, (cfg, cls) in towers.items():
         torch.manual_seed(0)
-        tok = build_image_tokenizer(ImageTokenizerConfig(**cfg)).eval()
-        feats, per_image = features(tok, images, args.batch, cls)
-        row = {"ms_per_image": 1000 * per_image, "tokens": tok.tokens_per_image, "dim": tok.out_dim}
-        for pool, x in feats.items():
+        tok = toks[name] = build_image_tokenizer(ImageTokenizerConfig(**cfg)).eval()
+        row = {"tokens": tok.tokens_per_image, "dim": tok.out_dim}
+        for pool, x in features(tok, images, args.batch, cls).items():
             row[f"{pool}_train_acc"], row[f"{pool}_test_acc"] = probe(x, y, train, args.steps)
         results["probe"][name] = row
         print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+
+    # 3. feature time per image, the towers interleaved
+    torch.set_grad_enabled(False)
+    batch = {name: tok.preprocess(images[:args.time_batch])[0] for name, tok in toks.items()}
+    times = interleaved({name: (lambda n=name: toks[n](batch[n])) for name in toks}, repeats=args.repeats,
+                        warmup=1)
+    for name, t in times.items():
+        results["probe"][name]["ms_per_image"] = 1000 * min(t) / args.time_batch
+        print(f"{name}: {results['probe'][name]['ms_per_image']:.1f} ms per image")
     config = {"max_stamps": args.max_stamps, "size": SIZE, "test_fraction": args.test_fraction,
-              "steps": args.steps, "batch": args.batch}
+              "steps": args.steps, "batch": args.batch, "time_batch": args.time_batch,
+              "repeats": args.repeats}
     return json_line("vision_towers", args.threads, config, results)
 
 
