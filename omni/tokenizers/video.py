@@ -180,19 +180,26 @@ class VideoTokenizer(BaseVideoTokenizer):
         return pixels, grid
 
     def encode_pixels(self, videos: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Preprocessed videos (each (N_i, 3, H', W')) -> features per video; the frames of all videos
-        go through the image tower together, ``frame_batch_size`` at a time."""
+        """Preprocessed videos (each (N_i, 3, H', W')) -> features per video."""
+        return [self.video_tokens(f) for f in self.frame_features(videos)]
+
+    def frame_features(self, videos: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Preprocessed videos (each (N_i, 3, H', W')) -> the image tower's features per video,
+        ``(N_i, h, w, D)``; the frames of all videos go through the tower together,
+        ``frame_batch_size`` at a time."""
         param = next(self.image_tokenizer.parameters(), None)
         pixels = torch.cat(videos)
         if param is not None:
             pixels = pixels.to(device=param.device, dtype=param.dtype)
         feats_all = torch.cat([self.image_tokenizer(chunk) for chunk in pixels.split(self.frame_batch_size)])
         h, w = self.image_tokenizer.grid_for(*pixels.shape[-2:])
-        return [self._temporal(f, h, w) for f in feats_all.split([v.shape[0] for v in videos])]
+        feats_all = feats_all.reshape(len(pixels), h, w, -1)
+        return list(feats_all.split([v.shape[0] for v in videos]))
 
-    def _temporal(self, feats: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """(N, h*w, D) per-frame features -> the video's tokens."""
-        n = feats.shape[0]
+    def video_tokens(self, feats: torch.Tensor) -> torch.Tensor:
+        """(N, h, w, D) per-frame features (:meth:`frame_features`) -> the video's tokens."""
+        n, h, w, _ = feats.shape
+        feats = feats.reshape(n, h * w, -1)
         if self.temporal == "mrope":
             return feats.reshape(n * h * w, -1)
         if not self.image_tokenizer.has_positions:

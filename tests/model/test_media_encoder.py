@@ -1,6 +1,7 @@
 """The audio encoder's speech-recognition options: an auxiliary CTC head trained on the
 transcript a slot carries, feature stacking, SpecAugment (training only), per-utterance mean
-normalisation, and precomputed features from a frozen tower equal to running it per step."""
+normalisation, and precomputed features from a frozen tower (audio, image, video frames) equal to
+running it per step."""
 
 import numpy as np
 import pytest
@@ -10,9 +11,10 @@ import torch
 from omni.data.tasks import TaskDataset, TaskSpec, collate
 from omni.io import write_jsonl
 from omni.model.backbone import backbone_config
-from omni.model.media_encoder import AudioEncoder, SpecAugment, length_buckets
+from omni.model.media_encoder import AudioEncoder, ImageEncoder, SpecAugment, VideoEncoder, length_buckets
 from omni.model.omni_model import build_model
 from omni.pipeline import Pipeline
+from omni.processor import Processor
 
 WHISPER = {"kind": "hf_whisper", "freeze": True, "input_mode": "slice",
            "whisper_config": {"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 2,
@@ -137,6 +139,36 @@ def test_precomputed_features_of_a_frozen_tower_equal_running_it(tmp_path):
         AudioEncoder({"encoder": {"kind": "whisper_style", "size": "debug"}, "precompute": True}, dim=48)
     with pytest.raises(ValueError, match="unknown key model.media.audio.ctc"):
         AudioEncoder({"encoder": {"kind": "whisper_style", "size": "debug"}, "ctc": 0.3}, dim=48)
+
+
+@pytest.mark.parametrize("tokenizer, video", [
+    ({"kind": "dinov2", "size": "debug", "merge": 2}, {"temporal": "mrope", "num_frames": 3}),
+    ({"kind": "efficientnet", "image_size": 64}, {"temporal": "qformer", "num_frames": 3, "num_queries": 4}),
+])
+def test_precomputed_image_and_frame_features_equal_running_the_tower(tokenizer, video):
+    """A frozen image tower with ``precompute``: ``prepare`` gives its features ((h*w, D) per image,
+    (N, h, w, D) per video), the model runs only what follows, and the outputs are the same; the
+    processor's fingerprint (the prepared-sample cache's key) follows the tower's weights."""
+    image = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
+    frames = torch.randint(0, 256, (3, 3, 40, 50), dtype=torch.uint8)
+    for cls, obj, extra in ((ImageEncoder, image, {}), (VideoEncoder, frames, {"video": video})):
+        torch.manual_seed(0)
+        live = cls({"tokenizer": tokenizer, "connector": {"kind": "mlp"}, **extra}, dim=48).eval()
+        cached = cls({"tokenizer": {**tokenizer, "precompute": True}, "connector": {"kind": "mlp"}, **extra},
+                     dim=48).eval()
+        cached.load_state_dict(live.state_dict())
+        pixels, grid = live.prepare(obj)
+        feats, grid2 = cached.prepare(obj)
+        tower = cached.precomputed()
+        assert grid == grid2 and tower is not None and live.precomputed() is None
+        assert feats.shape[-1] == tower.out_dim and feats.dim() == pixels.dim() - 1 + (cls is VideoEncoder)
+        with torch.no_grad():
+            assert torch.allclose(live([pixels, pixels])[1], cached([feats, feats])[1], atol=1e-5)
+        proc = Processor(None, encoders={"m": cached}, render_options={"mrope": True})
+        key = proc.fingerprint()
+        with torch.no_grad():
+            next(tower.parameters()).add_(1.0)
+        assert proc.fingerprint() != key
 
 
 def test_ctc_covers_only_the_clips_that_carry_a_transcript(tmp_path, text_tokenizer):

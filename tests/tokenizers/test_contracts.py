@@ -40,6 +40,8 @@ IMAGE_BUILDS = {
     "siglip": [{"size": "debug"}, {"size": "debug", "merge": 2}],
     "clip": [{"size": "debug"}],
     "vit": [{"size": "debug", "patch_size": 16}],
+    "dinov2": [{"size": "debug"}, {"size": "debug", "merge": 2, "freeze": False}],
+    "efficientnet": [{"image_size": 64}, {"image_size": 128, "merge": 2}],
 }
 AUDIO_ENCODER_BUILDS = {
     "whisper_style": [{"size": "debug"},
@@ -294,8 +296,8 @@ def test_a_backend_is_one_class_plus_one_registry_line(tmp_path):
         IMAGE_TOWERS.unregister("meanpool")
         AUDIO_ENCODERS.unregister("energy")
         CODECS.unregister("toy")
-    with pytest.raises(ValueError, match="image_tokenizer.kind must be one of patchify, siglip, clip, vit; "
-                                         "got 'meanpool'"):
+    with pytest.raises(ValueError, match="image_tokenizer.kind must be one of patchify, siglip, clip, vit, "
+                                         "dinov2, efficientnet; got 'meanpool'"):
         build_image_tokenizer(ImageTokenizerConfig(kind="meanpool"))
     with pytest.raises(ValueError, match="audio encoder kind must be one of whisper_style; "
                                          "got 'energy'"):

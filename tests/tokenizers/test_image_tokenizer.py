@@ -169,13 +169,18 @@ def test_a_tower_built_from_its_config_alone_names_a_wrong_one():
     (dict(merge=3), "merge must be 1 or 2"),
     (dict(merge_mode="mean"), "merge_mode must be one of concat, linear"),
     (dict(kind="siglip", dynamic=True), "dynamic applies to kind 'patchify' only"),
-    (dict(kind="patchify", path="x"), "path applies to siglip/clip/vit towers"),
+    (dict(kind="patchify", path="x"), "path applies to pretrained towers"),
     (dict(kind="siglip", path="x", image_size=64), "image_size comes from the checkpoint"),
-    (dict(kind="patchify", tower={"model_type": "vit"}), "tower applies to siglip/clip/vit towers"),
+    (dict(kind="patchify", tower={"model_type": "vit"}), "tower applies to pretrained towers"),
     (dict(kind="vit", path="x", tower={"model_type": "vit"}), "path and image_tokenizer.tower both give"),
     (dict(kind="vit", tower={"model_type": "vit"}, patch_size=8), "patch_size comes from image_tokenizer"),
     (dict(min_pixels=10_000, max_pixels=100), "min_pixels .* exceeds max_pixels"),
     (dict(std=[0.5, 0.0, 0.5]), "std must be 3 numbers > 0"),
+    (dict(kind="siglip", precompute=True), "precompute needs a frozen tower"),
+    (dict(kind="dinov2", freeze=False, precompute=True), "precompute needs a frozen tower"),
+    (dict(kind="patchify", precompute=True), "precompute needs a frozen tower"),
+    (dict(kind="dinov2", precompute=True, merge=2, merge_mode="linear"), "use merge_mode: concat"),
+    (dict(kind="dinov2", path="x", patch_size=14), "patch_size comes from the checkpoint"),
 ])
 def test_config_errors(kw, problem):
     with pytest.raises(ValueError, match=problem):

@@ -262,3 +262,45 @@ def test_omni_export_merges_the_lora_adapters_of_a_runs_newest_checkpoint(tmp_pa
     assert all(torch.equal(merged[k], final[k]) for k in final)
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "none")]) == 1  # no checkpoints: one line
     assert not (tmp_path / "none").exists()
+
+
+def test_a_frozen_precomputed_tower_trains_to_the_loss_of_running_it(tmp_path, text_tokenizer, fake_stamps):
+    """``image_tokenizer: {kind: dinov2, path, freeze: true, precompute: true}`` in a recipe: the
+    tower's features are computed once per image into the prepared-sample cache and training runs
+    what follows; the losses equal those of running the frozen tower every step (same seed), and the
+    exported checkpoint captions without the tower's folder."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from omni.config import load_recipe
+    from omni.data.images import build_images_corpus
+    from omni.train import train
+    from omni.train.loop import read_metrics
+
+    images = tmp_path / "images"
+    build_images_corpus(images, stamps_dir=fake_stamps, max_size=48, val_fraction=0.0, test_fraction=0.0)
+    (images / "val.jsonl").write_text((images / "train.jsonl").read_text())
+    text_tokenizer.save(tmp_path / "tok")
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2,
+                             image_size=28, patch_size=14)).save_pretrained(tmp_path / "dino")
+    losses = {}
+    for precompute in (False, True):
+        recipe = tmp_path / f"recipe_{precompute}.yaml"
+        recipe.write_text(
+            "model: {size: debug, max_seq_len: 64, mrope: true, media: {image: {"
+            f"tokenizer: {{kind: dinov2, path: {tmp_path / 'dino'}, freeze: true, precompute: {precompute}, "
+            "image_size: 28, merge: 2}, connector: {kind: mlp}}}}\n"
+            f"tokenizer: {{path: {tmp_path / 'tok'}}}\n"
+            f"data: {{task: caption, media: image, target: caption, prompt: 'Caption:', path: {images}, "
+            "seq_len: 64}\n"
+            f"train: {{out_dir: {tmp_path / f'run_{precompute}'}, steps: 4, batch_size: 2, lr: 0.01, "
+            "warmup_steps: 1, eval_every: 4, eval_batches: 1, save_every: 4, log_every: 1, "
+            "progress: false}\n")
+        train(load_recipe(str(recipe), []))
+        rows = read_metrics(tmp_path / f"run_{precompute}" / "metrics.jsonl")
+        losses[precompute] = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses[True]) >= 4 and losses[True] == pytest.approx(losses[False], rel=1e-4)
+    model = omni.load(tmp_path / "run_True")  # the tower's weights are in the checkpoint
+    assert model.model.encoders["image"].precomputed() is not None
+    png = next(images.rglob("*.png"))
+    assert isinstance(model.generate([omni.Image(png), "Caption:"], max_new_tokens=3), str)
