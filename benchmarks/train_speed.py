@@ -63,7 +63,7 @@ def sft_rows(recipe: str, batch: int, seq: int) -> dict:
     rows = dataset_for(cfg.data, "train", omni.load(cfg.model.pretrained).processor, cfg.train.seed)
     b = collate([rows[i] for i in range(batch)])
     if int(b["input_ids"].max()) >= SHAPE["vocab_size"]:
-        raise ValueError(f"{recipe}: its rows use ids past the benchmark's {SHAPE['vocab_size']}-id vocabulary")
+        raise ValueError(f"{recipe}: its rows use ids past the benchmark's {SHAPE['vocab_size']} ids")
     return {"inp": b["input_ids"], "tgt": b["targets"], "doc_ids": b["doc_ids"], "positions": b["positions"]}
 
 
