@@ -1,0 +1,152 @@
+"""Models composed of pretrained parts (issue 27): an imported language model (``model.pretrained``)
+reads a frozen pretrained tower through a new connector, and only the connector and LoRA adapters
+on the language model train; the tower's features are computed once per sample.
+
+- recipes/speechllm/* (SLAM-ASR / Qwen2-Audio): a Whisper encoder (``encoder.path``).
+- recipes/llava/smollm_dino_* (LLaVA-1.5's two stages): a DINOv2 tower (``tokenizer.path``); stage
+  1 trains the projector, stage 2 starts from it and adds LoRA."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import omni
+from omni.config import load_recipe
+from omni.media.audio import Audio
+from omni.train.loop import Trainer, read_metrics, train
+
+WORDS = ("turn on the light", "open the door", "play some music", "what time is it")
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory, write_gguf, hf_whisper_dir):
+    """(language model, Whisper) omni checkpoint folders: a tiny random llama GGUF and a tiny random
+    Whisper, each imported and saved as ``omni import`` would."""
+    root = tmp_path_factory.mktemp("parts")
+    omni.import_hf(write_gguf(root / "lm.gguf")).save_pretrained(root / "lm")
+    omni.import_hf(hf_whisper_dir).save_pretrained(root / "whisper")
+    return root / "lm", root / "whisper"
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory):
+    """Four tones of different pitch, each 'saying' one transcript."""
+    root = tmp_path_factory.mktemp("speech")
+    rows = []
+    for i, text in enumerate(WORDS):
+        t = torch.arange(8000) / 16000
+        Audio(0.3 * torch.sin(2 * math.pi * (200 + 150 * i) * t), sample_rate=16000).save(root / f"{i}.wav")
+        rows.append({"id": f"u{i}", "audio": f"{i}.wav", "text": text})
+    for split in ("train", "val", "test"):
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _recipe(tmp_path, parts, data):
+    lm, whisper = parts
+    f = tmp_path / "recipe.yaml"
+    f.write_text(f"""
+model:
+  pretrained: {lm}
+  media:
+    audio:
+      encoder: {{kind: whisper_style, path: {whisper}, freeze: true, input_mode: slice}}
+      precompute: true
+      stack: 2
+      connector: {{kind: mlp}}
+data: {{task: caption, media: audio, target: text, prompt: Transcribe., path: {data}, seq_len: 96}}
+train: {{out_dir: {tmp_path / 'run'}, steps: 8, batch_size: 4, lr: 3.0e-3, warmup_steps: 1, eval_every: 8,
+        eval_batches: 1, save_every: 8, log_every: 1, progress: false, trainable: [connector],
+        lora: {{r: 4, alpha: 8}}}}
+""")
+    return f
+
+
+def test_only_the_connector_and_lora_train_over_frozen_pretrained_parts(tmp_path, parts, speech):
+    cfg = load_recipe(str(_recipe(tmp_path, parts, speech)), [])
+    trainer = Trainer(cfg)
+    with trainer.run_folder():
+        trainer.setup()
+    model = trainer.inner
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n or ".connector." in n for n in trained)
+    assert any(".connector." in n for n in trained) and any(n.startswith("backbone.") for n in trained)
+    lm = omni.load(parts[0]).model.state_dict()  # the language model's weights came from its import
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in lm.items() if k in model.state_dict())
+    whisper = omni.load(parts[1]).model.state_dict()
+    enc = [k for k in whisper if k.startswith("encoders.audio.encoder.")]
+    assert enc and all(torch.equal(model.state_dict()[k], whisper[k]) for k in enc)
+
+
+def test_speech_llm_trains_saves_and_transcribes(tmp_path, parts, speech):
+    result = train(load_recipe(str(_recipe(tmp_path, parts, speech)), []))
+    assert result.final_loss < result.first_loss
+    pipe = omni.load(result.out_dir)
+    assert pipe.tokenizer.family == "BPE"  # the language model's own tokenizer
+    assert isinstance(pipe.generate([Audio(speech / "0.wav"), "Transcribe."], max_new_tokens=6), str)
+
+
+@pytest.fixture(scope="module")
+def dino(tmp_path_factory):
+    """A tiny random transformers DINOv2 folder, as ``omni import dinov2`` writes one."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    out = tmp_path_factory.mktemp("dino")
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2,
+                             image_size=28, patch_size=14)).save_pretrained(out)
+    return out
+
+
+def _llava(tmp_path, lm, dino, images, stage, overrides=()):
+    f = tmp_path / f"stage{stage}.yaml"
+    extra = (f"init_from: {tmp_path / 'stage1'}, lora: {{r: 4, alpha: 8}}," if stage == 2 else "")
+    f.write_text(f"""
+model:
+  pretrained: {lm}
+  media:
+    image:
+      tokenizer: {{kind: dinov2, path: {dino}, freeze: true, precompute: true, image_size: 28, merge: 2}}
+      connector: {{kind: mlp}}
+data: {{task: caption, media: image, target: caption, prompt: Describe the image., path: {images}, seq_len: 96}}
+train: {{out_dir: {tmp_path / f'stage{stage}'}, steps: 6, batch_size: 2, lr: 3.0e-3, warmup_steps: 1,
+        eval_every: 6, eval_batches: 1, save_every: 6, log_every: 1, progress: false,
+        trainable: [connector], {extra}}}
+""")
+    return load_recipe(str(f), list(overrides))
+
+
+def test_llava_stages_on_a_pretrained_lm_and_dinov2(tmp_path, parts, dino, fake_stamps):
+    from omni.data.images import build_images_corpus
+
+    images = tmp_path / "images"
+    build_images_corpus(images, stamps_dir=fake_stamps, max_size=48, val_fraction=0.0, test_fraction=0.0)
+    (images / "val.jsonl").write_text((images / "train.jsonl").read_text())
+    lm = parts[0]
+    one = train(_llava(tmp_path, lm, dino, images, 1))
+    stage1 = omni.load(one.out_dir).model.state_dict()
+    base = omni.load(lm).model.state_dict()
+    assert all(torch.equal(stage1[k], v) for k, v in base.items())  # stage 1: the LM did not move
+    fresh = Trainer(_llava(tmp_path, lm, dino, images, 1, [f"train.out_dir={tmp_path / 'fresh'}"]))
+    with fresh.run_folder():
+        fresh.setup()  # the same seed: the projector as stage 1 started it
+    connector = [k for k in stage1 if ".connector." in k]
+    assert connector and not any(torch.equal(fresh.inner.state_dict()[k], stage1[k]) for k in connector)
+    trainer = Trainer(_llava(tmp_path, lm, dino, images, 2))
+    with trainer.run_folder():
+        trainer.setup()
+    model = trainer.inner
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or ".connector." in n for n in trained) and any("lora_" in n for n in trained)
+    assert all(torch.equal(model.state_dict()[k], stage1[k]) for k in connector)  # from stage 1
+    two = train(_llava(tmp_path, lm, dino, images, 2))
+    assert read_metrics(two.out_dir / "metrics.jsonl")[0]["resumed_from"] is None
+    pipe = omni.load(two.out_dir)  # multi-image, multi-turn chat over the composed model
+    png = sorted(images.rglob("*.png"))
+    reply = pipe.generate([{"role": "user", "content": [omni.Image(png[0]), "What is this?"]},
+                           {"role": "assistant", "content": "A stamp."},
+                           {"role": "user", "content": [omni.Image(png[1]), "And this one?"]}],
+                          max_new_tokens=4)
+    assert isinstance(reply, str)
