@@ -110,7 +110,7 @@ model:
     image:
       tokenizer: {{kind: dinov2, path: {dino}, freeze: true, precompute: true, image_size: 28, merge: 2}}
       connector: {{kind: mlp}}
-data: {{task: caption, media: image, target: caption, prompt: Describe the image., path: {images}, seq_len: 96}}
+data: {{task: caption, media: image, target: caption, prompt: Describe it., path: {images}, seq_len: 96}}
 train: {{out_dir: {tmp_path / f'stage{stage}'}, steps: 6, batch_size: 2, lr: 3.0e-3, warmup_steps: 1,
         eval_every: 6, eval_batches: 1, save_every: 6, log_every: 1, progress: false,
         trainable: [connector], {extra}}}
