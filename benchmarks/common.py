@@ -58,3 +58,38 @@ def old_tree(rev: str, dest):
                              capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return dest
+
+
+def manifest_rows(manifest, limit: int | None = None) -> list[dict]:
+    """A JSONL manifest's first ``limit`` rows, their media paths made absolute (for a manifest
+    written elsewhere)."""
+    import json
+    from pathlib import Path
+
+    manifest = Path(manifest)
+    rows = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()][:limit]
+    for row in rows:
+        for key in ("image", "audio", "video"):
+            if isinstance(row.get(key), str) and not Path(row[key]).is_absolute():
+                row[key] = str(manifest.parent.resolve() / row[key])
+    return rows
+
+
+def cut_corpus(recipe: str, out, rows: int, data: str | None = None):
+    """The recipe's corpus (or ``data``) cut to its first ``rows`` training rows and ``rows // 4``
+    held-out ones, written to ``out``: what a benchmark reads when the whole corpus would take too
+    long to prepare. Returns ``out``."""
+    import json
+    import sys
+    from pathlib import Path
+
+    root, out = Path(__file__).resolve().parents[1], Path(out)
+    sys.path.insert(0, str(root))
+    from omni.config import load_recipe
+
+    src = root / (data or load_recipe(recipe).data.path)
+    out.mkdir(parents=True)
+    for split, n in (("train", rows), ("val", max(1, rows // 4))):
+        lines = "".join(json.dumps(r) + "\n" for r in manifest_rows(src / f"{split}.jsonl", n))
+        (out / f"{split}.jsonl").write_text(lines)
+    return out

@@ -1,20 +1,36 @@
-"""Is the data pipeline the bottleneck? Samples/s of omni's data path against samples/s the
-training step consumes, for a recipe on its corpus.
+"""Is the data loader the bottleneck? Samples/s that the training DataLoader delivers from a warm
+prepared-sample cache with 0, 2 and 4 workers, against samples/s the training step consumes, for
+an audio, an image and a video recipe; and the cold path (the cache build: decode + preprocess +
+render + write).
 
-    python benchmarks/data_loader.py --recipe llava/caption_tiny --data data/images
-    python benchmarks/data_loader.py --recipe videollama/caption_tiny --data data/video --max-rows 64
-    python benchmarks/data_loader.py --recipe whisper/asr_tiny --data data/speech --max-rows 256
+    python benchmarks/data_loader.py                          # the three *_tiny recipes and their *_base
+    python benchmarks/data_loader.py --recipes llava/caption_tiny --base   # one, without the *_base row
 
-The data path has two stages (``omni/data/tasks.py``): (1) once per sample, decode the media
-file and preprocess it for the recipe's encoder (resize + normalise, frame sampling, log-mel),
-render and pack; (2) per step, collate packed rows into a batch. The training step is the
-recipe's forward + backward + AdamW step at its batch size. Reports samples/s for each and the
-ratio loader/consumption (> 1: the loader keeps up), and ends with one JSON line.
+For each ``*_tiny`` recipe, on its built corpus (``data/speech``, ``data/images``, ``data/video``):
+
+- cold: the recipe's train split rendered into a fresh cache (``dataset_for``, what ``omni train``
+  and ``omni data prepare`` do), manifest rows per second;
+- loader: the warm cache read through ``omni.train.loop.batches`` (the DataLoader ``omni train``
+  uses, ``train.num_workers`` 0/2/4) at the recipe's batch size, samples (media clips) per second
+  after the first micro-batch (worker start-up not counted);
+- step: ``Trainer.step`` (forward, backward, clipping, AdamW; the recipe's ``Trainer`` built as
+  ``omni train`` builds it) on micro-batches read beforehand, samples per second.
+
+The loader and step measurements alternate, ``--rounds`` times each, so they share the machine's
+load; medians are reported. With ``--base``, each ``*_base`` recipe's data path is measured the
+same way on the same corpus (``data.path`` overridden: its preprocessing, packing and batch size;
+``asr_base`` is meant for ``data/speech_full``), against its consumption at its GPU step rate:
+``batch_size`` rows x the samples per row of its own packing here / the seconds per step measured on
+one H200 (``H200_S_PER_STEP``, from docs/benchmarks.md and the recipes' headers). Ends with one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import itertools
+import os
 import statistics
 import tempfile
 import time
@@ -22,91 +38,193 @@ from pathlib import Path
 
 import torch
 
-from common import cpu_model, json_line  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from common import cpu_model, cut_corpus, json_line  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+CORPUS = {"whisper/asr_tiny": "data/speech", "llava/caption_tiny": "data/images",
+          "videollama/caption_tiny": "data/video"}
+# seconds per optimizer step on one H200, bf16 (benchmarks/gpu_check.sh recipes, 2026-11-26: the
+# recipes' headers and docs/benchmarks.md "On a GPU")
+H200_S_PER_STEP = {"whisper/asr_base": 0.206, "llava/caption_base": 0.160, "videollama/caption_base": 3.8}
+# asr_base's own 4k SentencePiece needs more transcripts than the tiny corpus has: the text one
+# (transcripts are a few tokens next to a clip's 25 a second, so the packing hardly changes)
+BASE_TOKENIZER = {"whisper/asr_base": ["tokenizer.path=runs/tokenizers/text_spm"]}
+# name: (DataLoader workers, each media tensor shared on its own)
+LOADERS = {"0": (0, False), "2": (2, False), "4": (4, False), "2_per_tensor": (2, True),
+           "4_per_tensor": (4, True)}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--recipe", default="llava/caption_tiny")
-    p.add_argument("--data", required=True, help="the recipe's corpus folder (reads train.jsonl)")
-    p.add_argument("--max-rows", type=int, default=128, help="manifest rows to load (stage 1)")
-    p.add_argument("--steps", type=int, default=10, help="timed training steps")
+    p.add_argument("--recipes", nargs="*", default=list(CORPUS))
+    p.add_argument("--base", action=argparse.BooleanOptionalAction, default=True,
+                   help="also each recipe's *_base data path against its H200 step rate")
+    p.add_argument("--per-tensor", action="store_true",
+                   help="also 2 and 4 workers sharing each media tensor on its own (before MediaList)")
+    p.add_argument("--rows", type=int, help="read each corpus's first N training rows (common.cut_corpus)")
+    p.add_argument("--batches", type=int, default=12, help="micro-batches timed per loader measurement")
+    p.add_argument("--steps", type=int, default=3, help="training steps timed per step measurement")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
+
+
+@contextlib.contextmanager
+def per_tensor_sharing(on: bool):
+    """While on, DataLoader workers made here share each media tensor on its own (torch's way, as
+    before ``omni.data.tasks.MediaList`` put a batch's media in one buffer)."""
+    from omni.data.tasks import MediaList
+
+    one_buffer = MediaList.__reduce__
+    if on:
+        MediaList.__reduce__ = object.__reduce__
+    try:
+        yield
+    finally:
+        MediaList.__reduce__ = one_buffer
+
+
+def loader_rate(dataset, batch_size: int, loader: str, count: int, mrope: bool, seed: int = 0) -> float:
+    """Media samples per second out of the training DataLoader (after its first micro-batch);
+    ``loader``: a key of :data:`LOADERS`."""
+    from omni.train.loop import RowStream, batches
+
+    workers, per_tensor = LOADERS[loader]
+    stream = RowStream(len(dataset), seed, getattr(dataset, "row_buckets", None), batch_size)
+    with per_tensor_sharing(per_tensor):
+        it = batches(dataset, stream, 0, batch_size, num_workers=workers, mrope=mrope)
+        next(it)  # workers started (forked: they keep the sharing they were made with)
+    t0, n = time.perf_counter(), 0
+    for _ in range(count):
+        n += len(next(it).get("media", []))
+    rate = n / (time.perf_counter() - t0)
+    del it  # stops the workers
+    return rate
+
+
+def cold(cfg, processor):
+    """The train split's cache built from nothing under ``data.cache_dir``: manifest rows per second."""
+    from omni.data.tasks import dataset_for
+
+    t0 = time.perf_counter()
+    ds = dataset_for(cfg.data, "train", processor, cfg.train.seed)
+    return (ds.num_docs + ds.num_bad) / (time.perf_counter() - t0)
+
+
+def corpus(recipe: str, args, tmp: Path) -> str:
+    """The recipe's corpus, or with ``--rows`` its first rows (``common.cut_corpus``)."""
+    out = tmp / "corpora" / recipe.replace("/", "_")
+    if args.rows and not out.exists():
+        cut_corpus(recipe, out, args.rows, CORPUS[recipe])
+    return str(out) if args.rows else CORPUS[recipe]
+
+
+def samples_per_row(ds) -> float:
+    return ds.num_docs / len(ds)
+
+
+def interleaved(measures: dict, rounds: int) -> dict:
+    """Each of ``measures`` (name: a function returning samples/s) ``rounds`` times, the order
+    reversed every other round so that all share the machine's load; the medians."""
+    rates = {name: [] for name in measures}
+    for r in range(rounds):
+        for name in list(measures) if r % 2 == 0 else list(measures)[::-1]:
+            rates[name].append(measures[name]())
+    return {name: round(statistics.median(v), 1) for name, v in rates.items()}
+
+
+def loaders(ds, batch_size: int, mrope: bool, args) -> dict:
+    names = [*LOADERS] if args.per_tensor else ["0", "2", "4"]
+    return {f"loader_{n}": functools.partial(loader_rate, ds, batch_size, n, args.batches, mrope)
+            for n in names}
+
+
+def measure_tiny(recipe: str, args, tmp: Path) -> dict:
+    """A *_tiny recipe: its cache built cold, its loaders and its training step on 2 cores."""
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    from omni.config import load_recipe
+    from omni.train.loop import RowStream, Trainer, batches, build_pipeline
+
+    name = recipe.replace("/", "_")
+    overrides = [f"data.path={corpus(recipe, args, tmp)}", f"data.cache_dir={tmp / 'cache' / name}",
+                 f"train.out_dir={tmp / 'runs' / name}", "train.progress=false"]
+    cfg = load_recipe(recipe, overrides)
+    cold_rate = cold(cfg, build_pipeline(cfg, Accelerator(cpu=True)).processor)
+    trainer = Trainer(load_recipe(recipe, overrides))
+    with trainer.run_folder():
+        trainer.setup()  # reads the cache cold() built
+        ds, tc, mrope = trainer.train_set, trainer.tc, trainer.cfg.model.mrope
+        trainer.bar = tqdm(disable=True)
+        stream = RowStream(len(ds), tc.seed, getattr(ds, "row_buckets", None), tc.batch_size)
+        ready = list(itertools.islice(batches(ds, stream, 0, tc.batch_size, mrope=mrope), args.steps + 1))
+        per_step = statistics.mean(len(b.get("media", [])) for b in ready)
+
+        def step_rate() -> float:
+            trainer.batches = iter(ready)
+            trainer.step()  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                trainer.step()
+            return args.steps * per_step / (time.perf_counter() - t0)
+
+        rates = interleaved({"step": step_rate, **loaders(ds, tc.batch_size, mrope, args)}, args.rounds)
+    step = rates.pop("step")
+    return {"recipe": recipe, "samples": ds.num_docs, "rows": len(ds), "batch_rows": tc.batch_size,
+            "samples_per_step": round(per_step, 1), "cold_rows_per_s": round(cold_rate, 1),
+            "consumes_samples_per_s": step, "consumes": "2 cores", **rates,
+            "best_loader_over_step": round(max(rates[f"loader_{n}"] for n in ("0", "2", "4")) / step, 1)}
+
+
+def measure_base(recipe: str, args, tmp: Path) -> dict:
+    """A *_tiny recipe's *_base: its cache built cold and its loaders here, against the samples/s of
+    its step on one H200."""
+    from accelerate import Accelerator
+
+    from omni.config import load_recipe
+    from omni.data.tasks import dataset_for
+    from omni.train.loop import build_pipeline
+
+    base = recipe.replace("_tiny", "_base")
+    cfg = load_recipe(base, [f"data.path={corpus(recipe, args, tmp)}", *BASE_TOKENIZER.get(base, []),
+                             f"data.cache_dir={tmp / 'cache' / base.replace('/', '_')}"])
+    processor = build_pipeline(cfg, Accelerator(cpu=True)).processor
+    cold_rate = cold(cfg, processor)
+    ds = dataset_for(cfg.data, "train", processor, cfg.train.seed)  # warm: the cache just built
+    bs = cfg.train.batch_size
+    rates = interleaved(loaders(ds, bs, cfg.model.mrope, args), args.rounds)
+    gpu = round(bs * samples_per_row(ds) / H200_S_PER_STEP[base], 1)
+    return {"recipe": base, "samples": ds.num_docs, "rows": len(ds), "batch_rows": bs,
+            "samples_per_step": round(bs * samples_per_row(ds), 1), "cold_rows_per_s": round(cold_rate, 1),
+            "consumes_samples_per_s": gpu, "consumes": f"H200 at {H200_S_PER_STEP[base]} s/step", **rates,
+            "best_loader_over_step": round(max(rates[f"loader_{n}"] for n in ("0", "2", "4")) / gpu, 2)}
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from omni.config import load_recipe
-    from omni.data.tasks import TaskDataset, TaskSpec, collate
-    from omni.io import read_jsonl, write_jsonl
-    from omni.pipeline import pipeline_from_recipe
-    from omni.tokenizers.text import TextTokenizer, corpus_texts
-    from omni.train.loop import _forward, _param_groups
-
-    cfg = load_recipe(args.recipe, [f"data.path={args.data}"])
-    data = Path(args.data).resolve()
     tmp = Path(tempfile.mkdtemp(prefix="omni_loader_bench."))
-    rows = list(read_jsonl(data / "train.jsonl"))[:args.max_rows]
-    key = cfg.data.media if cfg.data.task == "caption" else "audio"
-    for row in rows:  # the subset's manifest lives elsewhere: make media paths absolute
-        row[key] = str(data / row[key])
-    write_jsonl(tmp / "train.jsonl", rows)
-    tok_path = Path(cfg.tokenizer.path)
-    texts = corpus_texts(data / "train.jsonl", TaskSpec.of(cfg.data).text_field)
-    tok = (TextTokenizer.load(tok_path) if (tok_path / "text.model").is_file() else
-           TextTokenizer.train(texts, vocab_size=1024, model_type="word"))
-    model = pipeline_from_recipe(cfg, tok)
-
-    t0 = time.perf_counter()
-    ds = TaskDataset(tmp / "train.jsonl", TaskSpec.of(cfg.data), model, cfg.data.seq_len)
-    prepare_s = time.perf_counter() - t0
-    docs_per_row = ds.num_docs / len(ds)
-    bs = cfg.train.batch_size
-    batches = [[ds[(i * bs + j) % len(ds)] for j in range(bs)] for i in range(args.steps)]
-
-    t0 = time.perf_counter()
-    for b in batches:
-        collate(b, model.uses_mrope)
-    collate_s = (time.perf_counter() - t0) / len(batches)
-
-    opt = torch.optim.AdamW(_param_groups(model, 0.0), lr=1e-4)
-    model.train()
-    times = []
-    for i, b in enumerate([batches[0]] + batches):  # the first step warms up
-        t0 = time.perf_counter()
-        out = _forward(model, collate(b, model.uses_mrope))
-        out.objective.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i:
-            times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    samples_per_step = bs * docs_per_row
-    result = {
-        "prepare_samples_per_s": round(ds.num_docs / prepare_s, 1),
-        "collate_samples_per_s": round(samples_per_step / collate_s, 1),
-        "train_samples_per_s": round(samples_per_step / step_s, 1),
-        "train_step_s": round(step_s, 4),
-        "samples_per_step": round(samples_per_step, 1),
-    }
-    result["loader_vs_train_first_epoch"] = round(
-        result["prepare_samples_per_s"] / result["train_samples_per_s"], 2)
-    result["loader_vs_train_later_epochs"] = round(
-        result["collate_samples_per_s"] / result["train_samples_per_s"], 1)
-
-    print(f"{args.recipe} on {data} ({ds.num_docs} samples, {docs_per_row:.2f} per row, batch {bs} rows), "
-          f"{args.threads} threads, {cpu_model()}")
-    print("| stage | samples/s |\n|---|---|")
-    print(f"| decode + preprocess + render (once per sample) | {result['prepare_samples_per_s']} |")
-    print(f"| collate (every step) | {result['collate_samples_per_s']} |")
-    print(f"| training step consumes | {result['train_samples_per_s']} |")
-    print(f"loader / consumption: first epoch {result['loader_vs_train_first_epoch']}x, "
-          f"later epochs {result['loader_vs_train_later_epochs']}x")
-    config = {"recipe": args.recipe, "data": str(data), "rows": ds.num_docs, "batch_rows": bs,
-              "steps": args.steps}
-    return json_line("data_loader", args.threads, config, result)
+    load = [os.getloadavg()[0]]
+    results = []
+    print(f"{cpu_model()}, {args.threads} threads, load average {load[0]:.1f}")
+    names = [*LOADERS] if args.per_tensor else ["0", "2", "4"]
+    print("| recipe | samples / step | cache build (cold), rows/s | loader, samples/s: "
+          + " / ".join(f"{n} workers" for n in names)
+          + " | the step consumes, samples/s | best loader / step |")
+    print("|---|---|---|---|---|---|")
+    for recipe in args.recipes:
+        for fn in (measure_tiny, measure_base) if args.base else (measure_tiny,):
+            m = fn(recipe, args, tmp)
+            results.append(m)
+            print(f"| `{m['recipe']}` | {m['samples_per_step']} | {m['cold_rows_per_s']} | "
+                  f"{' / '.join(str(m[f'loader_{n}']) for n in names)} | "
+                  f"{m['consumes_samples_per_s']} ({m['consumes']}) | {m['best_loader_over_step']}x |",
+                  flush=True)
+            load.append(os.getloadavg()[0])
+    print(f"load average (1 min) during the run: {min(load):.1f}-{max(load):.1f}")
+    config = {"recipes": args.recipes, "corpora": CORPUS, "rows": args.rows, "batches": args.batches,
+              "steps": args.steps, "rounds": args.rounds, "load_average": [round(x, 1) for x in load]}
+    return json_line("data_loader", args.threads, config, {"runs": results})
 
 
 if __name__ == "__main__":

@@ -3,13 +3,18 @@ prepared-sample caches (issue 26), compared loss by loss.
 
     python benchmarks/data_parity.py                                  # text/tiny, llava/caption_tiny
     python benchmarks/data_parity.py --recipes llava/caption_tiny --warmup-steps 10   # warmup <= steps
+    python benchmarks/data_parity.py --recipes whisper/asr_tiny videollama/caption_tiny \
+        audiolm/continue_tiny --steps 8 --warmup-steps 4 --rows 600    # the first 600 rows of each
 
 Each recipe trains ``--steps`` steps twice through ``omni train`` on the built corpora (``data/``),
 once with the code at ``--old-rev`` (``git archive``) and once with this tree (its cache built on
 the way), logging every step, then once more with this tree reading the cache it built, with 2
 DataLoader workers, and once from the same manifests cut into Parquet shards (``data.files:
-{split}/*.parquet``, media paths made absolute). Reports every logged training loss and the
-held-out loss of each run, and whether they are identical. Ends with one JSON line.
+{split}/*.parquet``, media paths made absolute). ``--rows N``: every run reads a copy of the
+corpus cut to its first N training rows and N/4 held-out rows (media paths made absolute), so
+that recipes whose samples are slow to prepare (codec codes, video frames) stay quick. Reports
+every logged training loss and the held-out loss of each run, and whether they are identical.
+Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import json_line, old_tree  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from common import cut_corpus, json_line, manifest_rows, old_tree  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--recipes", nargs="*", default=["text/tiny", "llava/caption_tiny"])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup-steps", type=int, help="train.warmup_steps (default: the recipe's)")
+    p.add_argument("--rows", type=int, help="training rows read (held out: a quarter as many)")
     p.add_argument("--old-rev", default="218c701")
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
@@ -43,26 +49,21 @@ def losses(out: Path) -> tuple[list[float], float | None]:
     return [r["loss"] for r in rows if "loss" in r], (val[-1] if val else None)
 
 
-def parquet_shards(recipe: str, out: Path, shards: int = 3) -> list[str]:
-    """The recipe's train and val manifests cut into ``shards`` Parquet files each under ``out``
-    (media paths made absolute, as a shard's folder is not the manifest's); the overrides that
-    read them."""
+def parquet_shards(recipe: str, out: Path, overrides: list[str], shards: int = 3) -> list[str]:
+    """The recipe's train and val manifests (after ``overrides``) cut into ``shards`` Parquet files
+    each under ``out`` (media paths made absolute, as a shard's folder is not the manifest's); the
+    overrides that read them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     sys.path.insert(0, str(ROOT))
     from omni.config import load_recipe
 
-    data = load_recipe(recipe).data
+    data = load_recipe(recipe, overrides).data
     if data.mixture:
         raise ValueError(f"{recipe}: --sharded handles one-task recipes")
     for split in ("train", "val"):
-        manifest = ROOT / data.path / f"{split}.jsonl"
-        rows = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
-        for row in rows:
-            for key in ("image", "audio", "video"):
-                if isinstance(row.get(key), str) and not Path(row[key]).is_absolute():
-                    row[key] = str(manifest.parent.resolve() / row[key])
+        rows = manifest_rows(ROOT / data.path / f"{split}.jsonl")
         (out / split).mkdir(parents=True, exist_ok=True)
         size = -(-len(rows) // shards)
         for k in range(shards):
@@ -77,12 +78,13 @@ def main(argv=None) -> dict:
     old = old_tree(args.old_rev, tmp / "old")
     results = {}
     for recipe in args.recipes:
-        runs = {}
-        sharded = parquet_shards(recipe, tmp / "shards" / recipe.replace("/", "_"))
-        for side, src, extra in (("old", old, []), ("cached", ROOT, [f"data.cache_dir={tmp / 'cache'}"]),
-                                 ("cached_warm_2_workers", ROOT,
-                                  [f"data.cache_dir={tmp / 'cache'}", "train.num_workers=2"]),
-                                 ("parquet_shards", ROOT, [*sharded, f"data.cache_dir={tmp / 'cache'}"])):
+        runs, name = {}, recipe.replace("/", "_")
+        cut = [f"data.path={cut_corpus(recipe, tmp / 'corpora' / name, args.rows)}"] if args.rows else []
+        sharded = parquet_shards(recipe, tmp / "shards" / name, cut)
+        cache = f"data.cache_dir={tmp / 'cache'}"
+        for side, src, extra in (("old", old, cut), ("cached", ROOT, [*cut, cache]),
+                                 ("cached_warm_2_workers", ROOT, [*cut, cache, "train.num_workers=2"]),
+                                 ("parquet_shards", ROOT, [*sharded, cache])):
             out = tmp / "runs" / f"{recipe.replace('/', '_')}_{side}"
             cmd = [sys.executable, "-m", "omni.cli", "train", recipe, f"train.out_dir={out}",
                    f"train.steps={args.steps}", "train.log_every=1", f"train.eval_every={args.steps}",
@@ -100,7 +102,8 @@ def main(argv=None) -> dict:
         same = all(r == runs["old"] for r in runs.values())
         results[recipe] = {**runs, "identical": same}
         print(f"{recipe}: identical losses in all runs: {same}", flush=True)
-    config = {"steps": args.steps, "warmup_steps": args.warmup_steps, "old_rev": args.old_rev}
+    config = {"steps": args.steps, "warmup_steps": args.warmup_steps, "rows": args.rows,
+              "old_rev": args.old_rev}
     return json_line("data_parity", args.threads, config, results)
 
 

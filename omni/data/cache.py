@@ -204,6 +204,7 @@ def _build_shard(folder: Path, k: int, chunk: list, tick: Callable[[int], object
     ``.json`` (which marks it done); returns the rows done. ``tick(1)`` after each row."""
     render, on_bad = _JOB
     bad, streams = [], [0]
+    threads = torch.get_num_threads()
 
     def examples():
         for n, row in chunk:
@@ -217,14 +218,14 @@ def _build_shard(folder: Path, k: int, chunk: list, tick: Callable[[int], object
             if tick is not None:
                 tick(1)
 
-    n = _write_shard(_shard(folder, k), examples())
+    torch.set_num_threads(1)  # one sample's small tensors gain nothing from more (workers: more processes)
+    try:
+        n = _write_shard(_shard(folder, k), examples())
+    finally:
+        torch.set_num_threads(threads)
     atomic_write_json(_shard(folder, k).with_suffix(".json"),
                       {"rows": len(chunk), "samples": n, "bad": bad, "num_streams": streams[0]})
     return len(chunk)
-
-
-def _single_threaded() -> None:
-    torch.set_num_threads(1)  # a build worker: the processes share the cores
 
 
 def build(folder: Path, rows: Iterable[dict], render: Callable[[dict], Rendered],
@@ -233,8 +234,9 @@ def build(folder: Path, rows: Iterable[dict], render: Callable[[dict], Rendered]
     """The cache in ``folder`` for the manifest ``rows``, built where missing: each row through
     ``render`` (a ``BAD_FILE_ERRORS`` error makes it a bad row: ``on_bad(n, row, error)`` logs it
     and returns its entry for ``bad_samples.jsonl``, or raises to stop the build). ``meta``
-    (what the cache was built from) goes into ``index.json``. ``workers`` > 0: shards are built by
-    that many forked processes (each single-threaded), else in this one."""
+    (what the cache was built from) goes into ``index.json``. Rows are rendered with one torch
+    thread (under load, two threads' small per-sample ops made an audio build 20-40x slower);
+    ``workers`` > 0: shards are built by that many forked processes, else in this one."""
     global _JOB
     folder = Path(folder)
     try:
@@ -250,8 +252,8 @@ def build(folder: Path, rows: Iterable[dict], render: Callable[[dict], Rendered]
             tmp.unlink()
         bar = progress_bar(total=total, desc=desc, unit="row", enabled=progress)
         _JOB = (render, on_bad)
-        pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                    initializer=_single_threaded) if workers else None)
+        pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+                if workers else None)
         pending, numbered, shards = [], enumerate(rows), 0
         try:
             while chunk := list(itertools.islice(numbered, SHARD_ROWS)):

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -746,7 +747,39 @@ def collate(rows: list[PackedRow], mrope: bool = False) -> dict:
         batch["loss_weights"] = torch.stack([torch.ones(len(r.ids)) if r.loss_weights is None
                                               else r.loss_weights
                                              for r in rows])
-    media = [(i, slot) for i, r in enumerate(rows) for slot in r.media]
+    media = MediaList((i, slot) for i, r in enumerate(rows) for slot in r.media)
     if media:
         batch["media"] = media
     return batch
+
+
+class MediaList(list):
+    """A batch's media, (row, :class:`~omni.sequence.MediaSlot`) pairs. Pickled (a DataLoader
+    worker handing its batch to the training process), all the slots' tensors travel in one
+    shared-memory buffer and come back as views of it: torch would share each tensor on its own (a
+    shared-memory file each, its descriptor handed over through a connection of its own), which
+    made 2 and 4 workers slower than none for ``llava/caption_base``'s 190 images of 224 px a
+    micro-batch (docs/benchmarks.md, "Data loader against the training step")."""
+
+    def __reduce__(self):
+        tensors = [t for _, slot in self for t in (slot.data, slot.labels) if t is not None]
+        offsets, size = [], 0
+        for t in tensors:  # each at a 64-byte boundary, so any dtype can view its bytes
+            offsets.append(size)
+            size += -(-t.numel() * t.element_size() // 64) * 64
+        flat = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(size, 1)))
+        for t, at in zip(tensors, offsets):
+            flat[at:at + t.numel() * t.element_size()] = t.contiguous().reshape(-1).view(torch.uint8)
+        specs = iter((at, t.dtype, tuple(t.shape)) for t, at in zip(tensors, offsets))
+        slots = [(i, s.start, s.length, s.modality, next(specs), None if s.labels is None else next(specs))
+                 for i, s in self]
+        return _media_list, (flat, slots)
+
+
+def _media_list(flat: torch.Tensor, slots: list) -> MediaList:
+    """:meth:`MediaList.__reduce__` undone: the slots' tensors as views of ``flat``."""
+    def view(at: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+        return flat[at:at + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
+
+    return MediaList((i, MediaSlot(start, length, modality, view(*data), labels and view(*labels)))
+                     for i, start, length, modality, data, labels in slots)

@@ -180,3 +180,21 @@ def test_shards_built_by_several_processes_are_the_ones_one_process_builds(tiny_
     several = TaskDataset(m, spec, debug_model, seq_len=64, cache_dir=tmp_path / "several", cache_workers=2)
     assert len(list((tmp_path / "several").glob("*/shard-*.arrow"))) > 2
     _same_rows(list(several), list(one))
+
+
+def test_rows_are_rendered_with_one_torch_thread_and_the_process_keeps_its_own(tmp_path):
+    """Per-sample preprocessing runs single-threaded in the training process too (as in the build
+    workers): the build is not slowed by intra-op threads waiting on a busy machine's cores."""
+    seen = []
+
+    def render(row):
+        seen.append(torch.get_num_threads())
+        return Rendered(torch.arange(3), torch.arange(3), torch.zeros(3, 3, dtype=torch.long))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cache.build(tmp_path / "c", iter([{"i": i} for i in range(3)]), render, lambda *a: {}, {})
+        assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -122,3 +122,33 @@ def test_a_mixture_draws_by_weight_and_a_subsampled_task_goes_on_through_its_own
     half = [int(ds.source[d]) for r in order[:len(ds) // 2] for d in ds.docs[ds.starts[r]:ds.starts[r + 1]]]
     assert abs(np.mean(half) - 0.75) < 0.06
     assert sorted(order) == list(range(len(ds)))
+
+
+def test_a_batchs_media_crosses_to_the_training_process_in_one_shared_buffer():
+    """A DataLoader worker's batch is pickled by torch's ForkingPickler: the media slots' tensors
+    (any dtype and size, labels or none) arrive equal, as views of one shared-memory storage
+    instead of one shared file (and one descriptor hand-over) per tensor."""
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    from omni.sequence import MediaSlot, PackedRow
+
+    def row(*slots):
+        ids = torch.arange(6)
+        return PackedRow(ids, ids, torch.zeros(3, 6, dtype=torch.long), torch.zeros(6, dtype=torch.long),
+                         media=list(slots))
+
+    slots = [MediaSlot(0, 2, "image", torch.randn(3, 5, 7)),
+             MediaSlot(2, 3, "audio", torch.randn(80, 13), torch.tensor([4, 5, 6])),
+             MediaSlot(1, 1, "video", torch.randint(0, 255, (2, 3, 4, 4), dtype=torch.uint8))]
+    batch = collate([row(slots[0], slots[1]), row(slots[2])])
+    back = pickle.loads(ForkingPickler.dumps(batch))
+    assert [(i, s.start, s.length, s.modality) for i, s in back["media"]] == \
+        [(0, 0, 2, "image"), (0, 2, 3, "audio"), (1, 1, 1, "video")]
+    for (_, got), want in zip(back["media"], slots):
+        assert got.data.dtype == want.data.dtype and torch.equal(got.data, want.data)
+        assert (got.labels is None) == (want.labels is None)
+        assert want.labels is None or torch.equal(got.labels, want.labels)
+    tensors = [t for _, s in back["media"] for t in (s.data, s.labels) if t is not None]
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+    assert tensors[0].is_shared()
