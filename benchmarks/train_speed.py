@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--modes", default="full,lora")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precisions", default="fp32",
+                   help="fp32 and/or bf16 (autocast: bf16 matmuls over fp32 weights, what "
+                        "train.mixed_precision=bf16 runs), comma-separated")
     p.add_argument("--sft", metavar="RECIPE", help="also time the first --batch rows of this SFT recipe")
     return p.parse_args(argv)
 
@@ -73,7 +76,7 @@ def dense_rows(x: torch.Tensor) -> dict:
     return {"inp": inp, "tgt": torch.cat([inp[:, 1:], torch.full_like(inp[:, :1], -100)], dim=1)}
 
 
-def step_fns(hf, ours, compiled, rows: dict, losses: dict) -> dict:
+def step_fns(hf, ours, compiled, rows: dict, losses: dict, precision: str = "fp32") -> dict:
     inp, tgt = rows["inp"], rows["tgt"]
     kw = {k: rows[k] for k in ("doc_ids", "positions") if k in rows}
 
@@ -92,14 +95,21 @@ def step_fns(hf, ours, compiled, rows: dict, losses: dict) -> dict:
             losses[name] = loss.item()
         return step
 
-    return {"omni": omni_step("omni", ours), "omni_compiled": omni_step("omni_compiled", compiled),
-            "hf": hf_step}
+    def autocast(step):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                step()
+        return run
+
+    fns = {"omni": omni_step("omni", ours), "omni_compiled": omni_step("omni_compiled", compiled),
+           "hf": hf_step}
+    return {k: autocast(f) for k, f in fns.items()} if precision == "bf16" else fns
 
 
-def gemm_peak(repeats: int = 5) -> float:
-    """GFLOP/s of the best of ``repeats`` (1024 x 576) @ (576 x 1536) fp32 products (an MLP layer's
-    shape at batch 4 x 256 tokens), repeated 20 times each."""
-    a, b = torch.randn(1024, 576), torch.randn(576, 1536)
+def gemm_peak(dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
+    """GFLOP/s of the best of ``repeats`` (1024 x 576) @ (576 x 1536) products in ``dtype`` (an MLP
+    layer's shape at batch 4 x 256 tokens), repeated 20 times each."""
+    a, b = torch.randn(1024, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
     for _ in range(3):
         a @ b
     best = min(_timed(lambda: [a @ b for _ in range(20)]) for _ in range(repeats))
@@ -140,7 +150,8 @@ def main(argv=None):
     if args.sft:
         workloads["sft"] = sft_rows(args.sft, args.batch, args.seq)
     results: dict = {}
-    for mode, (workload, rows) in itertools.product(args.modes.split(","), workloads.items()):
+    cases = itertools.product(args.precisions.split(","), args.modes.split(","), workloads.items())
+    for precision, mode, (workload, rows) in cases:
         hf, ours = build(torch.float32, args.seed)
         ours = ours.model
         if mode == "lora":
@@ -153,13 +164,13 @@ def main(argv=None):
         for m in (hf, ours, compiled):
             m.train()
         losses: dict = {}
-        times = interleaved(step_fns(hf, ours, compiled, rows, losses), args.repeats, warmup=1)
+        times = interleaved(step_fns(hf, ours, compiled, rows, losses, precision), args.repeats, warmup=1)
         best = {k: min(v) for k, v in times.items()}
         ratio = {k: best[k] / best["hf"] for k in ("omni", "omni_compiled")}
         flops = step_flops(args.batch * args.seq, args.seq, mode == "lora")
-        peak = gemm_peak()
+        peak = gemm_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
         achieved = {k: flops / v / 1e9 for k, v in best.items()}
-        name = mode if workload == "dense" else f"{mode}/{workload}"
+        name = "/".join([mode] + [workload] * (workload != "dense") + [precision] * (precision != "fp32"))
         results[name] = {"step_s": best, "ratio": ratio, "loss": losses, "step_gflop": flops / 1e9,
                          "gemm_peak_gflop_s": peak, "achieved_gflop_s": achieved,
                          "fraction_of_gemm_peak": {k: v / peak for k, v in achieved.items()},
@@ -171,7 +182,7 @@ def main(argv=None):
         print(f"         {flops / 1e9:.0f} GFLOP a step; GEMM peak {peak:.0f} GFLOP/s; achieved: "
               + ", ".join(f"{k} {v:.0f} ({v / peak:.0%})" for k, v in achieved.items()))
     config = {"shape": SHAPE, "batch": args.batch, "seq": args.seq, "repeats": args.repeats,
-              "dtype": "float32", "goal_ratio_max": 0.9}
+              "precisions": args.precisions, "sft": args.sft, "goal_ratio_max": 0.9}
     return json_line("train_speed", args.threads, config, results)
 
 
