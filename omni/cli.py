@@ -217,7 +217,7 @@ def cmd_transcribe_whisper(model, args) -> int:
     files = args.files
     results = model.transcribe(files, language=args.language, task=args.task, format=None,
                                batch_size=args.batch_size, beam_size=args.beam_size, return_exceptions=True,
-                               condition_on_previous_text=args.condition_on_previous_text)
+                               condition_on_previous_text=args.condition_on_previous_text, vad=args.vad)
     rows = []
     for f, result in zip(files, results):
         if isinstance(result, Exception):
@@ -445,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="beam search of this width at temperature 0 (default: 1, greedy)")
             w.add_argument("--condition-on-previous-text", action="store_true",
                            help="give each window the text decoded so far as its prompt (default: off)")
+            w.add_argument("--vad", action="store_true",
+                           help="decode only the speech Silero VAD finds (pip install silero-vad), in chunks "
+                                "of <= 30 s; segments start and end where the speech does (default: off)")
         c.add_argument("files", nargs="+", metavar="FILE", help="media files")
         c.set_defaults(fn=cmd_describe)
 

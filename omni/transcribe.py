@@ -24,6 +24,7 @@ import torch
 from omni.generation import left_pad, sample_next
 from omni.media import BAD_FILE_ERRORS
 from omni.media.audio import Audio, iter_audio_windows
+from omni.media.vad import SileroVAD, merge_regions, speech_regions
 from omni.model.backbone import KVCache, Memory
 from omni.processor import Processor
 from omni.progress import progress
@@ -32,6 +33,7 @@ from omni.tokenizers.whisper import NUM_TIMESTAMPS, WhisperTokenizer
 SAMPLE_RATE = 16_000
 WINDOW = 30 * SAMPLE_RATE  # samples one window holds
 TIME_STEP = 0.02  # seconds between timestamp tokens
+MIN_WINDOW = round(SAMPLE_RATE * TIME_STEP)  # fewer samples than this are not decoded
 TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 MAX_COMPRESSION_RATIO = 2.4
 MIN_AVG_LOGPROB = -1.0
@@ -297,31 +299,68 @@ def segments_of(tokens: list[int], tok: WhisperTokenizer, offset: float, duratio
     return _kept(segments), seek
 
 
+def snap_to_speech(segments: list[Segment], regions: list[tuple[float, float]]) -> list[Segment]:
+    """Segments moved onto the voice-activity detector's speech ``regions`` (seconds): a segment
+    belongs to the regions it overlaps (else the nearest one); the first segment in a region starts
+    where the region starts, the last one ends where it ends, and times between segments of one
+    region are Whisper's, clipped to the region."""
+    if not regions:
+        return segments
+    owners = []
+    for s in segments:
+        hit = [k for k, (a, b) in enumerate(regions) if a < s.end and s.start < b]
+        near = min(range(len(regions)), key=lambda k: max(regions[k][0] - s.end, s.start - regions[k][1]))
+        owners.append((hit[0], hit[-1]) if hit else (near, near))
+    out = []
+    for n, (s, (first, last)) in enumerate(zip(segments, owners)):
+        opens = n == 0 or owners[n - 1][1] < first
+        closes = n == len(segments) - 1 or owners[n + 1][0] > last
+        start = regions[first][0] if opens else min(max(s.start, regions[first][0]), regions[first][1])
+        end = regions[last][1] if closes else max(min(s.end, regions[last][1]), regions[last][0])
+        out.append(Segment(round(start, 3), round(max(start, end), 3), s.text))
+    return out
+
+
 def _kept(segments: list[Segment]) -> list[Segment]:
     """Segments with text and a length (openai clears the others)."""
     return [s for s in segments if s.text and s.end > s.start]
 
 
 class AudioStream:
-    """A file's 16-kHz samples from ``seek`` on, read 30 s at a time (never the whole file)."""
+    """A file's 16-kHz samples from ``seek`` on, read 30 s at a time (never the whole file). With
+    ``chunks`` (sample ranges: the speech a voice-activity detector found, merged to <= 30 s) a
+    window never crosses a chunk's end and the samples between chunks are skipped."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, chunks: list[tuple[int, int]] | None = None):
         self.chunks = iter_audio_windows(path, WINDOW / SAMPLE_RATE, SAMPLE_RATE)
+        self.speech = None if chunks is None else list(chunks)
         self.buffer = torch.zeros(0)
         self.offset = 0  # the file sample buffer[0] is
         self.ended = False
 
-    def window(self, seek: int) -> torch.Tensor:
-        """Up to 30 s of samples from sample ``seek`` (empty at the end of the file)."""
-        self.buffer = self.buffer[max(0, seek - self.offset):]
-        self.offset = max(self.offset, seek)
-        while len(self.buffer) < WINDOW and not self.ended:
+    def window(self, seek: int) -> tuple[int, torch.Tensor]:
+        """Where the next window starts (``seek``, or the next chunk's start) and up to 30 s of
+        samples from there (empty at the end of the file or of the last chunk)."""
+        stop = None
+        if self.speech is not None:
+            while self.speech and self.speech[0][1] - max(seek, self.speech[0][0]) < MIN_WINDOW:
+                self.speech.pop(0)  # done, or too little of it left to decode
+            if not self.speech:
+                return seek, torch.zeros(0)
+            seek, stop = max(seek, self.speech[0][0]), self.speech[0][1]
+        self._drop_before(seek)
+        while len(self.buffer) < seek - self.offset + WINDOW and not self.ended:
             chunk = next(self.chunks, None)
             if chunk is None:
                 self.ended = True
             else:
                 self.buffer = torch.cat([self.buffer, chunk])
-        return self.buffer[:WINDOW]
+                self._drop_before(seek)  # a seek past what was read skips whole windows
+        return seek, self.buffer[:WINDOW if stop is None else min(WINDOW, stop - seek)]
+
+    def _drop_before(self, seek: int):
+        cut = min(len(self.buffer), seek - self.offset)
+        self.buffer, self.offset = self.buffer[cut:], self.offset + cut
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,11 +370,13 @@ class AudioStream:
 def transcribe_files(model, processor: Processor, paths, *, language: str | None = None,
                      task: str = "transcribe", condition_on_previous_text: bool = False,
                      batch_size: int = 8, beam_size: int = 1, temperatures=TEMPERATURES,
-                     progress_bar: bool | None = None
+                     vad: bool = False, progress_bar: bool | None = None
                      ) -> list[list[Segment] | Exception]:
     """Each file's segments, or the exception that stopped reading it (a file that cannot be read:
     :data:`omni.media.BAD_FILE_ERRORS`). The current windows of up to ``batch_size`` files are
-    decoded together; ``beam_size`` beams each at temperature 0."""
+    decoded together; ``beam_size`` beams each at temperature 0. ``vad``: Silero VAD finds each
+    file's speech first (a streamed pass, :mod:`omni.media.vad`); only the speech is decoded, in
+    chunks of <= 30 s, and segments take the speech's boundaries (:func:`snap_to_speech`)."""
     tok = processor.tokenizer
     if not isinstance(tok, WhisperTokenizer):
         raise ValueError("transcribe needs a Whisper checkpoint (omni import whisper); this one's "
@@ -344,16 +385,19 @@ def transcribe_files(model, processor: Processor, paths, *, language: str | None
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     paths = [str(p) for p in paths]
+    detector = SileroVAD() if vad else None
     results: list = [[] for _ in paths]
     files = iter(range(len(paths)))
-    active: dict[int, tuple[AudioStream, list]] = {}  # file -> (stream, [seek, prompt ids])
+    active: dict[int, tuple[AudioStream, list]] = {}  # file -> (stream, [seek, prompt ids, regions])
     max_prompt = model.max_seq_len // 2 - 1
     total = round(sum(_seconds(p) for p in paths), 2)
     with progress(total=total or None, desc="transcribe", unit="s", enabled=progress_bar) as bar:
         while True:
             while len(active) < batch_size and (i := next(files, None)) is not None:
                 try:
-                    active[i] = (AudioStream(paths[i]), [0, []])
+                    regions = speech_regions(paths[i], detector) if vad else None
+                    chunks = None if regions is None else merge_regions(regions, WINDOW)
+                    active[i] = (AudioStream(paths[i], chunks), [0, [], regions])
                 except BAD_FILE_ERRORS as e:
                     results[i] = e
             if not active:
@@ -361,12 +405,18 @@ def transcribe_files(model, processor: Processor, paths, *, language: str | None
             batch = []  # (file, window samples)
             for i, (stream, state) in list(active.items()):
                 try:
-                    wave = stream.window(state[0])
+                    at, wave = stream.window(state[0])
                 except BAD_FILE_ERRORS as e:
                     results[i] = e
                     del active[i]
                     continue
-                if len(wave) < SAMPLE_RATE * TIME_STEP:  # nothing left (openai stops at one frame too)
+                bar.update(round((at - state[0]) / SAMPLE_RATE, 2))  # silence a VAD skipped
+                state[0] = at
+                if len(wave) < MIN_WINDOW:  # nothing left (openai stops at one frame too)
+                    if state[2] is not None:
+                        results[i] = snap_to_speech(results[i], [(a / SAMPLE_RATE, b / SAMPLE_RATE)
+                                                                 for a, b in state[2]])
+                    bar.update(max(0.0, round(_seconds(paths[i]) - at / SAMPLE_RATE, 2)))
                     del active[i]
                 else:
                     batch.append((i, wave))

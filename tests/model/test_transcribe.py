@@ -16,7 +16,7 @@ import omni.transcribe as T
 from omni.cli import main
 from omni.media.audio import Audio
 from omni.model.backbone import Memory
-from omni.transcribe import Decoded, Segment, format_segments, timestamp_rules
+from omni.transcribe import Decoded, Segment, format_segments, snap_to_speech, timestamp_rules
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,59 @@ def test_silence_gives_an_empty_transcript(pipe, tmp_path, monkeypatch):
     assert len(calls) == 2  # two windows, both skipped; never retried at another temperature
 
 
+def test_speech_chunks_are_read_at_their_place_in_the_file_and_nothing_between(tmp_path):
+    sf.write(tmp_path / "ramp.wav", np.arange(16000 * 100, dtype="float32") / 16000 / 100, 16000)
+    chunks = [(16000 * 40, 16000 * 45), (16000 * 80, 16000 * 95)]  # skip 40 s, then 35 s
+    stream = T.AudioStream(tmp_path / "ramp.wav", chunks)
+    at, wave = stream.window(0)
+    assert at == 16000 * 40 and len(wave) == 16000 * 5 and abs(wave[0].item() - 0.4) < 1e-4
+    at, wave = stream.window(16000 * 45)  # the first chunk is done: on to the next
+    assert at == 16000 * 80 and len(wave) == 16000 * 15 and abs(wave[0].item() - 0.8) < 1e-4
+    at, wave = stream.window(16000 * 95 - 100)  # less than one timestamp step left: done
+    assert len(wave) == 0
+
+
+def test_segments_take_the_speech_boundaries():
+    regions = [(1.0, 3.0), (5.0, 9.0), (12.0, 13.0)]
+    segments = [Segment(0.5, 2.5, "a"),  # one region: its start and end
+                Segment(4.6, 6.0, "b"), Segment(6.0, 10.0, "c"),  # two in a region: the cut is kept
+                Segment(10.5, 11.0, "d"),  # between regions: the nearest (12-13)
+                ]
+    assert snap_to_speech(segments, regions) == [
+        Segment(1.0, 3.0, "a"), Segment(5.0, 6.0, "b"), Segment(6.0, 9.0, "c"), Segment(12.0, 13.0, "d")]
+    merged = [Segment(0.0, 8.0, "a b")]  # over two regions: from the first's start to the last's end
+    assert snap_to_speech(merged, regions) == [Segment(1.0, 9.0, "a b")]
+    assert snap_to_speech(segments, []) == segments
+
+
+def test_vad_decodes_only_the_speech_chunks_and_snaps_segments(pipe, tmp_path, monkeypatch):
+    path = _wav(tmp_path / "long.wav", 100)
+    regions = [(16000 * 40, 16000 * 42), (16000 * 50, 16000 * 55), (16000 * 80, 16000 * 99)]
+    monkeypatch.setattr(T, "SileroVAD", lambda: None)
+    monkeypatch.setattr(T, "speech_regions", lambda path, vad: regions)
+    calls = _script(monkeypatch, [
+        # the 40-55 s chunk (15 s): two segments, Whisper's times a little off
+        lambda tok, t: _decoded(tok, 0.0, " one", 2.4, 9.6, " two", 15.0),
+        # the 80-99 s chunk: one segment
+        lambda tok, t: _decoded(tok, 0.4, " three", 18.0),
+    ])
+    assert pipe.transcribe(path, format=None, progress=False, vad=True) == [
+        Segment(40.0, 42.0, "one"), Segment(50.0, 55.0, "two"), Segment(80.0, 99.0, "three")]
+    assert len(calls) == 2  # the silent head and the pauses between chunks are never decoded
+    sf.write(tmp_path / "silence.wav", np.zeros(16000 * 40, "float32"), 16000)
+    monkeypatch.setattr(T, "speech_regions", lambda path, vad: [])
+    assert pipe.transcribe(tmp_path / "silence.wav", format="txt", progress=False, vad=True) == "\n"
+    assert len(calls) == 2
+
+
+def test_vad_on_a_real_silent_file_decodes_nothing(pipe, tmp_path, monkeypatch):
+    pytest.importorskip("silero_vad", reason="silero-vad not installed (omni's speech extra)")
+    sf.write(tmp_path / "silence.wav", np.zeros(16000 * 40, "float32"), 16000)
+    calls = _script(monkeypatch, [])
+    assert pipe.transcribe(tmp_path / "silence.wav", format=None, progress=False, vad=True) == []
+    assert calls == []
+
+
 def test_timestamp_rules(pipe):
     tok = pipe.tokenizer
     b, V, eot = tok.timestamp_begin, pipe.vocab.size, tok.eot  # text ids are those below eot
@@ -135,7 +188,7 @@ def test_real_decoding_streams_a_75_s_file_and_batches_files(pipe, tmp_path):
         assert all(0 <= s.start < s.end <= seconds + 30 for s in segments)
         assert [s.start for s in segments] == sorted(s.start for s in segments)
     stream = T.AudioStream(b)  # 8 kHz is resampled to 16 kHz
-    assert len(stream.window(0)) == 20 * 16000 and len(stream.window(20 * 16000)) == 0
+    assert len(stream.window(0)[1]) == 20 * 16000 and len(stream.window(20 * 16000)[1]) == 0
 
 
 def _forced_logprob(pipe, ids, inputs, tokens):
@@ -190,7 +243,7 @@ def test_only_whisper_checkpoints_transcribe(pipe):
         pipe.transcribe(["a.wav"], language="xx")
 
 
-def test_cli_writes_each_good_file_and_an_error_line_for_a_corrupt_one(pipe, tmp_path, capsys):
+def test_cli_writes_each_good_file_and_an_error_line_for_a_corrupt_one(pipe, tmp_path, capsys, monkeypatch):
     ckpt = pipe.save_pretrained(tmp_path / "ckpt")
     good = [_wav(tmp_path / "one.wav", 3), _wav(tmp_path / "two.wav", 2, rate=8000, seed=3)]
     corrupt = tmp_path / "corrupt.flac"
@@ -205,3 +258,8 @@ def test_cli_writes_each_good_file_and_an_error_line_for_a_corrupt_one(pipe, tmp
     assert sorted(p.name for p in out_dir.iterdir()) == ["one.srt", "two.srt"]
     assert main(["transcribe", "--ckpt", str(ckpt), "--format", "vtt", str(good[0])]) == 1  # needs a dir
     assert "--output-dir" in capsys.readouterr().err
+    monkeypatch.setattr(T, "SileroVAD", lambda: None)
+    monkeypatch.setattr(T, "speech_regions", lambda path, vad: [*T.iter_audio_windows(path, 30.0)] and [])
+    # --vad reads each file and finds no speech: an empty line, and the corrupt file's error
+    assert main(["transcribe", "--ckpt", str(ckpt), "--vad", str(good[0]), str(corrupt)]) == 1
+    assert capsys.readouterr().out == f"{good[0]}\t\n"
