@@ -435,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "transcribe":
             w = c.add_argument_group("Whisper checkpoints (omni import whisper): long-form, Whisper's own "
                                      "algorithm (30-s windows, timestamps, temperature fallback)")
-            w.add_argument("--language", default=None, help="spoken language code, e.g. de (default: en)")
+            w.add_argument("--language", default=None,
+                           help="spoken language code, e.g. de (default: detected per file by a multilingual "
+                                "Whisper, en for an English-only one)")
             w.add_argument("--task", default="transcribe", choices=("transcribe", "translate"),
                            help="translate: English text from speech in another language")
             w.add_argument("--format", default="txt", choices=FORMATS,

@@ -15,6 +15,7 @@ The current windows of several files are decoded together, one row each.
 from __future__ import annotations
 
 import json
+import logging
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ MIN_AVG_LOGPROB = -1.0
 NO_SPEECH_PROB = 0.6
 MAX_INITIAL_TIMESTAMP = 1.0  # seconds: the first timestamp of a window is at most this
 FORMATS = ("txt", "json", "srt", "vtt", "tsv")
+log = logging.getLogger("omni")
 
 
 @dataclass
@@ -47,6 +49,15 @@ class Segment:
     start: float
     end: float
     text: str
+
+
+class Transcript(list):
+    """A file's :class:`Segment` list and the ``language`` it was decoded in (detected, given, or
+    ``en`` for an English-only Whisper; None when nothing was decoded)."""
+
+    def __init__(self, segments=(), language: str | None = None):
+        super().__init__(segments)
+        self.language = language
 
 
 @dataclass
@@ -72,6 +83,20 @@ def no_speech_id(tok: WhisperTokenizer) -> int | None:
         if i is not None:
             return i
     return None
+
+
+@torch.inference_mode()
+def detect_language(model, tok: WhisperTokenizer, ids: torch.Tensor, inputs: dict) -> list[tuple[str, float]]:
+    """Each row's most likely language and its probability, as openai-whisper detects it: the
+    distribution over language tokens right after ``<|startoftranscript|>`` (the decoder is causal,
+    so the tokens rendered after it do not matter)."""
+    logits = model(ids.to(model.device), positions=inputs["positions"].to(model.device),
+                   key_padding=inputs["attention_mask"].bool().to(model.device), media=inputs["media"]).logits
+    sot = (ids == tok.sot).long().argmax(1).to(model.device)
+    names, lang_ids = list(tok.languages), torch.tensor(list(tok.languages.values()), device=model.device)
+    probs = logits[torch.arange(len(ids), device=model.device), sot].float()[:, lang_ids].softmax(-1)
+    best = probs.argmax(-1).tolist()
+    return [(names[b], probs[k, b].item()) for k, b in enumerate(best)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,16 +392,29 @@ class AudioStream:
 # Files
 
 
+@dataclass
+class _File:
+    """One file being transcribed: where it is read, the prompt it carries, its speech regions
+    (with ``vad``) and its language (None until detected)."""
+    stream: AudioStream
+    regions: list[tuple[int, int]] | None
+    language: str | None
+    seek: int = 0
+    prompt: list[int] = field(default_factory=list)
+
+
 def transcribe_files(model, processor: Processor, paths, *, language: str | None = None,
                      task: str = "transcribe", condition_on_previous_text: bool = False,
                      batch_size: int = 8, beam_size: int = 1, temperatures=TEMPERATURES,
                      vad: bool = False, progress_bar: bool | None = None
-                     ) -> list[list[Segment] | Exception]:
-    """Each file's segments, or the exception that stopped reading it (a file that cannot be read:
-    :data:`omni.media.BAD_FILE_ERRORS`). The current windows of up to ``batch_size`` files are
-    decoded together; ``beam_size`` beams each at temperature 0. ``vad``: Silero VAD finds each
-    file's speech first (a streamed pass, :mod:`omni.media.vad`); only the speech is decoded, in
-    chunks of <= 30 s, and segments take the speech's boundaries (:func:`snap_to_speech`)."""
+                     ) -> list[Transcript | Exception]:
+    """Each file's :class:`Transcript`, or the exception that stopped reading it (a file that cannot
+    be read: :data:`omni.media.BAD_FILE_ERRORS`). The current windows of up to ``batch_size`` files
+    are decoded together; ``beam_size`` beams each at temperature 0. ``language=None`` with a
+    multilingual Whisper: each file's language is detected on its first window
+    (:func:`detect_language`) and logged. ``vad``: Silero VAD finds each file's speech first (a
+    streamed pass, :mod:`omni.media.vad`); only the speech is decoded, in chunks of <= 30 s, and
+    segments take the speech's boundaries (:func:`snap_to_speech`)."""
     tok = processor.tokenizer
     if not isinstance(tok, WhisperTokenizer):
         raise ValueError("transcribe needs a Whisper checkpoint (omni import whisper); this one's "
@@ -386,9 +424,9 @@ def transcribe_files(model, processor: Processor, paths, *, language: str | None
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     paths = [str(p) for p in paths]
     detector = SileroVAD() if vad else None
-    results: list = [[] for _ in paths]
+    results: list = [Transcript() for _ in paths]
     files = iter(range(len(paths)))
-    active: dict[int, tuple[AudioStream, list]] = {}  # file -> (stream, [seek, prompt ids, regions])
+    active: dict[int, _File] = {}
     max_prompt = model.max_seq_len // 2 - 1
     total = round(sum(_seconds(p) for p in paths), 2)
     with progress(total=total or None, desc="transcribe", unit="s", enabled=progress_bar) as bar:
@@ -397,25 +435,26 @@ def transcribe_files(model, processor: Processor, paths, *, language: str | None
                 try:
                     regions = speech_regions(paths[i], detector) if vad else None
                     chunks = None if regions is None else merge_regions(regions, WINDOW)
-                    active[i] = (AudioStream(paths[i], chunks), [0, [], regions])
+                    active[i] = _File(AudioStream(paths[i], chunks), regions,
+                                      language or (None if tok.multilingual else "en"))
                 except BAD_FILE_ERRORS as e:
                     results[i] = e
             if not active:
                 break
             batch = []  # (file, window samples)
-            for i, (stream, state) in list(active.items()):
+            for i, f in list(active.items()):
                 try:
-                    at, wave = stream.window(state[0])
+                    at, wave = f.stream.window(f.seek)
                 except BAD_FILE_ERRORS as e:
                     results[i] = e
                     del active[i]
                     continue
-                bar.update(round((at - state[0]) / SAMPLE_RATE, 2))  # silence a VAD skipped
-                state[0] = at
+                bar.update(round((at - f.seek) / SAMPLE_RATE, 2))  # silence a VAD skipped
+                f.seek = at
                 if len(wave) < MIN_WINDOW:  # nothing left (openai stops at one frame too)
-                    if state[2] is not None:
-                        results[i] = snap_to_speech(results[i], [(a / SAMPLE_RATE, b / SAMPLE_RATE)
-                                                                 for a, b in state[2]])
+                    if f.regions is not None:
+                        results[i][:] = snap_to_speech(results[i], [(a / SAMPLE_RATE, b / SAMPLE_RATE)
+                                                                    for a, b in f.regions])
                     bar.update(max(0.0, round(_seconds(paths[i]) - at / SAMPLE_RATE, 2)))
                     del active[i]
                 else:
@@ -423,28 +462,47 @@ def transcribe_files(model, processor: Processor, paths, *, language: str | None
             if not batch:
                 continue
             prompts = [[Audio(w, sample_rate=SAMPLE_RATE)]
-                       + ([tok.decode(active[i][1][1][-max_prompt:])] if active[i][1][1] else [])
+                       + ([tok.decode(active[i].prompt[-max_prompt:])] if active[i].prompt else [])
                        for i, w in batch]
             rendered, inputs = processor.batch(prompts, language=language, task=task, timestamps=True)
             ids = left_pad([r.ids for r in rendered], processor.vocab.pad_id)[0]
+            if tok.multilingual:
+                _set_languages(model, tok, ids, inputs, [(paths[i], active[i]) for i, _ in batch])
             decoded = decode_with_fallback(model, tok, ids, inputs, temperatures=temperatures,
                                            beam_size=beam_size)
             for (i, wave), d in zip(batch, decoded):
-                state = active[i][1]
-                offset, duration = state[0] / SAMPLE_RATE, len(wave) / SAMPLE_RATE
+                f = active[i]
+                offset, duration = f.seek / SAMPLE_RATE, len(wave) / SAMPLE_RATE
                 if is_silence(d):
                     segments, seek = [], duration
                 else:
                     segments, seek = segments_of(d.tokens, tok, offset, duration)
                 results[i].extend(segments)
+                results[i].language = f.language
                 seek = seek if seek > 0 else duration  # a pair at <|0.00|> would seek nowhere
-                state[0] += round(seek * SAMPLE_RATE)
+                f.seek += round(seek * SAMPLE_RATE)
                 if condition_on_previous_text and d.temperature <= 0.5:
-                    state[1] += [t for t in d.tokens if t < tok.eot]
+                    f.prompt += [t for t in d.tokens if t < tok.eot]
                 else:
-                    state[1] = []
+                    f.prompt = []
                 bar.update(round(seek, 2))
     return results
+
+
+def _set_languages(model, tok: WhisperTokenizer, ids: torch.Tensor, inputs: dict, files: list):
+    """Detect the language of the files (``(path, _File)``, one per row) that have none yet, and
+    put each row's language token after its ``<|startoftranscript|>`` (the batch was rendered with
+    one language for all rows)."""
+    todo = [k for k, (_, f) in enumerate(files) if f.language is None]
+    if todo:
+        sel = torch.tensor(todo)
+        part = {"attention_mask": inputs["attention_mask"][sel], "positions": inputs["positions"][sel],
+                "media": [(todo.index(r), slot) for r, slot in inputs["media"] if r in todo]}
+        for k, (lang, p) in zip(todo, detect_language(model, tok, ids[sel], part)):
+            files[k][1].language = lang
+            log.info("%s: detected language %s (probability %.2f)", files[k][0], lang, p)
+    sot = (ids == tok.sot).long().argmax(1)
+    ids[torch.arange(len(ids)), sot + 1] = torch.tensor([tok.languages[f.language] for _, f in files])
 
 
 def _seconds(path: str) -> float:
@@ -462,12 +520,14 @@ def _seconds(path: str) -> float:
 
 
 def format_segments(segments: list[Segment], fmt: str = "txt") -> str:
-    """``txt`` (the text), ``json`` (``{"text", "segments": [{start, end, text}]}``), ``srt``,
+    """``txt`` (the text), ``json`` (``{"text", "language", "segments": [{start, end, text}]}``;
+    ``language`` is a :class:`Transcript`'s, else null), ``srt``,
     ``vtt`` or ``tsv`` (start and end in milliseconds, as openai-whisper writes them)."""
     if fmt == "txt":
         return " ".join(s.text for s in segments) + "\n"
     if fmt == "json":
         return json.dumps({"text": " ".join(s.text for s in segments),
+                           "language": getattr(segments, "language", None),
                            "segments": [asdict(s) for s in segments]}, ensure_ascii=False) + "\n"
     if fmt == "srt":
         return "".join(f"{n}\n{_clock(s.start, ',')} --> {_clock(s.end, ',')}\n{s.text}\n\n"

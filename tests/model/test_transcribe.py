@@ -102,8 +102,8 @@ def test_silence_gives_an_empty_transcript(pipe, tmp_path, monkeypatch):
     sf.write(tmp_path / "silence.wav", np.zeros(16000 * 40, "float32"), 16000)
     silent = lambda tok, t: _decoded(tok, 0.0, " um", 1.0, logprob=-3.0, no_speech=0.95)  # noqa: E731
     calls = _script(monkeypatch, [silent] * 2)
-    assert pipe.transcribe(tmp_path / "silence.wav", format="json", progress=False) == \
-        '{"text": "", "segments": []}\n'
+    assert pipe.transcribe(tmp_path / "silence.wav", format="json", language="de", progress=False) == \
+        '{"text": "", "language": "de", "segments": []}\n'
     assert len(calls) == 2  # two windows, both skipped; never retried at another temperature
 
 
@@ -158,6 +158,52 @@ def test_vad_on_a_real_silent_file_decodes_nothing(pipe, tmp_path, monkeypatch):
     calls = _script(monkeypatch, [])
     assert pipe.transcribe(tmp_path / "silence.wav", format=None, progress=False, vad=True) == []
     assert calls == []
+
+
+def test_language_is_detected_once_per_file_on_its_first_window_and_used(pipe, tmp_path, monkeypatch):
+    tok = pipe.tokenizer
+    a, b = _wav(tmp_path / "a.wav", 65, seed=4), _wav(tmp_path / "b.wav", 5, seed=5)
+    detected, decoded_ids = [], []
+    real_detect = T.detect_language
+
+    def spy_detect(model, tok, ids, inputs):
+        out = real_detect(model, tok, ids, inputs)
+        detected.append(out)
+        return out
+
+    def fake_decode(model, tok, ids, inputs, **_):
+        decoded_ids.append(ids.clone())
+        B = ids.shape[0]
+        memory = Memory(torch.zeros(B, 1, 1), torch.zeros(B, 1, dtype=torch.long), None)
+        return [_decoded(tok, 0.0, " x", 30.0)] * B, memory
+
+    monkeypatch.setattr(T, "detect_language", spy_detect)
+    monkeypatch.setattr(T, "decode", fake_decode)
+    out = pipe.transcribe([a, b], format=None, batch_size=2, progress=False)
+    assert [len(d) for d in detected] == [2]  # both files' first windows, in one pass; never again
+    langs = [lang for lang, _ in detected[0]]
+    assert [t.language for t in out] == langs
+    # openai's detection: the language-token distribution after <|startoftranscript|> alone
+    wave = T.AudioStream(a).window(0)[1]
+    for prompt_lang in ("en", "de"):  # the decoder is causal: what follows the sot does not matter
+        _, inputs = pipe.processor.batch([[Audio(wave, sample_rate=16000)]], language=prompt_lang,
+                                         timestamps=True)
+        ids = torch.tensor([tok.prompt(prompt_lang, timestamps=True)])
+        logits = pipe.model(ids, positions=inputs["positions"], media=inputs["media"]).logits[0, 0]
+        lang_ids = list(tok.languages.values())
+        assert list(tok.languages)[int(logits[lang_ids].argmax())] == langs[0]
+    sot = (decoded_ids[0] == tok.sot).long().argmax(1)
+    assert decoded_ids[0][torch.arange(2), sot + 1].tolist() == [tok.languages[x] for x in langs]
+    assert all(d[0, sot[0] + 1] == tok.languages[langs[0]] for d in decoded_ids[1:])  # a's later windows
+
+    monkeypatch.setattr(T, "detect_language", None)  # a given language, or an English-only Whisper: none
+    as_json = pipe.transcribe(b, format="json", language="de", progress=False)
+    assert as_json.startswith('{"text": "x", "language": "de"')
+    assert decoded_ids[-1][0, sot[0] + 1] == tok.languages["de"]
+    monkeypatch.setattr(tok, "multilingual", False)
+    assert pipe.transcribe(b, format=None, progress=False).language == "en"
+    last = decoded_ids[-1][0].tolist()
+    assert tok.sot in last and not set(last) & set(tok.languages.values())
 
 
 def test_timestamp_rules(pipe):
@@ -223,10 +269,11 @@ def test_greedy_and_beam_scores_are_their_tokens_log_probabilities_and_rows_do_n
 def test_formats():
     segs = [Segment(0.0, 2.5, "Hello there."), Segment(3661.25, 3662.0, "Bye.")]
     assert format_segments(segs, "txt") == "Hello there. Bye.\n"
-    assert json.loads(format_segments(segs, "json")) == {
-        "text": "Hello there. Bye.",
+    assert json.loads(format_segments(T.Transcript(segs, "en"), "json")) == {
+        "text": "Hello there. Bye.", "language": "en",
         "segments": [{"start": 0.0, "end": 2.5, "text": "Hello there."},
                      {"start": 3661.25, "end": 3662.0, "text": "Bye."}]}
+    assert json.loads(format_segments(segs, "json"))["language"] is None  # a bare list says nothing
     assert format_segments(segs, "srt") == ("1\n00:00:00,000 --> 00:00:02,500\nHello there.\n\n"
                                             "2\n01:01:01,250 --> 01:01:02,000\nBye.\n\n")
     assert format_segments(segs, "vtt") == ("WEBVTT\n\n00:00:00.000 --> 00:00:02.500\nHello there.\n\n"
