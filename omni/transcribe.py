@@ -346,6 +346,19 @@ def snap_to_speech(segments: list[Segment], regions: list[tuple[float, float]]) 
     return out
 
 
+def first_merge(segments: list[Segment], regions: list[tuple[int, int]], start: int, length: int):
+    """The first segment of a window (``length`` samples from sample ``start``) that covers most
+    of two or more of its speech ``regions`` (samples), as ``(index, [those regions])``, or None:
+    Whisper wrote one segment over a pause the voice-activity detector heard."""
+    inside = [(max(a, start), min(b, start + length)) for a, b in regions if b > start and a < start + length]
+    for k, s in enumerate(segments):
+        lo, hi = s.start * SAMPLE_RATE, s.end * SAMPLE_RATE
+        covered = [(a, b) for a, b in inside if min(hi, b) - max(lo, a) > (b - a) / 2]
+        if len(covered) > 1:
+            return k, covered
+    return None
+
+
 def _kept(segments: list[Segment]) -> list[Segment]:
     """Segments with text and a length (openai clears the others)."""
     return [s for s in segments if s.text and s.end > s.start]
@@ -382,6 +395,13 @@ class AudioStream:
                 self.buffer = torch.cat([self.buffer, chunk])
                 self._drop_before(seek)  # a seek past what was read skips whole windows
         return seek, self.buffer[:WINDOW if stop is None else min(WINDOW, stop - seek)]
+
+    def split(self, regions: list[tuple[int, int]]):
+        """The current chunk becomes ``regions`` (speech regions in it), each a chunk of its own,
+        and the rest of it after them."""
+        end = self.speech[0][1]
+        rest = [(regions[-1][1], end)] if end - regions[-1][1] >= MIN_WINDOW else []
+        self.speech[:1] = list(regions) + rest
 
     def _drop_before(self, seek: int):
         cut = min(len(self.buffer), seek - self.offset)
@@ -477,9 +497,13 @@ def transcribe_files(model, processor: Processor, paths, *, language: str | None
                     segments, seek = [], duration
                 else:
                     segments, seek = segments_of(d.tokens, tok, offset, duration)
+                seek = seek if seek > 0 else duration  # a pair at <|0.00|> would seek nowhere
+                if f.regions is not None and (merged := first_merge(segments, f.regions, f.seek, len(wave))):
+                    k, regions = merged  # Whisper ran pauses together: decode those regions alone
+                    segments, seek = segments[:k], (regions[0][0] - f.seek) / SAMPLE_RATE
+                    f.stream.split(regions)
                 results[i].extend(segments)
                 results[i].language = f.language
-                seek = seek if seek > 0 else duration  # a pair at <|0.00|> would seek nowhere
                 f.seek += round(seek * SAMPLE_RATE)
                 if condition_on_previous_text and d.temperature <= 0.5:
                     f.prompt += [t for t in d.tokens if t < tok.eot]

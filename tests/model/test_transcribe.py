@@ -152,6 +152,22 @@ def test_vad_decodes_only_the_speech_chunks_and_snaps_segments(pipe, tmp_path, m
     assert len(calls) == 2
 
 
+def test_vad_decodes_regions_alone_when_whisper_writes_one_segment_over_a_pause(pipe, tmp_path, monkeypatch):
+    path = _wav(tmp_path / "digits.wav", 60)
+    regions = [(16000 * a, 16000 * b) for a, b in ((40, 42), (45, 47), (50, 52))]  # one 12-s chunk
+    monkeypatch.setattr(T, "SileroVAD", lambda: None)
+    monkeypatch.setattr(T, "speech_regions", lambda path, vad: regions)
+    calls = _script(monkeypatch, [
+        lambda tok, t: _decoded(tok, 0.0, " one two", 7.0, 7.0, " three", 12.0),  # over the 42-45 s pause
+        lambda tok, t: _decoded(tok, 0.0, " one", 2.0),  # 40-42 s alone
+        lambda tok, t: _decoded(tok, 0.2, " two", 1.8),  # 45-47 s alone
+        lambda tok, t: _decoded(tok, 3.0, " three", 5.0),  # the rest of the chunk, 47-52 s
+    ])
+    assert pipe.transcribe(path, format=None, progress=False, vad=True) == [
+        Segment(40.0, 42.0, "one"), Segment(45.0, 47.0, "two"), Segment(50.0, 52.0, "three")]
+    assert len(calls) == 4
+
+
 def test_vad_on_a_real_silent_file_decodes_nothing(pipe, tmp_path, monkeypatch):
     pytest.importorskip("silero_vad", reason="silero-vad not installed (omni's speech extra)")
     sf.write(tmp_path / "silence.wav", np.zeros(16000 * 40, "float32"), 16000)
