@@ -43,6 +43,7 @@ class SileroVAD:
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
             jit = silero_vad.load_silero_vad(onnx=False)._model
         torch.set_num_threads(threads)
+        self.regions_of_probs = silero_vad.get_speech_timestamps_from_probs
         w = {k: v.detach().clone() for k, v in jit.state_dict().items()}
         self.basis = w["stft.forward_basis_buffer"]  # (258, 1, 256): an STFT as a convolution
         self.convs = [(w[f"encoder.{i}.reparam_conv.weight"], w[f"encoder.{i}.reparam_conv.bias"], s)
@@ -88,10 +89,8 @@ def speech_regions(path: str | Path, vad: SileroVAD, *, threshold: float = THRES
     """A file's speech as ``(start, end)`` 16-kHz sample ranges, each at most ``max_speech_s``
     long (a longer one is cut at its longest pause, as the package does); the file is read
     30 s at a time."""
-    from silero_vad import get_speech_timestamps_from_probs
-
     probs = vad.probs(iter_audio_windows(path, 30.0, SAMPLE_RATE))
-    regions = get_speech_timestamps_from_probs(
+    regions = vad.regions_of_probs(
         probs, sampling_rate=SAMPLE_RATE, threshold=threshold, min_silence_duration_ms=min_silence_ms,
         speech_pad_ms=speech_pad_ms, min_speech_duration_ms=min_speech_ms, max_speech_duration_s=max_speech_s)
     return [(r["start"], r["end"]) for r in regions]
