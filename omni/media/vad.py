@@ -3,11 +3,12 @@ weights, nothing downloaded): where a file has speech, for :mod:`omni.transcribe
 
 The network is the package's TorchScript model run as plain torch ops on its own weights, so a
 whole 30-s window is one batched pass through the convolutions and one ``nn.LSTM`` call instead
-of ~940 per-frame calls (~40x faster on a CPU; probabilities equal the package's to 2e-5,
-``tests/media/test_vad.py``). Frames are 512 samples (32 ms) at 16 kHz, each seeing the 64 samples
-before it; the LSTM state runs on across windows, so a file is streamed window by window
-(:func:`omni.media.audio.iter_audio_windows`) and only one float per frame is kept (~450 KB an
-hour). The package's own ``get_speech_timestamps_from_probs`` turns the probabilities into regions.
+of ~940 per-frame calls (16x faster on 2 CPU threads, ``benchmarks/vad_speed.py``; probabilities
+equal the package's to 1e-4, ``tests/media/test_vad.py``). Frames are 512 samples (32 ms) at
+16 kHz, each seeing the 64 samples before it; the LSTM state runs on across windows, so a file is
+streamed window by window (:func:`omni.media.audio.iter_audio_windows`) and only one float per
+frame is kept (~112,500 an hour). The package's own ``get_speech_timestamps_from_probs`` turns
+the probabilities into regions.
 """
 
 from __future__ import annotations
