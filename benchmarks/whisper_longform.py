@@ -12,8 +12,11 @@ so it is resampled while streamed. Each utterance's
 boundaries are where its 10-ms frames rise above -40 dB of its peak. Reported: the share of
 utterances with a segment starting (ending) within 0.5 s of their start (end), the long-form WER
 against the WER of the same utterances transcribed one by one (errors summed over utterances),
-and the real-time factor of both; with ``--faster-whisper DIR`` the same for faster-whisper (the same
-algorithm in CTranslate2, greedy, no VAD) on the same weights.
+and the real-time factor of both; with ``--vad`` the same for omni with Silero VAD pre-segmentation
+(``transcribe(vad=True)``); with ``--faster-whisper DIR`` the same for faster-whisper (the same
+algorithm in CTranslate2, greedy) on the same weights, without and (with ``--vad``) with its own
+``vad_filter=True``. ``--skip N --seed S`` build another file (from the N-th prompt on, other
+pauses) to check a setting away from the default file.
 """
 
 from __future__ import annotations
@@ -91,44 +94,61 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--faster-whisper", default=None, metavar="DIR",
                    help="also run faster-whisper on this CTranslate2 folder (the same weights)")
+    p.add_argument("--vad", action="store_true",
+                   help="also with voice-activity detection (omni and faster-whisper)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="time omni's long-form runs this often, interleaved")
+    p.add_argument("--skip", type=int, default=0, help="build the file from the N-th prompt on")
+    p.add_argument("--seed", type=int, default=0, help="the pauses' seed")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     import omni
 
-    files = asterisk_prompts(Path(args.asterisk), 10_000)
+    files = asterisk_prompts(Path(args.asterisk), 10_000)[args.skip:]
     if not files:
         raise SystemExit(f"no asterisk prompts under {args.asterisk} (see the module docstring)")
-    spans = build(files, args.minutes, args.head, args.floor, Path(args.out))
+    spans = build(files, args.minutes, args.head, args.floor, Path(args.out), seed=args.seed)
     seconds = sf.info(args.out).duration
     pipe = omni.load(args.ckpt)
 
-    t0 = time.perf_counter()
-    segments = [(x.start, x.end, x.text) for x in pipe.transcribe(args.out, format=None, progress=False)]
-    long_s = time.perf_counter() - t0
+    systems = {"omni": False, "omni_vad": True} if args.vad else {"omni": False}
+    times: dict[str, list[float]] = {name: [] for name in systems}
+    segs = {}
+    for _ in range(args.repeats):  # interleaved (omni, omni_vad, omni, ...): the load swings alike
+        for name, vad in systems.items():
+            t0 = time.perf_counter()
+            out = pipe.transcribe(args.out, format=None, progress=False, vad=vad)
+            times[name].append(time.perf_counter() - t0)
+            segs[name] = [(x.start, x.end, x.text) for x in out]
     t0 = time.perf_counter()
     singles = pipe.transcribe([str(s[3]) for s in spans], format="txt", progress=False)
     single_s = time.perf_counter() - t0
     refs = [s[2] for s in spans]
     results = {"audio_s": round(seconds, 1), "utterances": len(spans),
-               "speech_starts_s": round(spans[0][0], 2),
-               "omni": {**scores(segments, spans), "rtf": round(long_s / seconds, 4)},
+               "speech_starts_s": round(spans[0][0], 2), "load_average": os.getloadavg()[0],
+               **{name: {**scores(segs[name], spans), "rtf": round(min(times[name]) / seconds, 4),
+                         "rtf_each": [round(t / seconds, 4) for t in times[name]]} for name in systems},
                "omni_per_utterance": {
                    "wer": round(wer(refs, singles), 4),
                    "rtf": round(single_s / sum(sf.info(str(s[3])).duration for s in spans), 4)}}
+    segments = segs["omni"]
     if args.faster_whisper:  # the same algorithm in CTranslate2, on the same weights: a reference
         from faster_whisper import WhisperModel, decode_audio
 
         fw = WhisperModel(args.faster_whisper, device="cpu", compute_type="float32", cpu_threads=args.threads)
-        t0 = time.perf_counter()
-        out, _ = fw.transcribe(decode_audio(args.out, sampling_rate=16000), beam_size=1, best_of=1,
-                               language="en", condition_on_previous_text=False, vad_filter=False)
-        fw_segments = [(x.start, x.end, x.text.strip()) for x in out]
-        results["faster_whisper"] = {**scores(fw_segments, spans),
-                                     "rtf": round((time.perf_counter() - t0) / seconds, 4)}
+        for key, vad_filter in [("faster_whisper", False)] + [("faster_whisper_vad", True)] * args.vad:
+            t0 = time.perf_counter()
+            out, _ = fw.transcribe(decode_audio(args.out, sampling_rate=16000), beam_size=1, best_of=1,
+                                   language="en", condition_on_previous_text=False, vad_filter=vad_filter)
+            fw_segments = [(x.start, x.end, x.text.strip()) for x in out]
+            rtf = round((time.perf_counter() - t0) / seconds, 4)
+            results[key] = {**scores(fw_segments, spans), "rtf": rtf}
+    results["load_average_end"] = os.getloadavg()[0]
     for a, b, text in segments[:8]:
         print(f"{a:8.2f} {b:8.2f}  {text}", file=sys.stderr)
-    return json_line("whisper_longform", args.threads, {"ckpt": args.ckpt, "minutes": args.minutes,
-                                                        "head_s": args.head, "floor": args.floor}, results)
+    config = {"ckpt": args.ckpt, "minutes": args.minutes, "skip": args.skip, "seed": args.seed,
+              "head_s": args.head, "floor": args.floor, "repeats": args.repeats}
+    return json_line("whisper_longform", args.threads, config, results)
 
 
 if __name__ == "__main__":

@@ -218,7 +218,7 @@ def cmd_transcribe_whisper(model, args) -> int:
     files = args.files
     results = model.transcribe(files, language=args.language, task=args.task, format=None,
                                batch_size=args.batch_size, beam_size=args.beam_size, return_exceptions=True,
-                               condition_on_previous_text=args.condition_on_previous_text)
+                               condition_on_previous_text=args.condition_on_previous_text, vad=args.vad)
     rows = []
     for f, result in zip(files, results):
         if isinstance(result, Exception):
@@ -442,7 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "transcribe":
             w = c.add_argument_group("Whisper checkpoints (omni import whisper): long-form, Whisper's own "
                                      "algorithm (30-s windows, timestamps, temperature fallback)")
-            w.add_argument("--language", default=None, help="spoken language code, e.g. de (default: en)")
+            w.add_argument("--language", default=None,
+                           help="spoken language code, e.g. de (default: detected per file by a multilingual "
+                                "Whisper, en for an English-only one)")
             w.add_argument("--task", default="transcribe", choices=("transcribe", "translate"),
                            help="translate: English text from speech in another language")
             w.add_argument("--format", default="txt", choices=FORMATS,
@@ -452,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="beam search of this width at temperature 0 (default: 1, greedy)")
             w.add_argument("--condition-on-previous-text", action="store_true",
                            help="give each window the text decoded so far as its prompt (default: off)")
+            w.add_argument("--vad", action="store_true",
+                           help="decode only the speech Silero VAD finds (pip install silero-vad), in chunks "
+                                "of <= 30 s; segments start and end where the speech does (default: off)")
         c.add_argument("files", nargs="+", metavar="FILE", help="media files")
         c.set_defaults(fn=cmd_describe)
 

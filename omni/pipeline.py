@@ -323,22 +323,26 @@ class Pipeline:
         temperatures=TEMPERATURES,
         beam_size: int = 1,
         batch_size: int = 8,
+        vad: bool = False,
         progress: bool | None = None,
         return_exceptions: bool = False,
     ):
         """Long-form transcripts of audio files with an imported Whisper (:mod:`omni.transcribe`):
         for each file its text in ``format`` (txt, json, srt, vtt, tsv), or with ``format=None`` its
-        :class:`~omni.transcribe.Segment` list; one path gives one result. ``language=None``: English
-        (no detection yet). The current windows of ``batch_size`` files are decoded together;
-        ``beam_size > 1``: beam search at temperature 0 (the fallback samples). A file
-        that cannot be read raises, or with ``return_exceptions=True`` its exception takes its place."""
+        :class:`~omni.transcribe.Transcript` (a :class:`~omni.transcribe.Segment` list with its
+        ``language``); one path gives one result. ``language=None``: a multilingual Whisper detects
+        each file's language on its first window, an English-only one transcribes English. The
+        current windows of ``batch_size`` files are decoded together; ``beam_size > 1``: beam
+        search at temperature 0 (the fallback samples). ``vad=True``: only the speech Silero VAD
+        finds is decoded and segments take its boundaries (needs the ``silero-vad`` package). A
+        file that cannot be read raises, or with ``return_exceptions=True`` its exception takes its place."""
         if format is not None and format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)} (or None); got {format!r}")
         single = isinstance(paths, (str, Path))
         results = transcribe_files(self.model, self.processor, [paths] if single else paths,
                                    language=language, task=task, batch_size=batch_size, beam_size=beam_size,
                                    condition_on_previous_text=condition_on_previous_text,
-                                   temperatures=temperatures, progress_bar=progress)
+                                   temperatures=temperatures, vad=vad, progress_bar=progress)
         out = []
         for r in results:
             if isinstance(r, Exception) and not return_exceptions:

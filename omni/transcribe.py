@@ -15,6 +15,7 @@ The current windows of several files are decoded together, one row each.
 from __future__ import annotations
 
 import json
+import logging
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from omni.generation import left_pad, sample_next
 from omni.media import BAD_FILE_ERRORS
 from omni.media.audio import Audio, iter_audio_windows
+from omni.media.vad import SileroVAD, merge_regions, speech_regions
 from omni.model.backbone import KVCache, Memory
 from omni.processor import Processor
 from omni.progress import progress
@@ -32,12 +34,14 @@ from omni.tokenizers.whisper import NUM_TIMESTAMPS, WhisperTokenizer
 SAMPLE_RATE = 16_000
 WINDOW = 30 * SAMPLE_RATE  # samples one window holds
 TIME_STEP = 0.02  # seconds between timestamp tokens
+MIN_WINDOW = round(SAMPLE_RATE * TIME_STEP)  # fewer samples than this are not decoded
 TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 MAX_COMPRESSION_RATIO = 2.4
 MIN_AVG_LOGPROB = -1.0
 NO_SPEECH_PROB = 0.6
 MAX_INITIAL_TIMESTAMP = 1.0  # seconds: the first timestamp of a window is at most this
 FORMATS = ("txt", "json", "srt", "vtt", "tsv")
+log = logging.getLogger("omni")
 
 
 @dataclass
@@ -45,6 +49,15 @@ class Segment:
     start: float
     end: float
     text: str
+
+
+class Transcript(list):
+    """A file's :class:`Segment` list and the ``language`` it was decoded in (detected, given, or
+    ``en`` for an English-only Whisper; None when nothing was decoded)."""
+
+    def __init__(self, segments=(), language: str | None = None):
+        super().__init__(segments)
+        self.language = language
 
 
 @dataclass
@@ -70,6 +83,20 @@ def no_speech_id(tok: WhisperTokenizer) -> int | None:
         if i is not None:
             return i
     return None
+
+
+@torch.inference_mode()
+def detect_language(model, tok: WhisperTokenizer, ids: torch.Tensor, inputs: dict) -> list[tuple[str, float]]:
+    """Each row's most likely language and its probability, as openai-whisper detects it: the
+    distribution over language tokens right after ``<|startoftranscript|>`` (the decoder is causal,
+    so the tokens rendered after it do not matter)."""
+    logits = model(ids.to(model.device), positions=inputs["positions"].to(model.device),
+                   key_padding=inputs["attention_mask"].bool().to(model.device), media=inputs["media"]).logits
+    sot = (ids == tok.sot).long().argmax(1).to(model.device)
+    names, lang_ids = list(tok.languages), torch.tensor(list(tok.languages.values()), device=model.device)
+    probs = logits[torch.arange(len(ids), device=model.device), sot].float()[:, lang_ids].softmax(-1)
+    best = probs.argmax(-1).tolist()
+    return [(names[b], probs[k, b].item()) for k, b in enumerate(best)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,45 +324,117 @@ def segments_of(tokens: list[int], tok: WhisperTokenizer, offset: float, duratio
     return _kept(segments), seek
 
 
+def snap_to_speech(segments: list[Segment], regions: list[tuple[float, float]]) -> list[Segment]:
+    """Segments moved onto the voice-activity detector's speech ``regions`` (seconds): a segment
+    belongs to the regions it overlaps (else the nearest one); the first segment in a region starts
+    where the region starts, the last one ends where it ends, and times between segments of one
+    region are Whisper's, clipped to the region."""
+    if not regions:
+        return segments
+    owners = []
+    for s in segments:
+        hit = [k for k, (a, b) in enumerate(regions) if a < s.end and s.start < b]
+        near = min(range(len(regions)), key=lambda k: max(regions[k][0] - s.end, s.start - regions[k][1]))
+        owners.append((hit[0], hit[-1]) if hit else (near, near))
+    out = []
+    for n, (s, (first, last)) in enumerate(zip(segments, owners)):
+        opens = n == 0 or owners[n - 1][1] < first
+        closes = n == len(segments) - 1 or owners[n + 1][0] > last
+        start = regions[first][0] if opens else min(max(s.start, regions[first][0]), regions[first][1])
+        end = regions[last][1] if closes else max(min(s.end, regions[last][1]), regions[last][0])
+        out.append(Segment(round(start, 3), round(max(start, end), 3), s.text))
+    return out
+
+
+def first_merge(segments: list[Segment], regions: list[tuple[int, int]], start: int, length: int):
+    """The first segment of a window (``length`` samples from sample ``start``) that covers most
+    of two or more of its speech ``regions`` (samples), as ``(index, [those regions])``, or None:
+    Whisper wrote one segment over a pause the voice-activity detector heard."""
+    inside = [(max(a, start), min(b, start + length)) for a, b in regions if b > start and a < start + length]
+    for k, s in enumerate(segments):
+        lo, hi = s.start * SAMPLE_RATE, s.end * SAMPLE_RATE
+        covered = [(a, b) for a, b in inside if min(hi, b) - max(lo, a) > (b - a) / 2]
+        if len(covered) > 1:
+            return k, covered
+    return None
+
+
 def _kept(segments: list[Segment]) -> list[Segment]:
     """Segments with text and a length (openai clears the others)."""
     return [s for s in segments if s.text and s.end > s.start]
 
 
 class AudioStream:
-    """A file's 16-kHz samples from ``seek`` on, read 30 s at a time (never the whole file)."""
+    """A file's 16-kHz samples from ``seek`` on, read 30 s at a time (never the whole file). With
+    ``chunks`` (sample ranges: the speech a voice-activity detector found, merged to <= 30 s) a
+    window never crosses a chunk's end and the samples between chunks are skipped."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, chunks: list[tuple[int, int]] | None = None):
         self.chunks = iter_audio_windows(path, WINDOW / SAMPLE_RATE, SAMPLE_RATE)
+        self.speech = None if chunks is None else list(chunks)
         self.buffer = torch.zeros(0)
         self.offset = 0  # the file sample buffer[0] is
         self.ended = False
 
-    def window(self, seek: int) -> torch.Tensor:
-        """Up to 30 s of samples from sample ``seek`` (empty at the end of the file)."""
-        self.buffer = self.buffer[max(0, seek - self.offset):]
-        self.offset = max(self.offset, seek)
-        while len(self.buffer) < WINDOW and not self.ended:
+    def window(self, seek: int) -> tuple[int, torch.Tensor]:
+        """Where the next window starts (``seek``, or the next chunk's start) and up to 30 s of
+        samples from there (empty at the end of the file or of the last chunk)."""
+        stop = None
+        if self.speech is not None:
+            while self.speech and self.speech[0][1] - max(seek, self.speech[0][0]) < MIN_WINDOW:
+                self.speech.pop(0)  # done, or too little of it left to decode
+            if not self.speech:
+                return seek, torch.zeros(0)
+            seek, stop = max(seek, self.speech[0][0]), self.speech[0][1]
+        self._drop_before(seek)
+        while len(self.buffer) < seek - self.offset + WINDOW and not self.ended:
             chunk = next(self.chunks, None)
             if chunk is None:
                 self.ended = True
             else:
                 self.buffer = torch.cat([self.buffer, chunk])
-        return self.buffer[:WINDOW]
+                self._drop_before(seek)  # a seek past what was read skips whole windows
+        return seek, self.buffer[:WINDOW if stop is None else min(WINDOW, stop - seek)]
+
+    def split(self, regions: list[tuple[int, int]]):
+        """The current chunk becomes ``regions`` (speech regions in it), each a chunk of its own,
+        and the rest of it after them."""
+        end = self.speech[0][1]
+        rest = [(regions[-1][1], end)] if end - regions[-1][1] >= MIN_WINDOW else []
+        self.speech[:1] = list(regions) + rest
+
+    def _drop_before(self, seek: int):
+        cut = min(len(self.buffer), seek - self.offset)
+        self.buffer, self.offset = self.buffer[cut:], self.offset + cut
 
 
 # ---------------------------------------------------------------------------------------------
 # Files
 
 
+@dataclass
+class _File:
+    """One file being transcribed: where it is read, the prompt it carries, its speech regions
+    (with ``vad``) and its language (None until detected)."""
+    stream: AudioStream
+    regions: list[tuple[int, int]] | None
+    language: str | None
+    seek: int = 0
+    prompt: list[int] = field(default_factory=list)
+
+
 def transcribe_files(model, processor: Processor, paths, *, language: str | None = None,
                      task: str = "transcribe", condition_on_previous_text: bool = False,
                      batch_size: int = 8, beam_size: int = 1, temperatures=TEMPERATURES,
-                     progress_bar: bool | None = None
-                     ) -> list[list[Segment] | Exception]:
-    """Each file's segments, or the exception that stopped reading it (a file that cannot be read:
-    :data:`omni.media.BAD_FILE_ERRORS`). The current windows of up to ``batch_size`` files are
-    decoded together; ``beam_size`` beams each at temperature 0."""
+                     vad: bool = False, progress_bar: bool | None = None
+                     ) -> list[Transcript | Exception]:
+    """Each file's :class:`Transcript`, or the exception that stopped reading it (a file that cannot
+    be read: :data:`omni.media.BAD_FILE_ERRORS`). The current windows of up to ``batch_size`` files
+    are decoded together; ``beam_size`` beams each at temperature 0. ``language=None`` with a
+    multilingual Whisper: each file's language is detected on its first window
+    (:func:`detect_language`) and logged. ``vad``: Silero VAD finds each file's speech first (a
+    streamed pass, :mod:`omni.media.vad`); only the speech is decoded, in chunks of <= 30 s, and
+    segments take the speech's boundaries (:func:`snap_to_speech`)."""
     tok = processor.tokenizer
     if not isinstance(tok, WhisperTokenizer):
         raise ValueError("transcribe needs a Whisper checkpoint (omni import whisper); this one's "
@@ -344,57 +443,90 @@ def transcribe_files(model, processor: Processor, paths, *, language: str | None
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     paths = [str(p) for p in paths]
-    results: list = [[] for _ in paths]
+    detector = SileroVAD() if vad else None
+    results: list = [Transcript() for _ in paths]
     files = iter(range(len(paths)))
-    active: dict[int, tuple[AudioStream, list]] = {}  # file -> (stream, [seek, prompt ids])
+    active: dict[int, _File] = {}
     max_prompt = model.max_seq_len // 2 - 1
     total = round(sum(_seconds(p) for p in paths), 2)
     with progress(total=total or None, desc="transcribe", unit="s", enabled=progress_bar) as bar:
         while True:
             while len(active) < batch_size and (i := next(files, None)) is not None:
                 try:
-                    active[i] = (AudioStream(paths[i]), [0, []])
+                    regions = speech_regions(paths[i], detector) if vad else None
+                    chunks = None if regions is None else merge_regions(regions, WINDOW)
+                    active[i] = _File(AudioStream(paths[i], chunks), regions,
+                                      language or (None if tok.multilingual else "en"))
                 except BAD_FILE_ERRORS as e:
                     results[i] = e
             if not active:
                 break
             batch = []  # (file, window samples)
-            for i, (stream, state) in list(active.items()):
+            for i, f in list(active.items()):
                 try:
-                    wave = stream.window(state[0])
+                    at, wave = f.stream.window(f.seek)
                 except BAD_FILE_ERRORS as e:
                     results[i] = e
                     del active[i]
                     continue
-                if len(wave) < SAMPLE_RATE * TIME_STEP:  # nothing left (openai stops at one frame too)
+                bar.update(round((at - f.seek) / SAMPLE_RATE, 2))  # silence a VAD skipped
+                f.seek = at
+                if len(wave) < MIN_WINDOW:  # nothing left (openai stops at one frame too)
+                    if f.regions is not None:
+                        results[i][:] = snap_to_speech(results[i], [(a / SAMPLE_RATE, b / SAMPLE_RATE)
+                                                                    for a, b in f.regions])
+                    bar.update(max(0.0, round(_seconds(paths[i]) - at / SAMPLE_RATE, 2)))
                     del active[i]
                 else:
                     batch.append((i, wave))
             if not batch:
                 continue
             prompts = [[Audio(w, sample_rate=SAMPLE_RATE)]
-                       + ([tok.decode(active[i][1][1][-max_prompt:])] if active[i][1][1] else [])
+                       + ([tok.decode(active[i].prompt[-max_prompt:])] if active[i].prompt else [])
                        for i, w in batch]
             rendered, inputs = processor.batch(prompts, language=language, task=task, timestamps=True)
             ids = left_pad([r.ids for r in rendered], processor.vocab.pad_id)[0]
+            if tok.multilingual:
+                _set_languages(model, tok, ids, inputs, [(paths[i], active[i]) for i, _ in batch])
             decoded = decode_with_fallback(model, tok, ids, inputs, temperatures=temperatures,
                                            beam_size=beam_size)
             for (i, wave), d in zip(batch, decoded):
-                state = active[i][1]
-                offset, duration = state[0] / SAMPLE_RATE, len(wave) / SAMPLE_RATE
+                f = active[i]
+                offset, duration = f.seek / SAMPLE_RATE, len(wave) / SAMPLE_RATE
                 if is_silence(d):
                     segments, seek = [], duration
                 else:
                     segments, seek = segments_of(d.tokens, tok, offset, duration)
-                results[i].extend(segments)
                 seek = seek if seek > 0 else duration  # a pair at <|0.00|> would seek nowhere
-                state[0] += round(seek * SAMPLE_RATE)
+                if f.regions is not None and (merged := first_merge(segments, f.regions, f.seek, len(wave))):
+                    k, regions = merged  # Whisper ran pauses together: decode those regions alone
+                    segments, seek = segments[:k], (regions[0][0] - f.seek) / SAMPLE_RATE
+                    f.stream.split(regions)
+                results[i].extend(segments)
+                results[i].language = f.language
+                f.seek += round(seek * SAMPLE_RATE)
                 if condition_on_previous_text and d.temperature <= 0.5:
-                    state[1] += [t for t in d.tokens if t < tok.eot]
+                    f.prompt += [t for t in d.tokens if t < tok.eot]
                 else:
-                    state[1] = []
+                    f.prompt = []
                 bar.update(round(seek, 2))
     return results
+
+
+def _set_languages(model, tok: WhisperTokenizer, ids: torch.Tensor, inputs: dict, files: list):
+    """Detect the language of the files (``(path, _File)``, one per row) that have none yet, and
+    put each row's language token after its ``<|startoftranscript|>`` (the batch was rendered with
+    one language for all rows)."""
+    todo = [k for k, (_, f) in enumerate(files) if f.language is None]
+    if todo:
+        sel = torch.tensor(todo)
+        part = {"attention_mask": inputs["attention_mask"][sel], "positions": inputs["positions"][sel],
+                "media": [(todo.index(r), slot) for r, slot in inputs["media"] if r in todo]}
+        for k, (lang, p) in zip(todo, detect_language(model, tok, ids[sel], part)):
+            files[k][1].language = lang
+            log.info("%s: detected language %s (probability %.2f)", files[k][0], lang, p)
+    sot = (ids == tok.sot).long().argmax(1)
+    ids[torch.arange(len(ids)), sot + 1] = torch.tensor([tok.languages[f.language] for _, f in files])
 
 
 def _seconds(path: str) -> float:
@@ -412,12 +544,14 @@ def _seconds(path: str) -> float:
 
 
 def format_segments(segments: list[Segment], fmt: str = "txt") -> str:
-    """``txt`` (the text), ``json`` (``{"text", "segments": [{start, end, text}]}``), ``srt``,
+    """``txt`` (the text), ``json`` (``{"text", "language", "segments": [{start, end, text}]}``;
+    ``language`` is a :class:`Transcript`'s, else null), ``srt``,
     ``vtt`` or ``tsv`` (start and end in milliseconds, as openai-whisper writes them)."""
     if fmt == "txt":
         return " ".join(s.text for s in segments) + "\n"
     if fmt == "json":
         return json.dumps({"text": " ".join(s.text for s in segments),
+                           "language": getattr(segments, "language", None),
                            "segments": [asdict(s) for s in segments]}, ensure_ascii=False) + "\n"
     if fmt == "srt":
         return "".join(f"{n}\n{_clock(s.start, ',')} --> {_clock(s.end, ',')}\n{s.text}\n\n"
