@@ -9,6 +9,7 @@ torch.manual_seed(0)
 # --- shared fixtures for the unit tests (tests/ mirrors omni/) ---------------------------------
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -342,3 +343,33 @@ def hf_whisper_dir(tmp_path_factory, whisper_tokenizer_json):
     gen.save_pretrained(out)
     shutil.copy(whisper_tokenizer_json, out / "tokenizer.json")
     return out
+
+
+@pytest.fixture(scope="session")
+def whisper_ckpt(hf_whisper_dir, tmp_path_factory):
+    """hf_whisper_dir imported into omni and saved as an omni checkpoint folder (``omni import``)."""
+    import omni
+
+    out = tmp_path_factory.mktemp("whisper_ckpt")
+    omni.import_hf(hf_whisper_dir).save_pretrained(out)
+    return out
+
+
+TONE_WORDS = ("turn on the light", "open the door", "play some music", "what time is it")
+
+
+@pytest.fixture(scope="session")
+def tone_speech(tmp_path_factory):
+    """A speech manifest (train/val/test the same): four 0.5-s tones of different pitch, each
+    'saying' one of TONE_WORDS."""
+    from omni.media.audio import Audio
+
+    root = tmp_path_factory.mktemp("speech")
+    rows = []
+    for i, text in enumerate(TONE_WORDS):
+        t = torch.arange(8000) / 16000
+        Audio(0.3 * torch.sin(2 * math.pi * (200 + 150 * i) * t), sample_rate=16000).save(root / f"{i}.wav")
+        rows.append({"id": f"u{i}", "audio": f"{i}.wav", "text": text})
+    for split in ("train", "val", "test"):
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root

@@ -6,8 +6,6 @@ on the language model train; the tower's features are computed once per sample.
 - recipes/llava/smollm_dino_* (LLaVA-1.5's two stages): a DINOv2 tower (``tokenizer.path``); stage
   1 trains the projector, stage 2 starts from it and adds LoRA."""
 
-import json
-import math
 
 import pytest
 import torch
@@ -17,31 +15,14 @@ from omni.config import load_recipe
 from omni.media.audio import Audio
 from omni.train.loop import Trainer, read_metrics, train
 
-WORDS = ("turn on the light", "open the door", "play some music", "what time is it")
-
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory, write_gguf, hf_whisper_dir):
+def parts(tmp_path_factory, write_gguf, whisper_ckpt):
     """(language model, Whisper) omni checkpoint folders: a tiny random llama GGUF and a tiny random
     Whisper, each imported and saved as ``omni import`` would."""
     root = tmp_path_factory.mktemp("parts")
     omni.import_hf(write_gguf(root / "lm.gguf")).save_pretrained(root / "lm")
-    omni.import_hf(hf_whisper_dir).save_pretrained(root / "whisper")
-    return root / "lm", root / "whisper"
-
-
-@pytest.fixture(scope="module")
-def speech(tmp_path_factory):
-    """Four tones of different pitch, each 'saying' one transcript."""
-    root = tmp_path_factory.mktemp("speech")
-    rows = []
-    for i, text in enumerate(WORDS):
-        t = torch.arange(8000) / 16000
-        Audio(0.3 * torch.sin(2 * math.pi * (200 + 150 * i) * t), sample_rate=16000).save(root / f"{i}.wav")
-        rows.append({"id": f"u{i}", "audio": f"{i}.wav", "text": text})
-    for split in ("train", "val", "test"):
-        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return root / "lm", whisper_ckpt
 
 
 def _recipe(tmp_path, parts, data):
@@ -64,8 +45,8 @@ train: {{out_dir: {tmp_path / 'run'}, steps: 8, batch_size: 4, lr: 3.0e-3, warmu
     return f
 
 
-def test_only_the_connector_and_lora_train_over_frozen_pretrained_parts(tmp_path, parts, speech):
-    cfg = load_recipe(str(_recipe(tmp_path, parts, speech)), [])
+def test_only_the_connector_and_lora_train_over_frozen_pretrained_parts(tmp_path, parts, tone_speech):
+    cfg = load_recipe(str(_recipe(tmp_path, parts, tone_speech)), [])
     trainer = Trainer(cfg)
     with trainer.run_folder():
         trainer.setup()
@@ -80,12 +61,12 @@ def test_only_the_connector_and_lora_train_over_frozen_pretrained_parts(tmp_path
     assert enc and all(torch.equal(model.state_dict()[k], whisper[k]) for k in enc)
 
 
-def test_speech_llm_trains_saves_and_transcribes(tmp_path, parts, speech):
-    result = train(load_recipe(str(_recipe(tmp_path, parts, speech)), []))
+def test_speech_llm_trains_saves_and_transcribes(tmp_path, parts, tone_speech):
+    result = train(load_recipe(str(_recipe(tmp_path, parts, tone_speech)), []))
     assert result.final_loss < result.first_loss
     pipe = omni.load(result.out_dir)
     assert pipe.tokenizer.family == "BPE"  # the language model's own tokenizer
-    assert isinstance(pipe.generate([Audio(speech / "0.wav"), "Transcribe."], max_new_tokens=6), str)
+    assert isinstance(pipe.generate([Audio(tone_speech / "0.wav"), "Transcribe."], max_new_tokens=6), str)
 
 
 @pytest.fixture(scope="module")

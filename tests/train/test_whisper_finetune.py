@@ -3,8 +3,6 @@
 learned positions and WhisperTokenizer from the checkpoint; the recipe's media options add to it;
 samples are laid out in Whisper's prompt; the run folder loads and transcribes again."""
 
-import json
-import math
 
 import pytest
 import torch
@@ -14,30 +12,6 @@ from omni.config import load_recipe
 from omni.media.audio import Audio
 from omni.tokenizers.whisper import WhisperTokenizer
 from omni.train.loop import Trainer, train
-
-WORDS = ("turn on the light", "open the door", "play some music", "what time is it")
-
-
-@pytest.fixture(scope="module")
-def whisper_ckpt(hf_whisper_dir, tmp_path_factory):
-    """A tiny random Whisper imported into omni and saved as an omni checkpoint folder."""
-    out = tmp_path_factory.mktemp("whisper_ckpt")
-    omni.import_hf(hf_whisper_dir).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def speech(tmp_path_factory):
-    """A speech manifest: four tones of different pitch, each 'saying' one transcript."""
-    root = tmp_path_factory.mktemp("speech")
-    rows = []
-    for i, text in enumerate(WORDS):
-        t = torch.arange(8000) / 16000
-        Audio(0.3 * torch.sin(2 * math.pi * (200 + 150 * i) * t), sample_rate=16000).save(root / f"{i}.wav")
-        rows.append({"id": f"u{i}", "audio": f"{i}.wav", "text": text})
-    for split in ("train", "val", "test"):
-        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
 
 
 def _recipe(tmp_path, ckpt, data, extra=""):
@@ -51,8 +25,8 @@ def _recipe(tmp_path, ckpt, data, extra=""):
     return f
 
 
-def test_pretrained_whisper_sets_up_from_its_checkpoint(tmp_path, whisper_ckpt, speech):
-    cfg = load_recipe(str(_recipe(tmp_path, whisper_ckpt, speech)), [])
+def test_pretrained_whisper_sets_up_from_its_checkpoint(tmp_path, whisper_ckpt, tone_speech):
+    cfg = load_recipe(str(_recipe(tmp_path, whisper_ckpt, tone_speech)), [])
     trainer = Trainer(cfg)
     with trainer.run_folder():
         trainer.setup()
@@ -68,8 +42,8 @@ def test_pretrained_whisper_sets_up_from_its_checkpoint(tmp_path, whisper_ckpt, 
 
 
 @pytest.mark.slow
-def test_pretrained_whisper_trains_saves_and_transcribes(tmp_path, whisper_ckpt, speech):
-    cfg = load_recipe(str(_recipe(tmp_path, whisper_ckpt, speech, ", trainable: [backbone, embed]")), [])
+def test_pretrained_whisper_trains_saves_and_transcribes(tmp_path, whisper_ckpt, tone_speech):
+    cfg = load_recipe(str(_recipe(tmp_path, whisper_ckpt, tone_speech, ", trainable: [backbone, embed]")), [])
     result = train(cfg)
     assert result.final_loss < result.first_loss
     before = omni.load(whisper_ckpt).model.state_dict()
@@ -81,14 +55,14 @@ def test_pretrained_whisper_trains_saves_and_transcribes(tmp_path, whisper_ckpt,
     assert not torch.equal(before[qkv], after[qkv])  # the decoder trained
     assert isinstance(pipe.tokenizer, WhisperTokenizer)
     assert pipe.model.config.backbone.extra.get("imported_from") == "whisper"  # omni transcribe takes it
-    text = pipe.generate([Audio(speech / "0.wav")], max_new_tokens=8)
+    text = pipe.generate([Audio(tone_speech / "0.wav")], max_new_tokens=8)
     assert isinstance(text, str)
 
 
-def test_pretrained_whisper_with_lora_trains_adapters_of_its_decoder(tmp_path, whisper_ckpt, speech):
+def test_pretrained_whisper_with_lora_trains_adapters_of_its_decoder(tmp_path, whisper_ckpt, tone_speech):
     lora = (", lora: {r: 4, alpha: 8, targets: [backbone.layers.*.attn.wqkv, backbone.layers.*.ffn.w1,"
             " backbone.cross.*.attn.wq]}")
-    cfg = load_recipe(str(_recipe(tmp_path, whisper_ckpt, speech, lora)), [])
+    cfg = load_recipe(str(_recipe(tmp_path, whisper_ckpt, tone_speech, lora)), [])
     trainer = Trainer(cfg)
     with trainer.run_folder():
         trainer.setup()
