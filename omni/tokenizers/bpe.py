@@ -78,6 +78,15 @@ class BPETokenizer(BaseTextTokenizer):
     def vocab(self) -> Vocab:
         return self._vocab
 
+    @property
+    def num_ids(self) -> int:
+        """The tokenizer's ids, omni's markers included (``vocab.text_size`` may be larger)."""
+        return self._num_ids
+
+    def tokenizer_json(self) -> str:
+        """The ``tokenizer.json`` text of the vocabulary, omni's markers as special added tokens."""
+        return self._with_specials.to_str()
+
     # -- building ----------------------------------------------------------------------------
 
     @classmethod

@@ -1,0 +1,106 @@
+"""``omni export --to hf|gguf``: omni checkpoints back out as transformers folders and GGUF files,
+checked by loading them with transformers and comparing logits with omni's on the same ids."""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+import omni
+from omni.model.hf_export import export_hf
+from omni.model.lora import LoraSpec, add_lora
+from omni.sequence import Message, Sample, Segment, render
+
+transformers = pytest.importorskip("transformers")
+
+from tests.conftest import CHATML  # noqa: E402
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, max_position_embeddings=128)
+TOL = 1e-4  # fp32, transformers' eager attention against omni's sdpa
+
+
+def _randomize(module, seed: int, scale: float = 0.1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + scale * noise if name.endswith("norm.weight") else scale * noise)
+
+
+def _hf_folder(path, cls_name, bpe_tokenizer, **overrides):
+    """A random transformers checkpoint with bpe_tokenizer and the ChatML template."""
+    cfg_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
+    vocab = bpe_tokenizer.get_vocab_size()
+    model = getattr(transformers, cls_name)(cfg_cls(**{**TINY, "vocab_size": vocab, **overrides})).eval()
+    _randomize(model, 0)
+    model.save_pretrained(path)
+    bpe_tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "bos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+         "chat_template": CHATML}))
+    return path
+
+
+def _with_lora(model, seed=1):
+    """LoRA adapters on every projection with random (non-zero) B, so merging them changes the logits."""
+    add_lora(model, LoraSpec(r=4, alpha=8.0))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _diff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def _ids(vocab: int, B=2, T=20, seed=3):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("cls_name,tied", [("LlamaForCausalLM", True), ("Qwen2ForCausalLM", False)])
+def test_hf_export_matches_transformers(tmp_path, bpe_tokenizer, cls_name, tied):
+    src = _hf_folder(tmp_path / "src", cls_name, bpe_tokenizer, tie_word_embeddings=tied)
+    pipe = omni.import_hf(src)
+    _with_lora(pipe.model)
+    ids = _ids(pipe.vocab.text_size)
+    with torch.no_grad():
+        ours = pipe.model.logits(ids)
+    out = export_hf(pipe.model, pipe.tokenizer, tmp_path / "out")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == cls_name and hf.config.tie_word_embeddings is tied
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert ref.shape == ours.shape  # every row omni has: the model's ids and omni's markers
+    diff = _diff(ours, ref)
+    print(f"hf {cls_name} lora-merged fp32 logits max abs diff {diff:.2e}")
+    assert diff < TOL
+
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "The cat sat on the mat. Hello world!"
+    assert tok.encode(text, add_special_tokens=False) == pipe.tokenizer.encode(text)
+    chat = [{"role": "user", "content": "Hello world!"}]
+    sample = Sample([Message("user", [Segment("text", text="Hello world!")])])
+    want = render(sample, pipe.tokenizer, add_generation_prompt=True).ids.tolist()
+    assert tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                   return_dict=False) == want
+    assert tok.convert_ids_to_tokens(pipe.vocab.id("<|image|>")) == "<|image|>"
+
+
+def test_hf_export_model_vocab_is_the_original(tmp_path, bpe_tokenizer):
+    """vocab='model' drops omni's markers: the folder has the imported model's shapes and tokenizer."""
+    src = _hf_folder(tmp_path / "src", "LlamaForCausalLM", bpe_tokenizer)
+    pipe = omni.import_hf(src)
+    out = export_hf(pipe.model, pipe.tokenizer, tmp_path / "out", vocab="model")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    orig = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = _ids(bpe_tokenizer.get_vocab_size())
+    with torch.no_grad():
+        assert _diff(hf(ids).logits, orig(ids).logits) < TOL
+    assert len(transformers.AutoTokenizer.from_pretrained(out)) == bpe_tokenizer.get_vocab_size()
