@@ -38,8 +38,8 @@ from omni.tokenizers.bpe import BPETokenizer
 
 ARCHITECTURES = ("llama", "qwen2")
 _SPLIT = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+BLOCK_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
           "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
@@ -204,11 +204,11 @@ class _GGUFTensors(TensorSource):
 
     def _hf_name(self, name: str) -> str:
         m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
-        if m and m[2] in _BLOCK:
-            return f"model.layers.{m[1]}.{_BLOCK[m[2]]}.{m[3]}"
+        if m and m[2] in BLOCK_NAMES:
+            return f"model.layers.{m[1]}.{BLOCK_NAMES[m[2]]}.{m[3]}"
         m = re.fullmatch(r"(\w+)\.(weight|bias)", name)
-        if m and m[1] in _TOP:
-            return f"{_TOP[m[1]]}.{m[2]}"
+        if m and m[1] in TOP_NAMES:
+            return f"{TOP_NAMES[m[1]]}.{m[2]}"
         raise ValueError(f"{self.file.source}: unexpected tensor {name!r} for a "
                          f"{self.file.meta.get('general.architecture')} model")
 

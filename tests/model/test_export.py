@@ -104,3 +104,38 @@ def test_hf_export_model_vocab_is_the_original(tmp_path, bpe_tokenizer):
     with torch.no_grad():
         assert _diff(hf(ids).logits, orig(ids).logits) < TOL
     assert len(transformers.AutoTokenizer.from_pretrained(out)) == bpe_tokenizer.get_vocab_size()
+
+
+# --- GGUF ------------------------------------------------------------------------------------------
+
+# max abs logit diff (logits' std ~0.8): f16 rounds each weight to 11 bits, q8_0 to 8 bits per 32-value
+# block; transformers and omni's re-import dequantize the same file, so they agree with each other
+GGUF_TOL = {"f32": 1e-4, "f16": 1e-2, "q8_0": 0.2}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_export_reloads_in_transformers(tmp_path, write_gguf, arch):
+    """omni (an imported GGUF, LoRA merged) -> GGUF f32/f16/q8_0 -> transformers' GGUF loader: the
+    same logits within each type's tolerance; omni's own import of the file gives them too."""
+    from omni.model.gguf_export import export_gguf
+
+    pipe = omni.import_hf(write_gguf(tmp_path / "src.gguf", arch=arch, tied=arch == "llama"))
+    _with_lora(pipe.model)
+    ids = _ids(pipe.vocab.text_size)
+    with torch.no_grad():
+        ours = pipe.model.logits(ids)
+    for dtype in GGUF_TOL if arch == "llama" else ["f32"]:
+        file = export_gguf(pipe.model, pipe.tokenizer, tmp_path / "out", dtype=dtype, overwrite=True)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name,
+                                                               dtype=torch.float32).eval()
+        back = omni.import_hf(file)
+        with torch.no_grad():
+            ref, again = hf(ids).logits, back.model.logits(ids)
+        diff = _diff(ref, ours)
+        print(f"gguf {arch} {dtype}: transformers vs omni {diff:.2e}, vs omni's re-import of the file "
+              f"{_diff(ref, again):.2e} (logits std {ours.std():.2f})")
+        assert diff < GGUF_TOL[dtype]
+        assert _diff(ref, again) < TOL  # the rounding is the type's alone: both read the same weights
+        assert back.tokenizer.encode("The cat sat. 123") == pipe.tokenizer.encode("The cat sat. 123")
+        assert back.tokenizer.chat_template == pipe.tokenizer.chat_template
+        assert back.vocab == pipe.vocab
