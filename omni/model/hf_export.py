@@ -30,6 +30,7 @@ import torch
 
 from omni.io import atomic_dir, atomic_write_bytes, atomic_write_json, save_tensors
 from omni.model.omni_model import OmniModel
+from omni.model.whisper import hf_whisper_config, hf_whisper_state
 from omni.tokenizers.bpe import BPETokenizer
 from omni.tokenizers.text import TextTokenizer
 from omni.tokenizers.whisper import WhisperTokenizer
@@ -298,4 +299,29 @@ def is_whisper_model(model: OmniModel) -> bool:
 
 
 def whisper_files(model: OmniModel, tokenizer) -> dict:
-    raise ValueError("exporting a Whisper model is not supported yet")
+    """A ``WhisperForConditionalGeneration`` folder: weights, config, generation config (prompt
+    ids, suppress lists), the feature extractor's settings and the tokenizer, Whisper's own ids
+    only (omni's markers, which a Whisper never uses, are dropped)."""
+    if not isinstance(tokenizer, WhisperTokenizer):
+        raise ValueError(f"an imported Whisper exports with its WhisperTokenizer; this checkpoint has "
+                         f"{type(tokenizer).__name__}")
+    config, generation = hf_whisper_config(model, tokenizer)
+    tok = json.loads(tokenizer.tokenizer_json())
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] not in SPECIAL_TOKENS]
+    n_mels = config["num_mel_bins"]
+    return {
+        "config.json": config, "generation_config.json": generation,
+        "model.safetensors": hf_whisper_state(model, tokenizer.model_ids),
+        "tokenizer.json": json.dumps(tok, ensure_ascii=False, indent=1),
+        "tokenizer_config.json": {"tokenizer_class": "WhisperTokenizer", "model_max_length": 1024,
+                                  "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                                  "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+                                  "add_prefix_space": False, "clean_up_tokenization_spaces": False},
+        # Whisper's log-mel front end, which omni's LogMel computes (16 kHz, 25 ms / 10 ms, 30-s window)
+        "preprocessor_config.json": {"feature_extractor_type": "WhisperFeatureExtractor",
+                                     "processor_class": "WhisperProcessor", "feature_size": n_mels,
+                                     "sampling_rate": 16000, "hop_length": 160, "n_fft": 400,
+                                     "chunk_length": 30, "n_samples": 480000, "nb_max_frames": 3000,
+                                     "padding_side": "right", "padding_value": 0.0,
+                                     "return_attention_mask": False},
+    }

@@ -176,6 +176,110 @@ def _omni_state(sd: dict, config: OmniConfig, rows: int, source: str) -> dict[st
     return out
 
 
+# options that change training only (augmentation, caching, a frozen tower), not what the model computes
+_TRAINING_ONLY = ("spec_augment", "precompute", "freeze", "attn_backend", "extra")
+
+
+def _inference_view(section: dict) -> dict:
+    return {k: _inference_view(v) if isinstance(v, dict) else v for k, v in section.items()
+            if k not in _TRAINING_ONLY}
+
+
+def hf_whisper_state(model: OmniModel, rows: int) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`_omni_state`: an imported (and perhaps fine-tuned, LoRA merged) Whisper's
+    weights under transformers' ``WhisperForConditionalGeneration`` names, the first ``rows``
+    embedding rows (omni's markers dropped). The fused k bias slots are dropped: a bias on the keys
+    adds the same amount to every score of a query, which softmax ignores, so this is exact."""
+    sd = model.export_state_dict()
+    used: set[str] = set()
+
+    def get(name: str) -> torch.Tensor:
+        used.add(name)
+        return sd[name]
+
+    out: dict[str, torch.Tensor] = {}
+
+    def linear(dst: str, src: str) -> None:
+        out[f"{dst}.weight"], out[f"{dst}.bias"] = get(f"{src}.weight"), get(f"{src}.bias")
+
+    def unfuse(dst: str, names: str, w: torch.Tensor, b: torch.Tensor) -> None:
+        for x, wx, bx in zip(names, w.chunk(len(names)), b.chunk(len(names))):
+            out[f"{dst}.{x}_proj.weight"] = wx
+            if x != "k":
+                out[f"{dst}.{x}_proj.bias"] = bx
+
+    enc = "encoders.audio.encoder."
+    linear("model.encoder.conv1", enc + "conv1")
+    linear("model.encoder.conv2", enc + "conv2")
+    out["model.encoder.embed_positions.weight"] = get(enc + "positions")
+    for i in range(model.config.media["audio"]["encoder"]["whisper_config"]["encoder_layers"]):
+        dst, src = f"model.encoder.layers.{i}", f"{enc}layers.layers.{i}"
+        unfuse(f"{dst}.self_attn", "qkv", get(f"{src}.self_attn.in_proj_weight"),
+               get(f"{src}.self_attn.in_proj_bias"))
+        linear(f"{dst}.self_attn.out_proj", f"{src}.self_attn.out_proj")
+        linear(f"{dst}.self_attn_layer_norm", f"{src}.norm1")
+        linear(f"{dst}.fc1", f"{src}.linear1")
+        linear(f"{dst}.fc2", f"{src}.linear2")
+        linear(f"{dst}.final_layer_norm", f"{src}.norm2")
+    linear("model.encoder.layer_norm", enc + "norm")
+
+    out["model.decoder.embed_tokens.weight"] = get("embed.weight")[:rows]
+    out["model.decoder.embed_positions.weight"] = get("backbone.pos_embed.weight")
+    for i in range(model.config.backbone.num_layers):
+        dst, src, xa = f"model.decoder.layers.{i}", f"backbone.layers.{i}", f"backbone.cross.{i}"
+        unfuse(f"{dst}.self_attn", "qkv", get(f"{src}.attn.wqkv.weight"), get(f"{src}.attn.wqkv.bias"))
+        linear(f"{dst}.self_attn.out_proj", f"{src}.attn.wo")
+        linear(f"{dst}.self_attn_layer_norm", f"{src}.attn_norm")
+        linear(f"{dst}.encoder_attn_layer_norm", f"{xa}.norm")
+        linear(f"{dst}.encoder_attn.q_proj", f"{xa}.attn.wq")
+        unfuse(f"{dst}.encoder_attn", "kv", get(f"{xa}.attn.wkv.weight"), get(f"{xa}.attn.wkv.bias"))
+        linear(f"{dst}.encoder_attn.out_proj", f"{xa}.attn.wo")
+        linear(f"{dst}.final_layer_norm", f"{src}.ffn_norm")
+        linear(f"{dst}.fc1", f"{src}.ffn.w1")
+        linear(f"{dst}.fc2", f"{src}.ffn.w2")
+    linear("model.decoder.layer_norm", "backbone.norm")
+    left = sorted(set(sd) - used)
+    if left:
+        raise ValueError(f"this Whisper model has weights transformers' Whisper has no place for: "
+                         f"{', '.join(left[:5])}")
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+def hf_whisper_config(model: OmniModel, tokenizer: WhisperTokenizer) -> tuple[dict, dict]:
+    """(config.json, generation_config.json) of the transformers Whisper that ``model`` is; a model
+    that is no longer Whisper's layout (another encoder or connector, other decoder options) is a
+    ``ValueError`` naming what differs."""
+    section = model.config.media.get("audio", {})
+    wc = section.get("encoder", {}).get("whisper_config")
+    b = model.config.backbone
+    expected = whisper_config({**wc, "decoder_attention_heads": b.num_heads, "decoder_layers": b.num_layers,
+                               "decoder_ffn_dim": b.ffn_dim, "max_target_positions": b.max_seq_len},
+                              tokenizer) if wc else None
+    if expected is None or set(model.config.media) != {"audio"} or \
+            _inference_view(section) != _inference_view(expected.media["audio"]) or \
+            _inference_view(b.to_dict()) != _inference_view(expected.backbone.to_dict()):
+        raise ValueError("this model was imported from Whisper but no longer has Whisper's layout (its "
+                         "config.json's backbone or media section differs from what the import wrote), so "
+                         "it cannot be exported as WhisperForConditionalGeneration")
+    rows = tokenizer.model_ids
+    eot, sot = tokenizer.eot, tokenizer.sot
+    config = {"architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper",
+              "vocab_size": rows, **{k: wc[k] for k in ENCODER_KEYS},
+              "decoder_layers": b.num_layers, "decoder_attention_heads": b.num_heads,
+              "decoder_ffn_dim": b.ffn_dim, "max_target_positions": b.max_seq_len,
+              "activation_function": "gelu", "scale_embedding": False, "tie_word_embeddings": True,
+              "pad_token_id": eot, "bos_token_id": eot, "eos_token_id": eot, "decoder_start_token_id": sot,
+              "use_cache": True, "dtype": "float32"}
+    generation = {"decoder_start_token_id": sot, "bos_token_id": eot, "eos_token_id": eot,
+                  "pad_token_id": eot, "max_length": b.max_seq_len, "is_multilingual": tokenizer.multilingual,
+                  "no_timestamps_token_id": tokenizer.no_timestamps, "suppress_tokens": tokenizer.suppress,
+                  "begin_suppress_tokens": tokenizer.begin_suppress,
+                  "task_to_id": dict(tokenizer.tasks) if tokenizer.multilingual else {},
+                  "lang_to_id": ({f"<|{lang}|>": i for lang, i in tokenizer.languages.items()}
+                                 if tokenizer.multilingual else {})}
+    return config, generation
+
+
 # ---------------------------------------------------------------------------------------------
 # CTranslate2 model.bin (binary version 6): u32 version, str spec, u32 revision, u32 count,
 # count x (str name, u8 ndim, ndim x u32, u8 dtype, u32 nbytes, bytes), u32 aliases, (str, str)...;

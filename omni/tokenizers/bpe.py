@@ -58,7 +58,10 @@ class BPETokenizer(BaseTextTokenizer):
         ``model_ids``: how many ids the model's own tokenizer has (omni's markers follow)."""
         self.source, self.chat_template, self.add_bos = source, chat_template, bool(add_bos)
         tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: the caller's stays as it was
-        self.model_ids = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1  # before the markers
+        known = tokenizer.get_vocab(with_added_tokens=True)
+        # a saved tokenizer.json holds the markers already: the model's ids are those before them
+        markers = [known[t] for t in SPECIAL_TOKENS if t in known]
+        self.model_ids = min(markers) if markers else max(known.values()) + 1
         tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
         ids = tokenizer.get_vocab(with_added_tokens=True).values()
         self._num_ids = max(ids) + 1

@@ -47,6 +47,7 @@ def _hf_folder(path, cls_name, bpe_tokenizer, **overrides):
 
 def _with_lora(model, seed=1):
     """LoRA adapters on every projection with random (non-zero) B, so merging them changes the logits."""
+    torch.manual_seed(seed)
     add_lora(model, LoraSpec(r=4, alpha=8.0))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -139,3 +140,37 @@ def test_gguf_export_reloads_in_transformers(tmp_path, write_gguf, arch):
         assert back.tokenizer.encode("The cat sat. 123") == pipe.tokenizer.encode("The cat sat. 123")
         assert back.tokenizer.chat_template == pipe.tokenizer.chat_template
         assert back.vocab == pipe.vocab
+
+
+# --- Whisper ---------------------------------------------------------------------------------------
+
+
+def test_whisper_export_is_a_transformers_whisper(whisper_ckpt, tmp_path):
+    """An imported Whisper, fine-tuned (LoRA on the decoder, merged), goes back out as
+    WhisperForConditionalGeneration with the same logits, tokenizer and prompt ids."""
+    from omni.sequence import MediaSlot
+
+    pipe = omni.load(whisper_ckpt)
+    _with_lora(pipe.model)
+    tok = pipe.tokenizer
+    mel = torch.randn(80, 3000, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([tok.prompt("de") + tok.encode(" The cat sat on the mat")])
+    with torch.no_grad():
+        ours = pipe.model(ids, media=[(0, MediaSlot(0, 1500, "audio", mel))]).logits[..., :tok.model_ids]
+    out = export_hf(pipe.model, tok, tmp_path / "out")
+    hf = transformers.WhisperForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(input_features=mel[None], decoder_input_ids=ids).logits
+    diff = _diff(ours, ref)
+    print(f"hf whisper lora-merged fp32 logits max abs diff {diff:.2e}")
+    assert diff < TOL
+    assert hf.generation_config.decoder_start_token_id == tok.sot
+    assert hf.generation_config.lang_to_id["<|de|>"] == tok.languages["de"]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok.encode(" The cat sat", add_special_tokens=False) == tok.encode(" The cat sat")
+    assert len(hf_tok) == tok.model_ids
+    fe = transformers.AutoFeatureExtractor.from_pretrained(out)
+    wave = torch.randn(16000, generator=torch.Generator().manual_seed(1)).numpy() * 0.1
+    feats = fe(wave, sampling_rate=16000, return_tensors="pt").input_features[0]
+    ours_feats, _ = pipe.processor.prepare("audio", omni.Audio(torch.from_numpy(wave), sample_rate=16000))
+    assert _diff(feats, ours_feats) < 1e-3  # omni's log-mel is Whisper's front end
