@@ -226,34 +226,85 @@ def tokenizer_files(tokenizer, keep_markers: bool, max_len: int) -> dict:
     tok = json.loads(tokenizer.tokenizer_json())
     if not keep_markers:
         tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] not in SPECIAL_TOKENS]
-    v = tokenizer.vocab
-    names = {i: t["content"] for t in tok["added_tokens"] for i in [t["id"]]}
-    vocab_ids = {i: s for s, i in tok["model"]["vocab"].items()} if isinstance(tok["model"].get("vocab"),
-                                                                             dict) else {}
-
-    def token(i: int) -> str:
-        return names.get(i, vocab_ids.get(i))
-
-    if tokenizer.add_bos:  # transformers adds bos from the tokenizer's post-processor
-        bos = token(v.bos_id)
-        tok["post_processor"] = {"type": "TemplateProcessing",
-                                 "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
-                                            {"Sequence": {"id": "A", "type_id": 0}}],
-                                 "pair": [{"SpecialToken": {"id": bos, "type_id": 0}},
-                                          {"Sequence": {"id": "A", "type_id": 0}},
-                                          {"Sequence": {"id": "B", "type_id": 1}}],
-                                 "special_tokens": {bos: {"id": bos, "ids": [v.bos_id], "tokens": [bos]}}}
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
-           "bos_token": token(v.bos_id), "eos_token": token(v.eos_id), "pad_token": token(v.pad_id),
-           "unk_token": token(v.unk_id), "add_bos_token": tokenizer.add_bos, "add_eos_token": False,
-           "clean_up_tokenization_spaces": False}
+    cfg = _tokenizer_config(tok, tokenizer.vocab, tokenizer.add_bos, max_len)
     if tokenizer.chat_template:
         cfg["chat_template"] = tokenizer.chat_template
     return {"tokenizer.json": json.dumps(tok, ensure_ascii=False, indent=1), "tokenizer_config.json": cfg}
 
 
+def _tokenizer_config(tok: dict, v, add_bos: bool, max_len: int) -> dict:
+    """tokenizer_config.json for the ``tokenizer.json`` dict ``tok`` (given a bos post-processor
+    when ``add_bos``: transformers adds bos from there)."""
+    names = {t["id"]: t["content"] for t in tok["added_tokens"]}
+    model_vocab = tok["model"]["vocab"]
+    pieces = ({i: p for p, i in model_vocab.items()} if isinstance(model_vocab, dict)
+              else {i: p for i, (p, _) in enumerate(model_vocab)})
+
+    def token(i: int) -> str:
+        return names.get(i, pieces.get(i))
+
+    bos = token(v.bos_id)
+    if add_bos:
+        seq = [{"Sequence": {"id": "A", "type_id": 0}}]
+        tok["post_processor"] = {"type": "TemplateProcessing",
+                                 "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, *seq],
+                                 "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, *seq,
+                                          {"Sequence": {"id": "B", "type_id": 1}}],
+                                 "special_tokens": {bos: {"id": bos, "ids": [v.bos_id], "tokens": [bos]}}}
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len, "bos_token": bos,
+            "eos_token": token(v.eos_id), "pad_token": token(v.pad_id), "unk_token": token(v.unk_id),
+            "add_bos_token": add_bos, "add_eos_token": False, "clean_up_tokenization_spaces": False}
+
+
+# omni's own chat layout (omni.sequence.render) for a SentencePiece model, as a Jinja template
+OMNI_CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>"
+                      "{{ message['content'] }}<|eot|>{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
 def sentencepiece_files(tokenizer: TextTokenizer, max_len: int) -> dict:
-    raise ValueError("exporting omni's own SentencePiece tokenizer is not supported yet")
+    """omni's SentencePiece model as a ``tokenizer.json`` (a Unigram model with SentencePiece's
+    whitespace handling and byte fallback: the settings omni trains with, as transformers'
+    ``SpmConverter`` writes them) that encodes text as ``sp.encode`` does; omni's markers and
+    SentencePiece's control pieces are special added tokens, and the chat template is omni's
+    layout. A SentencePiece model that is not a unigram one is refused."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import Unigram
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tokenizer.model_proto)
+    if proto.trainer_spec.model_type != proto.trainer_spec.UNIGRAM:
+        kind = proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type)
+        raise ValueError(f"{tokenizer.source}: a SentencePiece {kind} model cannot be exported to transformers "
+                         "yet (only unigram models, omni's default)")
+    norm = proto.normalizer_spec
+    if norm.precompiled_charsmap or norm.remove_extra_whitespaces or not norm.escape_whitespaces:
+        raise ValueError(f"{tokenizer.source}: the SentencePiece model normalizes text (rule "
+                         f"{norm.name!r}); only omni's identity normalization is exported")
+    tok = Tokenizer(Unigram([(p.piece, p.score) for p in proto.pieces], unk_id=proto.trainer_spec.unk_id,
+                            byte_fallback=proto.trainer_spec.byte_fallback))
+    steps = [normalizers.Replace(" ", "\u2581")]
+    if norm.add_dummy_prefix:  # Metaspace skips the prefix of a text starting with "▁"; SentencePiece doesn't
+        steps.append(normalizers.Replace(Regex("\\A\u2581"), "\u2581\u2581"))
+    tok.normalizer = normalizers.Sequence(steps)
+    pre = [pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always" if norm.add_dummy_prefix
+                                    else "never", split=False)]
+    if proto.trainer_spec.split_digits:
+        pre.append(pre_tokenizers.Digits(individual_digits=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(pre)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if norm.add_dummy_prefix:
+        steps.append(decoders.Strip(content=" ", left=1))
+    tok.decoder = decoders.Sequence(steps)
+    # control pieces (<s>, omni's markers) are special tokens: a chat template's text reaches them
+    # (transformers' split_special_tokens=True encodes a typed one as its own piece, never bytes)
+    tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False) for p in proto.pieces
+                            if p.type in (p.CONTROL, p.UNKNOWN)])
+    raw = json.loads(tok.to_str())
+    cfg = _tokenizer_config(raw, tokenizer.vocab, True, max_len)
+    cfg["chat_template"] = OMNI_CHAT_TEMPLATE
+    return {"tokenizer.json": json.dumps(raw, ensure_ascii=False, indent=1), "tokenizer_config.json": cfg}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,6 +57,11 @@ class TextTokenizer(BaseTextTokenizer):
     def vocab(self) -> Vocab:
         return self._vocab
 
+    @property
+    def model_proto(self) -> bytes:
+        """The serialized SentencePiece model (what ``text.model`` holds)."""
+        return self._proto
+
     # -- files ------------------------------------------------------------------------------
 
     @classmethod

@@ -174,3 +174,30 @@ def test_whisper_export_is_a_transformers_whisper(whisper_ckpt, tmp_path):
     feats = fe(wave, sampling_rate=16000, return_tensors="pt").input_features[0]
     ours_feats, _ = pipe.processor.prepare("audio", omni.Audio(torch.from_numpy(wave), sample_rate=16000))
     assert _diff(feats, ours_feats) < 1e-3  # omni's log-mel is Whisper's front end
+
+
+# --- a from-scratch omni model: its SentencePiece tokenizer, media encoders beside the LM ----------
+
+
+def test_from_scratch_model_exports_with_its_sentencepiece_tokenizer(debug_model, tiny_corpus, tmp_path):
+    """omni's own debug model (RMSNorm, SwiGLU, RoPE) -> LlamaForCausalLM with the same logits; its
+    SentencePiece tokenizer -> a tokenizer.json that encodes every corpus line as SentencePiece does,
+    and omni's chat layout as the chat template."""
+    out = export_hf(debug_model.model, debug_model.tokenizer, tmp_path / "out")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = _ids(debug_model.vocab.text_size)
+    with torch.no_grad():
+        diff = _diff(hf(ids).logits, debug_model.model.logits(ids))
+    print(f"hf from-scratch debug model fp32 logits max abs diff {diff:.2e}")
+    assert diff < TOL
+    tok, sp = transformers.AutoTokenizer.from_pretrained(out), debug_model.tokenizer
+    lines = [json.loads(line)["text"] for line in (tiny_corpus / "val.jsonl").read_text().splitlines()]
+    lines += ["  two  spaces, 12345 digits, émoji 😀 and ünïcödé \n new line"]
+    for text in lines:
+        assert tok.encode(text, add_special_tokens=False) == sp.encode(text), text
+        assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text))
+    assert tok.encode("Hi")[0] == sp.vocab.bos_id
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is Paris?"}]
+    sample = Sample([Message(m["role"], [Segment("text", text=m["content"])]) for m in chat])
+    want = render(sample, sp, add_generation_prompt=True).ids.tolist()
+    assert tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False) == want
