@@ -276,8 +276,8 @@ def sentencepiece_files(tokenizer: TextTokenizer, max_len: int) -> dict:
     proto.ParseFromString(tokenizer.model_proto)
     if proto.trainer_spec.model_type != proto.trainer_spec.UNIGRAM:
         kind = proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type)
-        raise ValueError(f"{tokenizer.source}: a SentencePiece {kind} model cannot be exported to transformers "
-                         "yet (only unigram models, omni's default)")
+        raise ValueError(f"{tokenizer.source}: a SentencePiece {kind} model cannot be exported to "
+                         "transformers yet (only unigram models, omni's default)")
     norm = proto.normalizer_spec
     if norm.precompiled_charsmap or norm.remove_extra_whitespaces or not norm.escape_whitespaces:
         raise ValueError(f"{tokenizer.source}: the SentencePiece model normalizes text (rule "
