@@ -1,6 +1,7 @@
 """``omni export --to hf|gguf``: omni checkpoints back out as transformers folders and GGUF files,
 checked by loading them with transformers and comparing logits with omni's on the same ids."""
 
+import copy
 import json
 import os
 
@@ -183,12 +184,15 @@ def test_from_scratch_model_exports_with_its_sentencepiece_tokenizer(debug_model
     """omni's own debug model (RMSNorm, SwiGLU, RoPE) -> LlamaForCausalLM with the same logits; its
     SentencePiece tokenizer -> a tokenizer.json that encodes every corpus line as SentencePiece does,
     and omni's chat layout as the chat template."""
-    out = export_hf(debug_model.model, debug_model.tokenizer, tmp_path / "out")
+    model = copy.deepcopy(debug_model.model)
+    _randomize(model, 0)  # the fixture's init (std 0.02) gives logits too small to show a mistake
+    out = export_hf(model, debug_model.tokenizer, tmp_path / "out")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = _ids(debug_model.vocab.text_size)
     with torch.no_grad():
-        diff = _diff(hf(ids).logits, debug_model.model.logits(ids))
-    print(f"hf from-scratch debug model fp32 logits max abs diff {diff:.2e}")
+        ours = model.logits(ids)
+        diff = _diff(hf(ids).logits, ours)
+    print(f"hf from-scratch debug model fp32 logits max abs diff {diff:.2e} (logits std {ours.std():.2f})")
     assert diff < TOL
     tok, sp = transformers.AutoTokenizer.from_pretrained(out), debug_model.tokenizer
     lines = [json.loads(line)["text"] for line in (tiny_corpus / "val.jsonl").read_text().splitlines()]
@@ -201,3 +205,47 @@ def test_from_scratch_model_exports_with_its_sentencepiece_tokenizer(debug_model
     sample = Sample([Message(m["role"], [Segment("text", text=m["content"])]) for m in chat])
     want = render(sample, sp, add_generation_prompt=True).ids.tolist()
     assert tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False) == want
+
+
+def test_multimodal_export_writes_the_lm_and_its_encoders_beside_it(text_tokenizer, tmp_path):
+    """An image model: the LM as LlamaForCausalLM, the tower + connector in omni_media.safetensors;
+    rebuilt as omni_media.json says and fed to transformers as inputs_embeds, it gives omni's logits."""
+    from safetensors.torch import load_file
+
+    from omni.model.backbone import backbone_config
+    from omni.model.hf_export import MEDIA_JSON, MEDIA_WEIGHTS
+    from omni.model.media_encoder import build_media_encoder
+    from omni.model.omni_model import build_model
+    from omni.sequence import MediaSlot
+
+    media = {"image": {"tokenizer": {"kind": "siglip", "size": "tiny", "image_size": 32, "patch_size": 16},
+                       "connector": {"kind": "mlp"}}}
+    model = build_model(backbone_config("debug"), text_tokenizer.vocab, seed=0, media=media).eval()
+    _randomize(model.backbone, 1)
+    _randomize(model.embed, 2)
+    pixels = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data, grid = model.encoders["image"].prepare(pixels)
+    n = grid[0] * grid[1] * grid[2]
+    v = model.vocab
+    ids = torch.tensor([[v.bos_id, 300, v.id("<|image|>"), *[v.id("<|feat|>")] * n, v.id("<|/image|>"), 301]])
+    with torch.no_grad():
+        ours = model(ids, media=[(0, MediaSlot(3, n, "image", data))]).logits
+
+    out = export_hf(model, text_tokenizer, tmp_path / "out")
+    described = json.loads((out / MEDIA_JSON).read_text())
+    assert described["media"] == model.standalone_config().media and described["hidden_size"] == 64
+    tensors = load_file(out / MEDIA_WEIGHTS)
+    encoder = build_media_encoder("image", described["media"]["image"], described["hidden_size"],
+                                  described["vocab"]["text_size"])
+    encoder.load_state_dict({k.removeprefix("encoders.image."): t for k, t in tensors.items()})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        embeds = hf.get_input_embeddings()(ids)
+        embeds[0, 3:3 + n] = encoder.eval()([data])[0]
+        diff = _diff(hf(inputs_embeds=embeds).logits, ours)
+    print(f"hf image model (LM + rebuilt tower/connector) fp32 logits max abs diff {diff:.2e} "
+          f"(logits std {ours.std():.2f})")
+    assert diff < TOL
+    with pytest.raises(ValueError, match="GGUF export writes a language model alone"):
+        from omni.model.gguf_export import export_gguf
+        export_gguf(model, text_tokenizer, tmp_path / "m.gguf")
