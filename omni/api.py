@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 from omni.io import atomic_write_json
+from omni.model.gguf_export import export_gguf
 from omni.model.gguf_import import import_gguf
+from omni.model.hf_export import export_hf
 from omni.model.hf_import import import_hf as _import_hf
 from omni.model.quant import quantize_int8
 from omni.model.whisper import import_whisper, is_whisper
@@ -24,6 +26,7 @@ __all__ = [
     "Chat",
     "Pipeline",
     "describe",
+    "export",
     "import_hf",
     "is_batch",
     "load",
@@ -64,6 +67,24 @@ def import_hf(
         load = import_gguf if is_gguf else _import_hf
     model, tokenizer = load(path, device=device, dtype=dtype)
     return Pipeline(model, tokenizer=tokenizer)
+
+
+EXPORT_FORMATS = ("hf", "gguf")
+
+
+def export(model, out: str | Path, to: str = "hf", dtype: str | None = None, vocab: str = "full",
+           overwrite: bool = False) -> Path:
+    """Write ``model`` (a pipeline, or a checkpoint folder's path) for other tools: ``to="hf"`` a
+    transformers folder (``dtype`` f32 (default), f16 or bf16), ``to="gguf"`` a GGUF file for
+    llama.cpp (f32, f16 (default) or q8_0). LoRA adapters are merged; ``vocab="model"`` drops omni's
+    markers from an imported model's vocabulary (docs/checkpoints.md, "Export"). Returns the
+    folder or file written."""
+    if to not in EXPORT_FORMATS:
+        raise ValueError(f"export format {to!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    pipe = load(model) if isinstance(model, (str, Path)) else pipeline(model)
+    if to == "hf":
+        return export_hf(pipe.model, pipe.tokenizer, out, dtype or "f32", vocab, overwrite)
+    return export_gguf(pipe.model, pipe.tokenizer, out, dtype or "f16", vocab, overwrite)
 
 
 def pipeline(model) -> Pipeline:

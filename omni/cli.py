@@ -29,7 +29,7 @@ from omni.tokenizers.whisper import WhisperTokenizer
 from omni.train import TrainingError, train
 from omni.train.checkpoint import STATE_FILE, latest_checkpoint
 from omni.train.codec import format_report, load_codec_spec, train_codec
-from omni.train.loop import export_checkpoint, prepare_data, read_metrics
+from omni.train.loop import checkpoint_pipeline, export_checkpoint, prepare_data, read_metrics
 from omni.transcribe import FORMATS, format_segments
 from omni.weights import BUNDLED, bundled
 
@@ -322,15 +322,31 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    path = Path(args.checkpoint)
+    if (args.checkpoint is None) == (args.ckpt is None):
+        raise ValueError("name the checkpoint once: omni export --ckpt DIR (or omni export DIR)")
+    if args.to == "omni" and (args.dtype or args.vocab != "full"):
+        raise ValueError("--dtype and --vocab are for --to hf / gguf; an omni export keeps the weights "
+                         "as they are")
+    path = Path(args.ckpt or args.checkpoint)
+    model_folder = (path / "config.json").is_file()
+    if args.to != "omni" and model_folder:  # a model folder (omni.load reads it)
+        out = omni.export(path, args.out, to=args.to, dtype=args.dtype, vocab=args.vocab,
+                          overwrite=args.overwrite)
+        print(f"exported {path} -> {out} ({args.to})")
+        return 0
     if not (path / STATE_FILE).is_file():  # a run folder: its newest checkpoint
         newest = latest_checkpoint(path / "checkpoints")
         if newest is None:
-            raise ValueError(f"{path}: neither a checkpoint folder ({STATE_FILE}) nor a run folder with "
-                             "checkpoints/step_N")
+            hint = " (it is a model folder: export it --to hf or --to gguf)" if model_folder else ""
+            raise ValueError(f"{path}: neither a training checkpoint ({STATE_FILE}) nor a run folder with "
+                             f"checkpoints/step_N{hint}")
         path = newest
-    out = export_checkpoint(path, args.out)
-    print(f"exported {path} -> {out}")
+    if args.to == "omni":
+        out = export_checkpoint(path, args.out)
+    else:
+        out = omni.export(checkpoint_pipeline(path), args.out, to=args.to, dtype=args.dtype, vocab=args.vocab,
+                          overwrite=args.overwrite)
+    print(f"exported {path} -> {out} ({args.to})")
     return 0
 
 
@@ -557,15 +573,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights are dequantized to this dtype (default: float32)")
     i.set_defaults(fn=cmd_import)
 
-    x = sub.add_parser("export", help="a training checkpoint -> a model folder, LoRA adapters merged",
-                       epilog=EPILOG,
-                       description="Write a training checkpoint (RUN/checkpoints/step_N, whose LoRA "
+    x = sub.add_parser("export", help="a checkpoint -> a transformers folder, a GGUF file or an omni folder "
+                                      "(LoRA merged)", epilog=EPILOG,
+                       description="--to hf: a transformers folder (LlamaForCausalLM / Qwen2ForCausalLM with "
+                                   "tokenizer and chat template; an imported Whisper as "
+                                   "WhisperForConditionalGeneration; a multimodal model's media encoders "
+                                   "beside its language model in omni_media.safetensors + omni_media.json). "
+                                   "--to gguf: a llama.cpp GGUF file (llama / qwen2 text models). --to omni "
+                                   "(default): a training checkpoint (RUN/checkpoints/step_N, whose LoRA "
                                    "adapters are kept apart so the run can resume) as an omni checkpoint "
-                                   "folder with the adapters folded into their weights, as the run writes "
-                                   "its model at the end; omni.load, omni chat and model.pretrained read it.")
-    x.add_argument("checkpoint",
-                   help="a checkpoint folder (RUN/checkpoints/step_N), or a run folder: its newest")
-    x.add_argument("--out", required=True, help="the omni checkpoint folder to write")
+                                   "folder with the adapters folded in. What cannot be exported is refused "
+                                   "with the reason; docs/checkpoints.md lists the limits.")
+    x.add_argument("checkpoint", nargs="?",
+                   help="the same as --ckpt (kept for `omni export RUN --out DIR`)")
+    x.add_argument("--ckpt", help="a model folder (config.json), a checkpoint folder "
+                                  "(RUN/checkpoints/step_N) or a run folder (--to omni: its newest)")
+    x.add_argument("--to", default="omni", choices=["omni", "hf", "gguf"], help="the format (default: omni)")
+    x.add_argument("--out", required=True, help="the folder to write (--to gguf: a .gguf file, or a folder "
+                                                "that gets model-<dtype>.gguf)")
+    x.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="weight type: hf f32 (default), f16, bf16; gguf f32, f16 (default), q8_0")
+    x.add_argument("--vocab", default="full", choices=["full", "model"],
+                   help="full (default): every row, omni's markers as added special tokens; model: an "
+                        "imported model's own vocabulary, omni's markers dropped")
+    x.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     x.set_defaults(fn=cmd_export)
 
     m = sub.add_parser("demo",

@@ -422,6 +422,15 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Path:
     kept apart so the run can resume) -> an omni checkpoint folder with the adapters folded into
     their base weights, the processor's files beside them, as a run exports at its end. The model is
     rebuilt the way resuming rebuilds it; ``out`` is written atomically, after the checkpoint loads."""
+    built = checkpoint_pipeline(path)
+    with exclusive(out, "export"):
+        built.save_pretrained(out)
+    return Path(out)
+
+
+def checkpoint_pipeline(path: str | Path) -> Pipeline:
+    """A training checkpoint's model (LoRA adapters attached, as in training) and processor, rebuilt
+    the way resuming rebuilds them."""
     path = Path(path)
     ck = load_checkpoint(path)
     if not isinstance(ck.meta.get("recipe"), dict):
@@ -430,9 +439,7 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Path:
     built = build_pipeline(cfg, Accelerator(cpu=True))
     apply_stages(built.model, cfg.train)
     built.model.load_weights(ck.model_state, str(path / "model.safetensors"))
-    with exclusive(out, "export"):
-        built.save_pretrained(out)
-    return Path(out)
+    return built.eval()
 
 
 def train(cfg: RecipeConfig) -> TrainResult:

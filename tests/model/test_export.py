@@ -249,3 +249,65 @@ def test_multimodal_export_writes_the_lm_and_its_encoders_beside_it(text_tokeniz
     with pytest.raises(ValueError, match="GGUF export writes a language model alone"):
         from omni.model.gguf_export import export_gguf
         export_gguf(model, text_tokenizer, tmp_path / "m.gguf")
+
+
+# --- the command, and what is refused ----------------------------------------------------------------
+
+
+def test_cli_exports_a_model_folder_and_refuses_clearly(tmp_path, write_gguf, capsys):
+    from omni.cli import main
+
+    omni.import_hf(write_gguf(tmp_path / "src.gguf")).save_pretrained(tmp_path / "ckpt")
+    ckpt = str(tmp_path / "ckpt")
+    assert main(["export", "--ckpt", ckpt, "--to", "hf", "--out", str(tmp_path / "hf"),
+                 "--dtype", "bf16"]) == 0
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").model_type == "llama"
+    assert main(["export", "--ckpt", ckpt, "--to", "gguf", "--out", str(tmp_path / "g"),
+                 "--dtype", "q8_0"]) == 0
+    assert (tmp_path / "g" / "model-q8_0.gguf").is_file()
+    capsys.readouterr()
+    refused = {  # argv tail -> what the one-line error says
+        ("--to", "hf", "--out", str(tmp_path / "hf")): "already exists and is not empty",
+        ("--to", "hf", "--out", str(tmp_path / "x"), "--dtype", "q8_0"): "q8_0 is for --to gguf",
+        ("--to", "gguf", "--out", str(tmp_path / "y.gguf"), "--dtype", "bf16"): "not a GGUF export type",
+        ("--to", "omni", "--out", str(tmp_path / "z"), "--dtype", "f16"): "--dtype and --vocab are for",
+        ("--out", str(tmp_path / "z")): "it is a model folder: export it --to hf or --to gguf",
+    }
+    for tail, message in refused.items():
+        assert main(["export", "--ckpt", ckpt, *tail]) == 1
+        assert message in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("x", "y.gguf", "z"))
+
+
+@pytest.mark.parametrize("change,named", [
+    (dict(mrope_section=[2, 3, 3]), "mrope_section"),
+    (dict(cross_attention={"every": 1}), "cross_attention"),
+    (dict(norm="layer", mlp="gelu"), "backbone.norm='layer'.*backbone.mlp='gelu'"),
+    (dict(out_bias=True), "out_bias"),
+])
+def test_what_transformers_cannot_express_is_refused_by_name(text_tokenizer, tmp_path, change, named):
+    from omni.model.backbone import backbone_config
+    from omni.model.gguf_export import export_gguf
+    from omni.model.omni_model import build_model
+
+    model = build_model(backbone_config("debug", **change), text_tokenizer.vocab, seed=0)
+    with pytest.raises(ValueError, match=f"cannot be exported as a transformers language model: .*{named}"):
+        export_hf(model, text_tokenizer, tmp_path / "out")
+    with pytest.raises(ValueError, match=named):
+        export_gguf(model, text_tokenizer, tmp_path / "out.gguf")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.gguf").exists()
+
+
+def test_gguf_refuses_a_sentencepiece_model_and_hf_a_whisper_changed_away_from_whisper(
+        debug_model, whisper_ckpt, tmp_path):
+    from omni.model.gguf_export import export_gguf
+
+    with pytest.raises(ValueError, match="GGUF export writes llama.cpp's byte-level BPE.*TextTokenizer"):
+        export_gguf(debug_model.model, debug_model.tokenizer, tmp_path / "a.gguf")
+    pipe = omni.load(whisper_ckpt)
+    pipe.model.config.media["audio"]["connector"] = {"kind": "mlp"}
+    with pytest.raises(ValueError, match="no longer has Whisper's layout"):
+        export_hf(pipe.model, pipe.tokenizer, tmp_path / "w")
+    with pytest.raises(ValueError, match="vocab='model'.*WhisperTokenizer"):
+        from omni.model.hf_export import lm_rows
+        lm_rows(pipe.model, pipe.tokenizer, "model")

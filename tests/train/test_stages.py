@@ -263,6 +263,15 @@ def test_omni_export_merges_the_lora_adapters_of_a_runs_newest_checkpoint(tmp_pa
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "none")]) == 1  # no checkpoints: one line
     assert not (tmp_path / "none").exists()
 
+    # --to hf from the training checkpoint itself: the adapters merged on the way out
+    from transformers import AutoModelForCausalLM
+
+    assert main(["export", "--ckpt", str(newest), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.arange(16)[None] * 7 % text_tokenizer.vocab.text_size
+    with torch.no_grad():
+        assert (hf(ids).logits - omni.load(run).model.logits(ids)).abs().max() < 1e-4
+
 
 def test_a_frozen_precomputed_tower_trains_to_the_loss_of_running_it(tmp_path, text_tokenizer, fake_stamps):
     """``image_tokenizer: {kind: dinov2, path, freeze: true, precompute: true}`` in a recipe: the
