@@ -50,6 +50,7 @@ def test_api_doc_examples_run(tmp_path, text_tokenizer, capsys):
     printed = capsys.readouterr().out
     assert "['text', 'audio', 'image', 'audio codes']" in printed and "missing.wav" in printed
     assert (out / "continuation.wav").is_file() and (out / "copy" / "config.json").is_file()
+    assert (out / "hf" / "model.safetensors").is_file() and (out / "hf" / "omni_media.json").is_file()
     assert isinstance(namespace["caption"], str) and len(namespace["answers"]) == 2
     assert len(namespace["texts"]) == 2 and namespace["new_ids"].shape == (1, 4)
 
