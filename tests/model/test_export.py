@@ -66,7 +66,8 @@ def _ids(vocab: int, B=2, T=20, seed=3):
     return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("cls_name,tied", [("LlamaForCausalLM", True), ("Qwen2ForCausalLM", False)])
+@pytest.mark.parametrize("cls_name,tied", [("LlamaForCausalLM", True), ("Qwen2ForCausalLM", False),
+                                           ("MistralForCausalLM", True)])
 def test_hf_export_matches_transformers(tmp_path, bpe_tokenizer, cls_name, tied):
     src = _hf_folder(tmp_path / "src", cls_name, bpe_tokenizer, tie_word_embeddings=tied)
     pipe = omni.import_hf(src)
