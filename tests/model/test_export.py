@@ -312,3 +312,22 @@ def test_gguf_refuses_a_sentencepiece_model_and_hf_a_whisper_changed_away_from_w
     with pytest.raises(ValueError, match="vocab='model'.*WhisperTokenizer"):
         from omni.model.hf_export import lm_rows
         lm_rows(pipe.model, pipe.tokenizer, "model")
+
+
+@pytest.mark.slow
+def test_smollm2_exports_to_transformers_and_gguf(smollm2_gguf, tmp_path):
+    """The real SmolLM2-135M (imported from its Q4_1 GGUF): hf f32 and GGUF f16 read back by
+    transformers (benchmarks/export_parity.py measures all types)."""
+    pipe = omni.import_hf(smollm2_gguf)
+    rows = pipe.tokenizer.model_ids
+    ids = torch.tensor([pipe.tokenizer.encode("The capital of France is Paris. It is known for")])
+    with torch.no_grad():
+        ours = pipe.model.logits(ids)[..., :rows]
+    folder = omni.export(pipe, tmp_path / "hf", to="hf", vocab="model")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert hf.config.vocab_size == rows == 49152
+    file = omni.export(pipe, tmp_path / "m.gguf", to="gguf", dtype="f16")
+    gg = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=file.name, dtype=torch.float32)
+    with torch.no_grad():
+        assert _diff(hf(ids).logits, ours) < TOL
+        assert _diff(gg.eval()(ids).logits[..., :rows], ours) < 0.1  # f16 rounding; logits std ~6
