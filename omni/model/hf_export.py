@@ -58,13 +58,14 @@ def export_hf(model: OmniModel, tokenizer, out: str | Path, dtype: str = "f32", 
         files = whisper_files(model, tokenizer)
     else:
         files = lm_files(model, tokenizer, vocab)
+    files["config.json"]["dtype"] = str(DTYPES[dtype]).removeprefix("torch.")
     with atomic_dir(out) as tmp:
         for name, content in files.items():
-            if isinstance(content, dict) and all(isinstance(v, torch.Tensor) for v in content.values()):
+            if name.endswith(".safetensors"):
                 save_tensors(tmp / name, {k: _cast(v, DTYPES[dtype]) for k, v in content.items()},
                              metadata={"format": "pt"})
-            elif isinstance(content, (bytes, str)):
-                atomic_write_bytes(tmp / name, content.encode() if isinstance(content, str) else content)
+            elif isinstance(content, str):
+                atomic_write_bytes(tmp / name, content.encode())
             else:
                 atomic_write_json(tmp / name, content)
     return out
@@ -177,7 +178,7 @@ def lm_config(model: OmniModel, rows: int, arch: str, tokenizer) -> dict:
         "hidden_act": "silu", "max_position_embeddings": b.max_seq_len, "rms_norm_eps": b.norm_eps,
         "rope_theta": b.rope_theta, "rope_parameters": rope, "vocab_size": rows,
         "tie_word_embeddings": model.config.tie_embeddings, **special_ids(model, tokenizer),
-        "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True, "dtype": "float32",
+        "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
     }
     if b.rope_scaling:
         cfg["rope_scaling"] = dict(b.rope_scaling)
@@ -198,8 +199,7 @@ def lm_files(model: OmniModel, tokenizer, vocab: str) -> dict:
     if tokenizer is not None:
         files.update(tokenizer_files(tokenizer, keep_markers=vocab == "full",
                                      max_len=model.config.backbone.max_seq_len))
-    media = media_files(model)
-    files.update(media)
+    files.update(media_files(model))
     return files
 
 

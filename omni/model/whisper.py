@@ -269,7 +269,7 @@ def hf_whisper_config(model: OmniModel, tokenizer: WhisperTokenizer) -> tuple[di
               "decoder_ffn_dim": b.ffn_dim, "max_target_positions": b.max_seq_len,
               "activation_function": "gelu", "scale_embedding": False, "tie_word_embeddings": True,
               "pad_token_id": eot, "bos_token_id": eot, "eos_token_id": eot, "decoder_start_token_id": sot,
-              "use_cache": True, "dtype": "float32"}
+              "use_cache": True}
     generation = {"decoder_start_token_id": sot, "bos_token_id": eot, "eos_token_id": eot,
                   "pad_token_id": eot, "max_length": b.max_seq_len, "is_multilingual": tokenizer.multilingual,
                   "no_timestamps_token_id": tokenizer.no_timestamps, "suppress_tokens": tokenizer.suppress,

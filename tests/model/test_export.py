@@ -262,7 +262,8 @@ def test_cli_exports_a_model_folder_and_refuses_clearly(tmp_path, write_gguf, ca
     ckpt = str(tmp_path / "ckpt")
     assert main(["export", "--ckpt", ckpt, "--to", "hf", "--out", str(tmp_path / "hf"),
                  "--dtype", "bf16"]) == 0
-    assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").model_type == "llama"
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    assert config.model_type == "llama" and config.dtype == torch.bfloat16
     assert main(["export", "--ckpt", ckpt, "--to", "gguf", "--out", str(tmp_path / "g"),
                  "--dtype", "q8_0"]) == 0
     assert (tmp_path / "g" / "model-q8_0.gguf").is_file()
