@@ -24,7 +24,7 @@ import numpy as np
 
 from omni.io import default_mode, fsync_dir
 from omni.model.gguf_import import BLOCK_NAMES, TOP_NAMES
-from omni.model.hf_export import architecture, check_out, lm_rows, lm_state
+from omni.model.hf_export import architecture, check_out, is_whisper_model, lm_rows, lm_state
 from omni.model.omni_model import OmniModel
 from omni.tokenizers.bpe import CONTROL, PRE_TOKENIZERS, USER_DEFINED, BPETokenizer
 from omni.tokenizers.whisper import WhisperTokenizer
@@ -115,6 +115,9 @@ def export_gguf(model: OmniModel, tokenizer, out: str | Path, dtype: str = "f16"
 
 def gguf_architecture(model: OmniModel) -> str:
     """``llama`` or ``qwen2``; what GGUF cannot hold here is a ``ValueError`` naming it."""
+    if is_whisper_model(model):
+        raise ValueError("GGUF export is for llama / qwen2 text models; an imported Whisper exports --to hf "
+                         "(WhisperForConditionalGeneration)")
     arch = architecture(model)  # the refusals transformers' classes need, named
     if model.encoders or model.config.contrastive or model.config.blip2:
         raise ValueError(f"GGUF export writes a language model alone; this model also has "

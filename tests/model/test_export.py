@@ -307,6 +307,8 @@ def test_gguf_refuses_a_sentencepiece_model_and_hf_a_whisper_changed_away_from_w
     with pytest.raises(ValueError, match="GGUF export writes llama.cpp's byte-level BPE.*TextTokenizer"):
         export_gguf(debug_model.model, debug_model.tokenizer, tmp_path / "a.gguf")
     pipe = omni.load(whisper_ckpt)
+    with pytest.raises(ValueError, match="an imported Whisper exports --to hf"):
+        export_gguf(pipe.model, pipe.tokenizer, tmp_path / "w.gguf")
     pipe.model.config.media["audio"]["connector"] = {"kind": "mlp"}
     with pytest.raises(ValueError, match="no longer has Whisper's layout"):
         export_hf(pipe.model, pipe.tokenizer, tmp_path / "w")
