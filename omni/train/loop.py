@@ -504,6 +504,8 @@ class Trainer:
         built = build_pipeline(cfg, acc)
         model, self.processor = built.model, built.processor
         self.n_trainable = apply_stages(model, tc)
+        model.backbone.set_activation_checkpointing(tc.activation_checkpointing)
+        model.loss_chunk = tc.loss_chunk
         if tc.compile:
             compile_blocks(model)
         bars = None if tc.progress and acc.is_main_process else False  # on a terminal: rows as rendered
