@@ -151,8 +151,8 @@ class OmniModel(nn.Module):
         cross-attention memory. last_only: logits for the last position only. With ``targets``
         the logits are those of the positions that carry one, ``(N, V)`` (``ModelOutput.kept``
         marks them), or None in training with ``loss_chunk`` set (the head's logits never exist
-        all at once). loss_weights (B, T): each position's weight in the loss (a mixture's per-task ``loss_weight``); the loss is then
-        the weighted mean over the targets, codebook streams included. (The loss on (media, text)
+        all at once). loss_weights (B, T): each position's weight in the loss (a mixture's
+        per-task ``loss_weight``); the loss is then the weighted mean over the targets, codebook streams included. (The loss on (media, text)
         pairs is :class:`omni.model.objectives.PairObjective`'s, a module around the model.)
         """
         if positions is None:
