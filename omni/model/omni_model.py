@@ -152,8 +152,9 @@ class OmniModel(nn.Module):
         the logits are those of the positions that carry one, ``(N, V)`` (``ModelOutput.kept``
         marks them), or None in training with ``loss_chunk`` set (the head's logits never exist
         all at once). loss_weights (B, T): each position's weight in the loss (a mixture's
-        per-task ``loss_weight``); the loss is then the weighted mean over the targets, codebook streams included. (The loss on (media, text)
-        pairs is :class:`omni.model.objectives.PairObjective`'s, a module around the model.)
+        per-task ``loss_weight``); the loss is then the weighted mean over the targets, codebook
+        streams included. (The loss on (media, text) pairs is
+        :class:`omni.model.objectives.PairObjective`'s, a module around the model.)
         """
         if positions is None:
             positions = default_positions(input_ids, key_padding, cache)
