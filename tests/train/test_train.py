@@ -444,3 +444,13 @@ def test_ddp_killed_at_a_random_step_then_resumed_equals_uninterrupted(run_env, 
     assert r.returncode == 0, f"seed {seed}: " + r.stdout + r.stderr
     assert "resumed from" in r.stderr
     assert_same_weights(weights(ref), weights(killed))
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA H200", 989e12), ("NVIDIA GeForce RTX 4090", None)])
+def test_mfu_peak_flops_by_device_name(monkeypatch, name, peak):
+    from omni.train.loop import _peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert _peak_flops(torch.device("cuda")) == peak
+    assert _peak_flops(torch.device("cpu")) is None
