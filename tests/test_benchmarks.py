@@ -131,7 +131,7 @@ def test_gpu_check_dry_run_runs_every_configuration(gpu_dir, tmp_path):
     from omni.data.images import build_images_corpus
 
     build_images_corpus(gpu_dir / "data" / "images", stamps_dir=make_stamps(tmp_path / "stamps"),
-                        max_size=32)
+                        max_size=32, val_fraction=0.4, test_fraction=0.0)
     code, rows = _gpu_check(gpu_dir, tmp_path / "out", "--budget", "3000", "--timeout", "600")
     assert code == 0, rows
     assert [(r["recipe"], r["config"]) for r in rows] == _driver().PLAN
