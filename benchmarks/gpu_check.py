@@ -35,6 +35,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,6 +110,8 @@ def run_config(recipe: str, name: str, overrides: dict[str, str], steps: int, ti
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
+    finally:  # text/base's checkpoint and export: 3.5 GB a configuration on the loan's disk
+        shutil.rmtree(out_root / name, ignore_errors=True)
     rows = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
             if line.startswith("RESULT ")]
     if not rows:
