@@ -7,6 +7,10 @@
 #   bash benchmarks/gpu_check.sh run       # there, with .gpu carried: tests + benchmarks -> $OUT
 #   bash benchmarks/gpu_check.sh recipes   # there: only the base recipes' loop (RECIPES="a/b c/d"
 #                                          # picks some), for a session with little device time
+#   bash benchmarks/gpu_check.sh switches  # there: the speed switches (flex, compile, activation
+#                                          # checkpointing, chunked loss) off and on, text/base and
+#                                          # llava/caption_base -> $OUT/gpu_check.jsonl (~7 min)
+#   bash benchmarks/gpu_check.sh switches --dry-run   # here: the same on a CPU at debug sizes
 #
 # xformers 0.0.35 (the newest) is built for torch 2.10+cu128: on the image's torch 2.11+cu130 it
 # imports without kernels, and omni falls back to SDPA with a warning saying so (seen 2026-11-26).
@@ -18,7 +22,23 @@
 # recipe loop needed more than the 320 s it had, so it now has 420 s and 20 steps per recipe).
 set -uo pipefail
 mode=${1:-run}
-G=.gpu
+G=${GPU_DIR:-.gpu}
+
+if [ "$mode" = switches ]; then
+    # benchmarks/gpu_check.py: one JSON line per configuration, written as each ends; it keeps to
+    # its own --budget (450 s), the timeout is a backstop. Extra arguments go to it.
+    shift
+    OUT=${OUT:-/tmp/gpu_out}
+    PY=${PY:-python3}
+    mkdir -p "$OUT"
+    # text/base and llava/caption_base need none of the carried wheels: no install, no time spent
+    export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+    fi
+    timeout ${SWITCHES_TIMEOUT:-500} $PY benchmarks/gpu_check.py --data $G --out "$OUT/gpu_check.jsonl" "$@"
+    exit $?
+fi
 
 if [ "$mode" = prepare ]; then
     set -e

@@ -16,7 +16,7 @@ import yaml
 
 from omni.data.tasks import TASKS, TaskSpec
 from omni.model.audio_codes import PATTERNS
-from omni.model.backbone import ATTN_BACKENDS, SIZES
+from omni.model.backbone import ATTN_BACKENDS, CHECKPOINTING, SIZES
 from omni.model.blip2 import Blip2Config
 from omni.model.contrastive import ContrastiveConfig
 from omni.model.lora import LoraSpec
@@ -245,6 +245,12 @@ class TrainConfig(Optimization):
     # the backbone's blocks through torch.compile (omni/model/compiled.py): the same losses, a faster step
     # once the first one has compiled (tens of seconds)
     compile: bool = False
+    # none, blocks (each block recomputed in the backward pass: least memory, ~1/3 more compute) or
+    # selective (matmul and attention outputs kept, norms/rotary/activations recomputed)
+    activation_checkpointing: str = "none"
+    # > 0: the output head and its cross-entropy over this many rows at a time, recomputed in the
+    # backward pass, so the (tokens x vocabulary) fp32 logits never exist at once (0: all at once)
+    loss_chunk: int = 0
     export: str = "last"  # the model written to out_dir: the last weights, or those with the best val loss
     # stages (omni/train/stages.py): globs over module names that train (None: all), a run whose
     # weights to start from (a list: each run in turn, a later one's tensors over an earlier's), and
@@ -274,6 +280,10 @@ class TrainConfig(Optimization):
                              f"got {self.warmup_steps}")
         choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         choice("train.export", self.export, ("last", "best"))
+        choice("train.activation_checkpointing", self.activation_checkpointing, CHECKPOINTING)
+        if self.loss_chunk < 0:
+            raise ValueError(f"train.loss_chunk must be >= 0 (0: the loss over all rows at once), "
+                             f"got {self.loss_chunk}")
         if isinstance(self.init_from, list) and not self.init_from:
             raise ValueError("train.init_from is an empty list (leave it out to start from scratch)")
         if self.trainable is not None and not self.trainable:

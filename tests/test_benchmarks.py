@@ -2,7 +2,12 @@
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,3 +73,77 @@ def test_object_named_reads_the_head_noun_of_each_reference(tmp_path, capsys):
     res = line["results"][str(run)]
     assert (res["rows"], res["rows_naming_an_object"], res["named_correctly"]) == (3, 2, 1)
     assert [e["named"] for e in res["examples"]] == [True, False]
+
+
+@pytest.fixture(scope="module")
+def gpu_dir(tmp_path_factory):
+    """The folder ``gpu_check.sh prepare`` carries, in miniature: a small Wikipedia corpus and a
+    512-piece tokenizer where the 32k one would be."""
+    from omni.data.text import build_text_corpus, wiki_documents
+    from omni.io import write_jsonl
+    from omni.tokenizers.text import TextTokenizer, corpus_texts
+
+    root = tmp_path_factory.mktemp("gpu")
+    write_jsonl(root / "docs.jsonl", wiki_documents()[:200])
+    build_text_corpus(root / "data" / "text", source=str(root / "docs.jsonl"), val_fraction=0.1,
+                      test_fraction=0.0)
+    tok = TextTokenizer.train(corpus_texts(root / "data" / "text" / "train.jsonl"), vocab_size=512)
+    for name in ("text_spm_32k", "text_spm"):
+        tok.save(root / "tok" / name)
+    return root
+
+
+def _gpu_check(gpu_dir: Path, out: Path, *args) -> tuple[int, list[dict]]:
+    """``gpu_check.sh switches --dry-run ARGS`` as the GPU machine would run it."""
+    env = {**os.environ, "OUT": str(out), "PY": sys.executable, "GPU_DIR": str(gpu_dir),
+           "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "switches", "--dry-run", *args],
+                       env=env, capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    return r.returncode, [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
+
+
+def test_gpu_check_dry_run_writes_one_json_line_per_configuration(gpu_dir, tmp_path, capsys):
+    """The GPU check's driver on a CPU (``--dry-run``): a configuration trains in a process of its
+    own and its JSON line carries what the run measured; configurations past the budget are
+    written as skipped, in the order they would run."""
+    gpu_check, out = _driver(), tmp_path / "rows.jsonl"
+    argv = ["--dry-run", "--data", str(gpu_dir), "--out", str(out)]
+    assert gpu_check.main([*argv, "--recipes", "text/base", "--configs", "chunked_ce"]) == 0
+    row = json.loads(out.read_text())
+    assert (row["recipe"], row["config"]) == ("text/base", "chunked_ce")
+    assert row["switches"] == {"attn_backend": "sdpa", "compile": "false", "activation_checkpointing": "none",
+                               "loss_chunk": "32"}  # 4096 on a GPU; a few chunks of the tiny batch here
+    assert row["tokens_per_s"] > 0 and row["steps"] == 3 and row["dry_run"] and row["seq_len"] == 64
+    assert row["loss_last"] > 0 and row["mfu"] is None and row["max_mem_gib"] is None  # a CPU has neither
+    out.unlink()
+    assert gpu_check.main([*argv, "--budget", "0"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["recipe"], r["config"]) for r in rows] == gpu_check.PLAN
+    assert all(r["skipped"].startswith("out of time") for r in rows)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_configuration(gpu_dir, tmp_path):
+    """``gpu_check.sh switches --dry-run``: every configuration of both recipes, compile included
+    (minutes on a CPU), through the shell script the GPU machine runs."""
+    from conftest import make_stamps
+
+    from omni.data.images import build_images_corpus
+
+    build_images_corpus(gpu_dir / "data" / "images", stamps_dir=make_stamps(tmp_path / "stamps"),
+                        max_size=32, val_fraction=0.4, test_fraction=0.0)
+    code, rows = _gpu_check(gpu_dir, tmp_path / "out", "--budget", "3000", "--timeout", "600")
+    assert code == 0, rows
+    assert [(r["recipe"], r["config"]) for r in rows] == _driver().PLAN
+    losses = {r["recipe"]: set() for r in rows}
+    for r in rows:
+        assert r["tokens_per_s"] > 0, r
+        losses[r["recipe"]].add(round(r["loss_first"], 3))
+    assert all(len(v) == 1 for v in losses.values()), losses  # every switch trains alike
+
+
+def _driver():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,11 +2,17 @@
 
 Pre-norm blocks of RMSNorm -> grouped-query attention with rotary positions -> RMSNorm -> SwiGLU,
 a preallocated KV cache for decoding, and pluggable attention (``sdpa`` default, ``xformers``
-on CUDA when installed). The backbone sees embeddings and positions only; it knows nothing
-about modalities. Whisper's decoder is the same backbone with other options: ``norm: layer``
-(LayerNorm with bias), ``mlp: gelu`` (fc1 -> GELU -> fc2, with biases), ``positions: learned``
-(absolute position embeddings added to the input), ``qkv_bias`` + ``out_bias`` (Whisper's k
-projection has no bias; its slot in the fused bias stays 0, which softmax ignores) and
+on CUDA when installed, ``flex``: FlexAttention on a block mask for packed documents, so they
+attend at flash speed where SDPA with a dense mask cannot take its flash path). Activation
+checkpointing per block (:meth:`Backbone.set_activation_checkpointing`): ``blocks`` recomputes
+each block in the backward pass, ``selective`` keeps the matmuls' and attention's outputs and
+recomputes only the cheap elementwise work (norms, rotary, SwiGLU).
+
+The backbone sees embeddings and positions only; it knows nothing about modalities. Whisper's
+decoder is the same backbone with other options: ``norm: layer`` (LayerNorm with bias), ``mlp:
+gelu`` (fc1 -> GELU -> fc2, with biases), ``positions: learned`` (absolute position embeddings
+added to the input), ``qkv_bias`` + ``out_bias`` (Whisper's k projection has no bias; its slot in
+the fused bias stays 0, which softmax ignores) and
 ``cross_attention: {placement: after_attn, memory_norm: false, bias: true}``.
 
 Shapes: ``x: (B, T, D)``; ``positions: (B, T)`` (1-D RoPE) or ``(3, B, T)`` (M-RoPE:
@@ -32,12 +38,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from omni.schema import choice, from_dict, positive
 
 log = logging.getLogger(__name__)
 
-ATTN_BACKENDS = ("sdpa", "xformers")
+ATTN_BACKENDS = ("sdpa", "xformers", "flex")
+CHECKPOINTING = ("none", "blocks", "selective")
 
 
 @dataclass
@@ -303,9 +312,41 @@ class CrossAttention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
+# what selective checkpointing keeps: the outputs of matmuls and attention (their recompute would
+# cost FLOPs); norms, rotary, activations and casts are recomputed (torchtitan's op-level policy)
+_SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+              torch.ops.aten._scaled_dot_product_flash_attention.default,
+              torch.ops.aten._scaled_dot_product_efficient_attention.default,
+              torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+              torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+              torch.ops.higher_order.flex_attention}
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_keep_matmuls)
+
+
+def checkpointed(module: nn.Module, fn, *args):
+    """``fn(*args)``, under activation checkpointing when ``module`` trains with
+    ``module.checkpointing`` set (``blocks``: keep only the inputs; ``selective``: keep what
+    :data:`_SAVED_OPS` computes too). Called inside the block's forward, so that a compiled
+    block (``train.compile``) traces the checkpoint and its policy."""
+    mode = module.checkpointing
+    if mode == "none" or not (module.training and torch.is_grad_enabled()):
+        return fn(*args)
+    kw = {"context_fn": _selective_context} if mode == "selective" else {}
+    return checkpoint(fn, *args, use_reentrant=False, **kw)
+
+
 class CrossBlock(nn.Module):
     """norm -> cross-attention over the (normed) memory [-> norm -> MLP], each added to the
     residual stream, through ``tanh(gate)`` when gated (gates start at 0)."""
+
+    checkpointing = "none"  # see checkpointed()
 
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
@@ -321,7 +362,10 @@ class CrossBlock(nn.Module):
     def memory_kv(self, memory: torch.Tensor):
         return self.attn.memory_kv(self.memory_norm(memory))
 
-    def forward(self, x, kv, mask, reads):
+    def forward(self, *args):
+        return checkpointed(self, self._forward, *args)
+
+    def _forward(self, x, kv, mask, reads):
         """``mask``, ``reads``: :meth:`Memory.mask`'s (None, None: every query reads everything)."""
         h = self.attn(self.norm(x), kv, mask)
         if reads is not None:
@@ -458,7 +502,39 @@ def _xformers(q, k, v, mask, is_causal):
     return xops.memory_efficient_attention(q, k, v, attn_bias=attn_bias).transpose(1, 2)
 
 
+@functools.cache
+def _flex_kernel(device_type: str):
+    """``flex_attention``, compiled on CUDA (uncompiled it is a reference path that materialises
+    the scores); on CPU as it is (forward only: PyTorch has no CPU backward for it)."""
+    if device_type == "cuda":
+        return torch.compile(flex_attention, dynamic=False)
+    return flex_attention
+
+
+@functools.cache
+def _block_mask_builder(device_type: str):
+    """``create_block_mask``, compiled on CUDA (torchtitan's way): eager, it evaluates the mask_mod
+    over every (row, query, key) at once, gigabytes of temporaries for 32 rows of 2048."""
+    return torch.compile(create_block_mask) if device_type == "cuda" else create_block_mask
+
+
+def _flex(q, k, v, mask, is_causal):
+    """FlexAttention for a :class:`BlockMask` (packed documents, padding; see
+    :meth:`Backbone._block_mask`): blocks with nothing to attend are skipped, full blocks run
+    unmasked. Any other mask (decoding on a cache, cross-attention) goes through SDPA."""
+    if not isinstance(mask, BlockMask):
+        return _sdpa(q, k, v, mask, is_causal)
+    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+        # no CPU backward for FlexAttention: the same mask_mod, evaluated densely, through SDPA
+        B, _, T, _ = q.shape
+        dense = create_mask(mask.mask_mod, B, 1, T, k.shape[2], device=q.device)
+        return _sdpa(q, k, v, dense, False)
+    return _flex_kernel(q.device.type)(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
 def resolve_backend(name: str, device: torch.device):
+    if name == "flex":
+        return _flex
     if name == "xformers":
         problem = _xformers_problem(str(device))
         if problem is None:
@@ -541,6 +617,8 @@ def make_mlp(cfg: BackboneConfig) -> nn.Module:
 
 
 class Block(nn.Module):
+    checkpointing = "none"  # see checkpointed()
+
     def __init__(self, cfg: BackboneConfig, layer: int):
         super().__init__()
         self.attn_norm = make_norm(cfg)
@@ -548,7 +626,10 @@ class Block(nn.Module):
         self.ffn_norm = make_norm(cfg)
         self.ffn = make_mlp(cfg)
 
-    def forward(self, x, cos, sin, mask, is_causal, cache, cross=None):
+    def forward(self, *args):
+        return checkpointed(self, self._forward, *args)
+
+    def _forward(self, x, cos, sin, mask, is_causal, cache, cross=None):
         """``cross``: (CrossBlock, its arguments) to run between self-attention and the MLP (Whisper)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, cache)
         if cross is not None:
@@ -567,14 +648,22 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.cross = nn.ModuleDict({str(i): CrossBlock(cfg) for i in cfg.cross_layers()})
         self.norm = make_norm(cfg)
-        self.gradient_checkpointing = False
         self.set_attn_backend(cfg.attn_backend)
 
     def set_attn_backend(self, name: str, device: torch.device | None = None) -> None:
         device = device or (self.norm.weight.device)
         fn = resolve_backend(name, device)
+        self.uses_flex = fn is _flex
         for layer in self.layers:
             layer.attn.attend = fn
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """``none``, ``blocks`` (every block and cross-attention block recomputed in the backward
+        pass) or ``selective`` (only their elementwise work recomputed); training only."""
+        if mode not in CHECKPOINTING:
+            raise ValueError(f"activation checkpointing must be one of {CHECKPOINTING}, got {mode!r}")
+        for block in [*self.layers, *self.cross.values()]:
+            block.checkpointing = mode
 
     def reset_parameters(self, std: float = 0.02) -> None:
         """GPT-2 style init: N(0, std), residual output projections scaled by 1/sqrt(2L)."""
@@ -603,7 +692,10 @@ class Backbone(nn.Module):
         else:
             cos, sin = self.rotary(positions)
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        mask, is_causal = self._mask(B, T, x.device, doc_ids, key_padding, cache)
+        if self.uses_flex and cache is None and (doc_ids is not None or key_padding is not None):
+            mask, is_causal = self._block_mask(B, T, x.device, doc_ids, key_padding), False
+        else:
+            mask, is_causal = self._mask(B, T, x.device, doc_ids, key_padding, cache)
         cross = self._cross_inputs(T, doc_ids, cache, memory)
         xa_cfg = self.config.cross_attention
         inside = xa_cfg is not None and xa_cfg["placement"] == "after_attn"
@@ -612,8 +704,8 @@ class Backbone(nn.Module):
             if cross is not None and str(i) in self.cross:
                 xa = (self.cross[str(i)], cross[0](i), *cross[1:])
             if xa is not None and not inside:
-                x = self._run(xa[0], x, *xa[1:])
-            x = self._run(layer, x, cos, sin, mask, is_causal, cache, xa if inside else None)
+                x = xa[0](x, *xa[1:])
+            x = layer(x, cos, sin, mask, is_causal, cache, xa if inside else None)
         if cache is not None:
             cache.advance(T, key_padding)
         return self.norm(x)
@@ -644,11 +736,6 @@ class Backbone(nn.Module):
             x = layer(x, cos, sin, mask, False, cache, xa if inside else None)
         return self.norm(x)
 
-    def _run(self, block, *args):
-        if self.gradient_checkpointing and self.training:
-            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
     def _cross_inputs(self, T, doc_ids, cache, memory):
         """(layer -> memory keys/values, mask, reads) for the cross-attention blocks, or None."""
         if not len(self.cross):
@@ -673,6 +760,20 @@ class Backbone(nn.Module):
             return cache.cross_kv[i]
 
         return kv, mask, reads
+
+    @staticmethod
+    def _block_mask(B, T, device, doc_ids, key_padding) -> BlockMask:
+        """:meth:`_mask`'s rule for a forward without a cache, as FlexAttention's block mask:
+        causal, within a document, real keys only (a padding query sees itself)."""
+        def mask_mod(b, h, q, kv):
+            keep = q >= kv
+            if doc_ids is not None:
+                keep = keep & (doc_ids[b, q] == doc_ids[b, kv])
+            if key_padding is not None:
+                keep = keep & (key_padding[b, kv] | (q == kv))
+            return keep
+
+        return _block_mask_builder(device.type)(mask_mod, B, None, T, T, device=device)
 
     @staticmethod
     def _mask(B, T, device, doc_ids, key_padding, cache):

@@ -11,7 +11,9 @@ from omni.model.backbone import KVCache
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V); (N, V) at the N positions ``kept`` marks when targets were given
+    # (B, T, V); (N, V) at the N positions ``kept`` marks when targets were given; None when the
+    # loss was computed in chunks (OmniModel.loss_chunk, training)
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None  # next-token cross-entropy per loss-carrying token
     num_tokens: int = 0  # tokens that carried loss
     aux_loss: torch.Tensor | None = None  # media encoders' weighted auxiliary losses (CTC), when training

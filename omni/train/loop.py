@@ -63,8 +63,10 @@ from omni.train.stages import apply_stages, init_from, select
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 peak FLOP/s per device, for MFU. Anything not listed reports MFU as unknown.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+# Dense bf16 peak FLOP/s per device, for MFU; the first name in the device's name wins (the PCIe
+# and NVL H100s before the SXM one). Anything not listed reports MFU as unknown.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+              "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
 
 
 class TrainingError(RuntimeError):
@@ -511,6 +513,8 @@ class Trainer:
         built = build_pipeline(cfg, acc)
         model, self.processor = built.model, built.processor
         self.n_trainable = apply_stages(model, tc)
+        model.backbone.set_activation_checkpointing(tc.activation_checkpointing)
+        model.loss_chunk = tc.loss_chunk
         if tc.compile:
             compile_blocks(model)
         bars = None if tc.progress and acc.is_main_process else False  # on a terminal: rows as rendered

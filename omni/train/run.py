@@ -26,13 +26,14 @@ from omni.train.checkpoint import LoadedCheckpoint, clean_partial, load_latest
 
 log = logging.getLogger(__name__)
 
-# Recipe keys a resumed run may change without changing the weights it ends with: they only say
-# when to log, evaluate and save, where the run lives, and how to resume.
+# Recipe keys a resumed run may change without changing the weights it ends with (beyond float
+# rounding: the compiled, checkpointed or chunked computation is the same one): they only say
+# when to log, evaluate and save, where the run lives, how to resume, and how the step computes.
 SAFE_TO_CHANGE = {"description", "train.out_dir", "train.log_every", "train.eval_every",
                   "train.eval_batches", "train.save_every", "train.keep_checkpoints", "train.progress",
                   "train.export", "train.resume", "train.overwrite", "train.resume_changed",
                   "train.max_skipped_steps", "train.num_workers", "train.compile", "data.cache_dir",
-                  "data.cache_workers"}
+                  "data.cache_workers", "train.activation_checkpointing", "train.loss_chunk"}
 
 
 def holds_run(out_dir: Path) -> bool:

@@ -8,6 +8,7 @@ from omni.model.backbone import (
     Backbone,
     BackboneConfig,
     KVCache,
+    Memory,
     Rotary,
     _sdpa,
     backbone_config,
@@ -238,15 +239,121 @@ def test_unsupported_rope_scaling():
         Backbone(BackboneConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0}))
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def _packed_batch(B=2, T=20, mrope=False):
+    """Two rows of packed documents (the first ends in padding, doc -1), M-RoPE positions when
+    asked (a 2x3 grid in the middle of the second document), and a memory of media spans that
+    start inside the documents."""
+    doc_ids = torch.tensor([[0] * 7 + [1] * 9 + [-1] * 4, [0] * 12 + [1] * 8])
+    lengths = [torch.unique_consecutive(r, return_counts=True)[1] for r in doc_ids]
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    if mrope:
+        pos = pos.expand(3, B, T).clone()
+        pos[1, 1, 2:8] = torch.tensor([0, 0, 0, 1, 1, 1]) + 2
+        pos[2, 1, 2:8] = torch.tensor([0, 1, 2, 0, 1, 2]) + 2
+    start = torch.tensor([[2, 2, 9, 9, 9], [3, 3, 14, 14, 2 ** 62]])
+    memory = Memory(_x(B, 5, seed=9), start, doc_ids.gather(1, start.clamp(max=T - 1)))
+    return _x(B, T), pos, doc_ids, memory
+
+
+@pytest.mark.parametrize("case", ["packed", "mrope", "cross", "padding"])
+def test_flex_attention_matches_the_dense_mask(case):
+    """The flex backend's block mask gives SDPA-with-dense-mask outputs (FlexAttention's own kernel,
+    forward; on a CPU it has no backward, so gradients go through the block mask's mask_mod made
+    dense) and gradients, with packed documents, M-RoPE, cross-attention and left padding."""
+    xa = dict(cross_attention={"every": 2}) if case == "cross" else {}
+    mrope = dict(mrope_section=[4, 2, 2]) if case == "mrope" else {}
+    x, pos, doc_ids, memory = _packed_batch(mrope=bool(mrope))
+    kw = dict(doc_ids=doc_ids, memory=memory if xa else None)
+    if case == "padding":
+        key_padding = torch.ones(2, 20, dtype=torch.bool)
+        key_padding[1, :5] = False
+        kw = dict(key_padding=key_padding)
+    outs, grads = [], []
+    for backend in ("sdpa", "flex"):
+        bb = _backbone(**xa, **mrope)
+        bb.set_attn_backend(backend)
+        with torch.no_grad():
+            outs.append(bb(x, pos, **kw))
+        bb.train()
+        xg = x.clone().requires_grad_()
+        bb(xg, pos, **kw).square().mean().backward()
+        grads.append([xg.grad, *(p.grad for p in bb.parameters())])
+    torch.testing.assert_close(outs[1], outs[0], atol=ATOL, rtol=0)
+    for g_flex, g_ref in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_flex, g_ref, atol=1e-6, rtol=1e-5)
+    assert grads[0][0].abs().sum() > 0
+
+
+def test_flex_backend_builds_a_block_mask_only_for_masked_forwards():
+    from torch.nn.attention.flex_attention import BlockMask
+
+    bb = _backbone()
+    bb.set_attn_backend("flex")
+    seen, flex = [], bb.layers[0].attn.attend
+    bb.layers[0].attn.attend = lambda q, k, v, mask, c: seen.append(type(mask)) or flex(q, k, v, mask, c)
+    x, pos, doc_ids, _ = _packed_batch()
+    with torch.no_grad():
+        bb(x, pos, doc_ids=doc_ids)  # packed documents: the block mask
+        bb(x, pos)  # plain causal: SDPA's is_causal flash path, no mask at all
+        cache = KVCache(bb.config, 2, 24)
+        bb(x, pos, cache=cache)
+        bb(x[:, :1], pos[:, :1] + 20, cache=cache)  # decoding on a cache: SDPA
+    assert seen == [BlockMask, type(None), type(None), type(None)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flex_kernel_gradients_match_sdpa_on_cuda():
+    dev = torch.device("cuda")
+    x, pos, doc_ids, _ = _packed_batch()
     grads = []
-    for ckpt in (False, True):
-        bb = _backbone().train()
-        bb.gradient_checkpointing = ckpt
-        bb(_x(2, 8), _pos(2, 8)).square().mean().backward()
+    for backend in ("sdpa", "flex"):
+        bb = _backbone(num_heads=4, num_kv_heads=2).to(dev).train()
+        bb.set_attn_backend(backend, dev)
+        xg = x.to(dev).requires_grad_()
+        bb(xg, pos.to(dev), doc_ids=doc_ids.to(dev)).square().mean().backward()
+        grads.append([xg.grad, *(p.grad for p in bb.parameters())])
+    for g_flex, g_ref in zip(*grads[::-1]):
+        torch.testing.assert_close(g_flex, g_ref, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["blocks", "selective"])
+def test_activation_checkpointing_gives_the_same_gradients(mode):
+    x, pos, doc_ids, memory = _packed_batch()
+    grads = []
+    for ckpt in ("none", mode):
+        bb = _backbone(cross_attention={"every": 2, "ffn": True}).train()
+        bb.set_activation_checkpointing(ckpt)
+        bb(x, pos, doc_ids=doc_ids, memory=memory).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in bb.parameters()]))
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
     assert grads[0].abs().sum() > 0
+    with pytest.raises(ValueError, match="selective"):
+        bb.set_activation_checkpointing("full")
+
+
+def test_selective_checkpointing_keeps_matmuls_and_recomputes_the_rest():
+    """What the backward pass recomputes: ``blocks`` the matmuls too, ``selective`` only the
+    elementwise work (norms, rotary, SwiGLU): as many matmuls as without checkpointing, more ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x, pos, _, _ = _packed_batch()
+    ops = {}
+    for mode in ("none", "blocks", "selective"):
+        bb = _backbone().train()
+        bb.set_activation_checkpointing(mode)
+        loss = bb(x, pos).sum()
+        with Count() as count:
+            count.ops = []
+            loss.backward()
+        ops[mode] = (sum(op is torch.ops.aten.mm.default for op in count.ops), len(count.ops))
+    assert ops["selective"][0] == ops["none"][0] < ops["blocks"][0]
+    assert ops["none"][1] < ops["selective"][1] < ops["blocks"][1]
 
 
 WHISPER_OPTIONS = dict(norm="layer", mlp="gelu", positions="learned", qkv_bias=True, out_bias=True)

@@ -357,3 +357,45 @@ def test_a_checkpoint_from_before_the_processor_refactor_gives_the_same_logits()
             kw = {k: v for k, v in inputs.items() if k != "attention_mask"}
             logits = model(ids, key_padding=inputs["attention_mask"].bool(), **kw).logits
             torch.testing.assert_close(logits, ref[f"{name}.logits"], rtol=0, atol=1e-5, msg=name)
+
+
+def test_chunked_loss_gives_the_same_loss_and_gradients_without_keeping_the_logits(text_tokenizer):
+    """``loss_chunk``: the head and cross-entropy over a few rows at a time, recomputed in the
+    backward pass: the same loss and gradients, text and codebook streams, weighted, and no
+    logits of more than a chunk's rows saved for the backward pass."""
+    from omni.model.omni_model import OmniConfig
+    from omni.vocab import Vocab
+
+    vocab = Vocab.default(text_tokenizer.vocab.text_size, num_codebooks=3, codebook_size=16)
+    torch.manual_seed(0)
+    model = OmniModel(OmniConfig(backbone_config("debug", max_seq_len=64), vocab)).train()
+    model.reset_parameters()
+    V, B, T = vocab.size, 2, 12
+    ids, targets = _ids(V, B, T), _ids(V, B, T, seed=1)
+    targets[0, :3] = IGNORE
+    starts = torch.tensor([vocab.codebook_range(k).start for k in (1, 2)])
+    stream_targets = starts[None, :, None] + _ids(16, B * 2, T, seed=2).view(B, 2, T)  # codebooks 1, 2
+    stream_targets[:, 1, 8:] = IGNORE
+    stream_targets[0, :, :2] = IGNORE  # row 0's first two positions carry no target at all
+    batch = dict(targets=targets, stream_targets=stream_targets, loss_weights=torch.rand(B, T) + 0.5)
+    results = []
+    for chunk in (0, 5):
+        model.loss_chunk = chunk
+        model.zero_grad()
+        shapes = []  # of the tensors saved for the backward pass
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(ids, **batch)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}, shapes))
+    (full, grads, full_saved), (chunked, chunk_grads, chunk_saved) = results
+    assert full.num_tokens == chunked.num_tokens > 0 and chunked.logits is None
+    torch.testing.assert_close(chunked.loss, full.loss, atol=1e-6, rtol=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(chunk_grads[name], g, atol=1e-6, rtol=1e-5, msg=name)
+    assert (int(full.kept.sum()), V) in full_saved  # all the logits
+    assert max((s[0] for s in chunk_saved if len(s) == 2 and s[1] == V), default=0) <= 5  # a chunk's

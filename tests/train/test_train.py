@@ -141,6 +141,23 @@ def test_train_lowers_loss_and_exports(run_env, tmp_path):
     assert isinstance(text, str) and len(text) > 0
 
 
+def test_speed_switches_train_like_the_defaults(run_env, tmp_path):
+    """flex attention, selective activation checkpointing and the chunked loss (the GPU recipes'
+    switches; train.compile has its own test) give the run's losses of the defaults."""
+    from omni.config import load_recipe
+    from omni.train.loop import train
+
+    losses = {}
+    for name, extra in (("default", {}), ("switches", {"model.attn_backend": "flex", "train.loss_chunk": 50,
+                                                        "train.activation_checkpointing": "selective"})):
+        out = tmp_path / name
+        train(load_recipe("text/tiny", overrides(run_env, out, **{
+            "train.steps": 3, "train.log_every": 1, "train.eval_every": 3, "train.save_every": 3, **extra})))
+        losses[name] = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(losses["default"]) == 3
+    assert losses["switches"] == pytest.approx(losses["default"], rel=1e-4)
+
+
 LONG = {"train.steps": 200, "train.save_every": 10, "train.eval_every": 200, "train.log_every": 50}
 
 
@@ -427,3 +444,13 @@ def test_ddp_killed_at_a_random_step_then_resumed_equals_uninterrupted(run_env, 
     assert r.returncode == 0, f"seed {seed}: " + r.stdout + r.stderr
     assert "resumed from" in r.stderr
     assert_same_weights(weights(ref), weights(killed))
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA H200", 989e12), ("NVIDIA GeForce RTX 4090", None)])
+def test_mfu_peak_flops_by_device_name(monkeypatch, name, peak):
+    from omni.train.loop import _peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert _peak_flops(torch.device("cuda")) == peak
+    assert _peak_flops(torch.device("cpu")) is None
