@@ -246,6 +246,9 @@ class TrainConfig(Optimization):
     # once the first one has compiled (tens of seconds)
     compile: bool = False
     export: str = "last"  # the model written to out_dir: the last weights, or those with the best val loss
+    # several processes: ddp (a whole model per process, gradients all-reduced) or fsdp (FSDP2: weights,
+    # gradients and optimizer state sharded over the processes; omni/train/parallel.py)
+    parallel: str = "ddp"
     # stages (omni/train/stages.py): globs over module names that train (None: all), a run whose
     # weights to start from (a list: each run in turn, a later one's tensors over an earlier's), and
     # LoRA adapters (merged into plain weights on save)
@@ -274,6 +277,10 @@ class TrainConfig(Optimization):
                              f"got {self.warmup_steps}")
         choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         choice("train.export", self.export, ("last", "best"))
+        choice("train.parallel", self.parallel, ("ddp", "fsdp"))
+        if self.parallel == "fsdp" and self.mixed_precision == "fp16":
+            raise ValueError("train.parallel=fsdp trains in bf16 or fp32 (train.mixed_precision: bf16, no or "
+                             "auto); fp16's loss scaling is not wired for sharded gradients")
         if isinstance(self.init_from, list) and not self.init_from:
             raise ValueError("train.init_from is an empty list (leave it out to start from scratch)")
         if self.trainable is not None and not self.trainable:
