@@ -37,7 +37,13 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    broadcast_object_list,
+    gather_object,
+    set_seed,
+)
 from tqdm.auto import tqdm
 
 from omni.config import RecipeConfig, load_tokenizer_spec
@@ -531,6 +537,8 @@ class Trainer:
         if self.sharded:
             self.model, self.optimizer = trained, acc.prepare(optimizer)
         else:
+            if model.encoders:  # a tower's unused part (SigLIP's pooling head) gets no gradient anywhere
+                acc.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
             self.model, self.optimizer = acc.prepare(trained, optimizer)
         if scaler_state and acc.scaler is not None:
             acc.scaler.load_state_dict(scaler_state)

@@ -37,7 +37,7 @@ def shard_model(model, root: nn.Module, mixed_precision: str, device: torch.devi
     ``mixed_precision``: ``bf16`` (bf16 parameters, fp32 reduction) or ``no``."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     model.to(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -51,10 +51,11 @@ def shard_model(model, root: nn.Module, mixed_precision: str, device: torch.devi
         units += [model.embed, model.lm_head]
     for unit in units:
         fully_shard(unit, **kw)
+        if hasattr(unit, "encode"):  # a tower's encode (forward plus its auxiliary loss) gathers it too
+            register_fsdp_forward_method(unit, "encode")
     fully_shard(root, **kw)
     # a parameter that one process's batch did not reach (a CTC head without transcripts) is
     # reduced as zeros there, so every process's reduce-scatter has the same shape
-    root.set_reduce_scatter_unused_params(True)
     log.info("FSDP2 over %d processes: %d units + root, %d frozen tower tensors kept whole, mixed "
              "precision %s", mesh.size(), len(units), len(ignored), mixed_precision)
 

@@ -1,6 +1,7 @@
 """The training loop through the real CLI: loss falls, exact resume after SIGKILL (also mid-write,
-and past a damaged checkpoint) and after SIGTERM, one writer per run folder, DDP on CPU under
-``accelerate launch``, NaN/inf updates skipped and the run stopped when they persist."""
+and past a damaged checkpoint) and after SIGTERM, one writer per run folder, DDP and FSDP on CPU under
+``accelerate launch`` (the same losses and weights as one process; FSDP's sharded checkpoints resume
+exactly), NaN/inf updates skipped and the run stopped when they persist."""
 
 from __future__ import annotations
 
@@ -266,29 +267,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_under_accelerate_launch(run_env, tmp_path):
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
+def test_ddp_and_fsdp_on_two_processes_match_one_process(run_env, tmp_path):
+    single = tmp_path / "single"
     r = run(omni_cmd("train", "text/tiny", *overrides(run_env, single)))
     assert r.returncode == 0, r.stderr
-    # `--multi_gpu` selects accelerate's torchrun launcher; without a GPU the ranks use gloo on CPU.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port()), "-m", "omni.cli", "train", "text/tiny",
-              *overrides(run_env, ddp)]
-    r = run(launch)
-    assert r.returncode == 0, r.stdout + r.stderr
-    start = [row for row in read_metrics(ddp / "metrics.jsonl") if row.get("event") == "start"]
-    assert start[-1]["world_size"] == 2
-    # Two processes each take half of every global batch, so the run follows the single-process
-    # one up to floating-point reduction order (Adam turns that into small weight differences).
+    one = weights(single)
+
     def losses(d, key):
         return [r[key] for r in read_metrics(d / "metrics.jsonl") if key in r]
 
-    assert losses(ddp, "loss") == pytest.approx(losses(single, "loss"), abs=1e-2)
-    assert losses(ddp, "val_loss") == pytest.approx(losses(single, "val_loss"), abs=1e-2)
-    assert losses(ddp, "loss")[-1] < losses(ddp, "loss")[0]
-    ck = load_checkpoint(latest_checkpoint(ddp / "checkpoints"))
-    assert len(ck.rng) == 2 and ck.meta["world_size"] == 2  # each rank's RNG states, for an exact resume
+    for mode in ("ddp", "fsdp"):
+        out = tmp_path / mode
+        r = run(ddp_cmd("train", "text/tiny", *overrides(run_env, out, **{"train.parallel": mode})))
+        assert r.returncode == 0, r.stdout + r.stderr
+        start = [row for row in read_metrics(out / "metrics.jsonl") if row.get("event") == "start"]
+        assert start[-1]["world_size"] == 2
+        # Two processes each take half of every global batch, and each one's token loss is its share
+        # of the global batch's mean: the run is the single-process one up to fp32 reduction order.
+        assert losses(out, "loss") == pytest.approx(losses(single, "loss"), abs=1e-4)
+        assert losses(out, "val_loss") == pytest.approx(losses(single, "val_loss"), abs=1e-4)
+        two = weights(out)  # under FSDP gathered from the shards into one ordinary file
+        assert two.keys() == one.keys()
+        assert max(float((two[k] - one[k]).abs().max()) for k in one) < 1e-5, mode
+        ck = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+        assert len(ck.rng) == 2 and ck.meta["world_size"] == 2  # each rank's RNG states, for an exact resume
+        assert (ck.sharded is not None) == (mode == "fsdp")
+    assert len(list(ck.sharded.glob("*.distcp"))) == 2  # each process wrote its own shards
+    assert not (ck.path / "model.safetensors").exists()
+
+    import omni
+
+    assert isinstance(omni.load(tmp_path / "fsdp").generate("The", max_new_tokens=4), str)
+
 
 def nan_gradients_at(steps: str) -> str:
     """A patch making the gradient NaN (the loss stays finite) at the training steps ``steps`` names."""
@@ -394,10 +404,51 @@ def test_export_best_keeps_the_weights_with_the_lowest_val_loss(run_env, tmp_pat
     assert all(torch.equal(exported[k], ck[k]) for k in ck)
 
 
-def ddp_cmd(*args) -> list[str]:
+def ddp_cmd(*args, script: Path | None = None) -> list[str]:
+    """``omni`` (or ``script``) on 2 processes under ``accelerate launch``: its torchrun launcher
+    (``--multi_gpu``) with gloo on CPU; DDP or FSDP as the recipe's ``train.parallel`` says."""
+    target = [str(script)] if script else ["-m", "omni.cli"]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), "-m", "omni.cli", *map(str, args)]
+            "--main_process_port", str(_free_port()), *target, *map(str, args)]
+
+
+KILL_AFTER_STEP_10 = """import os, signal, sys
+import omni.train.loop as L
+save = L.save_checkpoint
+def save_checkpoint(*args, **kwargs):
+    path = save(*args, **kwargs)
+    if path.name == "step_00000010":  # the whole job (launcher and every rank), at once
+        os.killpg(0, signal.SIGKILL)
+    return path
+L.save_checkpoint = save_checkpoint
+from omni.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_killed_after_a_checkpoint_resumes_exactly_and_exports_one_file(run_env, tmp_path):
+    """SIGKILL a 2-process FSDP job right after its step-10 sharded checkpoint, resume it with the same
+    command: the same weights, bit for bit, as an uninterrupted FSDP run; ``omni export`` of a sharded
+    checkpoint gives the ordinary single-file model the run exported."""
+    fsdp = {"train.parallel": "fsdp"}
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    r = run(ddp_cmd("train", "text/tiny", *overrides(run_env, ref, **fsdp)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    script = tmp_path / "killed_after_step_10.py"
+    script.write_text(KILL_AFTER_STEP_10)
+    subprocess.run(ddp_cmd("train", "text/tiny", *overrides(run_env, killed, **fsdp), script=script), env=ENV,
+                   capture_output=True, timeout=300, start_new_session=True)
+    assert latest_checkpoint(killed / "checkpoints").name == "step_00000010"
+    assert not (killed / "model.safetensors").exists()
+    r = run(ddp_cmd("train", "text/tiny", *overrides(run_env, killed, **fsdp)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resumed from" in r.stderr
+    assert_same_weights(weights(ref), weights(killed))
+    r = run(omni_cmd("export", latest_checkpoint(ref / "checkpoints"), "--out", tmp_path / "exported"))
+    assert r.returncode == 0, r.stderr
+    assert_same_weights(weights(ref), weights(tmp_path / "exported"))
 
 
 @pytest.mark.slow
