@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from omni.io import atomic_dir, atomic_write_bytes, atomic_write_json, load_tensors, save_tensors
+from omni.train.parallel import load_full_model
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +215,6 @@ class LoadedCheckpoint:
         """This checkpoint's weights into ``model`` (built as the run built it: LoRA adapters
         apart), sharded or not."""
         if self.sharded:
-            from omni.train.parallel import load_full_model
-
             load_full_model(self.sharded, model)
         else:
             model.load_weights(self.model_state, str(self.path / "model.safetensors"))

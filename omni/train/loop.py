@@ -56,7 +56,6 @@ from omni.pipeline import Pipeline, pipeline_from_recipe
 from omni.processor import TOKENIZER_DIR
 from omni.schema import from_dict
 from omni.tokenizers.text import TextTokenizer, corpus_texts, load_text_tokenizer, saved_kind
-from omni.train import parallel
 from omni.train.checkpoint import (
     STATE_FILE,
     NonFiniteError,
@@ -66,6 +65,14 @@ from omni.train.checkpoint import (
     non_finite,
     rng_state,
     save_checkpoint,
+)
+from omni.train.parallel import (
+    full_state_dict,
+    load_shards,
+    no_gradient_sync,
+    save_shards,
+    shard_model,
+    whole_copy,
 )
 from omni.train.run import StopSignals, open_run
 from omni.train.stages import apply_stages, init_from, select
@@ -529,7 +536,7 @@ class Trainer:
         trained = PairObjective(model) if TASKS[cfg.data.task].pairs and not cfg.data.mixture else model
         model.every_tower = self.world > 1  # no process skips a tower another one runs (a collective)
         if self.sharded:  # before the optimizer, which then holds this process's shards
-            parallel.shard_model(model, trained, acc.mixed_precision, acc.device)
+            shard_model(model, trained, acc.mixed_precision, acc.device)
         optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay, tc.lr_scale), lr=tc.lr,
                                       betas=tuple(tc.betas), foreach=True)
         self.state, scaler_state = self._resume(resume_path, run_id, model, optimizer)
@@ -566,7 +573,7 @@ class Trainer:
                              f"train.parallel={'fsdp' if ck.sharded else 'ddp'} on "
                              f"{ck.meta.get('world_size', 1)} processes, or export it (omni export)")
         if self.sharded:
-            parallel.load_shards(ck.sharded, model, optimizer)
+            load_shards(ck.sharded, model, optimizer)
         else:
             ck.load_model(model)
             optimizer.load_state_dict(ck.optimizer_state)
@@ -679,7 +686,7 @@ class Trainer:
         if not skip_sync:
             return contextlib.nullcontext()
         if self.sharded:
-            return parallel.no_gradient_sync(self.model)
+            return no_gradient_sync(self.model)
         return self.accelerator.no_sync(self.model)
 
     def _global_mean(self, out) -> torch.Tensor:
@@ -776,10 +783,10 @@ class Trainer:
         process; called on every process (a sharded model's weights are gathered first)."""
         model = self.inner
         if self.sharded:
-            full = parallel.full_state_dict(self.inner)
+            full = full_state_dict(self.inner)
             if not self.accelerator.is_main_process:
                 return
-            model = parallel.whole_copy(self.inner.config, self.tc.lora, full)
+            model = whole_copy(self.inner.config, self.tc.lora, full)
         if self.accelerator.is_main_process:
             Pipeline(model, self.processor).save_pretrained(self.out_dir)
 
@@ -826,7 +833,7 @@ class Trainer:
             shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper's
-        tensors = parallel.save_shards(staging, self.inner, optimizer)
+        tensors = save_shards(staging, self.inner, optimizer)
         bad = non_finite(tensors)
         flag = torch.tensor(float(len(bad)), device=self.accelerator.device)
         if float(self.accelerator.reduce(flag, "sum")):

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from omni.model.lora import add_lora
+from omni.model.omni_model import OmniModel
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,9 @@ def shard_model(model, root: nn.Module, mixed_precision: str, device: torch.devi
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     model.to(device)
+    # A tower returns its clips' features as views of one batch; the model only reads them (out of
+    # place), which is what FSDP's warning about views asks for.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if mixed_precision == "bf16" else MixedPrecisionPolicy())
@@ -139,9 +146,6 @@ def whole_copy(config, lora, state_dict: dict[str, torch.Tensor]):
     """An unsharded ``OmniModel`` of ``config`` (with ``lora``'s adapters, ``train.lora``) holding
     ``state_dict`` (:func:`full_state_dict`): what a sharded run exports, as an unsharded run
     exports its model."""
-    from omni.model.lora import add_lora
-    from omni.model.omni_model import OmniModel
-
     model = OmniModel(config)
     if lora is not None:
         add_lora(model, lora)
