@@ -99,11 +99,12 @@ class OmniModel(nn.Module):
 
     @property
     def every_tower(self) -> bool:
-        """Whether a training step runs every media tower, on a dummy input (``MediaEncoder.dummy``)
-        where the batch holds none of its modality, at zero weight. The trainer sets it when it
-        runs on several processes: under FSDP a rank that skipped a tower would leave the others
-        waiting in its all-gather, and under DDP in its gradient all-reduce. The dummy's features
-        are multiplied by 0, so its gradient is zero and the update that of the real media alone."""
+        """Whether every forward (training and evaluation) runs every media tower, on a dummy input
+        (``MediaEncoder.dummy``) where the batch holds none of its modality, at zero weight. The
+        trainer sets it when it runs on several processes: under FSDP a rank that skipped a tower
+        would leave the others waiting in its all-gather, and under DDP in its gradient all-reduce.
+        The dummy's features are multiplied by 0, so its gradient is zero and the update that of
+        the real media alone."""
         return self._every_tower
 
     @every_tower.setter
@@ -172,9 +173,8 @@ class OmniModel(nn.Module):
             positions = default_positions(input_ids, key_padding, cache)
         x = self.embed_ids(input_ids, streams)
         aux_loss = memory = None
-        every = self.training and self.every_tower
-        if media or every:
-            encoded, aux_loss = self.encode_media(media or [], every)
+        if media or self.every_tower:
+            encoded, aux_loss = self.encode_media(media or [], self.every_tower)
             placed = [e for e in encoded if not self.reads_by_cross_attention(e[1].modality)]
             read = [e for e in encoded if self.reads_by_cross_attention(e[1].modality)]
             for _, slot, f in [e for e in placed if e[1].start == NO_SLOT]:  # an idle tower's zeros

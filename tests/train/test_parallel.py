@@ -36,3 +36,29 @@ def test_mixed_modality_batches_never_hang_and_match_one_process(tmp_path, mode)
     # fp32 reduction order apart, the same gradients at every step and the same weights after
     assert got["max_grad_diff"] < 1e-6, got
     assert got["max_weight_diff"] < 1e-6, got
+
+
+def test_an_idle_tower_runs_on_a_dummy_input_at_zero_weight():
+    """One process: with ``every_tower`` a batch lacking a modality still runs its tower (every
+    tower parameter that the tower uses gets a gradient, of zeros), and the loss and every other
+    gradient are those without it."""
+    import torch
+    from mixed_modality_worker import batch, build, row
+
+    grads = {}
+    for every in (False, True):
+        model = build().train()
+        model.every_tower = every
+        g = torch.Generator().manual_seed(0)
+        b = batch([row(model, "image", g)])  # no audio: the audio tower (cross-attention) is idle
+        out = model(b["input_ids"], targets=b["targets"], media=b["media"])
+        out.loss.backward()
+        grads[every] = (float(out.loss), {n: p.grad for n, p in model.named_parameters()})
+    (loss_off, off), (loss_on, on) = grads[False], grads[True]
+    assert loss_on == loss_off
+    audio = [n for n in on if n.startswith("encoders.audio.")]
+    assert audio and all(off[n] is None for n in audio)
+    assert all(on[n] is not None and not on[n].any() for n in audio)
+    for n, g in off.items():
+        if g is not None:
+            assert torch.equal(g, on[n]), n
