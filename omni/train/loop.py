@@ -537,6 +537,8 @@ class Trainer:
         model.every_tower = self.world > 1  # no process skips a tower another one runs (a collective)
         if self.sharded:  # before the optimizer, which then holds this process's shards
             shard_model(model, trained, acc.mixed_precision, acc.device)
+        elif tc.parallel == "fsdp":
+            log.info("train.parallel=fsdp on one process: nothing to shard, the model trains whole")
         optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay, tc.lr_scale), lr=tc.lr,
                                       betas=tuple(tc.betas), foreach=True)
         self.state, scaler_state = self._resume(resume_path, run_id, model, optimizer)
