@@ -61,8 +61,10 @@ def shard_model(model, root: nn.Module, mixed_precision: str, device: torch.devi
         if hasattr(unit, "encode"):  # a tower's encode (forward plus its auxiliary loss) gathers it too
             register_fsdp_forward_method(unit, "encode")
     fully_shard(root, **kw)
-    # a parameter that one process's batch did not reach (a CTC head without transcripts) is
-    # reduced as zeros there, so every process's reduce-scatter has the same shape
+    # Every process uses the same parameters each step (every tower runs, a CTC head at zero weight
+    # without transcripts: OmniModel.every_tower), so the reduce-scatters line up. FSDP's
+    # set_reduce_scatter_unused_params stays off: it would give parameters no process uses
+    # (SigLIP's pooling head) zero gradients, and AdamW weight decay one process does not apply.
     log.info("FSDP2 over %d processes: %d units + root, %d frozen tower tensors kept whole, mixed "
              "precision %s", mesh.size(), len(units), len(ignored), mixed_precision)
 
@@ -146,7 +148,8 @@ def whole_copy(config, lora, state_dict: dict[str, torch.Tensor]):
     """An unsharded ``OmniModel`` of ``config`` (with ``lora``'s adapters, ``train.lora``) holding
     ``state_dict`` (:func:`full_state_dict`): what a sharded run exports, as an unsharded run
     exports its model."""
-    model = OmniModel(config)
+    with torch.random.fork_rng(devices=[]):  # its initialisation, overwritten, leaves the run's RNG as it was
+        model = OmniModel(config)
     if lora is not None:
         add_lora(model, lora)
     model.load_state_dict(state_dict)
