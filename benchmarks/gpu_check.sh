@@ -11,6 +11,8 @@
 #                                          # checkpointing, chunked loss) off and on, text/base and
 #                                          # llava/caption_base -> $OUT/gpu_check.jsonl (~7 min)
 #   bash benchmarks/gpu_check.sh switches --dry-run   # here: the same on a CPU at debug sizes
+#   bash benchmarks/gpu_check.sh fsdp      # there, on 2+ GPUs: text/base sharded over 2 GPUs
+#                                          # (train.parallel=fsdp) against 1, per-GPU tokens/s
 #
 # xformers 0.0.35 (the newest) is built for torch 2.10+cu128: on the image's torch 2.11+cu130 it
 # imports without kernels, and omni falls back to SDPA with a warning saying so (seen 2026-11-26).
@@ -97,6 +99,33 @@ WhisperModel(WhisperConfig.from_pretrained('$G/whisper-base')).save_pretrained('
 python3 -c "
 from omni.tokenizers.audio import AudioCodec
 AudioCodec('small').save('runs/tokenizers/audio_codec_base')"
+
+if [ "$mode" = fsdp ]; then
+# FSDP2 over 2 GPUs at the single-GPU run's per-GPU batch: the goal is a per-GPU tokens/s >= 0.90x
+# of one GPU's (docs/distributed.md). metrics.jsonl's tokens_per_s counts every process's tokens.
+n=$(python3 -c "import torch; print(torch.cuda.device_count())")
+[ "$n" -ge 2 ] || { echo "fsdp: needs 2 GPUs, this machine has $n" | tee "$OUT/fsdp.txt"; exit 0; }
+B=$(python3 -c "from omni.config import load_recipe; print(load_recipe('text/base').train.batch_size)")
+common="data.path=.gpu/data/text tokenizer.path=$G/tok/text_spm_32k train.steps=${STEPS:-30} train.log_every=10
+    train.eval_every=1000 train.eval_batches=1 train.save_every=1000 train.progress=false train.resume=false
+    train.overwrite=true"
+timeout 240 python3 -m omni.cli train text/base $common train.out_dir=$OUT/gpu1 2>&1 | tail -3
+timeout 300 torchrun --standalone --nproc-per-node 2 -m omni.cli train text/base $common \
+    train.batch_size=$((2 * B)) train.parallel=fsdp train.out_dir=$OUT/gpu2_fsdp 2>&1 | tail -3
+python3 - "$OUT" <<'EOF' | tee "$OUT/fsdp.txt"
+import json, sys
+from omni.train.loop import read_metrics
+def per_gpu(d, world):
+    rows = [r for r in read_metrics(f"{sys.argv[1]}/{d}/metrics.jsonl") if "tokens_per_s" in r]
+    return rows[-1]["tokens_per_s"] / world, rows[-1].get("max_mem_gib")
+one, mem1 = per_gpu("gpu1", 1)
+two, mem2 = per_gpu("gpu2_fsdp", 2)
+print(json.dumps({"bench": "fsdp_2gpu", "recipe": "text/base", "tokens_per_s_per_gpu_1": one,
+                  "tokens_per_s_per_gpu_fsdp2": two, "ratio": round(two / one, 3), "goal": 0.9,
+                  "max_mem_gib_1": mem1, "max_mem_gib_fsdp2": mem2}))
+EOF
+exit 0
+fi
 
 if [ "$mode" = run ]; then
 # 1. the test suite's CUDA tests and the model tests on the GPU machine

@@ -252,6 +252,9 @@ class TrainConfig(Optimization):
     # backward pass, so the (tokens x vocabulary) fp32 logits never exist at once (0: all at once)
     loss_chunk: int = 0
     export: str = "last"  # the model written to out_dir: the last weights, or those with the best val loss
+    # several processes: ddp (a whole model per process, gradients all-reduced) or fsdp (FSDP2: weights,
+    # gradients and optimizer state sharded over the processes; omni/train/parallel.py)
+    parallel: str = "ddp"
     # stages (omni/train/stages.py): globs over module names that train (None: all), a run whose
     # weights to start from (a list: each run in turn, a later one's tensors over an earlier's), and
     # LoRA adapters (merged into plain weights on save)
@@ -284,6 +287,10 @@ class TrainConfig(Optimization):
         if self.loss_chunk < 0:
             raise ValueError(f"train.loss_chunk must be >= 0 (0: the loss over all rows at once), "
                              f"got {self.loss_chunk}")
+        choice("train.parallel", self.parallel, ("ddp", "fsdp"))
+        if self.parallel == "fsdp" and self.mixed_precision == "fp16":
+            raise ValueError("train.parallel=fsdp trains in bf16 or fp32 (train.mixed_precision: bf16, no or "
+                             "auto); fp16's loss scaling is not wired for sharded gradients")
         if isinstance(self.init_from, list) and not self.init_from:
             raise ValueError("train.init_from is an empty list (leave it out to start from scratch)")
         if self.trainable is not None and not self.trainable:

@@ -156,10 +156,13 @@ def test_seq_len_longer_than_context_is_an_error(tmp_path):
                                           ("train.steps=0", "train.steps"),
                                           ("train.activation_checkpointing=full",
                                            "train.activation_checkpointing"),
-                                          ("train.loss_chunk=-1", "train.loss_chunk")])
+                                          ("train.loss_chunk=-1", "train.loss_chunk"),
+                                          ("train.parallel=zero3", "train.parallel"),
+                                          ("train.parallel=fsdp train.mixed_precision=fp16",
+                                           "train.parallel")])
 def test_impossible_values_name_the_key(tmp_path, override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        load_recipe(_write(tmp_path, {}), [override])
+        load_recipe(_write(tmp_path, {}), override.split())
 
 
 def test_unknown_recipe_lists_available_ones():

@@ -170,6 +170,23 @@ class MediaEncoder(nn.Module):
         super().__init__()
         self.section = section
         self.cfg = media_config(self.modality, section)
+        # training on several processes: an auxiliary head runs (at zero weight) on a batch without
+        # labels too, so that every process's step uses the same parameters (OmniModel.every_tower)
+        self.always_aux = False
+        self._dummy: torch.Tensor | None = None
+
+    def _blank(self) -> torch.Tensor:
+        """A small input of zeros, as ``prepare`` takes it (pixels, frames or a waveform)."""
+        raise NotImplementedError
+
+    def dummy(self) -> torch.Tensor:
+        """This encoder's input for a step whose batch holds none of its modality, when every tower
+        must run anyway (``OmniModel.every_tower``): ``prepare`` of blank media, made once. The
+        global RNG streams are left as they were (a video's frame shuffle draws from them)."""
+        if self._dummy is None:
+            with torch.random.fork_rng(devices=[]):
+                self._dummy = self.prepare(self._blank())[0]
+        return self._dummy
 
     def standalone_config(self) -> dict:
         """``section`` as a checkpoint records it: with a tower loaded from a local folder (``path``)
@@ -213,6 +230,9 @@ class ImageEncoder(MediaEncoder):
     def precomputed(self) -> nn.Module | None:
         return self.tokenizer if self.cfg.tokenizer.precompute else None
 
+    def _blank(self) -> torch.Tensor:
+        return torch.zeros(3, 32, 32, dtype=torch.uint8)
+
     def prepare(self, obj):
         """An :class:`~omni.media.image.Image` or uint8 pixels (3, H, W) -> normalised pixels (the
         tower's features ``(h*w, D)`` with ``precompute``) and the grid."""
@@ -248,6 +268,9 @@ class VideoEncoder(MediaEncoder):
 
     def precomputed(self) -> nn.Module | None:
         return self.video.image_tokenizer if self.cfg.tokenizer.precompute else None
+
+    def _blank(self) -> torch.Tensor:
+        return torch.zeros(self.cfg.video.num_frames, 3, 32, 32, dtype=torch.uint8)
 
     def prepare(self, frames):
         """uint8 frames (N, 3, H, W) -> normalised frames (N, 3, H', W'), or with ``precompute`` the
@@ -290,6 +313,9 @@ class AudioEncoder(MediaEncoder):
 
     def precomputed(self) -> nn.Module | None:
         return self.encoder if self.precompute else None
+
+    def _blank(self) -> torch.Tensor:
+        return torch.zeros(AUDIO_SAMPLE_RATE // 2)  # 0.5 s of silence
 
     def num_tokens(self, num_frames: int) -> int:
         return -(-self.encoder.num_tokens(num_frames) // self.stack)
@@ -349,6 +375,8 @@ class AudioEncoder(MediaEncoder):
         # the CTC loss covers the clips that carry a transcript (a mixture's sound clips do not)
         keep = [i for i, lab in enumerate(labels or []) if lab is not None]
         if self.ctc_head is None or not keep:
+            if self.ctc_head is not None and labels is not None and self.always_aux:
+                return out, 0 * self.ctc_head(feats[:1, :1]).sum()  # uses the head, adds nothing
             return out, None
         log_probs = self.ctc_head(feats[keep]).float().log_softmax(-1).transpose(0, 1)  # (N, B, V)
         targets = torch.cat([labels[i].long() for i in keep]).to(feats.device)

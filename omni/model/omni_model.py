@@ -25,7 +25,7 @@ from omni.model.contrastive import ContrastiveConfig, ContrastiveHead
 from omni.model.lora import merged_state_dict
 from omni.model.media_encoder import build_media_encoder
 from omni.model.outputs import ModelOutput, default_positions
-from omni.sequence import IGNORE
+from omni.sequence import IGNORE, MediaSlot
 from omni.vocab import Vocab
 
 CONFIG_FILE = "config.json"
@@ -98,6 +98,23 @@ class OmniModel(nn.Module):
         self.blip2 = None
         if config.blip2 is not None:
             self.blip2 = Blip2Head(cfg.dim, Blip2Config.parse(config.blip2))
+        self._every_tower = False
+
+    @property
+    def every_tower(self) -> bool:
+        """Whether every forward (training and evaluation) runs every media tower, on a dummy input
+        (``MediaEncoder.dummy``) where the batch holds none of its modality, at zero weight. The
+        trainer sets it when it runs on several processes: under FSDP a rank that skipped a tower
+        would leave the others waiting in its all-gather, and under DDP in its gradient all-reduce.
+        The dummy's features are multiplied by 0, so its gradient is zero and the update that of
+        the real media alone."""
+        return self._every_tower
+
+    @every_tower.setter
+    def every_tower(self, on: bool) -> None:
+        self._every_tower = on
+        for encoder in self.encoders.values():
+            encoder.always_aux = on
 
     # -- construction -----------------------------------------------------------------------
 
@@ -160,13 +177,16 @@ class OmniModel(nn.Module):
             positions = default_positions(input_ids, key_padding, cache)
         x = self.embed_ids(input_ids, streams)
         aux_loss = memory = None
-        if media:
-            encoded, aux_loss = self.encode_media(media)
+        if media or self.every_tower:
+            encoded, aux_loss = self.encode_media(media or [], self.every_tower)
             placed = [e for e in encoded if not self.reads_by_cross_attention(e[1].modality)]
             read = [e for e in encoded if self.reads_by_cross_attention(e[1].modality)]
+            for _, slot, f in [e for e in placed if e[1].start == NO_SLOT]:  # an idle tower's zeros
+                x = x + f.sum().to(x.dtype)
+            placed = [e for e in placed if e[1].start != NO_SLOT]
             if placed:
                 x = self._place(x, placed)
-            if read:
+            if read:  # an idle tower's column has start NO_SLOT: no token reads it
                 memory = self._memory(read, input_ids.shape[0], doc_ids)
         h = self.backbone(x, positions, doc_ids=doc_ids, key_padding=key_padding, cache=cache, memory=memory)
         assert not (last_only and targets is not None), "last_only is for inference"
@@ -198,7 +218,8 @@ class OmniModel(nn.Module):
         else:
             logits = self.lm_head(hk)  # (N, V)
             total = self._summed_loss(hk, tgt, streams_k, w, logits)
-        return ModelOutput(logits, total / mass if n else total, n, aux_loss, kept=kept)
+        return ModelOutput(logits, total / mass if n else total, n, aux_loss, kept=kept,
+                           loss_mass=torch.as_tensor(mass if n else 0, dtype=torch.float32))
 
     def _summed_loss(self, h: torch.Tensor, tgt: torch.Tensor, streams: torch.Tensor | None,
                      w: torch.Tensor | None, logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -231,21 +252,31 @@ class OmniModel(nn.Module):
                 x = x + self._embed_ids(streams[:, k])
         return x
 
-    def encode_media(self, media: list) -> tuple[list, torch.Tensor | None]:
+    def encode_media(self, media: list, every_tower: bool = False) -> tuple[list, torch.Tensor | None]:
         """``(row, slot)`` pairs -> ``(row, slot, features (slot.length, D))`` triples, one batched
-        encoder call per modality, and the encoders' auxiliary loss when training on slots that
-        carry ``labels`` (else None)."""
+        encoder call per modality, in the model's order of encoders (the same on every process),
+        and the encoders' auxiliary loss when training on slots that carry ``labels`` (else None).
+        ``every_tower``: an encoder whose modality the batch lacks runs on its dummy input, giving a
+        triple of zero features at a slot that starts at ``NO_SLOT`` (see :attr:`every_tower`)."""
         aux_loss, encoded = None, []
-        for modality in {slot.modality for _, slot in media}:
-            if modality not in self.encoders:
-                raise ValueError(f"this model has no {modality} encoder; it reads: "
-                                 f"{', '.join(['text', *self.encoders]) }")
+        for modality in sorted({slot.modality for _, slot in media} - set(self.encoders)):
+            raise ValueError(f"this model has no {modality} encoder; it reads: "
+                             f"{', '.join(['text', *self.encoders]) }")
+        for modality, encoder in self.encoders.items():
             items = [(row, slot) for row, slot in media if slot.modality == modality]
+            idle = every_tower and not items
+            if idle:  # a slot no token reads (start NO_SLOT), for the dummy input
+                items = [(0, MediaSlot(NO_SLOT, 0, modality, encoder.dummy()))]
+            elif not items:
+                continue
             labels = [slot.labels for _, slot in items] if self.training else None
             datas = [slot.data.to(self.device) for _, slot in items]
-            outs, aux = self.encoders[modality].encode(datas, labels)
+            outs, aux = encoder.encode(datas, labels)
             if aux is not None:
                 aux_loss = aux if aux_loss is None else aux_loss + aux
+            if idle:
+                encoded.append((0, dataclasses.replace(items[0][1], length=outs[0].shape[0]), outs[0] * 0))
+                continue
             for (row, slot), f in zip(items, outs):
                 if f.shape[0] != slot.length:
                     raise ValueError(f"the {modality} encoder gave {f.shape[0]} tokens for a slot of "

@@ -21,6 +21,9 @@ class ModelOutput:
         None  # name -> unweighted loss (detached) of a multi-loss objective (BLIP-2), for the log
     )
     kept: torch.Tensor | None = None  # (B, T) bool: the positions with a target, whose logits these are
+    # the loss's denominator: its targets' count, or their summed weights (``loss_weights``); a
+    # trainer on several processes scales each one's loss by it to get the global batch's mean
+    loss_mass: torch.Tensor | None = None
 
     @property
     def objective(self) -> torch.Tensor:

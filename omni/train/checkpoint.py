@@ -5,6 +5,10 @@ Layout under ``<out_dir>/checkpoints/``::
     step_00000200/  model.safetensors  optimizer.safetensors  trainer_state.json
     latest          (a text file naming the newest complete step_* folder)
 
+A sharded run's (``train.parallel: fsdp``) holds ``sharded/`` instead of ``model.safetensors``: the
+model and optimizer state as a ``torch.distributed.checkpoint`` folder, each process's shards in
+a file of its own (``omni.train.parallel``), and ``optimizer.safetensors`` only the RNG states.
+
 A checkpoint folder is written under a temporary name and renamed when complete, and
 ``latest`` is replaced atomically afterwards, so a run killed at any moment leaves the
 previous checkpoint intact. ``trainer_state.json`` names the run (``state.run_id``): pruning
@@ -27,11 +31,13 @@ import numpy as np
 import torch
 
 from omni.io import atomic_dir, atomic_write_bytes, atomic_write_json, load_tensors, save_tensors
+from omni.train.parallel import load_full_model
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+SHARDED_DIR = "sharded"
 
 
 @dataclass
@@ -130,9 +136,12 @@ def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 def save_checkpoint(ckpt_root: Path, model_state: dict[str, torch.Tensor], optimizer_state: dict,
                     state: TrainState, extra: dict, keep: int, rng: list[dict] | None = None,
-                    scaler: dict | None = None) -> Path:
+                    scaler: dict | None = None, shards: Path | None = None) -> Path:
     """Write ``step_<N>`` atomically, point ``latest`` at it, and prune all but the newest ``keep``
     of this run's checkpoints. ``rng``: every rank's :func:`rng_state` (default: this process's).
+    ``shards``: a folder the processes wrote the sharded model and optimizer state into
+    (``omni.train.parallel.save_shards``, checked for NaN/inf there), moved in as ``sharded/`` in
+    place of ``model_state`` and ``optimizer_state`` (then empty).
     Raises :class:`NonFiniteError` (writing nothing) when weights or optimizer state hold NaN/inf."""
     opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
     bad = non_finite(model_state) + non_finite(opt_tensors)
@@ -141,11 +150,14 @@ def save_checkpoint(ckpt_root: Path, model_state: dict[str, torch.Tensor], optim
                              f"checkpoint of step {state.step} not written")
     final = ckpt_root / f"step_{state.step:08d}"
     with atomic_dir(final) as tmp:  # a step_* folder exists only once complete
-        save_tensors(tmp / "model.safetensors", model_state)
+        if shards is not None:
+            shards.replace(tmp / SHARDED_DIR)
+        else:
+            save_tensors(tmp / "model.safetensors", model_state)
         rng_tensors, rng_meta = _rng_to_files(rng or [rng_state()])
         save_tensors(tmp / "optimizer.safetensors", {**opt_tensors, **rng_tensors})
         atomic_write_json(tmp / STATE_FILE, {"state": state.__dict__, "optimizer": opt_meta, "rng": rng_meta,
-                                             "scaler": scaler, **extra})
+                                             "scaler": scaler, "sharded": shards is not None, **extra})
     atomic_write_bytes(ckpt_root / LATEST, final.name.encode())
     mine = [p for p in _complete(ckpt_root) if _run_id(p) == state.run_id]
     for old in mine[:-keep]:
@@ -190,8 +202,22 @@ class LoadedCheckpoint:
     meta: dict
     rng: list[dict]  # per rank
 
+    @property
+    def sharded(self) -> Path | None:
+        """The ``torch.distributed.checkpoint`` folder of a sharded run's checkpoint, else None
+        (its ``model_state`` and ``optimizer_state`` are then empty)."""
+        return self.path / SHARDED_DIR if self.meta.get("sharded") else None
+
     def restore_rng(self, rank: int = 0) -> None:
         set_rng_state(self.rng[rank])
+
+    def load_model(self, model) -> None:
+        """This checkpoint's weights into ``model`` (built as the run built it: LoRA adapters
+        apart), sharded or not."""
+        if self.sharded:
+            load_full_model(self.sharded, model)
+        else:
+            model.load_weights(self.model_state, str(self.path / "model.safetensors"))
 
 
 def load_checkpoint(path: Path) -> LoadedCheckpoint:
@@ -217,7 +243,10 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
             raise ValueError("no 'optimizer.param_groups' list")
     except ValueError as e:
         raise ValueError(f"{meta_file}: not a trainer state ({e})") from None
-    model_state = load_tensors(path / "model.safetensors")
+    sharded = meta.get("sharded") is True
+    if sharded and not (path / SHARDED_DIR / ".metadata").is_file():
+        raise ValueError(f"{path / SHARDED_DIR}: the sharded model and optimizer state are missing")
+    model_state = {} if sharded else load_tensors(path / "model.safetensors")
     opt = load_tensors(path / "optimizer.safetensors")
     rng_tensors = {k: v for k, v in opt.items() if k.startswith("rng.")}
     opt = {k: v for k, v in opt.items() if not k.startswith("rng.")}

@@ -28,6 +28,7 @@ import itertools
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,13 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    broadcast_object_list,
+    gather_object,
+    set_seed,
+)
 from tqdm.auto import tqdm
 
 from omni.config import RecipeConfig, load_tokenizer_spec
@@ -55,8 +62,17 @@ from omni.train.checkpoint import (
     TrainState,
     latest_checkpoint,
     load_checkpoint,
+    non_finite,
     rng_state,
     save_checkpoint,
+)
+from omni.train.parallel import (
+    full_state_dict,
+    load_shards,
+    no_gradient_sync,
+    save_shards,
+    shard_model,
+    whole_copy,
 )
 from omni.train.run import StopSignals, open_run
 from omni.train.stages import apply_stages, init_from, select
@@ -440,7 +456,7 @@ def checkpoint_pipeline(path: str | Path) -> Pipeline:
     cfg = from_dict(RecipeConfig, ck.meta["recipe"])
     built = build_pipeline(cfg, Accelerator(cpu=True))
     apply_stages(built.model, cfg.train)
-    built.model.load_weights(ck.model_state, str(path / "model.safetensors"))
+    ck.load_model(built.model)
     return built.eval()
 
 
@@ -479,6 +495,12 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=_mixed_precision(self.tc.mixed_precision),
                                        cpu=not torch.cuda.is_available())
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("launched with accelerate's FSDP (--use_fsdp or an fsdp_config): omni shards "
+                             "the model itself; launch it as for DDP and set train.parallel=fsdp "
+                             "(docs/distributed.md)")
+        # FSDP2 over several processes; on one there is nothing to shard and the model trains whole
+        self.sharded = self.tc.parallel == "fsdp" and self.world > 1
         if self.tc.batch_size % self.world:
             raise ValueError(f"train.batch_size ({self.tc.batch_size}) must be divisible by the number of "
                              f"processes ({self.world})")
@@ -521,13 +543,23 @@ class Trainer:
         with acc.main_process_first():  # the main process builds missing sample caches, the others read them
             self.train_set, self.val_set = (dataset_for(cfg.data, split, self.processor, tc.seed,
                                                         progress=bars) for split in ("train", "val"))
+        # pairs train through their objective's module, so DDP's (FSDP's root) forward is the one that runs
+        trained = PairObjective(model) if TASKS[cfg.data.task].pairs and not cfg.data.mixture else model
+        model.every_tower = self.world > 1  # no process skips a tower another one runs (a collective)
+        if self.sharded:  # before the optimizer, which then holds this process's shards
+            shard_model(model, trained, acc.mixed_precision, acc.device)
+        elif tc.parallel == "fsdp":
+            log.info("train.parallel=fsdp on one process: nothing to shard, the model trains whole")
         optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay, tc.lr_scale), lr=tc.lr,
                                       betas=tuple(tc.betas), foreach=True)
         self.state, scaler_state = self._resume(resume_path, run_id, model, optimizer)
         self.resumed_from = resume_path
-        # pairs train through their objective's module, so DDP's forward is the one that runs
-        trained = PairObjective(model) if TASKS[cfg.data.task].pairs and not cfg.data.mixture else model
-        self.model, self.optimizer = acc.prepare(trained, optimizer)
+        if self.sharded:
+            self.model, self.optimizer = trained, acc.prepare(optimizer)
+        else:
+            if model.encoders:  # a tower's unused part (SigLIP's pooling head) gets no gradient anywhere
+                acc.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+            self.model, self.optimizer = acc.prepare(trained, optimizer)
         if scaler_state and acc.scaler is not None:
             acc.scaler.load_state_dict(scaler_state)
         self.inner = acc.unwrap_model(self.model)
@@ -548,8 +580,16 @@ class Trainer:
         if path is None:
             return TrainState(run_id=run_id), None
         ck = load_checkpoint(path)
-        model.load_weights(ck.model_state, str(path / "model.safetensors"))
-        optimizer.load_state_dict(ck.optimizer_state)
+        if self.sharded != bool(ck.sharded):
+            raise ValueError(f"{path}: a checkpoint of a {'sharded' if ck.sharded else 'whole'} model cannot "
+                             f"resume {'a sharded' if self.sharded else 'an unsharded'} run; resume it with "
+                             f"train.parallel={'fsdp' if ck.sharded else 'ddp'} on "
+                             f"{ck.meta.get('world_size', 1)} processes, or export it (omni export)")
+        if self.sharded:
+            load_shards(ck.sharded, model, optimizer)
+        else:
+            ck.load_model(model)
+            optimizer.load_state_dict(ck.optimizer_state)
         ck.state.run_id = run_id
         ck.restore_rng(self.rank % len(ck.rng))  # another number of processes needed train.resume_changed
         return ck.state, ck.meta.get("scaler")
@@ -626,12 +666,12 @@ class Trainer:
         for micro in range(tc.grad_accum):
             batch = _to_device(next(self.batches), acc.device)
             state.cursor += tc.batch_size
-            sync = micro == tc.grad_accum - 1
-            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+            with self._accumulating(micro < tc.grad_accum - 1):
                 with acc.autocast():
                     out = _forward(self.model, batch)
-                acc.backward(out.objective / tc.grad_accum)
-            step_loss += out.loss.detach() / tc.grad_accum
+                loss = self._global_mean(out)
+                acc.backward((loss if out.aux_loss is None else loss + out.aux_loss) / tc.grad_accum)
+            step_loss += loss.detach() / tc.grad_accum
             if out.aux_loss is not None:
                 step_aux, has_aux = step_aux + out.aux_loss.detach() / tc.grad_accum, True
             for name, value in (out.parts or {}).items():
@@ -653,6 +693,25 @@ class Trainer:
         # training time, without evaluations and checkpoints
         state.train_seconds += time.perf_counter() - start
         return StepOutput(loss, grad_norm, lr, step_aux if has_aux else None, parts)
+
+    def _accumulating(self, skip_sync: bool):
+        """No gradient reduction in this backward (a micro-batch before the step's last)."""
+        if not skip_sync:
+            return contextlib.nullcontext()
+        if self.sharded:
+            return no_gradient_sync(self.model)
+        return self.accelerator.no_sync(self.model)
+
+    def _global_mean(self, out) -> torch.Tensor:
+        """The token loss as its share of the global micro-batch's mean: each process's mean over
+        its own targets, weighted by its share of all processes' targets (times the number of
+        processes, which the gradient average divides out). So the update is the one a single
+        process would make on the whole micro-batch, however the targets fall across processes."""
+        if self.world == 1 or out.loss_mass is None:
+            return out.loss
+        mass = out.loss_mass.to(self.accelerator.device)
+        total = self.accelerator.reduce(mass, "sum")
+        return out.loss * (mass * self.world / total.clamp(min=1e-12))
 
     def _skipped(self, loss: float, grad_norm: float) -> None:
         state = self.state
@@ -706,14 +765,15 @@ class Trainer:
         with torch.no_grad():
             for start in range(0, n_rows, tc.batch_size):
                 idx = list(range(start, min(start + tc.batch_size, n_rows)))[self.rank::self.world]
-                if not idx:
-                    continue
-                batch = _to_device(self.val_set.collate([self.val_set[i] for i in idx], self.cfg.model.mrope),
-                                   acc.device)
+                # every process runs every batch (a sharded forward is a collective): one without a
+                # row of it runs the batch's first at zero weight
+                weight = 1 if idx else 0
+                batch = _to_device(self.val_set.collate([self.val_set[i] for i in idx or [start]],
+                                                        self.cfg.model.mrope), acc.device)
                 with acc.autocast():
                     out = _forward(self.model, batch)
-                total += out.loss.float() * out.num_tokens
-                count += out.num_tokens
+                total += out.loss.float() * out.num_tokens * weight
+                count += out.num_tokens * weight
         self.model.train()
         total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
         return float(total / count.clamp(min=1))
@@ -724,7 +784,7 @@ class Trainer:
         self.val_loss = val_loss
         improved = state.best_val_loss is None or val_loss < state.best_val_loss
         state.best_val_loss = min(val_loss, state.best_val_loss or val_loss)
-        if improved and self.tc.export == "best" and self.accelerator.is_main_process:
+        if improved and self.tc.export == "best":
             self.export()  # the best weights so far are the exported model
         self.metrics.write({"step": state.step, "val_loss": round(val_loss, 5),
                             "val_ppl": round(math.exp(min(val_loss, 50)), 3)})
@@ -732,8 +792,16 @@ class Trainer:
             self.bar.write(f"step {state.step}: val loss {val_loss:.4f}")
 
     def export(self) -> None:
-        """The model and its processor's files (tokenizer, codec) into the run folder."""
-        Pipeline(self.inner, self.processor).save_pretrained(self.out_dir)
+        """The model and its processor's files (tokenizer, codec) into the run folder, by the main
+        process; called on every process (a sharded model's weights are gathered first)."""
+        model = self.inner
+        if self.sharded:
+            full = full_state_dict(self.inner)
+            if not self.accelerator.is_main_process:
+                return
+            model = whole_copy(self.inner.config, self.tc.lora, full)
+        if self.accelerator.is_main_process:
+            Pipeline(model, self.processor).save_pretrained(self.out_dir)
 
     def save(self, reason: str) -> Path | None:
         """A checkpoint of this step (written by the main process, with every process's RNG states);
@@ -742,15 +810,21 @@ class Trainer:
         acc.wait_for_everyone()
         # every rank's RNG states, in rank order
         rngs = gather_object([rng_state()]) if self.world > 1 else [rng_state()]
-        error, path = None, None
+        error, path, shards = None, None, None
+        if self.sharded:  # every process writes its shards, to be moved into the checkpoint whole
+            shards = self._save_shards()
         if acc.is_main_process:
             extra = {"recipe": self.cfg.to_dict(), "reason": reason,
-                     "model_config": self.inner.config.to_dict(), "world_size": self.world}
+                     "model_config": self.inner.config.to_dict(), "world_size": self.world,
+                     "parallel": self.tc.parallel}
             scaler = acc.scaler.state_dict() if acc.scaler is not None else None
+            weights, optimizer = ({}, {"state": {}, "param_groups": []}) if self.sharded else (
+                self.inner.export_state_dict(merge_lora=False), self.optimizer.state_dict())
             try:
-                path = save_checkpoint(self.ckpt_root, self.inner.export_state_dict(merge_lora=False),
-                                       self.optimizer.state_dict(), state, extra, self.tc.keep_checkpoints,
-                                       rng=rngs, scaler=scaler)
+                if isinstance(shards, str):
+                    raise NonFiniteError(shards)
+                path = save_checkpoint(self.ckpt_root, weights, optimizer, state, extra,
+                                       self.tc.keep_checkpoints, rng=rngs, scaler=scaler, shards=shards)
                 log.info("checkpoint: %s", path)
             except NonFiniteError as e:
                 error = (f"{e} at step {state.step}: the weights or optimizer state went NaN/inf. Last "
@@ -762,6 +836,24 @@ class Trainer:
             raise TrainingError(error)
         acc.wait_for_everyone()
         return path
+
+    def _save_shards(self) -> Path | str:
+        """Every process's shards of the model and optimizer state into one staging folder (a
+        ``.step_*`` name, which a resume cleans up if a kill left it); the folder, or the NaN/inf
+        problem any process found, as a message."""
+        staging = self.ckpt_root / f".step_{self.state.step:08d}.shards"
+        if self.accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper's
+        tensors = save_shards(staging, self.inner, optimizer)
+        bad = non_finite(tensors)
+        flag = torch.tensor(float(len(bad)), device=self.accelerator.device)
+        if float(self.accelerator.reduce(flag, "sum")):
+            if self.accelerator.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+            return f"tensors hold NaN/inf{f' (first here: {bad[0]})' if bad else ''}; checkpoint not written"
+        return staging
 
     def _finish(self, stop: bool) -> TrainResult:
         """End the run: stopped by a signal, it only says so (its checkpoint resumes it); else the
@@ -777,9 +869,9 @@ class Trainer:
             acc.end_training()
             return TrainResult(*result, stopped_by=received or "a signal to another process",
                                checkpoint=self.checkpoint)
+        if self.tc.export == "last":
+            self.export()
         if acc.is_main_process:
-            if self.tc.export == "last":
-                self.export()
             plot_losses(self.metrics.path, self.out_dir / "loss.png", title=self.cfg.name)
             write_model_card(self.out_dir)
         acc.wait_for_everyone()

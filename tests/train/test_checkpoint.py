@@ -186,3 +186,25 @@ def test_stop_signals_turn_the_first_signal_into_a_request():
         os.kill(os.getpid(), signal.SIGTERM)
         assert signals.received == "SIGTERM"  # and this process is still alive
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_sharded_checkpoint_is_moved_in_whole_and_its_weights_load_in_one_process(tmp_path):
+    """``train.parallel=fsdp``'s layout: the processes' ``torch.distributed.checkpoint`` folder moves
+    into the checkpoint as ``sharded/`` (nothing left at the staging path); ``load_model`` reads the
+    weights into a whole model, as ``omni export`` does; a missing ``.metadata`` is named."""
+    import torch.distributed.checkpoint as dcp
+
+    model, _ = _model_and_optimizer()
+    staging = tmp_path / ".step_00000007.shards"
+    dcp.save({"model": model.state_dict()}, checkpoint_id=staging, no_dist=True)
+    path = _save(tmp_path, 7, shards=staging)
+    assert not staging.exists() and (path / "sharded" / ".metadata").is_file()
+    assert not (path / "model.safetensors").exists()
+    ck = load_checkpoint(path)
+    assert ck.sharded == path / "sharded" and ck.model_state == {}
+    fresh = torch.nn.Linear(4, 3)
+    ck.load_model(fresh)
+    assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
+    (path / "sharded" / ".metadata").unlink()
+    with pytest.raises(ValueError, match="sharded: the sharded model and optimizer state are missing"):
+        load_checkpoint(path)
