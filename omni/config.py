@@ -153,6 +153,15 @@ class TaskData(TaskSpec):
         if self.ways < 1 or self.episodes < 0:
             raise ValueError(f"{key}.ways must be >= 1 and {key}.episodes >= 0, "
                              f"got {self.ways} and {self.episodes}")
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or value < 0):
+                raise ValueError(f"{key}.{name} must be seconds >= 0 (or null), got {value!r}")
+        if (self.start is not None or self.end is not None) and self.media != "video":
+            raise ValueError(f"{key}.start / {key}.end cut video clips; {key}.media is {self.media!r}")
+        if self.start is not None and self.end is not None and self.end <= self.start:
+            raise ValueError(f"{key}.end ({self.end}) must be after {key}.start ({self.start})")
 
 
 @dataclass
