@@ -249,7 +249,7 @@ class TrainConfig(Optimization):
     resume: bool = True
     overwrite: bool = False  # a new run in a folder that holds one moves the old run aside (never deletes it)
     resume_changed: bool = False  # resume although the recipe changed in a way that breaks exactness
-    progress: bool = True
+    progress: bool = True  # a bar on a terminal, a log line every ~10% of the steps otherwise
     num_workers: int = 0  # DataLoader worker processes reading and packing rows (0: in the training process)
     # the backbone's blocks through torch.compile (omni/model/compiled.py): the same losses, a faster step
     # once the first one has compiled (tens of seconds)

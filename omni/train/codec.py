@@ -526,10 +526,13 @@ class CodecTrainer:
     def log_step(self, row: dict) -> None:
         secs = time.perf_counter() - self.t0
         losses = [k for k in row if k not in ("step", "loss", "revived", "emb_rms", "lr")]
-        log.info("step %d  loss %.4f  %s  lr %.2e  %.0f s  %.1f audio-s/s", row["step"], row["loss"],
+        eta = self.schedule.eta(row["step"], secs, secs / max(row["step"], 1))
+        audio_per_s = row["step"] * self.spec.batch_size * self.spec.segment_s / max(secs, 1e-9)
+        log.info("step %d/%d  loss %.4f  %s  lr %.2e  %.0f s (ETA %.0f s)  %.1f audio-s/s", row["step"],
+                 self.spec.steps, row["loss"],
                  "  ".join([f"{k} {row[k]:.4f}" for k in losses]
                            + [f"revived {row['revived']}", f"emb_rms {row['emb_rms']:.3f}"]),
-                 row["lr"], secs, row["step"] * self.spec.batch_size * self.spec.segment_s / max(secs, 1e-9))
+                 row["lr"], secs, eta, audio_per_s)
 
     def evaluate(self) -> dict:
         """Held-out multi-scale mel distance, SI-SDR and codebook use (:func:`evaluate_codec`)."""
