@@ -77,7 +77,7 @@ def test_ticking_runs_against_an_estimate_and_ends_at_100(caplog, monkeypatch):
 
 
 def test_rendering_a_task_reports_its_rows(caplog, monkeypatch, tiny_corpus, debug_model):
-    """One long phase end to end: rendering a manifest logs its progress in rows."""
+    """One long phase end to end: rendering a manifest logs its progress in its rows (documents)."""
     from omni.data.tasks import TaskSpec, manifest_samples
 
     monkeypatch.delenv("OMNI_PROGRESS", raising=False)
@@ -86,8 +86,8 @@ def test_rendering_a_task_reports_its_rows(caplog, monkeypatch, tiny_corpus, deb
                                    progress=None)
     lines = _lines(caplog)
     assert len(samples) == 20 and lines
-    assert lines[0].startswith(f"tokenizing {tiny_corpus / 'val.jsonl'}: 0% 0/20 row")
-    assert lines[-1].startswith(f"tokenizing {tiny_corpus / 'val.jsonl'}: 100% 20/20 row")
+    assert lines[0].startswith(f"tokenizing {tiny_corpus / 'val.jsonl'}: 0% 0/20 doc")
+    assert lines[-1].startswith(f"tokenizing {tiny_corpus / 'val.jsonl'}: 100% 20/20 doc")
 
 
 def test_training_keeps_its_progress_line(caplog, monkeypatch, tmp_path, tiny_corpus, text_tokenizer):

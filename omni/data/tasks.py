@@ -266,12 +266,20 @@ def _manifest_rows(manifest: Manifest, spec: TaskSpec, progress: bool | None = F
     are used, under a progress bar counting rows, named for the work each row takes (``progress``:
     see :func:`omni.progress.progress`)."""
     total = manifest.count() if max_rows is None else max_rows
-    return progress_bar(manifest.rows(max_rows), total=total, desc=_work(manifest, spec), unit="row",
+    return progress_bar(manifest.rows(max_rows), total=total, desc=_work(manifest, spec), unit=_unit(spec),
                         enabled=progress)
 
 
 def _work(manifest: Manifest, spec: TaskSpec) -> str:
     return f"{_WORK.get(spec.task, f'preparing {spec.media} of')} {manifest}"
+
+
+_UNITS = {"text": "doc", "chat": "chat", "continue": "clip", "speak": "utterance"}
+
+
+def _unit(spec: TaskSpec) -> str:
+    """What one manifest row of the task is, for progress (a caption row: its medium)."""
+    return _UNITS.get(spec.task, {"video": "clip", "audio": "clip"}.get(spec.media, spec.media))
 
 
 def prepare_rows(manifest: str | Path | Manifest, spec: TaskSpec, model, on_bad_sample: str = "skip",
@@ -426,7 +434,7 @@ def manifest_samples(manifest: str | Path | Manifest, spec: TaskSpec, processor,
     samples = cache.build(folder, manifest.rows(max_rows), _renderer(spec, proc),
                           lambda n, item, e: _bad_row(item[0], item[1], item[2], e, on_bad_sample), meta,
                           total=manifest.count() if max_rows is None else max_rows,
-                          desc=_work(manifest, spec), progress=progress, workers=workers)
+                          desc=_work(manifest, spec), progress=progress, workers=workers, unit=_unit(spec))
     if samples.num_bad:
         first = samples.bad_rows()[0]
         if on_bad_sample == "error":
