@@ -80,7 +80,7 @@ class VideoTokenizerConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not value > 0):
                 raise ValueError(f"video_tokenizer.{key} must be > 0 (or null), got {value!r}")
-        if self.num_frames > self.max_frames:
+        if self.fps is None and self.num_frames > self.max_frames:  # with fps, max_frames caps the count
             raise ValueError(f"video_tokenizer.num_frames ({self.num_frames}) exceeds "
                              f"max_frames ({self.max_frames})")
 
