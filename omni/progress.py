@@ -6,7 +6,8 @@ Where it goes (``enabled=None``, every long step's default):
 
 - stderr is a terminal: a tqdm bar on stderr;
 - it is not (a log file, a pipe, CI): one ``logging`` line (logger ``omni.progress``, INFO) when
-  the step starts, at every ~10% of it, and when it ends: ``rendering data/video: 40% 16/40 stamp
+  the step starts, at every ~10% of it once it has run :data:`LOG_AFTER_S` seconds (a short step
+  logs its start and end only), and when it ends: ``rendering data/video: 40% 16/40 stamp
   [00:12<00:18, 1.30 stamp/s]``. Without a known total a line comes every :data:`LOG_EVERY_S`
   seconds instead.
 
@@ -30,6 +31,7 @@ import threading
 ENV = "OMNI_PROGRESS"
 LOG_EVERY_PERCENT = 10
 LOG_EVERY_S = 30.0  # a step without a known total logs this often
+LOG_AFTER_S = 5.0  # a step's lines between its first and last wait until it has run this long
 LOG_FORMAT = ("{desc}: {percentage:.0f}% {n_fmt}/{total_fmt} {unit} "
               "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
 LOG_FORMAT_NO_TOTAL = "{desc}: {n_fmt} {unit} [{elapsed}, {rate_fmt}{postfix}]"
@@ -108,10 +110,14 @@ def _logged_bar():
             d = self.format_dict
             n, total, now = d["n"], d["total"], self._time()
             closing = self.disable  # close() marks the bar disabled, then displays it once more
-            if total:
+            if self._last_log is None:
+                due = True  # the start
+            elif now - self.start_t < LOG_AFTER_S:
+                due = False
+            elif total:
                 due = 100 * n / total >= self._next_percent
             else:
-                due = self._last_log is None or now - self._last_log >= LOG_EVERY_S
+                due = now - self._last_log >= LOG_EVERY_S
             if not (due or closing) or (closing and n == self._logged_n):
                 return True
             fmt = self.bar_format or (LOG_FORMAT if total else LOG_FORMAT_NO_TOTAL)

@@ -47,6 +47,11 @@ def _lines(caplog):
 
 def test_without_a_terminal_a_line_is_logged_every_tenth(caplog, monkeypatch):
     monkeypatch.delenv("OMNI_PROGRESS", raising=False)
+    with caplog.at_level(logging.INFO, logger="omni.progress"):
+        list(progress(range(50), desc="a short step", unit="file", mininterval=0))
+    assert [line.split(":")[1].split()[0] for line in _lines(caplog)] == ["0%", "100%"]  # its start and end
+    caplog.clear()
+    monkeypatch.setattr("omni.progress.LOG_AFTER_S", 0.0)  # as if every step were long
     assert progress_mode(stream=io.StringIO()) == "log" and progress_mode(stream=_Terminal()) == "bar"
     with caplog.at_level(logging.INFO, logger="omni.progress"):
         assert list(progress(range(50), desc="speaking into data/speech", unit="utterance",
