@@ -153,6 +153,15 @@ class TaskData(TaskSpec):
         if self.ways < 1 or self.episodes < 0:
             raise ValueError(f"{key}.ways must be >= 1 and {key}.episodes >= 0, "
                              f"got {self.ways} and {self.episodes}")
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or value < 0):
+                raise ValueError(f"{key}.{name} must be seconds >= 0 (or null), got {value!r}")
+        if (self.start is not None or self.end is not None) and self.media != "video":
+            raise ValueError(f"{key}.start / {key}.end cut video clips; {key}.media is {self.media!r}")
+        if self.start is not None and self.end is not None and self.end <= self.start:
+            raise ValueError(f"{key}.end ({self.end}) must be after {key}.start ({self.start})")
 
 
 @dataclass
@@ -240,7 +249,7 @@ class TrainConfig(Optimization):
     resume: bool = True
     overwrite: bool = False  # a new run in a folder that holds one moves the old run aside (never deletes it)
     resume_changed: bool = False  # resume although the recipe changed in a way that breaks exactness
-    progress: bool = True
+    progress: bool = True  # a bar on a terminal, a log line every ~10% of the steps otherwise
     num_workers: int = 0  # DataLoader worker processes reading and packing rows (0: in the training process)
     # the backbone's blocks through torch.compile (omni/model/compiled.py): the same losses, a faster step
     # once the first one has compiled (tens of seconds)

@@ -10,7 +10,10 @@
    said), completes text;
 6. writes ``<out>/report.md``: the loss curve, the scores, and links to every produced file.
 
-Steps whose outputs exist are skipped, so an interrupted demo resumes where it stopped.
+Steps whose outputs exist are skipped, so an interrupted demo resumes where it stopped. Each step
+announces itself (``[3/5] ...``) and every part of it that takes more than a few seconds shows
+progress in its own units (stamps, utterances, files, rows, steps) with an ETA: a bar on a terminal,
+a log line every ~10% in a log file (:mod:`omni.progress`).
 """
 
 from __future__ import annotations
@@ -64,9 +67,10 @@ def build_corpora(data: Path, say=print, max_docs: int | None = None) -> None:
         if (out / "test.jsonl").is_file():
             say(f"      {kind}: already in {out}")
             continue
+        say(f"      {kind}: building {out} ...")
         t = time.perf_counter()
         builders[kind](out)
-        say(f"      {kind}: {out} ({time.perf_counter() - t:.0f} s)")
+        say(f"      {kind}: done ({time.perf_counter() - t:.0f} s)")
 
 
 def train_codec(data: Path, out: Path, minutes: float) -> dict:
@@ -212,6 +216,8 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, 
     else:
         say(f"[3/5] training {RECIPE}: {len(cfg.data.mixture)} tasks, {cfg.train.steps} steps"
             + (f" or {cfg.train.max_minutes:g} min" if cfg.train.max_minutes else "") + f" -> {run}")
+        say("      first the tokenizer (when missing), then each task's rows rendered and codec-encoded "
+            "into a cache (once), then the steps")
         res = train(cfg)
         if res.stopped_by:
             say(f"stopped by {res.stopped_by} after step {res.steps}; run the same command again to resume")

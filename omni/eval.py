@@ -220,7 +220,8 @@ def _eval_caption(model, d, rows, root: Path, batch_size: int, max_new_tokens: i
     # show whether the model reads their order (it should then name the opposite direction)
     backwards = d.media == "video" and all(row.get("direction") for row in rows)
     done, hyps, reversed_hyps, skipped = [], [], [], 0
-    bar = progress_bar(total=len(rows), desc=f"{d.label}: captioning {root}", unit="row", enabled=progress)
+    bar = progress_bar(total=len(rows), desc=f"{d.label}: captioning {root}",
+                       unit="clip" if d.media in ("audio", "video") else d.media, enabled=progress)
     for start in range(0, len(rows), batch_size):
         bar.update(start - bar.n)  # the rows before this batch are done
         chunk, medias = [], []
@@ -368,7 +369,7 @@ def _eval_codes(model, d, seq_len: int, manifest, rows: list[dict], batch_size: 
     K, C = vocab.num_codebooks, vocab.codebook_size
     counts = torch.ones(K, C)
     train_manifest = train() if train else Manifest.of(manifest.files[0].parent / "train.jsonl")
-    for f, _, row in progress_bar(list(train_manifest.rows(unigram_rows)), unit="row", enabled=progress,
+    for f, _, row in progress_bar(list(train_manifest.rows(unigram_rows)), unit="clip", enabled=progress,
                                   desc=f"{d.label}: codec-encoding {train_manifest} (the unigram baseline)"):
         try:
             codes = as_processor(model).encode_audio(f.parent / row["audio"], d.max_audio_s)

@@ -163,11 +163,12 @@ class Processor:
 
     # -- media -> tensors -------------------------------------------------------------------
 
-    def media_for(self, path):
+    def media_for(self, path, start: float | None = None, end: float | None = None):
         """A media file as a prompt piece, by suffix. Video is sampled the way the model's video
-        encoder was trained (its frame count / fps); other media decode as they are."""
+        encoder was trained (its frame count / fps / max_frames), over ``[start, end)`` seconds when
+        given; other media decode as they are."""
         if modality_of_path(path) == "video" and "video" in self.encoders:
-            return self.encoders["video"].video.load(path)
+            return self.encoders["video"].video.load(path, start=start, end=end)
         return open_media(path)
 
     def prepare(self, modality: str, obj) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -182,6 +183,20 @@ class Processor:
         elif isinstance(obj, Audio):
             obj = obj.resample(AUDIO_SAMPLE_RATE).waveform
         return self.encoders[modality].prepare(obj)
+
+    def segment(self, modality: str, obj, start: float | None = None, end: float | None = None) -> Segment:
+        """A media object or file -> its :class:`~omni.sequence.Segment`: :meth:`prepare`'s tensor and
+        grid, and for a video the M-RoPE time position of each frame from its timestamp (when the
+        video encoder sets ``positions_per_second``). ``start`` / ``end``: a video file's window."""
+        if modality == "video" and isinstance(obj, (str, Path)):
+            obj = self.media_for(obj, start, end)
+        data, grid = self.prepare(modality, obj)
+        offsets = None
+        if isinstance(obj, Video):
+            offsets = self.encoders["video"].video.time_offsets(obj.timestamps)
+            if offsets is not None and len(offsets) != grid[0]:
+                offsets = None  # the connector regrouped time; its steps are not the frames
+        return Segment(modality, data=data, grid=grid, time_offsets=offsets)
 
     def encode_audio(self, audio, max_seconds: float | None = None) -> torch.Tensor:
         """A file or :class:`~omni.media.audio.Audio` -> codec codes (K, T), the clip cut to
@@ -288,8 +303,7 @@ class Processor:
                 raise ValueError(
                     f"this checkpoint cannot read {modality}; it reads: {', '.join(self.reads())}"
                 )
-            data, grid = self.prepare(modality, piece)
-            segments.append(Segment(modality, data=data, grid=grid))
+            segments.append(self.segment(modality, piece))
         return segments
 
     def render(self, sample: Sample, **kwargs):

@@ -46,6 +46,9 @@ class Segment:
     data: the tensor the model's encoder for ``modality`` reads (a log-mel, pixels, frames, or
     cached features); ``grid`` ``(t, h, w)`` lays out the tokens the encoder produces for it
     (default ``(N, 1, 1)`` for ``data`` of shape ``(N, D)``: one time step per feature).
+    time_offsets: ``(t,)`` long, non-decreasing from 0: the M-RoPE time position of each of the
+    grid's time steps, counted from the span's first (a video's frames by their timestamps, see
+    :meth:`omni.tokenizers.video.VideoTokenizer.time_offsets`); default ``0 .. t-1``.
     codes: ``(K, T)`` audio codec codes, rendered as tokens; ``open_end`` leaves the span open
     (no end marker, delay pattern cut at the last frame) so generation can continue it.
     """
@@ -56,6 +59,7 @@ class Segment:
     grid: tuple[int, int, int] | None = None
     codes: torch.Tensor | None = None
     open_end: bool = False
+    time_offsets: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.modality == "text":
@@ -79,6 +83,11 @@ class Segment:
             if len(self.grid) != 3 or min(self.grid) < 1:
                 raise ValueError(f"{self.modality} grid must be three positive sizes (t, h, w), "
                                  f"got {self.grid}")
+            offsets = self.time_offsets
+            if offsets is not None and (offsets.shape != (self.grid[0],) or int(offsets[0]) != 0
+                                        or bool((offsets.diff() < 0).any())):
+                raise ValueError(f"{self.modality} time_offsets must be ({self.grid[0]},) non-decreasing "
+                                 f"from 0, got {offsets.tolist()}")
 
     @property
     def num_tokens(self) -> int:
@@ -207,7 +216,8 @@ def render(sample: Sample, tokenizer, *, vocab: Vocab | None = None, audio_patte
                 put([vocab.id(end)], False)
                 continue
             t, h, w = seg.grid if mrope else (seg.num_tokens, 1, 1)
-            for ti in range(t):
+            times = seg.time_offsets.tolist() if mrope and seg.time_offsets is not None else range(t)
+            for ti in times:
                 for hi in range(h):
                     for wi in range(w):
                         ids.append(vocab.id("<|feat|>"))
@@ -215,7 +225,7 @@ def render(sample: Sample, tokenizer, *, vocab: Vocab | None = None, audio_patte
                             extra.append([EMPTY] * (K - 1))
                         train.append(False)
                         pos.append((nxt + ti, nxt + hi, nxt + wi) if mrope else (nxt + ti,) * 3)
-            nxt += max(t, h, w)
+            nxt += max(times[-1] + 1, h, w)
             put([vocab.id(end)], False)
         if frames is not None:
             # the template's text up to its end of turn is learned with an assistant turn

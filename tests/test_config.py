@@ -220,3 +220,13 @@ def test_a_bare_yaml_no_is_explained():
                                          r'.*quote it, e.g. mixed_precision: "no"'):
         load_recipe("text/tiny", ["train.mixed_precision=no"])
     assert load_recipe("text/tiny", ['train.mixed_precision="no"']).train.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("data, expect", [
+    ({"task": "caption", "media": "video", "start": -1.0}, "data.start must be seconds >= 0"),
+    ({"task": "caption", "media": "video", "start": 2.0, "end": 1.0}, r"data.end \(1.0\) must be after"),
+    ({"task": "caption", "media": "image", "end": 1.0}, "data.start / data.end cut video clips"),
+])
+def test_video_window_keys_are_checked(tmp_path, data, expect):
+    with pytest.raises(ValueError, match=expect):
+        load_recipe(_write(tmp_path, {"data": data}))

@@ -280,3 +280,44 @@ def test_documents_and_turns_do_not_mix_in_a_chat_template(text_tokenizer):
         render(sample, _templated(text_tokenizer, OMNI_TEMPLATE))
     doc = render(Sample.document("a doc"), _templated(text_tokenizer, OMNI_TEMPLATE))
     assert doc.ids.tolist() == render(Sample.document("a doc"), text_tokenizer).ids.tolist()
+
+
+def test_video_time_positions_follow_timestamps_not_frame_indices(text_tokenizer, tmp_path):
+    """One clip sampled at 2 and at 8 fps: with positions_per_second, a frame both samplings hold
+    gets the same M-RoPE time position (relative to the span), so events keep their time; by frame
+    index (what checkpoints without the key keep) they would not."""
+    from omni.media.video import Video, write_video
+    from omni.model.backbone import backbone_config
+    from omni.model.build import build_model
+    from omni.pipeline import Pipeline
+
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g)
+    clip = write_video(tmp_path / "clip.mp4", frames, fps=8)  # 2 s, frames at k / 8 s
+
+    def times(positions_per_second, fps):
+        video = {"num_frames": 8, "temporal": "mrope", "positions_per_second": positions_per_second}
+        media = {"video": {"tokenizer": {"kind": "patchify", "image_size": 32, "patch_size": 16},
+                           "video": video, "connector": {"kind": "mlp"}}}
+        model = Pipeline(build_model(backbone_config("debug"), text_tokenizer.vocab, seed=0, media=media),
+                         tokenizer=text_tokenizer)
+        v = Video(clip, fps=fps, backend="pyav")
+        seg = model.processor.segment("video", v)
+        r = render(Sample([Message("user", [seg, Segment(text="What moves?")])]), text_tokenizer, mrope=True)
+        (slot,) = r.media
+        t = r.positions[0, slot.start:slot.start + slot.length:4]  # 2 x 2 patches a frame
+        return dict(zip(v.timestamps.tolist(), (t - t[0]).tolist())), r
+
+    slow, fast = times(4, 2), times(4, 8)
+    assert len(slow[0]) == 4 and len(fast[0]) == 16
+    shared = sorted(set(slow[0]) & set(fast[0]))
+    assert len(shared) == 4  # 2 fps takes frames 0, 5, 10 and 15 of the 16
+    assert [slow[0][s] for s in shared] == [fast[0][s] for s in shared] == [0, 3, 5, 8]  # floor(s * 4 + 0.5)
+    assert shared[1] == 0.625 and slow[0][0.625] == 3  # floor(2.5 + 0.5): time, not frame index 1
+    after = fast[1].positions[0, fast[1].media[0].start + 64]  # the end marker follows the last frame
+    assert int(after) == int(fast[1].positions[0, fast[1].media[0].start]) + 8 + 1  # 1.875 s x 4 -> 8
+    by_index_slow, by_index_fast = times(None, 2)[0], times(None, 8)[0]
+    assert [by_index_slow[s] for s in shared] == [0, 1, 2, 3]  # frame indices: the times disagree
+    assert [by_index_fast[s] for s in shared] == [0, 5, 10, 15]
+    with pytest.raises(ValueError, match="time_offsets must be"):
+        Segment("video", data=torch.randn(2, 8), grid=(2, 1, 1), time_offsets=torch.tensor([1, 0]))

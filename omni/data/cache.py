@@ -230,7 +230,8 @@ def _build_shard(folder: Path, k: int, chunk: list, tick: Callable[[int], object
 
 def build(folder: Path, rows: Iterable[dict], render: Callable[[dict], Rendered],
           on_bad: Callable[[int, dict, Exception], dict], meta: dict, total: int | None = None,
-          desc: str = "", progress: bool | None = False, workers: int = 0) -> CachedSamples:
+          desc: str = "", progress: bool | None = False, workers: int = 0,
+          unit: str = "row") -> CachedSamples:
     """The cache in ``folder`` for the manifest ``rows``, built where missing: each row through
     ``render`` (a ``BAD_FILE_ERRORS`` error makes it a bad row: ``on_bad(n, row, error)`` logs it
     and returns its entry for ``bad_samples.jsonl``, or raises to stop the build). ``meta``
@@ -250,7 +251,7 @@ def build(folder: Path, rows: Iterable[dict], render: Callable[[dict], Rendered]
             pass
         for tmp in folder.glob(".tmp-*"):
             tmp.unlink()
-        bar = progress_bar(total=total, desc=desc, unit="row", enabled=progress)
+        bar = progress_bar(total=total, desc=desc, unit=unit, enabled=progress)  # unit: what a row is
         _JOB = (render, on_bad)
         pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
                 if workers else None)

@@ -359,7 +359,8 @@ def build_sounds_corpus(out: str | Path, stamps_dir: str | Path = STAMPS_DIR, va
 
     with exclusive(out, "sound corpus"):  # a second build of this folder is refused, not interleaved
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            rows = list(pool.map(convert, sounds))
+            rows = list(progress_bar(pool.map(convert, sounds), total=len(sounds), unit="file",
+                                     desc=f"converting stamp sounds into {out}"))
         splits = ("train", "val", "test")
         return {s: write_jsonl(out / f"{s}.jsonl", [r for r in rows if r["split"] == s]) for s in splits}
 

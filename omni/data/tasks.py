@@ -72,6 +72,8 @@ class TaskSpec:
     ways: int = 2  # fewshot: media named per episode
     episodes: int = 0  # fewshot: episodes per split (0: one per row)
     transcript: bool = True  # caption of audio: the target is what was said (trains the CTC head)
+    start: float | None = None  # video: seconds where each clip's window begins (a row's "start" wins)
+    end: float | None = None  # video: seconds where it ends (a row's "end" wins); None: the clip's end
 
     @property
     def text_field(self) -> str:
@@ -100,8 +102,7 @@ def _chat_sample(row: dict, spec: TaskSpec, proc: Processor, root: Path) -> Samp
 
 def _caption_sample(row: dict, spec: TaskSpec, proc: Processor, root: Path) -> Sample:
     target = _text(row, spec.target)
-    data, grid = proc.prepare(spec.media, _media_path(row, spec.media, root))
-    user = [Segment(spec.media, data=data, grid=grid)] + ([Segment(text=spec.prompt)] if spec.prompt else [])
+    user = [_media_segment(row, spec, proc, root)] + ([Segment(text=spec.prompt)] if spec.prompt else [])
     return Sample([Message("user", user), Message("assistant", [Segment(text=target)])])
 
 
@@ -173,6 +174,19 @@ def sample_for(row: dict, spec: TaskSpec, model, root: Path) -> Sample:
     return t.sample(row, spec, proc, root)
 
 
+def _media_segment(row: dict, spec: TaskSpec, proc: Processor, root: Path) -> Segment:
+    """The row's ``spec.media`` file as a segment; a video over the row's ``start`` / ``end``
+    (seconds), else the data section's."""
+    window = {}
+    if spec.media == "video":
+        for key in ("start", "end"):
+            value = row.get(key, getattr(spec, key))
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{key!r} must be a number of seconds, got {value!r}")
+            window[key] = value
+    return proc.segment(spec.media, _media_path(row, spec.media, root), **window)
+
+
 def _media_path(row: dict, key: str, root: Path) -> Path:
     value = row.get(key)
     if not isinstance(value, str) or not value:
@@ -220,9 +234,8 @@ def named(text: str) -> str:
     return words[0].strip(".,!?;:") if words else ""
 
 
-def episodes(media: list[tuple[torch.Tensor, tuple]], spec: TaskSpec, held_out: bool,
-             seed: int = 0) -> list[Episode]:
-    """Fast-binding episodes (the ``fewshot`` task) over prepared media (data, grid):
+def episodes(media: list[Segment], spec: TaskSpec, held_out: bool, seed: int = 0) -> list[Episode]:
+    """Fast-binding episodes (the ``fewshot`` task) over prepared media segments (:func:`prepare_rows`):
     ``spec.episodes`` for the training split, one per row for a held-out one."""
     if len(media) < spec.ways:
         raise ValueError(f"a {spec.ways}-way episode needs at least {spec.ways} usable rows, "
@@ -234,11 +247,11 @@ def episodes(media: list[tuple[torch.Tensor, tuple]], spec: TaskSpec, held_out: 
     for _ in range(spec.episodes if spec.episodes and not held_out else len(media)):
         chosen = rng.sample(range(len(media)), spec.ways)
         called = rng.sample(names, spec.ways)
-        examples = [Message("user", [Segment(spec.media, data=media[i][0], grid=media[i][1]),
-                                     Segment(text=naming(name))]) for i, name in zip(chosen, called)]
+        examples = [Message("user", [media[i], Segment(text=naming(name))])
+                    for i, name in zip(chosen, called)]
         q = rng.randrange(spec.ways)
-        data, grid = media[chosen[q]]
-        query = [Segment(spec.media, data=data.flip(-1) if mirror else data, grid=grid)]
+        seg = media[chosen[q]]
+        query = [replace(seg, data=seg.data.flip(-1)) if mirror else seg]
         query += [Segment(text=spec.prompt)] if spec.prompt else []
         out.append(Episode(examples, Message("user", query), called[q], called))
     return out
@@ -253,7 +266,7 @@ def _manifest_rows(manifest: Manifest, spec: TaskSpec, progress: bool | None = F
     are used, under a progress bar counting rows, named for the work each row takes (``progress``:
     see :func:`omni.progress.progress`)."""
     total = manifest.count() if max_rows is None else max_rows
-    return progress_bar(manifest.rows(max_rows), total=total, desc=_work(manifest, spec), unit="row",
+    return progress_bar(manifest.rows(max_rows), total=total, desc=_work(manifest, spec), unit=_unit(spec),
                         enabled=progress)
 
 
@@ -261,16 +274,25 @@ def _work(manifest: Manifest, spec: TaskSpec) -> str:
     return f"{_WORK.get(spec.task, f'preparing {spec.media} of')} {manifest}"
 
 
+_UNITS = {"text": "doc", "chat": "chat", "continue": "clip", "speak": "utterance"}
+
+
+def _unit(spec: TaskSpec) -> str:
+    """What one manifest row of the task is, for progress (a caption row: its medium)."""
+    return _UNITS.get(spec.task, {"video": "clip", "audio": "clip"}.get(spec.media, spec.media))
+
+
 def prepare_rows(manifest: str | Path | Manifest, spec: TaskSpec, model, on_bad_sample: str = "skip",
                  progress: bool | None = False) -> tuple[list, int]:
-    """Every usable row's media prepared by the model's encoder, and how many rows were skipped."""
+    """Every usable row's media prepared by the model's encoder (a :class:`Segment` each), and how
+    many rows were skipped."""
     proc, manifest = as_processor(model), Manifest.of(manifest)
     if spec.media not in proc.encoders:
         raise ValueError(f"the model has no {spec.media} encoder (model.media.{spec.media})")
     media, num_bad = [], 0
     for f, n, row in _manifest_rows(manifest, spec, progress):
         try:
-            media.append(proc.prepare(spec.media, _media_path(row, spec.media, f.parent)))
+            media.append(_media_segment(row, spec, proc, f.parent))
         except BAD_FILE_ERRORS as e:
             _bad_row(f, n, row, e, on_bad_sample)
             num_bad += 1
@@ -412,7 +434,7 @@ def manifest_samples(manifest: str | Path | Manifest, spec: TaskSpec, processor,
     samples = cache.build(folder, manifest.rows(max_rows), _renderer(spec, proc),
                           lambda n, item, e: _bad_row(item[0], item[1], item[2], e, on_bad_sample), meta,
                           total=manifest.count() if max_rows is None else max_rows,
-                          desc=_work(manifest, spec), progress=progress, workers=workers)
+                          desc=_work(manifest, spec), progress=progress, workers=workers, unit=_unit(spec))
     if samples.num_bad:
         first = samples.bad_rows()[0]
         if on_bad_sample == "error":

@@ -1,22 +1,26 @@
 """Videos: sample frames with decord (PyAV as the fallback reader), read the audio track, write mp4.
 
-``Video(path, num_frames=8)`` decodes on first use. Frame sampling (one rule, both backends):
+``Video(path, num_frames=8)`` or ``Video(path, fps=2, max_frames=32)`` decodes on first use. Frame
+sampling (one rule, both backends):
 
 - The window is ``[start, end)`` in seconds (default: the whole video), measured from the first
   frame. ``start`` at or past the end, ``end <= start``, a negative ``start`` or an ``end`` past the
   end of the video is a :class:`~omni.media.MediaError`.
-- Uniform (``fps=None``): ``num_frames`` evenly spaced frames from the first to the last frame of
-  the window (``linspace(0, n - 1, num_frames)``, as VideoLLaMA and Qwen2-VL sample). Ties are
-  rounded toward the window's centre, so the chosen set is symmetric: the same video reversed
-  gives the same frames in reverse order (the moving-stamp corpus relies on this: otherwise the
-  set of positions alone could tell the direction).
+- Uniform (``fps=None``): ``num_frames`` (default 8) evenly spaced frames from the first to the
+  last frame of the window (``linspace(0, n - 1, num_frames)``, as VideoLLaMA and Qwen2-VL sample).
+  Ties are rounded toward the window's centre, so the chosen set is symmetric: the same video
+  reversed gives the same frames in reverse order (the moving-stamp corpus relies on this:
+  otherwise the set of positions alone could tell the direction).
 - fps-based (``fps=2.0``): ``round(window seconds * fps)`` frames (at least 1), capped at
-  ``num_frames`` when it is set, spaced the same way; so the rate is about ``fps`` unless the cap
-  bites (then the frames still span the whole window, as in Qwen2-VL).
+  ``max_frames`` (and at ``num_frames`` when that is given too), spaced the same way; so the rate
+  is about ``fps`` unless a cap bites (then the frames still span the whole window, as in
+  qwen-vl-utils). ``max_frames`` caps uniform sampling as well.
 - **More frames asked than the window has**: every frame in the window is returned, once, in
   order, so ``frames`` has fewer than ``num_frames`` rows. Frames are never duplicated: a
   duplicate would fake a frame rate the video lacks. ``len(video.frames)`` is the truth.
 
+``effective_fps`` is the rate the sampled frames really have (frames over the window's seconds),
+logged at debug level for each clip as it is decoded (``native_fps`` is the file's own rate).
 ``timestamps`` are the sampled frames' presentation times in seconds from the first frame.
 ``audio`` is the audio track over the same window as a mono float32 waveform (``None`` when the
 file has no audio stream), read with PyAV whatever the frame backend.
@@ -57,6 +61,7 @@ DECORD_INSTALL = "pip install decord"
 PYAV_INSTALL = "pip install av"
 MAX_FRAME_SIDE = 8192  # pixels, width and height each
 MAX_FRAMES = 768  # frames sampled from one video
+DEFAULT_NUM_FRAMES = 8  # uniform sampling when neither num_frames nor fps is given
 
 
 class AudioTrack(NamedTuple):
@@ -80,17 +85,19 @@ class Video:
     audio: :class:`AudioTrack` or ``None``.
     """
 
-    def __init__(self, path: str | Path, num_frames: int | None = 8, fps: float | None = None,
-                 start: float | None = None, end: float | None = None, backend: str = "auto"):
+    def __init__(self, path: str | Path, num_frames: int | None = None, fps: float | None = None,
+                 start: float | None = None, end: float | None = None, backend: str = "auto",
+                 max_frames: int | None = None):
         self.path = Path(path)
+        if num_frames is None and fps is None:
+            num_frames = DEFAULT_NUM_FRAMES
         self.num_frames, self.fps, self.start, self.end = num_frames, fps, start, end
+        self.max_frames = max_frames
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-        if num_frames is None and fps is None:
-            raise MediaError(self.path, "give num_frames, fps, or both")
-        if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int)
-                                       or num_frames < 1):
-            raise MediaError(self.path, f"num_frames must be a positive integer, got {num_frames!r}")
+        for key, value in (("num_frames", num_frames), ("max_frames", max_frames)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise MediaError(self.path, f"{key} must be a positive integer, got {value!r}")
         if fps is not None and not fps > 0:
             raise MediaError(self.path, f"fps must be > 0, got {fps!r}")
         if start is not None and start < 0:
@@ -103,7 +110,9 @@ class Video:
         self._audio: AudioTrack | bool | None = False  # False: not read yet
 
     def __repr__(self) -> str:
-        return f"Video({str(self.path)!r}, num_frames={self.num_frames}, fps={self.fps})"
+        extra = "".join(f", {k}={v}" for k, v in (("max_frames", self.max_frames), ("start", self.start),
+                                                  ("end", self.end)) if v is not None)
+        return f"Video({str(self.path)!r}, num_frames={self.num_frames}, fps={self.fps}{extra})"
 
     @property
     def frames(self) -> torch.Tensor:
@@ -132,6 +141,12 @@ class Video:
     @property
     def num_source_frames(self) -> int:
         return self._load().num_source_frames
+
+    @property
+    def effective_fps(self) -> float:
+        """Frames per second of the sampled frames over the window they were taken from."""
+        decoded = self._load()
+        return len(decoded.timestamps) / _window_seconds(decoded.duration, self.start, self.end)
 
     @property
     def audio(self) -> AudioTrack | None:
@@ -171,11 +186,19 @@ class Video:
         if backend == "pyav":
             self._decoded = _read_pyav(self)
         self.backend = backend
+        d = self._decoded
+        log.debug("%s: %d frames over %.2f s: %.2f fps effective (file: %.2f fps, %d frames; %s)", self.path,
+                  len(d.timestamps), _window_seconds(d.duration, self.start, self.end), self.effective_fps,
+                  d.native_fps, d.num_source_frames, backend)
         return self._decoded
 
 
+def _window_seconds(duration: float, start: float | None, end: float | None) -> float:
+    return max(min(duration, duration if end is None else end) - (start or 0.0), 1e-9)
+
+
 def sample_indices(timestamps: np.ndarray, duration: float, num_frames: int | None, fps: float | None,
-                   start: float | None, end: float | None, name) -> np.ndarray:
+                   start: float | None, end: float | None, name, max_frames: int | None = None) -> np.ndarray:
     """Indices of the frames to take, by the module docstring's rule. timestamps: (n,) seconds, sorted."""
     n = len(timestamps)
     if n == 0:
@@ -194,6 +217,8 @@ def sample_indices(timestamps: np.ndarray, duration: float, num_frames: int | No
     want = num_frames if num_frames is not None else math.inf
     if fps is not None:
         want = min(want, max(1, round((t1 - t0) * fps)))
+    if max_frames is not None:
+        want = min(want, max_frames)
     if min(want, len(window)) > MAX_FRAMES:
         raise MediaError(name, f"would sample {min(want, len(window))} frames, "
                                f"over the limit of {MAX_FRAMES} "
@@ -243,7 +268,7 @@ def _read_decord(v: Video) -> _Decoded:
         raise MediaError(v.path, "the video has no frames")
     ts = ts - ts[0]
     duration = _duration(ts, native_fps)
-    idx = sample_indices(ts, duration, v.num_frames, v.fps, v.start, v.end, v.path)
+    idx = sample_indices(ts, duration, v.num_frames, v.fps, v.start, v.end, v.path, v.max_frames)
     try:
         batch = vr.get_batch(idx.tolist()).asnumpy()  # (N, H, W, 3) uint8
     except Exception as e:
@@ -269,7 +294,7 @@ def _read_pyav(v: Video) -> _Decoded:
             ts = (np.asarray(pts, dtype=np.float64) - pts[0]) * tb
             native_fps = float(rate) if rate else (len(ts) - 1) / max(ts[-1], 1e-9)
             duration = _duration(ts, native_fps)
-            idx = sample_indices(ts, duration, v.num_frames, v.fps, v.start, v.end, v.path)
+            idx = sample_indices(ts, duration, v.num_frames, v.fps, v.start, v.end, v.path, v.max_frames)
             # Pass 2: decode from the start in presentation order, keeping the wanted frames.
             container.seek(0)
             stream.thread_type = "AUTO"

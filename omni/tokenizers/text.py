@@ -18,6 +18,7 @@ from pathlib import Path
 
 from omni.data.manifest import SUFFIXES, Manifest, has_glob
 from omni.io import atomic_dir, atomic_write_bytes
+from omni.progress import ticking
 from omni.tokenizers.base import TEXT_TOKENIZERS, BaseTextTokenizer
 from omni.tokenizers.bpe import BPETokenizer
 from omni.tokenizers.whisper import WhisperTokenizer
@@ -25,6 +26,10 @@ from omni.vocab import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID, Vocab
 
 MODEL_FILE = "text.model"
 VOCAB_FILE = "vocab.json"
+# SentencePiece reports nothing while it trains: its progress line runs against this estimate
+# (unigram, 4,096 pieces, 2 threads: 13.4 s for the 4.7M characters of the Wikipedia corpus on 2
+# shared CPU cores)
+SPM_SECONDS_PER_CHAR = 3e-6
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +104,21 @@ class TextTokenizer(BaseTextTokenizer):
         log.info("training a %s SentencePiece tokenizer of %d pieces on %s sentences%s...", model_type,
                  vocab_size, f"{len(texts):,}", sample)
         start = time.perf_counter()
+        chars = sum(map(len, texts)) * min(1.0, max_sentences / len(texts))
         try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(texts), model_writer=out, vocab_size=vocab_size,
-                model_type=model_type, character_coverage=character_coverage,
-                input_sentence_size=max_sentences, shuffle_input_sentence=True,
-                seed_sentencepiece_size=200000,
-                pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-                control_symbols=list(SPECIAL_TOKENS), byte_fallback=True, split_digits=True,
-                normalization_rule_name="identity", remove_extra_whitespaces=False,
-                max_sentence_length=16384, num_threads=2, minloglevel=2,
-                hard_vocab_limit=model_type != "word",
-            )
+            with ticking(f"training the {model_type} tokenizer ({vocab_size} pieces)",
+                         estimate_s=max(1.0, chars * SPM_SECONDS_PER_CHAR)):
+                spm.SentencePieceTrainer.train(
+                    sentence_iterator=iter(texts), model_writer=out, vocab_size=vocab_size,
+                    model_type=model_type, character_coverage=character_coverage,
+                    input_sentence_size=max_sentences, shuffle_input_sentence=True,
+                    seed_sentencepiece_size=200000,
+                    pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+                    control_symbols=list(SPECIAL_TOKENS), byte_fallback=True, split_digits=True,
+                    normalization_rule_name="identity", remove_extra_whitespaces=False,
+                    max_sentence_length=16384, num_threads=2, minloglevel=2,
+                    hard_vocab_limit=model_type != "word",
+                )
         except RuntimeError as e:
             limit = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", str(e))
             if limit:  # the corpus is too small for that many pieces: say so, not SentencePiece's internals

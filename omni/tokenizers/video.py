@@ -4,12 +4,21 @@ Frames come from :class:`omni.media.video.Video` (``num_frames`` / ``fps`` sampl
 goes through the image tokenizer (same preprocessing and resize as images). Then, by ``temporal``:
 
 - ``"mrope"`` (Qwen2-VL): every patch token is kept; ``grid = (N, h, w)`` so the backbone's
-  M-RoPE gives each token (time = frame index, row, column).
+  M-RoPE gives each token (time, row, column). Time is the frame's timestamp when
+  ``positions_per_second`` is set (Qwen2.5-VL's absolute time: ``round(seconds from the first
+  sampled frame * positions_per_second)``, see :meth:`VideoTokenizer.time_offsets`), so a 2-fps
+  and an 8-fps sampling of one clip place a moment at the same position; unset (``None``, what
+  checkpoints written before the key keep), time is the frame's index.
 - ``"qformer"`` (VideoLLaMA): a learned frame position embedding is added to every patch of a
   frame (plus a fixed 2-D sin-cos position per patch when the image tokenizer has none, e.g.
   ``patchify``), then a video Q-Former (:class:`omni.model.connectors.QFormer`) reads all
   ``N * h * w`` features and emits ``num_queries`` = M tokens, ``grid = (M, 1, 1)``: a 1-D run of
   positions, as for text (the time order now lives inside the queries, not in the positions).
+
+Sampling (:meth:`VideoTokenizer.load`, the rule of :mod:`omni.media.video`): ``num_frames`` evenly
+spaced frames, or with ``fps`` about that many frames a second of the clip, at most ``max_frames``
+(then ``num_frames`` is not used). ``max_frames`` is also a budget: a video given as frames with
+more of them is refused.
 
 Budgets are checked **before** any resize or forward pass (``check_budget``), with the numbers in
 the message, because a too-long video is the usual way to run out of memory. They count frames,
@@ -56,6 +65,7 @@ class VideoTokenizerConfig:
     num_queries: int = 32  # qformer: tokens per video
     qformer_layers: int = 2
     qformer_heads: int = 4
+    positions_per_second: float | None = None  # mrope: time positions from timestamps; None: frame index
 
     def validate(self) -> None:
         if self.temporal not in TEMPORAL:
@@ -65,9 +75,12 @@ class VideoTokenizerConfig:
                     "qformer_layers", "qformer_heads"):
             if getattr(self, key) < 1:
                 raise ValueError(f"video_tokenizer.{key} must be >= 1, got {getattr(self, key)}")
-        if self.fps is not None and self.fps <= 0:
-            raise ValueError(f"video_tokenizer.fps must be > 0, got {self.fps}")
-        if self.num_frames > self.max_frames:
+        for key in ("fps", "positions_per_second"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not value > 0):
+                raise ValueError(f"video_tokenizer.{key} must be > 0 (or null), got {value!r}")
+        if self.fps is None and self.num_frames > self.max_frames:  # with fps, max_frames caps the count
             raise ValueError(f"video_tokenizer.num_frames ({self.num_frames}) exceeds "
                              f"max_frames ({self.max_frames})")
 
@@ -92,10 +105,12 @@ class VideoTokenizer(BaseVideoTokenizer):
                  temporal: str = "mrope", time_positions: bool = True, max_frames: int = 64,
                  max_pixels_per_frame: int = 1024 * 1024, max_total_tokens: int = 16384,
                  num_queries: int = 32, qformer_layers: int = 2, qformer_heads: int = 4,
-                 frame_batch_size: int = 16):
+                 frame_batch_size: int = 16, positions_per_second: float | None = None):
         super().__init__()
         VideoTokenizerConfig(num_frames, fps, temporal, time_positions, max_frames, max_pixels_per_frame,
-                             max_total_tokens, num_queries, qformer_layers, qformer_heads).validate()
+                             max_total_tokens, num_queries, qformer_layers, qformer_heads,
+                             positions_per_second).validate()
+        self.positions_per_second = positions_per_second
         self.image_tokenizer = image_tokenizer
         self._num_frames, self._fps = num_frames, fps
         self.temporal, self.time_positions = temporal, time_positions
@@ -125,8 +140,19 @@ class VideoTokenizer(BaseVideoTokenizer):
 
     def load(self, path, start: float | None = None, end: float | None = None,
              backend: str = "auto") -> Video:
-        """The video at ``path`` with this tokenizer's frame sampling."""
-        return Video(path, num_frames=self.num_frames, fps=self.fps, start=start, end=end, backend=backend)
+        """The video at ``path`` (``start`` / ``end`` in seconds) with this tokenizer's frame sampling."""
+        return Video(path, num_frames=None if self.fps else self.num_frames, fps=self.fps,
+                     max_frames=self.max_frames, start=start, end=end, backend=backend)
+
+    def time_offsets(self, timestamps: torch.Tensor) -> torch.Tensor | None:
+        """Each sampled frame's M-RoPE time position, counted from the first frame's, from its
+        timestamp (seconds, ``(N,)``): ``floor(s * positions_per_second + 0.5)`` (N,) long; ``None``
+        where time is the frame index (no ``positions_per_second``, the Q-Former, or the
+        ``time_positions=False`` ablation, whose frames are shuffled)."""
+        if self.positions_per_second is None or self.temporal != "mrope" or not self.time_positions:
+            return None
+        seconds = timestamps.double() - timestamps[0]
+        return torch.floor(seconds * self.positions_per_second + 0.5).long()
 
     def num_tokens(self, num_frames: int, height: int, width: int) -> int:
         """Tokens this video adds to the sequence (after merging / the Q-Former)."""
@@ -216,4 +242,4 @@ def build_video_tokenizer(cfg: VideoTokenizerConfig, image_tokenizer: ImageToken
                           max_pixels_per_frame=cfg.max_pixels_per_frame,
                           max_total_tokens=cfg.max_total_tokens,
                           num_queries=cfg.num_queries, qformer_layers=cfg.qformer_layers,
-                          qformer_heads=cfg.qformer_heads)
+                          qformer_heads=cfg.qformer_heads, positions_per_second=cfg.positions_per_second)

@@ -419,12 +419,16 @@ class CodecTrainer:
                  "%d val clips", spec.preset, self.num_params / 1e6, sr, codec.frame_rate,
                  codec.num_codebooks, codec.cardinality, len(self.data.files), len(self.clips))
 
+        t = time.perf_counter()
+        log.info("initialising the codec on its first batch of %d x %.1f s crops (output scaling, k-means "
+                 "codebooks)...", spec.batch_size, spec.segment_s)  # tens of seconds on a CPU
         self.first = self.data.batch(spec.batch_size, self.segment).to(device)  # also the first step's
         if spec.init_out_rms:
             data_init(model, self.first, spec.init_out_rms)
         model.train()
         with torch.no_grad():  # k-means initialisation of the codebooks, as the first training step would do
             model.quantizer.vq(model.encoder(self.first[:, None]), n_q=codec.num_codebooks)
+        log.info("initialised in %.0f s", time.perf_counter() - t)
         self.revive = DeadCodeReviver(model.quantizer, spec.dead_code_share)
         self.before = self.evaluate()
         log.info("untrained (k-means codebooks): mel distance %.4f, SI-SDR %.2f dB",
@@ -526,10 +530,13 @@ class CodecTrainer:
     def log_step(self, row: dict) -> None:
         secs = time.perf_counter() - self.t0
         losses = [k for k in row if k not in ("step", "loss", "revived", "emb_rms", "lr")]
-        log.info("step %d  loss %.4f  %s  lr %.2e  %.0f s  %.1f audio-s/s", row["step"], row["loss"],
+        eta = self.schedule.eta(row["step"], secs, secs / max(row["step"], 1))
+        audio_per_s = row["step"] * self.spec.batch_size * self.spec.segment_s / max(secs, 1e-9)
+        log.info("step %d/%d  loss %.4f  %s  lr %.2e  %.0f s (ETA %.0f s)  %.1f audio-s/s", row["step"],
+                 self.spec.steps, row["loss"],
                  "  ".join([f"{k} {row[k]:.4f}" for k in losses]
                            + [f"revived {row['revived']}", f"emb_rms {row['emb_rms']:.3f}"]),
-                 row["lr"], secs, row["step"] * self.spec.batch_size * self.spec.segment_s / max(secs, 1e-9))
+                 row["lr"], secs, eta, audio_per_s)
 
     def evaluate(self) -> dict:
         """Held-out multi-scale mel distance, SI-SDR and codebook use (:func:`evaluate_codec`)."""

@@ -44,7 +44,6 @@ from accelerate.utils import (
     gather_object,
     set_seed,
 )
-from tqdm.auto import tqdm
 
 from omni.config import RecipeConfig, load_tokenizer_spec
 from omni.data.tasks import TASKS, TaskSpec, dataset_for, split_manifest
@@ -54,6 +53,7 @@ from omni.model.objectives import PairObjective
 from omni.model_card import write_model_card
 from omni.pipeline import Pipeline, pipeline_from_recipe
 from omni.processor import TOKENIZER_DIR
+from omni.progress import progress
 from omni.schema import from_dict
 from omni.tokenizers.text import TextTokenizer, corpus_texts, load_text_tokenizer, saved_kind
 from omni.train.checkpoint import (
@@ -149,6 +149,11 @@ class Schedule:
 
     def finished(self, step: int, seconds: float) -> bool:
         return step >= self.steps or self.out_of_time(seconds)
+
+    def eta(self, step: int, seconds: float, s_per_step: float) -> float:
+        """Seconds left at ``s_per_step``: to the last step, or to the time budget if that comes first."""
+        left = max(0, self.steps - step) * s_per_step
+        return min(left, max(0.0, self.max_minutes * 60 - seconds)) if self.max_minutes else left
 
 
 def lr_at(step: int, cfg, train_seconds: float = 0.0) -> float:
@@ -616,8 +621,9 @@ class Trainer:
         """Step until the schedule ends (or a signal stops every process); log, evaluate and save
         on their periods and at the end; export the model unless stopped early."""
         tc, state = self.tc, self.state
-        self.bar = tqdm(total=tc.steps, initial=state.step, desc=f"train {self.cfg.name}", unit="step",
-                        dynamic_ncols=True, disable=not (tc.progress and self.accelerator.is_main_process))
+        # on a terminal a bar; in a log a line every ~10% of the steps; both with loss, tokens/s and ETA
+        self.bar = progress(total=tc.steps, initial=state.step, desc=f"train {self.cfg.name}", unit="step",
+                            enabled=None if tc.progress and self.accelerator.is_main_process else False)
         self.model.train()
         self.window.reset()
         if self.accelerator.device.type == "cuda":
@@ -753,7 +759,11 @@ class Trainer:
         if self.peak_flops:
             row["mfu"] = round(6 * self.n_params * tok_per_s / self.world / self.peak_flops, 4)
         self.metrics.write(row)
-        self.bar.set_postfix(loss=f"{out.loss:.3f}", tok_s=f"{tok_per_s:,.0f}")
+        postfix = dict(loss=f"{out.loss:.3f}", tok_s=f"{tok_per_s:,.0f}")
+        if self.tc.max_minutes:  # the bar's own ETA counts steps; the time budget may end the run first
+            eta = self.schedule.eta(state.step, state.train_seconds, s_per_step)
+            postfix["eta"] = time.strftime("%H:%M:%S", time.gmtime(eta))
+        self.bar.set_postfix(**postfix)
         self.window.reset()
 
     def evaluate(self) -> float:

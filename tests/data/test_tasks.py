@@ -86,6 +86,14 @@ def test_video_and_audio_rows(fake_stamps, tmp_path, text_tokenizer):
                      model, seq_len=64)
     (row, slot) = collate([ds[0]], mrope=True)["media"][0]
     assert slot.data.shape[0] == 4 and slot.length == 4 * 2 * 2
+    # a window: the data section's start, a row's own end (which wins over the section's)
+    rows = [json.loads(line) for line in (tmp_path / "video" / "train.jsonl").read_text().splitlines()][:1]
+    write_jsonl(tmp_path / "video" / "cut.jsonl", [{**rows[0], "end": 0.75}])
+    spec = TaskSpec("caption", "video", "caption", start=0.25, end=0.5)
+    ds = TaskDataset(tmp_path / "video" / "cut.jsonl", spec,
+                     model, seq_len=64)
+    (row, slot) = collate([ds[0]], mrope=True)["media"][0]
+    assert slot.data.shape[0] == 2  # frames at 0.25 and 0.5 s of the 4-fps clip (the section alone: 1)
     wav = tmp_path / "a.wav"
     sf.write(wav, (0.1 * np.sin(np.arange(8000) / 5)).astype(np.float32), 8000)  # 1 s at 8 kHz
     write_jsonl(tmp_path / "asr.jsonl", [{"audio": "a.wav", "text": "turn on the light"}])
@@ -303,6 +311,6 @@ def test_codec_encoding_a_manifest_counts_its_rows_on_a_bar_and_max_rows_keeps_t
     ds = TaskDataset(tmp_path / "train.jsonl", spec, model, seq_len=96, progress=True)
     err = capsys.readouterr().err
     assert ds.num_docs == 5 and f"codec-encoding {tmp_path / 'train.jsonl'}" in err
-    assert "5/5" in err and "row" in err
+    assert "5/5" in err and "clip" in err  # what a row of the task is
     first = TaskDataset(tmp_path / "train.jsonl", spec, model, seq_len=96, max_rows=2)
     assert first.num_docs == 2 and capsys.readouterr().err == ""  # no bar unless asked (or on a terminal)

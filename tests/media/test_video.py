@@ -52,6 +52,19 @@ def test_fps_sampling_and_window(clip, backend):
     assert v.timestamps.tolist() == pytest.approx([0.5, 1.4], abs=1e-3)
 
 
+def test_fps_with_max_frames_and_the_effective_rate(clip, caplog):
+    v = Video(clip, fps=4, backend="pyav")  # no num_frames: fps alone decides, 2 s x 4 fps = 8 frames
+    assert len(v.frames) == 8 and v.effective_fps == pytest.approx(4.0)
+    v = Video(clip, fps=4, max_frames=5, backend="pyav")  # capped, still spanning the clip
+    assert _index_of(v.frames) == [0, 5, 10, 14, 19] and v.effective_fps == pytest.approx(2.5)
+    with caplog.at_level("DEBUG", logger="omni.media.video"):
+        v = Video(clip, fps=2, start=1.0, backend="pyav")  # frames 10..19 over 1 s: 2 frames
+        assert _index_of(v.frames) == [10, 19]
+    assert v.timestamps.tolist() == pytest.approx([1.0, 1.9], abs=1e-3)  # true times, not k / fps
+    assert "2 frames over 1.00 s: 2.00 fps effective (file: 10.00 fps" in caplog.text
+    assert Video(clip).num_frames == 8 and "max_frames=5" in repr(Video(clip, fps=1, max_frames=5))
+
+
 @pytest.mark.parametrize("backend", ["decord", "pyav"])
 def test_more_frames_than_the_video_returns_each_frame_once(clip, backend):
     v = Video(clip, num_frames=50, backend=backend)
@@ -91,7 +104,7 @@ def test_audio_track_is_mono_and_cut_to_the_window(clip, tmp_path):
     (dict(start=1.0, end=0.5), r"end=0.5 s must be after start=1.0 s"),
     (dict(start=-1.0), "start=-1.0 s is negative"),
     (dict(num_frames=0), "num_frames must be a positive integer"),
-    (dict(num_frames=None), "give num_frames, fps, or both"),
+    (dict(fps=2, max_frames=0), "max_frames must be a positive integer"),
     (dict(fps=0), "fps must be > 0"),
 ])
 def test_bad_arguments(clip, kw, problem):

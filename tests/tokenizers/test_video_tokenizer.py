@@ -116,3 +116,14 @@ def test_encode_a_real_mp4(tmp_path, patchify):
 def test_config_errors(kw, problem):
     with pytest.raises(ValueError, match=problem):
         VideoTokenizerConfig(**kw).validate()
+
+
+def test_fps_sampling_is_capped_by_max_frames(tmp_path, patchify):
+    """With fps, max_frames caps the frames (num_frames is the uniform count, not used), and the
+    frames keep their true times."""
+    VideoTokenizerConfig(num_frames=8, fps=2.0, max_frames=4).validate()  # 8 > 4 does not matter with fps
+    clip = write_video(tmp_path / "c.mp4", _frames(n=20), fps=10)  # 2 s
+    tok = VideoTokenizer(patchify, num_frames=8, fps=4.0, max_frames=5)
+    video = tok.load(clip)
+    assert len(video.frames) == 5 and video.timestamps[-1] == pytest.approx(1.9)  # 8 wanted, 5 spanning it
+    assert len(tok.load(clip, start=1.0).frames) == 4  # 1 s x 4 fps
