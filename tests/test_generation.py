@@ -291,3 +291,39 @@ def test_suppressed_ids_never_come_out_and_begin_suppressed_not_first(model, tex
         logits[:span.start], logits[span.stop:] = -float("inf"), -float("inf")
     logits[suppress + begin] = -float("inf")
     assert out[0] == int(logits.argmax())
+
+
+def test_continuous_batch_matches_each_prompt_alone(model, text_tokenizer):
+    """Prompts joining a running decode at different steps (the cache compacting and growing on
+    the way), rows leaving at their own lengths, and a cancelled row: each row's greedy ids are
+    those of its prompt decoded alone."""
+    from omni.generation import ContinuousBatch, RowSettings
+
+    prompts = [_prompt(text_tokenizer, p) for p in PROMPTS * 3]
+    lengths = [5, 40, 12, 30, 3, 25, 8, 17, 35]
+    alone = [generate(model, torch.tensor([p]), max_new_tokens=n, stop_ids=[])[0].tolist()
+             for p, n in zip(prompts, lengths)]
+    batch = ContinuousBatch(model, stop_ids=[])
+    batch.initial_size = (2, 16)  # small, so the cache compacts and grows
+    got: dict[int, list[int]] = {}
+    keys: list[int] = []
+    joins = {0: [0], 2: [1, 2], 9: [3], 10: [4, 5], 30: [6, 7, 8]}  # step -> prompts joining then
+    step = 0
+    while step < 200 and (step <= max(joins) or len(batch)):
+        for i in joins.get(step, []):
+            ids, mask = left_pad([prompts[j] for j in [i]], 0)
+            keys += batch.add(ids, [RowSettings(max_new_tokens=lengths[i])], attention_mask=mask)
+        if step == 34:  # two prompts prefilled together (left padded) join late
+            ids, mask = left_pad([prompts[0], prompts[2]], 0)
+            extra = batch.add(ids, [RowSettings(max_new_tokens=20), RowSettings(max_new_tokens=20)],
+                              attention_mask=mask)
+        if step == 36:
+            batch.cancel(extra[0])
+        for key, t, _ in batch.step():
+            got.setdefault(key, []).append(t)
+        step += 1
+    assert [got[k] for k in keys] == alone
+    alone = generate(model, torch.tensor([prompts[2]]), max_new_tokens=20, stop_ids=[])[0].tolist()
+    assert got[extra[1]] == alone
+    assert len(got[extra[0]]) == 2  # cancelled after two ids
+    assert len(batch) == 0
