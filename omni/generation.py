@@ -632,11 +632,19 @@ class ContinuousBatch:
         if first and len(self.begin):
             logits[torch.tensor(first)[:, None], self.begin[None]] = float("-inf")
         ids = logits.argmax(-1)
+        shared: dict[tuple, list[int]] = {}  # rows without a seed of their own sample together, by settings
         for i, r in enumerate(g.rows):
             s = r.settings
-            if s.temperature > 0:
+            if s.temperature <= 0:
+                continue
+            if r.generator is None:
+                shared.setdefault((s.temperature, s.top_k, s.top_p), []).append(i)
+            else:
                 ids[i] = sample_next(logits[i:i + 1], temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                      generator=r.generator)[0]
+        for (temperature, top_k, top_p), rows in shared.items():
+            rows_t = torch.tensor(rows, device=ids.device)
+            ids[rows_t] = sample_next(logits[rows_t], temperature=temperature, top_k=top_k, top_p=top_p)
         return ids
 
     def _forward(self, g: _Group, ids: torch.Tensor) -> None:

@@ -20,6 +20,7 @@ with OpenAI's error JSON (``{"error": {"message", "type", "param", "code"}}``); 
 import asyncio
 import base64
 import binascii
+import collections
 import io
 import json
 import logging
@@ -91,20 +92,35 @@ class Job:
 
     def __init__(self, sample, settings: RowSettings, stop: tuple[str, ...], loop):
         self.sample, self.settings, self.stop = sample, settings, stop
-        self.loop, self.events = loop, asyncio.Queue()
+        self.loop = loop
+        self._events: collections.deque = collections.deque()  # touched on the loop's thread only
+        self._ready = asyncio.Event()
         self.cancelled = False
         self.text: TextStream | None = None
         self.key: int | None = None
         self.num_tokens = 0
 
     def post(self, *event) -> None:
+        """From the engine's thread: hand ``event`` to the loop."""
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            self.loop.call_soon_threadsafe(self._push, event)
         except RuntimeError:  # the loop is closed: the server is going down
             pass
 
+    def _push(self, event) -> None:
+        self._events.append(event)
+        self._ready.set()
+
     async def next(self):
-        return await self.events.get()
+        """The next event; text pieces already waiting come joined as one (a client that reads
+        slower than the engine decodes gets fewer, longer chunks)."""
+        while not self._events:
+            self._ready.clear()
+            await self._ready.wait()
+        event = self._events.popleft()
+        while event[0] == "text" and self._events and self._events[0][0] == "text":
+            event = ("text", event[1] + self._events.popleft()[1])
+        return event
 
     def cancel(self) -> None:
         """The client went away: the engine drops the row at its next step."""
