@@ -472,6 +472,20 @@ def _ctc_scorer(model, media: list | None, allowed: range | None) -> CTCPrefixSc
 # Continuous batching
 
 
+def _shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> int:
+    """How many ids every (left-padded) prompt begins with, at most each prompt's length - 1 (every
+    row keeps an id of its own to prefill, whose logits it samples from)."""
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    rows = [ids[m.bool()] for ids, m in zip(input_ids, mask)]
+    limit = min(len(r) for r in rows) - 1
+    if limit <= 0:
+        return 0
+    first = rows[0][:limit]
+    same = torch.stack([r[:limit] == first for r in rows[1:]]).all(0)
+    differ = (~same).nonzero()
+    return int(differ[0]) if len(differ) else limit
+
+
 @dataclass
 class RowSettings:
     """One prompt's decoding settings in a :class:`ContinuousBatch` (each row has its own)."""
@@ -536,6 +550,7 @@ class ContinuousBatch:
     """
 
     initial_size = (8, 256)  # rows and slots of the shared cache when it is made
+    min_shared_prefix = 8  # prompts added together that begin with this many ids in common prefill them once
 
     def __init__(self, model, *, allowed: range | None = None, stop_ids: Sequence[int] | None = None,
                  suppress_ids: Sequence[int] = (), begin_suppress_ids: Sequence[int] = ()):
@@ -571,13 +586,19 @@ class ContinuousBatch:
         real = attention_mask.sum(-1).tolist() if attention_mask is not None else [T] * B
         for s, n in zip(settings, real):  # the context holds the prompt and what it generates
             s.max_new_tokens = min(s.max_new_tokens, model.max_seq_len - int(n))
-        dtype = next(model.parameters()).dtype
-        cache = KVCache(model.config.backbone, B, T + max(s.max_new_tokens for s in settings),
-                        device=device, dtype=dtype)
-        key_padding = attention_mask.bool().to(device) if attention_mask is not None else None
-        logits = model(input_ids.to(device), positions=None if positions is None else positions.to(device),
-                       key_padding=key_padding, cache=cache, media=media,
-                       streams=None if streams is None else streams.to(device), last_only=True).logits[:, -1]
+        extra = max(s.max_new_tokens for s in settings)
+        plain = media is None and streams is None and positions is None  # ids alone: a prefix can be shared
+        prefix = _shared_prefix(input_ids, attention_mask) if plain and B > 1 else 0
+        if prefix >= self.min_shared_prefix:
+            cache, logits = self._prefill_shared(input_ids, attention_mask, prefix, extra)
+        else:
+            cache = KVCache(model.config.backbone, B, T + extra, device=device,
+                            dtype=next(model.parameters()).dtype)
+            key_padding = attention_mask.bool().to(device) if attention_mask is not None else None
+            out = model(input_ids.to(device), positions=None if positions is None else positions.to(device),
+                        key_padding=key_padding, cache=cache, media=media,
+                        streams=None if streams is None else streams.to(device), last_only=True)
+            logits = out.logits[:, -1]
         next_pos = (_next_positions(positions.to(device)) if positions is not None
                     else cache.num_valid[:, 0].clone())
         rows = []
@@ -591,6 +612,30 @@ class ContinuousBatch:
         else:
             self._join(cache, rows, logits, next_pos)
         return [r.key for r in rows]
+
+    def _prefill_shared(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, prefix: int,
+                        extra: int) -> tuple[KVCache, torch.Tensor]:
+        """Prefill prompts that all begin with the same ``prefix`` ids (a chat template's system
+        prompt): the prefix once, its keys and values copied to every row, then each row's rest,
+        left padded after it (padding in the middle of a row is masked like padding in front)."""
+        model, device = self.model, self.model.device
+        B = input_ids.shape[0]
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        rows = [ids[m.bool()] for ids, m in zip(input_ids, mask)]
+        rest_ids, rest_mask = left_pad([r[prefix:] for r in rows], model.vocab.pad_id)
+        dtype = next(model.parameters()).dtype
+        one = KVCache(model.config.backbone, 1, prefix, device=device, dtype=dtype)
+        model(rows[0][None, :prefix].to(device), cache=one)
+        size = prefix + rest_ids.shape[1] + extra
+        cache = KVCache(model.config.backbone, B, size, device=device, dtype=dtype)
+        for dst_kv, src_kv in ((cache.k, one.k), (cache.v, one.v)):
+            for dst, part in zip(dst_kv, src_kv):
+                dst[:, :, :prefix] = part
+        cache.length = prefix
+        cache.num_valid.fill_(prefix)
+        logits = model(rest_ids.to(device), key_padding=rest_mask.bool().to(device), cache=cache,
+                       last_only=True).logits[:, -1]
+        return cache, logits
 
     def cancel(self, key: int) -> None:
         """Drop a row before the next step samples (a client went away, a stop string was seen)."""

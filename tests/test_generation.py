@@ -327,3 +327,22 @@ def test_continuous_batch_matches_each_prompt_alone(model, text_tokenizer):
     assert got[extra[1]] == alone
     assert len(got[extra[0]]) == 2  # cancelled after two ids
     assert len(batch) == 0
+
+
+def test_prompts_with_a_common_prefix_prefill_it_once_with_the_same_ids(model, text_tokenizer):
+    """Prompts added together that share a prefix (a chat template's system prompt) prefill it once;
+    each row's greedy ids are still its prompt's alone."""
+    from omni.generation import ContinuousBatch, RowSettings, _shared_prefix
+
+    head = "Mathematics is the study of numbers, shapes and patterns."
+    prompts = [_prompt(text_tokenizer, f"{head} {tail}") for tail in ("Zero", "The number one is", "A cat")]
+    ids, mask = left_pad(prompts, 0)
+    assert _shared_prefix(ids, mask) >= ContinuousBatch.min_shared_prefix
+    batch = ContinuousBatch(model, stop_ids=[])
+    keys = batch.add(ids, [RowSettings(max_new_tokens=10) for _ in prompts], attention_mask=mask)
+    got: dict[int, list[int]] = {}
+    while len(batch):
+        for key, t, _ in batch.step():
+            got.setdefault(key, []).append(t)
+    alone = [generate(model, torch.tensor([p]), max_new_tokens=10, stop_ids=[])[0].tolist() for p in prompts]
+    assert [got[k] for k in keys] == alone
