@@ -463,8 +463,11 @@ def chat_settings(body: dict, limits: ServeLimits) -> tuple[RowSettings, tuple[s
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RequestError(f"'seed' must be an integer, got {seed!r}", "seed")
-    return RowSettings(max_new_tokens=max_tokens, temperature=_number(body, "temperature", float, 1.0, 0, 2),
-                       top_p=_number(body, "top_p", float, 1.0, 0, 1) or None, seed=seed), stop
+    temperature = _number(body, "temperature", float, 1.0, 0, 2)
+    top_p = _number(body, "top_p", float, 1.0, 0, 1)
+    if top_p == 0:  # nothing but the likeliest token: greedy
+        temperature, top_p = 0.0, 1.0
+    return RowSettings(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed), stop
 
 
 # ---------------------------------------------------------------------------------------------

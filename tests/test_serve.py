@@ -286,3 +286,19 @@ def test_transcription_errors(whisper_client, client):
         client.audio.transcriptions.create(model="v1", file=("a.wav", _wav()))
     with pytest.raises(openai.BadRequestError, match="audio"):
         whisper_client.audio.transcriptions.create(model="whisper", file=("a.txt", b"hello"))
+
+
+def test_omni_serve_flags_become_the_limits(monkeypatch):
+    import omni.cli
+
+    seen = {}
+    monkeypatch.setattr(omni.cli, "serve", lambda ckpt, **kw: seen.update(ckpt=ckpt, **kw))
+    argv = ["serve", "--ckpt", str(CKPT), "--port", "9001", "--allow-local-files", "--max-body-mb", "2",
+            "--max-image-pixels", "1000", "--max-audio-seconds", "3", "--max-tokens", "7"]
+    assert omni.cli.main(argv) == 0
+    limits = seen["limits"]
+    assert seen["port"] == 9001 and seen["host"] == "127.0.0.1" and limits.model_name == "ckpt_v1"
+    assert (limits.allow_local_files, limits.max_body_mb, limits.max_image_pixels, limits.max_audio_seconds,
+            limits.max_tokens) == (True, 2, 1000, 3, 7)
+    with pytest.raises(ValueError, match="max_tokens"):
+        ServeLimits(max_tokens=0)
