@@ -545,12 +545,15 @@ class ContinuousBatch:
     replaced by the last live row, so a step decodes exactly the live rows. ``step`` samples one id
     for every row (each with its own :class:`RowSettings`) and runs one decoding forward.
 
+    Prompts of ids alone that begin alike (a chat template's system prompt) prefill their common
+    prefix once; the keys and values of the last such prompt are kept, and a later prompt that
+    begins as it did copies them instead of computing its prefix again (a one-entry prefix cache).
     Prompts that carry a cross-attention memory (Whisper-style audio) keep their own cache and
     are stepped beside the shared one, one forward per such group.
     """
 
     initial_size = (8, 256)  # rows and slots of the shared cache when it is made
-    min_shared_prefix = 8  # prompts added together that begin with this many ids in common prefill them once
+    min_shared_prefix = 8  # a common prefix this long is prefilled once (or taken from the kept prompt)
 
     def __init__(self, model, *, allowed: range | None = None, stop_ids: Sequence[int] | None = None,
                  suppress_ids: Sequence[int] = (), begin_suppress_ids: Sequence[int] = ()):
@@ -564,6 +567,8 @@ class ContinuousBatch:
         self.begin = torch.tensor(list(begin_suppress_ids), dtype=torch.long, device=device)
         self.groups: list[_Group] = []
         self._keys = 0
+        self._kept: tuple | None = None  # the last plain prompt: ids (P,), keys and values [(1, Hkv, P, hd)]
+        self.num_reused = 0  # prompt ids whose keys and values were copied, not computed
 
     def __len__(self) -> int:
         """Live rows."""
@@ -588,9 +593,11 @@ class ContinuousBatch:
             s.max_new_tokens = min(s.max_new_tokens, model.max_seq_len - int(n))
         extra = max(s.max_new_tokens for s in settings)
         plain = media is None and streams is None and positions is None  # ids alone: a prefix can be shared
+        kept = self._kept_prefix(input_ids, attention_mask) if plain else 0
         prefix = _shared_prefix(input_ids, attention_mask) if plain and B > 1 else 0
-        if prefix >= self.min_shared_prefix:
-            cache, logits = self._prefill_shared(input_ids, attention_mask, prefix, extra)
+        if max(kept, prefix) >= self.min_shared_prefix:
+            cache, logits = self._prefill_shared(input_ids, attention_mask, max(kept, prefix), extra,
+                                                 reuse=kept >= prefix)
         else:
             cache = KVCache(model.config.backbone, B, T + extra, device=device,
                             dtype=next(model.parameters()).dtype)
@@ -599,6 +606,11 @@ class ContinuousBatch:
                         key_padding=key_padding, cache=cache, media=media,
                         streams=None if streams is None else streams.to(device), last_only=True)
             logits = out.logits[:, -1]
+        if plain:  # the first prompt's keys and values, for the next prompts that begin as it does
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            slots = cache.valid[0, :cache.length].nonzero().squeeze(1)
+            self._kept = (input_ids[0][mask[0].bool()].cpu(), [k[:1, :, slots] for k in cache.k],
+                          [v[:1, :, slots] for v in cache.v])
         next_pos = (_next_positions(positions.to(device)) if positions is not None
                     else cache.num_valid[:, 0].clone())
         rows = []
@@ -613,22 +625,43 @@ class ContinuousBatch:
             self._join(cache, rows, logits, next_pos)
         return [r.key for r in rows]
 
+    def _kept_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> int:
+        """How many ids every prompt shares with the kept prompt (at most each prompt's length - 1)."""
+        if self._kept is None:
+            return 0
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        kept = self._kept[0]
+        common = len(kept)
+        for ids, m in zip(input_ids, mask):
+            row = ids[m.bool()]
+            n = min(len(row) - 1, len(kept))
+            differ = (row[:n] != kept[:n]).nonzero()
+            common = min(common, int(differ[0]) if len(differ) else n)
+        return max(common, 0)
+
     def _prefill_shared(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, prefix: int,
-                        extra: int) -> tuple[KVCache, torch.Tensor]:
+                        extra: int, reuse: bool) -> tuple[KVCache, torch.Tensor]:
         """Prefill prompts that all begin with the same ``prefix`` ids (a chat template's system
-        prompt): the prefix once, its keys and values copied to every row, then each row's rest,
-        left padded after it (padding in the middle of a row is masked like padding in front)."""
+        prompt): the prefix once (or, ``reuse``, the kept prompt's keys and values for it), copied
+        to every row, then each row's rest, left padded after it (padding in the middle of a row is
+        masked like padding in front)."""
         model, device = self.model, self.model.device
         B = input_ids.shape[0]
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         rows = [ids[m.bool()] for ids, m in zip(input_ids, mask)]
         rest_ids, rest_mask = left_pad([r[prefix:] for r in rows], model.vocab.pad_id)
         dtype = next(model.parameters()).dtype
-        one = KVCache(model.config.backbone, 1, prefix, device=device, dtype=dtype)
-        model(rows[0][None, :prefix].to(device), cache=one)
+        if reuse:
+            keys, values = ([t[:, :, :prefix] for t in kv] for kv in self._kept[1:])
+            self.num_reused += B * prefix
+        else:
+            one = KVCache(model.config.backbone, 1, prefix, device=device, dtype=dtype)
+            model(rows[0][None, :prefix].to(device), cache=one)
+            keys, values = one.k, one.v
+            self.num_reused += (B - 1) * prefix
         size = prefix + rest_ids.shape[1] + extra
         cache = KVCache(model.config.backbone, B, size, device=device, dtype=dtype)
-        for dst_kv, src_kv in ((cache.k, one.k), (cache.v, one.v)):
+        for dst_kv, src_kv in ((cache.k, keys), (cache.v, values)):
             for dst, part in zip(dst_kv, src_kv):
                 dst[:, :, :prefix] = part
         cache.length = prefix

@@ -346,3 +346,27 @@ def test_prompts_with_a_common_prefix_prefill_it_once_with_the_same_ids(model, t
             got.setdefault(key, []).append(t)
     alone = [generate(model, torch.tensor([p]), max_new_tokens=10, stop_ids=[])[0].tolist() for p in prompts]
     assert [got[k] for k in keys] == alone
+
+
+def test_a_later_prompt_reuses_the_kept_prompts_prefix(model, text_tokenizer):
+    """A prompt added after another that began the same way copies the kept keys and values of
+    their common prefix, and decodes the same ids as alone."""
+    from omni.generation import ContinuousBatch, RowSettings
+
+    head = "Mathematics is the study of numbers, shapes and patterns."
+    first, second = (_prompt(text_tokenizer, f"{head} {tail}") for tail in ("Zero", "The number one is"))
+    batch = ContinuousBatch(model, stop_ids=[])
+    got: dict[int, list[int]] = {}
+    keys = batch.add(torch.tensor([first]), [RowSettings(max_new_tokens=6)])
+    for _ in range(3):
+        for key, t, _ in batch.step():
+            got.setdefault(key, []).append(t)
+    assert batch.num_reused == 0
+    keys += batch.add(torch.tensor([second]), [RowSettings(max_new_tokens=8)])
+    assert batch.num_reused >= ContinuousBatch.min_shared_prefix  # the head's ids were not computed again
+    while len(batch):
+        for key, t, _ in batch.step():
+            got.setdefault(key, []).append(t)
+    alone = [generate(model, torch.tensor([p]), max_new_tokens=n, stop_ids=[])[0].tolist()
+             for p, n in ((first, 6), (second, 8))]
+    assert [got[k] for k in keys] == alone
