@@ -52,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="the server's torch threads")
     p.add_argument("--seed", action="store_true", help="give each request a seed of its own")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the levels this many times, in alternating order (1, 8, 32, 32, 8, 1, ...), and "
+                        "report each number's mean over the rounds (the machine's load drifts)")
     return p.parse_args(argv)
 
 
@@ -153,7 +156,13 @@ def main(argv=None) -> int:
             server = start_server(checkpoint(name, Path(tmp)), port, args.threads, args.max_tokens)
             try:
                 url = f"http://127.0.0.1:{port}"
-                rows = [asyncio.run(level(url, c, args.requests, args.max_tokens, args.seed)) for c in levels]
+                runs: dict[int, list[dict]] = {c: [] for c in levels}
+                for r in range(args.rounds):
+                    for c in levels if r % 2 == 0 else levels[::-1]:
+                        runs[c].append(asyncio.run(level(url, c, args.requests, args.max_tokens, args.seed)))
+                rows = [{k: round(statistics.mean(run[k] for run in runs[c]), 2) for k in runs[c][0]}
+                        | {"clients": c, "tokens_per_s_rounds": [run["tokens_per_s"] for run in runs[c]]}
+                        for c in levels]
             finally:
                 server.terminate()
                 server.wait(timeout=30)
@@ -172,7 +181,7 @@ def main(argv=None) -> int:
                             by[c]["ttft_p95_ms"] / by[1]["ttft_p50_ms"], 2)
             results[name] = {"levels": rows, **summary}
     config = {"requests": args.requests, "max_tokens": args.max_tokens, "clients": levels, "seed": args.seed,
-              "load": os.getloadavg()}
+              "rounds": args.rounds, "load": os.getloadavg()}
     json_line("serve", args.threads, config, results)
     return 0
 

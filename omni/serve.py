@@ -199,7 +199,7 @@ class Engine:
                     self._step()
             except Exception as e:  # noqa: BLE001 - a bug must not take the server down: fail these jobs
                 log.exception("the decoding engine failed; its requests get an error")
-                for job in self.jobs.values():
+                for job in [*self.jobs.values(), *(j for j in new if j.key is None)]:
                     job.post("error", e)
                 self.jobs.clear()
                 self.batch = self._new_batch()
@@ -208,9 +208,10 @@ class Engine:
         """Prefill new jobs together; when that fails, one by one, so a bad one fails alone."""
         try:
             self._prefill(jobs)
-        except ValueError:
+        except ValueError as e:
             if len(jobs) == 1:
-                raise
+                jobs[0].post("error", e)
+                return
             for job in jobs:
                 try:
                     self._prefill([job])
