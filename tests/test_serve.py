@@ -302,3 +302,34 @@ def test_omni_serve_flags_become_the_limits(monkeypatch):
             limits.max_tokens) == (True, 2, 1000, 3, 7)
     with pytest.raises(ValueError, match="max_tokens"):
         ServeLimits(max_tokens=0)
+
+
+def test_a_prompt_that_fails_its_prefill_fails_alone(v1):
+    """Prompts prefilled together where one cannot be (longer than the context): that one gets
+    the error, the other is decoded."""
+    import asyncio
+
+    from omni.generation import RowSettings
+    from omni.serve import Engine, Job
+
+    too_long = v1.processor.sample("word " * 1100)
+    fine = v1.processor.sample([{"role": "user", "content": "Hi"}])
+    engine = Engine(v1, batch_window_ms=50)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        jobs = [engine.submit(Job(s, RowSettings(max_new_tokens=3), (), loop)) for s in (too_long, fine)]
+        engine.start()
+        try:
+            first = [await asyncio.wait_for(j.next(), 30) for j in jobs]
+            events = [first[1]]
+            while events[-1][0] not in ("end", "error"):
+                events.append(await asyncio.wait_for(jobs[1].next(), 30))
+            return first[0], events
+        finally:
+            engine.stop()
+
+    failed, events = asyncio.run(run())
+    assert failed[0] == "error" and "context" in str(failed[1])
+    assert events[0][0] == "start" and events[-1][:2] == ("end", "length") and events[-1][2] == 3
+    assert engine.stats["admitted"] == 1
