@@ -548,7 +548,7 @@ def create_app(pipeline: Pipeline, limits: ServeLimits | None = None):
             engine.stop()
 
     app = FastAPI(title="omni", lifespan=lifespan)
-    app.state.engine = engine
+    app.state.engine, app.state.limits = engine, limits  # read at each request
     app.add_middleware(_BodyLimit, max_bytes=int(limits.max_body_mb * 2**20))
 
     @app.exception_handler(RequestError)

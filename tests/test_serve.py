@@ -114,7 +114,8 @@ def test_chat_matches_the_pipeline_and_counts_tokens(client, v1):
 
 def test_streaming_sends_the_same_text_as_events(client, v1):
     stream = client.chat.completions.create(model="v1", messages=[{"role": "user", "content": "Hello there"}],
-                                            stream=True, stream_options={"include_usage": True}, **SAMPLED)
+                                            stream=True, stream_options={"include_usage": True},
+                                            temperature=1.0, seed=3, max_completion_tokens=12)
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == _alone(v1, "Hello there")
@@ -333,3 +334,19 @@ def test_a_prompt_that_fails_its_prefill_fails_alone(v1):
     assert failed[0] == "error" and "context" in str(failed[1])
     assert events[0][0] == "start" and events[-1][:2] == ("end", "length") and events[-1][2] == 3
     assert engine.stats["admitted"] == 1
+
+
+def test_local_image_paths_behind_the_flag(served, v1, tmp_path):
+    client, app = served
+    path = tmp_path / "red.png"
+    path.write_bytes(_png())
+    parts = [{"type": "image_url", "image_url": {"url": str(path)}}, {"type": "text", "text": "What is it?"}]
+    with pytest.raises(openai.BadRequestError, match="--allow-local-files"):
+        client.chat.completions.create(model="v1", messages=[{"role": "user", "content": parts}], **SAMPLED)
+    messages = [{"role": "user", "content": parts}]
+    app.state.limits.allow_local_files = True
+    try:
+        r = client.chat.completions.create(model="v1", messages=messages, **SAMPLED)
+    finally:
+        app.state.limits.allow_local_files = False
+    assert r.choices[0].message.content == _alone(v1, [Image(path), "What is it?"])
