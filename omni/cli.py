@@ -24,6 +24,7 @@ from omni.io import LockedError, atomic_write_bytes, exclusive, write_jsonl
 from omni.media import MediaError, modality_of_path
 from omni.model.tower_import import TOWER_IMPORTS
 from omni.model_card import loss_span
+from omni.serve import ServeLimits, serve
 from omni.tokenizers.text import TextTokenizer, corpus_texts
 from omni.tokenizers.whisper import WhisperTokenizer
 from omni.train import TrainingError, train
@@ -356,6 +357,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    limits = ServeLimits(max_body_mb=args.max_body_mb, max_image_pixels=args.max_image_pixels,
+                         max_audio_seconds=args.max_audio_seconds, max_tokens=args.max_tokens,
+                         max_speech_seconds=args.max_speech_seconds, allow_local_files=args.allow_local_files,
+                         batch_window_ms=args.batch_window_ms,
+                         model_name=args.model_name or Path(args.ckpt).resolve().name)
+    serve(args.ckpt, host=args.host, port=args.port, limits=limits, device=args.device)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omni",
                                 description="omni: one transformer for text, images, audio and video.",
@@ -598,6 +609,38 @@ def build_parser() -> argparse.ArgumentParser:
                         "imported model's own vocabulary, omni's markers dropped")
     x.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     x.set_defaults(fn=cmd_export)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, transcriptions, speech)",
+                        epilog=EPILOG,
+                        description="Serve a checkpoint over OpenAI's HTTP API (FastAPI + uvicorn; pip "
+                                    "install 'omni[serve]'): /v1/chat/completions, /v1/audio/transcriptions, "
+                                    "/v1/audio/speech, /v1/models, /health. Concurrent chat requests are "
+                                    "decoded together (continuous batching); see docs/serving.md.")
+    sv.add_argument("--ckpt", required=True, help="an omni checkpoint folder")
+    sv.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="the port (default: 8000)")
+    sv.add_argument("--device", default="cpu", help="where the model runs (default: cpu)")
+    sv.add_argument("--model-name", default=None,
+                    help="the model id /v1/models lists (default: the folder name)")
+    sv.add_argument("--allow-local-files", action="store_true",
+                    help="let image/video URLs name files on the server (default: data: URLs only)")
+    defaults = ServeLimits()
+    sv.add_argument("--max-body-mb", type=float, default=defaults.max_body_mb,
+                    help=f"largest request body, media included (default: {defaults.max_body_mb:g})")
+    sv.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels,
+                    help=f"largest image or video frame (default: {defaults.max_image_pixels:,})")
+    sv.add_argument("--max-audio-seconds", type=float, default=defaults.max_audio_seconds,
+                    help="longest audio part or file to transcribe (default: "
+                         f"{defaults.max_audio_seconds:g})")
+    sv.add_argument("--max-tokens", type=int, default=defaults.max_tokens,
+                    help=f"most new tokens a completion may ask for, and the default (default: "
+                         f"{defaults.max_tokens})")
+    sv.add_argument("--max-speech-seconds", type=float, default=defaults.max_speech_seconds,
+                    help=f"longest clip /v1/audio/speech writes (default: {defaults.max_speech_seconds:g})")
+    sv.add_argument("--batch-window-ms", type=float, default=defaults.batch_window_ms,
+                    help="how long an idle server waits for more requests to prefill together "
+                         f"(default: {defaults.batch_window_ms:g})")
+    sv.set_defaults(fn=cmd_serve)
 
     m = sub.add_parser("demo",
                        help="the main job: build the corpora, train any2any/tiny, show every direction",

@@ -4,6 +4,7 @@ left-padded batches, streaming, and constraining the sampled ids to one modality
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -465,3 +466,378 @@ def _ctc_scorer(model, media: list | None, allowed: range | None) -> CTCPrefixSc
         raise ValueError("joint CTC decoding produces text only (output='text')")
     log_probs, n = encoder.ctc_log_probs([audio[0].data.to(model.device)])
     return CTCPrefixScorer(log_probs[0, :int(n[0])])
+
+
+# ---------------------------------------------------------------------------------------------
+# Continuous batching
+
+
+def _shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> int:
+    """How many ids every (left-padded) prompt begins with, at most each prompt's length - 1 (every
+    row keeps an id of its own to prefill, whose logits it samples from)."""
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    rows = [ids[m.bool()] for ids, m in zip(input_ids, mask)]
+    limit = min(len(r) for r in rows) - 1
+    if limit <= 0:
+        return 0
+    first = rows[0][:limit]
+    same = torch.stack([r[:limit] == first for r in rows[1:]]).all(0)
+    differ = (~same).nonzero()
+    return int(differ[0]) if len(differ) else limit
+
+
+@dataclass
+class RowSettings:
+    """One prompt's decoding settings in a :class:`ContinuousBatch` (each row has its own)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class _Row:
+    key: int
+    settings: RowSettings
+    generator: torch.Generator | None
+    count: int = 0  # ids sampled so far
+    cancelled: bool = False
+
+
+@dataclass
+class _Group:
+    """Rows decoding on one KV cache in its static layout: every step writes at ``cache.slot``
+    and each row's ``cache.valid`` hides the slots that are not its own. Live rows come first."""
+
+    cache: KVCache
+    rows: list[_Row]
+    logits: torch.Tensor  # (n, V): what each row samples next
+    next_pos: torch.Tensor  # (rows of the cache,): each row's next position
+    shared: bool  # the group new rows join (no cross-attention memory)
+
+    @property
+    def slot(self) -> int:
+        return self.cache.length
+
+
+class ContinuousBatch:
+    """Continuous batching on a plain KV cache (vLLM's scheduling without its paged memory):
+    prompts join a running decode at any step and rows leave it as they finish or are cancelled.
+
+    ``add`` prefills a batch of prompts together (left padded, as :func:`iter_generate`) and copies
+    their keys and values into the shared cache, whose rows are the live sequences: a row's slots are
+    wherever its keys were written, since rotary positions are applied before caching and a mask
+    says which slots each row reads. A joining prompt longer than the write slot moves the slot on
+    (the skipped slots are nobody's); when the cache is full its rows are compacted to the left,
+    and it grows (rows or slots, doubling) only when compaction is not enough. A leaving row is
+    replaced by the last live row, so a step decodes exactly the live rows. ``step`` samples one id
+    for every row (each with its own :class:`RowSettings`) and runs one decoding forward.
+
+    Prompts of ids alone that begin alike (a chat template's system prompt) prefill their common
+    prefix once; the keys and values of the last such prompt are kept, and a later prompt that
+    begins as it did copies them instead of computing its prefix again (a one-entry prefix cache).
+    Prompts that carry a cross-attention memory (Whisper-style audio) keep their own cache and
+    are stepped beside the shared one, one forward per such group.
+    """
+
+    initial_size = (8, 256)  # rows and slots of the shared cache when it is made
+    min_shared_prefix = 8  # a common prefix this long is prefilled once (or taken from the kept prompt)
+
+    def __init__(self, model, *, allowed: range | None = None, stop_ids: Sequence[int] | None = None,
+                 suppress_ids: Sequence[int] = (), begin_suppress_ids: Sequence[int] = ()):
+        self.model = model
+        self.stops = set(stop_ids if stop_ids is not None else default_stop_ids(model))
+        size, device = model.vocab.size, model.device
+        self.bias = (_span_bias(size, allowed, device) if allowed is not None
+                     else torch.zeros(size, device=device))
+        if len(suppress_ids):
+            self.bias[torch.tensor(list(suppress_ids), device=device)] = float("-inf")
+        self.begin = torch.tensor(list(begin_suppress_ids), dtype=torch.long, device=device)
+        self.groups: list[_Group] = []
+        self._keys = 0
+        self._kept: tuple | None = None  # the last plain prompt: ids (P,), keys and values [(1, Hkv, P, hd)]
+        self.num_reused = 0  # prompt ids whose keys and values were copied, not computed
+
+    def __len__(self) -> int:
+        """Live rows."""
+        return sum(len(g.rows) for g in self.groups)
+
+    @torch.inference_mode()
+    def add(self, input_ids: torch.Tensor, settings: list[RowSettings], *,
+            attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+            media: list | None = None, streams: torch.Tensor | None = None) -> list[int]:
+        """Prefill prompts ``(B, T)`` (left padded; the inputs of :func:`iter_generate`) and
+        return a key per row; their first ids come with the next :meth:`step`."""
+        model = self.model
+        _check(model, input_ids, attention_mask, 1, 0.0, None, None)
+        if len(settings) != input_ids.shape[0]:
+            raise ValueError(f"{len(settings)} settings for {input_ids.shape[0]} prompts")
+        for s in settings:
+            s.check()
+        B, T = input_ids.shape
+        device = model.device
+        real = attention_mask.sum(-1).tolist() if attention_mask is not None else [T] * B
+        for s, n in zip(settings, real):  # the context holds the prompt and what it generates
+            s.max_new_tokens = min(s.max_new_tokens, model.max_seq_len - int(n))
+        extra = max(s.max_new_tokens for s in settings)
+        plain = media is None and streams is None and positions is None  # ids alone: a prefix can be shared
+        kept = self._kept_prefix(input_ids, attention_mask) if plain else 0
+        prefix = _shared_prefix(input_ids, attention_mask) if plain and B > 1 else 0
+        if max(kept, prefix) >= self.min_shared_prefix:
+            cache, logits = self._prefill_shared(input_ids, attention_mask, max(kept, prefix), extra,
+                                                 reuse=kept >= prefix)
+        else:
+            cache = KVCache(model.config.backbone, B, T + extra, device=device,
+                            dtype=next(model.parameters()).dtype)
+            key_padding = attention_mask.bool().to(device) if attention_mask is not None else None
+            out = model(input_ids.to(device), positions=None if positions is None else positions.to(device),
+                        key_padding=key_padding, cache=cache, media=media,
+                        streams=None if streams is None else streams.to(device), last_only=True)
+            logits = out.logits[:, -1]
+        if plain:  # the first prompt's keys and values, for the next prompts that begin as it does
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            slots = cache.valid[0, :cache.length].nonzero().squeeze(1)
+            self._kept = (input_ids[0][mask[0].bool()].cpu(), [k[:1, :, slots] for k in cache.k],
+                          [v[:1, :, slots] for v in cache.v])
+        next_pos = (_next_positions(positions.to(device)) if positions is not None
+                    else cache.num_valid[:, 0].clone())
+        rows = []
+        for s in settings:
+            gen = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
+            rows.append(_Row(self._keys, s, gen))
+            self._keys += 1
+        cache.make_static()
+        if cache.memory is not None:  # cross-attention memory: a group of its own
+            self.groups.append(_Group(cache, rows, logits, next_pos, shared=False))
+        else:
+            self._join(cache, rows, logits, next_pos)
+        return [r.key for r in rows]
+
+    def _kept_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> int:
+        """How many ids every prompt shares with the kept prompt (at most each prompt's length - 1)."""
+        if self._kept is None:
+            return 0
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        kept = self._kept[0]
+        common = len(kept)
+        for ids, m in zip(input_ids, mask):
+            row = ids[m.bool()]
+            n = min(len(row) - 1, len(kept))
+            differ = (row[:n] != kept[:n]).nonzero()
+            common = min(common, int(differ[0]) if len(differ) else n)
+        return max(common, 0)
+
+    def _prefill_shared(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, prefix: int,
+                        extra: int, reuse: bool) -> tuple[KVCache, torch.Tensor]:
+        """Prefill prompts that all begin with the same ``prefix`` ids (a chat template's system
+        prompt): the prefix once (or, ``reuse``, the kept prompt's keys and values for it), copied
+        to every row, then each row's rest, left padded after it (padding in the middle of a row is
+        masked like padding in front)."""
+        model, device = self.model, self.model.device
+        B = input_ids.shape[0]
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        rows = [ids[m.bool()] for ids, m in zip(input_ids, mask)]
+        rest_ids, rest_mask = left_pad([r[prefix:] for r in rows], model.vocab.pad_id)
+        dtype = next(model.parameters()).dtype
+        if reuse:
+            keys, values = ([t[:, :, :prefix] for t in kv] for kv in self._kept[1:])
+            self.num_reused += B * prefix
+        else:
+            one = KVCache(model.config.backbone, 1, prefix, device=device, dtype=dtype)
+            model(rows[0][None, :prefix].to(device), cache=one)
+            keys, values = one.k, one.v
+            self.num_reused += (B - 1) * prefix
+        size = prefix + rest_ids.shape[1] + extra
+        cache = KVCache(model.config.backbone, B, size, device=device, dtype=dtype)
+        for dst_kv, src_kv in ((cache.k, keys), (cache.v, values)):
+            for dst, part in zip(dst_kv, src_kv):
+                dst[:, :, :prefix] = part
+        cache.length = prefix
+        cache.num_valid.fill_(prefix)
+        logits = model(rest_ids.to(device), key_padding=rest_mask.bool().to(device), cache=cache,
+                       last_only=True).logits[:, -1]
+        return cache, logits
+
+    def cancel(self, key: int) -> None:
+        """Drop a row before the next step samples (a client went away, a stop string was seen)."""
+        for g in self.groups:
+            for r in g.rows:
+                if r.key == key:
+                    r.cancelled = True
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[int, int | None, bool]]:
+        """One id for every live row: ``(key, id, finished)``; ``id`` is None when the row ended at
+        a stop id (which is not returned). A finished row has left the batch."""
+        out = []
+        for g in self.groups:
+            self._drop(g, [i for i, r in enumerate(g.rows) if r.cancelled])
+            if not g.rows:
+                continue
+            ids = self._sample(g)
+            ended, sampled = [], {}
+            for i, (r, t) in enumerate(zip(g.rows, ids.tolist())):
+                r.count += 1
+                stop = t in self.stops
+                done = stop or r.count >= r.settings.max_new_tokens
+                out.append((r.key, None if stop else t, done))
+                sampled[r.key] = t
+                if done:
+                    ended.append(i)
+            self._drop(g, ended)  # reorders the rows
+            if g.rows:
+                self._forward(g, torch.tensor([sampled[r.key] for r in g.rows], device=ids.device))
+        self.groups = [g for g in self.groups if g.rows or g.shared]
+        return out
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _sample(self, g: _Group) -> torch.Tensor:
+        logits = g.logits.float() + self.bias
+        first = [i for i, r in enumerate(g.rows) if r.count == 0]
+        if first and len(self.begin):
+            logits[torch.tensor(first)[:, None], self.begin[None]] = float("-inf")
+        ids = logits.argmax(-1)
+        shared: dict[tuple, list[int]] = {}  # rows without a seed of their own sample together, by settings
+        for i, r in enumerate(g.rows):
+            s = r.settings
+            if s.temperature <= 0:
+                continue
+            if r.generator is None:
+                shared.setdefault((s.temperature, s.top_k, s.top_p), []).append(i)
+            else:
+                ids[i] = sample_next(logits[i:i + 1], temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                     generator=r.generator)[0]
+        for (temperature, top_k, top_p), rows in shared.items():
+            rows_t = torch.tensor(rows, device=ids.device)
+            ids[rows_t] = sample_next(logits[rows_t], temperature=temperature, top_k=top_k, top_p=top_p)
+        return ids
+
+    def _forward(self, g: _Group, ids: torch.Tensor) -> None:
+        n = len(g.rows)
+        if g.shared:
+            self._reserve(g, n, 0)
+        cache = g.cache
+        g.logits = self.model.decode_step(ids[:, None], g.next_pos[:n, None], cache.narrow(n))
+        cache.slot += 1
+        cache.length += 1
+        g.next_pos[:n] += 1
+
+    def _drop(self, g: _Group, gone: list[int]) -> None:
+        """Remove rows ``gone`` (indices into ``g.rows``)."""
+        if not gone:
+            return
+        if not g.shared:  # a small group of its own: keep the other rows
+            keep = torch.tensor([i for i in range(len(g.rows)) if i not in set(gone)], dtype=torch.long)
+            if len(keep):
+                g.cache.reorder(keep)
+                g.cache.cross_mask = g.cache.memory.mask(g.cache.length, 1, None)
+                g.logits, g.next_pos = g.logits[keep], g.next_pos[keep]
+            g.rows = [g.rows[i] for i in keep.tolist()]
+            return
+        c = g.cache
+        for i in sorted(gone, reverse=True):  # the last live row takes the leaving row's place
+            last = len(g.rows) - 1
+            if i != last:
+                for kv in (c.k, c.v):
+                    for layer in kv:
+                        layer[i] = layer[last]
+                c.valid[i] = c.valid[last]
+                g.next_pos[i] = g.next_pos[last]
+                g.logits[i] = g.logits[last]
+                g.rows[i] = g.rows[last]
+            g.rows.pop()
+        g.logits = g.logits[:len(g.rows)]
+
+    def _join(self, src: KVCache, rows: list[_Row], logits: torch.Tensor, next_pos: torch.Tensor) -> None:
+        """Copy prefilled rows (their prompts in ``src``'s first ``src.length`` slots) into the
+        shared group."""
+        g = next((g for g in self.groups if g.shared), None)
+        if g is None:
+            g = self._new_shared(len(rows), src.length + 1, src.k[0].dtype)
+            self.groups.insert(0, g)
+        k, T, n = len(rows), src.length, len(g.rows)
+        self._reserve(g, n + k, T)
+        c, s = g.cache, g.slot
+        if s < T:  # the prompt needs T slots before the write slot: move the slot on
+            c.valid[:n, s:T] = False
+            c.slot.fill_(T)
+            c.length = s = T
+        for dst_kv, src_kv in ((c.k, src.k), (c.v, src.v)):
+            for dst, part in zip(dst_kv, src_kv):
+                dst[n:n + k, :, s - T:s] = part[:, :, :T]
+        c.valid[n:n + k] = True
+        c.valid[n:n + k, :s - T] = False
+        c.valid[n:n + k, s - T:s] = src.valid[:, :T]
+        g.next_pos[n:n + k] = next_pos
+        g.logits = torch.cat([g.logits[:n], logits])
+        g.rows += rows
+
+    def _new_shared(self, num_rows: int, num_slots: int, dtype) -> _Group:
+        model = self.model
+        rows, slots = self.initial_size
+        cache = KVCache(model.config.backbone, max(rows, num_rows), max(slots, num_slots),
+                        device=model.device, dtype=dtype)
+        cache.make_static()
+        return _Group(cache, [], torch.zeros(0, model.vocab.size, device=model.device),
+                      torch.zeros(cache.valid.shape[0], dtype=torch.long, device=model.device), shared=True)
+
+    def _reserve(self, g: _Group, num_rows: int, prompt_len: int) -> None:
+        """Room for ``num_rows`` rows and a write slot after ``prompt_len`` slots (compacting, then
+        growing the cache)."""
+        c = g.cache
+        R, S = c.valid.shape
+        if max(prompt_len, g.slot) + 1 > S:
+            self._compact(g)
+        need = max(prompt_len, g.slot) + 1
+        if num_rows <= R and need <= S:
+            return
+        while R < num_rows:
+            R *= 2
+        while S < need:
+            S *= 2
+        n, s = len(g.rows), g.slot
+        big = KVCache(self.model.config.backbone, R, S, device=c.valid.device, dtype=c.k[0].dtype)
+        for dst_kv, src_kv in ((big.k, c.k), (big.v, c.v)):
+            for dst, part in zip(dst_kv, src_kv):
+                dst[:n, :, :s] = part[:n, :, :s]
+        big.valid[:n, :s] = c.valid[:n, :s]
+        big.length = s
+        big.make_static()
+        pos = torch.zeros(R, dtype=torch.long, device=c.valid.device)
+        pos[:n] = g.next_pos[:n]
+        g.cache, g.next_pos = big, pos
+
+    def _compact(self, g: _Group) -> None:
+        """Move each row's slots to the left, in order; the write slot goes to the longest row's end."""
+        c, n, s = g.cache, len(g.rows), g.slot
+        if n == 0:
+            c.valid.fill_(True)
+        else:
+            real = c.valid[:n, :s]
+            counts = real.sum(1)
+            order = (~real).to(torch.int8).argsort(dim=1, stable=True)  # (n, s): each row's slots first
+            for kv in (c.k, c.v):
+                for layer in kv:
+                    idx = order[:, None, :, None].expand(n, layer.shape[1], s, layer.shape[3])
+                    layer[:n, :, :s] = layer[:n, :, :s].gather(2, idx)
+            new = int(counts.max())
+            ar = torch.arange(c.max_len, device=c.valid.device)
+            c.valid[:n] = (ar < counts[:, None]) | (ar >= new)
+            s = new
+        if n == 0:
+            s = 0
+        c.length = s
+        c.slot.fill_(s)

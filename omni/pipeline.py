@@ -218,42 +218,14 @@ class Pipeline:
         return out
 
     def _stream_text(self, ids, prompts: list[list[int]], kwargs, stop: tuple[str, ...]) -> Iterator[list]:
-        """Yield, per step, the newly decoded text of each row (decoded incrementally so pieces join up).
-
-        A character spelled by several byte-fallback pieces decodes to U+FFFD until its last byte
-        arrives, so a trailing U+FFFD is held back until more text follows or the row ends. A row
-        ends at its first stop string, which is cut with what follows; text that may be the start of
-        one is held back until it is not (or the row ends). Decoding ends when every row has.
-        """
-        proc, B = self.processor, ids.shape[0]
-        produced: list[list[int]] = [[] for _ in range(B)]
-        shown = [""] * B
-        finished = [False] * B
-
-        def new_text(i: int, final: bool) -> str:
-            text = proc.decode_text(produced[i], prompts[i], final)
-            cut = _stop_at(text, stop)
-            if cut is not None:
-                finished[i] = True
-            elif not final:
-                cut = len(text) - _partial_stop(text, stop)
-            piece = text[len(shown[i]) : cut]
-            shown[i] += piece
-            return piece
-
+        """Yield, per step, the newly decoded text of each row (:class:`TextStream`); decoding ends
+        when every row has."""
+        rows = [TextStream(self.processor, p, stop) for p in prompts]
         for step in iter_generate(self.model, ids, **kwargs):
-            out = [""] * B
-            for i, t in enumerate(step.tolist()):
-                if not finished[i]:
-                    if proc.until_stop([t]):
-                        produced[i].append(t)
-                    else:
-                        finished[i] = True
-                    out[i] = new_text(i, finished[i])
-            yield out
-            if all(finished):
+            yield [row.push(t) for row, t in zip(rows, step.tolist())]
+            if all(row.finished for row in rows):
                 break
-        rest = [new_text(i, True) for i in range(B)]  # rows cut by max_new_tokens: flush what was held back
+        rest = [row.flush() for row in rows]  # rows cut by max_new_tokens: flush what was held back
         if any(rest):
             yield rest
 
@@ -349,6 +321,49 @@ class Pipeline:
                 raise r
             out.append(r if isinstance(r, Exception) or format is None else format_segments(r, format))
         return out[0] if single else out
+
+
+class TextStream:
+    """One row's text as its ids arrive, decoded incrementally so the pieces join up.
+
+    A character spelled by several byte-fallback pieces decodes to U+FFFD until its last byte
+    arrives, so a trailing U+FFFD is held back until more text follows or the row ends. The row
+    ends at an end-of-text id or its first stop string, which is cut with what follows; text that
+    may be the start of one is held back until it is not (or the row ends: :meth:`flush`).
+    """
+
+    def __init__(self, processor: Processor, prompt: list[int], stop: tuple[str, ...] = ()):
+        self.processor, self.prompt, self.stop = processor, prompt, stop
+        self.ids: list[int] = []
+        self.shown = ""
+        self.finished = False
+
+    def push(self, token: int) -> str:
+        """The new text after ``token`` ("" once finished)."""
+        if self.finished:
+            return ""
+        if self.processor.until_stop([token]):
+            self.ids.append(token)
+        else:
+            self.finished = True
+        return self._new_text(self.finished)
+
+    def flush(self) -> str:
+        """The held-back text, at the end of the row."""
+        if self.finished:
+            return ""
+        return self._new_text(True)
+
+    def _new_text(self, final: bool) -> str:
+        text = self.processor.decode_text(self.ids, self.prompt, final)
+        cut = _stop_at(text, self.stop)
+        if cut is not None:
+            self.finished = True
+        elif not final:
+            cut = len(text) - _partial_stop(text, self.stop)
+        piece = text[len(self.shown) : cut]
+        self.shown += piece
+        return piece
 
 
 def pipeline_from_recipe(cfg, tokenizer) -> Pipeline:

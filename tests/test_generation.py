@@ -291,3 +291,82 @@ def test_suppressed_ids_never_come_out_and_begin_suppressed_not_first(model, tex
         logits[:span.start], logits[span.stop:] = -float("inf"), -float("inf")
     logits[suppress + begin] = -float("inf")
     assert out[0] == int(logits.argmax())
+
+
+def test_continuous_batch_matches_each_prompt_alone(model, text_tokenizer):
+    """Prompts joining a running decode at different steps (the cache compacting and growing on
+    the way), rows leaving at their own lengths, and a cancelled row: each row's greedy ids are
+    those of its prompt decoded alone."""
+    from omni.generation import ContinuousBatch, RowSettings
+
+    prompts = [_prompt(text_tokenizer, p) for p in PROMPTS * 3]
+    lengths = [5, 40, 12, 30, 3, 25, 8, 17, 35]
+    alone = [generate(model, torch.tensor([p]), max_new_tokens=n, stop_ids=[])[0].tolist()
+             for p, n in zip(prompts, lengths)]
+    batch = ContinuousBatch(model, stop_ids=[])
+    batch.initial_size = (2, 16)  # small, so the cache compacts and grows
+    got: dict[int, list[int]] = {}
+    keys: list[int] = []
+    joins = {0: [0], 2: [1, 2], 9: [3], 10: [4, 5], 30: [6, 7, 8]}  # step -> prompts joining then
+    step = 0
+    while step < 200 and (step <= max(joins) or len(batch)):
+        for i in joins.get(step, []):
+            ids, mask = left_pad([prompts[j] for j in [i]], 0)
+            keys += batch.add(ids, [RowSettings(max_new_tokens=lengths[i])], attention_mask=mask)
+        if step == 34:  # two prompts prefilled together (left padded) join late
+            ids, mask = left_pad([prompts[0], prompts[2]], 0)
+            extra = batch.add(ids, [RowSettings(max_new_tokens=20), RowSettings(max_new_tokens=20)],
+                              attention_mask=mask)
+        if step == 36:
+            batch.cancel(extra[0])
+        for key, t, _ in batch.step():
+            got.setdefault(key, []).append(t)
+        step += 1
+    assert [got[k] for k in keys] == alone
+    alone = generate(model, torch.tensor([prompts[2]]), max_new_tokens=20, stop_ids=[])[0].tolist()
+    assert got[extra[1]] == alone
+    assert len(got[extra[0]]) == 2  # cancelled after two ids
+    assert len(batch) == 0
+
+
+def test_prompts_with_a_common_prefix_prefill_it_once_with_the_same_ids(model, text_tokenizer):
+    """Prompts added together that share a prefix (a chat template's system prompt) prefill it once;
+    each row's greedy ids are still its prompt's alone."""
+    from omni.generation import ContinuousBatch, RowSettings, _shared_prefix
+
+    head = "Mathematics is the study of numbers, shapes and patterns."
+    prompts = [_prompt(text_tokenizer, f"{head} {tail}") for tail in ("Zero", "The number one is", "A cat")]
+    ids, mask = left_pad(prompts, 0)
+    assert _shared_prefix(ids, mask) >= ContinuousBatch.min_shared_prefix
+    batch = ContinuousBatch(model, stop_ids=[])
+    keys = batch.add(ids, [RowSettings(max_new_tokens=10) for _ in prompts], attention_mask=mask)
+    got: dict[int, list[int]] = {}
+    while len(batch):
+        for key, t, _ in batch.step():
+            got.setdefault(key, []).append(t)
+    alone = [generate(model, torch.tensor([p]), max_new_tokens=10, stop_ids=[])[0].tolist() for p in prompts]
+    assert [got[k] for k in keys] == alone
+
+
+def test_a_later_prompt_reuses_the_kept_prompts_prefix(model, text_tokenizer):
+    """A prompt added after another that began the same way copies the kept keys and values of
+    their common prefix, and decodes the same ids as alone."""
+    from omni.generation import ContinuousBatch, RowSettings
+
+    head = "Mathematics is the study of numbers, shapes and patterns."
+    first, second = (_prompt(text_tokenizer, f"{head} {tail}") for tail in ("Zero", "The number one is"))
+    batch = ContinuousBatch(model, stop_ids=[])
+    got: dict[int, list[int]] = {}
+    keys = batch.add(torch.tensor([first]), [RowSettings(max_new_tokens=6)])
+    for _ in range(3):
+        for key, t, _ in batch.step():
+            got.setdefault(key, []).append(t)
+    assert batch.num_reused == 0
+    keys += batch.add(torch.tensor([second]), [RowSettings(max_new_tokens=8)])
+    assert batch.num_reused >= ContinuousBatch.min_shared_prefix  # the head's ids were not computed again
+    while len(batch):
+        for key, t, _ in batch.step():
+            got.setdefault(key, []).append(t)
+    alone = [generate(model, torch.tensor([p]), max_new_tokens=n, stop_ids=[])[0].tolist()
+             for p, n in ((first, 6), (second, 8))]
+    assert [got[k] for k in keys] == alone

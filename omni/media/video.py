@@ -114,6 +114,18 @@ class Video:
                                                   ("end", self.end)) if v is not None)
         return f"Video({str(self.path)!r}, num_frames={self.num_frames}, fps={self.fps}{extra})"
 
+    @classmethod
+    def from_frames(cls, frames: torch.Tensor, fps: float = 1.0, name: str = "<frames>") -> Video:
+        """A video of frames already decoded, uint8 ``(N, 3, H, W)`` taken ``fps`` apart (a
+        client's list of images), with no audio track."""
+        if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[1] != 3 or not len(frames):
+            raise MediaError(name, f"expected uint8 frames (N, 3, H, W), got {describe(frames)}")
+        out = cls(name, num_frames=len(frames), fps=fps)
+        n = len(frames)
+        out._decoded = _Decoded(frames, torch.arange(n, dtype=torch.float64) / fps, n / fps, fps, n)
+        out._audio = None
+        return out
+
     @property
     def frames(self) -> torch.Tensor:
         return self._load().frames

@@ -30,6 +30,7 @@ others' features in the sequence as tokens); null means all.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -434,6 +435,14 @@ class KVCache:
         self.num_valid += n if key_padding is None else key_padding.sum(-1, keepdim=True)
         if self.slot is not None:
             self.slot += n
+
+    def narrow(self, num_rows: int) -> KVCache:
+        """The first ``num_rows`` rows as a cache sharing this one's storage, ``slot`` included
+        (continuous batching decodes its live rows only, which it keeps at the front)."""
+        out = copy.copy(self)
+        out.k, out.v = [k[:num_rows] for k in self.k], [v[:num_rows] for v in self.v]
+        out.valid, out.num_valid = self.valid[:num_rows], self.num_valid[:num_rows]
+        return out
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep, repeat or permute the batch rows (beam search): row ``i`` becomes old row ``rows[i]``."""

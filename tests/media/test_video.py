@@ -246,3 +246,12 @@ def test_sampling_more_frames_than_the_limit_is_refused(clip, backend, monkeypat
     assert len(Video(clip, num_frames=N - 1, backend=backend).frames) == N - 1
     monkeypatch.undo()
     assert video.MAX_FRAMES == 768  # the default
+
+
+def test_a_video_from_decoded_frames():
+    frames = torch.randint(0, 255, (3, 3, 8, 10), dtype=torch.uint8)
+    v = Video.from_frames(frames, fps=2.0)
+    assert v.frames is frames and v.timestamps.tolist() == [0.0, 0.5, 1.0] and v.duration == 1.5
+    assert v.audio is None
+    with pytest.raises(MediaError, match="uint8 frames"):
+        Video.from_frames(frames.float())

