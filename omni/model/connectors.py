@@ -19,6 +19,13 @@ kind           what                                                   M (tokens 
                code, generalised from 1 probe to M)
 =============  =====================================================  ====================
 
+``norm: true`` (any kind but identity) puts a LayerNorm on the features going in (as Qwen2-VL's
+patch merger does) and an RMSNorm on the tokens coming out, whose gain a pretrained language model
+sets to the RMS of its token embeddings (:meth:`Connector.match_scale`). Without it a projector
+trained into a frozen LM drifts far off the embeddings' scale (SmolLM2's embeddings have a norm of
+3.2; an MLP projector's outputs reached 164 after 60 steps of LLaVA's stage 1), and the LM reads
+the image tokens as noise.
+
 All attention blocks are pre-norm (LayerNorm) with residuals; BLIP-2's BERT-based Q-Former is
 post-norm and cross-attends every other layer, and its text branch is left out: the decoder
 itself is the language model here. A ``mask (B, N)`` (True = real feature) lets a batch hold
@@ -44,6 +51,10 @@ class Connector(nn.Module):
 
     in_dim: int
     out_dim: int
+
+    @torch.no_grad()
+    def match_scale(self, rms: float) -> None:
+        """Set the output norm's gain to ``rms`` (the LM's token-embedding RMS); no-op without one."""
 
     def num_tokens(self, n_in: int) -> int:
         return n_in
@@ -200,6 +211,30 @@ class AttentionPool(_QueryConnector):
         return q + self.ffn(q)
 
 
+class NormedConnector(Connector):
+    """``norm: true``: LayerNorm(features) -> the connector -> RMSNorm with a learned gain."""
+
+    def __init__(self, inner: Connector):
+        super().__init__()
+        self.in_dim, self.out_dim = inner.in_dim, inner.out_dim
+        self.norm_in = nn.LayerNorm(inner.in_dim)
+        self.inner = inner
+        self.norm_out = nn.RMSNorm(inner.out_dim, eps=1e-6)
+
+    @torch.no_grad()
+    def match_scale(self, rms: float) -> None:
+        self.norm_out.weight.fill_(rms)
+
+    def num_tokens(self, n_in: int) -> int:
+        return self.inner.num_tokens(n_in)
+
+    def grid(self, in_grid: tuple[int, int, int]) -> tuple[int, int, int]:
+        return self.inner.grid(in_grid)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.norm_out(self.inner(self.norm_in(x), mask))
+
+
 CONNECTORS = {"identity": IdentityConnector, "linear": LinearConnector, "mlp": MLPConnector,
               "perceiver": PerceiverResampler, "qformer": QFormer, "attnpool": AttentionPool}
 
@@ -231,9 +266,10 @@ class ConnectorConfig:
     hidden_dim: int | None = None
     num_layers: int | None = None
     num_heads: int | None = None
+    norm: bool = False  # LayerNorm in, RMSNorm out at the LM's embedding scale (see the module doc)
 
     def options(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "kind" and v is not None}
+        return {k: v for k, v in asdict(self).items() if k not in ("kind", "norm") and v is not None}
 
     def validate(self) -> None:
         if self.kind not in CONNECTORS:
@@ -245,7 +281,10 @@ class ConnectorConfig:
                                  f"(its options: {', '.join(allowed) or 'none'})")
             if value < 1:
                 raise ValueError(f"connector.{key} must be >= 1, got {value}")
+        if self.norm and self.kind == "identity":
+            raise ValueError("connector.norm does not apply to kind 'identity' (it passes features as they are)")
 
     def build(self, in_dim: int, out_dim: int) -> Connector:
         self.validate()
-        return build_connector(self.kind, in_dim, out_dim, **self.options())
+        connector = build_connector(self.kind, in_dim, out_dim, **self.options())
+        return NormedConnector(connector) if self.norm else connector

@@ -123,6 +123,15 @@ class OmniModel(nn.Module):
         nn.init.normal_(self.embed.weight, 0.0, std)
         if not self.config.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, 0.0, std)
+        self.match_media_scale()
+
+    @torch.no_grad()
+    def match_media_scale(self) -> None:
+        """Connectors with ``norm: true`` emit tokens at the RMS of the text embeddings (their
+        output gain); called after the embeddings are initialised or loaded from a pretrained LM."""
+        rms = self.embed.weight[:self.config.vocab.text_size].float().pow(2).mean().sqrt().item()
+        for encoder in self.encoders.values():
+            encoder.connector.match_scale(rms)
 
     @property
     def device(self) -> torch.device:

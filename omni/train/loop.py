@@ -427,6 +427,7 @@ def build_pipeline(cfg: RecipeConfig, accelerator) -> Pipeline:
     built = pipeline_from_recipe(cfg, prepare_tokenizer(cfg, accelerator))
     if cfg.model.pretrained:
         init_from(built.model, cfg.model.pretrained)
+        built.model.match_media_scale()  # new connectors at the pretrained embeddings' scale
     return built
 
 

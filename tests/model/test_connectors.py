@@ -91,3 +91,29 @@ def test_config_loads_through_from_dict():
 
     cfg = from_dict(ConnectorConfig, {"kind": "qformer", "num_queries": 4})
     assert cfg.options() == {"num_queries": 4}
+
+
+@pytest.mark.parametrize("kind", LEARNED)
+def test_norm_holds_the_tokens_at_the_gain_it_is_given(kind):
+    c = ConnectorConfig(kind=kind, norm=True, **KW[kind]).build(8, 6)
+    c.match_scale(0.25)
+    x = 100 * torch.randn(2, 7, 8)  # features far off scale: the tokens are not
+    rms = c(x).pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.full_like(rms, 0.25), rtol=1e-3, atol=1e-4)
+    assert c.grid((7, 1, 1)) == build_connector(kind, 8, 6, **KW[kind]).grid((7, 1, 1))
+    with pytest.raises(ValueError, match="connector.norm does not apply to kind 'identity'"):
+        ConnectorConfig(kind="identity", norm=True).validate()
+
+
+def test_a_model_sets_its_normed_connectors_to_the_embedding_scale(text_tokenizer):
+    from omni.model.backbone import backbone_config
+    from omni.model.omni_model import build_model
+
+    media = {"image": {"tokenizer": {"kind": "vit", "size": "debug"}, "connector": {"kind": "mlp", "norm": True}}}
+    model = build_model(backbone_config("debug"), text_tokenizer.vocab, seed=0, media=media)
+    with torch.no_grad():
+        model.embed.weight.mul_(3.0)  # as loading a pretrained LM changes the embeddings
+    model.match_media_scale()
+    emb_rms = model.embed.weight[:model.config.vocab.text_size].pow(2).mean().sqrt()
+    out = model.encoders["image"].connector(torch.randn(1, 4, model.encoders["image"].connector.in_dim))
+    torch.testing.assert_close(out.pow(2).mean(-1).sqrt(), emb_rms.expand(1, 4), rtol=1e-3, atol=1e-5)
