@@ -282,7 +282,8 @@ class ConnectorConfig:
             if value < 1:
                 raise ValueError(f"connector.{key} must be >= 1, got {value}")
         if self.norm and self.kind == "identity":
-            raise ValueError("connector.norm does not apply to kind 'identity' (it passes features as they are)")
+            raise ValueError("connector.norm does not apply to kind 'identity' "
+                             "(it passes features as they are)")
 
     def build(self, in_dim: int, out_dim: int) -> Connector:
         self.validate()

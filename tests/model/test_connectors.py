@@ -109,7 +109,8 @@ def test_a_model_sets_its_normed_connectors_to_the_embedding_scale(text_tokenize
     from omni.model.backbone import backbone_config
     from omni.model.omni_model import build_model
 
-    media = {"image": {"tokenizer": {"kind": "vit", "size": "debug"}, "connector": {"kind": "mlp", "norm": True}}}
+    media = {"image": {"tokenizer": {"kind": "vit", "size": "debug"},
+                       "connector": {"kind": "mlp", "norm": True}}}
     model = build_model(backbone_config("debug"), text_tokenizer.vocab, seed=0, media=media)
     with torch.no_grad():
         model.embed.weight.mul_(3.0)  # as loading a pretrained LM changes the embeddings
