@@ -526,6 +526,7 @@ class _Group:
     logits: torch.Tensor  # (n, V): what each row samples next
     next_pos: torch.Tensor  # (rows of the cache,): each row's next position
     shared: bool  # the group new rows join (no cross-attention memory)
+    pending: torch.Tensor | None = None  # (n,): ids sampled, their forward not yet run (``advance``)
 
     @property
     def slot(self) -> int:
@@ -581,6 +582,7 @@ class ContinuousBatch:
         """Prefill prompts ``(B, T)`` (left padded; the inputs of :func:`iter_generate`) and
         return a key per row; their first ids come with the next :meth:`step`."""
         model = self.model
+        self.advance()
         _check(model, input_ids, attention_mask, 1, 0.0, None, None)
         if len(settings) != input_ids.shape[0]:
             raise ValueError(f"{len(settings)} settings for {input_ids.shape[0]} prompts")
@@ -677,10 +679,20 @@ class ContinuousBatch:
                 if r.key == key:
                     r.cancelled = True
 
-    @torch.inference_mode()
     def step(self) -> list[tuple[int, int | None, bool]]:
         """One id for every live row: ``(key, id, finished)``; ``id`` is None when the row ended at
-        a stop id (which is not returned). A finished row has left the batch."""
+        a stop id (which is not returned). A finished row has left the batch. The same as
+        :meth:`sample` then :meth:`advance`."""
+        out = self.sample()
+        self.advance()
+        return out
+
+    @torch.inference_mode()
+    def sample(self) -> list[tuple[int, int | None, bool]]:
+        """:meth:`step` without its forward: the ids can go out to the clients before
+        :meth:`advance` runs the forward that feeds them back (a server sends a new prompt's first
+        id as soon as its prefill is done, not a decoding forward later)."""
+        self.advance()
         out = []
         for g in self.groups:
             self._drop(g, [i for i, r in enumerate(g.rows) if r.cancelled])
@@ -698,9 +710,17 @@ class ContinuousBatch:
                     ended.append(i)
             self._drop(g, ended)  # reorders the rows
             if g.rows:
-                self._forward(g, torch.tensor([sampled[r.key] for r in g.rows], device=ids.device))
+                g.pending = torch.tensor([sampled[r.key] for r in g.rows], device=ids.device)
         self.groups = [g for g in self.groups if g.rows or g.shared]
         return out
+
+    @torch.inference_mode()
+    def advance(self) -> None:
+        """The decoding forward of the ids the last :meth:`sample` returned (nothing if it ran)."""
+        for g in self.groups:
+            if g.pending is not None:
+                self._forward(g, g.pending)
+                g.pending = None
 
     # -- internals ----------------------------------------------------------------------------
 
