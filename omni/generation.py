@@ -514,6 +514,7 @@ class _Row:
     generator: torch.Generator | None
     count: int = 0  # ids sampled so far
     cancelled: bool = False
+    pending: int | None = None  # the id sampled last, until the forward that feeds it back (``advance``)
 
 
 @dataclass
@@ -526,7 +527,6 @@ class _Group:
     logits: torch.Tensor  # (n, V): what each row samples next
     next_pos: torch.Tensor  # (rows of the cache,): each row's next position
     shared: bool  # the group new rows join (no cross-attention memory)
-    pending: torch.Tensor | None = None  # (n,): ids sampled, their forward not yet run (``advance``)
 
     @property
     def slot(self) -> int:
@@ -582,7 +582,6 @@ class ContinuousBatch:
         """Prefill prompts ``(B, T)`` (left padded; the inputs of :func:`iter_generate`) and
         return a key per row; their first ids come with the next :meth:`step`."""
         model = self.model
-        self.advance()
         _check(model, input_ids, attention_mask, 1, 0.0, None, None)
         if len(settings) != input_ids.shape[0]:
             raise ValueError(f"{len(settings)} settings for {input_ids.shape[0]} prompts")
@@ -689,49 +688,53 @@ class ContinuousBatch:
 
     @torch.inference_mode()
     def sample(self) -> list[tuple[int, int | None, bool]]:
-        """:meth:`step` without its forward: the ids can go out to the clients before
-        :meth:`advance` runs the forward that feeds them back (a server sends a new prompt's first
-        id as soon as its prefill is done, not a decoding forward later)."""
-        self.advance()
+        """:meth:`step` without its forward, for the rows that have no id waiting for one: the ids
+        can go out to the clients before :meth:`advance` feeds them back. A server sends each id
+        as soon as it is sampled, and when prompts arrive meanwhile it :meth:`add` s them before
+        the forward, samples their first ids (the other rows keep theirs) and then runs one
+        forward for all: a new prompt's first id waits for its prefill, not for a decoding step."""
         out = []
         for g in self.groups:
             self._drop(g, [i for i, r in enumerate(g.rows) if r.cancelled])
-            if not g.rows:
+            todo = [i for i, r in enumerate(g.rows) if r.pending is None]
+            if not todo:
                 continue
-            ids = self._sample(g)
-            ended, sampled = [], {}
-            for i, (r, t) in enumerate(zip(g.rows, ids.tolist())):
+            ended = []
+            for i, t in zip(todo, self._sample(g, todo).tolist()):
+                r = g.rows[i]
                 r.count += 1
                 stop = t in self.stops
                 done = stop or r.count >= r.settings.max_new_tokens
                 out.append((r.key, None if stop else t, done))
-                sampled[r.key] = t
+                r.pending = t
                 if done:
                     ended.append(i)
             self._drop(g, ended)  # reorders the rows
-            if g.rows:
-                g.pending = torch.tensor([sampled[r.key] for r in g.rows], device=ids.device)
         self.groups = [g for g in self.groups if g.rows or g.shared]
         return out
 
     @torch.inference_mode()
     def advance(self) -> None:
-        """The decoding forward of the ids the last :meth:`sample` returned (nothing if it ran)."""
+        """The decoding forward of the sampled ids, for each group whose rows all have one (after
+        :meth:`sample`; rows added since are sampled first)."""
         for g in self.groups:
-            if g.pending is not None:
-                self._forward(g, g.pending)
-                g.pending = None
+            if g.rows and all(r.pending is not None for r in g.rows):
+                self._forward(g, torch.tensor([r.pending for r in g.rows], device=g.logits.device))
+                for r in g.rows:
+                    r.pending = None
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _sample(self, g: _Group) -> torch.Tensor:
-        logits = g.logits.float() + self.bias
-        first = [i for i, r in enumerate(g.rows) if r.count == 0]
+    def _sample(self, g: _Group, todo: list[int]) -> torch.Tensor:
+        """Ids for rows ``todo`` (indices into ``g.rows``), in that order."""
+        rows_of = [g.rows[i] for i in todo]
+        logits = g.logits[torch.tensor(todo, device=g.logits.device)].float() + self.bias
+        first = [i for i, r in enumerate(rows_of) if r.count == 0]
         if first and len(self.begin):
             logits[torch.tensor(first)[:, None], self.begin[None]] = float("-inf")
         ids = logits.argmax(-1)
         shared: dict[tuple, list[int]] = {}  # rows without a seed of their own sample together, by settings
-        for i, r in enumerate(g.rows):
+        for i, r in enumerate(rows_of):
             s = r.settings
             if s.temperature <= 0:
                 continue

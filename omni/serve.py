@@ -141,6 +141,7 @@ class Engine:
         self.jobs: dict[int, Job] = {}
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
+        self._deferred = False  # the last step left its forward for after the prompts that arrived
         self.batch = self._new_batch()
         self.stats = {"admitted": 0, "finished": 0, "cancelled": 0}  # requests, since the start
 
@@ -259,7 +260,14 @@ class Engine:
                 loop.call_soon_threadsafe(_deliver, batch)
             except RuntimeError:  # the loop is closed: the server is going down
                 pass
-        self.batch.advance()  # the forward after the ids went out: a new prompt's first id is not held back
+        # The forward that feeds the ids back, after they went out. Prompts that arrived meanwhile
+        # go first (once in a row, so that decoding keeps moving): they are prefilled and their
+        # first ids sampled and sent, then one forward serves every row.
+        if self.inbox.empty() or self._deferred:
+            self.batch.advance()
+            self._deferred = False
+        else:
+            self._deferred = True
 
 
 # ---------------------------------------------------------------------------------------------
