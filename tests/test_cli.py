@@ -113,10 +113,14 @@ def test_unknown_recipe_lists_available(capsys):
     assert "no/such_recipe" in err and "text/tiny" in err
 
 
-def test_demo_end_to_end_small(tmp_path, capsys):
+def test_demo_end_to_end_small(tmp_path, capsys, caplog):
     """The demo's real path on small corpora: build them, train a codec and any2any/tiny, score
-    every task, show every direction, write a report whose links all resolve."""
+    every task, show every direction (counted by a progress line), write a report whose links all
+    resolve."""
+    import logging
     import re
+
+    caplog.set_level(logging.INFO, logger="omni.progress")
 
     out = tmp_path / "demo"
     rc = main(["demo", "--out", str(out), "--max-docs", "30", "--codec-minutes", "0.02", "--eval-rows", "2",
@@ -128,6 +132,7 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     for direction in ("speech -> text", "audio -> audio", "image -> text", "sound -> text", "video -> text",
                       "text -> audio", "text -> text"):
         assert direction in report and direction in printed
+    assert any("each direction on a held-out file" in m and "7/7 direction" in m for m in caplog.messages)
     for label in ("asr", "continue", "speak", "image_caption", "sound_caption", "video_caption", "text"):
         assert f"| {label} |" in report
     assert (out / "any2any_tiny" / "model.safetensors").is_file() and "loss.png" in report

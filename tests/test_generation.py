@@ -329,6 +329,36 @@ def test_continuous_batch_matches_each_prompt_alone(model, text_tokenizer):
     assert len(batch) == 0
 
 
+def test_prompts_added_between_sample_and_advance_decode_as_alone(model, text_tokenizer):
+    """A server's order: ``sample`` (the ids go out), then the prompts that arrived meanwhile are
+    added and ``sample`` gives only their first ids, then one ``advance`` for every row. Each row's
+    greedy ids are still its prompt's alone; the rows already decoding get no id twice."""
+    from omni.generation import ContinuousBatch, RowSettings
+
+    prompts = [_prompt(text_tokenizer, p) for p in PROMPTS]
+    lengths = [12, 9, 7]
+    alone = [generate(model, torch.tensor([p]), max_new_tokens=n, stop_ids=[])[0].tolist()
+             for p, n in zip(prompts, lengths)]
+    batch = ContinuousBatch(model, stop_ids=[])
+    got: dict[int, list[int]] = {}
+
+    def take(events):
+        for key, t, _ in events:
+            got.setdefault(key, []).append(t)
+        return [key for key, _, _ in events]
+
+    keys = batch.add(torch.tensor([prompts[0]]), [RowSettings(max_new_tokens=lengths[0])])
+    for i in (1, 2):
+        take(batch.step())
+        take(batch.sample())
+        keys += batch.add(torch.tensor([prompts[i]]), [RowSettings(max_new_tokens=lengths[i])])
+        assert take(batch.sample()) == [keys[i]]  # only the new row: the others' ids wait for the forward
+        batch.advance()
+    while len(batch):
+        take(batch.step())
+    assert [got[k] for k in keys] == alone
+
+
 def test_prompts_with_a_common_prefix_prefill_it_once_with_the_same_ids(model, text_tokenizer):
     """Prompts added together that share a prefix (a chat template's system prompt) prefill it once;
     each row's greedy ids are still its prompt's alone."""

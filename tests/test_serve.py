@@ -87,6 +87,25 @@ def _wav(seconds=0.5, freq=440.0) -> bytes:
     return buf.getvalue()
 
 
+def _mp3(seconds=0.5, freq=440.0, rate=16000) -> bytes:
+    """A tone as mp3, encoded with PyAV (skips the test when PyAV or its mp3 encoder is missing)."""
+    av = pytest.importorskip("av", reason="encoding an mp3 needs PyAV (pip install av)")
+    codec = next((c for c in ("libmp3lame", "mp3") if c in av.codecs_available), None)
+    if codec is None:
+        pytest.skip("this PyAV build has no mp3 encoder (libmp3lame)")
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp3") as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.layout = "mono"
+        t = torch.arange(int(rate * seconds)) / rate
+        frame = av.AudioFrame.from_ndarray((0.3 * torch.sin(2 * torch.pi * freq * t)).numpy()[None],
+                                           format="flt", layout="mono")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    return buf.getvalue()
+
+
 def _data_url(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
@@ -140,6 +159,17 @@ def test_concurrent_requests_are_batched_and_each_matches_it_alone(served, v1):
     assert [c.message.content for c in got] == [_alone(v1, p, seed=i, max_tokens=4 + 3 * i)
                                                 for i, p in enumerate(prompts)]
     assert app.state.engine.stats["admitted"] - before == 8
+
+
+def test_input_audio_in_mp3(client, v1, tmp_path):
+    """OpenAI's input_audio formats are wav and mp3: an mp3 part is read as the same file on disk is."""
+    data = _mp3()
+    (tmp_path / "a.mp3").write_bytes(data)
+    audio = {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": "mp3"}}
+    r = client.chat.completions.create(model="v1", messages=[{"role": "user", "content": [
+        audio, {"type": "text", "text": "What is it?"}]}], **SAMPLED)
+    assert r.choices[0].message.content == _alone(v1, [Audio(tmp_path / "a.mp3"), "What is it?"])
+    assert Audio(tmp_path / "a.mp3").waveform.shape[-1] >= 0.45 * 16000  # decoded, about 0.5 s
 
 
 def test_stop_strings_end_the_text(client, v1):
@@ -295,14 +325,38 @@ def test_omni_serve_flags_become_the_limits(monkeypatch):
     seen = {}
     monkeypatch.setattr(omni.cli, "serve", lambda ckpt, **kw: seen.update(ckpt=ckpt, **kw))
     argv = ["serve", "--ckpt", str(CKPT), "--port", "9001", "--allow-local-files", "--max-body-mb", "2",
-            "--max-image-pixels", "1000", "--max-audio-seconds", "3", "--max-tokens", "7"]
+            "--max-image-pixels", "1000", "--max-audio-seconds", "3", "--max-tokens", "7",
+            "--dtype", "bfloat16"]
     assert omni.cli.main(argv) == 0
     limits = seen["limits"]
     assert seen["port"] == 9001 and seen["host"] == "127.0.0.1" and limits.model_name == "ckpt_v1"
+    assert seen["dtype"] == "bfloat16"
     assert (limits.allow_local_files, limits.max_body_mb, limits.max_image_pixels, limits.max_audio_seconds,
             limits.max_tokens) == (True, 2, 1000, 3, 7)
     with pytest.raises(ValueError, match="max_tokens"):
         ServeLimits(max_tokens=0)
+
+
+def test_bfloat16_serving_matches_its_pipeline(tmp_path):
+    """``omni serve --dtype bfloat16``: the text path in bfloat16 (the audio tower and the rotary
+    tables stay float32); concurrent completions, one with audio, each as the cast pipeline alone."""
+    pipe = omni.load(CKPT)
+    pipe.model.cast(torch.bfloat16)
+    assert pipe.model.backbone.rotary.inv_freq.dtype == torch.float32
+    assert pipe.model.lm_head.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in pipe.model.encoders.parameters())
+    wav = _wav()
+    (tmp_path / "a.wav").write_bytes(wav)
+    audio = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}
+    prompts = ["Hello there", "Tell me about cats", [audio, {"type": "text", "text": "What is it?"}]]
+    with live_server(pipe, ServeLimits(model_name="v1")) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda p: client.chat.completions.create(
+                model="v1", messages=[{"role": "user", "content": p}], **SAMPLED).choices[0].message.content,
+                prompts))
+    assert got[:2] == [_alone(pipe, p) for p in prompts[:2]]
+    assert got[2] == _alone(pipe, [Audio(tmp_path / "a.wav"), "What is it?"])
 
 
 def test_a_prompt_that_fails_its_prefill_fails_alone(v1):

@@ -157,6 +157,17 @@ class OmniModel(nn.Module):
     def max_seq_len(self) -> int:
         return self.config.backbone.max_seq_len
 
+    def cast(self, dtype: torch.dtype) -> OmniModel:
+        """Cast the text path (embeddings, backbone, heads) to ``dtype`` for inference (``omni serve
+        --dtype bfloat16``). The media towers keep their dtype (their features are cast where they
+        join the sequence), the rotary tables stay float32 and the norms normalise in float32."""
+        for name, child in self.named_children():
+            if name != "encoders":
+                child.to(dtype)
+        self.backbone.rotary.float()
+        self.backbone.rotary.reset_buffers()
+        return self
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
