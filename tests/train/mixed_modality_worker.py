@@ -121,6 +121,7 @@ def main() -> None:
         max_weight = max(float((weights[k] - ref_sd[k]).abs().max()) for k in ref_sd)
         with open(out_file, "w") as f:
             json.dump({"max_grad_diff": max_grad, "max_weight_diff": max_weight, "steps": STEPS}, f)
+    dist.barrier()  # no rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 
