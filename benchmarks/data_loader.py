@@ -5,6 +5,7 @@ render + write).
 
     python benchmarks/data_loader.py                          # the three *_tiny recipes and their *_base
     python benchmarks/data_loader.py --recipes llava/caption_tiny --base   # one, without the *_base row
+    python benchmarks/data_loader.py --recipes llava/caption_tiny --float-pixels  # + pixels cached as before
 
 For each ``*_tiny`` recipe, on its built corpus (``data/speech``, ``data/images``, ``data/video``):
 
@@ -21,7 +22,10 @@ load; medians are reported. With ``--base``, each ``*_base`` recipe's data path 
 same way on the same corpus (``data.path`` overridden: its preprocessing, packing and batch size;
 ``asr_base`` is meant for ``data/speech_full``), against its consumption at its GPU step rate:
 ``batch_size`` rows x the samples per row of its own packing here / the seconds per step measured on
-one H200 (``H200_S_PER_STEP``, from docs/benchmarks.md and the recipes' headers). Ends with one JSON line.
+one H200 (``H200_S_PER_STEP``, from docs/benchmarks.md and the recipes' headers). With
+``--float-pixels``, a second cache of the same rows holds images and frames as float32 normalised
+pixels (as before they were cached as uint8, :func:`float_pixels`) and its loaders (``*_float``)
+run interleaved with the others. Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ def parse_args(argv=None):
                    help="also each recipe's *_base data path against its H200 step rate")
     p.add_argument("--per-tensor", action="store_true",
                    help="also 2 and 4 workers sharing each media tensor on its own (before MediaList)")
+    p.add_argument("--float-pixels", action="store_true",
+                   help="also 0/2/4 workers reading a cache of float32 pixels (before uint8 ones)")
     p.add_argument("--rows", type=int, help="read each corpus's first N training rows (common.cut_corpus)")
     p.add_argument("--batches", type=int, default=12, help="micro-batches timed per loader measurement")
     p.add_argument("--steps", type=int, default=3, help="training steps timed per step measurement")
@@ -81,6 +87,40 @@ def per_tensor_sharing(on: bool):
         yield
     finally:
         MediaList.__reduce__ = one_buffer
+
+
+@contextlib.contextmanager
+def float_pixels():
+    """While in, images and video frames are prepared as float32 normalised pixels, under their
+    old ``data_format`` (so in a cache of their own), as before they were cached as uint8."""
+    from omni.model.media_encoder import ImageEncoder, VideoEncoder
+
+    saved = {cls: (cls.prepare, cls.data_format) for cls in (ImageEncoder, VideoEncoder)}
+
+    def as_float(prepare):
+        def wrapped(self, obj):
+            data, grid = prepare(self, obj)
+            tok = self.tokenizer if isinstance(self, ImageEncoder) else self.video.image_tokenizer
+            return tok.normalize(data), grid
+        return wrapped
+
+    for cls, (prepare, _) in saved.items():
+        cls.prepare, cls.data_format = as_float(prepare), 1
+    try:
+        yield
+    finally:
+        for cls, (prepare, fmt) in saved.items():
+            cls.prepare, cls.data_format = prepare, fmt
+
+
+def float_twin(cfg, processor, args):
+    """The train split again, cached with :func:`float_pixels` (None without ``--float-pixels``)."""
+    from omni.data.tasks import dataset_for
+
+    if not args.float_pixels:
+        return None
+    with float_pixels():
+        return dataset_for(cfg.data, "train", processor, cfg.train.seed)
 
 
 def loader_rate(dataset, batch_size: int, loader: str, count: int, mrope: bool, seed: int = 0) -> float:
@@ -132,10 +172,19 @@ def interleaved(measures: dict, rounds: int) -> dict:
     return {name: round(statistics.median(v), 1) for name, v in rates.items()}
 
 
-def loaders(ds, batch_size: int, mrope: bool, args) -> dict:
+def loaders(ds, batch_size: int, mrope: bool, args, ds_float=None) -> dict:
     names = [*LOADERS] if args.per_tensor else ["0", "2", "4"]
-    return {f"loader_{n}": functools.partial(loader_rate, ds, batch_size, n, args.batches, mrope)
-            for n in names}
+    out = {f"loader_{n}": functools.partial(loader_rate, ds, batch_size, n, args.batches, mrope)
+           for n in names}
+    if ds_float is not None:
+        out |= {f"loader_{n}_float": functools.partial(loader_rate, ds_float, batch_size, n, args.batches,
+                                                       mrope) for n in ("0", "2", "4")}
+    return out
+
+
+def loader_names(args) -> list[str]:
+    return ([*LOADERS] if args.per_tensor else ["0", "2", "4"]) + (
+        ["0_float", "2_float", "4_float"] if args.float_pixels else [])
 
 
 def measure_tiny(recipe: str, args, tmp: Path) -> dict:
@@ -150,7 +199,9 @@ def measure_tiny(recipe: str, args, tmp: Path) -> dict:
     overrides = [f"data.path={corpus(recipe, args, tmp)}", f"data.cache_dir={tmp / 'cache' / name}",
                  f"train.out_dir={tmp / 'runs' / name}", "train.progress=false"]
     cfg = load_recipe(recipe, overrides)
-    cold_rate = cold(cfg, build_pipeline(cfg, Accelerator(cpu=True)).processor)
+    processor = build_pipeline(cfg, Accelerator(cpu=True)).processor
+    cold_rate = cold(cfg, processor)
+    ds_float = float_twin(cfg, processor, args)
     trainer = Trainer(load_recipe(recipe, overrides))
     with trainer.run_folder():
         trainer.setup()  # reads the cache cold() built
@@ -168,7 +219,8 @@ def measure_tiny(recipe: str, args, tmp: Path) -> dict:
                 trainer.step()
             return args.steps * per_step / (time.perf_counter() - t0)
 
-        rates = interleaved({"step": step_rate, **loaders(ds, tc.batch_size, mrope, args)}, args.rounds)
+        rates = interleaved({"step": step_rate, **loaders(ds, tc.batch_size, mrope, args, ds_float)},
+                            args.rounds)
     step = rates.pop("step")
     return {"recipe": recipe, "samples": ds.num_docs, "rows": len(ds), "batch_rows": tc.batch_size,
             "samples_per_step": round(per_step, 1), "cold_rows_per_s": round(cold_rate, 1),
@@ -192,7 +244,7 @@ def measure_base(recipe: str, args, tmp: Path) -> dict:
     cold_rate = cold(cfg, processor)
     ds = dataset_for(cfg.data, "train", processor, cfg.train.seed)  # warm: the cache just built
     bs = cfg.train.batch_size
-    rates = interleaved(loaders(ds, bs, cfg.model.mrope, args), args.rounds)
+    rates = interleaved(loaders(ds, bs, cfg.model.mrope, args, float_twin(cfg, processor, args)), args.rounds)
     gpu = round(bs * samples_per_row(ds) / H200_S_PER_STEP[base], 1)
     return {"recipe": base, "samples": ds.num_docs, "rows": len(ds), "batch_rows": bs,
             "samples_per_step": round(bs * samples_per_row(ds), 1), "cold_rows_per_s": round(cold_rate, 1),
@@ -207,7 +259,7 @@ def main(argv=None) -> dict:
     load = [os.getloadavg()[0]]
     results = []
     print(f"{cpu_model()}, {args.threads} threads, load average {load[0]:.1f}")
-    names = [*LOADERS] if args.per_tensor else ["0", "2", "4"]
+    names = loader_names(args)
     print("| recipe | samples / step | cache build (cold), rows/s | loader, samples/s: "
           + " / ".join(f"{n} workers" for n in names)
           + " | the step consumes, samples/s | best loader / step |")
@@ -223,7 +275,8 @@ def main(argv=None) -> dict:
             load.append(os.getloadavg()[0])
     print(f"load average (1 min) during the run: {min(load):.1f}-{max(load):.1f}")
     config = {"recipes": args.recipes, "corpora": CORPUS, "rows": args.rows, "batches": args.batches,
-              "steps": args.steps, "rounds": args.rounds, "load_average": [round(x, 1) for x in load]}
+              "steps": args.steps, "rounds": args.rounds,
+              "float_pixels": args.float_pixels, "load_average": [round(x, 1) for x in load]}
     return json_line("data_loader", args.threads, config, {"runs": results})
 
 

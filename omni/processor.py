@@ -1,10 +1,11 @@
 """The Processor: everything between a user's inputs and the model's tensors, both ways.
 
 In: text (the text tokenizer), media objects and files (decoded by :mod:`omni.media`, then
-preprocessed the way each media encoder was trained: pixels resized and normalised, video frames
-sampled, audio resampled to log-mel, or to codec codes with a cache), chat messages (the chat
-template), all rendered to ids, positions, delay-pattern streams and media slots, left-padded
-into a batch. Out: new ids to text, codec codes to a waveform.
+preprocessed the way each media encoder was trained: pixels resized, kept uint8 (the encoder
+normalises them on the model's device), video frames sampled, audio resampled to log-mel, or to
+codec codes with a cache), chat messages (the chat template), all rendered to ids, positions,
+delay-pattern streams and media slots, left-padded into a batch. Out: new ids to text, codec
+codes to a waveform.
 
 One processor object serves datasets, generation, eval, the API and the CLI (torchtune's model
 transforms are the pattern): the model itself takes tensors only. A processor is made for a
@@ -127,8 +128,8 @@ class Processor:
     def fingerprint(self) -> str:
         """A hash of everything that decides what :meth:`prepare`, :meth:`encode_audio` and
         :meth:`render` produce: the tokenizer's files, the codec's files (its weights), each media
-        encoder's preprocessing config (and a frozen tower's weights when it ``precompute``s its
-        features here) and the rendering options. A prepared-sample cache is keyed by it
+        encoder's preprocessing config and ``data_format`` (and a frozen tower's weights when it
+        ``precompute``s its features here) and the rendering options. A prepared-sample cache is keyed by it
         (``omni.data.cache``), so a changed tokenizer, codec or tower never reuses one."""
         h = hashlib.sha256()
         with tempfile.TemporaryDirectory(prefix="omni_fingerprint.") as tmp:
@@ -137,7 +138,8 @@ class Processor:
                 h.update(f.relative_to(tmp).as_posix().encode() + b"\0" + f.read_bytes())
         options = {k: sorted(v) if isinstance(v, set) else dataclasses.asdict(v) if k == "vocab" else v
                    for k, v in self.render_options.items()}
-        encoders = {m: [type(e).__name__, e.standalone_config()] for m, e in sorted(self.encoders.items())}
+        encoders = {m: [type(e).__name__, e.data_format, e.standalone_config()]
+                    for m, e in sorted(self.encoders.items())}
         h.update(json.dumps([options, encoders], sort_keys=True, default=repr).encode())
         for m, e in sorted(self.encoders.items()):
             tower = e.precomputed()

@@ -165,6 +165,10 @@ class MediaEncoder(nn.Module):
 
     modality = ""
     section: dict
+    # what ``prepare`` returns for a given config, versioned: part of the processor's fingerprint,
+    # so a prepared-sample cache of an older form is rebuilt, never misread (images and video:
+    # 2 = uint8 pixels normalised in ``forward``; 1 = float32 normalised pixels)
+    data_format = 1
 
     def __init__(self, section: dict):
         super().__init__()
@@ -217,6 +221,7 @@ class MediaEncoder(nn.Module):
 
 class ImageEncoder(MediaEncoder):
     modality = "image"
+    data_format = 2
 
     def __init__(self, section: dict, dim: int, text_size: int = 0):
         super().__init__(section)
@@ -234,9 +239,10 @@ class ImageEncoder(MediaEncoder):
         return torch.zeros(3, 32, 32, dtype=torch.uint8)
 
     def prepare(self, obj):
-        """An :class:`~omni.media.image.Image` or uint8 pixels (3, H, W) -> normalised pixels (the
-        tower's features ``(h*w, D)`` with ``precompute``) and the grid."""
-        pixels, grid = self.tokenizer.preprocess(obj)  # (3, H', W'), (1, h, w)
+        """An :class:`~omni.media.image.Image` or uint8 pixels (3, H, W) -> the pixels resized,
+        still uint8 (normalised in ``forward``, on the model's device), or with ``precompute`` the
+        tower's features ``(h*w, D)``; and the grid."""
+        pixels, grid = self.tokenizer.resize(obj)  # (3, H', W'), (1, h, w)
         if self.precomputed():
             pixels = self._precompute(lambda x: self.tokenizer(x[None])[0], pixels)
         return pixels, self.connector.grid(grid)
@@ -256,6 +262,7 @@ class ImageEncoder(MediaEncoder):
 
 class VideoEncoder(MediaEncoder):
     modality = "video"
+    data_format = 2
 
     def __init__(self, section: dict, dim: int, text_size: int = 0):
         super().__init__(section)
@@ -273,10 +280,11 @@ class VideoEncoder(MediaEncoder):
         return torch.zeros(self.cfg.video.num_frames, 3, 32, 32, dtype=torch.uint8)
 
     def prepare(self, frames):
-        """uint8 frames (N, 3, H, W) -> normalised frames (N, 3, H', W'), or with ``precompute`` the
-        tower's features (N, h, w, D); budgets are checked here, before any forward pass
-        (``omni.processor`` samples a video's frames as ``self.video.load``)."""
-        pixels, grid = self.video.preprocess(frames)  # resized and normalised once, here
+        """uint8 frames (N, 3, H, W) -> the frames resized, still uint8 (N, 3, H', W'; normalised in
+        ``forward``), or with ``precompute`` the tower's features (N, h, w, D); budgets are checked
+        here, before any forward pass (``omni.processor`` samples a video's frames as
+        ``self.video.load``)."""
+        pixels, grid = self.video.preprocess(frames, normalize=False)  # resized once, here
         if self.precomputed():
             pixels = self._precompute(lambda x: self.video.frame_features([x])[0], pixels)
         return pixels, self.connector.grid(grid)

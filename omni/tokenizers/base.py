@@ -167,6 +167,7 @@ class BaseImageTower(nn.Module, abc.ABC):
     EfficientNet-Lite0's feature-map cells)::
 
         pixels, grid = tower.preprocess(image)   # Image | uint8 (3, H, W) | (N, 3, H, W) -> float, (t, h, w)
+        pixels, grid = tower.resize(image)       # what a cache holds: uint8 pixels (normalised in forward)
         features = tower(pixels_batch)           # (B, 3, H', W') -> (B, h * w, out_dim)
 
     ``build(cfg)`` makes one from an :class:`~omni.tokenizers.image.ImageTokenizerConfig`."""
@@ -207,9 +208,21 @@ class BaseImageTower(nn.Module, abc.ABC):
         """Image | uint8 ``(3, H, W)`` | uint8 ``(N, 3, H, W)`` -> float pixels at the target size,
         and the grid ``(1 or N, h, w)``."""
 
+    def resize(self, image) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """What a prepared-sample cache holds for ``image``: pixels that :meth:`forward` takes and
+        the grid. Default :meth:`preprocess`'s (float); a tower that normalises in ``forward``
+        gives uint8 pixels at the target size (4x fewer bytes to cache, copy and transfer)."""
+        return self.preprocess(image)
+
+    def normalize(self, pixels: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """:meth:`resize`'s pixels (on any device) -> :meth:`preprocess`'s, cast to ``dtype`` if
+        given. Default: they already are."""
+        return pixels if dtype is None else pixels.to(dtype)
+
     @abc.abstractmethod
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H', W')`` -> ``(B, h * w, out_dim)``, row-major over the grid."""
+        """``(B, 3, H', W')`` -> ``(B, h * w, out_dim)``, row-major over the grid: the pixels of
+        :meth:`preprocess` or of :meth:`resize`."""
 
     @classmethod
     @abc.abstractmethod

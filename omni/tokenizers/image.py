@@ -4,7 +4,9 @@ Contract (every kind)::
 
     pixels, grid = tok.preprocess(image)   # Image | uint8 (3, H, W) -> float (3, H', W'), grid (1, h, w)
                                            # uint8 frames (N, 3, H, W) -> float (N, 3, H', W'), grid (N, h, w)
-    features = tok(pixels_batch)           # float (B, 3, H', W') -> (B, h * w, out_dim)
+    pixels, grid = tok.resize(image)       # the same before normalising: uint8 (3, H', W')
+    features = tok(pixels_batch)           # (B, 3, H', W') -> (B, h * w, out_dim); uint8 is normalised
+                                           # here, on the tower's device (tok.normalize)
     features, grid = tok.encode(image)     # both steps: (t * h * w, out_dim) for a Segment
     tok.patch_size, tok.merge, tok.out_dim, tok.tokens_per_image (None with dynamic resolution)
 
@@ -265,24 +267,40 @@ class ImageTokenizer(BaseImageTower):
         """(h, w) tokens for an input of ``height x width`` pixels (already at the target size)."""
         return height // self.factor, width // self.factor
 
-    def preprocess(self, image) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """Image | uint8 (3, H, W) | uint8 frames (N, 3, H, W) -> normalised float pixels at the
-        target size, and the grid ``(1 or N, h, w)``."""
+    def resize(self, image) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Image | uint8 (3, H, W) | uint8 frames (N, 3, H, W) -> uint8 pixels at the target size
+        (not normalised: what a prepared-sample cache holds, 1 byte a value) and the grid
+        ``(1 or N, h, w)``."""
         pixels = image.pixels if isinstance(image, Image) else image
         if not isinstance(pixels, torch.Tensor) or pixels.dtype != torch.uint8 or pixels.dim() not in (3, 4) \
                 or pixels.shape[-3] != 3:
             raise ValueError(f"preprocess expects an omni Image or uint8 (3, H, W) / (N, 3, H, W); "
                              f"got {describe(pixels)}")
         size = self.target_size(*pixels.shape[-2:])
-        x = resize(pixels, size).float().div_(255.0)
-        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         t = 1 if pixels.dim() == 3 else pixels.shape[0]
-        return x, (t, *self.grid_for(*size))
+        return resize(pixels, size), (t, *self.grid_for(*size))
+
+    def normalize(self, pixels: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """uint8 pixels -> float32 ``(x / 255 - mean) / std`` on their device (then ``dtype``, if
+        given); float pixels are already normalised and only cast."""
+        if pixels.dtype == torch.uint8:
+            x = pixels.float().div_(255.0)
+            pixels = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        return pixels if dtype is None else pixels.to(dtype)
+
+    def preprocess(self, image) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Image | uint8 (3, H, W) | uint8 frames (N, 3, H, W) -> normalised float pixels at the
+        target size, and the grid ``(1 or N, h, w)``: :meth:`resize`, then :meth:`normalize`."""
+        pixels, grid = self.resize(image)
+        return self.normalize(pixels), grid
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels (B, 3, H', W') -> features (B, h*w, out_dim), row-major over the grid."""
+        """pixels (B, 3, H', W') -> features (B, h*w, out_dim), row-major over the grid. uint8
+        pixels (:meth:`resize`'s) are normalised here, on their device; float ones are taken as
+        normalised (:meth:`preprocess`'s)."""
         if pixels.dim() != 4 or pixels.shape[1] != 3:
             raise ValueError(f"expected pixels (B, 3, H, W), got {tuple(pixels.shape)}")
+        pixels = self.normalize(pixels)
         height, width = pixels.shape[-2:]
         if height % self.factor or width % self.factor:
             raise ValueError(f"pixel size {height}x{width} is not a multiple of patch_size * merge "

@@ -192,15 +192,18 @@ class VideoTokenizer(BaseVideoTokenizer):
         pixels, grid = self.preprocess(frames, generator)
         return self.encode_pixels([pixels])[0], grid
 
-    def preprocess(self, frames: torch.Tensor, generator: torch.Generator | None = None
-                   ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    def preprocess(self, frames: torch.Tensor, generator: torch.Generator | None = None,
+                   normalize: bool = True) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """uint8 frames (N, 3, H, W) -> normalised pixels (N, 3, H', W') and the token grid; budgets are
-        checked first. Without time positions (mrope) the frames are shuffled here."""
+        checked first. Without time positions (mrope) the frames are shuffled here. ``normalize=False``:
+        the image tower's :meth:`resize` pixels (uint8 for omni's towers), which
+        :meth:`frame_features` normalises on the tower's device."""
         n = frames.shape[0]
         self.check_budget(n, frames.shape[2], frames.shape[3])
         if self.temporal == "mrope" and not self.time_positions:
             frames = frames[torch.randperm(n, generator=generator)]
-        pixels, grid = self.image_tokenizer.preprocess(frames)
+        tok = self.image_tokenizer
+        pixels, grid = tok.preprocess(frames) if normalize else tok.resize(frames)
         if self.temporal == "qformer":
             grid = (self.qformer.num_queries, 1, 1)
         return pixels, grid
@@ -210,13 +213,13 @@ class VideoTokenizer(BaseVideoTokenizer):
         return [self.video_tokens(f) for f in self.frame_features(videos)]
 
     def frame_features(self, videos: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Preprocessed videos (each (N_i, 3, H', W')) -> the image tower's features per video,
-        ``(N_i, h, w, D)``; the frames of all videos go through the tower together,
-        ``frame_batch_size`` at a time."""
+        """Preprocessed videos (each (N_i, 3, H', W'), normalised or uint8) -> the image tower's
+        features per video, ``(N_i, h, w, D)``; the frames of all videos go through the tower
+        together, ``frame_batch_size`` at a time."""
         param = next(self.image_tokenizer.parameters(), None)
         pixels = torch.cat(videos)
         if param is not None:
-            pixels = pixels.to(device=param.device, dtype=param.dtype)
+            pixels = self.image_tokenizer.normalize(pixels.to(param.device), param.dtype)
         feats_all = torch.cat([self.image_tokenizer(chunk) for chunk in pixels.split(self.frame_batch_size)])
         h, w = self.image_tokenizer.grid_for(*pixels.shape[-2:])
         feats_all = feats_all.reshape(len(pixels), h, w, -1)

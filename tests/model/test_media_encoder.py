@@ -239,3 +239,17 @@ def test_a_checkpoint_with_the_old_hf_whisper_tower_gives_the_same_features():
         for i in (0, 1):
             assert torch.allclose(tower([ref[f"mel{i}"]])[0], ref[f"feat{i}"], atol=1e-5)
     assert not any(p.requires_grad for p in tower.encoder.parameters())  # freeze: true, as saved
+
+
+def test_the_cache_key_follows_the_encoders_data_format(monkeypatch):
+    """Images are prepared as uint8 pixels (``data_format`` 2; float32 normalised ones were 1): the
+    processor's fingerprint (the prepared-sample cache's key) changes with it, so a cache of the
+    older form is rebuilt rather than read as uint8."""
+    section = {"tokenizer": {"kind": "siglip", "size": "debug"}, "connector": {"kind": "mlp"}}
+    enc = ImageEncoder(section, dim=48)
+    pixels, _ = enc.prepare(torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8))
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 32, 32)
+    proc = Processor(None, encoders={"image": enc}, render_options={"mrope": True})
+    key = proc.fingerprint()
+    monkeypatch.setattr(ImageEncoder, "data_format", 1)
+    assert proc.fingerprint() != key
