@@ -103,15 +103,16 @@ def _logged_bar():
 
     class LoggedBar(tqdm):
         def __init__(self, *args, **kwargs):
-            self._next_percent, self._last_log, self._logged_n = 0.0, None, None
+            self._next_percent, self._last_log, self._logged_n, self._total = 0.0, None, None, None
             super().__init__(*args, **kwargs)
 
         def display(self, msg=None, pos=None):
             d = self.format_dict
             n, total, now = d["n"], d["total"], self._time()
             closing = self.disable  # close() marks the bar disabled, then displays it once more
-            if self._last_log is None:
-                due = True  # the start
+            if self._last_log is None or total != self._total:
+                due = True  # the start, or a new total (an estimate extended): log at once
+                self._total = total
             elif now - self.start_t < LOG_AFTER_S:
                 due = False
             elif total:
@@ -134,8 +135,9 @@ def _logged_bar():
 @contextlib.contextmanager
 def ticking(desc: str, estimate_s: float | None = None, enabled: bool | None = None, tick_s: float = 1.0):
     """A bar in seconds for a step that reports nothing while it runs (a C++ trainer): the elapsed
-    time against ``estimate_s`` (the ETA is the estimate's; the bar stops short of 100% until the
-    step ends), or, without an estimate, the elapsed time alone."""
+    time against ``estimate_s`` (the ETA is the estimate's; a step that runs past it extends the
+    estimate by half, so the bar keeps moving and stops short of 100% until the step ends), or,
+    without an estimate, the elapsed time alone."""
     total = round(estimate_s) if estimate_s else None
     fmt = "{desc}: {percentage:.0f}% [{elapsed}<{remaining}, estimated]" if total else "{desc}: {elapsed}"
     bar = progress(total=total, desc=desc, unit="s", enabled=enabled, bar_format=fmt)
@@ -143,8 +145,9 @@ def ticking(desc: str, estimate_s: float | None = None, enabled: bool | None = N
 
     def tick():
         while not done.wait(tick_s):
-            if total is None or bar.n + 1 < total:  # past the estimate: wait at the last second
-                bar.update(1)
+            if bar.total and bar.n + 1 >= bar.total:  # past the estimate: half as long again
+                bar.total = round(1.5 * bar.total)
+            bar.update(1)
 
     thread = threading.Thread(target=tick, daemon=True)
     thread.start()

@@ -81,6 +81,23 @@ def test_ticking_runs_against_an_estimate_and_ends_at_100(caplog, monkeypatch):
     assert lines[-1].startswith("training the tokenizer: 100% [")
 
 
+def test_ticking_past_its_estimate_keeps_moving(caplog, monkeypatch):
+    """A step that runs 3x its estimate extends it, so a log keeps getting lines instead of going
+    silent at the last second of the estimate."""
+    import omni.progress
+
+    monkeypatch.delenv("OMNI_PROGRESS", raising=False)
+    monkeypatch.setattr(omni.progress, "LOG_AFTER_S", 0)
+    with caplog.at_level(logging.INFO, logger="omni.progress"):
+        with ticking("training the tokenizer", estimate_s=10, tick_s=0.02) as bar:
+            time.sleep(1.6)  # the bar redraws (here: logs) every 0.5 s
+            ticked, total = bar.n, bar.total
+    assert ticked > 10 and total > 10  # ticked on past the 10-s estimate, which grew
+    percents = [int(line.split(": ")[1].split("%")[0]) for line in _lines(caplog)]
+    assert len(percents) >= 4 and percents[-1] == 100
+    assert all(p < 100 for p in percents[:-1])  # never 100% before the step ends
+
+
 def test_rendering_a_task_reports_its_rows(caplog, monkeypatch, tiny_corpus, debug_model):
     """One long phase end to end: rendering a manifest logs its progress in its rows (documents)."""
     from omni.data.tasks import TaskSpec, manifest_samples
