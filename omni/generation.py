@@ -472,18 +472,22 @@ def _ctc_scorer(model, media: list | None, allowed: range | None) -> CTCPrefixSc
 # Continuous batching
 
 
-def _shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> int:
-    """How many ids every (left-padded) prompt begins with, at most each prompt's length - 1 (every
-    row keeps an id of its own to prefill, whose logits it samples from)."""
-    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    rows = [ids[m.bool()] for ids, m in zip(input_ids, mask)]
-    limit = min(len(r) for r in rows) - 1
-    if limit <= 0:
-        return 0
-    first = rows[0][:limit]
-    same = torch.stack([r[:limit] == first for r in rows[1:]]).all(0)
-    differ = (~same).nonzero()
-    return int(differ[0]) if len(differ) else limit
+def _unpadded(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """Each (left-padded) prompt's own ids."""
+    if attention_mask is None:
+        return list(input_ids)
+    return [ids[m.bool()] for ids, m in zip(input_ids, attention_mask)]
+
+
+def _common_prefix(rows: list[torch.Tensor], ref: torch.Tensor) -> int:
+    """How many ids every row shares with ``ref`` from its start, at most each row's length - 1
+    (every row keeps an id of its own to prefill, whose logits it samples from)."""
+    common = len(ref)
+    for row in rows:
+        n = min(len(row) - 1, len(ref))
+        differ = (row[:n] != ref[:n]).nonzero()
+        common = min(common, int(differ[0]) if len(differ) else n)
+    return max(common, 0)
 
 
 @dataclass
@@ -594,11 +598,11 @@ class ContinuousBatch:
             s.max_new_tokens = min(s.max_new_tokens, model.max_seq_len - int(n))
         extra = max(s.max_new_tokens for s in settings)
         plain = media is None and streams is None and positions is None  # ids alone: a prefix can be shared
-        kept = self._kept_prefix(input_ids, attention_mask) if plain else 0
-        prefix = _shared_prefix(input_ids, attention_mask) if plain and B > 1 else 0
+        rows = _unpadded(input_ids, attention_mask)
+        kept = _common_prefix(rows, self._kept[0]) if plain and self._kept is not None else 0
+        prefix = _common_prefix(rows, rows[0]) if plain and B > 1 else 0
         if max(kept, prefix) >= self.min_shared_prefix:
-            cache, logits = self._prefill_shared(input_ids, attention_mask, max(kept, prefix), extra,
-                                                 reuse=kept >= prefix)
+            cache, logits = self._prefill_shared(rows, max(kept, prefix), extra, reuse=kept >= prefix)
         else:
             cache = KVCache(model.config.backbone, B, T + extra, device=device,
                             dtype=next(model.parameters()).dtype)
@@ -608,9 +612,8 @@ class ContinuousBatch:
                         streams=None if streams is None else streams.to(device), last_only=True)
             logits = out.logits[:, -1]
         if plain:  # the first prompt's keys and values, for the next prompts that begin as it does
-            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
             slots = cache.valid[0, :cache.length].nonzero().squeeze(1)
-            self._kept = (input_ids[0][mask[0].bool()].cpu(), [k[:1, :, slots] for k in cache.k],
+            self._kept = (rows[0].cpu(), [k[:1, :, slots] for k in cache.k],
                           [v[:1, :, slots] for v in cache.v])
         next_pos = (_next_positions(positions.to(device)) if positions is not None
                     else cache.num_valid[:, 0].clone())
@@ -626,30 +629,14 @@ class ContinuousBatch:
             self._join(cache, rows, logits, next_pos)
         return [r.key for r in rows]
 
-    def _kept_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> int:
-        """How many ids every prompt shares with the kept prompt (at most each prompt's length - 1)."""
-        if self._kept is None:
-            return 0
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        kept = self._kept[0]
-        common = len(kept)
-        for ids, m in zip(input_ids, mask):
-            row = ids[m.bool()]
-            n = min(len(row) - 1, len(kept))
-            differ = (row[:n] != kept[:n]).nonzero()
-            common = min(common, int(differ[0]) if len(differ) else n)
-        return max(common, 0)
-
-    def _prefill_shared(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, prefix: int,
-                        extra: int, reuse: bool) -> tuple[KVCache, torch.Tensor]:
+    def _prefill_shared(self, rows: list[torch.Tensor], prefix: int, extra: int,
+                        reuse: bool) -> tuple[KVCache, torch.Tensor]:
         """Prefill prompts that all begin with the same ``prefix`` ids (a chat template's system
         prompt): the prefix once (or, ``reuse``, the kept prompt's keys and values for it), copied
         to every row, then each row's rest, left padded after it (padding in the middle of a row is
         masked like padding in front)."""
         model, device = self.model, self.model.device
-        B = input_ids.shape[0]
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        rows = [ids[m.bool()] for ids, m in zip(input_ids, mask)]
+        B = len(rows)
         rest_ids, rest_mask = left_pad([r[prefix:] for r in rows], model.vocab.pad_id)
         dtype = next(model.parameters()).dtype
         if reuse:
@@ -848,6 +835,7 @@ class ContinuousBatch:
         c, n, s = g.cache, len(g.rows), g.slot
         if n == 0:
             c.valid.fill_(True)
+            s = 0
         else:
             real = c.valid[:n, :s]
             counts = real.sum(1)
@@ -860,7 +848,5 @@ class ContinuousBatch:
             ar = torch.arange(c.max_len, device=c.valid.device)
             c.valid[:n] = (ar < counts[:, None]) | (ar >= new)
             s = new
-        if n == 0:
-            s = 0
         c.length = s
         c.slot.fill_(s)

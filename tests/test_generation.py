@@ -362,12 +362,13 @@ def test_prompts_added_between_sample_and_advance_decode_as_alone(model, text_to
 def test_prompts_with_a_common_prefix_prefill_it_once_with_the_same_ids(model, text_tokenizer):
     """Prompts added together that share a prefix (a chat template's system prompt) prefill it once;
     each row's greedy ids are still its prompt's alone."""
-    from omni.generation import ContinuousBatch, RowSettings, _shared_prefix
+    from omni.generation import ContinuousBatch, RowSettings, _common_prefix, _unpadded
 
     head = "Mathematics is the study of numbers, shapes and patterns."
     prompts = [_prompt(text_tokenizer, f"{head} {tail}") for tail in ("Zero", "The number one is", "A cat")]
     ids, mask = left_pad(prompts, 0)
-    assert _shared_prefix(ids, mask) >= ContinuousBatch.min_shared_prefix
+    rows = _unpadded(ids, mask)
+    assert _common_prefix(rows, rows[0]) >= ContinuousBatch.min_shared_prefix
     batch = ContinuousBatch(model, stop_ids=[])
     keys = batch.add(ids, [RowSettings(max_new_tokens=10) for _ in prompts], attention_mask=mask)
     got: dict[int, list[int]] = {}
