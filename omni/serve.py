@@ -332,7 +332,10 @@ class _Media:
         return image
 
     def audio(self, data: bytes, suffix: str, what: str) -> Audio:
-        wave, rate = load_audio(self._file(data, suffix), max_seconds=self.limits.max_audio_seconds)
+        try:  # the file is a temporary copy: the error names the request's part
+            wave, rate = load_audio(self._file(data, suffix), max_seconds=self.limits.max_audio_seconds)
+        except ValueError as e:
+            raise RequestError(f"{what}: {e}") from None
         return Audio(wave, sample_rate=rate)
 
     def video(self, src: tuple[str, bytes] | Path, suffix: str) -> Video:

@@ -229,6 +229,7 @@ def _audio_part(data: str) -> dict:
     (_user(_image_part(_data_url(_png(size=(400, 300)), "image/png"))), "pixels"),
     (_user(_audio_part("@@")), "base64"),
     (_user(_audio_part(base64.b64encode(_wav(seconds=6)).decode())), "seconds"),
+    (_user(_audio_part(base64.b64encode(b"not a sound file").decode())), "messages[0].content[0]: "),
     (_user({"type": "refusal", "refusal": "no"}), "unsupported content part type"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, body, message):
