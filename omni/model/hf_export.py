@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from omni.io import atomic_dir, atomic_write_bytes, atomic_write_json, save_tensors
+from omni.model.hf_import import SUPPORTED
 from omni.model.omni_model import OmniModel
 from omni.model.whisper import hf_whisper_config, hf_whisper_state
 from omni.tokenizers.bpe import BPETokenizer
@@ -36,7 +37,6 @@ from omni.tokenizers.text import TextTokenizer
 from omni.tokenizers.whisper import WhisperTokenizer
 from omni.vocab import SPECIAL_TOKENS
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 VOCABS = ("full", "model")
 MEDIA_WEIGHTS = "omni_media.safetensors"
@@ -172,7 +172,7 @@ def lm_config(model: OmniModel, rows: int, arch: str, tokenizer) -> dict:
     b = model.config.backbone
     rope = {"rope_type": "default", "rope_theta": b.rope_theta, **(b.rope_scaling or {})}
     cfg = {
-        "architectures": [ARCHITECTURES[arch]], "model_type": arch,
+        "architectures": [SUPPORTED[arch]], "model_type": arch,
         "hidden_size": b.dim, "num_hidden_layers": b.num_layers, "num_attention_heads": b.num_heads,
         "num_key_value_heads": b.num_kv_heads, "head_dim": b.head_dim, "intermediate_size": b.ffn_dim,
         "hidden_act": "silu", "max_position_embeddings": b.max_seq_len, "rms_norm_eps": b.norm_eps,
