@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from omni.io import atomic_dir, atomic_write_bytes, atomic_write_json, load_tensors, save_tensors
-from omni.train.parallel import load_full_model
+from omni.train.parallel import check_shards, load_full_model
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,8 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     sharded = meta.get("sharded") is True
     if sharded and not (path / SHARDED_DIR / ".metadata").is_file():
         raise ValueError(f"{path / SHARDED_DIR}: the sharded model and optimizer state are missing")
+    if sharded:
+        check_shards(path / SHARDED_DIR)
     model_state = {} if sharded else load_tensors(path / "model.safetensors")
     opt = load_tensors(path / "optimizer.safetensors")
     rng_tensors = {k: v for k, v in opt.items() if k.startswith("rng.")}

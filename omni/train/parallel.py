@@ -126,6 +126,28 @@ def load_shards(folder: Path, model, optimizer) -> None:
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
+def check_shards(folder: Path) -> None:
+    """A sharded checkpoint's folder is whole: its ``.metadata`` reads and every shard file it names
+    holds the bytes it says; else a ValueError naming the file (a truncated shard would otherwise
+    surface as an error deep inside ``dcp.load``, after the run had committed to this checkpoint)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(folder).read_metadata()
+    except Exception as e:  # noqa: BLE001 - missing, truncated or not a checkpoint: all the same to a reader
+        raise ValueError(f"{folder / '.metadata'}: unreadable sharded checkpoint metadata "
+                         f"({type(e).__name__}: {e})") from None
+    need: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        f = folder / name
+        have = f.stat().st_size if f.is_file() else None
+        if have is None or have < size:
+            problem = "missing" if have is None else f"truncated ({have} of {size} bytes)"
+            raise ValueError(f"{f}: {problem}")
+
+
 def load_full_model(folder: Path, model) -> None:
     """A sharded checkpoint's weights into an unsharded ``model`` in this one process (what
     ``omni export`` reads)."""

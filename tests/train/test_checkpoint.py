@@ -191,7 +191,8 @@ def test_stop_signals_turn_the_first_signal_into_a_request():
 def test_a_sharded_checkpoint_is_moved_in_whole_and_its_weights_load_in_one_process(tmp_path):
     """``train.parallel=fsdp``'s layout: the processes' ``torch.distributed.checkpoint`` folder moves
     into the checkpoint as ``sharded/`` (nothing left at the staging path); ``load_model`` reads the
-    weights into a whole model, as ``omni export`` does; a missing ``.metadata`` is named."""
+    weights into a whole model, as ``omni export`` does; a truncated shard and a missing ``.metadata``
+    are named."""
     import torch.distributed.checkpoint as dcp
 
     model, _ = _model_and_optimizer()
@@ -205,6 +206,12 @@ def test_a_sharded_checkpoint_is_moved_in_whole_and_its_weights_load_in_one_proc
     fresh = torch.nn.Linear(4, 3)
     ck.load_model(fresh)
     assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
+    shard = next((path / "sharded").glob("*.distcp"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) // 2])  # a shard cut short (a disk filled up, a copy killed)
+    with pytest.raises(ValueError, match=rf"{shard.name}: truncated \({len(data) // 2} of \d+ bytes\)"):
+        load_checkpoint(path)
+    shard.write_bytes(data)
     (path / "sharded" / ".metadata").unlink()
     with pytest.raises(ValueError, match="sharded: the sharded model and optimizer state are missing"):
         load_checkpoint(path)
