@@ -212,7 +212,9 @@ class MediaEncoder(nn.Module):
         return run(x.to(next(self.precomputed().parameters()).device)).cpu()
 
     def encode(self, datas: list[torch.Tensor], labels: list | None = None):
-        """``forward`` plus this encoder's weighted auxiliary loss on ``labels`` (None without one)."""
+        """``forward`` plus this encoder's weighted auxiliary loss on ``labels`` (None without one): a
+        mean over the clips whose label is not None (OmniModel.encode_media counts them, so that a
+        trainer on several processes can weight each one's mean into the global batch's)."""
         return self(datas), None
 
     def _connect(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

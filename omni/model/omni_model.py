@@ -142,6 +142,18 @@ class OmniModel(nn.Module):
         """Whether positions are 3-D (time, height, width) for media spans."""
         return self.config.backbone.mrope_section is not None
 
+    def idle_parameters(self, absent: set[str]) -> list[nn.Parameter]:
+        """The parameters that a batch without ``absent``'s media leaves out of the graph on one
+        process: those modalities' towers, and the cross-attention blocks when every modality they
+        read is absent. With :attr:`every_tower` they get zero gradients instead, and AdamW moves a
+        parameter with a zero gradient (momentum, weight decay) but skips one without: a trainer on
+        several processes sets theirs back to None where no process had the media."""
+        params = [p for m in sorted(absent & set(self.encoders)) for p in self.encoders[m].parameters()]
+        if len(self.backbone.cross) and all(not self.reads_by_cross_attention(m) or m in absent
+                                            for m in self.encoders):
+            params += list(self.backbone.cross.parameters())
+        return params
+
     def reads_by_cross_attention(self, modality: str) -> bool:
         """Whether the backbone's cross-attention blocks read ``modality``'s features (else they
         take ``<|feat|>`` slots in the sequence), see ``BackboneConfig.cross_attention``."""
@@ -196,9 +208,9 @@ class OmniModel(nn.Module):
         if positions is None:
             positions = default_positions(input_ids, key_padding, cache)
         x = self.embed_ids(input_ids, streams)
-        aux_loss = memory = None
+        aux_loss = aux_mass = memory = None
         if media or self.every_tower:
-            encoded, aux_loss = self.encode_media(media or [], self.every_tower)
+            encoded, aux_loss, aux_mass = self.encode_media(media or [], self.every_tower)
             placed = [e for e in encoded if not self.reads_by_cross_attention(e[1].modality)]
             read = [e for e in encoded if self.reads_by_cross_attention(e[1].modality)]
             for _, slot, f in [e for e in placed if e[1].start == NO_SLOT]:  # an idle tower's zeros
@@ -238,7 +250,7 @@ class OmniModel(nn.Module):
         else:
             logits = self.lm_head(hk)  # (N, V)
             total = self._summed_loss(hk, tgt, streams_k, w, logits)
-        return ModelOutput(logits, total / mass if n else total, n, aux_loss, kept=kept,
+        return ModelOutput(logits, total / mass if n else total, n, aux_loss, kept=kept, aux_mass=aux_mass,
                            loss_mass=torch.as_tensor(mass if n else 0, dtype=torch.float32))
 
     def _summed_loss(self, h: torch.Tensor, tgt: torch.Tensor, streams: torch.Tensor | None,
@@ -272,13 +284,16 @@ class OmniModel(nn.Module):
                 x = x + self._embed_ids(streams[:, k])
         return x
 
-    def encode_media(self, media: list, every_tower: bool = False) -> tuple[list, torch.Tensor | None]:
+    def encode_media(self, media: list, every_tower: bool = False
+                     ) -> tuple[list, torch.Tensor | None, torch.Tensor | None]:
         """``(row, slot)`` pairs -> ``(row, slot, features (slot.length, D))`` triples, one batched
         encoder call per modality, in the model's order of encoders (the same on every process),
-        and the encoders' auxiliary loss when training on slots that carry ``labels`` (else None).
+        and the encoders' auxiliary loss when training on slots that carry ``labels`` (else None)
+        with its mass, the number of labelled clips it is a mean over (a trainer on several processes
+        weights each one's mean by it, as it does the token loss by ``loss_mass``).
         ``every_tower``: an encoder whose modality the batch lacks runs on its dummy input, giving a
         triple of zero features at a slot that starts at ``NO_SLOT`` (see :attr:`every_tower`)."""
-        aux_loss, encoded = None, []
+        aux_loss, aux_mass, encoded = None, None, []
         for modality in sorted({slot.modality for _, slot in media} - set(self.encoders)):
             raise ValueError(f"this model has no {modality} encoder; it reads: "
                              f"{', '.join(['text', *self.encoders]) }")
@@ -294,6 +309,8 @@ class OmniModel(nn.Module):
             outs, aux = encoder.encode(datas, labels)
             if aux is not None:
                 aux_loss = aux if aux_loss is None else aux_loss + aux
+                clips = torch.tensor(float(sum(lab is not None for lab in labels)))
+                aux_mass = clips if aux_mass is None else aux_mass + clips
             if idle:
                 encoded.append((0, dataclasses.replace(items[0][1], length=outs[0].shape[0]), outs[0] * 0))
                 continue
@@ -302,7 +319,7 @@ class OmniModel(nn.Module):
                     raise ValueError(f"the {modality} encoder gave {f.shape[0]} tokens for a slot of "
                                      f"{slot.length}")
                 encoded.append((row, slot, f))
-        return encoded, aux_loss
+        return encoded, aux_loss, aux_mass
 
     @staticmethod
     def _place(x: torch.Tensor, encoded: list) -> torch.Tensor:

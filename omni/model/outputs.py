@@ -24,6 +24,7 @@ class ModelOutput:
     # the loss's denominator: its targets' count, or their summed weights (``loss_weights``); a
     # trainer on several processes scales each one's loss by it to get the global batch's mean
     loss_mass: torch.Tensor | None = None
+    aux_mass: torch.Tensor | None = None  # the same for ``aux_loss``: the labelled clips it is a mean over
 
     @property
     def objective(self) -> torch.Tensor:

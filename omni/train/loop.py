@@ -72,6 +72,7 @@ from omni.train.parallel import (
     no_gradient_sync,
     save_shards,
     shard_model,
+    share_of_global_mean,
     whole_copy,
 )
 from omni.train.run import StopSignals, open_run
@@ -670,20 +671,27 @@ class Trainer:
         step_loss = torch.zeros((), device=acc.device)
         step_aux, has_aux = torch.zeros((), device=acc.device), False
         parts: dict[str, torch.Tensor] = {}
+        present: set[str] = set()  # the modalities this process's micro-batches hold
         for micro in range(tc.grad_accum):
             batch = _to_device(next(self.batches), acc.device)
+            present |= {slot.modality for _, slot in batch.get("media") or []}
             state.cursor += tc.batch_size
             with self._accumulating(micro < tc.grad_accum - 1):
                 with acc.autocast():
                     out = _forward(self.model, batch)
-                loss = self._global_mean(out)
-                acc.backward((loss if out.aux_loss is None else loss + out.aux_loss) / tc.grad_accum)
+                # each process's means as their shares of the global micro-batch's
+                loss = share_of_global_mean(out.loss, out.loss_mass, self.world)
+                aux = (None if out.aux_loss is None
+                       else share_of_global_mean(out.aux_loss, out.aux_mass, self.world))
+                acc.backward((loss if aux is None else loss + aux) / tc.grad_accum)
             step_loss += loss.detach() / tc.grad_accum
-            if out.aux_loss is not None:
-                step_aux, has_aux = step_aux + out.aux_loss.detach() / tc.grad_accum, True
+            if aux is not None:
+                step_aux, has_aux = step_aux + aux.detach() / tc.grad_accum, True
             for name, value in (out.parts or {}).items():
                 parts[name] = parts.get(name, 0) + value / tc.grad_accum
             self.window.tokens += int((batch["doc_ids"] >= 0).sum()) * self.world
+        if self.inner.every_tower:
+            self._drop_idle_gradients(present)
         loss = float(acc.reduce(step_loss, "mean"))
         grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
         # the same numbers on every process (reduced loss, synchronised gradients), so all skip alike
@@ -701,6 +709,16 @@ class Trainer:
         state.train_seconds += time.perf_counter() - start
         return StepOutput(loss, grad_norm, lr, step_aux if has_aux else None, parts)
 
+    def _drop_idle_gradients(self, present: set[str]) -> None:
+        """The towers (and cross-attention) of modalities no process had this step ran on dummy
+        inputs for zero gradients; set those to None, as one process's backward leaves them, so
+        that AdamW skips them as it would there (OmniModel.idle_parameters)."""
+        modalities = sorted(self.inner.encoders)
+        held = torch.tensor([float(m in present) for m in modalities], device=self.accelerator.device)
+        held = self.accelerator.reduce(held, "sum")
+        for p in self.inner.idle_parameters({m for m, n in zip(modalities, held.tolist()) if n == 0}):
+            p.grad = None
+
     def _accumulating(self, skip_sync: bool):
         """No gradient reduction in this backward (a micro-batch before the step's last)."""
         if not skip_sync:
@@ -708,17 +726,6 @@ class Trainer:
         if self.sharded:
             return no_gradient_sync(self.model)
         return self.accelerator.no_sync(self.model)
-
-    def _global_mean(self, out) -> torch.Tensor:
-        """The token loss as its share of the global micro-batch's mean: each process's mean over
-        its own targets, weighted by its share of all processes' targets (times the number of
-        processes, which the gradient average divides out). So the update is the one a single
-        process would make on the whole micro-batch, however the targets fall across processes."""
-        if self.world == 1 or out.loss_mass is None:
-            return out.loss
-        mass = out.loss_mass.to(self.accelerator.device)
-        total = self.accelerator.reduce(mass, "sum")
-        return out.loss * (mass * self.world / total.clamp(min=1e-12))
 
     def _skipped(self, loss: float, grad_norm: float) -> None:
         state = self.state
@@ -753,7 +760,7 @@ class Trainer:
             row["max_mem_gib"] = round(torch.cuda.max_memory_allocated(acc.device) / 2**30, 2)
         if state.skipped_steps:
             row["skipped_steps"] = state.skipped_steps
-        if out.aux_loss is not None:  # the same on every process: it follows from the recipe
+        if out.aux_loss is not None:  # the processes' shares, averaged: the global batch's mean
             row["aux_loss"] = round(float(acc.reduce(out.aux_loss, "mean")), 5)
         for name, value in out.parts.items():  # each loss of a multi-loss objective (BLIP-2), unweighted
             row[f"{name}_loss"] = round(float(acc.reduce(value, "mean")), 5)

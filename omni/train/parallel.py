@@ -69,6 +69,21 @@ def shard_model(model, root: nn.Module, mixed_precision: str, device: torch.devi
              "precision %s", mesh.size(), len(units), len(ignored), mixed_precision)
 
 
+def share_of_global_mean(loss: torch.Tensor, mass: torch.Tensor | None, world: int) -> torch.Tensor:
+    """``loss``, this process's mean over ``mass`` (its targets' count or weight, or its labelled
+    clips), as its share of the mean over every process's: weighted by its part of the summed
+    masses, times ``world``, which the gradient average divides out. So an update is the one a single
+    process would make on the whole global batch, however the targets fall across processes."""
+    if world == 1 or mass is None:
+        return loss
+    import torch.distributed as dist
+
+    mass = mass.to(loss.device, torch.float32)
+    total = mass.clone()
+    dist.all_reduce(total)
+    return loss * (mass * world / total.clamp(min=1e-12))
+
+
 @contextlib.contextmanager
 def no_gradient_sync(model):
     """Backward passes that accumulate gradients without reducing them (micro-batches before a

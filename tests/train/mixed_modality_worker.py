@@ -4,7 +4,8 @@ A model with an audio tower (read by cross-attention) and an image tower (tokens
 trains for 5 steps on batches where rank 0 holds only audio and rank 1 only images, under DDP or
 FSDP2 (``argv[1]``). Each rank also trains an unwrapped copy on the whole global batch, the
 single-process run; the gradients of every step and the final weights of the two are compared.
-The token loss is each process's share of the global mean, as the trainer makes it.
+The audio clips carry transcripts for the audio tower's CTC head. The token loss and the CTC loss
+are each process's share of the global mean (``share_of_global_mean``), as the trainer makes them.
 ``argv[3] == "skip"`` turns the dummy towers off (to show the hang the test guards against).
 Writes ``{"max_grad_diff", "max_weight_diff", "steps"}`` as JSON to ``argv[2]`` (rank 0).
 """
@@ -21,10 +22,11 @@ import torch.distributed as dist
 from omni.model.backbone import backbone_config
 from omni.model.omni_model import build_model
 from omni.sequence import MediaSlot
+from omni.train.parallel import share_of_global_mean
 from omni.vocab import Vocab
 
 MEDIA = {"audio": {"encoder": {"kind": "whisper_style", "size": "debug", "subsample": 4},
-                   "connector": {"kind": "mlp"}},
+                   "connector": {"kind": "mlp"}, "ctc_weight": 0.5},
          "image": {"tokenizer": {"kind": "siglip", "size": "debug", "image_size": 32, "patch_size": 16},
                    "connector": {"kind": "mlp"}}}
 T, VOCAB, STEPS = 24, 64, 5
@@ -47,7 +49,8 @@ def row(model, modality: str, g: torch.Generator) -> dict:
     targets = torch.randint(4, VOCAB, (T,), generator=g)
     targets[: 2 + n] = -100
     length = grid[0] * grid[1] * grid[2]
-    return {"ids": ids, "targets": targets, "slot": MediaSlot(2, length, modality, data)}
+    labels = torch.randint(1, VOCAB, (3,), generator=g) if modality == "audio" else None  # a transcript
+    return {"ids": ids, "targets": targets, "slot": MediaSlot(2, length, modality, data, labels=labels)}
 
 
 def batch(rows: list[dict]) -> dict:
@@ -57,13 +60,13 @@ def batch(rows: list[dict]) -> dict:
 
 
 def loss_of(model, b: dict, world: int = 1) -> torch.Tensor:
-    """The trainer's loss: with several processes, each one's share of the global mean."""
+    """The trainer's objective: with several processes, each loss is this one's share of the global
+    mean."""
     out = model(b["input_ids"], targets=b["targets"], media=b["media"])
-    if world == 1:
-        return out.loss
-    total = out.loss_mass.clone()
-    dist.all_reduce(total)
-    return out.loss * out.loss_mass * world / total
+    loss = share_of_global_mean(out.loss, out.loss_mass, world)
+    if out.aux_loss is None:
+        return loss
+    return loss + share_of_global_mean(out.aux_loss, out.aux_mass, world)
 
 
 def full_grads(model) -> dict[str, torch.Tensor]:

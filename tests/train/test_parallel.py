@@ -33,9 +33,10 @@ def test_mixed_modality_batches_never_hang_and_match_one_process(tmp_path, mode)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     got = json.loads(result.read_text())
     assert got["steps"] == 5
-    # fp32 reduction order apart, the same gradients at every step and the same weights after
-    assert got["max_grad_diff"] < 1e-6, got
-    assert got["max_weight_diff"] < 1e-6, got
+    # fp32 reduction order apart, the same gradients at every step and the same weights after (the
+    # CTC head's gradient is ~1 in size; a per-process CTC mean would be off by half of it)
+    assert got["max_grad_diff"] < 1e-4, got
+    assert got["max_weight_diff"] < 1e-5, got
 
 
 def test_an_idle_tower_runs_on_a_dummy_input_at_zero_weight():
@@ -52,7 +53,7 @@ def test_an_idle_tower_runs_on_a_dummy_input_at_zero_weight():
         g = torch.Generator().manual_seed(0)
         b = batch([row(model, "image", g)])  # no audio: the audio tower (cross-attention) is idle
         out = model(b["input_ids"], targets=b["targets"], media=b["media"])
-        out.loss.backward()
+        out.objective.backward()  # the token loss plus the idle CTC head at zero weight
         grads[every] = (float(out.loss), {n: p.grad for n, p in model.named_parameters()})
     (loss_off, off), (loss_on, on) = grads[False], grads[True]
     assert loss_on == loss_off
