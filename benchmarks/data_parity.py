@@ -17,8 +17,9 @@ rows (media paths made absolute), so that recipes whose samples are slow to prep
 video frames) stay quick. Every run reads the recipe file as it was at ``--old-rev``, as that code
 rejects keys added since (``any2any/tiny`` and ``videollama/caption_tiny`` have since gained
 ``model.media.video.video.positions_per_second``); the keys that differ from today's recipe are
-printed. Reports every logged training loss and the held-out loss of each run, and whether they
-are identical. Ends with one JSON line.
+printed. The lr follows the steps alone (``train.max_minutes=0``: with a time budget it also
+follows the wall clock, which differs between runs). Reports every logged training loss and the
+held-out loss of each run, and whether they are identical. Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -111,9 +112,12 @@ def main(argv=None) -> dict:
                                  ("cached_warm_2_workers", ROOT, [*cut, cache, "train.num_workers=2"]),
                                  ("parquet_shards", ROOT, [*sharded, cache])):
             out = tmp / "runs" / f"{recipe.replace('/', '_')}_{side}"
+            # train.max_minutes=0: with a time budget the cosine follows the wall clock where it is
+            # further along than the steps (the first step after warmup, always), so the lr, and
+            # every loss after it, would vary with the machine's load from run to run
             cmd = [sys.executable, "-m", "omni.cli", "train", str(recipe_file), f"train.out_dir={out}",
                    f"train.steps={args.steps}", "train.log_every=1", f"train.eval_every={args.steps}",
-                   f"train.save_every={args.steps}", "train.progress=false", *extra]
+                   f"train.save_every={args.steps}", "train.progress=false", "train.max_minutes=0", *extra]
             if args.warmup_steps is not None:
                 cmd.append(f"train.warmup_steps={args.warmup_steps}")
             env = {**os.environ, "PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1",
