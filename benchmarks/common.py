@@ -93,3 +93,41 @@ def cut_corpus(recipe: str, out, rows: int, data: str | None = None):
         lines = "".join(json.dumps(r) + "\n" for r in manifest_rows(src / f"{split}.jsonl", n))
         (out / f"{split}.jsonl").write_text(lines)
     return out
+
+
+def corpus_overrides(recipe: str, make, overrides: list[str] | None = None) -> list[str]:
+    """Overrides that move each task of ``recipe`` (a name or a file, after ``overrides``) onto
+    another copy of its corpus. ``make(k, path)`` returns the task keys to set (e.g. ``{"path":
+    ...}``) for the corpus folder ``path`` that a task reads; it is called once per folder (``k``
+    counts them), so the tasks of a mixture that share a corpus share its copy. A one-task recipe
+    gets ``data.KEY=value`` overrides, a mixture one ``data.mixture=[...]``: its entries as the
+    recipe file writes them with only those keys replaced, so the code of an earlier revision
+    reads them too."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from omni.config import apply_overrides, find_recipe, load_recipe, read_yaml
+
+    data, made = load_recipe(recipe, overrides).data, {}
+
+    def keys(path: str) -> dict:
+        if path not in made:
+            made[path] = make(len(made), path)
+        return made[path]
+
+    if not data.mixture:
+        return [f"data.{k}={v}" for k, v in keys(data.path).items()]
+    entries = apply_overrides(read_yaml(find_recipe(recipe)), overrides or [])["data"]["mixture"]
+    parts = [{**entry, **keys(part.path)} for entry, part in zip(entries, data.mixture)]
+    return ["data.mixture=" + json.dumps(parts)]
+
+
+def cut_corpora(recipe: str, out, rows: int) -> list[str]:
+    """Overrides that read every corpus of ``recipe`` (each task's, for a mixture) cut by
+    :func:`cut_corpus` to its first ``rows`` training rows, the copies written under ``out``."""
+    from pathlib import Path
+
+    return corpus_overrides(recipe, lambda k, path: {
+        "path": str(cut_corpus(recipe, Path(out) / f"{k}_{Path(path).name}", rows, path))})

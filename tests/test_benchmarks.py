@@ -75,6 +75,46 @@ def test_object_named_reads_the_head_noun_of_each_reference(tmp_path, capsys):
     assert [e["named"] for e in res["examples"]] == [True, False]
 
 
+def _common():
+    spec = importlib.util.spec_from_file_location("common", ROOT / "benchmarks" / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cut_corpora_cuts_each_corpus_of_a_mixture_once(tmp_path):
+    """``--rows`` in data_parity.py on a mixture: every task's corpus is cut (one copy per folder,
+    shared by the tasks that read it), and the mixture override keeps the entries as written."""
+    from omni.config import load_recipe
+
+    def corpus(name: str, n: int) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        for split in ("train", "val"):
+            rows = [{"audio": f"a/{split}{i}.wav", "text": f"t{i}"} for i in range(n)]
+            (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return folder
+
+    speech, sounds = corpus("speech", 9), corpus("sounds", 3)
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(json.dumps({"data": {"mixture": [
+        {"task": "text", "path": str(speech), "name": "a"},
+        {"task": "text", "path": str(speech), "name": "b", "prompt": "Continue:", "loss_weight": 2},
+        {"task": "text", "path": str(sounds), "name": "c", "weight": 0.5}]}}))
+    overrides = _common().cut_corpora(str(recipe), tmp_path / "cut", 4)
+    assert len(overrides) == 1 and overrides[0].startswith("data.mixture=")
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["0_speech", "1_sounds"]
+    mixture, cut = load_recipe(str(recipe), overrides).data.mixture, tmp_path / "cut"
+    assert [p.path for p in mixture] == [str(cut / n) for n in ("0_speech", "0_speech", "1_sounds")]
+    assert (mixture[1].prompt, mixture[1].loss_weight, mixture[2].weight) == ("Continue:", 2, 0.5)
+    train = [json.loads(x) for x in (cut / "0_speech" / "train.jsonl").read_text().splitlines()]
+    assert [r["audio"] for r in train] == [str(speech / f"a/train{i}.wav") for i in range(4)]  # absolute
+    assert len((cut / "1_sounds" / "val.jsonl").read_text().splitlines()) == 1  # rows // 4
+    one = tmp_path / "one.yaml"
+    one.write_text(json.dumps({"data": {"task": "text", "path": str(sounds)}}))
+    assert _common().cut_corpora(str(one), tmp_path / "one", 4) == [f"data.path={tmp_path / 'one/0_sounds'}"]
+
+
 @pytest.fixture(scope="module")
 def gpu_dir(tmp_path_factory):
     """The folder ``gpu_check.sh prepare`` carries, in miniature: a small Wikipedia corpus and a
