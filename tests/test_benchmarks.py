@@ -59,6 +59,7 @@ def test_object_named_reads_the_head_noun_of_each_reference(tmp_path, capsys):
     assert m.head_noun("A pair of open scissors.") == "scissors"  # "a pair of X" reads on to X
     assert m.head_noun("A peacock (a male peafowl).") == "peacock"
     assert m.head_noun("The letter g.") == "letter g"  # a one-character head keeps its noun
+    assert m.head_noun("a frog moves up slowly") == "frog"  # a video clip's caption, not "slowly"
     assert m.head_noun("Boom!!!") is None and m.head_noun("Divided by.") is None  # no object named
     assert m.named("grapes", "A bunch of grape.") and m.named("letter g", "The letter G.")
     assert not m.named("letter a", "A letter b.")  # the article "a" is not the letter a

@@ -44,7 +44,8 @@ folder: an omni checkpoint records a tower loaded from ``path`` this way
 Patch merge (``merge=2``, Qwen2-VL): each 2 x 2 block of neighbouring patch features becomes one
 token. ``merge_mode="concat"`` concatenates them (``out_dim = 4 * hidden``; the connector then
 maps that to model width, as Qwen2-VL's merger MLP does); ``"linear"`` follows the concat with a
-learned ``Linear(4 * hidden, hidden)`` (``out_dim = hidden``).
+learned ``Linear(4 * hidden, hidden)`` (``out_dim = hidden``). ``merge=4`` does the same with 4 x 4
+blocks (``out_dim = 16 * hidden``): a sixteenth of the tokens, every patch's feature still in one.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from omni.tokenizers.efficientnet import STRIDE as EFFICIENTNET_STRIDE
 from omni.tokenizers.efficientnet import EfficientNetLite0
 
 MERGE_MODES = ("concat", "linear")
+MERGES = (1, 2, 4)  # patch merge: 1 (none), 2 x 2 (Qwen2-VL) or 4 x 4 blocks a token
 
 # Named sizes: the tower shape for siglip/clip/vit; patchify uses image_size, patch_size and
 # hidden_size (its output width).
@@ -107,7 +109,7 @@ class ImageTokenizerConfig:
     image_size: int | None = None  # default: the size's (or the checkpoint's)
     patch_size: int | None = None  # default: the size's (or the checkpoint's)
     out_dim: int | None = None  # patchify only: width of the patch projection (default: the size's hidden)
-    merge: int = 1  # 1, or 2 for the 2x2 patch merge
+    merge: int = 1  # 1, 2 for the 2x2 patch merge, 4 for 4x4
     merge_mode: str = "concat"
     dynamic: bool = False  # patchify only: Qwen2-VL resolution (smart_resize) instead of image_size
     min_pixels: int = 56 * 56
@@ -129,8 +131,9 @@ class ImageTokenizerConfig:
         if self.size not in TOWER_SIZES:
             raise ValueError(f"image_tokenizer.size must be one of {', '.join(TOWER_SIZES)}; "
                              f"got {self.size!r}")
-        if self.merge not in (1, 2):
-            raise ValueError(f"image_tokenizer.merge must be 1 or 2; got {self.merge}")
+        if self.merge not in MERGES:
+            raise ValueError(f"image_tokenizer.merge must be one of {', '.join(map(str, MERGES))}; "
+                             f"got {self.merge}")
         if self.merge_mode not in MERGE_MODES:
             raise ValueError(f"image_tokenizer.merge_mode must be one of {', '.join(MERGE_MODES)}; "
                              f"got {self.merge_mode!r}")
@@ -151,7 +154,7 @@ class ImageTokenizerConfig:
                     raise ValueError(f"image_tokenizer.{key} comes from {source}; remove it")
         if self.precompute and not self.frozen:
             raise ValueError("image_tokenizer.precompute needs a frozen tower (image_tokenizer.freeze: true)")
-        if self.precompute and self.merge == 2 and self.merge_mode == "linear":
+        if self.precompute and self.merge > 1 and self.merge_mode == "linear":
             raise ValueError("image_tokenizer.precompute stores the tower's output, so its merge cannot be "
                              "learned: use merge_mode: concat")
         for key in ("image_size", "patch_size", "out_dim", "min_pixels", "max_pixels"):
@@ -217,8 +220,8 @@ class ImageTokenizer(BaseImageTower):
                  merge_mode: str = "concat", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), dynamic: bool = False,
                  min_pixels: int = 56 * 56, max_pixels: int = 448 * 448):
         super().__init__()
-        if merge not in (1, 2):
-            raise ValueError(f"merge must be 1 or 2; got {merge}")
+        if merge not in MERGES:
+            raise ValueError(f"merge must be one of {', '.join(map(str, MERGES))}; got {merge}")
         if merge_mode not in MERGE_MODES:
             raise ValueError(f"merge_mode must be one of {', '.join(MERGE_MODES)}; got {merge_mode!r}")
         self._patch_size, self.hidden_dim = patch_size, hidden_dim
@@ -233,7 +236,8 @@ class ImageTokenizer(BaseImageTower):
             raise ValueError("give image_size, or dynamic=True")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1), persistent=False)
-        self.merger = nn.Linear(4 * hidden_dim, hidden_dim) if merge == 2 and merge_mode == "linear" else None
+        linear = merge > 1 and merge_mode == "linear"
+        self.merger = nn.Linear(merge * merge * hidden_dim, hidden_dim) if linear else None
 
     @property
     def patch_size(self) -> int:
@@ -250,7 +254,7 @@ class ImageTokenizer(BaseImageTower):
 
     @property
     def out_dim(self) -> int:
-        return self.hidden_dim * (4 if self.merge == 2 and self.merger is None else 1)
+        return self.hidden_dim * (self.merge ** 2 if self.merger is None else 1)
 
     @property
     def tokens_per_image(self) -> int | None:
@@ -306,8 +310,8 @@ class ImageTokenizer(BaseImageTower):
             raise ValueError(f"pixel size {height}x{width} is not a multiple of patch_size * merge "
                              f"= {self.factor}")
         x = self._patch_features(pixels)
-        if self.merge == 2:
-            x = merge_patches(x, height // self.patch_size, width // self.patch_size, 2)
+        if self.merge > 1:
+            x = merge_patches(x, height // self.patch_size, width // self.patch_size, self.merge)
             if self.merger is not None:
                 x = self.merger(x)
         return x

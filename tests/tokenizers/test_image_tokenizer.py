@@ -88,6 +88,16 @@ def test_dynamic_resolution_keeps_aspect_and_merges():
     assert lin.out_dim == 6 and lin(torch.randn(1, 3, 16, 8)).shape == (1, 2, 6)
 
 
+def test_merge_4_puts_each_4x4_block_of_patches_in_one_token():
+    torch.manual_seed(0)
+    one, four = _patchify(image_size=32), _patchify(image_size=32, merge=4)
+    four.load_state_dict(one.state_dict())
+    assert (four.factor, four.out_dim, four.tokens_per_image) == (16, 16 * 6, 4)
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(four(x), merge_patches(one(x), 8, 8, 4))  # every patch kept, 16 a token
+    assert ImageTokenizerConfig(kind="dinov2", precompute=True, merge=4).validate() is None
+
+
 def _save_siglip(tmp_path, full: bool):
     from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 
@@ -166,7 +176,7 @@ def test_a_tower_built_from_its_config_alone_names_a_wrong_one():
 @pytest.mark.parametrize("kw, problem", [
     (dict(kind="dino"), "kind must be one of patchify, siglip, clip, vit"),
     (dict(size="huge"), "size must be one of debug, tiny, small, base"),
-    (dict(merge=3), "merge must be 1 or 2"),
+    (dict(merge=3), "merge must be one of 1, 2, 4"),
     (dict(merge_mode="mean"), "merge_mode must be one of concat, linear"),
     (dict(kind="siglip", dynamic=True), "dynamic applies to kind 'patchify' only"),
     (dict(kind="patchify", path="x"), "path applies to pretrained towers"),
