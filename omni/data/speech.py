@@ -230,6 +230,17 @@ def _render(synth: Callable, voice: Voice, text: str, seed: int, out: Path) -> f
         return audio.duration
 
 
+def speech_counts(train: int, size: str = "tiny") -> dict[str, int]:
+    """Utterances per split for a slice of ``train`` training utterances (``--max-rows``): a tenth as
+    many for ``val`` (training evaluates a few batches of it, but a frozen tower's features are
+    computed for all of it), a quarter for ``test`` and a twentieth for ``test_piper`` (at least 4, 4
+    and 2; at most the size's own), so a 2,000-row slice is scored on 100 piper utterances, not 2."""
+    full = SPEECH_SIZES[size]
+    return {"train": train, "val": min(full["val"], max(4, train // 10)),
+            "test": min(full["test"], max(4, train // 4)),
+            "test_piper": min(full["test_piper"], max(2, train // 20))}
+
+
 def build_speech_corpus(out: str | Path, size: str = "tiny", seed: int = 0, workers: int = 2,
                         counts: dict[str, int] | None = None, piper: bool = True) -> dict[str, int]:
     """Synthesize the speech corpus under ``out``; returns utterances per split.
