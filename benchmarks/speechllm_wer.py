@@ -7,10 +7,11 @@ Whisper whose encoder it reads, on the same files.
         --run runs/speechllm_smollm_whisper_tiny --data data/speech_wiki_2k --rows 100 --files 40
 
 Two sets, both scored by ``omni eval`` (greedy, the run's own prompt and chat template; the imported
-Whisper decodes its 30-s window): (a) the corpus' held-out ``test_piper`` split (the neural piper
-voice, never trained on) and any other ``--splits``; (b) real speech, Debian's
-``asterisk-core-sounds-en`` prompts (one speaker, 8 kHz; see benchmarks/whisper_parity.py for the
-download), written as a manifest ``asterisk.jsonl`` so both sides read them through the same
+Whisper decodes its 30-s window; at most 48 new tokens for a corpus sentence, 96 for a real
+prompt): (a) the corpus' held-out ``test_piper`` split (the neural piper voice, never trained on)
+and any other ``--splits``; (b) real speech, Debian's ``asterisk-core-sounds-en`` prompts (one
+speaker, 8 kHz; see benchmarks/whisper_parity.py for the download), written as a manifest
+``asterisk.jsonl`` so both sides read them through the same
 loader. Every WER is recomputed from the kept predictions (``<ckpt>/eval_<split>.jsonl``) with one
 normalisation on both sides (``whisper_parity.normalize``: lower case, punctuation dropped), and
 again with digits and "%" spelled out (``_spelled``: the corpus spells numbers, Whisper writes
@@ -58,13 +59,14 @@ def write_asterisk_manifest(files: list[tuple[Path, str]], folder: Path) -> Path
     return folder
 
 
-def score(ckpt: str, data: str, split: str, rows: int) -> float:
+def score(ckpt: str, data: str, split: str, rows: int | None, max_new_tokens: int) -> float:
     """``omni eval`` of ``ckpt`` on ``<data>/<split>.jsonl``; returns the seconds it took."""
     from omni.eval import evaluate
 
     task = None if (Path(ckpt) / "recipe.yaml").is_file() else "caption"  # an imported checkpoint
     start = time.perf_counter()
-    evaluate(ckpt, split=split, max_rows=rows, data_path=data, task=task, progress=False)
+    evaluate(ckpt, split=split, max_rows=rows, data_path=data, task=task, max_new_tokens=max_new_tokens,
+             progress=False)
     return time.perf_counter() - start
 
 
@@ -80,9 +82,11 @@ def main(argv=None) -> dict:
     for side, ckpt in (("whisper", args.whisper), ("run", args.run)):
         if side not in args.sides.split(","):
             continue
-        for name, data, rows in [*((s, args.data, args.rows) for s in splits), ("asterisk", str(real), None)]:
+        # the corpus' sentences have <= 20 words; the longest asterisk prompts ~60 (eval's 48 tokens cut them)
+        for name, data, rows, tokens in [*((s, args.data, args.rows, 48) for s in splits),
+                                         ("asterisk", str(real), None, 96)]:
             if not args.rescore:
-                results[f"seconds_{name}_{side}"] = round(score(ckpt, data, name, rows), 1)
+                results[f"seconds_{name}_{side}"] = round(score(ckpt, data, name, rows, tokens), 1)
             w, w_spelled = kept_wer(ckpt, name)
             results[f"wer_{name}_{side}"] = round(w, 4)
             results[f"wer_{name}_{side}_spelled"] = round(w_spelled, 4)
