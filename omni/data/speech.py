@@ -46,7 +46,7 @@ FLITE_VOICES = {"kal16": (80, 95, 110, 125), "awb": (85, 100, 115, 130), "rms": 
                 "slt": (150, 170, 190, 210)}  # voice -> pitch targets (int_f0_target_mean, Hz)
 HELD_OUT_FRACTION = {"val": 0.1, "test": 0.1}
 SPEECH_SIZES = {"tiny": {"train": 3600, "val": 200, "test": 200, "test_piper": 100},
-                "full": {"train": 20000, "val": 500, "test": 500, "test_piper": 300}}  # ~25 h, ~3 GB
+                "full": {"train": 20000, "val": 500, "test": 500, "test_piper": 300}}  # ~30 h, ~4 GB
 
 
 # ---------------------------------------------------------------------------------------------
