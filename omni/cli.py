@@ -15,7 +15,7 @@ from omni.api import describe, media_for
 from omni.config import find_tokenizer_spec, load_recipe, load_tokenizer_spec, read_yaml
 from omni.data.chat import build_chat_corpus
 from omni.data.images import build_images_corpus
-from omni.data.speech import build_sounds_corpus, build_speech_corpus
+from omni.data.speech import build_sounds_corpus, build_speech_corpus, speech_counts
 from omni.data.text import build_text_corpus
 from omni.data.video import build_video_corpus
 from omni.demo import run_demo
@@ -263,8 +263,7 @@ def cmd_data_build(args) -> int:
     elif args.kind == "video":
         stats = build_video_corpus(args.out, max_stamps=args.max_docs)
     elif args.kind == "speech":
-        n = args.max_docs  # a quick look, as omni demo --max-docs builds it: a quarter as many held out
-        counts = {"train": n, "val": max(4, n // 4), "test": max(4, n // 4), "test_piper": 2} if n else None
+        counts = speech_counts(args.max_docs, args.size) if args.max_docs else None
         stats = build_speech_corpus(args.out, size=args.size, counts=counts)
     else:
         stats = build_sounds_corpus(args.out, limit=args.max_docs)
@@ -534,9 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a UTF-8 .txt (blank-line separated documents) / .jsonl (a 'text' field "
                         "per line) file")
     b.add_argument("--max-docs", "--max-rows", type=int, default=None,
-                   help="keep only N documents (text), N conversations (chat), N training utterances and "
-                        "a quarter as many held out (speech), N sounds, or N stamps spread over the "
-                        "categories (images, video)")
+                   help="keep only N documents (text), N conversations (chat), N training utterances "
+                        "with a tenth as many for val, a quarter for test and a twentieth for piper "
+                        "(speech), N sounds, or N stamps spread over the categories (images, video)")
     b.add_argument("--max-chars", type=int, default=600,
                    help="chat only: answers are the lead paragraph's first sentences within N characters "
                         "(default: 600)")

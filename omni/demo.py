@@ -28,7 +28,7 @@ import omni
 from omni.api import media_for
 from omni.config import RecipeConfig, apply_overrides, find_recipe, from_dict, read_yaml
 from omni.data.images import build_images_corpus
-from omni.data.speech import build_sounds_corpus, build_speech_corpus
+from omni.data.speech import build_sounds_corpus, build_speech_corpus, speech_counts
 from omni.data.text import build_text_corpus
 from omni.data.video import build_video_corpus
 from omni.eval import HEADLINE, evaluate, headline, headlines  # noqa: F401  (the demo's scores are omni eval's)
@@ -57,7 +57,7 @@ def build_corpora(data: Path, say=print, max_docs: int | None = None) -> None:
     """Every corpus the recipe reads; ``max_docs`` keeps each media corpus to about that many
     documents (the text corpus stays whole: the tokenizer's 4,096 pieces need it)."""
     n = max_docs
-    speech = {"train": n, "val": max(4, n // 4), "test": max(4, n // 4), "test_piper": 2} if n else None
+    speech = speech_counts(n) if n else None
     builders = {"text": build_text_corpus,
                 "speech": lambda out: build_speech_corpus(out, counts=speech),
                 "sounds": lambda out: build_sounds_corpus(out, limit=n),

@@ -46,7 +46,7 @@ FLITE_VOICES = {"kal16": (80, 95, 110, 125), "awb": (85, 100, 115, 130), "rms": 
                 "slt": (150, 170, 190, 210)}  # voice -> pitch targets (int_f0_target_mean, Hz)
 HELD_OUT_FRACTION = {"val": 0.1, "test": 0.1}
 SPEECH_SIZES = {"tiny": {"train": 3600, "val": 200, "test": 200, "test_piper": 100},
-                "full": {"train": 20000, "val": 500, "test": 500, "test_piper": 300}}  # ~25 h, ~3 GB
+                "full": {"train": 20000, "val": 500, "test": 500, "test_piper": 300}}  # ~30 h, ~4 GB
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +228,17 @@ def _render(synth: Callable, voice: Voice, text: str, seed: int, out: Path) -> f
         audio = Audio(raw, sample_rate=SAMPLE_RATE)
         audio.save(out)
         return audio.duration
+
+
+def speech_counts(train: int, size: str = "tiny") -> dict[str, int]:
+    """Utterances per split for a slice of ``train`` training utterances (``--max-rows``): a tenth as
+    many for ``val`` (training evaluates a few batches of it, but a frozen tower's features are
+    computed for all of it), a quarter for ``test`` and a twentieth for ``test_piper`` (at least 4, 4
+    and 2; at most the size's own), so a 2,000-row slice is scored on 100 piper utterances, not 2."""
+    full = SPEECH_SIZES[size]
+    return {"train": train, "val": min(full["val"], max(4, train // 10)),
+            "test": min(full["test"], max(4, train // 4)),
+            "test_piper": min(full["test_piper"], max(2, train // 20))}
 
 
 def build_speech_corpus(out: str | Path, size: str = "tiny", seed: int = 0, workers: int = 2,

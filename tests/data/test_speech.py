@@ -16,6 +16,7 @@ from omni.data.speech import (
     grammar_vocabulary,
     manifest_audio,
     number_words,
+    speech_counts,
     voices_by_split,
     wiki_sentences,
 )
@@ -55,6 +56,14 @@ def test_wiki_sentences_are_speakable():
 
 
 @needs_tts
+def test_a_slice_of_the_full_corpus_keeps_enough_piper_rows_to_score():
+    # --max-rows 2000: the held-out piper voice is scored on 100 utterances (it used to be 2), val
+    # stays small (a frozen tower's features are computed for all of it), nothing exceeds the size's own
+    assert speech_counts(2000, "full") == {"train": 2000, "val": 200, "test": 500, "test_piper": 100}
+    assert speech_counts(8) == {"train": 8, "val": 4, "test": 4, "test_piper": 2}
+    assert speech_counts(100_000, "full") == {"train": 100_000, "val": 500, "test": 500, "test_piper": 300}
+
+
 def test_build_speech_corpus(tmp_path):
     out = tmp_path / "speech"
     counts = build_speech_corpus(out, counts={"train": 6, "val": 2, "test": 2, "test_piper": 1}, seed=0)
