@@ -321,8 +321,9 @@ def _peak_flops(device: torch.device) -> float | None:
 
 
 def _param_groups(model, weight_decay: float, lr_scale: dict[str, float] | None = None) -> list[dict]:
-    """AdamW groups: matrices decay, vectors do not; ``lr_scale`` (``train.lr_scale``) gives the
-    parameters its globs select their own multiple of the scheduled lr."""
+    """AdamW groups: matrices decay, vectors and an embedding of which only some rows train
+    (``trained_rows``, see :func:`omni.train.stages.train_code_rows`) do not; ``lr_scale``
+    (``train.lr_scale``) gives the parameters its globs select their own multiple of the scheduled lr."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     scales: dict[str, float] = {}
     for pattern, scale in (lr_scale or {}).items():
@@ -330,7 +331,8 @@ def _param_groups(model, weight_decay: float, lr_scale: dict[str, float] | None 
             scales.setdefault(name, scale)
     groups: dict[tuple[bool, float], list] = {}
     for name, p in params.items():
-        groups.setdefault((p.dim() >= 2, scales.get(name, 1.0)), []).append(p)
+        decay = p.dim() >= 2 and not hasattr(p, "trained_rows")
+        groups.setdefault((decay, scales.get(name, 1.0)), []).append(p)
     return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
             for (decay, scale), ps in sorted(groups.items(), key=lambda g: (not g[0][0], g[0][1]))]
 

@@ -178,6 +178,48 @@ def test_flamingo_starts_as_its_language_model_and_trains_only_the_new_parts(
     assert 0 <= m["zero_shot_accuracy"] <= 1 and 0 <= m["accuracy"] <= 1
 
 
+def _with_codes(tok, seed=0):
+    from dataclasses import replace
+
+    vocab = replace(tok.vocab, num_codebooks=2, codebook_size=8)
+    return Pipeline(build_model(backbone_config("debug", max_seq_len=64), vocab, seed=seed, media=IMAGE),
+                    tokenizer=tok)
+
+
+def test_init_from_a_text_only_checkpoint_grows_its_rows_for_the_codec_codes(text_tokenizer, tmp_path):
+    _model(text_tokenizer, seed=1).save_pretrained(tmp_path / "lm")
+    model = _with_codes(text_tokenizer)
+    init_from(model, tmp_path / "lm")
+    lm = load_tensors(tmp_path / "lm" / "model.safetensors")["embed.weight"]
+    embed = model.embed.weight.detach()
+    n = text_tokenizer.vocab.text_size
+    assert embed.shape[0] == n + 16 and torch.equal(embed[:n], lm)
+    assert torch.allclose(embed[n:], lm.mean(0).expand(16, -1))  # new rows: the mean of its own
+    with pytest.raises(ValueError, match=r"tensor embed.weight has shape"):  # codes do not shrink away
+        _with_codes(text_tokenizer).save_pretrained(tmp_path / "coded")
+        init_from(_model(text_tokenizer), tmp_path / "coded")
+
+
+def test_trainable_audio_codes_trains_the_code_rows_and_no_text_row(text_tokenizer):
+    from omni.train.loop import _param_groups
+
+    model = _with_codes(text_tokenizer)
+    n = apply_stages(model, TrainConfig(trainable=["connector", "embed.audio_codes"], lora=LoraSpec(r=2)))
+    connector = sum(p.numel() for p in model.encoders["image"].connector.parameters())
+    lora = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    assert n == connector + lora + 16 * model.embed.weight.shape[1]  # the code rows, not the whole table
+    before = model.embed.weight.detach().clone()
+    opt = torch.optim.AdamW(_param_groups(model, 0.1), lr=0.1)  # weight decay too: a text row must not move
+    ids = torch.tensor([[5, 6, model.vocab.text_size + 3, model.vocab.text_size + 9]])
+    model(ids, targets=torch.tensor([[6, model.vocab.text_size + 3, 7, 8]])).loss.backward()
+    opt.step()
+    after = model.embed.weight.detach()
+    changed = (after != before).any(1)
+    assert not changed[:model.vocab.text_size].any() and changed[model.vocab.text_size:].any()
+    with pytest.raises(ValueError, match="embed.audio_codes.*no audio code ids.*codec.path"):
+        apply_stages(_model(text_tokenizer), TrainConfig(trainable=["embed.audio_codes"]))
+
+
 def test_lr_scale_gives_the_selected_modules_their_own_learning_rate(text_tokenizer):
     from omni.config import from_dict
     from omni.train.loop import _param_groups
