@@ -29,8 +29,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from whisper_finetune import kept_wer  # noqa: E402
-from whisper_parity import ASTERISK, asterisk_prompts  # noqa: E402
+from whisper_finetune import kept_wer, scoring_args  # noqa: E402
+from whisper_parity import asterisk_prompts  # noqa: E402
 
 from common import json_line  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
@@ -41,12 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--run", default="runs/speechllm_smollm_whisper_tiny", help="the speech LLM run folder")
     p.add_argument("--data", default="data/speech_wiki_2k")
     p.add_argument("--splits", default="test_piper")
-    p.add_argument("--rows", type=int, default=100, help="rows of each split scored (their first N)")
-    p.add_argument("--files", type=int, default=40, help="asterisk prompts transcribed")
-    p.add_argument("--asterisk", default=ASTERISK)
     p.add_argument("--sides", default="whisper,run", help="which checkpoints to score")
-    p.add_argument("--rescore", action="store_true", help="score the predictions earlier runs kept")
-    p.add_argument("--threads", type=int, default=2)
+    scoring_args(p)
     return p.parse_args(argv)
 
 

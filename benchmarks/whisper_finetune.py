@@ -37,19 +37,25 @@ from whisper_parity import ASTERISK, asterisk_prompts, wer  # noqa: E402
 from common import json_line  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
+def scoring_args(p: argparse.ArgumentParser) -> None:
+    """The options of a speech checkpoint's scoring (this script's and speechllm_wer.py's): rows of
+    each corpus split, real asterisk prompts, rescoring kept predictions, threads."""
+    p.add_argument("--rows", type=int, default=100, help="rows of each split scored (their first N)")
+    p.add_argument("--files", type=int, default=40, help="asterisk prompts transcribed")
+    p.add_argument("--asterisk", default=ASTERISK)
+    p.add_argument("--rescore", action="store_true", help="score the predictions earlier runs kept")
+    p.add_argument("--threads", type=int, default=2)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--before", default="weights/whisper-tiny-en", help="the imported checkpoint")
     p.add_argument("--after", default="runs/whisper_finetune_tiny_en", help="the fine-tuned run folder")
     p.add_argument("--data", default="data/speech")
     p.add_argument("--splits", default="test,test_piper")
-    p.add_argument("--rows", type=int, default=100, help="rows of each split scored (their first N)")
-    p.add_argument("--files", type=int, default=40, help="asterisk prompts transcribed")
-    p.add_argument("--asterisk", default=ASTERISK)
     p.add_argument("--sides", default="before,after", help="which checkpoints to score (one side: the other "
                    "side's numbers come from an earlier run's JSON line)")
-    p.add_argument("--rescore", action="store_true", help="score the predictions earlier runs kept")
-    p.add_argument("--threads", type=int, default=2)
+    scoring_args(p)
     return p.parse_args(argv)
 
 
