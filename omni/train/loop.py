@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import (
     DistributedDataParallelKwargs,
     DistributedType,
@@ -500,6 +501,10 @@ class Trainer:
 
     def __init__(self, cfg: RecipeConfig):
         self.cfg, self.tc = cfg, cfg.train
+        # accelerate keeps one AcceleratorState per process and refuses another mixed precision: a
+        # run's is its own (a notebook that trains an fp32 recipe, then a bf16 one). The process
+        # group (PartialState) stays.
+        AcceleratorState._reset_state(reset_partial_state=False)
         # cpu=True off-GPU lets accelerate run multi-process CPU (gloo) under torchrun / accelerate launch.
         self.accelerator = Accelerator(mixed_precision=_mixed_precision(self.tc.mixed_precision),
                                        cpu=not torch.cuda.is_available())

@@ -159,6 +159,18 @@ def test_speed_switches_train_like_the_defaults(run_env, tmp_path):
     assert losses["switches"] == pytest.approx(losses["default"], rel=1e-4)
 
 
+def test_runs_in_one_process_each_get_their_own_mixed_precision(run_env, tmp_path):
+    """accelerate's state is one per process; a bf16 run after an fp32 one (a notebook, the API)
+    trains in bf16 instead of failing."""
+    from omni.config import load_recipe
+    from omni.train.loop import Trainer
+
+    for precision in ("no", "bf16", "no"):
+        trainer = Trainer(load_recipe("text/tiny", overrides(run_env, tmp_path / precision, **{
+            "train.mixed_precision": f"\"{precision}\""})))
+        assert trainer.accelerator.mixed_precision == precision
+
+
 LONG = {"train.steps": 200, "train.save_every": 10, "train.eval_every": 200, "train.log_every": 50}
 
 
