@@ -3,8 +3,11 @@ backward, the two sides interleaved (alternating which goes first) in one proces
 machine slows both alike; the loss of each side on each batch shows whether bf16 trains the same.
 
     python benchmarks/bf16_step.py runs/small_cut.yaml --batches 4     # any2any/small on cut corpora
+    python benchmarks/bf16_step.py videollama/smollm_dino_tiny data.path=data/video40 \
+        model.media.video.tokenizer.merge=2 data.seq_len=224         # the video recipe as first written
 
-The first batch of each side is the warm-up (left out of the mean). Ends with one JSON line.
+Recipe overrides (``key=value``, as ``omni train`` takes them) follow the recipe. The first batch of
+each side is the warm-up (left out of the mean). Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from common import json_line  # noqa: E402  (benchmarks/ is on sys.path when run
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides")
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/bf16_step")
@@ -31,8 +35,9 @@ def main(argv=None) -> dict:
     from omni.train.loop import Trainer, _forward, _to_device, batches
 
     torch.set_num_threads(args.threads)
-    cfg = load_recipe(args.recipe, [f"train.out_dir={args.out}", "train.resume=false", "train.overwrite=true",
-                                    "train.progress=false", 'train.mixed_precision="no"'])
+    fixed = [f"train.out_dir={args.out}", "train.resume=false", "train.overwrite=true",
+             "train.progress=false", 'train.mixed_precision="no"']
+    cfg = load_recipe(args.recipe, [*args.overrides, *fixed])
     trainer = Trainer(cfg)
     with trainer.run_folder():
         trainer.setup()
@@ -48,11 +53,13 @@ def main(argv=None) -> dict:
                 out = _forward(model, batch)
             out.loss.backward()
             seconds = round(time.perf_counter() - t, 2)
-            runs[side].append({"seconds": seconds, "loss": round(out.loss.item(), 4)})
+            runs[side].append({"seconds": seconds, "loss": round(out.loss.item(), 4),
+                               "load": round(os.getloadavg()[0], 1)})
             print(side, i, runs[side][-1], flush=True)
     results = {side: {"steps": r, "mean_s": sum(x["seconds"] for x in r[1:]) / max(1, len(r) - 1)}
                for side, r in runs.items()}
-    return json_line("bf16_step", args.threads, {"recipe": args.recipe, "batches": args.batches,
+    return json_line("bf16_step", args.threads, {"recipe": args.recipe, "overrides": args.overrides,
+                                                 "batches": args.batches,
                                                  "batch_size": cfg.train.batch_size,
                                                  "seq_len": cfg.data.seq_len}, results)
 
