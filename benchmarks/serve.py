@@ -74,7 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--system", default=SYSTEM, help="the system message each chat sends ('' for none: the "
                                                    "chat template's default, if it has one)")
     p.add_argument("--length-spread", type=float, default=0.0,
-                   help="each request's max_tokens uniform in max_tokens * [1 - R, 1 + R] (default 0: all equal)")
+                   help="each request's max_tokens uniform in max_tokens * [1 - R, 1 + R] "
+                        "(default 0: all equal)")
     p.add_argument("--request-rate", type=float, default=float("inf"),
                    help="requests a second, Poisson arrivals (default inf: a level's first N start at once)")
     p.add_argument("--rounds", type=int, default=1,
@@ -210,7 +211,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
     dtypes = args.dtypes.split(",")
-    longest = max(n for _, n in schedule(args.requests, args.max_tokens, args.length_spread, args.request_rate))
+    plan = schedule(args.requests, args.max_tokens, args.length_spread, args.request_rate)
+    longest = max(n for _, n in plan)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
@@ -239,8 +241,10 @@ def main(argv=None) -> int:
                 key = name if len(dtypes) == 1 else f"{name}/{d}"
                 results[key] = summarize(key, rows)
     config = {"requests": args.requests, "max_tokens": args.max_tokens, "clients": levels, "seed": args.seed,
-              "rounds": args.rounds, "dtypes": dtypes, "system": args.system, "length_spread": args.length_spread,
-              "request_rate": None if args.request_rate == float("inf") else args.request_rate, "load": os.getloadavg()}
+              "rounds": args.rounds, "dtypes": dtypes, "system": args.system,
+              "length_spread": args.length_spread,
+              "request_rate": None if args.request_rate == float("inf") else args.request_rate,
+              "load": os.getloadavg()}
     json_line("serve", args.threads, config, results)
     return 0
 

@@ -524,10 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("kind", choices=["text", "chat", "images", "emoji", "video", "speech", "sounds"],
                    help="text: Wikipedia paragraphs; chat: questions about Wikipedia titles answered by "
                         "their lead paragraphs (instruction tuning, task chat); images: Tux Paint stamps + "
-                        "captions; emoji: the colour emoji font's drawings captioned by their Unicode names (image-"
-                        "projector alignment); video: rendered clips of stamps moving, captioned with direction and "
-                        "speed; speech: sentences spoken by espeak-ng/flite voices (+ the held-out piper "
-                        "voice); sounds: Tux Paint sound effects + captions")
+                        "captions; emoji: the colour emoji font's drawings captioned by their Unicode "
+                        "names (image-projector alignment); video: rendered clips of stamps moving, "
+                        "captioned with direction and speed; speech: sentences spoken by espeak-ng/flite "
+                        "voices (+ the held-out piper voice); sounds: Tux Paint sound effects + captions")
     b.add_argument("--size", default="tiny", choices=["tiny", "full"],
                    help="speech only: tiny (closed command grammar) or full (Wikipedia sentences)")
     b.add_argument("--out", required=True, help="output directory")

@@ -109,7 +109,8 @@ def stamp_rgba(stamp: Stamp, max_size: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def fit_rgba(rgba: torch.Tensor, max_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 ``(4, H, W)`` fitted within ``max_size`` -> premultiplied ``(rgb, alpha)`` as :func:`stamp_rgba`."""
+    """uint8 ``(4, H, W)`` fitted within ``max_size`` -> premultiplied ``(rgb, alpha)``, as
+    :func:`stamp_rgba` returns them."""
     rgba = rgba.float()
     alpha = rgba[3:] / 255.0
     prem = torch.cat([rgba[:3] * alpha, alpha])
@@ -229,7 +230,8 @@ def find_emoji(font_path: str | Path = EMOJI_FONT) -> list[tuple[str, str]]:
 def emoji_rgba(char: str, font_path: str | Path = EMOJI_FONT) -> torch.Tensor:
     """uint8 ``(4, H, W)``: the emoji drawn by the colour font, cropped to its visible pixels."""
     import numpy as np
-    from PIL import Image as PILImage, ImageDraw, ImageFont
+    from PIL import Image as PILImage
+    from PIL import ImageDraw, ImageFont
 
     font = ImageFont.truetype(str(font_path), 109)
     canvas = PILImage.new("RGBA", (160, 160), (0, 0, 0, 0))

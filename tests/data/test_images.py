@@ -135,7 +135,8 @@ def test_emoji_captions_read_like_the_stamps():
     assert emoji_caption("BUS") == "A bus."
 
 
-@pytest.mark.skipif(not EMOJI_FONT.is_file(), reason="emoji font not installed (apt-get install fonts-noto-color-emoji)")
+@pytest.mark.skipif(not EMOJI_FONT.is_file(),
+                    reason="emoji font not installed (apt-get install fonts-noto-color-emoji)")
 def test_emoji_corpus_draws_named_emoji(tmp_path):
     stats = build_emoji_corpus(tmp_path / "emoji", max_emoji=16)
     assert stats["emoji_used"] == 16 and stats["train"] + stats["val"] == 16 and stats["test"] == 0
