@@ -18,6 +18,16 @@ imported. Each chat is a system message (``--system``) and the user's request, a
 them; per level the client's own CPU time is reported too (it shares the machine with the server).
 The 8-client TTFT goal is reported as p95 over the single request's p50 and over its p95. Ends with
 one JSON line.
+
+By default every request asks for exactly ``--max-tokens`` and a level's first N requests start at
+once, so clients run in lockstep: a level's rows finish on the same step and the next N prompts
+arrive together (the worst case for time to first token). Two options make the arrivals look like
+users', as vLLM's ``benchmark_serving`` does: ``--length-spread R`` draws each request's
+``max_tokens`` uniformly from ``max_tokens * [1 - R, 1 + R]`` (its ``--random-range-ratio``), and
+``--request-rate Q`` starts requests as a Poisson process of Q a second (its ``--request-rate``),
+still at most N in flight. Both draws are seeded, so every level and round sends the same schedule.
+With a request rate the wall time includes the gaps between arrivals, so throughput is the offered
+load, not the server's capacity: the throughput goal is read without it.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import argparse
 import asyncio
 import importlib.util
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -62,6 +73,11 @@ def parse_args(argv=None):
                         "and every round runs each level on each in turn (interleaved on a shared machine)")
     p.add_argument("--system", default=SYSTEM, help="the system message each chat sends ('' for none: the "
                                                    "chat template's default, if it has one)")
+    p.add_argument("--length-spread", type=float, default=0.0,
+                   help="each request's max_tokens uniform in max_tokens * [1 - R, 1 + R] "
+                        "(default 0: all equal)")
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="requests a second, Poisson arrivals (default inf: a level's first N start at once)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the levels this many times, in alternating order (1, 8, 32, 32, 8, 1, ...), and "
                         "report each number's mean over the rounds (the machine's load drifts)")
@@ -130,16 +146,31 @@ async def one_request(client, i: int, max_tokens: int, seed: bool, system: str) 
     return {"ttft": first - t0, "tpot": (last - first) / max(tokens - 1, 1), "tokens": tokens}
 
 
-async def level(url: str, clients: int, requests: int, max_tokens: int, seed: bool, system: str) -> dict:
+def schedule(requests: int, max_tokens: int, spread: float, rate: float) -> list[tuple[float, int]]:
+    """``(start offset in s, max_tokens)`` of each request: Poisson starts at ``rate`` a second (all
+    at 0 for an infinite rate) and lengths uniform in ``max_tokens * [1 - spread, 1 + spread]``."""
+    rng = random.Random(0)
+    t, out = 0.0, []
+    for _ in range(requests):
+        length = max(1, round(max_tokens * rng.uniform(1 - spread, 1 + spread)))
+        out.append((t, length))
+        t += rng.expovariate(rate) if rate != float("inf") else 0.0
+    return out
+
+
+async def level(url: str, clients: int, requests: int, max_tokens: int, seed: bool, system: str,
+                spread: float = 0.0, rate: float = float("inf")) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
     await one_request(client, 0, 4, seed, system)  # warm-up
     gate = asyncio.Semaphore(clients)
+    plan = schedule(requests, max_tokens, spread, rate)
 
     async def gated(i):
+        await asyncio.sleep(plan[i][0])
         async with gate:
-            return await one_request(client, i, max_tokens, seed, system)
+            return await one_request(client, i, plan[i][1], seed, system)
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     runs = await asyncio.gather(*(gated(i) for i in range(requests)))
@@ -180,6 +211,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
     dtypes = args.dtypes.split(",")
+    plan = schedule(args.requests, args.max_tokens, args.length_spread, args.request_rate)
+    longest = max(n for _, n in plan)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
@@ -188,14 +221,14 @@ def main(argv=None) -> int:
             try:
                 for dtype in dtypes:
                     port = free_port()
-                    servers[dtype] = (start_server(ckpt, port, args.threads, args.max_tokens, dtype),
+                    servers[dtype] = (start_server(ckpt, port, args.threads, longest, dtype),
                                       f"http://127.0.0.1:{port}")
                 runs: dict[tuple, list[dict]] = {(d, c): [] for d in dtypes for c in levels}
                 for r in range(args.rounds):
                     for c in levels if r % 2 == 0 else levels[::-1]:
                         for d in dtypes if r % 2 == 0 else dtypes[::-1]:
                             run = level(servers[d][1], c, args.requests, args.max_tokens, args.seed,
-                                        args.system)
+                                        args.system, args.length_spread, args.request_rate)
                             runs[d, c].append(asyncio.run(run))
             finally:
                 for proc, _ in servers.values():
@@ -208,7 +241,10 @@ def main(argv=None) -> int:
                 key = name if len(dtypes) == 1 else f"{name}/{d}"
                 results[key] = summarize(key, rows)
     config = {"requests": args.requests, "max_tokens": args.max_tokens, "clients": levels, "seed": args.seed,
-              "rounds": args.rounds, "dtypes": dtypes, "system": args.system, "load": os.getloadavg()}
+              "rounds": args.rounds, "dtypes": dtypes, "system": args.system,
+              "length_spread": args.length_spread,
+              "request_rate": None if args.request_rate == float("inf") else args.request_rate,
+              "load": os.getloadavg()}
     json_line("serve", args.threads, config, results)
     return 0
 

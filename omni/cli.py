@@ -14,7 +14,7 @@ import omni
 from omni.api import describe, media_for
 from omni.config import find_tokenizer_spec, load_recipe, load_tokenizer_spec, read_yaml
 from omni.data.chat import build_chat_corpus
-from omni.data.images import build_images_corpus
+from omni.data.images import build_emoji_corpus, build_images_corpus
 from omni.data.speech import build_sounds_corpus, build_speech_corpus, speech_counts
 from omni.data.text import build_text_corpus
 from omni.data.video import build_video_corpus
@@ -260,6 +260,8 @@ def cmd_data_build(args) -> int:
         return 0
     if args.kind == "images":
         stats = build_images_corpus(args.out, max_stamps=args.max_docs)
+    elif args.kind == "emoji":
+        stats = build_emoji_corpus(args.out, max_emoji=args.max_docs)
     elif args.kind == "video":
         stats = build_video_corpus(args.out, max_stamps=args.max_docs)
     elif args.kind == "speech":
@@ -519,12 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
         dest="data_command", required=True, metavar="ACTION", help="data action")
     b = d.add_parser("build", help="build a corpus (media + JSONL manifests with train/val/test splits)",
                      epilog=EPILOG)
-    b.add_argument("kind", choices=["text", "chat", "images", "video", "speech", "sounds"],
+    b.add_argument("kind", choices=["text", "chat", "images", "emoji", "video", "speech", "sounds"],
                    help="text: Wikipedia paragraphs; chat: questions about Wikipedia titles answered by "
                         "their lead paragraphs (instruction tuning, task chat); images: Tux Paint stamps + "
-                        "captions; video: rendered clips of stamps moving, captioned with direction and "
-                        "speed; speech: sentences spoken by espeak-ng/flite voices (+ the held-out piper "
-                        "voice); sounds: Tux Paint sound effects + captions")
+                        "captions; emoji: the colour emoji font's drawings captioned by their Unicode "
+                        "names (image-projector alignment); video: rendered clips of stamps moving, "
+                        "captioned with direction and speed; speech: sentences spoken by espeak-ng/flite "
+                        "voices (+ the held-out piper voice); sounds: Tux Paint sound effects + captions")
     b.add_argument("--size", default="tiny", choices=["tiny", "full"],
                    help="speech only: tiny (closed command grammar) or full (Wikipedia sentences)")
     b.add_argument("--out", required=True, help="output directory")
@@ -535,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-docs", "--max-rows", type=int, default=None,
                    help="keep only N documents (text), N conversations (chat), N training utterances "
                         "with a tenth as many for val, a quarter for test and a twentieth for piper "
-                        "(speech), N sounds, or N stamps spread over the categories (images, video)")
+                        "(speech), N sounds, N stamps spread over the categories (images, video) or N emoji")
     b.add_argument("--max-chars", type=int, default=600,
                    help="chat only: answers are the lead paragraph's first sentences within N characters "
                         "(default: 600)")

@@ -188,3 +188,21 @@ def _driver():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_serve_schedule_spreads_lengths_and_arrivals():
+    """benchmarks/serve.py: lockstep by default; --length-spread and --request-rate draw a seeded
+    schedule (every level and round sends the same one)."""
+    spec = importlib.util.spec_from_file_location("serve_bench", ROOT / "benchmarks" / "serve.py")
+    m = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec.loader.exec_module(m)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert m.schedule(4, 32, 0.0, float("inf")) == [(0.0, 32)] * 4
+    plan = m.schedule(200, 32, 0.5, 4.0)
+    assert plan == m.schedule(200, 32, 0.5, 4.0)
+    starts, lengths = [t for t, _ in plan], [n for _, n in plan]
+    assert starts == sorted(starts) and starts[0] == 0.0 and 35 < starts[-1] < 65  # ~200 / 4 s
+    assert min(lengths) >= 16 and max(lengths) <= 48 and 28 < sum(lengths) / 200 < 36

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
 STAMPS_INSTALL = "apt-get install tuxpaint-stamps-default"
+EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+EMOJI_INSTALL = "apt-get install fonts-noto-color-emoji"
 SVG_INSTALL = "pip install cairosvg"
 SPLITS = ("train", "val", "test")
 _LANG_LINE = re.compile(r"^[A-Za-z]{2,3}(_[A-Za-z0-9]{2,4})?(@\w+)?\.utf8=")
@@ -103,7 +105,13 @@ def stamp_rgba(stamp: Stamp, max_size: int) -> tuple[torch.Tensor, torch.Tensor]
             source = cairosvg.svg2png(url=str(stamp.image), output_width=2 * max_size)
         except Exception as e:  # cairosvg raises a mix of parser errors
             raise MediaError(stamp.image, f"cannot rasterise SVG ({e})") from None
-    rgba = Image(source, name=str(stamp.image)).rgba.float()
+    return fit_rgba(Image(source, name=str(stamp.image)).rgba, max_size)
+
+
+def fit_rgba(rgba: torch.Tensor, max_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 ``(4, H, W)`` fitted within ``max_size`` -> premultiplied ``(rgb, alpha)``, as
+    :func:`stamp_rgba` returns them."""
+    rgba = rgba.float()
     alpha = rgba[3:] / 255.0
     prem = torch.cat([rgba[:3] * alpha, alpha])
     size = fit_within(rgba.shape[1], rgba.shape[2], max_size)
@@ -176,4 +184,84 @@ def build_images_corpus(out: str | Path, stamps_dir: str | Path = STAMPS_DIR, ma
                  "categories": len({s.category for s in chosen}), "max_size": max_size, **counts}
         atomic_write_json(out / "corpus.json", stats)
         log.debug("wrote %s to %s", stats, out)  # `omni data build` prints it
+        return stats
+
+
+# Unicode names that say how a symbol is drawn (a letter in a box, a skin-tone swatch), not what it shows.
+_EMOJI_SKIP = ("REGIONAL INDICATOR", "EMOJI MODIFIER", "SQUARED", "CIRCLED", "KEYCAP", "PARENTHESIZED",
+               "INPUT SYMBOL", "CJK", "IDEOGRAPH", "VARIATION SELECTOR", "TAG ")
+_EMOJI_RANGES = ((0x2300, 0x23FF), (0x2600, 0x27BF), (0x2B00, 0x2BFF), (0x1F000, 0x1FAFF))
+
+
+def emoji_caption(name: str) -> str:
+    """A Unicode character name as a caption in the stamps' style: ``LION FACE`` -> ``A lion face.``,
+    ``EYES`` -> ``Some eyes.``"""
+    words = name.lower()
+    if words.endswith("s") and not words.endswith(("ss", "us", "is")):  # "EYES", "LINKED PAPERCLIPS"
+        return f"Some {words}."
+    return f"{'An' if words[0] in 'aeiou' else 'A'} {words}."
+
+
+def find_emoji(font_path: str | Path = EMOJI_FONT) -> list[tuple[str, str]]:
+    """``(character, Unicode name)`` of every single-code-point emoji the font draws, in code-point
+    order; symbols whose name says how they are drawn (boxed letters, skin-tone swatches) are left out."""
+    import unicodedata
+
+    font_path = Path(font_path)
+    if not font_path.is_file():
+        raise ValueError(f"{font_path}: emoji font not found; install it with: {EMOJI_INSTALL}")
+    from PIL import ImageFont
+
+    font = ImageFont.truetype(str(font_path), 109)  # a bitmap font: 109 px is its one size
+    missing = font.getmask("\ue000", mode="RGBA").getbbox()  # what the font draws for a character it lacks
+    found = []
+    for lo, hi in _EMOJI_RANGES:
+        for cp in range(lo, hi + 1):
+            char = chr(cp)
+            name = unicodedata.name(char, "")
+            if not name or any(k in name for k in _EMOJI_SKIP):
+                continue
+            box = font.getmask(char, mode="RGBA").getbbox()
+            if box and box != missing:
+                found.append((char, name))
+    return found
+
+
+def emoji_rgba(char: str, font_path: str | Path = EMOJI_FONT) -> torch.Tensor:
+    """uint8 ``(4, H, W)``: the emoji drawn by the colour font, cropped to its visible pixels."""
+    import numpy as np
+    from PIL import Image as PILImage
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.truetype(str(font_path), 109)
+    canvas = PILImage.new("RGBA", (160, 160), (0, 0, 0, 0))
+    ImageDraw.Draw(canvas).text((8, 8), char, font=font, embedded_color=True)
+    canvas = canvas.crop(canvas.getbbox())
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)
+
+
+def build_emoji_corpus(out: str | Path, font_path: str | Path = EMOJI_FONT, max_size: int = 128,
+                       val_fraction: float = 0.1, max_emoji: int | None = None) -> dict:
+    """Write an image-caption corpus of the colour emoji font's drawings (Debian
+    ``fonts-noto-color-emoji``), each captioned by its Unicode name ("A lion face."), in the layout
+    of :func:`build_images_corpus` (``source``: the code point; ``test.jsonl`` empty). Broad
+    alignment data for an image projector: ~1,300 objects, animals, food, tools and faces drawn in
+    one cartoon style. Returns (and writes to ``out/corpus.json``) the counts."""
+    out = Path(out)
+    chosen = _spread(find_emoji(font_path), max_emoji)
+    with exclusive(out, "emoji corpus"):
+        rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
+        white = torch.full((3, 1, 1), 255.0)
+        for char, name in progress_bar(chosen, desc=f"drawing emoji into {out}", unit="emoji"):
+            cp = f"U+{ord(char):04X}"
+            rel = Path("images") / f"emoji_{ord(char):05x}.png"
+            rgb, alpha = fit_rgba(emoji_rgba(char, font_path), max_size)
+            Image(compose(rgb, alpha, white)).save(out / rel)
+            caption = emoji_caption(name)
+            split = split_of(caption.lower(), val_fraction, 0.0)
+            rows[split].append({"id": f"emoji/{name.lower().replace(' ', '_')}", "image": rel.as_posix(),
+                                "caption": caption, "category": "emoji", "split": split, "source": cp})
+        counts = {s: write_jsonl(out / f"{s}.jsonl", r) for s, r in rows.items()}
+        stats = {"emoji_used": len(chosen), "font": str(font_path), "max_size": max_size, **counts}
+        atomic_write_json(out / "corpus.json", stats)
         return stats

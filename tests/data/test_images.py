@@ -7,8 +7,11 @@ import torch
 
 from omni.data import images as images_mod
 from omni.data.images import (
+    EMOJI_FONT,
     STAMPS_DIR,
+    build_emoji_corpus,
     build_images_corpus,
+    emoji_caption,
     english_caption,
     find_stamps,
     split_of,
@@ -123,3 +126,29 @@ def test_a_second_build_of_a_folder_being_built_is_refused(tmp_path, fake_stamps
                            match=rf"this image corpus is being written by another process \(pid {pid} "):
             build_images_corpus(out, stamps_dir=fake_stamps, max_size=16)
     assert folder_files(out) == before
+
+
+def test_emoji_captions_read_like_the_stamps():
+    assert emoji_caption("LION FACE") == "A lion face."
+    assert emoji_caption("ELEPHANT") == "An elephant."
+    assert emoji_caption("LINKED PAPERCLIPS") == "Some linked paperclips."
+    assert emoji_caption("BUS") == "A bus."
+
+
+@pytest.mark.skipif(not EMOJI_FONT.is_file(),
+                    reason="emoji font not installed (apt-get install fonts-noto-color-emoji)")
+def test_emoji_corpus_draws_named_emoji(tmp_path):
+    stats = build_emoji_corpus(tmp_path / "emoji", max_emoji=16)
+    assert stats["emoji_used"] == 16 and stats["train"] + stats["val"] == 16 and stats["test"] == 0
+    rows = [*read_jsonl(tmp_path / "emoji" / "train.jsonl"), *read_jsonl(tmp_path / "emoji" / "val.jsonl")]
+    for row in rows:
+        pixels = Image(tmp_path / "emoji" / row["image"]).pixels
+        assert 64 < max(pixels.shape[1:]) <= 128 and (pixels < 250).any()  # fitted, and something is drawn
+        assert row["caption"].endswith(".") and row["source"].startswith("U+")
+    # the whole font: over a thousand distinct drawings, none of them the font's missing-glyph box
+    assert len(images_mod.find_emoji()) > 1000
+
+
+def test_emoji_corpus_names_a_missing_font(tmp_path):
+    with pytest.raises(ValueError, match="fonts-noto-color-emoji"):
+        build_emoji_corpus(tmp_path / "emoji", font_path=tmp_path / "no.ttf")
