@@ -158,14 +158,14 @@ def schedule(requests: int, max_tokens: int, spread: float, rate: float) -> list
     return out
 
 
-async def level(url: str, clients: int, requests: int, max_tokens: int, seed: bool, system: str,
-                spread: float = 0.0, rate: float = float("inf")) -> dict:
+async def level(url: str, clients: int, plan: list[tuple[float, int]], seed: bool, system: str) -> dict:
+    """The requests of ``plan`` (:func:`schedule`) with at most ``clients`` in flight."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
     await one_request(client, 0, 4, seed, system)  # warm-up
     gate = asyncio.Semaphore(clients)
-    plan = schedule(requests, max_tokens, spread, rate)
+    requests = len(plan)
 
     async def gated(i):
         await asyncio.sleep(plan[i][0])
@@ -227,8 +227,7 @@ def main(argv=None) -> int:
                 for r in range(args.rounds):
                     for c in levels if r % 2 == 0 else levels[::-1]:
                         for d in dtypes if r % 2 == 0 else dtypes[::-1]:
-                            run = level(servers[d][1], c, args.requests, args.max_tokens, args.seed,
-                                        args.system, args.length_spread, args.request_rate)
+                            run = level(servers[d][1], c, plan, args.seed, args.system)
                             runs[d, c].append(asyncio.run(run))
             finally:
                 for proc, _ in servers.values():

@@ -202,17 +202,26 @@ def emoji_caption(name: str) -> str:
     return f"{'An' if words[0] in 'aeiou' else 'A'} {words}."
 
 
-def find_emoji(font_path: str | Path = EMOJI_FONT) -> list[tuple[str, str]]:
-    """``(character, Unicode name)`` of every single-code-point emoji the font draws, in code-point
-    order; symbols whose name says how they are drawn (boxed letters, skin-tone swatches) are left out."""
-    import unicodedata
+def emoji_font(font_path: str | Path = EMOJI_FONT):
+    """The colour emoji font at its one size (a bitmap font: 109 px), as a PIL font."""
+    from PIL import ImageFont
 
     font_path = Path(font_path)
     if not font_path.is_file():
         raise ValueError(f"{font_path}: emoji font not found; install it with: {EMOJI_INSTALL}")
-    from PIL import ImageFont
+    try:
+        return ImageFont.truetype(str(font_path), 109)
+    except OSError as e:
+        raise ValueError(f"{font_path}: not a font FreeType can read at 109 px ({e}); "
+                         f"expected Noto Color Emoji ({EMOJI_INSTALL})") from None
 
-    font = ImageFont.truetype(str(font_path), 109)  # a bitmap font: 109 px is its one size
+
+def find_emoji(font) -> list[tuple[str, str]]:
+    """``(character, Unicode name)`` of every single-code-point emoji ``font`` (:func:`emoji_font`)
+    draws, in code-point order; symbols whose name says how they are drawn (boxed letters, skin-tone
+    swatches) are left out."""
+    import unicodedata
+
     missing = font.getmask("\ue000", mode="RGBA").getbbox()  # what the font draws for a character it lacks
     found = []
     for lo, hi in _EMOJI_RANGES:
@@ -227,13 +236,12 @@ def find_emoji(font_path: str | Path = EMOJI_FONT) -> list[tuple[str, str]]:
     return found
 
 
-def emoji_rgba(char: str, font_path: str | Path = EMOJI_FONT) -> torch.Tensor:
-    """uint8 ``(4, H, W)``: the emoji drawn by the colour font, cropped to its visible pixels."""
+def emoji_rgba(char: str, font) -> torch.Tensor:
+    """uint8 ``(4, H, W)``: the emoji drawn by ``font`` (:func:`emoji_font`), cropped to what it drew."""
     import numpy as np
     from PIL import Image as PILImage
-    from PIL import ImageDraw, ImageFont
+    from PIL import ImageDraw
 
-    font = ImageFont.truetype(str(font_path), 109)
     canvas = PILImage.new("RGBA", (160, 160), (0, 0, 0, 0))
     ImageDraw.Draw(canvas).text((8, 8), char, font=font, embedded_color=True)
     canvas = canvas.crop(canvas.getbbox())
@@ -248,14 +256,15 @@ def build_emoji_corpus(out: str | Path, font_path: str | Path = EMOJI_FONT, max_
     alignment data for an image projector: ~1,300 objects, animals, food, tools and faces drawn in
     one cartoon style. Returns (and writes to ``out/corpus.json``) the counts."""
     out = Path(out)
-    chosen = _spread(find_emoji(font_path), max_emoji)
+    font = emoji_font(font_path)
+    chosen = _spread(find_emoji(font), max_emoji)
     with exclusive(out, "emoji corpus"):
         rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
         white = torch.full((3, 1, 1), 255.0)
         for char, name in progress_bar(chosen, desc=f"drawing emoji into {out}", unit="emoji"):
             cp = f"U+{ord(char):04X}"
             rel = Path("images") / f"emoji_{ord(char):05x}.png"
-            rgb, alpha = fit_rgba(emoji_rgba(char, font_path), max_size)
+            rgb, alpha = fit_rgba(emoji_rgba(char, font), max_size)
             Image(compose(rgb, alpha, white)).save(out / rel)
             caption = emoji_caption(name)
             split = split_of(caption.lower(), val_fraction, 0.0)

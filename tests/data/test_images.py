@@ -146,9 +146,14 @@ def test_emoji_corpus_draws_named_emoji(tmp_path):
         assert 64 < max(pixels.shape[1:]) <= 128 and (pixels < 250).any()  # fitted, and something is drawn
         assert row["caption"].endswith(".") and row["source"].startswith("U+")
     # the whole font: over a thousand distinct drawings, none of them the font's missing-glyph box
-    assert len(images_mod.find_emoji()) > 1000
+    assert len(images_mod.find_emoji(images_mod.emoji_font())) > 1000
 
 
-def test_emoji_corpus_names_a_missing_font(tmp_path):
-    with pytest.raises(ValueError, match="fonts-noto-color-emoji"):
+def test_emoji_corpus_names_a_missing_or_unreadable_font(tmp_path):
+    with pytest.raises(ValueError, match="no.ttf: emoji font not found.*fonts-noto-color-emoji"):
         build_emoji_corpus(tmp_path / "emoji", font_path=tmp_path / "no.ttf")
+    bad = tmp_path / "bad.ttf"
+    bad.write_bytes(b"not a font at all")
+    with pytest.raises(ValueError, match="bad.ttf: not a font"):
+        build_emoji_corpus(tmp_path / "emoji", font_path=bad)
+    assert not (tmp_path / "emoji" / "train.jsonl").exists()  # nothing half-written
