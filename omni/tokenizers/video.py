@@ -66,6 +66,7 @@ class VideoTokenizerConfig:
     qformer_layers: int = 2
     qformer_heads: int = 4
     positions_per_second: float | None = None  # mrope: time positions from timestamps; None: frame index
+    frame_diff: bool = False  # each token also carries its change since the previous frame (motion)
 
     def validate(self) -> None:
         if self.temporal not in TEMPORAL:
@@ -105,19 +106,20 @@ class VideoTokenizer(BaseVideoTokenizer):
                  temporal: str = "mrope", time_positions: bool = True, max_frames: int = 64,
                  max_pixels_per_frame: int = 1024 * 1024, max_total_tokens: int = 16384,
                  num_queries: int = 32, qformer_layers: int = 2, qformer_heads: int = 4,
-                 frame_batch_size: int = 16, positions_per_second: float | None = None):
+                 frame_batch_size: int = 16, positions_per_second: float | None = None,
+                 frame_diff: bool = False):
         super().__init__()
         VideoTokenizerConfig(num_frames, fps, temporal, time_positions, max_frames, max_pixels_per_frame,
                              max_total_tokens, num_queries, qformer_layers, qformer_heads,
-                             positions_per_second).validate()
-        self.positions_per_second = positions_per_second
+                             positions_per_second, frame_diff).validate()
+        self.positions_per_second, self.frame_diff = positions_per_second, frame_diff
         self.image_tokenizer = image_tokenizer
         self._num_frames, self._fps = num_frames, fps
         self.temporal, self.time_positions = temporal, time_positions
         self.max_frames, self.max_total_tokens = max_frames, max_total_tokens
         self.max_pixels_per_frame = max_pixels_per_frame
         self.frame_batch_size = frame_batch_size
-        d = image_tokenizer.out_dim
+        d = self.out_dim
         self.frame_pos = self.qformer = None
         if temporal == "qformer":
             if time_positions:
@@ -136,7 +138,7 @@ class VideoTokenizer(BaseVideoTokenizer):
 
     @property
     def out_dim(self) -> int:
-        return self.image_tokenizer.out_dim
+        return self.image_tokenizer.out_dim * (2 if self.frame_diff else 1)
 
     def load(self, path, start: float | None = None, end: float | None = None,
              backend: str = "auto") -> Video:
@@ -226,9 +228,14 @@ class VideoTokenizer(BaseVideoTokenizer):
         return list(feats_all.split([v.shape[0] for v in videos]))
 
     def video_tokens(self, feats: torch.Tensor) -> torch.Tensor:
-        """(N, h, w, D) per-frame features (:meth:`frame_features`) -> the video's tokens."""
+        """(N, h, w, D) per-frame features (:meth:`frame_features`) -> the video's tokens. With
+        ``frame_diff`` each token is ``[f_t, f_t - f_(t-1)]`` (``2D``; the first frame's change is 0):
+        a frozen tower's features say what is where, their differences where something moved
+        from and to, which the language model would otherwise have to work out across frames."""
         n, h, w, _ = feats.shape
         feats = feats.reshape(n, h * w, -1)
+        if self.frame_diff:
+            feats = torch.cat([feats, feats - torch.cat([feats[:1], feats[:-1]])], -1)
         if self.temporal == "mrope":
             return feats.reshape(n * h * w, -1)
         if not self.image_tokenizer.has_positions:
@@ -245,4 +252,5 @@ def build_video_tokenizer(cfg: VideoTokenizerConfig, image_tokenizer: ImageToken
                           max_pixels_per_frame=cfg.max_pixels_per_frame,
                           max_total_tokens=cfg.max_total_tokens,
                           num_queries=cfg.num_queries, qformer_layers=cfg.qformer_layers,
-                          qformer_heads=cfg.qformer_heads, positions_per_second=cfg.positions_per_second)
+                          qformer_heads=cfg.qformer_heads, positions_per_second=cfg.positions_per_second,
+                          frame_diff=cfg.frame_diff)

@@ -31,6 +31,22 @@ def test_mrope_keeps_every_patch_with_frame_as_time(patchify):
     assert vt.num_tokens(4, 100, 50) == 64
 
 
+def test_frame_diff_adds_each_tokens_change_since_the_previous_frame(patchify):
+    vt = VideoTokenizer(patchify, num_frames=4, frame_diff=True)
+    frames = _frames()
+    with torch.no_grad():
+        feats, grid = vt.encode(frames)
+        plain = VideoTokenizer(patchify, num_frames=4).encode(frames)[0].view(4, 16, 16)
+        backwards = vt.encode(frames.flip(0))[0].view(4, 16, 32)
+    assert grid == (4, 4, 4) and feats.shape == (64, 32) and vt.out_dim == 32  # as many tokens, 2x wide
+    feats = feats.view(4, 16, 32)
+    torch.testing.assert_close(feats[..., :16], plain)
+    assert not feats[0, :, 16:].any()  # the first frame has no change
+    torch.testing.assert_close(feats[1:, :, 16:], plain[1:] - plain[:-1])
+    # played backwards, each step's change is the same change with its sign flipped
+    torch.testing.assert_close(backwards[1:, :, 16:], -(plain[1:] - plain[:-1]).flip(0))
+
+
 def test_mrope_without_time_positions_shuffles_frames(patchify):
     vt = VideoTokenizer(patchify, num_frames=6, time_positions=False)
     frames = _frames(6)
