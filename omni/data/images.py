@@ -244,39 +244,58 @@ def emoji_source(style: str) -> Path:
     raise ValueError(f"unknown emoji style {style!r}; known: {', '.join(EMOJI_STYLES)}")
 
 
-def emoji_drawer(style: str, source: str | Path | None = None):
-    """A function ``char -> uint8 (4, H, W)`` cropped to what was drawn, or ``None`` where ``style``
-    has no drawing of ``char``. ``source`` overrides :func:`emoji_source`; a missing or unreadable
-    one is a ``ValueError`` naming it and the install command."""
-    import numpy as np
-    from PIL import Image as PILImage
-    from PIL import ImageDraw, ImageFont
+class _PngEmoji:
+    """A folder of ``<code point>.png`` drawings."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def has(self, char: str) -> bool:
+        return (self.folder / f"{ord(char):x}.png").is_file()
+
+    def rgba(self, char: str) -> torch.Tensor:
+        return Image(self.folder / f"{ord(char):x}.png").rgba
+
+
+class _FontEmoji:
+    """A colour font's glyphs at 109 px (Noto's one bitmap size; a COLR font scales to it)."""
+
+    def __init__(self, font):
+        self.font = font
+        self.missing = font.getmask(_MISSING_PROBE, mode="RGBA").getbbox()  # its missing-glyph box
+
+    def has(self, char: str) -> bool:
+        box = self.font.getmask(char, mode="RGBA").getbbox()
+        return bool(box) and box != self.missing
+
+    def rgba(self, char: str) -> torch.Tensor:
+        import numpy as np
+        from PIL import Image as PILImage
+        from PIL import ImageDraw
+
+        canvas = PILImage.new("RGBA", (160, 160), (0, 0, 0, 0))
+        ImageDraw.Draw(canvas).text((8, 8), char, font=self.font, embedded_color=True)
+        canvas = canvas.crop(canvas.getbbox())
+        return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)
+
+
+def emoji_set(style: str, source: str | Path | None = None) -> _PngEmoji | _FontEmoji:
+    """``style``'s drawings: ``has(char)`` says whether it draws ``char`` (cheap), ``rgba(char)`` draws
+    it, uint8 ``(4, H, W)`` cropped to what was drawn. ``source`` overrides :func:`emoji_source`; a
+    missing or unreadable one is a ``ValueError`` naming it and the install command."""
+    from PIL import ImageFont
 
     source = Path(source) if source is not None else emoji_source(style)
     install = EMOJI_INSTALL.get(style, "")
     if not source.exists():
         raise ValueError(f"{source}: {style} emoji not found; install them with: {install}")
     if source.is_dir():
-        def draw_png(char: str) -> torch.Tensor | None:
-            path = source / f"{ord(char):x}.png"
-            return Image(path).rgba if path.is_file() else None
-        return draw_png
+        return _PngEmoji(source)
     try:
-        font = ImageFont.truetype(str(source), 109)  # Noto's one bitmap size; a COLR font scales to it
+        return _FontEmoji(ImageFont.truetype(str(source), 109))
     except OSError as e:
         raise ValueError(f"{source}: not a font FreeType can read at 109 px ({e}); "
                          f"expected the {style} emoji font ({install})") from None
-    missing = font.getmask(_MISSING_PROBE, mode="RGBA").getbbox()
-
-    def draw_glyph(char: str) -> torch.Tensor | None:
-        box = font.getmask(char, mode="RGBA").getbbox()
-        if not box or box == missing:
-            return None
-        canvas = PILImage.new("RGBA", (160, 160), (0, 0, 0, 0))
-        ImageDraw.Draw(canvas).text((8, 8), char, font=font, embedded_color=True)
-        canvas = canvas.crop(canvas.getbbox())
-        return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)
-    return draw_glyph
 
 
 def build_emoji_corpus(out: str | Path, styles: tuple[str, ...] = ("noto",), max_size: int = 128,
@@ -291,9 +310,8 @@ def build_emoji_corpus(out: str | Path, styles: tuple[str, ...] = ("noto",), max
     code points. ``sources`` overrides a style's font or folder. Returns (and writes to
     ``out/corpus.json``) the counts."""
     out = Path(out)
-    drawers = {s: emoji_drawer(s, (sources or {}).get(s)) for s in styles}  # fail before writing
-    drawable = [(c, n) for c, n in emoji_names() if any(draw(c) is not None for draw in drawers.values())]
-    chosen = _spread(drawable, max_emoji)
+    sets = {s: emoji_set(s, (sources or {}).get(s)) for s in styles}  # fail before writing
+    chosen = _spread([(c, n) for c, n in emoji_names() if any(e.has(c) for e in sets.values())], max_emoji)
     with exclusive(out, "emoji corpus"):
         rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
         drawn = dict.fromkeys(styles, 0)
@@ -301,19 +319,17 @@ def build_emoji_corpus(out: str | Path, styles: tuple[str, ...] = ("noto",), max
         for char, name in progress_bar(chosen, desc=f"drawing emoji into {out}", unit="emoji"):
             caption = emoji_caption(name)
             split = split_of(caption.lower(), val_fraction, 0.0)
-            for style, draw in drawers.items():
-                rgba = draw(char)
-                if rgba is None:
+            for style, drawings in sets.items():
+                if not drawings.has(char):
                     continue
                 rel = Path("images") / f"{style}_{ord(char):05x}.png"
-                rgb, alpha = fit_rgba(rgba, max_size)
+                rgb, alpha = fit_rgba(drawings.rgba(char), max_size)
                 Image(compose(rgb, alpha, white)).save(out / rel)
                 drawn[style] += 1
                 rows[split].append({"id": f"emoji/{style}/{name.lower().replace(' ', '_')}",
                                     "image": rel.as_posix(), "caption": caption, "category": style,
                                     "split": split, "source": f"U+{ord(char):04X}"})
         counts = {s: write_jsonl(out / f"{s}.jsonl", r) for s, r in rows.items()}
-        stats = {"names": len({r["caption"] for split in rows.values() for r in split}),
-                 "drawn": drawn, "max_size": max_size, **counts}
+        stats = {"names": len(chosen), "drawn": drawn, "max_size": max_size, **counts}
         atomic_write_json(out / "corpus.json", stats)
         return stats

@@ -160,8 +160,8 @@ def test_emoji_corpus_draws_each_name_in_three_styles(tmp_path):
     assert all(len(s) == 1 for s in split_of_name.values())  # every drawing of a name in one split
     # each whole set: over a thousand distinct drawings, none of them a font's missing-glyph box
     for style in EMOJI_STYLES:
-        draw = images_mod.emoji_drawer(style)
-        assert sum(draw(char) is not None for char, _ in images_mod.emoji_names()) > 1000, style
+        drawings = images_mod.emoji_set(style)
+        assert sum(drawings.has(char) for char, _ in images_mod.emoji_names()) > 1000, style
 
 
 def test_emoji_corpus_reads_a_folder_of_code_point_pngs(tmp_path):
