@@ -19,6 +19,7 @@ from omni.data.images import (
     svg_available,
 )
 from omni.io import read_jsonl
+from omni.media import MediaError
 from omni.media.image import Image
 
 needs_stamps = pytest.mark.skipif(not STAMPS_DIR.is_dir(), reason="Tux Paint stamps not installed "
@@ -189,4 +190,8 @@ def test_emoji_corpus_names_a_missing_or_unreadable_source(tmp_path):
         build_emoji_corpus(tmp_path / "emoji", styles=("openmoji",), sources={"openmoji": bad})
     with pytest.raises(ValueError, match="unknown emoji style 'apple'"):
         build_emoji_corpus(tmp_path / "emoji", styles=("apple",))
+    (tmp_path / "pngs").mkdir()
+    (tmp_path / "pngs" / "1f981.png").write_bytes(b"not a png")
+    with pytest.raises(MediaError, match="1f981.png: not a recognised image"):
+        build_emoji_corpus(tmp_path / "emoji", styles=("twemoji",), sources={"twemoji": tmp_path / "pngs"})
     assert not (tmp_path / "emoji" / "train.jsonl").exists()  # nothing half-written
