@@ -46,6 +46,12 @@ token. ``merge_mode="concat"`` concatenates them (``out_dim = 4 * hidden``; the 
 maps that to model width, as Qwen2-VL's merger MLP does); ``"linear"`` follows the concat with a
 learned ``Linear(4 * hidden, hidden)`` (``out_dim = hidden``). ``merge=4`` does the same with 4 x 4
 blocks (``out_dim = 16 * hidden``): a sixteenth of the tokens, every patch's feature still in one.
+
+Global feature (``global_feature=True``): every token also carries the whole image's feature,
+concatenated after its own (``out_dim`` grows by ``hidden``): the CLS token of ``clip``, ``vit`` and
+``dinov2`` (what their linear probes classify; without it they drop it), the mean of the patch
+features for the towers without one. A patch says what is where; the global feature says what
+the image shows as a whole, in every token.
 """
 
 from __future__ import annotations
@@ -111,6 +117,7 @@ class ImageTokenizerConfig:
     out_dim: int | None = None  # patchify only: width of the patch projection (default: the size's hidden)
     merge: int = 1  # 1, 2 for the 2x2 patch merge, 4 for 4x4
     merge_mode: str = "concat"
+    global_feature: bool = False  # each token also carries the image's CLS (or mean) feature
     dynamic: bool = False  # patchify only: Qwen2-VL resolution (smart_resize) instead of image_size
     min_pixels: int = 56 * 56
     max_pixels: int = 448 * 448
@@ -211,21 +218,22 @@ def merge_patches(x: torch.Tensor, h: int, w: int, m: int) -> torch.Tensor:
 class ImageTokenizer(BaseImageTower):
     """What patchify and the transformers towers share (resize, normalise, patch merge) of the
     :class:`~omni.tokenizers.base.BaseImageTower` contract; subclasses give
-    ``_patch_features(pixels) -> (B, h*w, hidden)`` and ``build(cfg)``."""
+    ``_features(pixels) -> ((B, h*w, hidden), (B, hidden) | None)`` and ``build(cfg)``."""
 
     kind: str = ""
     has_positions: bool = False  # whether the features already encode where each patch is
 
     def __init__(self, *, patch_size: int, hidden_dim: int, image_size: int | None, merge: int = 1,
-                 merge_mode: str = "concat", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), dynamic: bool = False,
-                 min_pixels: int = 56 * 56, max_pixels: int = 448 * 448):
+                 merge_mode: str = "concat", global_feature: bool = False, mean=(0.5, 0.5, 0.5),
+                 std=(0.5, 0.5, 0.5), dynamic: bool = False, min_pixels: int = 56 * 56,
+                 max_pixels: int = 448 * 448):
         super().__init__()
         if merge not in MERGES:
             raise ValueError(f"merge must be one of {', '.join(map(str, MERGES))}; got {merge}")
         if merge_mode not in MERGE_MODES:
             raise ValueError(f"merge_mode must be one of {', '.join(MERGE_MODES)}; got {merge_mode!r}")
         self._patch_size, self.hidden_dim = patch_size, hidden_dim
-        self.merge, self.merge_mode = merge, merge_mode
+        self.merge, self.merge_mode, self.global_feature = merge, merge_mode, global_feature
         self.dynamic, self.min_pixels, self.max_pixels = dynamic, min_pixels, max_pixels
         self.pixel_norm = ([float(v) for v in mean], [float(v) for v in std])  # as given, for configs
         self._image_size = None if dynamic else image_size
@@ -254,7 +262,7 @@ class ImageTokenizer(BaseImageTower):
 
     @property
     def out_dim(self) -> int:
-        return self.hidden_dim * (self.merge ** 2 if self.merger is None else 1)
+        return self.hidden_dim * ((self.merge ** 2 if self.merger is None else 1) + self.global_feature)
 
     @property
     def tokens_per_image(self) -> int | None:
@@ -309,11 +317,15 @@ class ImageTokenizer(BaseImageTower):
         if height % self.factor or width % self.factor:
             raise ValueError(f"pixel size {height}x{width} is not a multiple of patch_size * merge "
                              f"= {self.factor}")
-        x = self._patch_features(pixels)
+        x, whole = self._features(pixels)
+        if self.global_feature and whole is None:
+            whole = x.mean(1)
         if self.merge > 1:
             x = merge_patches(x, height // self.patch_size, width // self.patch_size, self.merge)
             if self.merger is not None:
                 x = self.merger(x)
+        if self.global_feature:
+            x = torch.cat([x, whole[:, None].expand(-1, x.shape[1], -1)], dim=-1)
         return x
 
     def encode(self, image) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -325,7 +337,9 @@ class ImageTokenizer(BaseImageTower):
             batch = batch.to(device=param.device, dtype=param.dtype)
         return self(batch).reshape(-1, self.out_dim), grid
 
-    def _patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """pixels -> patch features (B, h*w, hidden) and the tower's own global feature (B, hidden)
+        where it has one (a CLS token), else None."""
         raise NotImplementedError
 
 
@@ -346,13 +360,14 @@ class PatchifyImageTokenizer(ImageTokenizer):
                    out_dim=cfg.out_dim or dims["hidden_size"],
                    image_size=cfg.image_size or dims["image_size"], dynamic=cfg.dynamic,
                    min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, mean=cfg.mean or mean,
-                   std=cfg.std or std, merge=cfg.merge, merge_mode=cfg.merge_mode)
+                   std=cfg.std or std, merge=cfg.merge, merge_mode=cfg.merge_mode,
+                   global_feature=cfg.global_feature)
 
-    def _patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, None]:
         b, c, height, width = pixels.shape
         p = self.patch_size
         x = pixels.reshape(b, c, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)  # (B,h,w,C,p,p)
-        return self.proj(x.reshape(b, (height // p) * (width // p), c * p * p))
+        return self.proj(x.reshape(b, (height // p) * (width // p), c * p * p)), None
 
 
 class TowerImageTokenizer(ImageTokenizer):
@@ -366,7 +381,7 @@ class TowerImageTokenizer(ImageTokenizer):
         super().__init__(patch_size=patch_size, hidden_dim=hidden_dim, image_size=image_size or native_size,
                          **kw)
         self.kind, self.tower, self.frozen = kind, tower, freeze
-        self.drop_cls = kind in ("clip", "vit", "dinov2")
+        self.has_cls = kind in ("clip", "vit", "dinov2")
         if freeze:
             self.tower.requires_grad_(False)
             self.tower.eval()
@@ -393,7 +408,8 @@ class TowerImageTokenizer(ImageTokenizer):
         loaded = cfg.path or cfg.tower
         image_size = cfg.image_size or (_DEFAULT_IMAGE_SIZE if cfg.kind in RESIZABLE and loaded else None)
         return cls(cfg.kind, tower, freeze=cfg.frozen, image_size=image_size, mean=cfg.mean or mean,
-                   std=cfg.std or std, merge=cfg.merge, merge_mode=cfg.merge_mode)
+                   std=cfg.std or std, merge=cfg.merge, merge_mode=cfg.merge_mode,
+                   global_feature=cfg.global_feature)
 
     def tower_config(self) -> dict:
         """The tower's config as its ``config.json`` holds it (what ``image_tokenizer.tower`` takes)."""
@@ -405,12 +421,12 @@ class TowerImageTokenizer(ImageTokenizer):
             self.tower.eval()  # a frozen tower stays in eval mode (no dropout) while the rest trains
         return self
 
-    def _patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if pixels.shape[-1] != self.image_size or pixels.shape[-2] != self.image_size:
             raise ValueError(f"the {self.kind} tower takes {self.image_size}x{self.image_size} pixels, got "
                              f"{pixels.shape[-2]}x{pixels.shape[-1]}; use preprocess()")
         hidden = self.tower(pixel_values=pixels).last_hidden_state  # (B, [1 +] h*w, D)
-        return hidden[:, 1:] if self.drop_cls else hidden
+        return (hidden[:, 1:], hidden[:, 0]) if self.has_cls else (hidden, None)
 
 
 class EfficientNetImageTokenizer(TowerImageTokenizer):
@@ -425,8 +441,8 @@ class EfficientNetImageTokenizer(TowerImageTokenizer):
     def tower_config(self) -> dict:
         return self.tower.config()
 
-    def _patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.tower(pixels).flatten(2).transpose(1, 2)  # (B, 1280, h, w) -> (B, h*w, 1280)
+    def _features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.tower(pixels).flatten(2).transpose(1, 2), None  # (B, 1280, h, w) -> (B, h*w, 1280)
 
 
 def _tower_classes(kind: str):

@@ -222,9 +222,9 @@ class MeanPoolTower(ImageTokenizer):
     def build(cls, cfg):
         return cls(patch_size=cfg.patch_size or 8, image_size=cfg.image_size or 32)
 
-    def _patch_features(self, pixels):
+    def _features(self, pixels):
         p = self.patch_size
-        return torch.nn.functional.avg_pool2d(pixels, p).flatten(2).transpose(1, 2)
+        return torch.nn.functional.avg_pool2d(pixels, p).flatten(2).transpose(1, 2), None
 
 
 class FrameEnergyEncoder(BaseAudioEncoder):

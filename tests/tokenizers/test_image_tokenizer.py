@@ -140,6 +140,26 @@ def test_clip_and_vit_drop_the_cls_token(kind):
     assert tok.tokens_per_image == 16 and tok.has_positions
 
 
+def test_global_feature_puts_the_cls_token_or_the_patch_mean_in_every_token():
+    torch.manual_seed(0)
+    cfg = ImageTokenizerConfig(kind="vit", size="debug", merge=2, global_feature=True)
+    vit = build_image_tokenizer(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full = vit.tower(pixel_values=x).last_hidden_state  # (2, 1 + 16, 32)
+        out = vit(x)
+    assert vit.out_dim == 4 * 32 + 32 and out.shape == (2, 4, 160) and vit.tokens_per_image == 4
+    torch.testing.assert_close(out[..., :128], merge_patches(full[:, 1:], 4, 4, 2), atol=0, rtol=0)
+    torch.testing.assert_close(out[..., 128:], full[:, :1].expand(-1, 4, -1), atol=0, rtol=0)
+    cfg = ImageTokenizerConfig(kind="siglip", size="debug", global_feature=True)
+    siglip = build_image_tokenizer(cfg).eval()
+    with torch.no_grad():
+        patches = siglip.tower(pixel_values=x).last_hidden_state  # SigLIP has no CLS: the mean stands in
+        out = siglip(x)
+    assert siglip.out_dim == 64 and out.shape == (2, 16, 64)
+    torch.testing.assert_close(out[..., 32:], patches.mean(1, keepdim=True).expand(-1, 16, -1))
+
+
 def test_tower_merge_freeze_and_train_mode():
     cfg = ImageTokenizerConfig(kind="siglip", size="debug", merge=2, merge_mode="linear", freeze=True)
     tok = build_image_tokenizer(cfg)
