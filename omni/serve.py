@@ -9,7 +9,8 @@ wav out, for checkpoints that write audio), ``GET /v1/models`` and ``GET /health
 
 Chat requests are decoded by one :class:`Engine` per process: a thread that runs a
 :class:`~omni.generation.ContinuousBatch`. Requests that arrive while nothing is decoding are
-collected for ``batch_window_ms`` and prefilled together; requests that arrive during a decode join
+collected while they keep coming less than ``batch_window_ms`` apart (at most ten windows) and
+prefilled together; requests that arrive during a decode join
 it at the next step (continuous batching); each row has its own sampling settings, stop strings and
 token limit, and a client that goes away frees its row at the next step. A bad request is a 400
 with OpenAI's error JSON (``{"error": {"message", "type", "param", "code"}}``); the server keeps serving.
@@ -58,7 +59,7 @@ class ServeLimits:
     max_tokens: int = 1024  # --max-tokens: the most new tokens a completion may ask for (and the default)
     max_speech_seconds: float = 30.0  # the longest clip /v1/audio/speech writes
     allow_local_files: bool = False  # --allow-local-files: image/video URLs may name server paths
-    batch_window_ms: float = 5.0  # how long an idle engine waits for more requests to prefill together
+    batch_window_ms: float = 5.0  # an idle engine collects requests that come less than this apart
     model_name: str = "omni"  # the id /v1/models lists
 
     def __post_init__(self):
@@ -135,6 +136,8 @@ def _deliver(events: list) -> None:
 class Engine:
     """The decoding thread: :class:`~omni.generation.ContinuousBatch` over the pipeline's model."""
 
+    MAX_WINDOWS = 10  # an idle engine collects a burst of requests for at most this many batch windows
+
     def __init__(self, pipeline: Pipeline, batch_window_ms: float = 5.0):
         self.pipeline, self.window = pipeline, batch_window_ms / 1000
         self.inbox: queue.Queue[Job] = queue.Queue()
@@ -143,7 +146,8 @@ class Engine:
         self._closed = threading.Event()
         self._deferred = False  # the last step left its forward for after the prompts that arrived
         self.batch = self._new_batch()
-        self.stats = {"admitted": 0, "finished": 0, "cancelled": 0}  # requests, since the start
+        self.stats = {"admitted": 0, "finished": 0, "cancelled": 0,  # requests, since the start
+                      "prefills": 0}  # batched prefills they were admitted in
 
     def _new_batch(self) -> ContinuousBatch:
         proc = self.pipeline.processor
@@ -165,15 +169,18 @@ class Engine:
         return job
 
     def _take(self) -> list[Job]:
-        """New jobs: all waiting ones; when nothing decodes, wait for one, then ``window`` for more."""
+        """New jobs: all waiting ones. When nothing decodes, wait for one, then for more while they
+        keep coming less than ``window`` apart, for at most ``MAX_WINDOWS`` windows in all: a burst of
+        requests (clients whose answers all ended at one step) is prefilled together, and while the
+        engine waits the cores are free for the server to read the rest of the burst."""
         new = []
         if not len(self.batch):
             try:
                 new.append(self.inbox.get(timeout=0.2))
             except queue.Empty:
                 return []
-            deadline = time.monotonic() + self.window
-            while (left := deadline - time.monotonic()) > 0:
+            end = time.monotonic() + self.MAX_WINDOWS * self.window
+            while (left := min(self.window, end - time.monotonic())) > 0:
                 try:
                     new.append(self.inbox.get(timeout=left))
                 except queue.Empty:
@@ -224,6 +231,7 @@ class Engine:
         rendered, inputs = proc.batch([j.sample for j in jobs])
         ids = left_pad([r.ids for r in rendered], proc.vocab.pad_id)[0]
         keys = self.batch.add(ids, [j.settings for j in jobs], **inputs)
+        self.stats["prefills"] += 1
         for job, r, key in zip(jobs, rendered, keys):
             job.key, job.text = key, TextStream(proc, r.ids.tolist(), job.stop)
             self.jobs[key] = job
@@ -603,7 +611,7 @@ def create_app(pipeline: Pipeline, limits: ServeLimits | None = None):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        return {"status": "ok", "engine": dict(app.state.engine.stats)}
 
     @app.get("/v1/models")
     async def models():

@@ -25,7 +25,7 @@ pytest.importorskip("fastapi")
 
 import omni  # noqa: E402
 from omni.media import Audio, Image, Video  # noqa: E402
-from omni.serve import ServeLimits, create_app  # noqa: E402
+from omni.serve import Engine, ServeLimits, create_app  # noqa: E402
 
 CKPT = Path(__file__).parent / "data" / "ckpt_v1"
 CLIP = Path(__file__).parent / "data" / "ckpt_v1_clip.mp4"
@@ -161,6 +161,25 @@ def test_concurrent_requests_are_batched_and_each_matches_it_alone(served, v1):
     assert app.state.engine.stats["admitted"] - before == 8
 
 
+def test_an_idle_engine_prefills_a_burst_together(v1):
+    """Requests that keep coming less than a window apart are taken together, however long the
+    burst (up to ten windows); a longer gap ends it."""
+    engine = Engine(v1, batch_window_ms=100)  # not started: _take is called by hand
+
+    def feed(gaps):
+        for i, gap in enumerate(gaps):
+            time.sleep(gap)
+            engine.inbox.put(i)
+
+    feeder = threading.Thread(target=feed, args=([0, 0.03, 0.03, 0.03, 0.03, 0.03, 0.4, 0.03],))
+    feeder.start()
+    assert engine._take() == [0, 1, 2, 3, 4, 5]  # 150 ms in all: more than one window
+    while not (rest := engine._take()):  # an idle engine polls its inbox every 0.2 s
+        pass
+    assert rest == [6, 7]
+    feeder.join()
+
+
 def test_input_audio_in_mp3(client, v1, tmp_path):
     """OpenAI's input_audio formats are wav and mp3: an mp3 part is read as the same file on disk is."""
     data = _mp3()
@@ -254,7 +273,7 @@ def test_body_limit_models_and_health(served):
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("other")
     health = client.get("/../health", cast_to=object)
-    assert health == {"status": "ok"}
+    assert health["status"] == "ok" and health["engine"]["admitted"] >= health["engine"]["prefills"] >= 1
 
 
 def test_a_client_that_disconnects_frees_its_row(served):
