@@ -10,9 +10,9 @@ wav out, for checkpoints that write audio), ``GET /v1/models`` and ``GET /health
 Chat requests are decoded by one :class:`Engine` per process: a thread that runs a
 :class:`~omni.generation.ContinuousBatch`. Requests that arrive while nothing is decoding are
 collected while they keep coming less than ``batch_window_ms`` apart (at most ten windows) and
-prefilled together; requests that arrive during a decode join
-it at the next step (continuous batching); each row has its own sampling settings, stop strings and
-token limit, and a client that goes away frees its row at the next step. A bad request is a 400
+prefilled together; requests that arrive during a decode join it at the next step (continuous
+batching); each row has its own sampling settings, stop strings and token limit, and a client that
+goes away frees its row at the next step. A bad request is a 400
 with OpenAI's error JSON (``{"error": {"message", "type", "param", "code"}}``); the server keeps serving.
 """
 

@@ -311,19 +311,18 @@ def build_emoji_corpus(out: str | Path, styles: tuple[str, ...] = ("noto",), max
     ``out/corpus.json``) the counts."""
     out = Path(out)
     sets = {s: emoji_set(s, (sources or {}).get(s)) for s in styles}  # fail before writing
-    chosen = _spread([(c, n) for c, n in emoji_names() if any(e.has(c) for e in sets.values())], max_emoji)
+    styles_of = ((c, n, [s for s, e in sets.items() if e.has(c)]) for c, n in emoji_names())
+    chosen = _spread([row for row in styles_of if row[2]], max_emoji)  # (char, name, the styles drawing it)
     with exclusive(out, "emoji corpus"):
         rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
         drawn = dict.fromkeys(styles, 0)
         white = torch.full((3, 1, 1), 255.0)
-        for char, name in progress_bar(chosen, desc=f"drawing emoji into {out}", unit="emoji"):
+        for char, name, drawn_by in progress_bar(chosen, desc=f"drawing emoji into {out}", unit="emoji"):
             caption = emoji_caption(name)
             split = split_of(caption.lower(), val_fraction, 0.0)
-            for style, drawings in sets.items():
-                if not drawings.has(char):
-                    continue
+            for style in drawn_by:
                 rel = Path("images") / f"{style}_{ord(char):05x}.png"
-                rgb, alpha = fit_rgba(drawings.rgba(char), max_size)
+                rgb, alpha = fit_rgba(sets[style].rgba(char), max_size)
                 Image(compose(rgb, alpha, white)).save(out / rel)
                 drawn[style] += 1
                 rows[split].append({"id": f"emoji/{style}/{name.lower().replace(' ', '_')}",
