@@ -257,8 +257,8 @@ class TrainConfig(Optimization):
     # none, blocks (each block recomputed in the backward pass: least memory, ~1/3 more compute) or
     # selective (matmul and attention outputs kept, norms/rotary/activations recomputed)
     activation_checkpointing: str = "none"
-    # > 0: the output head and its cross-entropy over this many rows at a time, recomputed in the
-    # backward pass, so the (tokens x vocabulary) fp32 logits never exist at once (0: all at once)
+    # > 0: the output head fused with its cross-entropy (omni/model/head.py) over this many rows at a
+    # time, so no more than a chunk's (tokens x vocabulary) fp32 logits ever exist (0: all at once)
     loss_chunk: int = 0
     export: str = "last"  # the model written to out_dir: the last weights, or those with the best val loss
     # several processes: ddp (a whole model per process, gradients all-reduced) or fsdp (FSDP2: weights,

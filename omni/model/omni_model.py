@@ -14,14 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from omni.io import atomic_dir, atomic_write_json, load_tensors, save_tensors
 from omni.model.backbone import NO_SLOT, Backbone, BackboneConfig, KVCache, Memory
 from omni.model.blip2 import Blip2Config, Blip2Head
 from omni.model.contrastive import ContrastiveConfig, ContrastiveHead
+from omni.model.head import LMHead, summed_cross_entropy
 from omni.model.lora import merged_state_dict
 from omni.model.media_encoder import build_media_encoder
 from omni.model.outputs import ModelOutput, default_positions
@@ -75,10 +74,11 @@ class OmniModel(nn.Module):
         cfg = config.backbone
         self.embed = nn.Embedding(config.vocab.size, cfg.dim)
         self.backbone = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.dim, config.vocab.size, bias=False)
+        self.lm_head = LMHead(cfg.dim, config.vocab.size)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        # > 0: in training, the head and loss run over this many rows at a time (train.loss_chunk)
+        # in training the head and its loss are fused (LMHead.loss), over this many rows at a time
+        # (train.loss_chunk; 0: all at once)
         self.loss_chunk = 0
         self.encoders = nn.ModuleDict()
         if config.media:
@@ -199,11 +199,11 @@ class OmniModel(nn.Module):
         MediaSlot)`` pairs whose encoder outputs replace the ``<|feat|>`` embeddings, or become the
         cross-attention memory. last_only: logits for the last position only. With ``targets``
         the logits are those of the positions that carry one, ``(N, V)`` (``ModelOutput.kept``
-        marks them), or None in training with ``loss_chunk`` set (the head's logits never exist
-        all at once). loss_weights (B, T): each position's weight in the loss (a mixture's
-        per-task ``loss_weight``); the loss is then the weighted mean over the targets, codebook
-        streams included. (The loss on (media, text) pairs is
-        :class:`omni.model.objectives.PairObjective`'s, a module around the model.)
+        marks them), or None in training, where the head is fused with its loss (``LMHead.loss``,
+        ``loss_chunk`` rows at a time) and its logits are never kept. loss_weights (B, T): each
+        position's weight in the loss (a mixture's per-task ``loss_weight``); the loss is then the
+        weighted mean over the targets, codebook streams included. (The loss on (media, text)
+        pairs is :class:`omni.model.objectives.PairObjective`'s, a module around the model.)
         """
         if positions is None:
             positions = default_positions(input_ids, key_padding, cache)
@@ -229,46 +229,26 @@ class OmniModel(nn.Module):
         kept = targets != IGNORE
         if stream_targets is not None:
             kept = kept | (stream_targets != IGNORE).any(1)
-        tgt = targets[kept]  # (N,)
-        streams_k = None if stream_targets is None else stream_targets.transpose(1, 2)[kept]  # (N, K-1)
+        tgt = targets[kept][:, None]  # (N, 1), then a column per codebook stream, relative to its range
+        ranges = [(0, self.vocab.size)]
+        if stream_targets is not None:
+            for k, part in enumerate(stream_targets.transpose(1, 2)[kept].unbind(1)):  # codebook k+1
+                r = self.vocab.codebook_range(k + 1)
+                ranges.append((r.start, r.stop))
+                tgt = torch.cat([tgt, torch.where(part == IGNORE, IGNORE, part - r.start)[:, None]], 1)
         w = None if loss_weights is None else loss_weights[kept].to(h.device, torch.float32)
-        real = tgt[:, None] != IGNORE
-        if streams_k is not None:
-            real = torch.cat([real, streams_k != IGNORE], 1)  # (N, K): which targets each row carries
+        real = tgt != IGNORE  # (N, K): which targets each row carries
         n = int(real.sum())
         mass = n if w is None else (w[:, None] * real).sum()
         hk, logits = h[kept], None
-        chunk = self.loss_chunk if self.training and torch.is_grad_enabled() else 0
-        if chunk and hk.shape[0] > chunk:
-            # the head and its loss chunk by chunk, each recomputed in the backward pass: no more
-            # than ``chunk`` rows of (fp32) logits ever exist, where all N of a 49k-152k vocabulary
-            # would take gigabytes; ModelOutput.logits is then None
-            total = sum(checkpoint(self._summed_loss, hk[i:i + chunk], tgt[i:i + chunk],
-                                   None if streams_k is None else streams_k[i:i + chunk],
-                                   None if w is None else w[i:i + chunk], use_reentrant=False)
-                        for i in range(0, hk.shape[0], chunk))
-        else:
+        if self.training and torch.is_grad_enabled() and isinstance(self.lm_head, LMHead):
+            # the head fused with its loss: no (N, V) logits kept for the backward pass (nor returned)
+            total = self.lm_head.loss(hk, tgt, ranges, w, self.loss_chunk)
+        else:  # evaluation, or a head wrapped by LoRA or quantisation
             logits = self.lm_head(hk)  # (N, V)
-            total = self._summed_loss(hk, tgt, streams_k, w, logits)
+            total = summed_cross_entropy(logits, tgt, ranges, w)
         return ModelOutput(logits, total / mass if n else total, n, aux_loss, kept=kept, aux_mass=aux_mass,
                            loss_mass=torch.as_tensor(mass if n else 0, dtype=torch.float32))
-
-    def _summed_loss(self, h: torch.Tensor, tgt: torch.Tensor, streams: torch.Tensor | None,
-                     w: torch.Tensor | None, logits: torch.Tensor | None = None) -> torch.Tensor:
-        """The cross-entropy summed over the real targets of rows ``h (N, D)`` (weighted by ``w``):
-        the text targets ``tgt (N,)`` over the whole vocabulary, each codebook stream's ``streams
-        (N, K-1)`` over its own range; ``logits`` are the head's over ``h`` when already computed."""
-        flat = (self.lm_head(h) if logits is None else logits).float()
-        parts = [(flat, tgt)]
-        for k in range(0 if streams is None else streams.shape[1]):  # codebook k+1
-            r = self.vocab.codebook_range(k + 1)
-            part = streams[:, k]
-            parts.append((flat[:, r.start:r.stop], torch.where(part == IGNORE, IGNORE, part - r.start)))
-        total = flat.new_zeros(())
-        for logits_, target in parts:
-            losses = F.cross_entropy(logits_, target, ignore_index=IGNORE, reduction="none")
-            total = total + (losses.sum() if w is None else (losses * w).sum())
-        return total
 
     def decode_step(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """The logits ``(B, V)`` after one new id per row, ``ids (B, 1)`` at ``positions``, on a

@@ -58,8 +58,9 @@ def shard_model(model, root: nn.Module, mixed_precision: str, device: torch.devi
         units += [model.embed, model.lm_head]
     for unit in units:
         fully_shard(unit, **kw)
-        if hasattr(unit, "encode"):  # a tower's encode (forward plus its auxiliary loss) gathers it too
-            register_fsdp_forward_method(unit, "encode")
+        for method in ("encode", "loss"):  # a tower's encode (forward plus its auxiliary loss) and the
+            if hasattr(unit, method):       # head's fused loss (LMHead.loss) gather it too
+                register_fsdp_forward_method(unit, method)
     fully_shard(root, **kw)
     # Every process uses the same parameters each step (every tower runs, a CTC head at zero weight
     # without transcripts: OmniModel.every_tower), so the reduce-scatters line up. FSDP's

@@ -359,16 +359,16 @@ def test_a_checkpoint_from_before_the_processor_refactor_gives_the_same_logits()
             torch.testing.assert_close(logits, ref[f"{name}.logits"], rtol=0, atol=1e-5, msg=name)
 
 
-def test_chunked_loss_gives_the_same_loss_and_gradients_without_keeping_the_logits(text_tokenizer):
-    """``loss_chunk``: the head and cross-entropy over a few rows at a time, recomputed in the
-    backward pass: the same loss and gradients, text and codebook streams, weighted, and no
-    logits of more than a chunk's rows saved for the backward pass."""
+def test_training_fuses_the_head_with_its_loss_without_keeping_the_logits(text_tokenizer):
+    """In training the head and its cross-entropy are fused (``LMHead.loss``, whole or
+    ``loss_chunk`` rows at a time): the loss and gradients of the unfused head (evaluation mode),
+    text and codebook streams, weighted, and no (rows x vocabulary) tensor saved for the backward."""
     from omni.model.omni_model import OmniConfig
     from omni.vocab import Vocab
 
     vocab = Vocab.default(text_tokenizer.vocab.text_size, num_codebooks=3, codebook_size=16)
     torch.manual_seed(0)
-    model = OmniModel(OmniConfig(backbone_config("debug", max_seq_len=64), vocab)).train()
+    model = OmniModel(OmniConfig(backbone_config("debug", max_seq_len=64), vocab))
     model.reset_parameters()
     V, B, T = vocab.size, 2, 12
     ids, targets = _ids(V, B, T), _ids(V, B, T, seed=1)
@@ -379,7 +379,8 @@ def test_chunked_loss_gives_the_same_loss_and_gradients_without_keeping_the_logi
     stream_targets[0, :, :2] = IGNORE  # row 0's first two positions carry no target at all
     batch = dict(targets=targets, stream_targets=stream_targets, loss_weights=torch.rand(B, T) + 0.5)
     results = []
-    for chunk in (0, 5):
+    for training, chunk in ((False, 0), (True, 0), (True, 5)):
+        model.train(training)
         model.loss_chunk = chunk
         model.zero_grad()
         shapes = []  # of the tensors saved for the backward pass
@@ -392,13 +393,14 @@ def test_chunked_loss_gives_the_same_loss_and_gradients_without_keeping_the_logi
             out = model(ids, **batch)
         out.loss.backward()
         results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}, shapes))
-    (full, grads, full_saved), (chunked, chunk_grads, chunk_saved) = results
-    assert full.num_tokens == chunked.num_tokens > 0 and chunked.logits is None
-    torch.testing.assert_close(chunked.loss, full.loss, atol=1e-6, rtol=1e-6)
-    for name, g in grads.items():
-        torch.testing.assert_close(chunk_grads[name], g, atol=1e-6, rtol=1e-5, msg=name)
-    assert (int(full.kept.sum()), V) in full_saved  # all the logits
-    assert max((s[0] for s in chunk_saved if len(s) == 2 and s[1] == V), default=0) <= 5  # a chunk's
+    (ref, grads, ref_saved), *fused = results
+    assert (int(ref.kept.sum()), V) in ref_saved  # the unfused head keeps all the logits
+    for out, fused_grads, saved in fused:
+        assert out.num_tokens == ref.num_tokens > 0 and out.logits is None
+        torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-6)
+        for name, g in grads.items():
+            torch.testing.assert_close(fused_grads[name], g, atol=1e-6, rtol=1e-5, msg=name)
+        assert not [s for s in saved if len(s) == 2 and s[1] == V]
 
 
 def test_uint8_cached_pixels_give_the_logits_of_normalised_float_pixels():

@@ -92,6 +92,30 @@ def test_lora_trains_adapters_only_and_saves_plain_weights(text_tokenizer, tmp_p
         add_lora(_model(text_tokenizer), LoraSpec(targets=["wq_proj"]))
 
 
+def test_lora_up_projection_gives_the_gradients_of_a_plain_linear():
+    """add_lora's B (``_LoraUp``, a faster weight gradient): the output and gradients of the
+    nn.Linear peft made, in fp32 and under bf16 autocast."""
+    from omni.model.lora import _LoraUp
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(4, 24, bias=False)
+    up = torch.nn.Linear(4, 24, bias=False)
+    up.load_state_dict(plain.state_dict())
+    up.__class__ = _LoraUp
+    x, g = torch.randn(2, 5, 4), torch.randn(2, 5, 24)
+    for autocast in (False, True):
+        grads = []
+        for m in (plain, up):
+            m.zero_grad()
+            xi = x.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = m(xi)
+            y.backward(g.to(y.dtype))
+            grads.append((y.float(), xi.grad, m.weight.grad))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, atol=1e-2 if autocast else 1e-6, rtol=1e-2 if autocast else 1e-6)
+
+
 def test_llava_two_stages_through_the_cli(tmp_path, text_tokenizer, fake_stamps):
     """Stage 1 trains the image side on a frozen language model; stage 2 starts from stage 1 and
     trains projector and language model. The frozen weights of stage 1 never move."""
