@@ -8,6 +8,7 @@ q/k/v and gate/up are fused, so one adapter each); omni eager and with its block
     python benchmarks/train_speed.py --repeats 2 --seq 64   # a quick check
 
     python benchmarks/train_speed.py --sft text/smollm_lora  # also the recipe's own SFT rows
+    python benchmarks/train_speed.py --modes full --repeats 1 --memory 256   # and the step's memory
 
 A step is forward, next-token loss, backward (no optimizer: both sides would run the same AdamW).
 The default rows are random tokens with a target at every position (pre-training). ``--sft
@@ -53,6 +54,9 @@ def parse_args(argv=None):
                    help="fp32 and/or bf16 (autocast: bf16 matmuls over fp32 weights, what "
                         "train.mixed_precision=bf16 runs), comma-separated")
     p.add_argument("--sft", metavar="RECIPE", help="also time the first --batch rows of this SFT recipe")
+    p.add_argument("--memory", type=int, metavar="CHUNK", default=None,
+                   help="also the live tensors' peak of one full fp32 step on the random rows: the head "
+                        "unfused, fused, and fused CHUNK rows at a time (train.loss_chunk)")
     return p.parse_args(argv)
 
 
@@ -104,6 +108,30 @@ def step_fns(hf, ours, compiled, rows: dict, losses: dict, precision: str = "fp3
     fns = {"omni": omni_step("omni", ours), "omni_compiled": omni_step("omni_compiled", compiled),
            "hf": hf_step}
     return {k: autocast(f) for k, f in fns.items()} if precision == "bf16" else fns
+
+
+def live_peak(model, rows: dict, chunk: int = 0, fused: bool = True) -> float:
+    """GB: the peak of the live tensors over one training step of ``model`` (forward, loss,
+    backward; the profiler's memory timeline), after a warm-up step. ``fused=False`` runs the head
+    unfused (logits kept for the backward pass), as evaluation does."""
+    import numpy as np
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    head = type(model.lm_head)
+    model.lm_head._workspace = None  # a CPU's kept logits buffer, sized by this step
+    model.loss_chunk = chunk
+    if not fused:
+        model.lm_head.__class__ = torch.nn.Linear  # OmniModel fuses only an LMHead
+    try:
+        step = step_fns(None, model, None, rows, {})["omni"]
+        step()
+        with torch.profiler.profile(profile_memory=True, record_shapes=True, with_stack=True) as prof:
+            step()
+    finally:
+        model.lm_head.__class__ = head
+        model.loss_chunk = 0
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    return float(np.array(sizes).sum(1).max()) / 1e9
 
 
 def gemm_peak(dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
@@ -181,6 +209,15 @@ def main(argv=None):
               f"{best['omni_compiled'] / best['hf']:.2f}x time; loss {losses}")
         print(f"         {flops / 1e9:.0f} GFLOP a step; GEMM peak {peak:.0f} GFLOP/s; achieved: "
               + ", ".join(f"{k} {v:.0f} ({v / peak:.0%})" for k, v in achieved.items()))
+    if args.memory is not None:
+        _, ours = build(torch.float32, args.seed)
+        model = ours.model.train()
+        peaks = {"unfused": live_peak(model, workloads["dense"], fused=False),
+                 "fused": live_peak(model, workloads["dense"]),
+                 f"fused_chunk_{args.memory}": live_peak(model, workloads["dense"], args.memory)}
+        results["memory_gb"] = peaks
+        print(f"live tensors' peak of a full fp32 step ({args.batch} x {args.seq}): "
+              + ", ".join(f"{k} {v:.2f} GB" for k, v in peaks.items()))
     config = {"shape": SHAPE, "batch": args.batch, "seq": args.seq, "repeats": args.repeats,
               "precisions": args.precisions, "sft": args.sft, "goal_ratio_max": 0.9}
     return json_line("train_speed", args.threads, config, results)
