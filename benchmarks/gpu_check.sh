@@ -129,7 +129,7 @@ fi
 
 if [ "$mode" = run ]; then
 # 1. the test suite's CUDA tests and the model tests on the GPU machine
-timeout 100 python3 -m pytest -q -x -m 'gpu or not gpu' tests/model/test_backbone.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+timeout 100 python3 -m pytest -q -x -m 'gpu or not gpu' tests/model/test_backbone.py tests/model/test_head.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
 
 # 2. backbone vs transformers' Llama, bf16, SDPA and xformers
 for attn in sdpa xformers; do

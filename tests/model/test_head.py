@@ -77,3 +77,19 @@ def test_a_cpu_keeps_one_logits_buffer_across_steps():
     assert head._workspace.data_ptr() == kept
     for a, b in zip(fused, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_loss_on_a_gpu():
+    """The same on CUDA (no kept buffer there: the caching allocator reuses memory), fp32 and
+    under bf16 autocast."""
+    head, h, targets, ranges, w = _case()
+    head, h, targets, w = head.cuda(), h.cuda(), targets.cuda(), w.cuda()
+    for autocast, tol in ((False, 1e-4), (True, 2e-2)):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            ref = _grads(head, h, lambda x: summed_cross_entropy(head(x), targets, ranges, w))
+            fused = _grads(head, h, lambda x: head.loss(x, targets, ranges, w, 8))
+        for a, b in zip(fused, ref):
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    assert head._workspace is None
