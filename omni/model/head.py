@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -100
+from omni.sequence import IGNORE
 
 
 class LMHead(nn.Linear):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from omni.model.head import IGNORE, LMHead, summed_cross_entropy
+from omni.model.head import LMHead, summed_cross_entropy
+from omni.sequence import IGNORE
 
 
 def _case(seed=0, n=37, dim=16, vocab=50):
