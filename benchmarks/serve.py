@@ -190,7 +190,13 @@ async def level(url: str, clients: int, plan: list[tuple[float, int]], seed: boo
     tokens = sum(r["tokens"] for r in runs)
     after = engine_stats(url)
     prefills = after.get("prefills", 0) - before.get("prefills", 0)
-    per_prefill = (after.get("admitted", 0) - before.get("admitted", 0)) / prefills if prefills else None
+    admitted = after.get("admitted", 0) - before.get("admitted", 0)
+    per_prefill = admitted / prefills if prefills else None
+
+    def engine_ms(key, n):  # the engine's mean over the level (a baseline without the stat: None)
+        if key not in after or not n:
+            return None
+        return round(1000 * (after[key] - before[key]) / n, 1)
 
     def pct(key, q, digits):  # milliseconds
         values = sorted(r[key] for r in runs)
@@ -201,7 +207,10 @@ async def level(url: str, clients: int, plan: list[tuple[float, int]], seed: boo
             "ttft_p50_ms": pct("ttft", 0.5, 1), "ttft_p95_ms": pct("ttft", 0.95, 1),
             "tpot_p50_ms": pct("tpot", 0.5, 2), "tpot_p95_ms": pct("tpot", 0.95, 2),
             "mean_tokens": round(statistics.mean(r["tokens"] for r in runs), 1),
-            "prompts_per_prefill": per_prefill and round(per_prefill, 2)}
+            "prompts_per_prefill": per_prefill and round(per_prefill, 2),
+            # where a request's TTFT goes in the engine: waiting to be prefilled, and the prefill itself
+            "queued_ms_mean": engine_ms("queued_s", admitted),
+            "prefill_ms_mean": engine_ms("prefill_s", prefills)}
 
 
 def engine_stats(url: str) -> dict:
@@ -220,7 +229,8 @@ def summarize(name: str, rows: list[dict]) -> dict:
     print(f"{name}: " + "; ".join(
         f"{r['clients']} clients {r['tokens_per_s']} tok/s, TTFT p50/p95 {r['ttft_p50_ms']}/"
         f"{r['ttft_p95_ms']} ms, per token p50/p95 {r['tpot_p50_ms']}/{r['tpot_p95_ms']} ms, "
-        f"client CPU {r['client_cpu_s']} s" for r in rows), flush=True)
+        f"client CPU {r['client_cpu_s']} s, engine queue / prefill {r['queued_ms_mean']} / "
+        f"{r['prefill_ms_mean']} ms" for r in rows), flush=True)
     by = {r["clients"]: r for r in rows}
     summary = {}
     if 1 in by:

@@ -100,6 +100,7 @@ class Job:
         self.text: TextStream | None = None
         self.key: int | None = None
         self.num_tokens = 0
+        self.submitted = 0.0  # time.monotonic() when the engine got it
 
     def post(self, *event) -> None:
         """From the engine's thread: hand ``event`` to the loop."""
@@ -147,7 +148,9 @@ class Engine:
         self._deferred = False  # the last step left its forward for after the prompts that arrived
         self.batch = self._new_batch()
         self.stats = {"admitted": 0, "finished": 0, "cancelled": 0,  # requests, since the start
-                      "prefills": 0}  # batched prefills they were admitted in
+                      "prefills": 0,  # batched prefills they were admitted in
+                      "queued_s": 0.0,  # summed over admitted requests: from submit to their prefill
+                      "prefill_s": 0.0}  # summed over prefills: their time (prompts' forward, caching)
 
     def _new_batch(self) -> ContinuousBatch:
         proc = self.pipeline.processor
@@ -165,6 +168,7 @@ class Engine:
             self._thread.join(timeout=10)
 
     def submit(self, job: "Job") -> "Job":
+        job.submitted = time.monotonic()
         self.inbox.put(job)
         return job
 
@@ -228,10 +232,13 @@ class Engine:
 
     def _prefill(self, jobs: list[Job]) -> None:
         proc = self.pipeline.processor
+        start = time.monotonic()
         rendered, inputs = proc.batch([j.sample for j in jobs])
         ids = left_pad([r.ids for r in rendered], proc.vocab.pad_id)[0]
         keys = self.batch.add(ids, [j.settings for j in jobs], **inputs)
         self.stats["prefills"] += 1
+        self.stats["prefill_s"] += time.monotonic() - start
+        self.stats["queued_s"] += sum(start - j.submitted for j in jobs)
         for job, r, key in zip(jobs, rendered, keys):
             job.key, job.text = key, TextStream(proc, r.ids.tolist(), job.stop)
             self.jobs[key] = job

@@ -274,6 +274,7 @@ def test_body_limit_models_and_health(served):
         client.models.retrieve("other")
     health = client.get("/../health", cast_to=object)
     assert health["status"] == "ok" and health["engine"]["admitted"] >= health["engine"]["prefills"] >= 1
+    assert health["engine"]["prefill_s"] > 0 and health["engine"]["queued_s"] >= 0
 
 
 def test_a_client_that_disconnects_frees_its_row(served):
