@@ -77,8 +77,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z = buffer(x.shape[0], x.device)
                 _logits_into(z, x, w)
                 loss, g = _loss_and_logit_grad(z, targets[i:i + step], ranges,
-                                               None if weights is None else weights[i:i + step])
+                                               None if weights is None else weights[i:i + step],
+                                               need_h or need_w)
                 total += loss
+                if g is None:  # the loss alone (no gradient needed: a validation pass)
+                    continue
                 g = g.to(dtype)
                 if need_h:
                     torch.mm(g, w, out=gh[i:i + step])
@@ -116,14 +119,14 @@ def _logits_into(z: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
         torch.mm(x, w[j:j + step].t(), out=z[:, j:j + step])
 
 
-def _loss_and_logit_grad(z: torch.Tensor, targets: torch.Tensor, ranges, weights: torch.Tensor | None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The summed (weighted) cross-entropy of logits ``z (C, V)`` (fp32) and its gradient with
-    respect to them: per column k, softmax minus one-hot over ``ranges[k]``, times each row's
-    weight (0 where the row's target is ``IGNORE``). With one column over the whole vocabulary
-    (text) ``z`` is overwritten: it becomes the gradient."""
+def _loss_and_logit_grad(z: torch.Tensor, targets: torch.Tensor, ranges, weights: torch.Tensor | None,
+                         grad_too: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The summed (weighted) cross-entropy of logits ``z (C, V)`` (fp32) and, with ``grad_too``,
+    its gradient with respect to them (else None): per column k, softmax minus one-hot over
+    ``ranges[k]``, times each row's weight (0 where the row's target is ``IGNORE``). With one column
+    over the whole vocabulary (text) ``z`` is overwritten: it becomes the gradient."""
     whole = len(ranges) == 1 and tuple(ranges[0]) == (0, z.shape[1])
-    grad = None if whole else torch.zeros_like(z)
+    grad = None if whole or not grad_too else torch.zeros_like(z)
     total = z.new_zeros(())
     for k, (a, b) in enumerate(ranges):
         t = targets[:, k]
@@ -133,6 +136,8 @@ def _loss_and_logit_grad(z: torch.Tensor, targets: torch.Tensor, ranges, weights
         # one fused pass (in place where z is not read again), then the softmax in place
         p = torch.log_softmax(z, 1, out=z) if whole else torch.log_softmax(z[:, a:b], 1)
         total = total - (p.gather(1, idx)[:, 0] * scale).sum()
+        if not grad_too:
+            continue
         p = p.exp_()
         if weights is not None or not bool(real.all()):
             p.mul_(scale[:, None])

@@ -199,8 +199,9 @@ class OmniModel(nn.Module):
         MediaSlot)`` pairs whose encoder outputs replace the ``<|feat|>`` embeddings, or become the
         cross-attention memory. last_only: logits for the last position only. With ``targets``
         the logits are those of the positions that carry one, ``(N, V)`` (``ModelOutput.kept``
-        marks them), or None in training, where the head is fused with its loss (``LMHead.loss``,
-        ``loss_chunk`` rows at a time) and its logits are never kept. loss_weights (B, T): each
+        marks them), or None in training, and wherever ``loss_chunk`` is set, where the head is
+        fused with its loss (``LMHead.loss``, ``loss_chunk`` rows at a time) and its logits are
+        never kept. loss_weights (B, T): each
         position's weight in the loss (a mixture's per-task ``loss_weight``); the loss is then the
         weighted mean over the targets, codebook streams included. (The loss on (media, text)
         pairs is :class:`omni.model.objectives.PairObjective`'s, a module around the model.)
@@ -241,8 +242,10 @@ class OmniModel(nn.Module):
         n = int(real.sum())
         mass = n if w is None else (w[:, None] * real).sum()
         hk, logits = h[kept], None
-        if self.training and torch.is_grad_enabled() and isinstance(self.lm_head, LMHead):
-            # the head fused with its loss: no (N, V) logits kept for the backward pass (nor returned)
+        training = self.training and torch.is_grad_enabled()
+        if isinstance(self.lm_head, LMHead) and (training or self.loss_chunk > 0):
+            # the head fused with its loss: no (N, V) logits kept for the backward pass (nor returned);
+            # with loss_chunk also in a trainer's validation, whose batches are as large
             total = self.lm_head.loss(hk, tgt, ranges, w, self.loss_chunk)
         else:  # evaluation, or a head wrapped by LoRA or quantisation
             logits = self.lm_head(hk)  # (N, V)

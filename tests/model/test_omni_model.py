@@ -360,9 +360,10 @@ def test_a_checkpoint_from_before_the_processor_refactor_gives_the_same_logits()
 
 
 def test_training_fuses_the_head_with_its_loss_without_keeping_the_logits(text_tokenizer):
-    """In training the head and its cross-entropy are fused (``LMHead.loss``, whole or
-    ``loss_chunk`` rows at a time): the loss and gradients of the unfused head (evaluation mode),
-    text and codebook streams, weighted, and no (rows x vocabulary) tensor saved for the backward."""
+    """In training (and in validation with ``loss_chunk``) the head and its cross-entropy are fused
+    (``LMHead.loss``, whole or ``loss_chunk`` rows at a time): the loss and gradients of the unfused
+    head (evaluation mode), text and codebook streams, weighted, and no (rows x vocabulary) tensor
+    saved for the backward."""
     from omni.model.omni_model import OmniConfig
     from omni.vocab import Vocab
 
@@ -401,6 +402,13 @@ def test_training_fuses_the_head_with_its_loss_without_keeping_the_logits(text_t
         for name, g in grads.items():
             torch.testing.assert_close(fused_grads[name], g, atol=1e-6, rtol=1e-5, msg=name)
         assert not [s for s in saved if len(s) == 2 and s[1] == V]
+    # a trainer's validation (eval, no gradient) with loss_chunk set: fused too, the same loss
+    model.eval()
+    model.loss_chunk = 5
+    with torch.no_grad():
+        out = model(ids, **batch)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-6)
 
 
 def test_uint8_cached_pixels_give_the_logits_of_normalised_float_pixels():
