@@ -56,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--sft", metavar="RECIPE", help="also time the first --batch rows of this SFT recipe")
     p.add_argument("--memory", type=int, metavar="CHUNK", default=None,
                    help="also the live tensors' peak of one full fp32 step on the random rows: the head "
-                        "unfused, fused, and fused CHUNK rows at a time (train.loss_chunk)")
+                        "unfused, fused, and fused CHUNK rows at a time (train.loss_chunk); and of a "
+                        "validation pass without and with CHUNK")
     return p.parse_args(argv)
 
 
@@ -110,20 +111,27 @@ def step_fns(hf, ours, compiled, rows: dict, losses: dict, precision: str = "fp3
     return {k: autocast(f) for k, f in fns.items()} if precision == "bf16" else fns
 
 
-def live_peak(model, rows: dict, chunk: int = 0, fused: bool = True) -> float:
+def live_peak(model, rows: dict, chunk: int = 0, fused: bool = True, validation: bool = False) -> float:
     """GB: the peak of the live tensors over one training step of ``model`` (forward, loss,
     backward; the profiler's memory timeline), after a warm-up step. ``fused=False`` runs the head
-    unfused (logits kept for the backward pass), as evaluation does."""
+    unfused (logits kept for the backward pass), as evaluation does. ``validation``: a trainer's
+    validation pass instead (evaluation mode, no gradient: the loss alone)."""
     import numpy as np
     from torch.profiler._memory_profiler import MemoryProfileTimeline
 
     head = type(model.lm_head)
+    model.zero_grad(set_to_none=True)  # no gradients left from an earlier measurement
     model.lm_head._workspace = None  # a CPU's kept logits buffer, sized by this step
     model.loss_chunk = chunk
     if not fused:
         model.lm_head.__class__ = torch.nn.Linear  # OmniModel fuses only an LMHead
     try:
         step = step_fns(None, model, None, rows, {})["omni"]
+        if validation:
+            def step():
+                with torch.no_grad():
+                    model.eval()(rows["inp"], targets=rows["tgt"]).loss.item()
+                model.train()
         step()
         with torch.profiler.profile(profile_memory=True, record_shapes=True, with_stack=True) as prof:
             step()
@@ -214,7 +222,11 @@ def main(argv=None):
         model = ours.model.train()
         peaks = {"unfused": live_peak(model, workloads["dense"], fused=False),
                  "fused": live_peak(model, workloads["dense"]),
-                 f"fused_chunk_{args.memory}": live_peak(model, workloads["dense"], args.memory)}
+                 f"fused_chunk_{args.memory}": live_peak(model, workloads["dense"], args.memory),
+                 # a validation pass at the same batch: unfused without loss_chunk, fused with it
+                 "validation": live_peak(model, workloads["dense"], validation=True),
+                 f"validation_chunk_{args.memory}": live_peak(model, workloads["dense"], args.memory,
+                                                              validation=True)}
         results["memory_gb"] = peaks
         print(f"live tensors' peak of a full fp32 step ({args.batch} x {args.seq}): "
               + ", ".join(f"{k} {v:.2f} GB" for k, v in peaks.items()))
