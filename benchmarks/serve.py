@@ -214,7 +214,8 @@ async def level(url: str, clients: int, plan: list[tuple[float, int]], seed: boo
 
 
 def engine_stats(url: str) -> dict:
-    """The server's request counts (``/health``; servers before they had them give none)."""
+    """The server's engine counts and summed times (``/health``; servers before they had them give
+    none)."""
     with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
         return json.loads(r.read()).get("engine", {})
 

@@ -126,12 +126,13 @@ def live_peak(model, rows: dict, chunk: int = 0, fused: bool = True, validation:
     if not fused:
         model.lm_head.__class__ = torch.nn.Linear  # OmniModel fuses only an LMHead
     try:
-        step = step_fns(None, model, None, rows, {})["omni"]
         if validation:
             def step():
                 with torch.no_grad():
                     model.eval()(rows["inp"], targets=rows["tgt"]).loss.item()
                 model.train()
+        else:
+            step = step_fns(None, model, None, rows, {})["omni"]
         step()
         with torch.profiler.profile(profile_memory=True, record_shapes=True, with_stack=True) as prof:
             step()

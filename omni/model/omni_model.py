@@ -201,10 +201,10 @@ class OmniModel(nn.Module):
         the logits are those of the positions that carry one, ``(N, V)`` (``ModelOutput.kept``
         marks them), or None in training, and wherever ``loss_chunk`` is set, where the head is
         fused with its loss (``LMHead.loss``, ``loss_chunk`` rows at a time) and its logits are
-        never kept. loss_weights (B, T): each
-        position's weight in the loss (a mixture's per-task ``loss_weight``); the loss is then the
-        weighted mean over the targets, codebook streams included. (The loss on (media, text)
-        pairs is :class:`omni.model.objectives.PairObjective`'s, a module around the model.)
+        never kept. loss_weights (B, T): each position's weight in the loss (a mixture's per-task
+        ``loss_weight``); the loss is then the weighted mean over the targets, codebook streams
+        included. (The loss on (media, text) pairs is
+        :class:`omni.model.objectives.PairObjective`'s, a module around the model.)
         """
         if positions is None:
             positions = default_positions(input_ids, key_padding, cache)
@@ -230,13 +230,14 @@ class OmniModel(nn.Module):
         kept = targets != IGNORE
         if stream_targets is not None:
             kept = kept | (stream_targets != IGNORE).any(1)
-        tgt = targets[kept][:, None]  # (N, 1), then a column per codebook stream, relative to its range
-        ranges = [(0, self.vocab.size)]
+        # (N, K) targets: text over the whole vocabulary, then each codebook stream's relative to its range
+        columns, ranges = [targets[kept]], [(0, self.vocab.size)]
         if stream_targets is not None:
             for k, part in enumerate(stream_targets.transpose(1, 2)[kept].unbind(1)):  # codebook k+1
                 r = self.vocab.codebook_range(k + 1)
                 ranges.append((r.start, r.stop))
-                tgt = torch.cat([tgt, torch.where(part == IGNORE, IGNORE, part - r.start)[:, None]], 1)
+                columns.append(torch.where(part == IGNORE, IGNORE, part - r.start))
+        tgt = torch.stack(columns, 1)
         w = None if loss_weights is None else loss_weights[kept].to(h.device, torch.float32)
         real = tgt != IGNORE  # (N, K): which targets each row carries
         n = int(real.sum())

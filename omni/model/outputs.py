@@ -11,8 +11,8 @@ from omni.model.backbone import KVCache
 
 @dataclass
 class ModelOutput:
-    # (B, T, V); (N, V) at the N positions ``kept`` marks when targets were given; None in training,
-    # where the head is fused with its loss (LMHead.loss)
+    # (B, T, V); (N, V) at the N positions ``kept`` marks when targets were given; None in training
+    # (and with loss_chunk set), where the head is fused with its loss (LMHead.loss)
     logits: torch.Tensor | None
     loss: torch.Tensor | None = None  # next-token cross-entropy per loss-carrying token
     num_tokens: int = 0  # tokens that carried loss
