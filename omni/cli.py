@@ -310,7 +310,9 @@ def cmd_import(args) -> int:
         tower = TOWER_IMPORTS[args.kind](src, args.out)  # read whole, then written atomically
         print(f"imported {src} -> {args.out} in {time.perf_counter() - start:.1f} s: "
               f"{sum(p.numel() for p in tower.parameters()) / 1e6:.1f}M parameters; use it as "
-              f"image_tokenizer: {{kind: {args.kind.split('-')[0]}, path: {args.out}}}")
+              f"image_tokenizer: {{kind: {args.kind.split('-')[0]}, path: {args.out}}}"
+              + (f", or with its classifier as model.media.image.tagger: {{path: {args.out}}}"
+                 if args.kind == "efficientnet-lite0" else ""))
         return 0
     model = omni.import_hf(src, dtype=args.dtype)  # a bad source fails before --out is touched
     with exclusive(args.out, "import"):

@@ -129,8 +129,9 @@ class Processor:
         """A hash of everything that decides what :meth:`prepare`, :meth:`encode_audio` and
         :meth:`render` produce: the tokenizer's files, the codec's files (its weights), each media
         encoder's preprocessing config and ``data_format`` (and a frozen tower's weights when it
-        ``precompute``s its features here) and the rendering options. A prepared-sample cache is keyed by it
-        (``omni.data.cache``), so a changed tokenizer, codec or tower never reuses one."""
+        ``precompute``s its features here; an image tagger's weights) and the rendering options. A
+        prepared-sample cache is keyed by it (``omni.data.cache``), so a changed tokenizer, codec,
+        tower or tagger never reuses one."""
         h = hashlib.sha256()
         with tempfile.TemporaryDirectory(prefix="omni_fingerprint.") as tmp:
             self.write_files(Path(tmp))
@@ -142,9 +143,9 @@ class Processor:
                     for m, e in sorted(self.encoders.items())}
         h.update(json.dumps([options, encoders], sort_keys=True, default=repr).encode())
         for m, e in sorted(self.encoders.items()):
-            tower = e.precomputed()
-            if tower is not None:  # the slot's data are the frozen tower's features
-                for name, t in sorted(tower.state_dict().items()):
+            # the slot's data are a frozen tower's features; a tagger's labels are rendered text
+            for module in (e.precomputed(), getattr(e, "tagger", None)):
+                for name, t in sorted(module.state_dict().items() if module is not None else ()):
                     h.update(name.encode())
                     h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         return h.hexdigest()
@@ -189,10 +190,15 @@ class Processor:
     def segment(self, modality: str, obj, start: float | None = None, end: float | None = None) -> Segment:
         """A media object or file -> its :class:`~omni.sequence.Segment`: :meth:`prepare`'s tensor and
         grid, and for a video the M-RoPE time position of each frame from its timestamp (when the
-        video encoder sets ``positions_per_second``). ``start`` / ``end``: a video file's window."""
+        video encoder sets ``positions_per_second``); for an image, the text its encoder's tagger
+        writes after it. ``start`` / ``end``: a video file's window."""
         if modality == "video" and isinstance(obj, (str, Path)):
             obj = self.media_for(obj, start, end)
+        if modality == "image" and isinstance(obj, (str, Path)):
+            obj = Image(obj)  # decoded once, for the tower and the tagger
         data, grid = self.prepare(modality, obj)
+        if modality == "image":
+            return Segment(modality, data=data, grid=grid, text=self.encoders[modality].tag_text(obj))
         offsets = None
         if isinstance(obj, Video):
             offsets = self.encoders["video"].video.time_offsets(obj.timestamps)

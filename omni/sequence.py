@@ -42,7 +42,8 @@ MEDIA_MARKERS = {"image": ("<|image|>", "<|/image|>"), "audio": ("<|audio|>", "<
 class Segment:
     """One piece of a message.
 
-    text: a string (``modality="text"``).
+    text: a string (``modality="text"``); on a media segment, text rendered right after its span,
+    never a target (an image tagger's labels, :mod:`omni.tokenizers.tagger`).
     data: the tensor the model's encoder for ``modality`` reads (a log-mel, pixels, frames, or
     cached features); ``grid`` ``(t, h, w)`` lays out the tokens the encoder produces for it
     (default ``(N, 1, 1)`` for ``data`` of shape ``(N, D)``: one time step per feature).
@@ -211,22 +212,21 @@ def render(sample: Sample, tokenizer, *, vocab: Vocab | None = None, audio_patte
                 _put_codes(seg, vocab, delay, put, trainable, vocab.id(end))
                 continue
             media.append(MediaSlot(len(ids), seg.num_tokens, seg.modality, seg.data))
-            if not (media_tokens if isinstance(media_tokens, bool) else seg.modality in media_tokens):
-                # read by cross-attention from the end marker on
-                put([vocab.id(end)], False)
-                continue
-            t, h, w = seg.grid if mrope else (seg.num_tokens, 1, 1)
-            times = seg.time_offsets.tolist() if mrope and seg.time_offsets is not None else range(t)
-            for ti in times:
-                for hi in range(h):
-                    for wi in range(w):
-                        ids.append(vocab.id("<|feat|>"))
-                        if delay:
-                            extra.append([EMPTY] * (K - 1))
-                        train.append(False)
-                        pos.append((nxt + ti, nxt + hi, nxt + wi) if mrope else (nxt + ti,) * 3)
-            nxt += max(times[-1] + 1, h, w)
-            put([vocab.id(end)], False)
+            if media_tokens if isinstance(media_tokens, bool) else seg.modality in media_tokens:
+                t, h, w = seg.grid if mrope else (seg.num_tokens, 1, 1)
+                times = seg.time_offsets.tolist() if mrope and seg.time_offsets is not None else range(t)
+                for ti in times:
+                    for hi in range(h):
+                        for wi in range(w):
+                            ids.append(vocab.id("<|feat|>"))
+                            if delay:
+                                extra.append([EMPTY] * (K - 1))
+                            train.append(False)
+                            pos.append((nxt + ti, nxt + hi, nxt + wi) if mrope else (nxt + ti,) * 3)
+                nxt += max(times[-1] + 1, h, w)
+            put([vocab.id(end)], False)  # without tokens, cross-attention reads the span from here on
+            if seg.text:
+                put(tokenizer.encode(seg.text), False)
         if frames is not None:
             # the template's text up to its end of turn is learned with an assistant turn
             after = frames[n + 1]

@@ -9,7 +9,8 @@ or trained end to end.
 
 Config (``OmniConfig.media[modality]``, a recipe's ``model.media.<modality>``)::
 
-    image: {tokenizer: ImageTokenizerConfig fields, connector: ConnectorConfig fields}
+    image: {tokenizer: ImageTokenizerConfig fields, connector: ConnectorConfig fields,
+            tagger: TaggerConfig fields (optional)}
     video: {tokenizer: ImageTokenizerConfig fields, video: VideoTokenizerConfig fields, connector: ...}
     audio: {encoder: {kind: whisper_style, size, n_mels, path, freeze, input_mode}, connector: ...,
             normalize: none|mean|meanvar, spec_augment: {...}, stack: int, ctc_weight: float,
@@ -29,7 +30,8 @@ one forward pass per clip instead of one per step. Image and video towers do the
 ``(N, h, w, D)`` for a video's frames, and the model runs only the video's temporal part and the
 connector. ``pad_to_s: 30`` pads every clip with silence
 to 30 s before the log-mel, the window a whole Whisper model reads (its decoder attends to all
-1500 features).
+1500 features). An image ``tagger`` (:mod:`omni.tokenizers.tagger`) writes a pretrained classifier's
+top labels as text after each image (:meth:`ImageEncoder.tag_text`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from omni.schema import choice, from_dict, positive
 from omni.tokenizers.audio import LogMel, audio_encoder, standalone_encoder_config
 from omni.tokenizers.base import MEL_SAMPLE_RATE
 from omni.tokenizers.image import ImageTokenizerConfig, build_image_tokenizer, standalone_config
+from omni.tokenizers.tagger import ImageTagger, TaggerConfig
 from omni.tokenizers.video import VideoTokenizerConfig, build_video_tokenizer
 
 AUDIO_SAMPLE_RATE = MEL_SAMPLE_RATE  # the log-mel front end's rate (Whisper)
@@ -95,14 +98,18 @@ class AudioEncoderConfig:
 
 @dataclass
 class ImageMediaConfig:
-    """``model.media.image``: an image tower and the connector to the model width."""
+    """``model.media.image``: an image tower and the connector to the model width; optionally a
+    tagger whose labels follow each image as text."""
 
     tokenizer: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    tagger: TaggerConfig | None = None
 
     def validate(self, key: str) -> None:
         self.tokenizer.validate()
         self.connector.validate()
+        if self.tagger is not None:
+            self.tagger.validate(f"{key}.tagger")
 
 
 @dataclass
@@ -229,10 +236,17 @@ class ImageEncoder(MediaEncoder):
         super().__init__(section)
         self.tokenizer = build_image_tokenizer(self.cfg.tokenizer)
         self.connector = self.cfg.connector.build(self.tokenizer.out_dim, dim)
+        self.tagger = None if self.cfg.tagger is None else ImageTagger.build(self.cfg.tagger)
 
     def standalone_config(self) -> dict:
         tokenizer = standalone_config(self.section.get("tokenizer", {}), self.tokenizer)
-        return {**self.section, "tokenizer": tokenizer}
+        tagger = {} if self.tagger is None else {"tagger": self.tagger.standalone()}
+        return {**self.section, "tokenizer": tokenizer, **tagger}
+
+    def tag_text(self, image) -> str | None:
+        """The text that follows ``image`` (an Image or uint8 pixels) in a prompt: the tagger's labels,
+        or None without a tagger (or without a likely label)."""
+        return None if self.tagger is None else self.tagger.text(image)
 
     def precomputed(self) -> nn.Module | None:
         return self.tokenizer if self.cfg.tokenizer.precompute else None

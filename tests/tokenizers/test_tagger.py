@@ -1,0 +1,106 @@
+"""The image tagger: a classifier's top labels as text after each image (``model.media.image.tagger``)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import omni
+from omni.cli import main
+from omni.model.backbone import backbone_config
+from omni.model.omni_model import build_model
+from omni.pipeline import Pipeline
+from omni.sequence import IGNORE
+from omni.tokenizers.efficientnet import EfficientNetLite0
+from omni.tokenizers.tagger import ImageTagger, TaggerConfig, imagenet_labels
+
+IMAGE = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def tagger_dir(tmp_path_factory):
+    """``omni import efficientnet-lite0`` of a random network whose classifier picks classes 5 and 7."""
+    tmp = tmp_path_factory.mktemp("tagger")
+    torch.manual_seed(0)
+    bias = torch.zeros(1000)
+    bias[5], bias[7] = 10.0, 9.0  # softmax: 0.73, 0.27, then ~1e-5 for every other class
+    sd = {**EfficientNetLite0().state_dict(), "_fc.weight": torch.zeros(1000, 1280), "_fc.bias": bias}
+    torch.save(sd, tmp / "lite0.pth")
+    assert main(["import", "efficientnet-lite0", str(tmp / "lite0.pth"), "--out", str(tmp / "eff")]) == 0
+    return tmp / "eff"
+
+
+def test_imagenet_labels_are_the_thousand_classes_in_order():
+    labels = imagenet_labels()
+    assert len(labels) == len(set(labels)) == 1000
+    assert (labels[0], labels[101], labels[999]) == ("tench", "tusker", "toilet tissue")
+
+
+def test_the_import_keeps_the_classifier_and_its_labels(tagger_dir):
+    config = json.loads((tagger_dir / "config.json").read_text())
+    assert config["labels"] == imagenet_labels()
+    tagger = ImageTagger.build(TaggerConfig(path=str(tagger_dir)))
+    assert tagger.tags(IMAGE) == ["electric ray", "cock"]  # classes 5 and 7, above min_prob 0.05
+    assert tagger.text(IMAGE) == "Tags: electric ray, cock.\n"
+    assert ImageTagger.build(TaggerConfig(path=str(tagger_dir), top_k=1)).tags(IMAGE) == ["electric ray"]
+    assert ImageTagger.build(TaggerConfig(path=str(tagger_dir), min_prob=0.5)).tags(IMAGE) == ["electric ray"]
+    assert ImageTagger.build(TaggerConfig(path=str(tagger_dir), min_prob=0.9)).text(IMAGE) is None
+    assert not any(p.requires_grad for p in tagger.parameters()) and not tagger.train().training
+
+
+def test_bad_tagger_sections_and_folders_are_clear_errors(tagger_dir, tmp_path):
+    with pytest.raises(ValueError, match="give path .* or labels"):
+        ImageTagger.build(TaggerConfig())
+    with pytest.raises(ValueError, match="top_k must be at least 1"):
+        ImageTagger.build(TaggerConfig(path=str(tagger_dir), top_k=0))
+    old = tmp_path / "old"  # a folder imported before the classifier was kept
+    shutil.copytree(tagger_dir, old)
+    (old / "config.json").write_text(json.dumps({"model_type": "efficientnet_lite0"}))
+    with pytest.raises(ValueError, match="old: not an EfficientNet-Lite0 folder with its classifier"):
+        ImageTagger.build(TaggerConfig(path=str(old)))
+    with pytest.raises(ValueError, match="nowhere/config.json: cannot read"):
+        ImageTagger.build(TaggerConfig(path=str(tmp_path / "nowhere")))
+
+
+def _tagging_model(tagger_dir, text_tokenizer, cross: bool = False):
+    media = {"image": {"tokenizer": {"kind": "patchify", "size": "debug"}, "connector": {"kind": "mlp"},
+                       "tagger": {"path": str(tagger_dir)}}}
+    extra = {"cross_attention": {"every": 1, "media": ["image"]}} if cross else {}
+    backbone = backbone_config("debug", max_seq_len=128, **extra)
+    return Pipeline(build_model(backbone, text_tokenizer.vocab, seed=0, media=media),
+                    tokenizer=text_tokenizer).eval()
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_the_tags_follow_the_image_as_input_text(tagger_dir, text_tokenizer, cross):
+    model = _tagging_model(tagger_dir, text_tokenizer, cross)
+    proc = model.processor
+    sample = proc.sample([{"role": "user", "content": [omni.Image(IMAGE), "What is it?"]},
+                          {"role": "assistant", "content": "A cock."},
+                          {"role": "user", "content": "Sure?"}])
+    r = proc.render(sample)
+    end = r.ids.tolist().index(proc.vocab.id("<|/image|>"))
+    tags = text_tokenizer.encode("Tags: electric ray, cock.\n")
+    assert r.ids[end + 1:end + 1 + len(tags)].tolist() == tags
+    assert (r.targets[end + 1:end + 1 + len(tags)] == IGNORE).all()  # input, never learned
+    if cross:
+        assert model.reads_by_cross_attention("image")
+    assert isinstance(model.generate([omni.Image(IMAGE), "What is it?"], max_new_tokens=2), str)
+
+
+def test_a_checkpoint_with_a_tagger_loads_without_its_folder(tagger_dir, text_tokenizer, tmp_path):
+    weights = tmp_path / "weights"
+    shutil.copytree(tagger_dir, weights)
+    model = _tagging_model(weights, text_tokenizer)
+    key = model.processor.fingerprint()
+    model.save_pretrained(tmp_path / "ckpt")
+    shutil.rmtree(weights)
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())["media"]["image"]["tagger"]
+    assert "path" not in saved and saved["labels"] == imagenet_labels() and saved["top_k"] == 3
+    loaded = omni.load(tmp_path / "ckpt")
+    assert loaded.processor.encoders["image"].tag_text(IMAGE) == "Tags: electric ray, cock.\n"
+    assert loaded.processor.fingerprint() == key
+    with torch.no_grad():  # the prepared-sample cache's key follows the tagger's weights
+        loaded.model.encoders["image"].tagger.classifier.bias[7] += 5.0
+    assert loaded.processor.fingerprint() != key
