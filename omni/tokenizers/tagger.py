@@ -113,8 +113,8 @@ class ImageTagger(nn.Module):
     @torch.no_grad()
     def probs(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 pixels ``(B, 3, H, W)`` -> class probabilities ``(B, classes)``."""
-        x = resize(pixels, (IMAGE_SIZE, IMAGE_SIZE)).to(self.mean.device)
-        x = (x.float() / 255 - self.mean) / self.std
+        x = resize(pixels, (IMAGE_SIZE, IMAGE_SIZE)).to(self.mean.device).float() / 255
+        x = ((x - self.mean) / self.std).to(self.classifier.weight.dtype)  # a model cast to bf16 too
         return F.softmax(self.classifier(self.net(x).mean((2, 3))).float(), dim=-1)
 
     def tags(self, image) -> list[str]:

@@ -47,6 +47,7 @@ def test_the_import_keeps_the_classifier_and_its_labels(tagger_dir):
     assert ImageTagger.build(TaggerConfig(path=str(tagger_dir), min_prob=0.5)).tags(IMAGE) == ["electric ray"]
     assert ImageTagger.build(TaggerConfig(path=str(tagger_dir), min_prob=0.9)).text(IMAGE) is None
     assert not any(p.requires_grad for p in tagger.parameters()) and not tagger.train().training
+    assert tagger.to(torch.bfloat16).tags(IMAGE) == ["electric ray", "cock"]  # a model cast whole
 
 
 def test_bad_tagger_sections_and_folders_are_clear_errors(tagger_dir, tmp_path):
