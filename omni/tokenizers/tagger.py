@@ -27,9 +27,7 @@ from torch import nn
 from omni.io import load_tensors
 from omni.media.image import Image, resize
 from omni.tokenizers.efficientnet import HEAD, MODEL_TYPE, EfficientNetLite0
-
-IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-IMAGE_SIZE = 224
+from omni.tokenizers.image import DEFAULT_IMAGE_SIZE, IMAGENET_NORM
 
 
 def imagenet_labels() -> list[str]:
@@ -113,7 +111,7 @@ class ImageTagger(nn.Module):
     @torch.no_grad()
     def probs(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 pixels ``(B, 3, H, W)`` -> class probabilities ``(B, classes)``."""
-        x = resize(pixels, (IMAGE_SIZE, IMAGE_SIZE)).to(self.mean.device).float() / 255
+        x = resize(pixels, (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)).to(self.mean.device).float() / 255
         x = ((x - self.mean) / self.std).to(self.classifier.weight.dtype)  # a model cast to bf16 too
         return F.softmax(self.classifier(self.net(x).mean((2, 3))).float(), dim=-1)
 
