@@ -60,6 +60,9 @@ def test_bad_tagger_sections_and_folders_are_clear_errors(tagger_dir, tmp_path):
     (old / "config.json").write_text(json.dumps({"model_type": "efficientnet_lite0"}))
     with pytest.raises(ValueError, match="old: not an EfficientNet-Lite0 folder with its classifier"):
         ImageTagger.build(TaggerConfig(path=str(old)))
+    (old / "config.json").write_text(json.dumps({"model_type": "efficientnet_lite0", "labels": ["a", "b"]}))
+    with pytest.raises(ValueError, match="old: not EfficientNet-Lite0 weights with a 2-class classifier"):
+        ImageTagger.build(TaggerConfig(path=str(old)))  # labels that do not fit its classifier
     with pytest.raises(ValueError, match="nowhere/config.json: cannot read"):
         ImageTagger.build(TaggerConfig(path=str(tmp_path / "nowhere")))
 
