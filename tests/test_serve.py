@@ -380,6 +380,21 @@ def test_bfloat16_serving_matches_its_pipeline(tmp_path):
     assert got[2] == _alone(pipe, [Audio(tmp_path / "a.wav"), "What is it?"])
 
 
+def test_bfloat16_on_a_cpu_that_would_emulate_it_warns(monkeypatch, caplog):
+    """``omni serve --dtype bfloat16`` is the user's choice, kept; on a CPU without bfloat16 kernels
+    (AVX2 alone) the cast says that it will run slower than float32."""
+    from omni.model import omni_model
+
+    pipe = omni.load(CKPT)
+    for emulated in (False, True):
+        monkeypatch.setattr(omni_model, "bf16_is_emulated", lambda device, e=emulated: e)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="omni.model.omni_model"):
+            pipe.model.cast(torch.bfloat16)
+        assert ("emulated" in caplog.text) == emulated
+    assert pipe.model.lm_head.weight.dtype == torch.bfloat16
+
+
 def test_a_prompt_that_fails_its_prefill_fails_alone(v1):
     """Prompts prefilled together where one cannot be (longer than the context): that one gets
     the error, the other is decoded."""

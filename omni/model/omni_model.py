@@ -37,6 +37,7 @@ def bf16_is_emulated(device: torch.device | str) -> bool:
     (SmolLM2's layer shapes on a 2-core AVX2 EPYC: 19 against 160 GFLOP/s)."""
     return torch.device(device).type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
