@@ -457,14 +457,14 @@ def _ctc_scorer(model, media: list | None, allowed: range | None) -> CTCPrefixSc
     """The CTC prefix scorer over the prompt's one audio clip."""
     audio = [slot for _, slot in media or [] if slot.modality == "audio"]
     encoder = model.encoders["audio"] if "audio" in model.encoders else None
-    if encoder is None or getattr(encoder, "ctc_head", None) is None:
+    if encoder is None or not getattr(encoder, "ctc_weight", 0):
         raise ValueError("ctc_weight needs a checkpoint whose audio encoder has a CTC head "
                          "(model.media.audio.ctc_weight in its recipe)")
     if len(audio) != 1:
         raise ValueError(f"ctc_weight needs a prompt with exactly one audio clip, this one has {len(audio)}")
-    if allowed is None or allowed.stop > encoder.ctc_head.out_features:
+    if allowed is None or allowed.stop > encoder.text_size:
         raise ValueError("joint CTC decoding produces text only (output='text')")
-    log_probs, n = encoder.ctc_log_probs([audio[0].data.to(model.device)])
+    log_probs, n = encoder.ctc_log_probs([audio[0].data.to(model.device)], model.embed.weight)
     return CTCPrefixScorer(log_probs[0, :int(n[0])])
 
 

@@ -14,7 +14,7 @@ Config (``OmniConfig.media[modality]``, a recipe's ``model.media.<modality>``)::
     video: {tokenizer: ImageTokenizerConfig fields, video: VideoTokenizerConfig fields, connector: ...}
     audio: {encoder: {kind: whisper_style, size, n_mels, path, freeze, input_mode}, connector: ...,
             normalize: none|mean|meanvar, spec_augment: {...}, stack: int, ctc_weight: float,
-            precompute: bool, pad_to_s: float}
+            ctc_on: features|connector, precompute: bool, pad_to_s: float}
 
 Speech recognition helpers on the audio side (what the small-data ASR recipes need):
 ``normalize: mean`` subtracts each mel band's mean over the utterance (``meanvar`` also divides by
@@ -23,6 +23,10 @@ random frequency bands and time spans while training (SpecAugment); ``stack`` co
 many consecutive encoder features into one token (fewer backbone tokens per second);
 ``ctc_weight`` adds a CTC head over the text vocabulary on the encoder features, trained on the
 transcript a slot carries as ``labels`` (an auxiliary loss, as in hybrid CTC/attention ASR).
+``ctc_on: connector`` puts that loss on the connector's tokens instead, scored against the language
+model's own input embeddings (one learned scale; blank = the pad id's row): it pulls each speech token
+towards the embedding of the word said there, what a frozen encoder's connector must learn for an
+LLM to read speech (a stack-wise per-token connector only).
 ``precompute`` (a frozen tower only) runs the encoder once in ``prepare``, so a dataset holds
 features instead of mels and training steps skip the tower: a pretrained Whisper encoder costs
 one forward pass per clip instead of one per step. Image and video towers do the same with
@@ -137,12 +141,14 @@ class AudioMediaConfig:
     spec_augment: SpecAugment | None = None
     stack: int = 1
     ctc_weight: float = 0.0
+    ctc_on: str = "features"
     precompute: bool = False
     pad_to_s: float | None = None
 
     def validate(self, key: str) -> None:
         choice(f"{key}.normalize", self.normalize, ("none", "mean", "meanvar"))
         positive(f"{key}.stack", self.stack)
+        choice(f"{key}.ctc_on", self.ctc_on, ("features", "connector"))
         if self.precompute and not self.encoder.freeze:
             raise ValueError(f"{key}.precompute needs a frozen encoder (encoder.freeze: true)")
         if self.precompute and self.spec_augment is not None:
@@ -218,10 +224,12 @@ class MediaEncoder(nn.Module):
         on the CPU, as a slot's data."""
         return run(x.to(next(self.precomputed().parameters()).device)).cpu()
 
-    def encode(self, datas: list[torch.Tensor], labels: list | None = None):
+    def encode(self, datas: list[torch.Tensor], labels: list | None = None,
+               embed: torch.Tensor | None = None):
         """``forward`` plus this encoder's weighted auxiliary loss on ``labels`` (None without one): a
         mean over the clips whose label is not None (OmniModel.encode_media counts them, so that a
-        trainer on several processes can weight each one's mean into the global batch's)."""
+        trainer on several processes can weight each one's mean into the global batch's). ``embed``:
+        the language model's input embeddings, for a loss scored against them."""
         return self(datas), None
 
     def _connect(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -322,11 +330,14 @@ class AudioEncoder(MediaEncoder):
         self.encoder = audio_encoder(**asdict(cfg.encoder))
         self.logmel = LogMel(n_mels=self.encoder.n_mels, pad_to_s=cfg.pad_to_s)
         self.normalize, self.spec_augment, self.stack = cfg.normalize, cfg.spec_augment, cfg.stack
-        self.ctc_weight, self.precompute = cfg.ctc_weight, cfg.precompute
+        self.ctc_weight, self.precompute, self.text_size = cfg.ctc_weight, cfg.precompute, text_size
         if self.ctc_weight and not text_size:
             raise ValueError("model.media.audio.ctc_weight needs the text vocabulary size")
-        # blank = the pad id (0), which no transcript contains
-        self.ctc_head = nn.Linear(self.encoder.out_dim, text_size) if self.ctc_weight else None
+        # blank = the pad id (0), which no transcript contains. On the connector's tokens the classes
+        # are the LM's input embeddings (passed to encode), times a learned scale
+        on_features = bool(self.ctc_weight) and cfg.ctc_on == "features"
+        self.ctc_head = nn.Linear(self.encoder.out_dim, text_size) if on_features else None
+        self.ctc_scale = nn.Parameter(torch.ones(())) if self.ctc_weight and not on_features else None
         if self.precompute and not getattr(self.encoder, "frozen", False):
             raise ValueError("model.media.audio.precompute needs a frozen encoder (encoder.freeze: true)")
         self.connector = cfg.connector.build(self.encoder.out_dim * self.stack, dim)
@@ -380,46 +391,68 @@ class AudioEncoder(MediaEncoder):
         return torch.cat(parts)[torch.tensor(order).argsort()], n
 
     def forward(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
-        return self._connect_all(*self._features(datas))
+        return self._split(*self._connected(*self._features(datas)))
 
-    def _connect_all(self, feats: torch.Tensor, n: torch.Tensor) -> list[torch.Tensor]:
+    def _connected(self, feats: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (B, N, D) -> the connector's tokens (B, N', dim) and each clip's real count."""
         if self.stack > 1:  # (B, N, D) -> (B, ceil(N/s), s*D): s consecutive features per token
             B, N, D = feats.shape
             feats = F.pad(feats, (0, 0, 0, -N % self.stack)).reshape(B, -1, self.stack * D)
             n = -(-n // self.stack)
         mask = torch.arange(feats.shape[1])[None, :] < n[:, None]
         out = self._connect(feats, mask.to(feats.device))
-        if out.shape[1] == feats.shape[1]:  # per-token connector: keep each clip's real tokens
-            return [out[i, :int(n[i])] for i in range(len(out))]
-        return list(out)
+        if out.shape[1] != feats.shape[1]:  # a query connector: a fixed number of tokens per clip
+            n = torch.full_like(n, out.shape[1])
+        return out, n
 
-    def encode(self, datas, labels=None):
+    @staticmethod
+    def _split(out: torch.Tensor, n: torch.Tensor) -> list[torch.Tensor]:
+        return [out[i, :int(n[i])] for i in range(len(out))]
+
+    def _ctc_logits(self, feats, n, embed) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """The CTC head's logits (B, N, text_size), their lengths, and the connector's tokens with
+        their counts."""
+        out, m = self._connected(feats, n)
+        if self.ctc_head is not None:
+            return self.ctc_head(feats), n, (out, m)
+        if embed is None:
+            raise ValueError("ctc_on: connector scores against the language model's embeddings: pass embed")
+        if out.shape[1] != -(-feats.shape[1] // self.stack):
+            raise ValueError("ctc_on: connector needs a connector with one token per (stacked) feature, "
+                             f"not {self.cfg.connector.kind}")
+        return (out @ embed[:self.text_size].T) * self.ctc_scale, m, (out, m)
+
+    def encode(self, datas, labels=None, embed=None):
         feats, n = self._features(datas)
-        out = self._connect_all(feats, n)
         # the CTC loss covers the clips that carry a transcript (a mixture's sound clips do not)
         keep = [i for i, lab in enumerate(labels or []) if lab is not None]
-        if self.ctc_head is None or not keep:
-            if self.ctc_head is not None and labels is not None and self.always_aux:
-                return out, 0 * self.ctc_head(feats[:1, :1]).sum()  # uses the head, adds nothing
+        if not self.ctc_weight or not keep:
+            out = self._split(*self._connected(feats, n))
+            if self.ctc_weight and labels is not None and self.always_aux:  # uses the head, adds nothing
+                head = self.ctc_head.weight if self.ctc_head is not None else self.ctc_scale
+                return out, 0 * head.sum()
             return out, None
-        log_probs = self.ctc_head(feats[keep]).float().log_softmax(-1).transpose(0, 1)  # (N, B, V)
+        logits, lengths, connected = self._ctc_logits(feats, n, embed)
+        log_probs = logits[keep].float().log_softmax(-1).transpose(0, 1)  # (N, B, V)
         targets = torch.cat([labels[i].long() for i in keep]).to(feats.device)
         target_lengths = torch.tensor([len(labels[i]) for i in keep])
-        ctc = F.ctc_loss(log_probs, targets, n[keep], target_lengths, blank=0, zero_infinity=True)
-        return out, self.ctc_weight * ctc
+        ctc = F.ctc_loss(log_probs, targets, lengths[keep], target_lengths, blank=0, zero_infinity=True)
+        return self._split(*connected), self.ctc_weight * ctc
 
     @torch.no_grad()
-    def ctc_log_probs(self, datas: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def ctc_log_probs(self, datas: list[torch.Tensor], embed: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """The auxiliary CTC head's log-probabilities ``(B, N, text_size)`` (blank = id 0) and each
-        clip's real frame count ``(B,)``: for greedy CTC transcripts and joint CTC/attention decoding."""
-        if self.ctc_head is None:
+        clip's real frame count ``(B,)``: for greedy CTC transcripts and joint CTC/attention decoding.
+        ``embed``: the language model's input embeddings, for ``ctc_on: connector``."""
+        if not self.ctc_weight:
             raise ValueError("this audio encoder has no CTC head (model.media.audio.ctc_weight)")
-        feats, n = self._features(datas)
-        return self.ctc_head(feats).float().log_softmax(-1), n
+        logits, n, _ = self._ctc_logits(*self._features(datas), embed)
+        return logits.float().log_softmax(-1), n
 
-    def ctc_decode(self, datas: list[torch.Tensor]) -> list[list[int]]:
+    def ctc_decode(self, datas: list[torch.Tensor], embed: torch.Tensor | None = None) -> list[list[int]]:
         """Greedy CTC transcripts (text ids) from the auxiliary head: repeats merged, blanks dropped."""
-        log_probs, n = self.ctc_log_probs(datas)
+        log_probs, n = self.ctc_log_probs(datas, embed)
         best = log_probs.argmax(-1)
         out = []
         for row, length in zip(best.tolist(), n.tolist()):

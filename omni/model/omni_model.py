@@ -304,7 +304,7 @@ class OmniModel(nn.Module):
                 continue
             labels = [slot.labels for _, slot in items] if self.training else None
             datas = [slot.data.to(self.device) for _, slot in items]
-            outs, aux = encoder.encode(datas, labels)
+            outs, aux = encoder.encode(datas, labels, self.embed.weight)
             if aux is not None:
                 aux_loss = aux if aux_loss is None else aux_loss + aux
                 clips = torch.tensor(float(sum(lab is not None for lab in labels)))

@@ -82,6 +82,41 @@ def test_ctc_learns_to_read_a_clip(tmp_path, text_tokenizer):
         model.generate("no audio here", ctc_weight=0.5)
 
 
+def test_ctc_on_the_connector_scores_its_tokens_against_the_lm_embeddings(tmp_path, text_tokenizer):
+    """``ctc_on: connector``: no head of its own; the connector's tokens against the language
+    model's input embeddings (times a learned scale). Trained on two clips, greedy CTC of the tokens
+    reads each, and joint decoding with all the weight on CTC writes them."""
+    model, ds, rows = _asr(tmp_path, text_tokenizer, {"ctc_weight": 1.0, "ctc_on": "connector", "stack": 2})
+    enc = model.encoders["audio"]
+    assert enc.ctc_head is None and enc.ctc_scale is not None
+    batch = collate([ds[i] for i in range(len(ds))])
+    slots = [slot for _, slot in batch["media"]]
+    out = model.train()(batch["input_ids"], positions=batch["positions"], targets=batch["targets"],
+                        doc_ids=batch["doc_ids"], media=batch["media"])
+    assert out.aux_loss > 0
+    out.objective.backward()
+    assert enc.ctc_scale.grad != 0 and all(p.grad.abs().sum() > 0 for p in enc.connector.parameters())
+    assert model.embed.weight.grad.abs().sum() > 0  # the embeddings too, where they train
+    embed = model.embed.weight.detach()
+    opt = torch.optim.AdamW(enc.parameters(), lr=3e-3)
+    for _ in range(300):
+        _, loss = enc.encode([s.data for s in slots], [s.labels for s in slots], embed)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    decoded = enc.eval().ctc_decode([s.data for s in slots], embed)
+    assert [text_tokenizer.decode(d) for d in decoded] == [r["text"] for r in rows]
+    from omni.media.audio import Audio
+
+    clips = [[Audio(tmp_path / r["audio"])] for r in rows]
+    texts = model.eval().generate(clips, num_beams=3, ctc_weight=1.0, max_new_tokens=12)
+    assert texts == [r["text"] for r in rows]
+    with pytest.raises(ValueError, match="pass embed"):
+        enc.ctc_decode([s.data for s in slots])
+    with pytest.raises(ValueError, match="ctc_on"):
+        _asr(tmp_path, text_tokenizer, {"ctc_weight": 1.0, "ctc_on": "decoder"})
+
+
 def test_length_buckets_group_similar_lengths_within_the_allowed_padding():
     lengths = [300, 100, 1000, 110, 280, 120, 320]
     groups = length_buckets(lengths, waste=0.25)
