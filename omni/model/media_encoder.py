@@ -429,8 +429,8 @@ class AudioEncoder(MediaEncoder):
         if not self.ctc_weight or not keep:
             out = self._split(*self._connected(feats, n))
             if self.ctc_weight and labels is not None and self.always_aux:  # uses the head, adds nothing
-                head = self.ctc_head.weight if self.ctc_head is not None else self.ctc_scale
-                return out, 0 * head.sum()
+                head = self.ctc_scale if self.ctc_head is None else self.ctc_head(feats[:1, :1]).sum()
+                return out, 0 * head
             return out, None
         logits, lengths, connected = self._ctc_logits(feats, n, embed)
         log_probs = logits[keep].float().log_softmax(-1).transpose(0, 1)  # (N, B, V)
