@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from common import json_line  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from common import json_line, set_up_trainer  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def main(argv=None) -> dict:
@@ -31,16 +31,10 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/bf16_step")
     args = p.parse_args(argv)
-    from omni.config import load_recipe
-    from omni.train.loop import Trainer, _forward, _to_device, batches
+    from omni.train.loop import _forward, _to_device, batches
 
     torch.set_num_threads(args.threads)
-    fixed = [f"train.out_dir={args.out}", "train.resume=false", "train.overwrite=true",
-             "train.progress=false", 'train.mixed_precision="no"']
-    cfg = load_recipe(args.recipe, [*args.overrides, *fixed])
-    trainer = Trainer(cfg)
-    with trainer.run_folder():
-        trainer.setup()
+    cfg, trainer = set_up_trainer(args.recipe, args.overrides, args.out)
     model = trainer.inner.train()
     rows = batches(trainer.train_set, trainer.stream, 0, cfg.train.batch_size, mrope=model.uses_mrope)
     runs: dict[str, list] = {"fp32": [], "bf16": []}

@@ -131,3 +131,19 @@ def cut_corpora(recipe: str, out, rows: int) -> list[str]:
 
     return corpus_overrides(recipe, lambda k, path: {
         "path": str(cut_corpus(recipe, Path(out) / f"{k}_{Path(path).name}", rows, path))})
+
+
+def set_up_trainer(recipe: str, overrides: list[str], out: str):
+    """``(cfg, trainer)``: a recipe's trainer with its model, datasets and sample caches built, not
+    trained; the caller's ``overrides``, then a fresh ``train.out_dir=out`` in fp32 without a bar."""
+    from omni.config import load_recipe
+    from omni.train.loop import Trainer
+
+    fixed = [f"train.out_dir={out}", "train.resume=false", "train.overwrite=true", "train.progress=false",
+             'train.mixed_precision="no"']
+    cfg = load_recipe(recipe, [*overrides, *fixed])
+    trainer = Trainer(cfg)
+    with trainer.run_folder():
+        trainer.setup()
+    return cfg, trainer
+

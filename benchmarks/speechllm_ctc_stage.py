@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from common import json_line  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from common import json_line, set_up_trainer  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def main(argv=None) -> dict:
@@ -43,18 +43,12 @@ def main(argv=None) -> dict:
     from safetensors.torch import save_file
     from whisper_parity import normalize
 
-    from omni.config import load_recipe
-    from omni.train.loop import Trainer, batches
+    from omni.train.loop import batches
 
     torch.set_num_threads(args.threads)
-    fixed = [f"train.out_dir={args.out}", "train.resume=false", "train.overwrite=true",
-             "train.progress=false", "train.lora=null", 'train.mixed_precision="no"']
-    cfg = load_recipe(args.recipe, [*args.overrides, *fixed])
+    cfg, trainer = set_up_trainer(args.recipe, [*args.overrides, "train.lora=null"], args.out)
     if not cfg.model.media.get("audio", {}).get("ctc_on") == "connector":
         raise SystemExit("give model.media.audio.ctc_weight=W model.media.audio.ctc_on=connector")
-    trainer = Trainer(cfg)
-    with trainer.run_folder():
-        trainer.setup()
     model = trainer.inner.train()
     enc, embed = model.encoders["audio"], model.embed.weight.detach()
     params = [*enc.connector.parameters(), enc.ctc_scale]

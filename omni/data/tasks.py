@@ -355,7 +355,7 @@ def _renderer(spec: TaskSpec, proc: Processor) -> Callable[[tuple], Rendered]:
 
 def _ctc(spec: TaskSpec, proc: Processor) -> bool:
     return (spec.task == "caption" and spec.transcript and spec.media in proc.encoders
-            and getattr(proc.encoders[spec.media], "ctc_weight", 0))
+            and bool(getattr(proc.encoders[spec.media], "ctc_weight", 0)))
 
 
 def render_manifest(manifest: str | Path | Manifest, spec: TaskSpec, processor, seq_len: int,
