@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--data", default="data/speech_wiki_2k")
     p.add_argument("--splits", default="test_piper")
     p.add_argument("--sides", default="whisper,run", help="which checkpoints to score")
+    p.add_argument("--num-beams", type=int, default=1, help="the run's beam search (Whisper stays greedy)")
+    p.add_argument("--ctc-weight", type=float, default=0.0,
+                   help="the run's joint CTC/attention decoding (ctc_on: connector; 1.0: CTC alone)")
     scoring_args(p)
     return p.parse_args(argv)
 
@@ -55,14 +58,15 @@ def write_asterisk_manifest(files: list[tuple[Path, str]], folder: Path) -> Path
     return folder
 
 
-def score(ckpt: str, data: str, split: str, rows: int | None, max_new_tokens: int) -> float:
-    """``omni eval`` of ``ckpt`` on ``<data>/<split>.jsonl``; returns the seconds it took."""
+def score(ckpt: str, data: str, split: str, rows: int | None, max_new_tokens: int, **decoding) -> float:
+    """``omni eval`` of ``ckpt`` on ``<data>/<split>.jsonl`` (``decoding``: its ``num_beams`` and
+    ``ctc_weight``); returns the seconds it took."""
     from omni.eval import evaluate
 
     task = None if (Path(ckpt) / "recipe.yaml").is_file() else "caption"  # an imported checkpoint
     start = time.perf_counter()
     evaluate(ckpt, split=split, max_rows=rows, data_path=data, task=task, max_new_tokens=max_new_tokens,
-             progress=False)
+             progress=False, **decoding)
     return time.perf_counter() - start
 
 
@@ -75,20 +79,27 @@ def main(argv=None) -> dict:
     real = write_asterisk_manifest(files, Path(tempfile.mkdtemp(prefix="asterisk_")))
     splits = [s for s in args.splits.split(",") if s]
     results: dict = {}
+    beam = args.num_beams > 1 or args.ctc_weight
     for side, ckpt in (("whisper", args.whisper), ("run", args.run)):
         if side not in args.sides.split(","):
             continue
+        decoding = ({"num_beams": args.num_beams, "ctc_weight": args.ctc_weight} if side == "run" and beam
+                    else {})
+        suffix = (f"_beam{args.num_beams}" + (f"_ctc{args.ctc_weight:g}" if args.ctc_weight else "")
+                  if decoding else "")  # the file omni eval keeps them in
         # the corpus' sentences have <= 20 words; the longest asterisk prompts ~60 (eval's 48 tokens cut them)
         for name, data, rows, tokens in [*((s, args.data, args.rows, 48) for s in splits),
                                          ("asterisk", str(real), None, 96)]:
             if not args.rescore:
-                results[f"seconds_{name}_{side}"] = round(score(ckpt, data, name, rows, tokens), 1)
-            w, w_spelled = kept_wer(ckpt, name)
+                seconds = score(ckpt, data, name, rows, tokens, **decoding)
+                results[f"seconds_{name}_{side}"] = round(seconds, 1)
+            w, w_spelled = kept_wer(ckpt, name + suffix)
             results[f"wer_{name}_{side}"] = round(w, 4)
             results[f"wer_{name}_{side}_spelled"] = round(w_spelled, 4)
     return json_line("speechllm_wer", args.threads,
                      {"whisper": args.whisper, "run": args.run, "data": args.data, "rows": args.rows,
-                      "files": len(files)}, results)
+                      "files": len(files), "num_beams": args.num_beams, "ctc_weight": args.ctc_weight},
+                     results)
 
 
 if __name__ == "__main__":

@@ -260,6 +260,9 @@ class TrainConfig(Optimization):
     # > 0: the output head fused with its cross-entropy (omni/model/head.py) over this many rows at a
     # time, so no more than a chunk's (tokens x vocabulary) fp32 logits ever exist (0: all at once)
     loss_chunk: int = 0
+    # all: the token loss plus the media encoders' auxiliary losses (CTC); aux: those alone, with no
+    # language-model forward (a stage that teaches a connector to read speech before the LM sees it)
+    loss: str = "all"
     export: str = "last"  # the model written to out_dir: the last weights, or those with the best val loss
     # several processes: ddp (a whole model per process, gradients all-reduced) or fsdp (FSDP2: weights,
     # gradients and optimizer state sharded over the processes; omni/train/parallel.py)
@@ -292,6 +295,7 @@ class TrainConfig(Optimization):
                              f"got {self.warmup_steps}")
         choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         choice("train.export", self.export, ("last", "best"))
+        choice("train.loss", self.loss, ("all", "aux"))
         choice("train.activation_checkpointing", self.activation_checkpointing, CHECKPOINTING)
         if self.loss_chunk < 0:
             raise ValueError(f"train.loss_chunk must be >= 0 (0: the loss over all rows at once), "

@@ -110,6 +110,9 @@ class OmniModel(nn.Module):
         if config.blip2 is not None:
             self.blip2 = Blip2Head(cfg.dim, Blip2Config.parse(config.blip2))
         self._every_tower = False
+        # train.loss: aux (a trainer sets it): the loss is the media encoders' auxiliary loss alone
+        # (a connector's CTC stage); no language-model forward runs
+        self.aux_only = False
 
     @property
     def every_tower(self) -> bool:
@@ -226,6 +229,11 @@ class OmniModel(nn.Module):
         aux_loss = aux_mass = memory = None
         if media or self.every_tower:
             encoded, aux_loss, aux_mass = self.encode_media(media or [], self.every_tower)
+            if self.aux_only and targets is not None:
+                if aux_loss is None:
+                    raise ValueError("train.loss=aux trains on the media encoders' auxiliary loss (CTC), but "
+                                     "this batch has no clip with a transcript and no encoder has one")
+                return ModelOutput(None, aux_loss, int(aux_mass), loss_mass=aux_mass)
             placed = [e for e in encoded if not self.reads_by_cross_attention(e[1].modality)]
             read = [e for e in encoded if self.reads_by_cross_attention(e[1].modality)]
             for _, slot, f in [e for e in placed if e[1].start == NO_SLOT]:  # an idle tower's zeros
@@ -302,7 +310,7 @@ class OmniModel(nn.Module):
                 items = [(0, MediaSlot(NO_SLOT, 0, modality, encoder.dummy()))]
             elif not items:
                 continue
-            labels = [slot.labels for _, slot in items] if self.training else None
+            labels = [slot.labels for _, slot in items] if self.training or self.aux_only else None
             datas = [slot.data.to(self.device) for _, slot in items]
             outs, aux = encoder.encode(datas, labels, self.embed.weight)
             if aux is not None:

@@ -117,6 +117,32 @@ def test_ctc_on_the_connector_scores_its_tokens_against_the_lm_embeddings(tmp_pa
         _asr(tmp_path, text_tokenizer, {"ctc_weight": 1.0, "ctc_on": "decoder"})
 
 
+def test_aux_only_the_loss_is_the_connectors_ctc_and_the_language_model_never_runs(tmp_path, text_tokenizer):
+    """``train.loss: aux`` (``model.aux_only``): a forward with targets returns the encoders' CTC loss
+    as the loss, a mean over the labelled clips, in training and in evaluation (a validation loss), and
+    the backbone does not run."""
+    pipe, ds, _ = _asr(tmp_path, text_tokenizer, {"ctc_weight": 1.0, "ctc_on": "connector", "stack": 2})
+    model, batch = pipe.model, collate([ds[i] for i in range(len(ds))])
+    args = dict(positions=batch["positions"], targets=batch["targets"], doc_ids=batch["doc_ids"],
+                media=batch["media"])
+    torch.manual_seed(0)
+    joint = model.train()(batch["input_ids"], **args)
+    model.aux_only = True
+    model.backbone.forward = lambda *a, **k: pytest.fail("the language model ran")
+    out = model(batch["input_ids"], **args)
+    assert out.logits is None and out.aux_loss is None
+    assert out.num_tokens == len(batch["media"]) == out.loss_mass
+    assert out.loss.item() == pytest.approx(joint.aux_loss.item(), rel=1e-5)
+    out.loss.backward()
+    assert model.encoders["audio"].ctc_scale.grad != 0
+    with torch.no_grad():
+        val = model.eval()(batch["input_ids"], **args)
+    assert val.loss.item() == pytest.approx(out.loss.item(), rel=1e-5)
+    model.encoders["audio"].ctc_weight = 0.0
+    with pytest.raises(ValueError, match="train.loss=aux"):
+        model(batch["input_ids"], **args)
+
+
 def test_length_buckets_group_similar_lengths_within_the_allowed_padding():
     lengths = [300, 100, 1000, 110, 280, 120, 320]
     groups = length_buckets(lengths, waste=0.25)

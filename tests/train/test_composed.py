@@ -69,6 +69,34 @@ def test_speech_llm_trains_saves_and_transcribes(tmp_path, parts, tone_speech):
     assert isinstance(pipe.generate([Audio(tone_speech / "0.wav"), "Transcribe."], max_new_tokens=6), str)
 
 
+def test_speech_llm_ctc_stage_trains_the_connector_alone_then_the_joint_stage_starts_from_it(
+        tmp_path, parts, tone_speech):
+    """recipes/speechllm/smollm_whisper_ctc_tiny then smollm_whisper_tiny: ``train.loss=aux`` trains the
+    connector (and CTC scale) on CTC against the LM's embeddings, the LM untouched and never run; its
+    loss and validation loss are the CTC's. Stage 2 takes its connector (``train.init_from``)."""
+    ctc = ["model.media.audio.ctc_weight=1.0", "model.media.audio.ctc_on=connector"]
+    recipe = str(_recipe(tmp_path, parts, tone_speech))
+    stage1 = tmp_path / "ctc"
+    with pytest.raises(ValueError, match="train.loss=aux"):
+        train(load_recipe(recipe, ["train.loss=aux", f"train.out_dir={tmp_path / 'none'}"]))
+    one = train(load_recipe(recipe, [*ctc, "train.loss=aux", "train.lora=null", "train.steps=12",
+                                     "train.eval_every=12", "train.trainable=[connector,ctc_scale]",
+                                     f"train.out_dir={stage1}"]))
+    assert one.final_loss < one.first_loss
+    metrics = read_metrics(stage1 / "metrics.jsonl")
+    assert [r["val_loss"] for r in metrics if "val_loss" in r] and not any("aux_loss" in r for r in metrics)
+    weights = omni.load(stage1).model.state_dict()
+    base = omni.load(parts[0]).model.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in base.items())  # the LM did not move
+    trainer = Trainer(load_recipe(recipe, [*ctc, f"train.init_from={stage1}"]))
+    with trainer.run_folder():
+        trainer.setup()
+    connector = [k for k in weights if ".connector." in k or k.endswith("ctc_scale")]
+    state = trainer.inner.state_dict()
+    assert len(connector) > 1 and all(torch.equal(state[k], weights[k]) for k in connector)
+    assert not trainer.inner.aux_only
+
+
 @pytest.fixture(scope="module")
 def dino(tmp_path_factory):
     """A tiny random transformers DINOv2 folder, as ``omni import dinov2`` writes one."""
