@@ -229,11 +229,12 @@ class OmniModel(nn.Module):
         aux_loss = aux_mass = memory = None
         if media or self.every_tower:
             encoded, aux_loss, aux_mass = self.encode_media(media or [], self.every_tower)
-            if self.aux_only and targets is not None:
-                if aux_loss is None:
-                    raise ValueError("train.loss=aux trains on the media encoders' auxiliary loss (CTC), but "
-                                     "this batch has no clip with a transcript and no encoder has one")
-                return ModelOutput(None, aux_loss, int(aux_mass), loss_mass=aux_mass)
+        if self.aux_only and targets is not None:  # the encoders' loss alone: the LM does not run
+            if aux_loss is None:
+                raise ValueError("train.loss=aux trains on the media encoders' auxiliary loss (CTC), but "
+                                 "this batch has no clip with a transcript, or no encoder has one")
+            return ModelOutput(None, aux_loss, int(aux_mass), loss_mass=aux_mass)
+        if media or self.every_tower:
             placed = [e for e in encoded if not self.reads_by_cross_attention(e[1].modality)]
             read = [e for e in encoded if self.reads_by_cross_attention(e[1].modality)]
             for _, slot, f in [e for e in placed if e[1].start == NO_SLOT]:  # an idle tower's zeros

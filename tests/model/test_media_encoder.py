@@ -138,6 +138,8 @@ def test_aux_only_the_loss_is_the_connectors_ctc_and_the_language_model_never_ru
     with torch.no_grad():
         val = model.eval()(batch["input_ids"], **args)
     assert val.loss.item() == pytest.approx(out.loss.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="train.loss=aux"):  # a row without a clip
+        model(batch["input_ids"], **{**args, "media": None})
     model.encoders["audio"].ctc_weight = 0.0
     with pytest.raises(ValueError, match="train.loss=aux"):
         model(batch["input_ids"], **args)
