@@ -71,6 +71,8 @@ def score(ckpt: str, data: str, split: str, rows: int | None, max_new_tokens: in
 
 
 def main(argv=None) -> dict:
+    from omni.eval import decoding_suffix
+
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     files = asterisk_prompts(Path(args.asterisk), args.files)
@@ -79,14 +81,11 @@ def main(argv=None) -> dict:
     real = write_asterisk_manifest(files, Path(tempfile.mkdtemp(prefix="asterisk_")))
     splits = [s for s in args.splits.split(",") if s]
     results: dict = {}
-    beam = args.num_beams > 1 or args.ctc_weight
     for side, ckpt in (("whisper", args.whisper), ("run", args.run)):
         if side not in args.sides.split(","):
             continue
-        decoding = ({"num_beams": args.num_beams, "ctc_weight": args.ctc_weight} if side == "run" and beam
-                    else {})
-        suffix = (f"_beam{args.num_beams}" + (f"_ctc{args.ctc_weight:g}" if args.ctc_weight else "")
-                  if decoding else "")  # the file omni eval keeps them in
+        decoding = {"num_beams": args.num_beams, "ctc_weight": args.ctc_weight} if side == "run" else {}
+        suffix = decoding_suffix(**decoding)  # of the file omni eval keeps the predictions in
         # the corpus' sentences have <= 20 words; the longest asterisk prompts ~60 (eval's 48 tokens cut them)
         for name, data, rows, tokens in [*((s, args.data, args.rows, 48) for s in splits),
                                          ("asterisk", str(real), None, 96)]:

@@ -349,6 +349,9 @@ class RecipeConfig:
             if task.writes_audio and not self.codec.path:
                 raise ValueError(f"data task {part.label} writes audio codes, so it needs codec.path "
                                  "(a trained audio codec)")
+        if self.train.loss == "aux" and not any((m or {}).get("ctc_weight") for m in media.values()):
+            raise ValueError("train.loss=aux trains on the media encoders' auxiliary loss, but no "
+                             "model.media encoder has one: set model.media.audio.ctc_weight")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -65,6 +65,14 @@ def run_recipe(ckpt: Path, task: str | None = None, data_path: str | None = None
     return from_dict(RecipeConfig, {"data": data, "model": {"max_seq_len": seq_len, "media": config.media}})
 
 
+def decoding_suffix(num_beams: int = 1, ctc_weight: float = 0.0) -> str:
+    """What a decoding adds to the names of the files :func:`evaluate` keeps (``eval_<split>...``):
+    ``_beam<N>[_ctc<W>]``, nothing for greedy."""
+    if num_beams > 1 or ctc_weight:
+        return f"_beam{num_beams}" + (f"_ctc{ctc_weight:g}" if ctc_weight else "")
+    return ""
+
+
 def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None, batch_size: int = 16,
              max_new_tokens: int = 48, data_path: str | None = None, examples: int = 4,
              through_codec: str | None = None, task: str | None = None, shots: int = 0, num_beams: int = 1,
@@ -92,10 +100,9 @@ def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None,
         raise ValueError("a data path applies to one task; name it with task=")
     model = Pipeline.from_pretrained(ckpt)
     suffix = ("_codec" if through_codec else "") + (f"_{shots}shot" if shots else "")
-    decoding = {}
-    if num_beams > 1 or ctc_weight:
-        decoding = {"num_beams": num_beams, "ctc_weight": ctc_weight}
-        suffix += f"_beam{num_beams}" + (f"_ctc{ctc_weight:g}" if ctc_weight else "")
+    searched = decoding_suffix(num_beams, ctc_weight)
+    suffix += searched
+    decoding = {"num_beams": num_beams, "ctc_weight": ctc_weight} if searched else {}
     results = {}
     for d in parts:
         name = f"eval_{split}" + (f"_{_file_label(d.label)}" if cfg.data.mixture else "") + suffix

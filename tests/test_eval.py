@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from omni.config import load_recipe
-from omni.eval import evaluate
+from omni.eval import decoding_suffix, evaluate
 from omni.io import write_jsonl
 from omni.pipeline import pipeline_from_recipe
 from omni.tokenizers.audio import AudioCodec
@@ -172,3 +172,12 @@ def test_a_split_in_shards_in_several_folders_scores_as_the_file_it_was_cut_from
         scores[name] = evaluate(run, split="test", max_new_tokens=4, examples=0)
     assert scores["one"]["rows"] == scores["shards"]["rows"] == 4
     assert scores["one"]["wer"] == scores["shards"]["wer"]
+
+
+def test_decoding_names_the_kept_predictions():
+    """The suffix evaluate (and benchmarks/speechllm_wer.py, which reads the files back) gives a beam
+    search's and a joint CTC decoding's predictions; greedy has none."""
+    assert decoding_suffix() == decoding_suffix(1, 0.0) == ""
+    assert decoding_suffix(4) == "_beam4"
+    assert decoding_suffix(4, 0.5) == "_beam4_ctc0.5"
+    assert decoding_suffix(1, 1.0) == "_beam1_ctc1"

@@ -568,9 +568,6 @@ class Trainer:
         trained = PairObjective(model) if TASKS[cfg.data.task].pairs and not cfg.data.mixture else model
         model.every_tower = self.world > 1  # no process skips a tower another one runs (a collective)
         model.aux_only = tc.loss == "aux"
-        if model.aux_only and not any(getattr(e, "ctc_weight", 0) for e in model.encoders.values()):
-            raise ValueError("train.loss=aux trains on the media encoders' auxiliary loss, but no encoder "
-                             "has one: set model.media.audio.ctc_weight")
         if self.sharded:  # before the optimizer, which then holds this process's shards
             shard_model(model, trained, acc.mixed_precision, acc.device)
         elif tc.parallel == "fsdp":
