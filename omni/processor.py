@@ -129,7 +129,8 @@ class Processor:
         """A hash of everything that decides what :meth:`prepare`, :meth:`encode_audio` and
         :meth:`render` produce: the tokenizer's files, the codec's files (its weights), each media
         encoder's preprocessing config and ``data_format`` (and a frozen tower's weights when it
-        ``precompute``s its features here; an image tagger's weights) and the rendering options. A
+        ``precompute``s its features here; an image tagger's weights and memory digest) and the rendering
+        options. A
         prepared-sample cache is keyed by it (``omni.data.cache``), so a changed tokenizer, codec,
         tower or tagger never reuses one."""
         h = hashlib.sha256()
@@ -144,8 +145,10 @@ class Processor:
         h.update(json.dumps([options, encoders], sort_keys=True, default=repr).encode())
         for m, e in sorted(self.encoders.items()):
             # the slot's data are a frozen tower's features; a tagger's labels are rendered text
-            for module in (e.precomputed(), getattr(e, "tagger", None)):
-                for name, t in sorted(module.state_dict().items() if module is not None else ()):
+            tower, tagger = e.precomputed(), getattr(e, "tagger", None)
+            for state in (tower.state_dict() if tower is not None else {},
+                          tagger.keyed_state() if tagger is not None else {}):
+                for name, t in sorted(state.items()):
                     h.update(name.encode())
                     h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         return h.hexdigest()

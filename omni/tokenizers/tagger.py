@@ -10,12 +10,21 @@ RAM + an LLM), the tagger's ``top_k`` labels of at least ``min_prob`` follow the
     <|image|> ...features... <|/image|>Tags: African elephant, tusker, Indian elephant.
     Describe the image in one sentence.
 
+With a ``memory`` (manifests of captioned images, e.g. the training split), it also retrieves: the
+captions of the ``neighbours`` memory images nearest to this one (cosine of the classifier's pooled
+features, centred on the memory's mean) follow as ``Similar: A pelican. A seagull. A toucan.``, as
+retrieval-augmented captioners do (SmallCap). A memory image identical to the one tagged (cosine
+above ``SAME``) is skipped, so a training image is never its own neighbour and training sees the hints
+inference sees. The memory's features are computed once, when the tagger is built from ``path``.
+
 The text is part of the input, never a target. The tagger is frozen and saved with the model: a
-checkpoint records its labels and shape (``standalone``), so it loads without the weights folder.
+checkpoint records its labels, the memory's captions and their shapes (``standalone``), so it loads
+without the weights folder or the memory's images.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omni.data.manifest import Manifest
 from omni.io import load_tensors
 from omni.media.image import Image, resize
+from omni.progress import progress
 from omni.tokenizers.efficientnet import HEAD, MODEL_TYPE, EfficientNetLite0
 from omni.tokenizers.image import DEFAULT_IMAGE_SIZE, IMAGENET_NORM
 
@@ -47,28 +58,48 @@ class TaggerConfig:
     min_prob: float = 0.05
     prefix: str = "Tags: "
     suffix: str = ".\n"
+    memory: list[str] | None = None  # manifests (files or globs) of captioned images, with ``path``
+    memory_field: str = "caption"
+    captions: list[str] | None = None  # the memory's captions and digest, as a checkpoint records them
+    memory_digest: str | None = None
+    neighbours: int = 3
+    memory_prefix: str = "Similar: "
 
     def validate(self, key: str = "model.media.image.tagger") -> None:
         if (self.path is None) == (self.labels is None):
             raise ValueError(f"{key}: give path (an omni import efficientnet-lite0 folder) or labels, "
                              "not both or neither")
-        if self.top_k < 1:
-            raise ValueError(f"{key}.top_k must be at least 1, got {self.top_k}")
+        if self.memory is not None and self.path is None:
+            raise ValueError(f"{key}.memory needs path (the network whose features it retrieves by)")
+        if self.top_k < 0 or self.neighbours < 0:
+            raise ValueError(f"{key}.top_k and {key}.neighbours must be at least 0, got {self.top_k} "
+                             f"and {self.neighbours}")
+        if not (self.top_k or self.memory or self.captions) or not (self.top_k or self.neighbours):
+            raise ValueError(f"{key}: top_k is 0 and there is no memory to retrieve from: the tagger "
+                             "would write nothing")
         if not 0.0 <= self.min_prob < 1.0:
             raise ValueError(f"{key}.min_prob must be in [0, 1), got {self.min_prob}")
 
 
-class ImageTagger(nn.Module):
-    """EfficientNet-Lite0 with its classifier: an image -> its top labels as text (or None)."""
+SAME = 0.9999  # a memory image at least this similar is the tagged image itself
 
-    def __init__(self, cfg: TaggerConfig, labels: list[str]):
+
+class ImageTagger(nn.Module):
+    """EfficientNet-Lite0 with its classifier: an image -> its top labels, and the captions of its
+    nearest memory images, as text (or None)."""
+
+    def __init__(self, cfg: TaggerConfig, labels: list[str], captions: list[str] | None = None):
         super().__init__()
-        self.cfg, self.labels = cfg, list(labels)
+        self.cfg, self.labels, self.captions = cfg, list(labels), list(captions or [])
+        self.memory_digest = cfg.memory_digest
         self.net = EfficientNetLite0()
         self.classifier = nn.Linear(HEAD, len(self.labels))
         mean, std = IMAGENET_NORM
         self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(3, 1, 1), persistent=False)
+        if self.captions:  # unit rows of centred features, and their centre: saved with the model
+            self.register_buffer("memory", torch.zeros(len(self.captions), HEAD))
+            self.register_buffer("center", torch.zeros(HEAD))
         self.requires_grad_(False)
         self.eval()
 
@@ -77,7 +108,7 @@ class ImageTagger(nn.Module):
         """From ``cfg.path`` (weights loaded) or from ``cfg.labels`` (weights come with a checkpoint)."""
         cfg.validate()
         if cfg.labels is not None:
-            return cls(cfg, cfg.labels)
+            return cls(cfg, cfg.labels, cfg.captions)
         path = Path(cfg.path)
         config = path / "config.json"
         try:
@@ -98,34 +129,107 @@ class ImageTagger(nn.Module):
         except RuntimeError as e:
             raise ValueError(f"{path}: not EfficientNet-Lite0 weights with a {len(labels)}-class "
                              f"classifier ({str(e)[:300]})") from None
+        if cfg.memory:
+            tagger.remember(*read_memory(cfg.memory, cfg.memory_field))
         return tagger
 
+    @torch.no_grad()
+    def remember(self, images: list[Path], captions: list[str]) -> None:
+        """Make ``images`` (files) with their ``captions`` the memory that neighbours come from.
+        ``memory_digest`` hashes the files' bytes and the captions: a prepared-sample cache is keyed
+        by it, not by the features (whose last bits vary with the thread count)."""
+        feats, h = [], hashlib.sha256()
+        for f, caption in progress(list(zip(images, captions)), desc="tagger memory", unit="image"):
+            try:
+                h.update(Path(f).read_bytes() + caption.encode() + b"\0")
+                feats.append(self.features(Image(f).pixels[None])[0])
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{f}: a tagger memory image that cannot be read ({e})") from None
+        feats = torch.stack(feats)
+        self.captions, self.memory_digest = list(captions), h.hexdigest()
+        self.register_buffer("center", feats.mean(0))
+        self.register_buffer("memory", F.normalize(feats - self.center, dim=-1))
+
     def standalone(self) -> dict:
-        """The section as a checkpoint records it: labels instead of the folder."""
-        return {"labels": self.labels, "top_k": self.cfg.top_k, "min_prob": self.cfg.min_prob,
-                "prefix": self.cfg.prefix, "suffix": self.cfg.suffix}
+        """The section as a checkpoint records it: labels and captions instead of the folders."""
+        out = {"labels": self.labels, "top_k": self.cfg.top_k, "min_prob": self.cfg.min_prob,
+               "prefix": self.cfg.prefix, "suffix": self.cfg.suffix}
+        if self.captions:
+            out.update(captions=self.captions, memory_digest=self.memory_digest,
+                       neighbours=self.cfg.neighbours, memory_prefix=self.cfg.memory_prefix)
+        return out
+
+    def keyed_state(self) -> dict[str, torch.Tensor]:
+        """The weights a prepared-sample cache is keyed by: all but the memory's features, which
+        ``memory_digest`` (in :meth:`standalone`) stands for."""
+        return {k: v for k, v in self.state_dict().items() if k not in ("memory", "center")}
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: batch norm keeps its running statistics
 
     @torch.no_grad()
-    def probs(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels ``(B, 3, H, W)`` -> class probabilities ``(B, classes)``."""
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels ``(B, 3, H, W)`` -> the pooled features the classifier reads ``(B, 1280)``."""
         x = resize(pixels, (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)).to(self.mean.device).float() / 255
         x = ((x - self.mean) / self.std).to(self.classifier.weight.dtype)  # a model cast to bf16 too
-        return F.softmax(self.classifier(self.net(x).mean((2, 3))).float(), dim=-1)
+        return self.net(x).mean((2, 3))
+
+    def probs(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels ``(B, 3, H, W)`` -> class probabilities ``(B, classes)``."""
+        return F.softmax(self.classifier(self.features(pixels)).float(), dim=-1)
 
     def tags(self, image) -> list[str]:
         """An :class:`~omni.media.image.Image` or uint8 pixels ``(3, H, W)`` -> up to ``top_k``
         labels of probability at least ``min_prob``, most likely first."""
-        pixels = image.pixels if isinstance(image, Image) else image
-        p = self.probs(pixels[None])[0]
+        if not self.cfg.top_k:
+            return []
+        p = self.probs(_pixels(image)[None])[0]
         top = p.topk(min(self.cfg.top_k, len(self.labels)))
         return [self.labels[i] for v, i in zip(top.values.tolist(), top.indices.tolist())
                 if v >= self.cfg.min_prob]
 
+    def similar(self, image) -> list[str]:
+        """The distinct captions of the ``neighbours`` memory images nearest to ``image``, nearest
+        first (none without a memory); the image itself, when the memory holds it, is skipped."""
+        if not self.captions or not self.cfg.neighbours:
+            return []
+        q = F.normalize(self.features(_pixels(image)[None])[0].float() - self.center.float(), dim=-1)
+        sims = self.memory.float() @ q
+        out: list[str] = []
+        for i in sims.argsort(descending=True).tolist():
+            if sims[i] < SAME and self.captions[i] not in out:
+                out.append(self.captions[i])
+                if len(out) == self.cfg.neighbours:
+                    break
+        return out
+
     def text(self, image) -> str | None:
-        """The text that follows the image: the tags in ``prefix``/``suffix``, or None when no label
-        is likely enough."""
-        tags = self.tags(image)
-        return f"{self.cfg.prefix}{', '.join(tags)}{self.cfg.suffix}" if tags else None
+        """The text that follows the image: the tags in ``prefix``/``suffix`` and the neighbours'
+        captions after ``memory_prefix``, or None when there is neither."""
+        tags, similar = self.tags(image), self.similar(image)
+        text = f"{self.cfg.prefix}{', '.join(tags)}{self.cfg.suffix}" if tags else ""
+        if similar:
+            text += f"{self.cfg.memory_prefix}{' '.join(similar)}\n"
+        return text or None
+
+
+def _pixels(image) -> torch.Tensor:
+    return image.pixels if isinstance(image, Image) else image
+
+
+def read_memory(manifests: list[str], field: str = "caption") -> tuple[list[Path], list[str]]:
+    """The image files and captions of ``manifests`` (rows with ``image``, relative to the manifest's
+    folder, and ``field``), in order."""
+    images, captions = [], []
+    for m in manifests:
+        for f, k, row in Manifest.of(m).rows():
+            image, caption = row.get("image"), row.get(field)
+            if not isinstance(image, str) or not isinstance(caption, str) or not caption.strip():
+                raise ValueError(f"{f}: row {k + 1} has no 'image' path and {field!r} text for the "
+                                 "tagger's memory")
+            path = Path(image)
+            images.append(path if path.is_absolute() else f.parent / path)
+            captions.append(caption.strip())
+    if not images:
+        raise ValueError(f"{', '.join(manifests)}: the tagger's memory has no rows")
+    return images, captions

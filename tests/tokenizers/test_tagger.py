@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,8 +54,10 @@ def test_the_import_keeps_the_classifier_and_its_labels(tagger_dir):
 def test_bad_tagger_sections_and_folders_are_clear_errors(tagger_dir, tmp_path):
     with pytest.raises(ValueError, match="give path .* or labels"):
         ImageTagger.build(TaggerConfig())
-    with pytest.raises(ValueError, match="top_k must be at least 1"):
+    with pytest.raises(ValueError, match="top_k is 0 and there is no memory"):
         ImageTagger.build(TaggerConfig(path=str(tagger_dir), top_k=0))
+    with pytest.raises(ValueError, match="memory needs path"):
+        ImageTagger.build(TaggerConfig(labels=["a"], memory=["m.jsonl"]))
     old = tmp_path / "old"  # a folder imported before the classifier was kept
     shutil.copytree(tagger_dir, old)
     (old / "config.json").write_text(json.dumps({"model_type": "efficientnet_lite0"}))
@@ -108,3 +111,74 @@ def test_a_checkpoint_with_a_tagger_loads_without_its_folder(tagger_dir, text_to
     with torch.no_grad():  # the prepared-sample cache's key follows the tagger's weights
         loaded.model.encoders["image"].tagger.classifier.bias[7] += 5.0
     assert loaded.processor.fingerprint() != key
+
+
+def _memory(tmp_path, captions: list[str]) -> Path:
+    """A manifest of one random-noise PNG a caption (image i from seed i)."""
+    from PIL import Image as PILImage
+
+    (tmp_path / "img").mkdir(exist_ok=True)
+    with open(tmp_path / "memory.jsonl", "w") as f:
+        for i, caption in enumerate(captions):
+            PILImage.fromarray(_noise(i).permute(1, 2, 0).numpy()).save(tmp_path / "img" / f"{i}.png")
+            f.write(json.dumps({"image": f"img/{i}.png", "caption": caption}) + "\n")
+    return tmp_path / "memory.jsonl"
+
+
+def _noise(seed: int, jitter: int = 0) -> torch.Tensor:
+    x = torch.randint(0, 256, (3, 48, 48), generator=torch.Generator().manual_seed(seed)).to(torch.int16)
+    if jitter:  # a near copy: a few grey levels of noise on every pixel
+        x = x + torch.randint(-jitter, jitter + 1, x.shape, generator=torch.Generator().manual_seed(99))
+    return x.clamp(0, 255).to(torch.uint8)
+
+
+def test_a_memory_adds_the_captions_of_the_nearest_images(tagger_dir, tmp_path):
+    manifest = _memory(tmp_path, ["A lion.", "A crane.", "A lion.", "A toucan."])
+    tagger = ImageTagger.build(TaggerConfig(path=str(tagger_dir), memory=[str(manifest)], neighbours=2))
+    assert tagger.captions == ["A lion.", "A crane.", "A lion.", "A toucan."]
+    assert tagger.similar(_noise(1, jitter=3))[0] == "A crane."  # a near copy of image 1
+    # image 1 itself: never its own neighbour; the two lions count as one caption
+    similar = tagger.similar(_noise(1))
+    assert "A crane." not in similar and len(similar) == 2
+    text = tagger.text(_noise(3, jitter=3))
+    assert text.startswith("Tags: electric ray, cock.\nSimilar: A toucan. ") and text.endswith(".\n")
+    only = ImageTagger.build(TaggerConfig(path=str(tagger_dir), memory=[str(manifest)], top_k=0,
+                                          neighbours=1))
+    assert only.text(_noise(0, jitter=3)) == "Similar: A lion.\n"
+    assert only.to(torch.bfloat16).similar(_noise(0, jitter=3)) == ["A lion."]
+
+
+def test_a_tagger_memory_is_saved_and_keys_the_cache_by_its_files(tagger_dir, text_tokenizer, tmp_path):
+    manifest = _memory(tmp_path, ["A lion.", "A crane.", "A toucan."])
+    media = {"image": {"tokenizer": {"kind": "patchify", "size": "debug"}, "connector": {"kind": "mlp"},
+                       "tagger": {"path": str(tagger_dir), "memory": [str(manifest)], "neighbours": 1}}}
+    model = Pipeline(build_model(backbone_config("debug", max_seq_len=128), text_tokenizer.vocab, seed=0,
+                                 media=media), tokenizer=text_tokenizer).eval()
+    key, text = model.processor.fingerprint(), model.processor.encoders["image"].tag_text(_noise(2, 3))
+    assert text.endswith("Similar: A toucan.\n")
+    model.save_pretrained(tmp_path / "ckpt")
+    shutil.rmtree(tmp_path / "img")  # the memory's images are not needed once saved
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())["media"]["image"]["tagger"]
+    assert "memory" not in saved and saved["captions"] == ["A lion.", "A crane.", "A toucan."]
+    loaded = omni.load(tmp_path / "ckpt")
+    tagger = loaded.model.encoders["image"].tagger
+    assert loaded.processor.encoders["image"].tag_text(_noise(2, 3)) == text
+    assert loaded.processor.fingerprint() == key
+    with torch.no_grad():  # the features' last bits (they vary with the thread count) do not key it
+        tagger.memory += 1e-7
+    assert loaded.processor.fingerprint() == key
+    tagger.captions[0] = "A tiger."  # what the memory holds does
+    tagger.memory_digest = "0" * 64
+    assert loaded.processor.fingerprint() != key
+
+
+def test_bad_memories_are_clear_errors(tagger_dir, tmp_path):
+    manifest = _memory(tmp_path, ["A lion.", "A crane."])
+    (tmp_path / "img" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="img/1.png: a tagger memory image that cannot be read"):
+        ImageTagger.build(TaggerConfig(path=str(tagger_dir), memory=[str(manifest)]))
+    manifest.write_text(json.dumps({"image": "img/0.png"}) + "\n")
+    with pytest.raises(ValueError, match="memory.jsonl: row 1 has no 'image' path and 'caption' text"):
+        ImageTagger.build(TaggerConfig(path=str(tagger_dir), memory=[str(manifest)]))
+    with pytest.raises(ValueError, match="nothing.jsonl: manifest not found"):
+        ImageTagger.build(TaggerConfig(path=str(tagger_dir), memory=[str(tmp_path / "nothing.jsonl")]))
