@@ -182,3 +182,24 @@ def test_bad_memories_are_clear_errors(tagger_dir, tmp_path):
         ImageTagger.build(TaggerConfig(path=str(tagger_dir), memory=[str(manifest)]))
     with pytest.raises(ValueError, match="nothing.jsonl: manifest not found"):
         ImageTagger.build(TaggerConfig(path=str(tagger_dir), memory=[str(tmp_path / "nothing.jsonl")]))
+
+
+def test_tagger_hints_counts_how_often_a_hint_names_the_object(tagger_dir, tmp_path, capsys):
+    import importlib.util
+
+    from PIL import Image as PILImage
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("tagger_hints", root / "benchmarks" / "tagger_hints.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    memory = _memory(tmp_path, ["A lion.", "A crane.", "A toucan."])
+    test = tmp_path / "test.jsonl"
+    with open(test, "w") as f:  # a near copy of the lion; the tagger's own top label; a slogan
+        for i, (seed, caption) in enumerate([(0, "A lion."), (7, "A cock."), (8, "Boom!")]):
+            PILImage.fromarray(_noise(seed, jitter=3).permute(1, 2, 0).numpy()).save(tmp_path / f"t{i}.png")
+            f.write(json.dumps({"image": f"t{i}.png", "caption": caption}) + "\n")
+    assert bench.main(["--tagger", str(tagger_dir), "--memory", str(memory), "--test", str(test),
+                       "--neighbours", "1", "--threads", "1"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["results"] == {"rows_naming_an_object": 2, "tags": 1, "neighbours_1": 1, "either_1": 2}
