@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             **{f"either_{k}": 0 for k in args.neighbours}}
     for r, head in counted:
         image = Image(test.parent / r["image"])
-        tags, similar = " ".join(tagger.tags(image)), tagger.similar(image)
+        feature = tagger.feature(image)
+        tags, similar = " ".join(tagger.tags(image, feature)), tagger.similar(image, feature)
         hits["tags"] += named(head, tags)
         for k in args.neighbours:
             near = " ".join(similar[:k])

@@ -142,7 +142,7 @@ class ImageTagger(nn.Module):
         for f, caption in progress(list(zip(images, captions)), desc="tagger memory", unit="image"):
             try:
                 h.update(Path(f).read_bytes() + caption.encode() + b"\0")
-                feats.append(self.features(Image(f).pixels[None])[0])
+                feats.append(self.feature(Image(f)))
             except (OSError, ValueError) as e:
                 raise ValueError(f"{f}: a tagger memory image that cannot be read ({e})") from None
         feats = torch.stack(feats)
@@ -174,27 +174,28 @@ class ImageTagger(nn.Module):
         x = ((x - self.mean) / self.std).to(self.classifier.weight.dtype)  # a model cast to bf16 too
         return self.net(x).mean((2, 3))
 
-    def probs(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels ``(B, 3, H, W)`` -> class probabilities ``(B, classes)``."""
-        return F.softmax(self.classifier(self.features(pixels)).float(), dim=-1)
+    def feature(self, image) -> torch.Tensor:
+        """An :class:`~omni.media.image.Image` or uint8 pixels ``(3, H, W)`` -> its pooled features."""
+        return self.features((image.pixels if isinstance(image, Image) else image)[None])[0]
 
-    def tags(self, image) -> list[str]:
-        """An :class:`~omni.media.image.Image` or uint8 pixels ``(3, H, W)`` -> up to ``top_k``
-        labels of probability at least ``min_prob``, most likely first."""
+    def tags(self, image, feature: torch.Tensor | None = None) -> list[str]:
+        """An image -> up to ``top_k`` labels of probability at least ``min_prob``, most likely
+        first (``feature``: the image's, when already computed)."""
         if not self.cfg.top_k:
             return []
-        p = self.probs(_pixels(image)[None])[0]
+        feature = self.feature(image) if feature is None else feature
+        p = F.softmax(self.classifier(feature).float(), dim=-1)
         top = p.topk(min(self.cfg.top_k, len(self.labels)))
         return [self.labels[i] for v, i in zip(top.values.tolist(), top.indices.tolist())
                 if v >= self.cfg.min_prob]
 
-    def similar(self, image) -> list[str]:
-        """The distinct captions of the ``neighbours`` memory images nearest to ``image``, nearest
+    def similar(self, image, feature: torch.Tensor | None = None) -> list[str]:
+        """The distinct captions of the ``neighbours`` memory images nearest to an image, nearest
         first (none without a memory); the image itself, when the memory holds it, is skipped."""
         if not self.captions or not self.cfg.neighbours:
             return []
-        q = F.normalize(self.features(_pixels(image)[None])[0].float() - self.center.float(), dim=-1)
-        sims = self.memory.float() @ q
+        feature = self.feature(image) if feature is None else feature
+        sims = self.memory.float() @ F.normalize(feature.float() - self.center.float(), dim=-1)
         out: list[str] = []
         for i in sims.argsort(descending=True).tolist():
             if sims[i] < SAME and self.captions[i] not in out:
@@ -206,15 +207,12 @@ class ImageTagger(nn.Module):
     def text(self, image) -> str | None:
         """The text that follows the image: the tags in ``prefix``/``suffix`` and the neighbours'
         captions after ``memory_prefix``, or None when there is neither."""
-        tags, similar = self.tags(image), self.similar(image)
+        feature = self.feature(image)
+        tags, similar = self.tags(image, feature), self.similar(image, feature)
         text = f"{self.cfg.prefix}{', '.join(tags)}{self.cfg.suffix}" if tags else ""
         if similar:
             text += f"{self.cfg.memory_prefix}{' '.join(similar)}\n"
         return text or None
-
-
-def _pixels(image) -> torch.Tensor:
-    return image.pixels if isinstance(image, Image) else image
 
 
 def read_memory(manifests: list[str], field: str = "caption") -> tuple[list[Path], list[str]]:
