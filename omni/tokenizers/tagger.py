@@ -14,8 +14,8 @@ With a ``memory`` (manifests of captioned images, e.g. the training split), it a
 captions of the ``neighbours`` memory images nearest to this one (cosine of the classifier's pooled
 features, centred on the memory's mean) follow as ``Similar: A pelican. A seagull. A toucan.``, as
 retrieval-augmented captioners do (SmallCap). A memory image identical to the one tagged (cosine
-above ``SAME``) is skipped, so a training image is never its own neighbour and training sees the hints
-inference sees. The memory's features are computed once, when the tagger is built from ``path``.
+above ``SAME``) is skipped, so a training image is never its own neighbour (a look-alike with the same
+caption still may be). The memory's features are computed once, when the tagger is built from ``path``.
 
 The text is part of the input, never a target. The tagger is frozen and saved with the model: a
 checkpoint records its labels, the memory's captions and their shapes (``standalone``), so it loads
