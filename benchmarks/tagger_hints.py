@@ -12,7 +12,6 @@ only as often as some hint does (or it recognises the object itself). Ends with 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from object_named import head_noun, named  # noqa: E402
 
 from omni.media.image import Image  # noqa: E402
-from omni.tokenizers.tagger import ImageTagger, TaggerConfig  # noqa: E402
+from omni.tokenizers.tagger import ImageTagger, TaggerConfig, read_memory  # noqa: E402
 
 from common import json_line  # noqa: E402
 
@@ -41,14 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     tagger = ImageTagger.build(TaggerConfig(path=args.tagger, memory=args.memory,
                                             neighbours=max(args.neighbours)))
     build_s = time.perf_counter() - t0
-    test = Path(args.test)
-    rows = [json.loads(line) for line in test.read_text(encoding="utf-8").splitlines() if line.strip()]
-    counted = [(r, head_noun(r["caption"])) for r in rows]
-    counted = [(r, h) for r, h in counted if h]
+    images, captions = read_memory([args.test])  # the test images and their references
+    counted = [(f, h) for f, h in zip(images, map(head_noun, captions)) if h]
     hits = {"tags": 0, **{f"neighbours_{k}": 0 for k in args.neighbours},
             **{f"either_{k}": 0 for k in args.neighbours}}
-    for r, head in counted:
-        image = Image(test.parent / r["image"])
+    for f, head in counted:
+        image = Image(f)
         feature = tagger.feature(image)
         tags, similar = " ".join(tagger.tags(image, feature)), tagger.similar(image, feature)
         hits["tags"] += named(head, tags)
@@ -56,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             near = " ".join(similar[:k])
             hits[f"neighbours_{k}"] += named(head, near)
             hits[f"either_{k}"] += named(head, f"{tags} {near}")
-    print(f"{len(counted)} of {len(rows)} test captions name an object; a hint names it for:")
+    print(f"{len(counted)} of {len(captions)} test captions name an object; a hint names it for:")
     for name, n in hits.items():
         print(f"  {name:>14}: {n}")
     json_line("tagger_hints", args.threads, {"memory": args.memory, "memory_images": len(tagger.captions),

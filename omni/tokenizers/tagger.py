@@ -74,9 +74,9 @@ class TaggerConfig:
         if self.top_k < 0 or self.neighbours < 0:
             raise ValueError(f"{key}.top_k and {key}.neighbours must be at least 0, got {self.top_k} "
                              f"and {self.neighbours}")
-        if not (self.top_k or self.memory or self.captions) or not (self.top_k or self.neighbours):
-            raise ValueError(f"{key}: top_k is 0 and there is no memory to retrieve from: the tagger "
-                             "would write nothing")
+        if not self.top_k and not (self.neighbours and (self.memory or self.captions)):
+            raise ValueError(f"{key}: top_k is 0 and there is no memory to retrieve from (or neighbours "
+                             "is 0): the tagger would write nothing")
         if not 0.0 <= self.min_prob < 1.0:
             raise ValueError(f"{key}.min_prob must be in [0, 1), got {self.min_prob}")
 
@@ -88,10 +88,10 @@ class ImageTagger(nn.Module):
     """EfficientNet-Lite0 with its classifier: an image -> its top labels, and the captions of its
     nearest memory images, as text (or None)."""
 
-    def __init__(self, cfg: TaggerConfig, labels: list[str], captions: list[str] | None = None):
+    def __init__(self, cfg: TaggerConfig, labels: list[str]):
         super().__init__()
-        self.cfg, self.labels, self.captions = cfg, list(labels), list(captions or [])
-        self.memory_digest = cfg.memory_digest
+        self.cfg, self.labels = cfg, list(labels)
+        self.captions, self.memory_digest = list(cfg.captions or []), cfg.memory_digest
         self.net = EfficientNetLite0()
         self.classifier = nn.Linear(HEAD, len(self.labels))
         mean, std = IMAGENET_NORM
@@ -108,7 +108,7 @@ class ImageTagger(nn.Module):
         """From ``cfg.path`` (weights loaded) or from ``cfg.labels`` (weights come with a checkpoint)."""
         cfg.validate()
         if cfg.labels is not None:
-            return cls(cfg, cfg.labels, cfg.captions)
+            return cls(cfg, cfg.labels)
         path = Path(cfg.path)
         config = path / "config.json"
         try:
