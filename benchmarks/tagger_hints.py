@@ -6,7 +6,9 @@ counts a caption (the reference's head noun is a word of the hint text).
         --memory data/images/train.jsonl data/emoji/train.jsonl --test data/images/test.jsonl
 
 This is the ceiling a model that copies its hints can reach: the trained captioner names an object
-only as often as some hint does (or it recognises the object itself). Ends with one JSON line.
+only as often as some hint does (or it recognises the object itself). With a training manifest as
+``--test`` it says how often training shows the answer among the hints (``--skip-own-caption``: as the
+tagger option of that name leaves it out). Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -33,12 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory", nargs="+", required=True, help="manifests of captioned images")
     ap.add_argument("--test", required=True, help="a manifest of images with reference captions")
     ap.add_argument("--neighbours", type=int, nargs="+", default=[1, 3, 5])
+    ap.add_argument("--skip-own-caption", action="store_true",
+                    help="leave out the memory images that share a (memory) test image's caption")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     tagger = ImageTagger.build(TaggerConfig(path=args.tagger, memory=args.memory,
-                                            neighbours=max(args.neighbours)))
+                                            neighbours=max(args.neighbours),
+                                            skip_own_caption=args.skip_own_caption))
     build_s = time.perf_counter() - t0
     images, captions = read_memory([args.test])  # the test images and their references
     counted = [(f, h) for f, h in zip(images, map(head_noun, captions)) if h]
@@ -57,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, n in hits.items():
         print(f"  {name:>14}: {n}")
     json_line("tagger_hints", args.threads, {"memory": args.memory, "memory_images": len(tagger.captions),
-                                             "test": args.test, "memory_build_s": round(build_s, 1)},
+                                             "test": args.test, "skip_own_caption": args.skip_own_caption,
+                                             "memory_build_s": round(build_s, 1)},
               {"rows_naming_an_object": len(counted), **hits})
     return 0
 

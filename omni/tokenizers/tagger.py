@@ -14,8 +14,11 @@ With a ``memory`` (manifests of captioned images, e.g. the training split), it a
 captions of the ``neighbours`` memory images nearest to this one (cosine of the classifier's pooled
 features, centred on the memory's mean) follow as ``Similar: A pelican. A seagull. A toucan.``, as
 retrieval-augmented captioners do (SmallCap). A memory image identical to the one tagged (cosine
-above ``SAME``) is skipped, so a training image is never its own neighbour (a look-alike with the same
-caption still may be). The memory's features are computed once, when the tagger is built from ``path``.
+above ``SAME``) is skipped, so a training image is never its own neighbour. A look-alike with the same
+caption still may be, unless ``skip_own_caption``: then no memory image sharing the tagged image's
+caption is a neighbour either, so a training image's hints never hold its answer, as an unseen image's
+do not (SmallCap's datastore likewise leaves out the image's own captions in training). The memory's
+features are computed once, when the tagger is built from ``path``.
 
 The text is part of the input, never a target. The tagger is frozen and saved with the model: a
 checkpoint records its labels, the memory's captions and their shapes (``standalone``), so it loads
@@ -64,6 +67,7 @@ class TaggerConfig:
     memory_digest: str | None = None
     neighbours: int = 3
     memory_prefix: str = "Similar: "
+    skip_own_caption: bool = False  # a memory image's neighbours leave out every image of its caption
 
     def validate(self, key: str = "model.media.image.tagger") -> None:
         if (self.path is None) == (self.labels is None):
@@ -156,7 +160,8 @@ class ImageTagger(nn.Module):
                "prefix": self.cfg.prefix, "suffix": self.cfg.suffix}
         if self.captions:
             out.update(captions=self.captions, memory_digest=self.memory_digest,
-                       neighbours=self.cfg.neighbours, memory_prefix=self.cfg.memory_prefix)
+                       neighbours=self.cfg.neighbours, memory_prefix=self.cfg.memory_prefix,
+                       skip_own_caption=self.cfg.skip_own_caption)
         return out
 
     def keyed_state(self) -> dict[str, torch.Tensor]:
@@ -191,14 +196,17 @@ class ImageTagger(nn.Module):
 
     def similar(self, image, feature: torch.Tensor | None = None) -> list[str]:
         """The distinct captions of the ``neighbours`` memory images nearest to an image, nearest
-        first (none without a memory); the image itself, when the memory holds it, is skipped."""
+        first (none without a memory); the image itself, when the memory holds it, is skipped (with
+        ``skip_own_caption``, so is every memory image of its caption)."""
         if not self.captions or not self.cfg.neighbours:
             return []
         feature = self.feature(image) if feature is None else feature
         sims = self.memory.float() @ F.normalize(feature.float() - self.center.float(), dim=-1)
         out: list[str] = []
+        own = (sims >= SAME).nonzero().flatten().tolist() if self.cfg.skip_own_caption else []
+        skip = {self.captions[i] for i in own}
         for i in sims.argsort(descending=True).tolist():
-            if sims[i] < SAME and self.captions[i] not in out:
+            if sims[i] < SAME and self.captions[i] not in out and self.captions[i] not in skip:
                 out.append(self.captions[i])
                 if len(out) == self.cfg.neighbours:
                     break

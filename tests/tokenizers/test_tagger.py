@@ -148,6 +148,18 @@ def test_a_memory_adds_the_captions_of_the_nearest_images(tagger_dir, tmp_path):
     assert only.to(torch.bfloat16).similar(_noise(0, jitter=3)) == ["A lion."]
 
 
+def test_skip_own_caption_hides_a_memory_images_answer(tagger_dir, tmp_path):
+    manifest = _memory(tmp_path, ["A lion.", "A crane.", "A lion.", "A toucan."])
+    cfg = dict(path=str(tagger_dir), memory=[str(manifest)], neighbours=3)
+    plain, skip = (ImageTagger.build(TaggerConfig(**cfg, skip_own_caption=s)) for s in (False, True))
+    # image 0 (a lion) in the memory: the other lion is its neighbour unless its own caption is skipped
+    assert sorted(plain.similar(_noise(0))) == ["A crane.", "A lion.", "A toucan."]
+    assert sorted(skip.similar(_noise(0))) == ["A crane.", "A toucan."]
+    # an image the memory does not hold (a near copy of the lion) keeps every neighbour
+    assert skip.similar(_noise(0, jitter=3)) == plain.similar(_noise(0, jitter=3))
+    assert skip.standalone()["skip_own_caption"] and not plain.standalone()["skip_own_caption"]
+
+
 def test_a_tagger_memory_is_saved_and_keys_the_cache_by_its_files(tagger_dir, text_tokenizer, tmp_path):
     manifest = _memory(tmp_path, ["A lion.", "A crane.", "A toucan."])
     media = {"image": {"tokenizer": {"kind": "patchify", "size": "debug"}, "connector": {"kind": "mlp"},
