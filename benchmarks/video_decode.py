@@ -97,7 +97,10 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     import av
-    import decord
+
+    from omni.media.video import import_decord
+
+    decord = import_decord()
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

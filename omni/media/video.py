@@ -183,7 +183,7 @@ class Video:
         backend = self.requested_backend
         if backend == "auto":
             try:
-                import decord  # noqa: F401
+                import_decord()
                 backend = "decord"
             except ImportError:
                 backend = "pyav"
@@ -260,9 +260,25 @@ def _check_frame_size(path: Path) -> None:
                                "per side (omni.media.video.MAX_FRAME_SIDE)")
 
 
+def import_decord():
+    """The decord module, imported after the system zlib is loaded into the global symbol scope.
+    decord loads its library with ``RTLD_GLOBAL``, and with it a bundled zlib 1.2.3; every library
+    loaded after it (Pillow's libpng, which FreeType's colour-emoji glyphs decode through) would
+    otherwise bind to that zlib and fail ("OSError: broken file" drawing an emoji)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libz.so.1", mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        pass  # no system zlib under that name: nothing to put first
+    import decord
+
+    return decord
+
+
 def _read_decord(v: Video) -> _Decoded:
     try:
-        import decord
+        decord = import_decord()
     except ImportError:
         raise MediaError(v.path, f"the decord backend needs decord: {DECORD_INSTALL} "
                                  f"(or use backend='pyav')") from None

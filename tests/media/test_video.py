@@ -255,3 +255,23 @@ def test_a_video_from_decoded_frames():
     assert v.audio is None
     with pytest.raises(MediaError, match="uint8 frames"):
         Video.from_frames(frames.float())
+
+
+def test_decord_leaves_pillow_able_to_draw_colour_emoji():
+    """decord's bundled zlib 1.2.3, loaded globally, broke every later libpng user (FreeType's colour
+    emoji: "OSError: broken file") until import_decord put the system zlib first. In a fresh
+    interpreter: which library loads first is decided once per process."""
+    import subprocess
+    import sys
+
+    from omni.data.images import EMOJI_FONT
+
+    if not EMOJI_FONT.is_file():
+        pytest.skip(f"{EMOJI_FONT} not installed")
+    code = ("from omni.media.video import import_decord; import_decord()\n"
+            "from PIL import Image, ImageDraw, ImageFont\n"
+            f"font = ImageFont.truetype({str(EMOJI_FONT)!r}, 109)\n"
+            "ImageDraw.Draw(Image.new('RGBA', (160, 160))).text((8, 8), '\\U0001F600', font=font, "
+            "embedded_color=True)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
