@@ -16,9 +16,9 @@ features, centred on the memory's mean) follow as ``Similar: A pelican. A seagul
 retrieval-augmented captioners do (SmallCap). A memory image identical to the one tagged (cosine
 above ``SAME``) is skipped, so a training image is never its own neighbour. A look-alike with the same
 caption still may be, unless ``skip_own_caption``: then no memory image sharing the tagged image's
-caption is a neighbour either, so a training image's hints never hold its answer, as an unseen image's
-do not (SmallCap's datastore likewise leaves out the image's own captions in training). The memory's
-features are computed once, when the tagger is built from ``path``.
+caption is a neighbour either, so a training image never finds its own caption among its hints, as an
+unseen image never does (SmallCap's datastore likewise leaves out the image's own captions in
+training). The memory's features are computed once, when the tagger is built from ``path``.
 
 The text is part of the input, never a target. The tagger is frozen and saved with the model: a
 checkpoint records its labels, the memory's captions and their shapes (``standalone``), so it loads
