@@ -39,6 +39,7 @@ among those tried: a buffer-size check in its copy); ``auto`` then falls back to
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import os
@@ -260,6 +261,7 @@ def _check_frame_size(path: Path) -> None:
                                "per side (omni.media.video.MAX_FRAME_SIDE)")
 
 
+@functools.cache  # once a process: every video opened asks for it (backend choice, then decoding)
 def import_decord():
     """The decord module, imported after the system zlib is loaded into the global symbol scope.
     decord loads its library with ``RTLD_GLOBAL``, and with it a bundled zlib 1.2.3; every library
