@@ -499,7 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "0.853 (200 rows)`); every metric is written to <ckpt>/eval_<split>.json "
                                    "(and with --json printed too), the predictions to "
                                    "<ckpt>/eval_<split>.jsonl.")
-    e.add_argument("--ckpt", required=True, help="a run directory written by `omni train`")
+    e.add_argument("--ckpt", required=True,
+                   help="a run directory written by `omni train`, or one of its checkpoints "
+                        "(RUN/checkpoints/step_N: to pick a step, score each on --split val)")
     e.add_argument("--split", default="test", help="which manifest of the run's data to use (default: test)")
     e.add_argument("--data", default=None, help="another data directory holding <split>.jsonl")
     e.add_argument("--max-rows", type=int, default=None,

@@ -43,6 +43,8 @@ from omni.pipeline import Pipeline
 from omni.processor import as_processor
 from omni.progress import progress as progress_bar
 from omni.tokenizers.audio import AudioCodec
+from omni.train.checkpoint import STATE_FILE
+from omni.train.loop import checkpoint_pipeline, checkpoint_recipe
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,9 @@ def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None,
              max_new_tokens: int = 48, data_path: str | None = None, examples: int = 4,
              through_codec: str | None = None, task: str | None = None, shots: int = 0, num_beams: int = 1,
              ctc_weight: float = 0.0, progress: bool | None = None) -> dict:
-    """Score run ``ckpt`` on ``<data>/<split>.jsonl``. ``through_codec``: a codec directory; audio
+    """Score run ``ckpt`` on ``<data>/<split>.jsonl``; ``ckpt`` may also be one of its training
+    checkpoints (``RUN/checkpoints/step_N``: its weights under the run's recipe, the results written
+    into it), to choose a step on a validation split. ``through_codec``: a codec directory; audio
     inputs are encoded and decoded by it first (a codec's intelligibility: ASR WER on its
     reconstructions vs on the originals). A mixture run scores each of its tasks (or the one
     labelled ``task``) and returns ``{"tasks": {label: metrics}}``. ``shots``: captioning prompts
@@ -89,7 +93,8 @@ def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None,
     terminal). :func:`headlines` turns the result into one line per task."""
     split = split_name(split)  # it names the manifest read and the files written into the run
     ckpt = Path(ckpt)
-    cfg = run_recipe(ckpt, task, data_path)
+    step = (ckpt / STATE_FILE).is_file()  # a training checkpoint, RUN/checkpoints/step_N
+    cfg = checkpoint_recipe(ckpt) if step else run_recipe(ckpt, task, data_path)
     parts = cfg.data.tasks()
     if task is not None:
         parts = [p for p in parts if p.label == task or not cfg.data.mixture and p.task == task]
@@ -98,7 +103,7 @@ def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None,
                              f"its tasks: {', '.join(p.label for p in cfg.data.tasks())}")
     if data_path and len(parts) > 1:
         raise ValueError("a data path applies to one task; name it with task=")
-    model = Pipeline.from_pretrained(ckpt)
+    model = checkpoint_pipeline(ckpt) if step else Pipeline.from_pretrained(ckpt)
     suffix = ("_codec" if through_codec else "") + (f"_{shots}shot" if shots else "")
     searched = decoding_suffix(num_beams, ctc_weight)
     suffix += searched
@@ -123,7 +128,8 @@ def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None,
     written = ckpt / f"eval_{split}{suffix}.json" if task is None else ckpt / f"{name}.json"
     atomic_write_json(written, out)
     log.info("every metric: %s", written)
-    write_model_card(ckpt)
+    if not step:  # a checkpoint is not a model folder: its run's card is written at the end
+        write_model_card(ckpt)
     return out
 
 

@@ -463,14 +463,24 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Path:
     return Path(out)
 
 
+def checkpoint_recipe(path: str | Path) -> RecipeConfig:
+    """The recipe a training checkpoint (``RUN/checkpoints/step_N``) was written under: its trainer
+    state holds it."""
+    f = Path(path) / STATE_FILE
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{f}: unreadable trainer state ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("recipe"), dict):
+        raise ValueError(f"{f}: no recipe in the trainer state (not written by omni train)")
+    return from_dict(RecipeConfig, meta["recipe"])
+
+
 def checkpoint_pipeline(path: str | Path) -> Pipeline:
     """A training checkpoint's model (LoRA adapters attached, as in training) and processor, rebuilt
     the way resuming rebuilds them."""
-    path = Path(path)
-    ck = load_checkpoint(path)
-    if not isinstance(ck.meta.get("recipe"), dict):
-        raise ValueError(f"{path / STATE_FILE}: no recipe in the trainer state (not written by omni train)")
-    cfg = from_dict(RecipeConfig, ck.meta["recipe"])
+    cfg = checkpoint_recipe(path)
+    ck = load_checkpoint(Path(path))
     built = build_pipeline(cfg, Accelerator(cpu=True))
     apply_stages(built.model, cfg.train)
     ck.load_model(built.model)
