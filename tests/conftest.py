@@ -49,6 +49,27 @@ def text_tokenizer(tiny_corpus):
                                seed=0)
 
 
+@pytest.fixture
+def lora_run(tmp_path, text_tokenizer, tiny_corpus):
+    """A run of 2 steps with LoRA (r 4) on a seeded ``debug`` language model (saved as ``tmp_path/lm``),
+    on ``tiny_corpus``, a checkpoint after each step: ``tmp_path/run``."""
+    from omni.config import load_recipe
+    from omni.model.backbone import backbone_config
+    from omni.model.omni_model import build_model
+    from omni.pipeline import Pipeline
+    from omni.train import train
+
+    Pipeline(build_model(backbone_config("debug", max_seq_len=128), text_tokenizer.vocab, seed=5),
+             tokenizer=text_tokenizer).save_pretrained(tmp_path / "lm")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {{pretrained: {tmp_path / 'lm'}}}\n"
+                      f"data: {{seq_len: 64, path: {tiny_corpus}}}\n"
+                      "train: {steps: 2, batch_size: 2, lr: 0.01, warmup_steps: 1, save_every: 1, "
+                      "eval_every: 2, eval_batches: 1, progress: false, lora: {r: 4}}\n")
+    train(load_recipe(str(recipe), [f"train.out_dir={tmp_path / 'run'}"]))
+    return tmp_path / "run"
+
+
 @pytest.fixture(scope="session")
 def debug_model(text_tokenizer):
     """The ``debug`` backbone with tied embeddings, seeded, as a pipeline; in eval mode.

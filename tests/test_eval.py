@@ -183,25 +183,13 @@ def test_decoding_names_the_kept_predictions():
     assert decoding_suffix(1, 1.0) == "_beam1_ctc1"
 
 
-def test_a_training_checkpoint_is_scored_under_its_runs_recipe(tmp_path, text_tokenizer, tiny_corpus):
+def test_a_training_checkpoint_is_scored_under_its_runs_recipe(lora_run):
     """``omni eval --ckpt RUN/checkpoints/step_N``: a step of a run scored as the run would be (to pick a
     step on a validation split): the newest step scores what the exported run scores, an earlier step
     differs, and the results go into the checkpoint's folder, not the run's."""
     from omni.cli import main
-    from omni.model.backbone import backbone_config
-    from omni.model.omni_model import build_model
-    from omni.pipeline import Pipeline
-    from omni.train import train
 
-    Pipeline(build_model(backbone_config("debug", max_seq_len=128), text_tokenizer.vocab, seed=5),
-             tokenizer=text_tokenizer).save_pretrained(tmp_path / "lm")
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"model: {{pretrained: {tmp_path / 'lm'}}}\n"
-                      f"data: {{seq_len: 64, path: {tiny_corpus}}}\n"
-                      "train: {steps: 2, batch_size: 2, lr: 0.01, warmup_steps: 1, save_every: 1, "
-                      "eval_every: 2, eval_batches: 1, progress: false, lora: {r: 4}}\n")
-    run = tmp_path / "run"
-    train(load_recipe(str(recipe), [f"train.out_dir={run}"]))
+    run = lora_run
     first, last = run / "checkpoints" / "step_00000001", run / "checkpoints" / "step_00000002"
     exported = evaluate(run, split="val", max_rows=4, examples=0)
     assert main(["eval", "--ckpt", str(last), "--split", "val", "--max-rows", "4"]) == 0

@@ -303,23 +303,12 @@ def test_model_pretrained_starts_from_a_checkpoint_with_its_tokenizer(tmp_path, 
     assert compiled.inner.state_dict().keys() == mine.keys()
 
 
-def test_omni_export_merges_the_lora_adapters_of_a_runs_newest_checkpoint(tmp_path, text_tokenizer,
-                                                                           tiny_corpus):
+def test_omni_export_merges_the_lora_adapters_of_a_runs_newest_checkpoint(tmp_path, lora_run, text_tokenizer):
     """``omni export RUN --out DIR``: the newest checkpoint (adapters kept apart to resume) as a model
     folder with them merged: the weights the run itself wrote at its end, and no adapter tensors."""
     from omni.cli import main
-    from omni.config import load_recipe
-    from omni.train import train
 
-    Pipeline(build_model(backbone_config("debug", max_seq_len=128), text_tokenizer.vocab, seed=5),
-             tokenizer=text_tokenizer).save_pretrained(tmp_path / "lm")
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"model: {{pretrained: {tmp_path / 'lm'}}}\n"
-                      f"data: {{seq_len: 64, path: {tiny_corpus}}}\n"
-                      "train: {steps: 2, batch_size: 2, lr: 0.01, warmup_steps: 1, save_every: 2, "
-                      "eval_every: 2, eval_batches: 1, progress: false, lora: {r: 4}}\n")
-    run = tmp_path / "run"
-    train(load_recipe(str(recipe), [f"train.out_dir={run}"]))
+    run = lora_run
     newest = run / "checkpoints" / "step_00000002"
     assert any("lora_" in k for k in load_tensors(newest / "model.safetensors"))
     assert main(["export", str(run), "--out", str(tmp_path / "merged")]) == 0
