@@ -471,16 +471,20 @@ def checkpoint_recipe(path: str | Path) -> RecipeConfig:
         meta = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ValueError(f"{f}: unreadable trainer state ({e})") from None
+    return _recipe_of(meta, f)
+
+
+def _recipe_of(meta, state_file: Path) -> RecipeConfig:
     if not isinstance(meta, dict) or not isinstance(meta.get("recipe"), dict):
-        raise ValueError(f"{f}: no recipe in the trainer state (not written by omni train)")
+        raise ValueError(f"{state_file}: no recipe in the trainer state (not written by omni train)")
     return from_dict(RecipeConfig, meta["recipe"])
 
 
 def checkpoint_pipeline(path: str | Path) -> Pipeline:
     """A training checkpoint's model (LoRA adapters attached, as in training) and processor, rebuilt
     the way resuming rebuilds them."""
-    cfg = checkpoint_recipe(path)
     ck = load_checkpoint(Path(path))
+    cfg = _recipe_of(ck.meta, ck.path / STATE_FILE)
     built = build_pipeline(cfg, Accelerator(cpu=True))
     apply_stages(built.model, cfg.train)
     ck.load_model(built.model)
