@@ -129,7 +129,8 @@ class Processor:
         """A hash of everything that decides what :meth:`prepare`, :meth:`encode_audio` and
         :meth:`render` produce: the tokenizer's files, the codec's files (its weights), each media
         encoder's preprocessing config and ``data_format`` (and a frozen tower's weights when it
-        ``precompute``s its features here; an image tagger's weights and memory digest) and the
+        ``precompute``s its features here or a tagger retrieves by them; an image tagger's weights and
+        memory digest) and the
         rendering options. A prepared-sample cache is keyed by it (``omni.data.cache``), so a changed
         tokenizer, codec, tower or tagger never reuses one."""
         h = hashlib.sha256()
@@ -145,6 +146,8 @@ class Processor:
         for m, e in sorted(self.encoders.items()):
             # the slot's data are a frozen tower's features; a tagger's labels are rendered text
             tower, tagger = e.precomputed(), getattr(e, "tagger", None)
+            if tower is None and tagger is not None and tagger.retriever is not None:
+                tower = e.tokenizer  # the tagger's neighbours are found by the tower's features
             for state in (tower.state_dict() if tower is not None else {},
                           tagger.keyed_state() if tagger is not None else {}):
                 for name, t in sorted(state.items()):

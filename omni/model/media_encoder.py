@@ -114,6 +114,9 @@ class ImageMediaConfig:
         self.connector.validate()
         if self.tagger is not None:
             self.tagger.validate(f"{key}.tagger")
+            if self.tagger.retrieve_by == "tower" and not self.tokenizer.frozen:
+                raise ValueError(f"{key}.tagger.retrieve_by: tower needs a frozen image tower (its memory's "
+                                 f"features are computed once); set {key}.tokenizer.freeze: true")
 
 
 @dataclass
@@ -244,7 +247,8 @@ class ImageEncoder(MediaEncoder):
         super().__init__(section)
         self.tokenizer = build_image_tokenizer(self.cfg.tokenizer)
         self.connector = self.cfg.connector.build(self.tokenizer.out_dim, dim)
-        self.tagger = None if self.cfg.tagger is None else ImageTagger.build(self.cfg.tagger)
+        self.tagger = None if self.cfg.tagger is None else ImageTagger.build(
+            self.cfg.tagger, retriever=self.tokenizer.image_feature, key_dim=self.tokenizer.hidden_dim)
 
     def standalone_config(self) -> dict:
         tokenizer = standalone_config(self.section.get("tokenizer", {}), self.tokenizer)

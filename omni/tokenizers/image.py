@@ -337,6 +337,18 @@ class ImageTokenizer(BaseImageTower):
             batch = batch.to(device=param.device, dtype=param.dtype)
         return self(batch).reshape(-1, self.out_dim), grid
 
+    @torch.no_grad()
+    def image_feature(self, image) -> torch.Tensor:
+        """One image -> the tower's whole-image feature ``(hidden_dim,)``: its CLS token where it has
+        one, else the mean of its patch features (before any merge). An image tagger's memory retrieves
+        by it with ``retrieve_by: tower``."""
+        pixels, _ = self.preprocess(image)
+        param = next(self.parameters(), None)
+        if param is not None:
+            pixels = pixels.to(device=param.device, dtype=param.dtype)
+        x, whole = self._features(pixels[None])
+        return (x.mean(1) if whole is None else whole)[0]
+
     def _features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """pixels -> patch features (B, h*w, hidden) and the tower's own global feature (B, hidden)
         where it has one (a CLS token), else None."""

@@ -160,6 +160,18 @@ def test_global_feature_puts_the_cls_token_or_the_patch_mean_in_every_token():
     torch.testing.assert_close(out[..., 32:], patches.mean(1, keepdim=True).expand(-1, 16, -1))
 
 
+def test_image_feature_is_the_cls_token_or_the_patch_mean_before_any_merge():
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 40, 24), dtype=torch.uint8)
+    for kind in ("vit", "siglip"):  # ViT has a CLS token, SigLIP has none: the patches' mean
+        tok = build_image_tokenizer(ImageTokenizerConfig(kind=kind, size="debug", merge=2)).eval()
+        with torch.no_grad():
+            hidden = tok.tower(pixel_values=tok.preprocess(image)[0][None]).last_hidden_state[0]
+        expected = hidden[0] if kind == "vit" else hidden.mean(0)
+        assert tok.image_feature(image).shape == (tok.hidden_dim,)
+        torch.testing.assert_close(tok.image_feature(Image(image)), expected)
+
+
 def test_tower_merge_freeze_and_train_mode():
     cfg = ImageTokenizerConfig(kind="siglip", size="debug", merge=2, merge_mode="linear", freeze=True)
     tok = build_image_tokenizer(cfg)

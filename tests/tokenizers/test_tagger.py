@@ -211,7 +211,57 @@ def test_tagger_hints_counts_how_often_a_hint_names_the_object(tagger_dir, tmp_p
         for i, (seed, caption) in enumerate([(0, "A lion."), (7, "A cock."), (8, "Boom!")]):
             PILImage.fromarray(_noise(seed, jitter=3).permute(1, 2, 0).numpy()).save(tmp_path / f"t{i}.png")
             f.write(json.dumps({"image": f"t{i}.png", "caption": caption}) + "\n")
-    assert bench.main(["--tagger", str(tagger_dir), "--memory", str(memory), "--test", str(test),
-                       "--neighbours", "1", "--threads", "1"]) == 0
+    args = ["--tagger", str(tagger_dir), "--memory", str(memory), "--test", str(test), "--neighbours", "1",
+            "--threads", "1"]
+    assert bench.main(args) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    copy = {k: line["results"].pop(k) for k in ("copy_nearest_cider_d", "copy_nearest_bleu4")}
     assert line["results"] == {"rows_naming_an_object": 2, "tags": 1, "neighbours_1": 1, "either_1": 2}
+    assert copy["copy_nearest_cider_d"] > 0  # "A lion." copied for the lion's near copy
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             patch_size=8, image_size=32)).save_pretrained(tmp_path / "dino")
+    assert bench.main([*args, "--tower", str(tmp_path / "dino")]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["config"]["retrieve_by"] == str(tmp_path / "dino")  # by a random tower: counts only
+    assert line["results"]["rows_naming_an_object"] == 2 and "copy_nearest_cider_d" in line["results"]
+
+
+def test_retrieve_by_tower_searches_the_memory_by_the_towers_feature(tagger_dir, text_tokenizer, tmp_path):
+    manifest = _memory(tmp_path, ["A lion.", "A crane.", "A toucan."])
+    tagger = {"path": str(tagger_dir), "memory": [str(manifest)], "neighbours": 1, "top_k": 0,
+              "retrieve_by": "tower"}
+    media = {"image": {"tokenizer": {"kind": "dinov2", "size": "debug"}, "connector": {"kind": "mlp"},
+                       "tagger": tagger}}
+    model = Pipeline(build_model(backbone_config("debug", max_seq_len=128), text_tokenizer.vocab, seed=0,
+                                 media=media), tokenizer=text_tokenizer).eval()
+    encoder = model.model.encoders["image"]
+    tower, memory = encoder.tokenizer, encoder.tagger
+    feats = torch.stack([tower.image_feature(_noise(i)) for i in range(3)])  # the CLS features
+    assert memory.memory.shape == (3, tower.hidden_dim)
+    assert torch.allclose(memory.memory, torch.nn.functional.normalize(feats - feats.mean(0), dim=-1),
+                          atol=1e-5)
+    text, key = encoder.tag_text(_noise(2, jitter=3)), model.processor.fingerprint()
+    assert text == "Similar: A toucan.\n"
+    model.save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())["media"]["image"]["tagger"]
+    assert saved["retrieve_by"] == "tower"
+    loaded = omni.load(tmp_path / "ckpt")
+    assert loaded.processor.encoders["image"].tag_text(_noise(2, jitter=3)) == text
+    assert loaded.processor.fingerprint() == key
+    with torch.no_grad():  # the neighbours follow the tower's weights, so the cache key does too
+        next(loaded.model.encoders["image"].tokenizer.parameters()).add_(0.1)
+    assert loaded.processor.fingerprint() != key
+
+
+def test_retrieve_by_needs_a_known_kind_and_a_frozen_tower(tagger_dir, text_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="retrieve_by must be one of classifier, tower, got 'clip'"):
+        TaggerConfig(path=str(tagger_dir), retrieve_by="clip").validate()
+    with pytest.raises(ValueError, match="retrieve_by: tower needs an image tower"):
+        ImageTagger.build(TaggerConfig(path=str(tagger_dir), retrieve_by="tower"))
+    media = {"image": {"tokenizer": {"kind": "patchify", "size": "debug"}, "connector": {"kind": "mlp"},
+                       "tagger": {"path": str(tagger_dir), "retrieve_by": "tower"}}}
+    with pytest.raises(ValueError, match="retrieve_by: tower needs a frozen image tower"):
+        build_model(backbone_config("debug", max_seq_len=128), text_tokenizer.vocab, seed=0, media=media)
