@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     tagger = ImageTagger.build(TaggerConfig(path=args.tagger, memory=args.memory,
                                             neighbours=max(args.neighbours),
                                             skip_own_caption=args.skip_own_caption,
-                                            retrieve_by="classifier" if tower is None else "tower"), **by)
+                                            retrieve_by="tower" if by else "classifier"), **by)
     build_s = time.perf_counter() - t0
     images, captions = read_memory([args.test])  # the test images and their references
     hits = {"tags": 0, **{f"neighbours_{k}": 0 for k in args.neighbours},
@@ -66,12 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     copied, counted = [], 0
     for f, head in zip(images, map(head_noun, captions)):
         image = Image(f)
-        similar = tagger.similar(image)
+        feature = tagger.feature(image)  # the labels' and, by the classifier, the neighbours' features
+        similar = tagger.similar(image, None if by else feature)
         copied.append(similar[0] if similar else "")
         if not head:
             continue
         counted += 1
-        tags = " ".join(tagger.tags(image))
+        tags = " ".join(tagger.tags(image, feature))
         hits["tags"] += named(head, tags)
         for k in args.neighbours:
             near = " ".join(similar[:k])

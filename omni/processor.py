@@ -130,9 +130,8 @@ class Processor:
         :meth:`render` produce: the tokenizer's files, the codec's files (its weights), each media
         encoder's preprocessing config and ``data_format`` (and a frozen tower's weights when it
         ``precompute``s its features here or a tagger retrieves by them; an image tagger's weights and
-        memory digest) and the
-        rendering options. A prepared-sample cache is keyed by it (``omni.data.cache``), so a changed
-        tokenizer, codec, tower or tagger never reuses one."""
+        memory digest) and the rendering options. A prepared-sample cache is keyed by it
+        (``omni.data.cache``), so a changed tokenizer, codec, tower or tagger never reuses one."""
         h = hashlib.sha256()
         with tempfile.TemporaryDirectory(prefix="omni_fingerprint.") as tmp:
             self.write_files(Path(tmp))
