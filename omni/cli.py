@@ -19,7 +19,7 @@ from omni.data.speech import build_sounds_corpus, build_speech_corpus, speech_co
 from omni.data.text import build_text_corpus
 from omni.data.video import build_video_corpus
 from omni.demo import run_demo
-from omni.eval import evaluate, headlines, run_recipe
+from omni.eval import evaluate, headlines, run_recipe, score_split
 from omni.io import LockedError, atomic_write_bytes, exclusive, write_jsonl
 from omni.media import MediaError, modality_of_path
 from omni.model.tower_import import TOWER_IMPORTS
@@ -48,7 +48,7 @@ def _setup_logging() -> None:
 
 def cmd_train(args) -> int:
     cfg = load_recipe(args.recipe, args.overrides)
-    res = train(cfg)
+    res = train(cfg, score=score_split)
     if res.stopped_by:
         if _rank() == 0:
             print(f"{cfg.name}: stopped by {res.stopped_by} after step {res.steps}; "

@@ -263,7 +263,13 @@ class TrainConfig(Optimization):
     # all: the token loss plus the media encoders' auxiliary losses (CTC); aux: those alone, with no
     # language-model forward (a stage that teaches a connector to read speech before the LM sees it)
     loss: str = "all"
-    export: str = "last"  # the model written to out_dir: the last weights, or those with the best val loss
+    export: str = "last"  # the model written to out_dir: the last weights, or those best by train.best_metric
+    # what "best" means: val_loss, or a task's own metric on its validation split,
+    # "<task label>.<metric>" (e.g. stamps.cider_d: greedy captions scored as omni eval scores them,
+    # over the split's first eval_batches x batch_size rows); wer, cer, loss and ppl are better lower,
+    # anything else higher
+    best_metric: str = "val_loss"
+    eval_at_start: bool = False  # evaluate the starting weights too (a stage's init_from is then a candidate)
     # several processes: ddp (a whole model per process, gradients all-reduced) or fsdp (FSDP2: weights,
     # gradients and optimizer state sharded over the processes; omni/train/parallel.py)
     parallel: str = "ddp"
@@ -349,6 +355,13 @@ class RecipeConfig:
             if task.writes_audio and not self.codec.path:
                 raise ValueError(f"data task {part.label} writes audio codes, so it needs codec.path "
                                  "(a trained audio codec)")
+        best = self.train.best_metric
+        if best != "val_loss":
+            labels = [p.label for p in self.data.tasks()]
+            label, _, key = best.rpartition(".")
+            if label not in labels or not key:
+                raise ValueError(f"train.best_metric must be val_loss or <task label>.<metric> with a task "
+                                 f"of data ({', '.join(labels)}), e.g. {labels[0]}.cider_d; got {best!r}")
         if self.train.loss == "aux" and not any((m or {}).get("ctc_weight") for m in media.values()):
             raise ValueError("train.loss=aux trains on the media encoders' auxiliary loss, but no "
                              "model.media encoder has one: set model.media.audio.ctc_weight")

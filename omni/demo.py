@@ -31,7 +31,7 @@ from omni.data.images import build_images_corpus
 from omni.data.speech import build_sounds_corpus, build_speech_corpus, speech_counts
 from omni.data.text import build_text_corpus
 from omni.data.video import build_video_corpus
-from omni.eval import HEADLINE, evaluate, headline, headlines  # noqa: F401  (the demo's scores are omni eval's)
+from omni.eval import HEADLINE, evaluate, headline, headlines, score_split  # noqa: F401  (the demo's scores are omni eval's)
 from omni.io import atomic_write_bytes, read_jsonl
 from omni.progress import progress
 from omni.train import train
@@ -228,7 +228,7 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, 
             + (f" or {cfg.train.max_minutes:g} min" if cfg.train.max_minutes else "") + f" -> {run}")
         say("      first the tokenizer (when missing), then each task's rows rendered and codec-encoded "
             "into a cache (once), then the steps")
-        res = train(cfg)
+        res = train(cfg, score=score_split)
         if res.stopped_by:
             say(f"stopped by {res.stopped_by} after step {res.steps}; run the same command again to resume")
             return None

@@ -133,6 +133,18 @@ def evaluate(ckpt: str | Path, split: str = "test", max_rows: int | None = None,
     return out
 
 
+def score_split(model: Pipeline, cfg: RecipeConfig, label: str, max_rows: int | None = None,
+                split: str = "val") -> dict:
+    """Task ``label`` of recipe ``cfg`` scored by ``model`` on the first ``max_rows`` rows of its
+    ``split`` (greedy decoding, as :func:`evaluate`), writing nothing: what ``train.best_metric``
+    reads during training."""
+    (d,) = [p for p in cfg.data.tasks() if p.label == label]
+    manifest = Manifest.split(d.path, d.files, split)
+    metrics, _ = _evaluate_task(model, d, cfg.data.seq_len, manifest, max_rows, 16, 48, 0, None, Path(),
+                                train=lambda: Manifest.split(d.path, d.files, "train"))
+    return metrics
+
+
 # the number per task that a score leads with (omni eval's first lines, the demo's report)
 HEADLINE = {"caption": ("cider_d", "CIDEr-D"), "continue": ("code_accuracy", "next-code accuracy"),
             "speak": ("code_accuracy", "next-code accuracy"), "text": ("ppl", "perplexity"),

@@ -23,6 +23,13 @@ def normalize(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` (``val_loss``, ``stamps.cider_d``, ``asr.wer``) is the
+    better one: error rates, losses and perplexities; any other score is better higher."""
+    name = metric.rpartition(".")[2]
+    return name in ("wer", "cer", "loss", "ppl") or name.endswith(("_wer", "_cer", "_loss", "_ppl"))
+
+
 def edit_distance(ref: Sequence, hyp: Sequence) -> int:
     """Levenshtein distance (substitutions, insertions, deletions all cost 1)."""
     prev = list(range(len(hyp) + 1))

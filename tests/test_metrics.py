@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from omni.metrics import bleu, cer, cider_d, edit_distance, normalize, wer
+from omni.metrics import bleu, cer, cider_d, edit_distance, lower_is_better, normalize, wer
 
 
 def test_normalize_drops_punctuation_keeps_apostrophes():
@@ -40,3 +40,8 @@ def test_cider_d_ranks_captions():
     assert good > 5.0
     assert cider_d(refs, wrong) < 0.5 < good
     assert cider_d(refs, ["a blue truck moves", "a red apple", "a dog barks", "a green tree"]) < good
+
+
+def test_lower_is_better_for_error_rates_losses_and_perplexity():
+    assert all(map(lower_is_better, ["val_loss", "asr.wer", "speech:audio.cer", "text.ppl", "x.aux_loss"]))
+    assert not any(map(lower_is_better, ["stamps.cider_d", "asr.bleu4", "text.next_token_accuracy"]))

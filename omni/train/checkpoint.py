@@ -45,7 +45,7 @@ class TrainState:
     step: int = 0  # optimizer steps done (a skipped update counts: its data was consumed)
     cursor: int = 0  # training rows consumed (data position)
     tokens: int = 0  # tokens seen
-    best_val_loss: float | None = None
+    best: dict | None = None  # train.best_metric at its best so far: {metric, value, step}
     train_seconds: float = 0.0  # wall clock spent in training steps (train.max_minutes counts it)
     run_id: str = ""  # which run wrote this checkpoint (a folder holds one run; "" before run ids)
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
@@ -231,11 +231,15 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     try:
         if not isinstance(meta, dict) or not isinstance(meta.get("state"), dict):
             raise ValueError("no 'state' object")
+        saved = dict(meta["state"])
+        if "best_val_loss" in saved:  # written before train.best_metric: the best was always val_loss's
+            value = saved.pop("best_val_loss")
+            saved.setdefault("best", None if value is None else {"metric": "val_loss", "value": value})
         known = {f.name for f in fields(TrainState)}
-        unknown = sorted(set(meta["state"]) - known)
+        unknown = sorted(set(saved) - known)
         if unknown:
             raise ValueError(f"unknown state keys {unknown}")
-        state = TrainState(**meta["state"])
+        state = TrainState(**saved)
         if not isinstance(state.step, int) or not isinstance(state.cursor, int):
             raise ValueError("state.step and state.cursor must be integers")
         if (not isinstance(meta.get("optimizer"), dict)

@@ -30,6 +30,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,7 @@ from accelerate.utils import (
 from omni.config import RecipeConfig, load_tokenizer_spec
 from omni.data.tasks import TASKS, TaskSpec, dataset_for, split_manifest
 from omni.io import atomic_write_bytes, exclusive
+from omni.metrics import lower_is_better
 from omni.model.compiled import compile_blocks
 from omni.model.objectives import PairObjective
 from omni.model.omni_model import bf16_is_emulated
@@ -81,6 +83,9 @@ from omni.train.run import StopSignals, open_run
 from omni.train.stages import apply_stages, init_from, select
 
 log = logging.getLogger(__name__)
+
+# (model, recipe, task label, rows) -> that task's metrics on its validation split (omni.eval.score_split)
+Scorer = Callable[[Pipeline, RecipeConfig, str, int], dict]
 
 # Dense bf16 peak FLOP/s per device, for MFU; the first name in the device's name wins (the PCIe
 # and NVL H100s before the SXM one). Anything not listed reports MFU as unknown.
@@ -491,11 +496,13 @@ def checkpoint_pipeline(path: str | Path) -> Pipeline:
     return built.eval()
 
 
-def train(cfg: RecipeConfig) -> TrainResult:
+def train(cfg: RecipeConfig, score: Scorer | None = None) -> TrainResult:
     """Train ``cfg`` to completion (resuming from ``<out_dir>/checkpoints`` when asked) and export the
     model. The main process holds the run folder's lock throughout; SIGTERM/SIGINT end the run early
-    with a checkpoint (``TrainResult.stopped_by``)."""
-    trainer = Trainer(cfg)
+    with a checkpoint (``TrainResult.stopped_by``). ``score``: what scores a task on its validation
+    split when ``train.best_metric`` names a task's metric (``omni train`` passes
+    :func:`omni.eval.score_split`)."""
+    trainer = Trainer(cfg, score)
     with trainer.run_folder():
         trainer.setup()
         return trainer.train()
@@ -520,8 +527,8 @@ class Trainer:
     holds; :meth:`train` runs :meth:`step` until the schedule ends, with :meth:`evaluate` and
     :meth:`save` on their periods, and exports the model."""
 
-    def __init__(self, cfg: RecipeConfig):
-        self.cfg, self.tc = cfg, cfg.train
+    def __init__(self, cfg: RecipeConfig, score: Scorer | None = None):
+        self.cfg, self.tc, self.score = cfg, cfg.train, score
         # accelerate keeps one AcceleratorState per process and refuses another mixed precision: a
         # run's is its own (a notebook that trains an fp32 recipe, then a bf16 one). The process
         # group (PartialState) stays.
@@ -540,6 +547,13 @@ class Trainer:
             raise ValueError(f"train.batch_size ({self.tc.batch_size}) must be divisible by the number of "
                              f"processes ({self.world})")
         _check_data(cfg)
+        if self.tc.best_metric != "val_loss":
+            if score is None:
+                raise ValueError(f"train.best_metric={self.tc.best_metric} scores generated outputs: train "
+                                 "with `omni train`, or pass score=omni.eval.score_split")
+            if self.sharded:
+                raise ValueError("train.best_metric names a task metric, which one process generates for; "
+                                 "a sharded model (train.parallel=fsdp) is scored by val_loss only")
         self.out_dir = Path(self.tc.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.accelerator.is_main_process)
@@ -661,6 +675,9 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.accelerator.device)
         stop, save_due = False, False
         last = self.schedule.finished(state.step, state.train_seconds)
+        if tc.eval_at_start and state.step == 0:  # the starting weights: a candidate for export=best
+            self._note_eval()
+            self.window.reset()
         while not last:
             out = self.step()
             seconds, stop = self._agree(state.train_seconds, self.signals.received is not None)
@@ -677,7 +694,7 @@ class Trainer:
             if state.step % tc.log_every == 0 or last:
                 self.log_metrics(out)
             if state.step % tc.eval_every == 0 or last:
-                self._note_val_loss(self.evaluate())
+                self._note_eval()
             # a periodic checkpoint waits while updates are being skipped: it would only save a bad state
             save_due = save_due or state.step % tc.save_every == 0
             if save_due and not self.guard.in_a_row or last:
@@ -825,18 +842,46 @@ class Trainer:
         total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
         return float(total / count.clamp(min=1))
 
-    def _note_val_loss(self, val_loss: float) -> None:
-        """Record a validation loss; with ``train.export=best`` an improvement is exported at once."""
-        state = self.state
-        self.val_loss = val_loss
-        improved = state.best_val_loss is None or val_loss < state.best_val_loss
-        state.best_val_loss = min(val_loss, state.best_val_loss or val_loss)
-        if improved and self.tc.export == "best":
-            self.export()  # the best weights so far are the exported model
-        self.metrics.write({"step": state.step, "val_loss": round(val_loss, 5),
-                            "val_ppl": round(math.exp(min(val_loss, 50)), 3)})
+    def _note_eval(self) -> None:
+        """Record the validation loss and ``train.best_metric``; with ``train.export=best`` an
+        improvement of the latter is exported at once."""
+        state, metric = self.state, self.tc.best_metric
+        self.val_loss = value = self.evaluate()
+        row = {"step": state.step, "val_loss": round(self.val_loss, 5),
+               "val_ppl": round(math.exp(min(self.val_loss, 50)), 3)}
+        if metric != "val_loss":
+            value = self.task_metric()
+            row[f"val_{metric}"] = round(value, 5)
+        best = state.best if state.best and state.best.get("metric") == metric else None
+        if best is None or (value < best["value"] if lower_is_better(metric) else value > best["value"]):
+            state.best = {"metric": metric, "value": value, "step": state.step}
+            if self.tc.export == "best":
+                self.export()  # the best weights so far are the exported model
+        self.metrics.write(row)
         if self.accelerator.is_main_process:
-            self.bar.write(f"step {state.step}: val loss {val_loss:.4f}")
+            also = f", {metric} {value:.4f}" if metric != "val_loss" else ""
+            self.bar.write(f"step {state.step}: val loss {self.val_loss:.4f}{also}")
+
+    def task_metric(self) -> float:
+        """``train.best_metric``'s task scored on its validation split (the first ``eval_batches x
+        batch_size`` rows) by the main process, generating with the unwrapped model; every process
+        gets the number (or the error)."""
+        label, _, key = self.tc.best_metric.rpartition(".")
+        box: list = [None]
+        if self.accelerator.is_main_process:
+            self.model.eval()
+            with torch.no_grad(), self.accelerator.autocast():
+                metrics = self.score(Pipeline(self.inner, self.processor), self.cfg, label,
+                                     self.tc.eval_batches * self.tc.batch_size)
+            self.model.train()
+            box = [float(metrics[key]) if isinstance(metrics.get(key), (int, float)) else
+                   f"train.best_metric={self.tc.best_metric}: task {label} reports no number {key!r}; "
+                   f"it reports {', '.join(k for k, v in metrics.items() if isinstance(v, (int, float)))}"]
+        if self.world > 1:
+            broadcast_object_list(box)
+        if isinstance(box[0], str):
+            raise ValueError(box[0])
+        return box[0]
 
     def export(self) -> None:
         """The model and its processor's files (tokenizer, codec) into the run folder, by the main
@@ -918,6 +963,10 @@ class Trainer:
                                checkpoint=self.checkpoint)
         if self.tc.export == "last":
             self.export()
+        elif acc.is_main_process and state.best:
+            log.info("exported the weights of step %s: %s %.4f", state.best.get("step"), state.best["metric"],
+                     state.best["value"])
+            self.metrics.write({"event": "exported", **state.best})
         if acc.is_main_process:
             plot_losses(self.metrics.path, self.out_dir / "loss.png", title=self.cfg.name)
             write_model_card(self.out_dir)

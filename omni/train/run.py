@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 # when to log, evaluate and save, where the run lives, how to resume, and how the step computes.
 SAFE_TO_CHANGE = {"description", "train.out_dir", "train.log_every", "train.eval_every",
                   "train.eval_batches", "train.save_every", "train.keep_checkpoints", "train.progress",
-                  "train.export", "train.resume", "train.overwrite", "train.resume_changed",
+                  "train.export", "train.best_metric", "train.eval_at_start", "train.resume",
+                  "train.overwrite", "train.resume_changed",
                   "train.max_skipped_steps", "train.num_workers", "train.compile", "data.cache_dir",
                   "data.cache_workers", "train.activation_checkpointing", "train.loss_chunk"}
 

@@ -3,6 +3,7 @@ folder resumes from (omni/train/checkpoint.py, omni/train/run.py)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -215,3 +216,13 @@ def test_a_sharded_checkpoint_is_moved_in_whole_and_its_weights_load_in_one_proc
     (path / "sharded" / ".metadata").unlink()
     with pytest.raises(ValueError, match="sharded: the sharded model and optimizer state are missing"):
         load_checkpoint(path)
+
+
+def test_a_state_written_before_best_metric_reads_its_best_val_loss(tmp_path):
+    path = _save(tmp_path, 5)
+    meta_file = path / "trainer_state.json"
+    meta = json.loads(meta_file.read_text())
+    meta["state"].pop("best")
+    meta["state"]["best_val_loss"] = 2.5
+    meta_file.write_text(json.dumps(meta))
+    assert load_checkpoint(path).state.best == {"metric": "val_loss", "value": 2.5}

@@ -12,6 +12,7 @@ import torch
 
 import omni
 from omni.config import load_recipe
+from omni.eval import score_split
 from omni.media.audio import Audio
 from omni.train.loop import Trainer, read_metrics, train
 
@@ -150,8 +151,14 @@ def test_llava_stages_on_a_pretrained_lm_and_dinov2(tmp_path, parts, dino, fake_
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert all("lora_" in n or ".connector." in n for n in trained) and any("lora_" in n for n in trained)
     assert all(torch.equal(model.state_dict()[k], stage1[k]) for k in connector)  # from stage 1
-    two = train(_llava(tmp_path, lm, dino, images, 2))
-    assert read_metrics(two.out_dir / "metrics.jsonl")[0]["resumed_from"] is None
+    # stage 2 keeps its best weights by validation CIDEr-D, stage 1's (its start) among them
+    metric = "caption:image.cider_d"
+    two = train(_llava(tmp_path, lm, dino, images, 2, ["train.export=best", f"train.best_metric={metric}",
+                                                       "train.eval_at_start=true"]), score=score_split)
+    rows = read_metrics(two.out_dir / "metrics.jsonl")
+    assert rows[0]["resumed_from"] is None
+    assert [r["step"] for r in rows if f"val_{metric}" in r] == [0, 6]
+    assert [r["step"] for r in rows if r.get("event") == "exported"] in ([0], [6])
     pipe = omni.load(two.out_dir)  # multi-image, multi-turn chat over the composed model
     png = sorted(images.rglob("*.png"))
     reply = pipe.generate([{"role": "user", "content": [omni.Image(png[0]), "What is this?"]},

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from omni.config import load_recipe
 from omni.data.text import build_text_corpus, wiki_documents
 from omni.io import load_tensors, write_jsonl
 from omni.tokenizers.text import TextTokenizer, corpus_texts
 from omni.train.checkpoint import latest_checkpoint, load_checkpoint
-from omni.train.loop import lr_at, read_metrics
+from omni.train.loop import Trainer, lr_at, read_metrics
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -450,6 +451,39 @@ def test_export_best_keeps_the_weights_with_the_lowest_val_loss(run_env, tmp_pat
     exported = weights(out)
     ck = load_tensors(out / "checkpoints" / f"step_{best:08d}" / "model.safetensors")
     assert all(torch.equal(exported[k], ck[k]) for k in ck)
+
+
+def test_export_best_by_a_task_metric_from_the_starting_weights_on(run_env, tmp_path):
+    """train.best_metric names a task's own score on its validation split (here the next-token
+    accuracy, better higher); eval_at_start makes the starting weights a candidate too."""
+    out = tmp_path / "best_acc"
+    metric = "text.next_token_accuracy"
+    r = run(omni_cmd("train", "text/tiny", *overrides(run_env, out, **{
+        "train.export": "best", "train.best_metric": metric, "train.eval_at_start": "true",
+        "train.keep_checkpoints": 3, "train.lr": 0.03, "train.warmup_steps": 0})))
+    assert r.returncode == 0, r.stderr
+    rows = read_metrics(out / "metrics.jsonl")
+    scores = {row["step"]: row[f"val_{metric}"] for row in rows if f"val_{metric}" in row}
+    assert sorted(scores) == [0, 10, 20, 30]
+    best = max(scores, key=scores.get)
+    assert best > 0  # random weights are the worst
+    (event,) = [row for row in rows if row.get("event") == "exported"]
+    assert event["metric"] == metric and event["step"] == best
+    assert event["value"] == pytest.approx(scores[best], abs=1e-5)
+    exported = weights(out)
+    ck = load_tensors(out / "checkpoints" / f"step_{best:08d}" / "model.safetensors")
+    assert all(torch.equal(exported[k], ck[k]) for k in ck)
+
+
+def test_best_metric_errors(run_env, tmp_path):
+    with pytest.raises(ValueError, match=r"<task label>.<metric> with a task of data \(text\)"):
+        load_recipe("text/tiny", overrides(run_env, tmp_path / "a", **{"train.best_metric": "asr.wer"}))
+    cfg = load_recipe("text/tiny", overrides(run_env, tmp_path / "b", **{"train.best_metric": "text.ppl"}))
+    with pytest.raises(ValueError, match="scores generated outputs: train with `omni train`"):
+        Trainer(cfg)  # no scorer to compute it with
+    r = run(omni_cmd("train", "text/tiny", *overrides(run_env, tmp_path / "c", **{
+        "train.best_metric": "text.bleu4", "train.steps": 10})))
+    assert r.returncode == 1 and "task text reports no number 'bleu4'; it reports loss, ppl" in r.stderr
 
 
 def ddp_cmd(*args, script: Path | None = None) -> list[str]:
