@@ -28,7 +28,9 @@ import itertools
 import json
 import logging
 import math
+import resource
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -91,6 +93,12 @@ Scorer = Callable[[Pipeline, RecipeConfig, str, int], dict]
 # and NVL H100s before the SXM one). Anything not listed reports MFU as unknown.
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
               "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (``/usr/bin/time -v``'s maximum)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 class TrainingError(RuntimeError):
@@ -804,6 +812,8 @@ class Trainer:
                "s_per_step": round(s_per_step, 4), "tokens": state.tokens}
         if acc.device.type == "cuda":  # peak since the start of training, this process
             row["max_mem_gib"] = round(torch.cuda.max_memory_allocated(acc.device) / 2**30, 2)
+        else:  # this process's peak resident memory so far (mapped pages of a sample cache included)
+            row["max_rss_gib"] = round(peak_rss_bytes() / 2**30, 2)
         if state.skipped_steps:
             row["skipped_steps"] = state.skipped_steps
         if out.aux_loss is not None:  # the processes' shares, averaged: the global batch's mean

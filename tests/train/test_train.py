@@ -465,6 +465,7 @@ def test_export_best_by_a_task_metric_from_the_starting_weights_on(run_env, tmp_
     rows = read_metrics(out / "metrics.jsonl")
     scores = {row["step"]: row[f"val_{metric}"] for row in rows if f"val_{metric}" in row}
     assert sorted(scores) == [0, 10, 20, 30]
+    assert all(0.05 < row["max_rss_gib"] < 8 for row in rows if "loss" in row)  # peak memory, on a CPU
     best = max(scores, key=scores.get)
     assert best > 0  # random weights are the worst
     (event,) = [row for row in rows if row.get("event") == "exported"]
