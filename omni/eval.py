@@ -137,10 +137,12 @@ def score_split(model: Pipeline, cfg: RecipeConfig, label: str, max_rows: int | 
                 split: str = "val") -> dict:
     """Task ``label`` of recipe ``cfg`` scored by ``model`` on the first ``max_rows`` rows of its
     ``split`` (greedy decoding, as :func:`evaluate`), writing nothing: what ``train.best_metric``
-    reads during training."""
+    reads during training. Its rows are counted as the training run's progress is
+    (``train.progress``): scoring a split can take minutes."""
     (d,) = [p for p in cfg.data.tasks() if p.label == label]
     manifest = Manifest.split(d.path, d.files, split)
     metrics, _ = _evaluate_task(model, d, cfg.data.seq_len, manifest, max_rows, 16, 48, 0, None, Path(),
+                                progress=None if cfg.train.progress else False,
                                 train=lambda: Manifest.split(d.path, d.files, "train"))
     return metrics
 
