@@ -491,7 +491,7 @@ class CodecTrainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, spec.grad_clip))
         else:
             grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-        updated = self.guard.update(self.opt, float(loss), grad_norm)
+        updated = self.guard.update(self.opt, loss.item(), grad_norm)
         self.steps_done += 1
         row = {"step": self.steps_done, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
                "revived": self.revive(), "emb_rms": emb.detach().pow(2).mean().sqrt().item(),
