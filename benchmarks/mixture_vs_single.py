@@ -38,6 +38,12 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _metric(result: dict, label: str, key: str) -> float | None:
+    """``key`` of an ``eval_*.json``: a single-task recipe's at the top, a mixture's (one task of
+    it alone, as ``benchmarks/equal_compute.py`` writes) under ``tasks[label]``."""
+    return result.get("tasks", {}).get(label, result).get(key)
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -76,7 +82,7 @@ def main(argv=None) -> int:
     for label, (default_run, key, higher, recorded) in SINGLE.items():
         m = [v for v in (r["tasks"].get(label, {}).get(key) for r in mix) if v is not None]
         found = {run: _read(Path(run) / f"eval_{args.split}.json") for run in runs[label] or [default_run]}
-        s = [r[key] for r in found.values() if r and r.get(key) is not None]
+        s = [v for v in (_metric(r, label, key) for r in found.values() if r) if v is not None]
         source = [run for run, r in found.items() if r]
         if not s and recorded is not None and args.split == "test":
             s, source = [recorded], ["docs/benchmarks.md"]

@@ -1,4 +1,5 @@
-"""The mixture-against-single-task table (benchmarks/mixture_vs_single.py) on hand-written eval files."""
+"""The benchmark scripts' own logic on hand-written inputs: the mixture-against-single-task table and
+its equal-compute configs, the object-named count, corpus cutting, the GPU check's dry run."""
 
 import importlib.util
 import json
@@ -12,12 +13,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("mixture_vs_single",
-                                                  ROOT / "benchmarks" / "mixture_vs_single.py")
+def _load(script: str):
+    """``benchmarks/<script>.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(script, ROOT / "benchmarks" / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
 
 
 def _eval(run: Path, body: dict) -> str:
@@ -32,7 +34,7 @@ def test_seeds_are_averaged_on_each_side(tmp_path, capsys):
     single = [_eval(tmp_path / f"video{i}", {"cider_d": v}) for i, v in enumerate([0.6, 1.0])]
     argv = ([a for run in mix for a in ("--mixture", run)]
             + [a for run in single for a in ("--single", f"video_caption={run}")])
-    assert _script().main(argv) == 0
+    assert _load("mixture_vs_single").main(argv) == 0
     out = capsys.readouterr().out
     assert "0.55 (0.5-0.6)" in out and "0.8 (0.6-1)" in out  # the table shows each side's mean and range
     rows = {r["task"]: r for r in json.loads(out.strip().splitlines()[-1])["rows"]}
@@ -41,20 +43,40 @@ def test_seeds_are_averaged_on_each_side(tmp_path, capsys):
     assert abs(video["relative"] - (0.55 / 0.8 - 1)) < 1e-9 and not video["within_25pct"]  # -31%
     # a task with no single-task run on this machine falls back to the value docs/benchmarks.md records
     asr = rows["asr"]
-    recorded = _script().SINGLE["asr"][3]
+    recorded = _load("mixture_vs_single").SINGLE["asr"][3]
     assert asr["single_from"] == ["docs/benchmarks.md"] and asr["single_runs"] == [recorded]
     assert abs(asr["mixture"] - 0.03) < 1e-9 and 0.03 <= 1.25 * recorded and asr["within_25pct"]
 
 
-def _object_named():
-    spec = importlib.util.spec_from_file_location("object_named", ROOT / "benchmarks" / "object_named.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+
+def test_equal_compute_gives_the_mixture_the_steps_of_its_tasks_alone(tmp_path, capsys):
+    """benchmarks/equal_compute.py on any2any/small: the mixture runs 7 x S steps, each task alone S,
+    with the recipe's model and hyperparameters and no sampling or loss weight; the table reads a
+    task alone from its run's ``tasks`` entry."""
+    from omni.config import load_recipe
+
+    assert _load("equal_compute").main(["any2any/small", "train.lr=5e-4", "--steps-per-task", "20",
+                                        "--out", str(tmp_path)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 8  # a train + eval command per run
+    mix = load_recipe(str(tmp_path / "mixture.yaml"))
+    labels = [m.label for m in mix.data.mixture]
+    assert len(labels) == 7 and (mix.train.steps, mix.train.warmup_steps, mix.train.lr) == (140, 14, 5e-4)
+    for label, entry in zip(labels, mix.data.mixture):
+        alone = load_recipe(str(tmp_path / f"{label}.yaml"))
+        (task,) = alone.data.mixture
+        assert (task.path, task.prompt, task.weight, task.loss_weight) == (entry.path, entry.prompt, 1, 1)
+        assert (alone.train.steps, alone.train.warmup_steps) == (20, 2)
+        assert alone.train.out_dir == str(tmp_path / label)
+        assert alone.model == mix.model and alone.train.lora == mix.train.lora
+    mixture = _eval(tmp_path / "mix_run", {"tasks": {"asr": {"wer": 0.1}}})
+    alone = _eval(tmp_path / "asr_run", {"tasks": {"asr": {"wer": 0.08}}})
+    assert _load("mixture_vs_single").main(["--mixture", mixture, "--single", f"asr={alone}"]) == 0
+    rows = {r["task"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]}
+    assert rows["asr"]["single_runs"] == [0.08] and abs(rows["asr"]["relative"] - 0.25) < 1e-9
 
 
 def test_object_named_reads_the_head_noun_of_each_reference(tmp_path, capsys):
-    m = _object_named()
+    m = _load("object_named")
     assert m.head_noun("A crowned crane.") == "crane"
     assert m.head_noun("A pair of open scissors.") == "scissors"  # "a pair of X" reads on to X
     assert m.head_noun("A peacock (a male peafowl).") == "peacock"
@@ -76,12 +98,6 @@ def test_object_named_reads_the_head_noun_of_each_reference(tmp_path, capsys):
     assert [e["named"] for e in res["examples"]] == [True, False]
 
 
-def _common():
-    spec = importlib.util.spec_from_file_location("common", ROOT / "benchmarks" / "common.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_cut_corpora_cuts_each_corpus_of_a_mixture_once(tmp_path):
     """``--rows`` in data_parity.py on a mixture: every task's corpus is cut (one copy per folder,
@@ -102,7 +118,7 @@ def test_cut_corpora_cuts_each_corpus_of_a_mixture_once(tmp_path):
         {"task": "text", "path": str(speech), "name": "a"},
         {"task": "text", "path": str(speech), "name": "b", "prompt": "Continue:", "loss_weight": 2},
         {"task": "text", "path": str(sounds), "name": "c", "weight": 0.5}]}}))
-    overrides = _common().cut_corpora(str(recipe), tmp_path / "cut", 4)
+    overrides = _load("common").cut_corpora(str(recipe), tmp_path / "cut", 4)
     assert len(overrides) == 1 and overrides[0].startswith("data.mixture=")
     assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["0_speech", "1_sounds"]
     mixture, cut = load_recipe(str(recipe), overrides).data.mixture, tmp_path / "cut"
@@ -113,7 +129,8 @@ def test_cut_corpora_cuts_each_corpus_of_a_mixture_once(tmp_path):
     assert len((cut / "1_sounds" / "val.jsonl").read_text().splitlines()) == 1  # rows // 4
     one = tmp_path / "one.yaml"
     one.write_text(json.dumps({"data": {"task": "text", "path": str(sounds)}}))
-    assert _common().cut_corpora(str(one), tmp_path / "one", 4) == [f"data.path={tmp_path / 'one/0_sounds'}"]
+    cut_one = _load("common").cut_corpora(str(one), tmp_path / "one", 4)
+    assert cut_one == [f"data.path={tmp_path / 'one/0_sounds'}"]
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +164,7 @@ def test_gpu_check_dry_run_writes_one_json_line_per_configuration(gpu_dir, tmp_p
     """The GPU check's driver on a CPU (``--dry-run``): a configuration trains in a process of its
     own and its JSON line carries what the run measured; configurations past the budget are
     written as skipped, in the order they would run."""
-    gpu_check, out = _driver(), tmp_path / "rows.jsonl"
+    gpu_check, out = _load("gpu_check"), tmp_path / "rows.jsonl"
     argv = ["--dry-run", "--data", str(gpu_dir), "--out", str(out)]
     assert gpu_check.main([*argv, "--recipes", "text/base", "--configs", "chunked_ce"]) == 0
     row = json.loads(out.read_text())
@@ -175,19 +192,13 @@ def test_gpu_check_dry_run_runs_every_configuration(gpu_dir, tmp_path):
                         max_size=32, val_fraction=0.4, test_fraction=0.0)
     code, rows = _gpu_check(gpu_dir, tmp_path / "out", "--budget", "3000", "--timeout", "600")
     assert code == 0, rows
-    assert [(r["recipe"], r["config"]) for r in rows] == _driver().PLAN
+    assert [(r["recipe"], r["config"]) for r in rows] == _load("gpu_check").PLAN
     losses = {r["recipe"]: set() for r in rows}
     for r in rows:
         assert r["tokens_per_s"] > 0, r
         losses[r["recipe"]].add(round(r["loss_first"], 3))
     assert all(len(v) == 1 for v in losses.values()), losses  # every switch trains alike
 
-
-def _driver():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_serve_schedule_spreads_lengths_and_arrivals():
