@@ -24,7 +24,9 @@ from omni.config import apply_overrides, find_recipe, load_recipe, read_yaml
 
 def configs(raw: dict, steps_per_task: int, out: Path) -> dict[str, dict]:
     """``{name: raw config}``: ``mixture`` and one per task of ``raw``'s mixture."""
-    mixture = raw["data"]["mixture"]
+    mixture = raw.get("data", {}).get("mixture")
+    if not mixture or len(mixture) < 2:
+        raise SystemExit("equal compute needs a recipe whose data.mixture has two tasks or more")
     names = [m.get("name") or m["task"] for m in mixture]
     if len(set(names)) != len(names):
         raise SystemExit(f"mixture entries need distinct names, got {names}")
