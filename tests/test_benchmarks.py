@@ -21,7 +21,6 @@ def _load(script: str):
     return module
 
 
-
 def _eval(run: Path, body: dict) -> str:
     run.mkdir(parents=True)
     (run / "eval_test.json").write_text(json.dumps(body))
@@ -46,7 +45,6 @@ def test_seeds_are_averaged_on_each_side(tmp_path, capsys):
     recorded = _load("mixture_vs_single").SINGLE["asr"][3]
     assert asr["single_from"] == ["docs/benchmarks.md"] and asr["single_runs"] == [recorded]
     assert abs(asr["mixture"] - 0.03) < 1e-9 and 0.03 <= 1.25 * recorded and asr["within_25pct"]
-
 
 
 def test_equal_compute_gives_the_mixture_the_steps_of_its_tasks_alone(tmp_path, capsys):
@@ -96,7 +94,6 @@ def test_object_named_reads_the_head_noun_of_each_reference(tmp_path, capsys):
     res = line["results"][str(run)]
     assert (res["rows"], res["rows_naming_an_object"], res["named_correctly"]) == (3, 2, 1)
     assert [e["named"] for e in res["examples"]] == [True, False]
-
 
 
 def test_cut_corpora_cuts_each_corpus_of_a_mixture_once(tmp_path):
@@ -198,7 +195,6 @@ def test_gpu_check_dry_run_runs_every_configuration(gpu_dir, tmp_path):
         assert r["tokens_per_s"] > 0, r
         losses[r["recipe"]].add(round(r["loss_first"], 3))
     assert all(len(v) == 1 for v in losses.values()), losses  # every switch trains alike
-
 
 
 def test_serve_schedule_spreads_lengths_and_arrivals():
