@@ -6,9 +6,10 @@ interfere" with nothing else changed. Writes the configs and prints the commands
 
     python benchmarks/equal_compute.py any2any/small --steps-per-task 80 --out runs/eq [key=value ...]
 
-Warm-up is a tenth of each run's steps (the recipe's ratio is kept where it is lower); each run
-evaluates and saves once, at its end. Then ``omni eval`` each run and compare them with
-``benchmarks/mixture_vs_single.py --mixture runs/eq/mixture --single asr=runs/eq/asr ...``.
+Warm-up is a tenth of each run's steps (the recipe's share where it is lower; one step at least);
+each run evaluates and saves once, at its end. Runs are named by their task's label. Then ``omni
+eval`` each run and compare them with ``benchmarks/mixture_vs_single.py --mixture runs/eq/mixture
+--single asr=runs/eq/asr ...``.
 """
 
 from __future__ import annotations
@@ -19,29 +20,26 @@ from pathlib import Path
 
 import yaml
 
-from omni.config import apply_overrides, find_recipe, load_recipe, read_yaml
+from omni.config import RecipeConfig, apply_overrides, find_recipe, load_recipe, read_yaml
 
 
-def configs(raw: dict, steps_per_task: int, out: Path) -> dict[str, dict]:
-    """``{name: raw config}``: ``mixture`` and one per task of ``raw``'s mixture."""
+def configs(raw: dict, recipe: RecipeConfig, steps_per_task: int, out: Path) -> dict[str, dict]:
+    """``{name: raw config}``: ``mixture`` and one per task of the mixture recipe ``raw`` (``recipe``
+    is it validated), named by the task's label."""
     mixture = raw.get("data", {}).get("mixture")
     if not mixture or len(mixture) < 2:
         raise SystemExit("equal compute needs a recipe whose data.mixture has two tasks or more")
-    names = [m.get("name") or m["task"] for m in mixture]
-    if len(set(names)) != len(names):
-        raise SystemExit(f"mixture entries need distinct names, got {names}")
-    recipe_warmup = raw["train"].get("warmup_steps", 0) / max(raw["train"].get("steps", 1), 1)
+    warmup = min(0.1, recipe.train.warmup_steps / recipe.train.steps)
 
     def run(name: str, entries: list[dict], steps: int) -> dict:
         cfg = copy.deepcopy(raw)
         cfg["data"]["mixture"] = entries
-        cfg["train"].update(steps=steps, warmup_steps=max(1, round(steps * min(0.1, recipe_warmup or 0.1))),
-                            max_minutes=0, eval_every=steps, save_every=steps,
-                            out_dir=str(out / name))
+        cfg["train"].update(steps=steps, warmup_steps=max(1, round(steps * warmup)), max_minutes=0,
+                            eval_every=steps, save_every=steps, out_dir=str(out / name))
         return cfg
 
     out_cfgs = {"mixture": run("mixture", mixture, steps_per_task * len(mixture))}
-    for name, entry in zip(names, mixture):
+    for name, entry in zip((t.label for t in recipe.data.mixture), mixture):
         alone = {k: v for k, v in entry.items() if k not in ("weight", "loss_weight")}
         out_cfgs[name] = run(name, [alone], steps_per_task)
     return out_cfgs
@@ -57,7 +55,8 @@ def main(argv=None) -> int:
     raw = apply_overrides(read_yaml(find_recipe(args.recipe)), args.overrides)
     raw.setdefault("name", args.recipe)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, cfg in configs(raw, args.steps_per_task, args.out).items():
+    recipe = load_recipe(args.recipe, args.overrides)
+    for name, cfg in configs(raw, recipe, args.steps_per_task, args.out).items():
         path = args.out / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         load_recipe(str(path))  # validates it

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         mix.append(found)
     rows = []
     for label, (default_run, key, higher, recorded) in SINGLE.items():
-        m = [v for v in (r["tasks"].get(label, {}).get(key) for r in mix) if v is not None]
+        m = [v for v in (_metric(r, label, key) for r in mix) if v is not None]
         found = {run: _read(Path(run) / f"eval_{args.split}.json") for run in runs[label] or [default_run]}
         s = [v for v in (_metric(r, label, key) for r in found.values() if r) if v is not None]
         source = [run for run, r in found.items() if r]
